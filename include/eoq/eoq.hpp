@@ -1,0 +1,6 @@
+#pragma once
+#include <eoq/errors.hpp>
+#include <eoq/memory_store.hpp>
+#include <eoq/postgres_store.hpp>
+#include <eoq/task.hpp>
+#include <eoq/task_store.hpp>

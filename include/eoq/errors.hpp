@@ -1,0 +1,81 @@
+#pragma once
+// Every exception eoq throws derives from eoq::Error. The subclasses are the
+// distinctions a caller can act on: fix the input, give the task up, retry later.
+#include <stdexcept>
+#include <string>
+
+namespace eoq {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Bad input: names the field and the rule it broke. Nothing was written.
+class InvalidArgument : public Error {
+ public:
+  InvalidArgument(std::string field, std::string rule)
+      : Error(field + ": " + rule), field_(std::move(field)), rule_(std::move(rule)) {}
+  const std::string& field() const noexcept { return field_; }
+  const std::string& rule() const noexcept { return rule_; }
+
+ private:
+  std::string field_, rule_;
+};
+
+// The lease no longer matches the task (another owner claimed it, it finished,
+// or it was cancelled and settled). Nothing was changed.
+class LeaseLost : public Error {
+ public:
+  LeaseLost(long long task_id, long long version, const std::string& why)
+      : Error("lease lost on task " + std::to_string(task_id) + " (version " +
+              std::to_string(version) + "): " + why),
+        task_id_(task_id) {}
+  long long task_id() const noexcept { return task_id_; }
+
+ private:
+  long long task_id_;
+};
+
+class NotFound : public Error {
+ public:
+  using Error::Error;
+};
+
+// An API used in a way it does not support (e.g. SQL on the in-memory store,
+// two open transactions on one lease).
+class UsageError : public Error {
+ public:
+  using Error::Error;
+};
+
+// An error reported by PostgreSQL. Keeps the SQLSTATE and the statement name.
+class DatabaseError : public Error {
+ public:
+  DatabaseError(const std::string& message, std::string sqlstate, std::string statement)
+      : Error(message), sqlstate_(std::move(sqlstate)), statement_(std::move(statement)) {}
+  const std::string& sqlstate() const noexcept { return sqlstate_; }
+  const std::string& statement() const noexcept { return statement_; }
+  // True when the same call may succeed later (connection lost, serialization
+  // failure, deadlock, server shutting down).
+  virtual bool transient() const noexcept { return false; }
+
+ private:
+  std::string sqlstate_, statement_;
+};
+
+// Connection lost, server restarting, serialization failure, deadlock: retry later.
+class TransientError : public DatabaseError {
+ public:
+  using DatabaseError::DatabaseError;
+  bool transient() const noexcept override { return true; }
+};
+
+// The connection broke while a COMMIT was in flight and the server could not be
+// asked afterwards: the change may or may not have been applied.
+class CommitInDoubt : public TransientError {
+ public:
+  using TransientError::TransientError;
+};
+
+}  // namespace eoq

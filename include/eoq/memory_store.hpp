@@ -1,0 +1,49 @@
+#pragma once
+// The TaskStore contract in process memory: thread-safe, not durable. For unit
+// tests of host code, and as the reference the conformance suite holds the
+// Postgres store to. LeaseTransaction::exec throws UsageError (there is no SQL).
+#include <eoq/task_store.hpp>
+
+#include <memory>
+
+namespace eoq {
+
+struct MemoryStoreOptions {
+  std::size_t max_payload_bytes = 1 << 20;
+  std::optional<Millis> retention;  // maintain() prunes finished tasks older than this
+};
+
+class MemoryStore final : public TaskStore {
+ public:
+  explicit MemoryStore(MemoryStoreOptions options = {});
+  ~MemoryStore() override;
+  MemoryStore(const MemoryStore&) = delete;
+  MemoryStore& operator=(const MemoryStore&) = delete;
+
+  SubmitResult submit(const NewTask& task) override;
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override;
+  std::vector<Lease> claim(const ClaimRequest& request) override;
+  void complete(const Lease& lease, std::string_view result_json = "null") override;
+  FailOutcome fail(const Lease& lease, const Failure& failure) override;
+  HeartbeatResult heartbeat(const Lease& lease, Millis extension) override;
+  void progress(const Lease& lease, int percent, std::string_view stage) override;
+  void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
+  std::vector<bool> complete_batch(std::span<const Completion> completions) override;
+  std::unique_ptr<LeaseTransaction> begin(const Lease& lease) override;
+  CancelOutcome cancel(TaskId id) override;
+  std::optional<Task> get(TaskId id) override;
+  std::optional<Task> find(std::string_view queue, std::string_view key) override;
+  TaskPage list(const ListQuery& query) override;
+  std::vector<QueueStats> stats() override;
+  std::vector<Attempt> history(TaskId id) override;
+  std::int64_t prune(Millis older_than, int batch_size = 1000) override;
+  MaintenanceReport maintain() override;
+  void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
+  void wake() override;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace eoq

@@ -1,0 +1,77 @@
+#pragma once
+// The TaskStore on PostgreSQL (libpq). libpq stays out of this header: host code
+// that hands us its own connection includes <libpq-fe.h> itself.
+#include <eoq/task_store.hpp>
+
+#include <memory>
+
+struct pg_conn;  // libpq's PGconn
+
+namespace eoq {
+
+struct PostgresOptions {
+  // libpq connection string or URL. Empty: the EOQ_DATABASE_URL environment variable.
+  std::string conninfo;
+  // Schema holding eoq's tables: [a-z_][a-z0-9_]*, at most 63 characters.
+  std::string schema = "eoq";
+  // Connections kept open; callers beyond this many wait for one.
+  int pool_size = 8;
+  std::size_t max_payload_bytes = 1 << 20;
+  // maintain() deletes finished tasks older than this (empty: keep forever).
+  std::optional<Millis> retention;
+  int prune_batch = 1000;
+  // How many times a statement that is safe to repeat is retried after a
+  // transient error (connection lost, server restarting, serialization failure).
+  int transient_retries = 3;
+  // A handler transaction idle (waiting for its client) longer than this is
+  // ended by the server, so a frozen worker cannot hold row locks for long.
+  Millis handler_idle_timeout{30000};
+};
+
+class PostgresStore final : public TaskStore {
+ public:
+  explicit PostgresStore(PostgresOptions options = {});
+  // Shorthand: a connection string, every other option default.
+  explicit PostgresStore(std::string conninfo);
+  ~PostgresStore() override;
+  PostgresStore(const PostgresStore&) = delete;
+  PostgresStore& operator=(const PostgresStore&) = delete;
+
+  // Creates or upgrades the schema. Idempotent; safe from many processes at once.
+  void migrate();
+  const PostgresOptions& options() const noexcept;
+
+  // Transactional enqueue: submits on the host's own connection, inside whatever
+  // transaction it has open, so the task exists if and only if that transaction
+  // commits. Never commits or rolls back itself.
+  static SubmitResult submit_on(pg_conn* connection, const NewTask& task,
+                                std::string_view schema = "eoq",
+                                std::size_t max_payload_bytes = 1 << 20);
+
+  SubmitResult submit(const NewTask& task) override;
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override;
+  std::vector<Lease> claim(const ClaimRequest& request) override;
+  void complete(const Lease& lease, std::string_view result_json = "null") override;
+  FailOutcome fail(const Lease& lease, const Failure& failure) override;
+  HeartbeatResult heartbeat(const Lease& lease, Millis extension) override;
+  void progress(const Lease& lease, int percent, std::string_view stage) override;
+  void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
+  std::vector<bool> complete_batch(std::span<const Completion> completions) override;
+  std::unique_ptr<LeaseTransaction> begin(const Lease& lease) override;
+  CancelOutcome cancel(TaskId id) override;
+  std::optional<Task> get(TaskId id) override;
+  std::optional<Task> find(std::string_view queue, std::string_view key) override;
+  TaskPage list(const ListQuery& query) override;
+  std::vector<QueueStats> stats() override;
+  std::vector<Attempt> history(TaskId id) override;
+  std::int64_t prune(Millis older_than, int batch_size = 1000) override;
+  MaintenanceReport maintain() override;
+  void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
+  void wake() override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace eoq

@@ -1,0 +1,2 @@
+#pragma once
+// Placeholder: the Worker API is being written (issue 3).

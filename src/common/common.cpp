@@ -1,0 +1,285 @@
+#include "validate.hpp"
+
+#include <eoq/errors.hpp>
+#include <eoq/task_store.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <fmt/format.h>
+
+namespace eoq {
+
+std::string_view to_string(TaskStatus s) noexcept {
+  switch (s) {
+    case TaskStatus::pending: return "pending";
+    case TaskStatus::running: return "running";
+    case TaskStatus::succeeded: return "succeeded";
+    case TaskStatus::failed: return "failed";
+    case TaskStatus::cancelled: return "cancelled";
+    case TaskStatus::expired: return "expired";
+  }
+  return "unknown";
+}
+
+TaskStatus parse_status(std::string_view name) {
+  for (auto s : {TaskStatus::pending, TaskStatus::running, TaskStatus::succeeded, TaskStatus::failed,
+                 TaskStatus::cancelled, TaskStatus::expired})
+    if (to_string(s) == name) return s;
+  throw InvalidArgument("status", fmt::format("'{}' is not one of pending, running, succeeded, failed, "
+                                              "cancelled, expired", name));
+}
+
+Millis RetryPolicy::delay_after(int failed_attempts, double unit_random) const noexcept {
+  double base = static_cast<double>(initial_delay.count());
+  if (backoff == Backoff::exponential && failed_attempts > 1) {
+    // 2^62 ms is far past any cap; stop doubling there instead of overflowing.
+    base *= std::ldexp(1.0, std::min(failed_attempts - 1, 62));
+  }
+  base = std::min(base, static_cast<double>(max_delay.count()));
+  double j = std::clamp(jitter, 0.0, 1.0);
+  double u = std::clamp(unit_random, 0.0, 1.0);
+  double delay = base * (1.0 + j * (2.0 * u - 1.0));
+  return Millis(static_cast<Millis::rep>(std::max(0.0, std::round(delay))));
+}
+
+const std::vector<std::optional<std::string>>& Rows::one_row() const {
+  if (rows.size() != 1)
+    throw UsageError(fmt::format("expected exactly one row, got {}", rows.size()));
+  return rows.front();
+}
+
+std::optional<std::string> Rows::scalar() const {
+  const auto& row = one_row();
+  if (row.size() != 1) throw UsageError(fmt::format("expected exactly one column, got {}", row.size()));
+  return row.front();
+}
+
+namespace detail {
+
+TimePoint now() noexcept { return std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()); }
+
+namespace {
+
+struct JsonParser {
+  std::string_view s;
+  std::size_t i = 0;
+  int depth = 0;
+
+  void ws() {
+    while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i;
+  }
+  bool lit(std::string_view w) {
+    if (s.substr(i, w.size()) != w) return false;
+    i += w.size();
+    return true;
+  }
+  bool digits() {
+    std::size_t start = i;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
+    return i > start;
+  }
+  bool number() {
+    if (i < s.size() && s[i] == '-') ++i;
+    if (i >= s.size()) return false;
+    if (s[i] == '0') ++i;
+    else if (!digits()) return false;
+    if (i < s.size() && s[i] == '.') {
+      ++i;
+      if (!digits()) return false;
+    }
+    if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+      ++i;
+      if (i < s.size() && (s[i] == '+' || s[i] == '-')) ++i;
+      if (!digits()) return false;
+    }
+    return true;
+  }
+  static bool hex(char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+  }
+  unsigned hex4(std::size_t at) const {
+    unsigned v = 0;
+    for (std::size_t k = at; k < at + 4; ++k) {
+      char c = s[k];
+      v = v * 16 + static_cast<unsigned>(c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10);
+    }
+    return v;
+  }
+  bool string() {
+    if (i >= s.size() || s[i] != '"') return false;
+    ++i;
+    while (i < s.size()) {
+      auto c = static_cast<unsigned char>(s[i]);
+      if (c == '"') {
+        ++i;
+        return true;
+      }
+      if (c < 0x20) return false;
+      if (c == '\\') {
+        if (++i >= s.size()) return false;
+        char e = s[i];
+        if (e == 'u') {
+          if (i + 4 >= s.size() + 0 || !hex(s[i + 1]) || !hex(s[i + 2]) || !hex(s[i + 3]) || !hex(s[i + 4]))
+            return false;
+          unsigned cp = hex4(i + 1);
+          i += 5;
+          // PostgreSQL's jsonb refuses \u0000 and unpaired surrogates; so do we.
+          if (cp == 0) return false;
+          if (cp >= 0xD800 && cp <= 0xDBFF) {
+            if (i + 6 > s.size() || s[i] != '\\' || s[i + 1] != 'u' || !hex(s[i + 2]) || !hex(s[i + 3]) ||
+                !hex(s[i + 4]) || !hex(s[i + 5]))
+              return false;
+            unsigned lo = hex4(i + 2);
+            if (lo < 0xDC00 || lo > 0xDFFF) return false;
+            i += 6;
+          } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+            return false;
+          }
+          continue;
+        }
+        if (e != '"' && e != '\\' && e != '/' && e != 'b' && e != 'f' && e != 'n' && e != 'r' && e != 't')
+          return false;
+        ++i;
+        continue;
+      }
+      if (c < 0x80) {
+        ++i;
+        continue;
+      }
+      // UTF-8: PostgreSQL rejects invalid sequences, so refuse them here too.
+      int n = (c >= 0xF0 && c <= 0xF4) ? 3 : (c >= 0xE0) ? 2 : (c >= 0xC2 && c <= 0xDF) ? 1 : -1;
+      if (c >= 0xF5 || n < 0) return false;
+      if (i + static_cast<std::size_t>(n) >= s.size()) return false;
+      unsigned cp = c & (0x3F >> n);
+      for (int k = 1; k <= n; ++k) {
+        auto cc = static_cast<unsigned char>(s[i + k]);
+        if ((cc & 0xC0) != 0x80) return false;
+        cp = (cp << 6) | (cc & 0x3F);
+      }
+      if ((n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+        return false;
+      i += static_cast<std::size_t>(n) + 1;
+    }
+    return false;
+  }
+  bool value() {
+    ws();
+    if (i >= s.size()) return false;
+    char c = s[i];
+    if (c == '{' || c == '[') {
+      if (++depth > 512) return false;
+      char close = c == '{' ? '}' : ']';
+      ++i;
+      ws();
+      if (i < s.size() && s[i] == close) {
+        ++i;
+        --depth;
+        return true;
+      }
+      for (;;) {
+        if (c == '{') {
+          ws();
+          if (!string()) return false;
+          ws();
+          if (i >= s.size() || s[i] != ':') return false;
+          ++i;
+        }
+        if (!value()) return false;
+        ws();
+        if (i >= s.size()) return false;
+        if (s[i] == ',') {
+          ++i;
+          continue;
+        }
+        if (s[i] != close) return false;
+        ++i;
+        --depth;
+        return true;
+      }
+    }
+    if (c == '"') return string();
+    if (c == 't') return lit("true");
+    if (c == 'f') return lit("false");
+    if (c == 'n') return lit("null");
+    return number();
+  }
+};
+
+}  // namespace
+
+bool is_json(std::string_view text) noexcept {
+  JsonParser p{text};
+  if (!p.value()) return false;
+  p.ws();
+  return p.i == text.size();
+}
+
+void validate_queue(std::string_view field, std::string_view queue) {
+  if (queue.empty()) throw InvalidArgument(std::string(field), "must not be empty");
+  if (queue.size() > 128) throw InvalidArgument(std::string(field), "must be at most 128 characters");
+  for (char c : queue) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+              c == '-' || c == '.' || c == ':';
+    if (!ok)
+      throw InvalidArgument(std::string(field),
+                            fmt::format("'{}' may contain only letters, digits, '_', '-', '.' and ':'", queue));
+  }
+}
+
+void validate_json(std::string_view field, std::string_view text, std::size_t max_bytes) {
+  if (text.size() > max_bytes)
+    throw InvalidArgument(std::string(field),
+                          fmt::format("is {} bytes, more than the limit of {} bytes", text.size(), max_bytes));
+  if (!is_json(text)) throw InvalidArgument(std::string(field), "must be valid JSON text");
+}
+
+namespace {
+void validate_text(std::string_view field, std::string_view value, std::size_t max) {
+  if (value.empty()) throw InvalidArgument(std::string(field), "must not be empty");
+  if (value.size() > max) throw InvalidArgument(std::string(field), fmt::format("must be at most {} bytes", max));
+  for (char c : value)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+      throw InvalidArgument(std::string(field), "must not contain control characters");
+}
+}  // namespace
+
+void validate_new_task(const NewTask& t, std::size_t max_payload_bytes, TimePoint now) {
+  validate_queue("queue", t.queue);
+  validate_text("type", t.type, 256);
+  if (t.key) validate_text("key", *t.key, 512);
+  if (t.tenant) validate_text("tenant", *t.tenant, 256);
+  validate_json("payload", t.payload, max_payload_bytes);
+  if (t.priority < -32768 || t.priority > 32767)
+    throw InvalidArgument("priority", "must be between -32768 and 32767");
+  if (t.deadline && *t.deadline <= now) throw InvalidArgument("deadline", "is in the past");
+  if (t.deadline && t.run_at && *t.run_at > *t.deadline) throw InvalidArgument("run_at", "is after the deadline");
+  const auto& r = t.retry;
+  if (r.max_attempts < 1 || r.max_attempts > 1000)
+    throw InvalidArgument("retry.max_attempts", "must be between 1 and 1000");
+  if (r.initial_delay.count() < 0) throw InvalidArgument("retry.initial_delay", "must not be negative");
+  if (r.max_delay < r.initial_delay)
+    throw InvalidArgument("retry.max_delay", "must not be less than retry.initial_delay");
+  if (!(r.jitter >= 0.0 && r.jitter <= 1.0)) throw InvalidArgument("retry.jitter", "must be between 0 and 1");
+}
+
+void validate_owner(std::string_view owner) { validate_text("owner", owner, 256); }
+
+void validate_positive(std::string_view field, Millis value) {
+  if (value.count() <= 0) throw InvalidArgument(std::string(field), "must be positive");
+}
+
+void validate_claim(const ClaimRequest& r) {
+  if (r.queues.empty()) throw InvalidArgument("queues", "must name at least one queue");
+  for (const auto& q : r.queues) validate_queue("queues", q);
+  validate_owner(r.owner);
+  if (r.limit < 1 || r.limit > 10000) throw InvalidArgument("limit", "must be between 1 and 10000");
+  validate_positive("lease", r.lease);
+}
+
+void validate_progress(int percent, std::string_view stage) {
+  if (percent < 0 || percent > 100) throw InvalidArgument("progress", "must be between 0 and 100");
+  if (stage.size() > 256) throw InvalidArgument("stage", "must be at most 256 bytes");
+}
+
+}  // namespace detail
+}  // namespace eoq

@@ -1,0 +1,23 @@
+#pragma once
+// Input rules shared by every store, so both reject the same input with the
+// same words (the conformance suite checks that they do).
+#include <eoq/task.hpp>
+
+#include <string_view>
+
+namespace eoq::detail {
+
+// Strict RFC 8259 JSON; nesting deeper than 512 is refused.
+bool is_json(std::string_view text) noexcept;
+
+void validate_queue(std::string_view field, std::string_view queue);
+void validate_json(std::string_view field, std::string_view text, std::size_t max_bytes);
+void validate_new_task(const NewTask& task, std::size_t max_payload_bytes, TimePoint now);
+void validate_claim(const ClaimRequest& request);
+void validate_owner(std::string_view owner);
+void validate_positive(std::string_view field, Millis value);
+void validate_progress(int percent, std::string_view stage);
+
+TimePoint now() noexcept;
+
+}  // namespace eoq::detail
