@@ -69,8 +69,9 @@ class PostgresStore final : public TaskStore {
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
   void wake() override;
 
+  struct Impl;  // opaque
+
  private:
-  struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -1,2 +1,237 @@
 #pragma once
-// Placeholder: the Worker API is being written (issue 3).
+// The Worker claims tasks from a TaskStore and runs the host's handlers on them.
+//
+//   eoq::Worker worker(store, {.queues = {"mail"}, .concurrency = 8});
+//   worker.on("send-email", [](eoq::TaskContext& ctx) {
+//     ctx.exec("INSERT INTO sent(task_id) VALUES ($1)", {std::to_string(ctx.id())});
+//     ctx.set_result(R"({"sent":true})");
+//   });
+//   worker.run();  // until another thread calls worker.stop()
+//
+// A handler returns to succeed and throws to fail: PermanentError fails the task
+// for good, anything else retries it per the task's RetryPolicy. Its SQL (through
+// ctx.exec / ctx.transaction()) commits in the same transaction that completes
+// the task, or not at all.
+//
+// The Worker uses only the TaskStore interface, so it runs the same against
+// PostgresStore and MemoryStore (where ctx.exec throws UsageError).
+#include <eoq/errors.hpp>
+#include <eoq/task.hpp>
+#include <eoq/task_store.hpp>
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace eoq {
+
+// Thrown by a handler to fail its task without retry, whatever the task's
+// RetryPolicy says (bad input that no retry can fix).
+class PermanentError : public Error {
+ public:
+  using Error::Error;
+};
+
+enum class LogLevel { debug, info, warning, error };
+std::string_view to_string(LogLevel level) noexcept;
+
+// Receives the worker's log lines. Calls are serialised by the worker, so the
+// callback needs no locking of its own; it must not call back into the worker.
+using Logger = std::function<void(LogLevel level, std::string_view message)>;
+
+// A snapshot of what a worker has done since it started, for the host to export
+// (Prometheus, StatsD, logs). Every claimed lease ends in exactly one of
+// succeeded, failed, retried, cancelled, lease_lost, released or abandoned; until
+// then it is counted in in_flight:
+//   claimed == succeeded + failed + retried + cancelled + lease_lost + released
+//              + abandoned + in_flight
+struct WorkerCounters {
+  std::uint64_t claimed = 0;     // leases taken
+  std::uint64_t succeeded = 0;   // completed
+  std::uint64_t failed = 0;      // failed for good: PermanentError, unknown type, attempts used up
+  std::uint64_t retried = 0;     // failed and scheduled to run again
+  std::uint64_t cancelled = 0;   // ended cancelled after cancel() was requested
+  std::uint64_t lease_lost = 0;  // outcome discarded: the store fenced the lease off
+  std::uint64_t released = 0;    // given back unfinished at shutdown
+  std::uint64_t abandoned = 0;   // outcome unknown to the store (it was unreachable); the lease expires
+  std::uint64_t in_flight = 0;   // leases held right now (buffered, running or being settled)
+  std::uint64_t store_errors = 0;  // failed store calls (each retried or given up on, and logged)
+
+  // Handler run time: count, sum and maximum, and a histogram whose bucket i
+  // counts runs of at most duration_bounds[i] (the last bucket: everything longer).
+  static constexpr std::array<Millis, 12> duration_bounds{
+      Millis(5),    Millis(10),   Millis(25),   Millis(50),    Millis(100),   Millis(250),
+      Millis(500),  Millis(1000), Millis(2500), Millis(10000), Millis(30000), Millis(60000)};
+  std::uint64_t handler_runs = 0;
+  std::chrono::microseconds handler_time_total{0};
+  std::chrono::microseconds handler_time_max{0};
+  std::array<std::uint64_t, duration_bounds.size() + 1> handler_duration_buckets{};
+};
+
+struct WorkerOptions {
+  std::vector<std::string> queues{"default"};
+  int concurrency = 4;      // handler threads
+  Millis lease{30000};      // each claim and heartbeat extends the lease by this much
+  // Heartbeat period; zero means lease / 3. Must be shorter than the lease.
+  Millis heartbeat_interval{0};
+  int claim_batch = 100;    // most tasks taken per claim round trip (1..10000)
+  // Claimed beyond the free handler slots, so a busy handler that finishes finds
+  // its next task without a round trip. Buffered leases are heartbeated too.
+  int prefetch = 4;
+  int complete_batch = 500;  // most completions per complete_batch round trip
+  // Longest an idle worker waits for a notification before it polls again.
+  Millis poll_interval{1000};
+  std::string worker_id;     // lease owner; empty: "<host>:<pid>:<random>"
+  // stop() lets running handlers finish for this long, then gives their leases back.
+  Millis shutdown_timeout{20000};
+  // How often store.maintain() runs (expire overdue tasks, reap dead leases,
+  // retention); zero disables it.
+  Millis maintenance_interval{30000};
+  // Waits after a transient store error (connection lost, server restarting):
+  // doubling from the first to the cap.
+  Millis error_backoff_initial{100};
+  Millis error_backoff_max{10000};
+  // Empty: warnings and errors go to stderr. To silence, pass a callback that drops them.
+  Logger logger;
+  LogLevel log_level = LogLevel::info;
+};
+
+namespace detail {
+struct TaskRun;  // one held lease inside the worker (worker.cpp)
+}
+
+// Run-scoped SQL for a handler: every statement runs in the transaction that
+// completes the task, so its writes commit if and only if the task succeeds.
+class TaskTransaction {
+ public:
+  explicit TaskTransaction(LeaseTransaction& tx) noexcept : tx_(&tx) {}
+  // One parameterised statement ($1, $2, ...). Throws UsageError on a store
+  // without SQL (MemoryStore).
+  Rows exec(std::string_view sql, const Params& params = {}) { return tx_->exec(sql, params); }
+
+ private:
+  LeaseTransaction* tx_;
+};
+
+// What a handler sees of its task. Valid only during the handler call, and only
+// on the handler's thread.
+class TaskContext {
+ public:
+  explicit TaskContext(detail::TaskRun& run) noexcept : run_(&run) {}
+  TaskContext(const TaskContext&) = delete;
+  TaskContext& operator=(const TaskContext&) = delete;
+
+  const Task& task() const noexcept;  // as claimed
+  TaskId id() const noexcept;
+  const std::string& queue() const noexcept;
+  const std::string& type() const noexcept;
+  const std::optional<std::string>& key() const noexcept;
+  const std::string& payload() const noexcept;  // JSON text
+  int attempt() const noexcept;                 // 1 on the first run
+  const Lease& lease() const noexcept;
+  // Stable across attempts and unique across queues: hand it to external services
+  // that deduplicate ("eoq-task-<id>").
+  std::string idempotency_token() const;
+
+  // Stores progress (0..100) and a stage name, visible through TaskStore::get.
+  // Throws LeaseLost when the lease is gone; other store errors are logged and
+  // ignored, since progress is advisory.
+  void progress(int percent, std::string_view stage = {});
+
+  // The result stored on success (JSON text; default null). Invalid JSON throws
+  // InvalidArgument here rather than failing the completion later.
+  void set_result(std::string json);
+
+  // The last checkpoint saved by any attempt of this task, or empty.
+  const std::optional<std::string>& checkpoint_stage() const noexcept;
+  const std::optional<std::string>& checkpoint_state() const noexcept;  // JSON text
+  // Saves a named stage and a small JSON state, fenced like completion. With a
+  // transaction open, the SQL run so far commits together with it (a new
+  // transaction starts for what follows). Throws LeaseLost when the lease is gone.
+  void checkpoint(std::string_view stage, std::string_view state_json = "null");
+
+  // Opens (on first use) the transaction that completes the task. If the handler
+  // throws, the lease is lost or the process dies, nothing run in it commits
+  // (except what a checkpoint already committed).
+  TaskTransaction& transaction();
+  // Shorthand for transaction().exec(sql, params).
+  Rows exec(std::string_view sql, const Params& params = {});
+  bool in_transaction() const noexcept;
+
+  // cancel() was called on this task. Seen at the next heartbeat.
+  bool cancelled() const noexcept;
+  // The worker is shutting down: finish soon or throw; after shutdown_timeout the
+  // lease is given back.
+  bool stopping() const noexcept;
+  // The store fenced this lease off: another owner may be running the task, and
+  // whatever this handler does will be discarded.
+  bool lease_lost() const noexcept;
+  bool should_stop() const noexcept { return cancelled() || stopping() || lease_lost(); }
+  // Sleeps for up to `duration`, waking early when should_stop() turns true.
+  // Returns !should_stop().
+  bool sleep_for(Millis duration);
+
+  // Logs through the worker's logger, prefixed with the task id and type.
+  void log(LogLevel level, std::string_view message) const;
+
+ private:
+  detail::TaskRun* run_;
+};
+
+using Handler = std::function<void(TaskContext&)>;
+
+// "Every `period`, submit `task`": the scheduler submits it with the key
+// "periodic:<name>:<bucket start, epoch seconds>", so any number of workers with
+// the same registration, restarted any number of times, create one task per
+// period bucket (the store's idempotency decides; duplicates are normal).
+struct PeriodicTask {
+  std::string name;  // [A-Za-z0-9_.-], 1..128 characters
+  std::chrono::seconds period{60};
+  NewTask task;      // its key is set by the scheduler and must be empty here
+};
+
+class Worker {
+ public:
+  // The store must outlive the worker.
+  Worker(TaskStore& store, WorkerOptions options = {});
+  ~Worker();  // stop()
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Registers the handler for a task type (replacing any earlier one). Before
+  // start()/run() only. Tasks of a type nobody registered fail permanently.
+  Worker& on(std::string type, Handler handler);
+  // Registers a periodic submission. Before start()/run() only.
+  Worker& every(PeriodicTask periodic);
+  Worker& every(std::string name, std::chrono::seconds period, NewTask task);
+
+  // Starts the threads and returns. A Worker runs once: start after stop throws UsageError.
+  void start();
+  // start(), then blocks until request_stop() or stop() is called, and shuts down.
+  void run();
+  // Stops claiming and wakes run(); returns at once. Safe from any thread,
+  // handlers included (not from a signal handler: use sigwait, see examples).
+  void request_stop() noexcept;
+  // Graceful shutdown: stops claiming, gives buffered leases back, lets running
+  // handlers finish for up to shutdown_timeout, then gives their leases back too
+  // and waits for the handlers to return (a handler cannot be interrupted), and
+  // flushes pending completions. Idempotent. From a handler, acts as request_stop().
+  void stop();
+  bool running() const noexcept;  // started and not yet stopped
+
+  const std::string& id() const noexcept;  // the lease owner name
+  const WorkerOptions& options() const noexcept;
+  WorkerCounters counters() const noexcept;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace eoq

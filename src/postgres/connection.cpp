@@ -1,0 +1,205 @@
+#include "postgres/connection.hpp"
+
+#include <arpa/inet.h>
+#include <fmt/format.h>
+
+#include <cstring>
+#include <thread>
+
+namespace eoq::pg {
+
+namespace {
+
+// PostgreSQL's binary timestamps count microseconds from 2000-01-01 UTC.
+constexpr std::int64_t kPgEpochOffsetUs = 946684800LL * 1000000LL;
+
+std::uint64_t be64(const char* p) {
+  std::uint64_t v;
+  std::memcpy(&v, p, 8);
+  return be64toh(v);
+}
+
+}  // namespace
+
+std::int64_t Result::affected() const {
+  const char* n = PQcmdTuples(r_.get());
+  return (n && *n) ? std::stoll(n) : 0;
+}
+
+const char* Result::raw(int row, int col, int expect_len) const {
+  if (expect_len >= 0 && PQgetlength(r_.get(), row, col) != expect_len)
+    throw Error(fmt::format("eoq internal: column {} has {} bytes, expected {}", PQfname(r_.get(), col),
+                            PQgetlength(r_.get(), row, col), expect_len));
+  return PQgetvalue(r_.get(), row, col);
+}
+
+std::int64_t Result::i64(int row, int col) const { return static_cast<std::int64_t>(be64(raw(row, col, 8))); }
+
+std::int32_t Result::i32(int row, int col) const {
+  std::uint32_t v;
+  std::memcpy(&v, raw(row, col, 4), 4);
+  return static_cast<std::int32_t>(ntohl(v));
+}
+
+double Result::f64(int row, int col) const {
+  std::uint64_t v = be64(raw(row, col, 8));
+  double d;
+  std::memcpy(&d, &v, 8);
+  return d;
+}
+
+bool Result::boolean(int row, int col) const { return raw(row, col, 1)[0] != 0; }
+
+std::string Result::text(int row, int col) const {
+  return std::string(PQgetvalue(r_.get(), row, col), static_cast<std::size_t>(PQgetlength(r_.get(), row, col)));
+}
+
+TimePoint Result::time(int row, int col) const {
+  return TimePoint(std::chrono::microseconds(i64(row, col) + kPgEpochOffsetUs));
+}
+
+std::optional<std::string> Result::opt_text(int row, int col) const {
+  if (null(row, col)) return std::nullopt;
+  return text(row, col);
+}
+std::optional<TimePoint> Result::opt_time(int row, int col) const {
+  if (null(row, col)) return std::nullopt;
+  return time(row, col);
+}
+
+bool is_transient_sqlstate(std::string_view s) noexcept {
+  return s.starts_with("08") || s.starts_with("40") || s == "57P01" || s == "57P02" || s == "57P03" ||
+         s == "53300" /* too many connections */ || s == "25P03" /* idle-in-transaction timeout */;
+}
+
+void throw_error(PGconn* conn, const PGresult* result, std::string_view statement) {
+  const char* state = result ? PQresultErrorField(result, PG_DIAG_SQLSTATE) : nullptr;
+  std::string sqlstate = state ? state : "";
+  std::string message = result ? PQresultErrorMessage(result) : "";
+  if (message.empty() && conn) message = PQerrorMessage(conn);
+  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+  bool lost = conn && PQstatus(conn) == CONNECTION_BAD;
+  if (lost && sqlstate.empty()) sqlstate = "08006";  // libpq reports a dropped socket without a SQLSTATE
+  std::string what = fmt::format("PostgreSQL error in {}: {}{}", statement, message,
+                                 sqlstate.empty() ? "" : fmt::format(" (SQLSTATE {})", sqlstate));
+  if (lost || is_transient_sqlstate(sqlstate)) throw TransientError(what, sqlstate, std::string(statement));
+  throw DatabaseError(what, sqlstate, std::string(statement));
+}
+
+Connection::Connection(const std::string& conninfo, const std::string& application_name) {
+  // Parse first so a malformed string is reported as bad input, not as an outage.
+  char* err = nullptr;
+  PQconninfoOption* opts = PQconninfoParse(conninfo.c_str(), &err);
+  if (!opts) {
+    std::string why = err ? err : "cannot be parsed";
+    if (err) PQfreemem(err);
+    while (!why.empty() && why.back() == '\n') why.pop_back();
+    throw InvalidArgument("conninfo", why);
+  }
+  PQconninfoFree(opts);
+  const char* keys[] = {"dbname", "application_name", "fallback_application_name", nullptr};
+  const char* values[] = {conninfo.c_str(), nullptr, application_name.c_str(), nullptr};
+  // expand_dbname=1: the first dbname is the whole connection string.
+  c_.reset(PQconnectdbParams(keys, values, 1));
+  if (!c_) throw TransientError("PostgreSQL: out of memory while connecting", "08001", "connect");
+  if (PQstatus(c_.get()) != CONNECTION_OK) {
+    std::string m = PQerrorMessage(c_.get());
+    while (!m.empty() && (m.back() == '\n' || m.back() == ' ')) m.pop_back();
+    throw TransientError("cannot connect to PostgreSQL: " + m, "08001", "connect");
+  }
+}
+
+Result Connection::exec(const Statement& st, const std::vector<Param>& params) {
+  if (!prepared_.contains(st.name)) {
+    Result r(PQprepare(c_.get(), st.name, st.sql.c_str(), 0, nullptr));
+    if (PQresultStatus(r.get()) != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
+    prepared_.insert(st.name);
+  }
+  std::vector<const char*> values(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) values[i] = params[i] ? params[i]->c_str() : nullptr;
+  Result r(PQexecPrepared(c_.get(), st.name, static_cast<int>(values.size()), values.data(), nullptr, nullptr, 1));
+  auto s = PQresultStatus(r.get());
+  if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
+  return r;
+}
+
+Result Connection::exec_params(std::string_view sql, const std::vector<Param>& params, bool binary,
+                               std::string_view label) {
+  std::string text(sql);
+  std::vector<const char*> values(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) values[i] = params[i] ? params[i]->c_str() : nullptr;
+  Result r(PQexecParams(c_.get(), text.c_str(), static_cast<int>(values.size()), nullptr, values.data(), nullptr,
+                        nullptr, binary ? 1 : 0));
+  auto s = PQresultStatus(r.get());
+  if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), label);
+  return r;
+}
+
+void Connection::command(const char* sql) {
+  Result r(PQexec(c_.get(), sql));
+  auto s = PQresultStatus(r.get());
+  if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), sql);
+}
+
+Pool::Pool(std::string conninfo, std::string application_name, int size)
+    : conninfo_(std::move(conninfo)), application_name_(std::move(application_name)), size_(size) {}
+
+Pool::~Pool() = default;
+
+Pool::Lease Pool::acquire() {
+  std::unique_lock lk(m_);
+  cv_.wait(lk, [&] { return !idle_.empty() || open_ < size_; });
+  if (!idle_.empty()) {
+    auto c = std::move(idle_.back());
+    idle_.pop_back();
+    return Lease(this, std::move(c));
+  }
+  ++open_;
+  lk.unlock();
+  try {
+    return Lease(this, std::make_unique<Connection>(conninfo_, application_name_));
+  } catch (...) {
+    lk.lock();
+    --open_;
+    cv_.notify_one();
+    throw;
+  }
+}
+
+void Pool::put(std::unique_ptr<Connection> c) {
+  std::lock_guard lk(m_);
+  if (c && c->ok() && PQtransactionStatus(c->get()) == PQTRANS_IDLE) {
+    idle_.push_back(std::move(c));
+  } else {
+    c.reset();
+    --open_;
+  }
+  cv_.notify_one();
+}
+
+std::string text_array(const std::vector<Param>& items) {
+  std::string out = "{";
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    if (i) out += ',';
+    if (!items[i]) {
+      out += "NULL";
+      continue;
+    }
+    out += '"';
+    for (char c : *items[i]) {
+      if (c == '"' || c == '\\') out += '\\';
+      out += c;
+    }
+    out += '"';
+  }
+  out += '}';
+  return out;
+}
+
+std::string time_param(TimePoint t) { return std::to_string(t.time_since_epoch().count()); }
+
+void sleep_backoff(int attempt) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(50) * (1 << std::min(attempt, 5)));
+}
+
+}  // namespace eoq::pg

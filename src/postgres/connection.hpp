@@ -1,0 +1,167 @@
+#pragma once
+// libpq ownership, binary row decoding, error classification and a small pool.
+// Nothing here knows about tasks.
+#include <eoq/errors.hpp>
+#include <eoq/task.hpp>
+
+#include <libpq-fe.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace eoq::pg {
+
+struct ConnDeleter {
+  void operator()(PGconn* c) const noexcept { PQfinish(c); }
+};
+struct ResultDeleter {
+  void operator()(PGresult* r) const noexcept { PQclear(r); }
+};
+using ConnPtr = std::unique_ptr<PGconn, ConnDeleter>;
+
+// A statement prepared once per connection under its name.
+struct Statement {
+  const char* name;
+  std::string sql;
+};
+
+// Text-format parameters; an empty optional is SQL NULL.
+using Param = std::optional<std::string>;
+
+// A query result in binary format (see decode helpers), or text for handler SQL.
+class Result {
+ public:
+  Result() = default;
+  explicit Result(PGresult* r) : r_(r) {}
+  PGresult* get() const noexcept { return r_.get(); }
+  int rows() const noexcept { return PQntuples(r_.get()); }
+  int columns() const noexcept { return PQnfields(r_.get()); }
+  bool null(int row, int col) const noexcept { return PQgetisnull(r_.get(), row, col) != 0; }
+  std::int64_t affected() const;
+
+  // Binary decoders; the column's SQL type must match.
+  std::int64_t i64(int row, int col) const;
+  std::int32_t i32(int row, int col) const;
+  double f64(int row, int col) const;
+  bool boolean(int row, int col) const;
+  std::string text(int row, int col) const;
+  TimePoint time(int row, int col) const;     // timestamptz: microseconds since 2000-01-01
+  std::optional<std::string> opt_text(int row, int col) const;
+  std::optional<TimePoint> opt_time(int row, int col) const;
+
+ private:
+  const char* raw(int row, int col, int expect_len) const;
+  std::unique_ptr<PGresult, ResultDeleter> r_;
+};
+
+// SQLSTATE classes a caller may retry after: connection exceptions (08),
+// operator intervention (57: shutdown, cannot connect now), rollbacks (40:
+// serialization failure, deadlock).
+bool is_transient_sqlstate(std::string_view sqlstate) noexcept;
+
+// Throws the matching eoq error for a failed result (or a dead connection).
+[[noreturn]] void throw_error(PGconn* conn, const PGresult* result, std::string_view statement);
+
+class Connection {
+ public:
+  Connection(const std::string& conninfo, const std::string& application_name);
+  PGconn* get() const noexcept { return c_.get(); }
+  bool ok() const noexcept { return PQstatus(c_.get()) == CONNECTION_OK; }
+
+  // Prepared (once per connection) and executed with binary results.
+  Result exec(const Statement& st, const std::vector<Param>& params);
+  // Unnamed statement; `binary` selects the result format.
+  Result exec_params(std::string_view sql, const std::vector<Param>& params, bool binary,
+                     std::string_view label);
+  // Simple query, no parameters, no result rows expected (BEGIN, COMMIT, SET ...).
+  void command(const char* sql);
+
+ private:
+  ConnPtr c_;
+  std::unordered_set<std::string> prepared_;
+};
+
+// Connections kept open for reuse; callers beyond `size` wait. A connection
+// that broke is dropped instead of returned.
+class Pool {
+ public:
+  Pool(std::string conninfo, std::string application_name, int size);
+  ~Pool();
+
+  class Lease {
+   public:
+    Lease(Pool* pool, std::unique_ptr<Connection> c) : pool_(pool), c_(std::move(c)) {}
+    Lease(Lease&& o) noexcept : pool_(std::exchange(o.pool_, nullptr)), c_(std::move(o.c_)) {}
+    Lease& operator=(Lease&&) = delete;
+    // Returns the connection, or after discard() frees its slot.
+    ~Lease() {
+      if (pool_) pool_->put(std::move(c_));
+    }
+    Connection& operator*() const noexcept { return *c_; }
+    Connection* operator->() const noexcept { return c_.get(); }
+    // Closes the connection instead of returning it (after an error that may
+    // have left it in an unknown state).
+    void discard() noexcept { c_.reset(); }
+
+   private:
+    Pool* pool_;
+    std::unique_ptr<Connection> c_;
+  };
+
+  Lease acquire();
+  const std::string& conninfo() const noexcept { return conninfo_; }
+
+ private:
+  void put(std::unique_ptr<Connection> c);
+  std::string conninfo_, application_name_;
+  int size_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<Connection>> idle_;
+  int open_ = 0;
+};
+
+// Runs f(connection) and retries transient failures up to `retries` times with
+// backoff, on a fresh connection each time. `retried` is set when a retry
+// happened, so a caller can tell "my first try may have applied" apart.
+template <class F>
+auto with_retry(Pool& pool, int retries, F&& f, bool* retried = nullptr) -> decltype(f(std::declval<Connection&>()));
+
+// Bracketed text array literal for text parameters ({"a","b",NULL}).
+std::string text_array(const std::vector<Param>& items);
+std::string time_param(TimePoint t);  // microseconds since the Unix epoch, as text
+
+void sleep_backoff(int attempt);
+
+template <class F>
+auto with_retry(Pool& pool, int retries, F&& f, bool* retried) -> decltype(f(std::declval<Connection&>())) {
+  for (int attempt = 0;; ++attempt) {
+    try {
+      auto conn = pool.acquire();
+      try {
+        return f(*conn);
+      } catch (const TransientError&) {
+        conn.discard();
+        throw;
+      }
+    } catch (const CommitInDoubt&) {
+      throw;  // repeating could apply the change twice: the caller decides
+    } catch (const TransientError&) {
+      if (attempt >= retries) throw;
+      if (retried) *retried = true;
+      sleep_backoff(attempt);
+    }
+  }
+}
+
+}  // namespace eoq::pg
