@@ -70,6 +70,10 @@ class TaskStore {
   virtual void complete(const Lease& lease, std::string_view result_json = "null") = 0;
   virtual FailOutcome fail(const Lease& lease, const Failure& failure) = 0;
   virtual HeartbeatResult heartbeat(const Lease& lease, Millis extension) = 0;
+  // Gives an unfinished task back (graceful shutdown): pending again at once, and
+  // the interrupted attempt does not count. A task with a cancel request ends
+  // cancelled instead.
+  virtual void release(const Lease& lease) = 0;
   virtual void progress(const Lease& lease, int percent, std::string_view stage) = 0;
   virtual void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) = 0;
 

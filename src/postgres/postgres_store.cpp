@@ -111,7 +111,7 @@ void validate_schema(const std::string& s) {
 
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
-  Statement submit, submit_batch, by_keys, claim, complete, fail, heartbeat, progress, checkpoint, cancel, get,
+  Statement submit, submit_batch, by_keys, claim, complete, fail, release, heartbeat, progress, checkpoint, cancel, get,
       list, stats, history, prune, expire, reap, settled;
 
   explicit Sql(const std::string& quoted_schema) {
@@ -251,6 +251,23 @@ SELECT t.outcome, (SELECT run_at FROM up) FROM t)",
                                                     {"finished_at", "now()"}},
                                                    "gone"),
                                      MS("$5")));
+
+    release = S("eoq_release", fmt::format(R"(
+WITH t AS (SELECT id, cancel_requested FROM @s@.tasks
+           WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id AND t.cancel_requested RETURNING x.*),
+fin AS ({}),
+up AS (
+  UPDATE @s@.tasks x SET status = 'pending', version = x.version + 1, attempts = x.attempts - 1, run_at = now(),
+         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM t WHERE x.id = t.id AND NOT t.cancel_requested RETURNING x.id)
+SELECT t.id, (SELECT pg_notify($3, queue) FROM @s@.tasks WHERE id = $1) FROM t)",
+                                           finish_insert({{"status", "'cancelled'"},
+                                                          {"version", "gone.version + 1"},
+                                                          {"lease_expires_at", "NULL"},
+                                                          {"updated_at", "now()"},
+                                                          {"finished_at", "now()"}},
+                                                         "gone")));
 
     heartbeat = S("eoq_heartbeat", "UPDATE @s@.tasks SET lease_expires_at = now() + " MS("$3") R"(
 WHERE id = $1 AND version = $2 AND status = 'running' RETURNING lease_expires_at, cancel_requested)");
@@ -753,6 +770,16 @@ HeartbeatResult PostgresStore::heartbeat(const Lease& lease, Millis extension) {
   });
   if (r.rows() != 1) throw LeaseLost(lease.id(), lease.token, "heartbeat found the task no longer under this lease");
   return {r.time(0, 0), r.boolean(0, 1)};
+}
+
+void PostgresStore::release(const Lease& lease) {
+  auto& I = *impl_;
+  bool retried = false;
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.release, {num(lease.id()), num(lease.token), I.channel}); },
+                   &retried);
+  // After a retry the first try may have applied; the version moved on either way.
+  if (r.rows() != 1 && !retried)
+    throw LeaseLost(lease.id(), lease.token, "release found the task no longer under this lease");
 }
 
 void PostgresStore::progress(const Lease& lease, int percent, std::string_view stage) {

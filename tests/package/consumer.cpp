@@ -1,0 +1,15 @@
+// Built by the package tests exactly as a host would build against eoq.
+#include <eoq/eoq.hpp>
+
+#include <iostream>
+
+int main() {
+  eoq::MemoryStore store;
+  eoq::NewTask t;
+  t.type = "hello";
+  t.key = "once";
+  auto a = store.submit(t);
+  auto b = store.submit(t);
+  std::cout << "task " << a.task.id << ", duplicate on resubmit: " << std::boolalpha << b.duplicate << "\n";
+  return (a.task.id == b.task.id && b.duplicate) ? 0 : 1;
+}
