@@ -1,0 +1,286 @@
+// End-to-end harness: the database's own ceiling, submit rates, drain
+// throughput, idle submit-to-start latency and growth, all in one run on one
+// server, so that every figure can be read as a ratio of the ceiling.
+//
+//   throughput [--tasks N] [--concurrency C] [--claim-batch B] [--latency-tasks L]
+//              [--ceiling-seconds S] [--ceiling-clients K] [--growth G]
+//
+// Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself
+// (PostgreSQL defaults: fsync and synchronous_commit on).
+#include <eoq/eoq.hpp>
+#include <eoq/testing.hpp>
+#include <eoq/worker.hpp>
+
+#include <fmt/format.h>
+#include <libpq-fe.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <random>
+#include <thread>
+
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+struct Args {
+  int tasks = 100000;
+  int concurrency = 8;
+  int claim_batch = 1000;
+  int latency_tasks = 1000;
+  double ceiling_seconds = 10;
+  int ceiling_clients = 4;
+  int growth = 1000000;
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::runtime_error("missing value after " + k);
+      return argv[++i];
+    };
+    if (k == "--tasks") a.tasks = std::stoi(next());
+    else if (k == "--concurrency") a.concurrency = std::stoi(next());
+    else if (k == "--claim-batch") a.claim_batch = std::stoi(next());
+    else if (k == "--latency-tasks") a.latency_tasks = std::stoi(next());
+    else if (k == "--ceiling-seconds") a.ceiling_seconds = std::stod(next());
+    else if (k == "--ceiling-clients") a.ceiling_clients = std::stoi(next());
+    else if (k == "--growth") a.growth = std::stoi(next());
+    else throw std::runtime_error("unknown argument " + k);
+  }
+  return a;
+}
+
+double seconds_since(SteadyClock::time_point t0) {
+  return std::chrono::duration<double>(SteadyClock::now() - t0).count();
+}
+
+long rss_kib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+  return 0;
+}
+
+// --- the ceiling: the same row work with no queue logic -------------------
+
+void must(PGconn* c, PGresult* r) {
+  auto s = PQresultStatus(r);
+  if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK) {
+    std::string m = PQerrorMessage(c);
+    PQclear(r);
+    throw std::runtime_error(m);
+  }
+  PQclear(r);
+}
+
+// Claim-and-complete as two committed UPDATEs by id (or id range), no search,
+// no fencing: what the server can do with the rows a queue touches.
+double ceiling(const std::string& url, int rows, int batch, int clients, double secs) {
+  {
+    PGconn* c = PQconnectdb(url.c_str());
+    must(c, PQexec(c, "DROP TABLE IF EXISTS eoq_ceiling"));
+    must(c, PQexec(c, "CREATE TABLE eoq_ceiling (id bigint PRIMARY KEY, status int NOT NULL DEFAULT 0, "
+                      "version int NOT NULL DEFAULT 0, queue text NOT NULL DEFAULT 'default', "
+                      "priority int NOT NULL DEFAULT 0, run_at timestamptz NOT NULL DEFAULT now(), "
+                      "lease_owner text, lease_expires timestamptz, payload json NOT NULL DEFAULT '{\"n\":1}')"));
+    auto ins = fmt::format("INSERT INTO eoq_ceiling (id) SELECT g FROM generate_series(1, {}) g", rows);
+    must(c, PQexec(c, ins.c_str()));
+    must(c, PQexec(c, "VACUUM ANALYZE eoq_ceiling"));
+    must(c, PQexec(c, "CHECKPOINT"));
+    PQfinish(c);
+  }
+  std::atomic<long> done{0};
+  auto t0 = SteadyClock::now();
+  std::vector<std::thread> ts;
+  for (int k = 0; k < clients; ++k)
+    ts.emplace_back([&, k] {
+      PGconn* c = PQconnectdb(url.c_str());
+      must(c, PQprepare(c, "claim",
+                        "UPDATE eoq_ceiling SET status = 1, version = version + 1, lease_owner = 'w', "
+                        "lease_expires = now() + interval '30 s' WHERE id BETWEEN $1 AND $2",
+                        0, nullptr));
+      must(c, PQprepare(c, "complete",
+                        "UPDATE eoq_ceiling SET status = 2, version = version + 1, lease_expires = NULL "
+                        "WHERE id BETWEEN $1 AND $2",
+                        0, nullptr));
+      std::mt19937 rng(static_cast<unsigned>(k));
+      std::uniform_int_distribution<int> pick(0, rows / batch - 1);
+      long n = 0;
+      while (seconds_since(t0) < secs) {
+        int s = pick(rng);
+        auto lo = std::to_string(s * batch + 1), hi = std::to_string(s * batch + batch);
+        const char* p[] = {lo.c_str(), hi.c_str()};
+        must(c, PQexecPrepared(c, "claim", 2, p, nullptr, nullptr, 0));
+        must(c, PQexecPrepared(c, "complete", 2, p, nullptr, nullptr, 0));
+        n += batch;
+      }
+      done += n;
+      PQfinish(c);
+    });
+  for (auto& t : ts) t.join();
+  double rate = static_cast<double>(done) / seconds_since(t0);
+  PGconn* c = PQconnectdb(url.c_str());
+  must(c, PQexec(c, "DROP TABLE eoq_ceiling"));
+  PQfinish(c);
+  return rate;
+}
+
+// --- eoq ------------------------------------------------------------------
+
+std::vector<eoq::NewTask> noop_tasks(int n, const std::string& queue) {
+  std::vector<eoq::NewTask> v(static_cast<std::size_t>(n));
+  for (auto& t : v) {
+    t.queue = queue;
+    t.type = "noop";
+    t.payload = R"({"n":1})";
+  }
+  return v;
+}
+
+double submit_bulk(eoq::TaskStore& s, int n, const std::string& queue, int chunk = 1000) {
+  auto t0 = SteadyClock::now();
+  for (int done = 0; done < n; done += chunk) {
+    auto b = noop_tasks(std::min(chunk, n - done), queue);
+    s.submit_batch(b);
+  }
+  return n / seconds_since(t0);
+}
+
+struct Drain {
+  double rate;
+  long max_rss_kib;
+};
+
+Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n) {
+  std::atomic<int> ran{0};
+  eoq::WorkerOptions o;
+  o.queues = {queue};
+  o.concurrency = a.concurrency;
+  o.claim_batch = a.claim_batch;
+  o.maintenance_interval = eoq::Millis(1000);
+  eoq::Worker w(s, o);
+  w.on("noop", [&](eoq::TaskContext&) { ran.fetch_add(1, std::memory_order_relaxed); });
+  long rss = 0;
+  auto t0 = SteadyClock::now();
+  w.start();
+  // Done when every task is settled in the store, not merely handled.
+  while (w.counters().succeeded < static_cast<std::uint64_t>(n)) {
+    rss = std::max(rss, rss_kib());
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  double secs = seconds_since(t0);
+  w.stop();
+  if (ran.load() < n) throw std::runtime_error("handler ran fewer times than tasks completed");
+  return {n / secs, rss};
+}
+
+struct Latency {
+  double p50, p99, p999, max;
+};
+
+// Submit-to-start on an idle worker: tasks one at a time with random gaps; the
+// handler stamps its start. Both clocks are this process's steady clock.
+Latency latency(eoq::TaskStore& s, int n, const std::string& queue) {
+  std::mutex m;
+  std::vector<double> lat;
+  std::atomic<int> seen{0};
+  eoq::WorkerOptions o;
+  o.queues = {queue};
+  o.concurrency = 2;
+  o.claim_batch = 10;
+  eoq::Worker w(s, o);
+  w.on("ping", [&](eoq::TaskContext& ctx) {
+    auto now = SteadyClock::now().time_since_epoch().count();
+    auto sent = std::stoll(ctx.payload().substr(5));
+    std::lock_guard lk(m);
+    lat.push_back(static_cast<double>(now - sent) / 1e6);
+    ++seen;
+  });
+  w.start();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // let it go idle
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> gap_us(2000, 5000);
+  for (int i = 0; i < n; ++i) {
+    std::this_thread::sleep_for(std::chrono::microseconds(gap_us(rng)));
+    eoq::NewTask t;
+    t.queue = queue;
+    t.type = "ping";
+    t.payload = fmt::format("{{\"t\":{}}}", SteadyClock::now().time_since_epoch().count());
+    s.submit(t);
+    // One at a time: wait for this one to start before the next is sent.
+    while (seen.load() <= i) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  w.stop();
+  std::sort(lat.begin(), lat.end());
+  auto at = [&](double q) { return lat[std::min(lat.size() - 1, static_cast<std::size_t>(q * lat.size()))]; };
+  return {at(0.50), at(0.99), at(0.999), lat.back()};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  Args a = parse(argc, argv);
+  std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
+  fmt::print("eoq throughput harness: {} tasks, concurrency {}, claim batch {}, {} cores\n", a.tasks, a.concurrency,
+             a.claim_batch, std::thread::hardware_concurrency());
+
+  double c1 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 1, a.ceiling_clients, a.ceiling_seconds);
+  double c100 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 100, a.ceiling_clients, a.ceiling_seconds);
+
+  eoq::PostgresOptions po;
+  po.conninfo = url;
+  po.schema = fmt::format("bench_tp_{}", ::getpid());
+  eoq::PostgresStore store(po);
+  store.migrate();
+
+  double bulk = submit_bulk(store, a.tasks, "drain");
+  auto t0 = SteadyClock::now();
+  const int singles = std::min(1000, a.tasks);
+  for (auto& t : noop_tasks(singles, "single")) store.submit(t);
+  double single = singles / seconds_since(t0);
+
+  auto empty = drain(store, a, "drain", a.tasks);
+  drain(store, a, "single", singles);  // the single submits, out of the way
+  auto lat = latency(store, a.latency_tasks, "latency");
+
+  fmt::print("\n| figure | value | ratio |\n|---|--:|--:|\n");
+  fmt::print("| ceiling: single-row claim+complete UPDATEs, {} clients | {:.0f} tasks/s | 1.00 |\n", a.ceiling_clients, c1);
+  fmt::print("| ceiling: batch-100 claim+complete UPDATEs, {} clients | {:.0f} tasks/s | 1.00 |\n", a.ceiling_clients, c100);
+  fmt::print("| eoq submit_batch (1,000 per call) | {:.0f} tasks/s | {:.2f} of batch ceiling |\n", bulk, bulk / c100);
+  fmt::print("| eoq submit, one at a time | {:.0f} tasks/s | {:.2f} of single ceiling |\n", single, single / c1);
+  fmt::print("| eoq drain, empty history | {:.0f} tasks/s | {:.2f} of batch ceiling |\n", empty.rate, empty.rate / c100);
+  fmt::print("| worker RSS during drain ({} handler threads) | {:.1f} MiB | |\n", a.concurrency, empty.max_rss_kib / 1024.0);
+  fmt::print("| idle submit-to-start p50 / p99 / p99.9 / max ({} tasks) | {:.2f} / {:.2f} / {:.2f} / {:.2f} ms | |\n",
+             a.latency_tasks, lat.p50, lat.p99, lat.p999, lat.max);
+
+  if (a.growth > 0) {
+    // History grows: G finished tasks stay in the table (retention off) ...
+    submit_bulk(store, a.growth, "history", 10000);
+    drain(store, a, "history", a.growth);
+    submit_bulk(store, a.tasks, "drain");
+    auto grown = drain(store, a, "drain", a.tasks);
+    fmt::print("| eoq drain with {} finished tasks kept (retention off) | {:.0f} tasks/s | {:.2f} of empty |\n",
+               a.growth, grown.rate, grown.rate / empty.rate);
+    // ... and with retention on, pruning them in bounded batches meanwhile.
+    eoq::PostgresOptions pr = po;
+    pr.retention = eoq::Millis(0);
+    eoq::PostgresStore pruning(pr);
+    submit_bulk(pruning, a.tasks, "drain");
+    auto pruned = drain(pruning, a, "drain", a.tasks);
+    fmt::print("| eoq drain while retention prunes them | {:.0f} tasks/s | {:.2f} of empty |\n", pruned.rate,
+               pruned.rate / empty.rate);
+  }
+  return 0;
+} catch (const std::exception& e) {
+  fmt::print(stderr, "throughput: {}\n", e.what());
+  return 1;
+}
