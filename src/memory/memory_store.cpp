@@ -1,0 +1,730 @@
+// The TaskStore contract in process memory. One mutex guards all state, so each
+// call is one critical section: what a single fenced statement is on Postgres.
+// The store's clock is detail::now(), read inside the critical section so that
+// times and ids advance together.
+#include <eoq/memory_store.hpp>
+
+#include "common/validate.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <tuple>
+#include <utility>
+
+namespace eoq {
+
+namespace {
+
+constexpr std::size_t kMaxSubmitBatch = 100000;  // the Postgres store's limit, kept alike
+constexpr int kRetentionBatch = 1000;
+constexpr TaskId kMinId = std::numeric_limits<TaskId>::min();
+
+// Leases, extensions and retry delays are chosen by callers and may be huge;
+// saturate instead of overflowing the microsecond clock.
+TimePoint plus(TimePoint t, Millis d) {
+  if (d.count() > 0 && std::chrono::duration_cast<Millis>(TimePoint::max() - t) < d) return TimePoint::max();
+  return t + d;
+}
+
+// One task and what history() needs beyond the task row.
+struct Entry {
+  Task task;
+  TimePoint started_at{};        // of the attempt in progress
+  std::vector<Attempt> history;  // attempts that have ended, oldest first
+};
+
+// Indexes over the tasks, each holding only the tasks it serves, so that claim,
+// lease recovery, expiry and retention never walk tasks they cannot act on.
+using PendingKey = std::tuple<std::string, int, TimePoint, TaskId>;  // queue, priority, run_at, id
+using LeaseKey = std::tuple<std::string, TimePoint, TaskId>;         // queue, lease_expires_at, id
+using TimeKey = std::pair<TimePoint, TaskId>;
+
+// A candidate for claim, in claim order.
+using ClaimKey = std::tuple<int, TimePoint, TaskId>;  // priority, run_at, id
+
+std::int64_t& count_of(QueueStats& s, TaskStatus status) {
+  switch (status) {
+    case TaskStatus::pending: return s.pending;
+    case TaskStatus::running: return s.running;
+    case TaskStatus::succeeded: return s.succeeded;
+    case TaskStatus::failed: return s.failed;
+    case TaskStatus::cancelled: return s.cancelled;
+    case TaskStatus::expired: return s.expired;
+  }
+  return s.expired;  // unreachable: every status is handled above
+}
+
+bool has_tasks(const QueueStats& s) {
+  return s.pending + s.running + s.succeeded + s.failed + s.cancelled + s.expired > 0;
+}
+
+}  // namespace
+
+struct MemoryStore::State {
+  explicit State(MemoryStoreOptions o) : options(std::move(o)), rng(std::random_device{}()) {}
+
+  const MemoryStoreOptions options;
+
+  std::mutex mu;
+  std::condition_variable cv;  // wait_for_tasks sleeps here
+
+  // Everything below is guarded by mu.
+  TaskId next_id = 1;
+  std::map<TaskId, Entry> tasks;  // every task, live or finished; ordered by id for list()
+  std::map<std::pair<std::string, std::string>, TaskId> keys;  // outlives its task until prune
+  std::set<PendingKey> pending;                 // pending tasks, in claim order per queue
+  std::set<TimeKey> deadlines;                  // pending tasks that have a deadline
+  std::set<LeaseKey> leases;                    // running tasks, by lease expiry per queue
+  std::set<TimeKey> finished;                   // terminal tasks, by finished_at
+  std::map<std::string, QueueStats, std::less<>> counts;  // per queue, sorted by name as stats() wants
+  std::mt19937_64 rng;                          // backoff jitter
+
+  // Wake-ups for wait_for_tasks. Like a LISTEN connection that stays open
+  // between waits, a signal sent while nobody waited is kept: the next waiter
+  // on that queue takes it and returns at once, so a submit that lands between
+  // an empty claim and the wait is not slept through.
+  struct Signal {
+    std::uint64_t sent = 0;
+    std::uint64_t seen = 0;  // `sent` as of the last waiter that returned
+  };
+  std::map<std::string, Signal, std::less<>> queue_signals;
+  Signal any_signal;  // every queue's signals; for waiters that name no queue
+  Signal wake_signal;
+
+  // ---- indexes: the only code that knows which index holds which task ----
+
+  void index(const Entry& e) {
+    const Task& t = e.task;
+    switch (t.status) {
+      case TaskStatus::pending:
+        pending.emplace(t.queue, t.priority, t.run_at, t.id);
+        if (t.deadline) deadlines.emplace(*t.deadline, t.id);
+        break;
+      case TaskStatus::running: leases.emplace(t.queue, *t.lease_expires_at, t.id); break;
+      default: finished.emplace(*t.finished_at, t.id); break;
+    }
+    auto& c = counts[t.queue];
+    if (c.queue.empty()) c.queue = t.queue;
+    ++count_of(c, t.status);
+  }
+
+  void unindex(const Entry& e) {
+    const Task& t = e.task;
+    switch (t.status) {
+      case TaskStatus::pending:
+        pending.erase(PendingKey{t.queue, t.priority, t.run_at, t.id});
+        if (t.deadline) deadlines.erase(TimeKey{*t.deadline, t.id});
+        break;
+      case TaskStatus::running: leases.erase(LeaseKey{t.queue, *t.lease_expires_at, t.id}); break;
+      default: finished.erase(TimeKey{*t.finished_at, t.id}); break;
+    }
+    auto it = counts.find(t.queue);
+    --count_of(it->second, t.status);
+    if (!has_tasks(it->second)) counts.erase(it);
+  }
+
+  // Every change to a field an index is built from (status, priority, run_at,
+  // deadline, lease expiry, finished_at) goes through here, so the indexes
+  // never disagree with the tasks.
+  template <class F>
+  void update(Entry& e, F&& change) {
+    unindex(e);
+    change(e.task);
+    index(e);
+  }
+
+  // ---- state changes ----
+
+  // Records the end of the attempt in progress; call before the lease fields
+  // are cleared, they say whose attempt it was.
+  void end_attempt(Entry& e, TimePoint at, std::string outcome, std::optional<std::string> error) {
+    e.history.push_back(Attempt{e.task.attempts, e.task.lease_owner.value_or(""), e.started_at, at,
+                                std::move(outcome), std::move(error)});
+  }
+
+  // Settling bumps the version, so any lease still held on the task is fenced off.
+  void finish(Entry& e, TaskStatus status, TimePoint now, std::optional<std::string> error = std::nullopt) {
+    update(e, [&](Task& t) {
+      t.status = status;
+      ++t.version;
+      t.lease_owner.reset();
+      t.lease_expires_at.reset();
+      if (error) t.last_error = std::move(error);
+      t.updated_at = now;
+      t.finished_at = now;
+    });
+  }
+
+  // A lost lease is ended in history at the moment it ran out, not when
+  // somebody noticed.
+  void end_lost_attempt(Entry& e) {
+    end_attempt(e, *e.task.lease_expires_at, "lease_expired", "lease expired");
+  }
+
+  SubmitResult insert(const NewTask& n, TimePoint now) {
+    if (n.key) {
+      auto k = keys.find({n.queue, *n.key});
+      if (k != keys.end()) return {tasks.at(k->second).task, true};
+    }
+    Entry e;
+    Task& t = e.task;
+    t.id = next_id++;
+    t.queue = n.queue;
+    t.type = n.type;
+    t.payload = n.payload;
+    t.key = n.key;
+    t.tenant = n.tenant;
+    t.priority = n.priority;
+    t.run_at = n.run_at.value_or(now);
+    t.deadline = n.deadline;
+    t.retry = n.retry;
+    t.version = 1;
+    t.created_at = t.updated_at = now;
+    if (n.key) keys.emplace(std::pair{n.queue, *n.key}, t.id);
+    auto& stored = tasks.emplace(t.id, std::move(e)).first->second;
+    index(stored);
+    return {stored.task, false};
+  }
+
+  // The entry a lease still governs, or null when the lease is stale.
+  Entry* live(const Lease& lease) {
+    auto it = tasks.find(lease.id());
+    if (it == tasks.end()) return nullptr;
+    const Task& t = it->second.task;
+    if (t.status != TaskStatus::running || t.version != lease.token) return nullptr;
+    return &it->second;
+  }
+
+  Entry& fenced(const Lease& lease) {
+    if (Entry* e = live(lease)) return *e;
+    auto it = tasks.find(lease.id());
+    std::string why = it == tasks.end() ? "the task no longer exists"
+                      : it->second.task.status != TaskStatus::running
+                          ? fmt::format("the task is {}", to_string(it->second.task.status))
+                          : fmt::format("the task was claimed again (now version {})", it->second.task.version);
+    throw LeaseLost(lease.id(), lease.token, why);
+  }
+
+  void complete(Entry& e, std::string_view result, TimePoint now) {
+    end_attempt(e, now, "succeeded", std::nullopt);
+    e.task.result = std::string(result);
+    e.task.progress = 100;
+    finish(e, TaskStatus::succeeded, now);
+  }
+
+  // Deletes a finished task with its key (freeing it) and history.
+  void erase_finished(TaskId id) {
+    auto it = tasks.find(id);
+    const Task& t = it->second.task;
+    if (t.key) {
+      auto k = keys.find({t.queue, *t.key});
+      if (k != keys.end() && k->second == id) keys.erase(k);
+    }
+    unindex(it->second);
+    tasks.erase(it);
+  }
+
+  // Appends the pending tasks of `queue` whose run_at has come, in claim order,
+  // up to `limit`. Within one priority run_at ascends, so the first task not yet
+  // due ends that priority: jump to the next one instead of walking past every
+  // delayed task.
+  void ready_pending(const std::string& queue, TimePoint now, std::size_t limit, std::vector<ClaimKey>& out) const {
+    std::size_t taken = 0;
+    auto it = pending.lower_bound(PendingKey{queue, std::numeric_limits<int>::min(), TimePoint::min(), kMinId});
+    while (taken < limit && it != pending.end() && std::get<0>(*it) == queue) {
+      const auto& [q, priority, run_at, id] = *it;
+      if (run_at <= now) {
+        out.emplace_back(priority, run_at, id);
+        ++taken;
+        ++it;
+        continue;
+      }
+      if (priority == std::numeric_limits<int>::max()) break;
+      it = pending.lower_bound(PendingKey{queue, priority + 1, TimePoint::min(), kMinId});
+    }
+  }
+
+  // The earliest run_at that has come among the pending tasks of `queue`: the
+  // first task of each priority is that priority's earliest.
+  std::optional<TimePoint> oldest_ready(const std::string& queue, TimePoint now) const {
+    std::optional<TimePoint> oldest;
+    auto it = pending.lower_bound(PendingKey{queue, std::numeric_limits<int>::min(), TimePoint::min(), kMinId});
+    while (it != pending.end() && std::get<0>(*it) == queue) {
+      const auto& [q, priority, run_at, id] = *it;
+      if (run_at <= now && (!oldest || run_at < *oldest)) oldest = run_at;
+      if (priority == std::numeric_limits<int>::max()) break;
+      it = pending.lower_bound(PendingKey{queue, priority + 1, TimePoint::min(), kMinId});
+    }
+    return oldest;
+  }
+
+  // ---- waiting ----
+
+  void signal(const std::string& queue) {
+    ++queue_signals[queue].sent;
+    ++any_signal.sent;
+    cv.notify_all();
+  }
+
+  // Calls f on the signals a waiter on `queues` listens to (an empty list: all).
+  template <class F>
+  void for_signals(const std::vector<std::string>& queues, F&& f) {
+    f(wake_signal);
+    if (queues.empty()) {
+      f(any_signal);
+      return;
+    }
+    for (const auto& q : queues) {
+      auto it = queue_signals.find(q);
+      if (it != queue_signals.end()) f(it->second);
+    }
+  }
+
+  // Counters only grow, so their sum changes exactly when one of them does.
+  std::uint64_t generation(const std::vector<std::string>& queues) {
+    std::uint64_t g = 0;
+    for_signals(queues, [&](const Signal& s) { g += s.sent; });
+    return g;
+  }
+
+  bool missed(const std::vector<std::string>& queues) {
+    bool any = false;
+    for_signals(queues, [&](const Signal& s) { any = any || s.sent != s.seen; });
+    return any;
+  }
+
+  void mark_seen(const std::vector<std::string>& queues) {
+    for_signals(queues, [](Signal& s) { s.seen = s.sent; });
+  }
+};
+
+namespace {
+
+// On memory there is no SQL to share a transaction with: settling through the
+// transaction is the plain fenced call. A LeaseLost ends it, as a rollback would.
+class MemoryLeaseTransaction final : public LeaseTransaction {
+ public:
+  MemoryLeaseTransaction(MemoryStore& store, const Lease& lease) : store_(store), lease_(lease) {}
+
+  Rows exec(std::string_view, const Params&) override {
+    throw UsageError("MemoryStore has no SQL: handlers that run SQL in their task's transaction need PostgresStore");
+  }
+
+  void complete(std::string_view result_json) override {
+    settle([&] { store_.complete(lease_, result_json); });
+    open_ = false;
+  }
+
+  FailOutcome fail(const Failure& failure) override {
+    FailOutcome outcome;
+    settle([&] { outcome = store_.fail(lease_, failure); });
+    open_ = false;
+    return outcome;
+  }
+
+  // Stays open: on Postgres a new transaction starts for what follows.
+  void checkpoint(std::string_view stage, std::string_view state_json) override {
+    settle([&] { store_.checkpoint(lease_, stage, state_json); });
+  }
+
+  bool open() const noexcept override { return open_; }
+
+ private:
+  template <class F>
+  void settle(F&& f) {
+    if (!open_) throw UsageError("this lease transaction is already settled or broken");
+    try {
+      f();
+    } catch (const LeaseLost&) {
+      open_ = false;
+      throw;
+    }
+  }
+
+  MemoryStore& store_;
+  Lease lease_;
+  bool open_ = true;
+};
+
+}  // namespace
+
+MemoryStore::MemoryStore(MemoryStoreOptions options) {
+  if (options.retention && options.retention->count() < 0)
+    throw InvalidArgument("retention", "must not be negative");
+  state_ = std::make_unique<State>(std::move(options));
+}
+
+MemoryStore::~MemoryStore() = default;
+
+SubmitResult MemoryStore::submit(const NewTask& task) {
+  auto& S = *state_;
+  detail::validate_new_task(task, S.options.max_payload_bytes, detail::now());
+  std::lock_guard lk(S.mu);
+  auto result = S.insert(task, detail::now());
+  if (!result.duplicate) S.signal(task.queue);
+  return result;
+}
+
+std::vector<SubmitResult> MemoryStore::submit_batch(std::span<const NewTask> tasks) {
+  auto& S = *state_;
+  if (tasks.size() > kMaxSubmitBatch) throw InvalidArgument("tasks", "at most 100000 tasks per batch");
+  const TimePoint checked_at = detail::now();
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    try {
+      detail::validate_new_task(tasks[i], S.options.max_payload_bytes, checked_at);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(fmt::format("tasks[{}].{}", i, e.field()), e.rule());
+    }
+  }
+  std::vector<SubmitResult> results;
+  results.reserve(tasks.size());
+  std::lock_guard lk(S.mu);
+  const TimePoint now = detail::now();
+  // A key repeated later in the batch finds the key the earlier one just took.
+  for (const auto& t : tasks) results.push_back(S.insert(t, now));
+  std::set<std::string_view> created;
+  for (std::size_t i = 0; i < tasks.size(); ++i)
+    if (!results[i].duplicate && created.insert(tasks[i].queue).second) S.signal(tasks[i].queue);
+  return results;
+}
+
+std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
+  auto& S = *state_;
+  detail::validate_claim(request);
+  std::vector<std::string> queues = request.queues;
+  std::sort(queues.begin(), queues.end());
+  queues.erase(std::unique(queues.begin(), queues.end()), queues.end());
+  const auto limit = static_cast<std::size_t>(request.limit);
+
+  std::lock_guard lk(S.mu);
+  const TimePoint now = detail::now();
+
+  // Up to `limit` ready tasks per queue, plus every lost lease (ordered by
+  // expiry, not claim order, so all are needed), then the best `limit` overall.
+  std::vector<ClaimKey> candidates;
+  for (const auto& q : queues) {
+    S.ready_pending(q, now, limit, candidates);
+    for (auto it = S.leases.lower_bound(LeaseKey{q, TimePoint::min(), kMinId});
+         it != S.leases.end() && std::get<0>(*it) == q && std::get<1>(*it) <= now; ++it) {
+      const Task& t = S.tasks.at(std::get<2>(*it)).task;
+      if (t.run_at <= now) candidates.emplace_back(t.priority, t.run_at, t.id);
+    }
+  }
+  const auto taken = std::min(limit, candidates.size());
+  std::partial_sort(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(taken), candidates.end());
+  candidates.resize(taken);
+
+  std::vector<Lease> leases;
+  leases.reserve(taken);
+  for (const auto& [priority, run_at, id] : candidates) {
+    Entry& e = S.tasks.at(id);
+    const bool lost = e.task.status == TaskStatus::running;
+    if (lost) S.end_lost_attempt(e);
+    if (e.task.deadline && *e.task.deadline <= now) {
+      S.finish(e, TaskStatus::expired, now, "deadline passed");
+      continue;
+    }
+    if (lost && e.task.cancel_requested) {
+      S.finish(e, TaskStatus::cancelled, now);
+      continue;
+    }
+    if (lost && e.task.attempts >= e.task.retry.max_attempts) {
+      S.finish(e, TaskStatus::failed, now, "lease expired");
+      continue;
+    }
+    S.update(e, [&](Task& t) {
+      t.status = TaskStatus::running;
+      ++t.attempts;
+      ++t.version;
+      t.lease_owner = request.owner;
+      t.lease_expires_at = plus(now, request.lease);
+      t.updated_at = now;
+      // Progress describes the attempt; the checkpoint is what survives it.
+      t.progress = 0;
+      t.stage.clear();
+    });
+    e.started_at = now;
+    leases.push_back(Lease{e.task, request.owner, e.task.version, *e.task.lease_expires_at});
+  }
+  return leases;
+}
+
+void MemoryStore::complete(const Lease& lease, std::string_view result_json) {
+  auto& S = *state_;
+  detail::validate_json("result", result_json, S.options.max_payload_bytes);
+  std::lock_guard lk(S.mu);
+  S.complete(S.fenced(lease), result_json, detail::now());
+}
+
+std::vector<bool> MemoryStore::complete_batch(std::span<const Completion> completions) {
+  auto& S = *state_;
+  // Field names as the Postgres store gives them: a batch of one reads like complete().
+  for (std::size_t i = 0; i < completions.size(); ++i) {
+    if (!completions[i].lease) throw InvalidArgument(fmt::format("completions[{}].lease", i), "must not be null");
+    detail::validate_json(completions.size() == 1 ? "result" : fmt::format("completions[{}].result", i),
+                          completions[i].result, S.options.max_payload_bytes);
+  }
+  std::vector<bool> applied(completions.size(), false);
+  std::lock_guard lk(S.mu);
+  const TimePoint now = detail::now();
+  for (std::size_t i = 0; i < completions.size(); ++i) {
+    if (Entry* e = S.live(*completions[i].lease)) {
+      S.complete(*e, completions[i].result, now);
+      applied[i] = true;
+    }
+  }
+  return applied;
+}
+
+FailOutcome MemoryStore::fail(const Lease& lease, const Failure& failure) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  Entry& e = S.fenced(lease);
+  const TimePoint now = detail::now();
+  const Task& t = e.task;
+  const TaskStatus final_status = t.cancel_requested ? TaskStatus::cancelled
+                                  : failure.permanent || t.attempts >= t.retry.max_attempts ? TaskStatus::failed
+                                                                                             : TaskStatus::pending;
+  if (final_status != TaskStatus::pending) {
+    S.end_attempt(e, now, std::string(to_string(final_status)), failure.error);
+    S.finish(e, final_status, now, failure.error);
+    return {final_status, std::nullopt};
+  }
+  S.end_attempt(e, now, "retry", failure.error);
+  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(S.rng);
+  const TimePoint retry_at = plus(now, t.retry.delay_after(t.attempts, u));
+  S.update(e, [&](Task& task) {
+    task.status = TaskStatus::pending;
+    task.run_at = retry_at;
+    task.last_error = failure.error;
+    ++task.version;
+    task.lease_owner.reset();
+    task.lease_expires_at.reset();
+    task.updated_at = now;
+  });
+  S.signal(e.task.queue);
+  return {TaskStatus::pending, retry_at};
+}
+
+HeartbeatResult MemoryStore::heartbeat(const Lease& lease, Millis extension) {
+  auto& S = *state_;
+  detail::validate_positive("extension", extension);
+  std::lock_guard lk(S.mu);
+  Entry& e = S.fenced(lease);
+  const TimePoint expires = plus(detail::now(), extension);
+  S.update(e, [&](Task& t) { t.lease_expires_at = expires; });
+  return {expires, e.task.cancel_requested};
+}
+
+void MemoryStore::release(const Lease& lease) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  Entry& e = S.fenced(lease);
+  const TimePoint now = detail::now();
+  if (e.task.cancel_requested) {
+    S.finish(e, TaskStatus::cancelled, now);
+    return;
+  }
+  // The interrupted attempt does not count and leaves no history: the next
+  // claim starts the same attempt number again.
+  S.update(e, [&](Task& t) {
+    t.status = TaskStatus::pending;
+    t.run_at = now;
+    --t.attempts;
+    ++t.version;
+    t.lease_owner.reset();
+    t.lease_expires_at.reset();
+    t.updated_at = now;
+  });
+  S.signal(e.task.queue);
+}
+
+void MemoryStore::progress(const Lease& lease, int percent, std::string_view stage) {
+  auto& S = *state_;
+  detail::validate_progress(percent, stage);
+  std::lock_guard lk(S.mu);
+  Task& t = S.fenced(lease).task;  // no indexed field changes: no update() needed
+  t.progress = percent;
+  t.stage = std::string(stage);
+  t.updated_at = detail::now();
+}
+
+void MemoryStore::checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) {
+  auto& S = *state_;
+  detail::validate_progress(0, stage);
+  detail::validate_json("checkpoint", state_json, S.options.max_payload_bytes);
+  std::lock_guard lk(S.mu);
+  Task& t = S.fenced(lease).task;
+  t.checkpoint_stage = std::string(stage);
+  t.checkpoint = std::string(state_json);
+  t.updated_at = detail::now();
+}
+
+std::unique_ptr<LeaseTransaction> MemoryStore::begin(const Lease& lease) {
+  return std::make_unique<MemoryLeaseTransaction>(*this, lease);
+}
+
+CancelOutcome MemoryStore::cancel(TaskId id) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  auto it = S.tasks.find(id);
+  if (it == S.tasks.end()) return CancelOutcome::not_found;
+  Entry& e = it->second;
+  switch (e.task.status) {
+    case TaskStatus::pending: S.finish(e, TaskStatus::cancelled, detail::now()); return CancelOutcome::cancelled;
+    case TaskStatus::running:
+      // The holder settles it; its lease stays valid, so the version stays.
+      e.task.cancel_requested = true;
+      e.task.updated_at = detail::now();
+      return CancelOutcome::cancel_requested;
+    default: return CancelOutcome::already_finished;
+  }
+}
+
+std::optional<Task> MemoryStore::get(TaskId id) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  auto it = S.tasks.find(id);
+  if (it == S.tasks.end()) return std::nullopt;
+  return it->second.task;
+}
+
+std::optional<Task> MemoryStore::find(std::string_view queue, std::string_view key) {
+  auto& S = *state_;
+  detail::validate_queue("queue", queue);
+  std::lock_guard lk(S.mu);
+  auto k = S.keys.find({std::string(queue), std::string(key)});
+  if (k == S.keys.end()) return std::nullopt;
+  return S.tasks.at(k->second).task;
+}
+
+TaskPage MemoryStore::list(const ListQuery& q) {
+  auto& S = *state_;
+  if (q.limit < 1 || q.limit > 1000) throw InvalidArgument("limit", "must be between 1 and 1000");
+  if (q.queue) detail::validate_queue("queue", *q.queue);
+  const auto limit = static_cast<std::size_t>(q.limit);
+  TaskPage page;
+  std::lock_guard lk(S.mu);
+  for (auto it = S.tasks.upper_bound(q.after.value_or(0)); it != S.tasks.end() && page.tasks.size() < limit; ++it) {
+    const Task& t = it->second.task;
+    if ((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
+        (q.tenant && t.tenant != *q.tenant))
+      continue;
+    page.tasks.push_back(t);
+  }
+  if (page.tasks.size() == limit) page.next_after = page.tasks.back().id;
+  return page;
+}
+
+std::vector<QueueStats> MemoryStore::stats() {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  const TimePoint now = detail::now();
+  std::vector<QueueStats> out;
+  out.reserve(S.counts.size());
+  for (const auto& [queue, counts] : S.counts) {
+    out.push_back(counts);
+    if (auto oldest = S.oldest_ready(queue, now))
+      out.back().oldest_pending_age = std::chrono::duration_cast<Millis>(now - *oldest);
+  }
+  return out;
+}
+
+std::vector<Attempt> MemoryStore::history(TaskId id) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  auto it = S.tasks.find(id);
+  if (it == S.tasks.end()) return {};
+  const Entry& e = it->second;
+  std::vector<Attempt> out = e.history;
+  if (e.task.status == TaskStatus::running)
+    out.push_back(Attempt{e.task.attempts, e.task.lease_owner.value_or(""), e.started_at, std::nullopt, "running",
+                          std::nullopt});
+  return out;
+}
+
+std::int64_t MemoryStore::prune(Millis older_than, int batch_size) {
+  auto& S = *state_;
+  if (older_than.count() < 0) throw InvalidArgument("older_than", "must not be negative");
+  if (batch_size < 1 || batch_size > 100000) throw InvalidArgument("batch_size", "must be between 1 and 100000");
+  // Batches let claims and completions in between, as the Postgres store's
+  // separate statements do, instead of holding the lock through a huge prune.
+  std::int64_t total = 0;
+  for (;;) {
+    std::lock_guard lk(S.mu);
+    const TimePoint now = detail::now();
+    // A window reaching back before 1970 keeps everything (and must not overflow).
+    const TimePoint cutoff = older_than >= std::chrono::duration_cast<Millis>(now.time_since_epoch())
+                                 ? TimePoint{}
+                                 : now - older_than;
+    int removed = 0;
+    while (removed < batch_size && !S.finished.empty() && S.finished.begin()->first < cutoff) {
+      S.erase_finished(S.finished.begin()->second);
+      ++removed;
+    }
+    total += removed;
+    if (removed < batch_size) return total;
+  }
+}
+
+MaintenanceReport MemoryStore::maintain() {
+  auto& S = *state_;
+  MaintenanceReport report;
+  {
+    std::lock_guard lk(S.mu);
+    const TimePoint now = detail::now();
+    while (!S.deadlines.empty() && S.deadlines.begin()->first <= now) {
+      S.finish(S.tasks.at(S.deadlines.begin()->second), TaskStatus::expired, now, "deadline passed");
+      ++report.expired;
+    }
+    // Lost leases with attempts left are not touched: the next claim takes them
+    // over (and counts the attempt) in the same step.
+    std::vector<TaskId> dead;
+    for (const auto& [queue, expires, id] : S.leases) {
+      if (expires > now) continue;
+      const Task& t = S.tasks.at(id).task;
+      if (t.cancel_requested || t.attempts >= t.retry.max_attempts) dead.push_back(id);
+    }
+    for (TaskId id : dead) {
+      Entry& e = S.tasks.at(id);
+      S.end_lost_attempt(e);
+      if (e.task.cancel_requested)
+        S.finish(e, TaskStatus::cancelled, now);
+      else
+        S.finish(e, TaskStatus::failed, now, "lease expired");
+      ++report.reaped;
+    }
+  }
+  if (S.options.retention) report.pruned = prune(*S.options.retention, kRetentionBatch);
+  return report;
+}
+
+void MemoryStore::wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) {
+  auto& S = *state_;
+  // Returning early is allowed; capping keeps steady_clock::now() + timeout
+  // from overflowing for "forever".
+  timeout = std::min<Millis>(timeout, std::chrono::hours(24));
+  std::unique_lock lk(S.mu);
+  if (!S.missed(queues)) {
+    // Every waiter present when a signal comes returns, as every listener hears a NOTIFY.
+    const auto start = S.generation(queues);
+    S.cv.wait_for(lk, timeout, [&] { return S.generation(queues) != start; });
+  }
+  S.mark_seen(queues);
+}
+
+void MemoryStore::wake() {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  ++S.wake_signal.sent;
+  S.cv.notify_all();
+}
+
+}  // namespace eoq

@@ -1,0 +1,503 @@
+// PostgresStore with real processes and real connections: races between
+// processes (migrate, duplicate submits, claims), connections killed under
+// load, transactional enqueue on the host's connection, the frozen-worker
+// rule, and TempPostgres itself.
+#include "support.hpp"
+
+#include <eoq/testing.hpp>
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#ifndef EOQ_TEST_CHILD
+#error "EOQ_TEST_CHILD must name the eoq_test_child executable"
+#endif
+
+using namespace std::chrono_literals;
+using eoq::Millis;
+using eoq::NewTask;
+using eoq::TaskStatus;
+using eoq::test::Admin;
+using eoq::test::StoreKind;
+using eoq::test::TestStore;
+
+namespace {
+
+// A ListQuery built field by field (designated initializers trip -Wmissing-field-initializers).
+struct Q {
+  eoq::ListQuery q;
+  Q& queue(std::string v) { q.queue = std::move(v); return *this; }
+  Q& status(eoq::TaskStatus v) { q.status = v; return *this; }
+  Q& type(std::string v) { q.type = std::move(v); return *this; }
+  Q& tenant(std::string v) { q.tenant = std::move(v); return *this; }
+  Q& after(eoq::TaskId v) { q.after = v; return *this; }
+  Q& limit(int v) { q.limit = v; return *this; }
+  operator eoq::ListQuery() const { return q; }
+};
+
+
+constexpr auto kChildTimeout = 120s;
+
+NewTask task(std::string queue = "default") {
+  NewTask t;
+  t.type = "t";
+  t.queue = std::move(queue);
+  return t;
+}
+
+// Starts `n` children with the given subcommand arguments (after conninfo,
+// schema and the go file), releases them at once, and waits for all.
+struct Race {
+  std::string dir = eoq::test::scratch_dir("race");
+  std::string go = dir + "/go";
+  std::vector<eoq::test::Child> children;
+
+  void start(int n, const std::string& conninfo, const std::string& schema, const std::string& cmd,
+             const std::function<std::vector<std::string>(int)>& extra) {
+    for (int i = 0; i < n; ++i) {
+      std::vector<std::string> argv = {EOQ_TEST_CHILD, cmd, conninfo, schema, go};
+      for (auto& a : extra(i)) argv.push_back(a);
+      children.push_back(eoq::test::spawn_child(argv, fmt::format("{}/child{}.log", dir, i)));
+    }
+    std::this_thread::sleep_for(300ms);  // let them connect
+    std::ofstream(go) << "go\n";
+  }
+  // Exit statuses; prints the logs of children that failed.
+  void finish() {
+    for (auto& c : children) {
+      auto log = c.log;
+      int status = eoq::test::wait_child(c, kChildTimeout);
+      INFO("child log " << log << ":\n" << eoq::test::read_file(log));
+      CHECK(status == 0);
+    }
+  }
+  std::string out(int i) const { return fmt::format("{}/out{}", dir, i); }
+};
+
+std::vector<std::vector<std::string>> read_rows(const std::string& path) {
+  std::vector<std::vector<std::string>> rows;
+  std::istringstream in(eoq::test::read_file(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::vector<std::string> row;
+    std::string f;
+    while (fields >> f) row.push_back(f);
+    if (!row.empty()) rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+eoq::QueueStats stats_of(eoq::TaskStore& store, const std::string& queue) {
+  for (auto& s : store.stats())
+    if (s.queue == queue) return s;
+  eoq::QueueStats empty;
+  empty.queue = queue;
+  return empty;
+}
+
+std::vector<eoq::Task> list_all(eoq::TaskStore& store, eoq::ListQuery q = {}) {
+  std::vector<eoq::Task> out;
+  q.limit = 1000;
+  for (;;) {
+    auto p = store.list(q);
+    for (auto& t : p.tasks) out.push_back(std::move(t));
+    if (!p.next_after) break;
+    q.after = p.next_after;
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("several processes migrating one fresh schema at once all succeed and leave it complete",
+          "[postgres][processes]") {
+  std::string url = eoq::test::test_database_url();
+  std::string schema = eoq::test::fresh_schema("mig");
+  constexpr int kProcesses = 6;
+  Race race;
+  race.start(kProcesses, url, schema, "migrate", [](int) { return std::vector<std::string>{}; });
+  race.finish();
+
+  Admin admin(url);
+  auto tables = admin.count(
+      "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name = ANY($2::text[])",
+      {schema, "{tasks,finished,keys,attempts,migrations}"});
+  CHECK(tables == 5);
+  auto applied = admin.count(fmt::format("SELECT count(*) FROM \"{}\".migrations", schema));
+  auto distinct = admin.count(fmt::format("SELECT count(DISTINCT name) FROM \"{}\".migrations", schema));
+  CHECK(applied >= 1);
+  CHECK(applied == distinct);
+
+  {
+    eoq::PostgresOptions o;
+    o.conninfo = url;
+    o.schema = schema;
+    eoq::PostgresStore store(o);
+    store.migrate();  // once more: a no-op
+    CHECK(admin.count(fmt::format("SELECT count(*) FROM \"{}\".migrations", schema)) == applied);
+    auto id = store.submit(task()).task.id;
+    eoq::ClaimRequest r;
+    r.owner = "w";
+    auto leases = store.claim(r);
+    REQUIRE(leases.size() == 1);
+    CHECK(leases[0].id() == id);
+    store.complete(leases[0]);
+    CHECK(store.get(id)->status == TaskStatus::succeeded);
+  }
+  eoq::test::drop_schema(url, schema);
+}
+
+TEST_CASE("eight processes of eight threads submitting one key at once create exactly one task",
+          "[postgres][processes]") {
+  TestStore s(StoreKind::postgres);
+  constexpr int kProcesses = 8, kThreads = 8;
+  Race race;
+  race.start(kProcesses, s.conninfo(), s.schema(), "submit-key", [&](int i) {
+    return std::vector<std::string>{std::to_string(kThreads), "race", "the-key", race.out(i)};
+  });
+  race.finish();
+
+  std::set<std::string> ids;
+  int created = 0, results = 0;
+  for (int i = 0; i < kProcesses; ++i)
+    for (auto& row : read_rows(race.out(i))) {
+      REQUIRE(row.size() == 2);
+      ids.insert(row[0]);
+      created += row[1] == "0" ? 1 : 0;
+      ++results;
+    }
+  CHECK(results == kProcesses * kThreads);
+  CHECK(ids.size() == 1);
+  CHECK(created == 1);
+  auto all = list_all(*s, Q().queue("race"));
+  REQUIRE(all.size() == 1);
+  CHECK(std::to_string(all[0].id) == *ids.begin());
+  CHECK(stats_of(*s, "race").pending == 1);
+}
+
+TEST_CASE("eight processes of four threads claiming 20000 tasks claim each exactly once", "[postgres][processes]") {
+  TestStore s(StoreKind::postgres);
+  constexpr int kTasks = 20000, kProcesses = 8, kThreads = 4;
+  std::vector<NewTask> batch(1000, task("bulk"));
+  for (int i = 0; i < kTasks / 1000; ++i) REQUIRE(s->submit_batch(batch).size() == 1000);
+  REQUIRE(stats_of(*s, "bulk").pending == kTasks);
+
+  Race race;
+  race.start(kProcesses, s.conninfo(), s.schema(), "claim-all", [&](int i) {
+    return std::vector<std::string>{std::to_string(kThreads), "50", "bulk", race.out(i)};
+  });
+  race.finish();
+
+  std::map<std::string, int> claimed;
+  int not_applied = 0, lines = 0;
+  for (int i = 0; i < kProcesses; ++i)
+    for (auto& row : read_rows(race.out(i))) {
+      REQUIRE(row.size() == 3);
+      ++claimed[row[0]];
+      not_applied += row[2] == "1" ? 0 : 1;
+      ++lines;
+    }
+  int twice = 0;
+  for (auto& [id, n] : claimed) twice += n > 1 ? 1 : 0;
+  CHECK(claimed.size() == kTasks);
+  CHECK(lines == kTasks);
+  CHECK(twice == 0);
+  CHECK(not_applied == 0);
+  auto st = stats_of(*s, "bulk");
+  CHECK(st.pending == 0);
+  CHECK(st.running == 0);
+  CHECK(st.succeeded == kTasks);
+  int not_once = 0;
+  for (auto& t : list_all(*s, Q().queue("bulk")))
+    not_once += (t.status == TaskStatus::succeeded && t.attempts == 1) ? 0 : 1;
+  CHECK(not_once == 0);
+}
+
+TEST_CASE("connections killed while operations run either retry transparently or throw TransientError, "
+          "and no task is lost or doubled",
+          "[postgres][faults]") {
+  eoq::test::StoreOptions so;
+  so.application_name = fmt::format("eoq_drop_{}", ::getpid());
+  so.pool_size = 4;
+  so.transient_retries = 3;
+  TestStore s(StoreKind::postgres, so);
+  auto& store = *s;
+  Admin killer(s.conninfo());  // its own application_name, so it never kills itself
+
+  std::atomic<bool> stop{false};
+  std::mutex m;
+  std::vector<std::string> failures;  // anything but success or TransientError
+  std::atomic<int> ok_ops{0}, transient{0}, killed{0}, submitted{0};
+  std::vector<eoq::Lease> in_doubt;  // completions that threw TransientError
+  auto record = [&](const std::string& what, const std::exception& e) {
+    std::lock_guard lock(m);
+    failures.push_back(what + ": " + e.what());
+  };
+  // Runs op; success and TransientError are the only allowed outcomes.
+  auto guarded = [&](const std::string& what, auto&& op) -> bool {
+    try {
+      op();
+      ++ok_ops;
+      return true;
+    } catch (const eoq::TransientError&) {
+      ++transient;
+      return false;
+    } catch (const std::exception& e) {
+      record(what, e);
+      return false;
+    }
+  };
+
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] {  // submitter: keyed, so a repeat is safe
+    for (int i = 0; !stop; ++i) {
+      NewTask t = task();
+      t.key = fmt::format("k{}", i);
+      submitted = i + 1;
+      guarded("submit", [&] { store.submit(t); });
+    }
+  });
+  threads.emplace_back([&] {  // claimer and completer
+    eoq::ClaimRequest r;
+    r.owner = "drop-worker";
+    r.limit = 5;
+    r.lease = 2s;
+    while (!stop) {
+      std::vector<eoq::Lease> leases;
+      if (!guarded("claim", [&] { leases = store.claim(r); })) continue;
+      for (auto& l : leases) {
+        guarded("heartbeat", [&] { store.heartbeat(l, 2s); });
+        guarded("progress", [&] { store.progress(l, 50, "half"); });
+        try {
+          store.complete(l, "1");
+          ++ok_ops;
+        } catch (const eoq::TransientError&) {
+          ++transient;
+          std::lock_guard lock(m);
+          in_doubt.push_back(l);
+        } catch (const std::exception& e) {
+          record("complete", e);
+        }
+      }
+    }
+  });
+  threads.emplace_back([&] {  // reader
+    while (!stop) {
+      guarded("get", [&] { store.get(1); });
+      guarded("list", [&] { store.list(Q().limit(50)); });
+      guarded("stats", [&] { store.stats(); });
+      guarded("find", [&] { store.find("default", "k1"); });
+    }
+  });
+  threads.emplace_back([&] {  // killer
+    while (!stop) {
+      std::this_thread::sleep_for(120ms);
+      try {
+        killed += static_cast<int>(killer.count(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            {so.application_name}));
+      } catch (const std::exception& e) {
+        record("killer", e);
+      }
+    }
+  });
+  std::this_thread::sleep_for(2500ms);
+  stop = true;
+  for (auto& t : threads) t.join();
+
+  INFO("ok operations " << ok_ops << ", TransientError " << transient << ", backends killed " << killed
+                        << ", keys submitted " << submitted << ", completions in doubt " << in_doubt.size());
+  for (const auto& f : failures) FAIL_CHECK(f);
+  CHECK(killed > 0);
+  CHECK(ok_ops > 20);
+
+  // Completions whose answer was lost: either they committed, or the task is
+  // still running under that lease (or was reclaimed after it lapsed).
+  for (auto& l : in_doubt) {
+    auto t = store.get(l.id());
+    REQUIRE(t);
+    if (t->status == TaskStatus::succeeded) {
+      CHECK_THROWS_AS(store.complete(l), eoq::LeaseLost);
+    } else if (t->status == TaskStatus::running && t->version == l.token) {
+      store.complete(l, "1");
+    } else {
+      CHECK(t->version > l.token);  // reclaimed: drained below
+    }
+  }
+  // Every key attempted exists exactly once.
+  int n = submitted;
+  std::set<eoq::TaskId> ids;
+  for (int i = 0; i < n; ++i) {
+    NewTask t = task();
+    t.key = fmt::format("k{}", i);
+    ids.insert(store.submit(t).task.id);
+  }
+  CHECK(static_cast<int>(ids.size()) == n);
+  CHECK(static_cast<int>(list_all(store).size()) == n);
+
+  // Leases granted by claims whose answer was lost lapse; then drain everything.
+  std::this_thread::sleep_for(2100ms);
+  eoq::ClaimRequest r;
+  r.owner = "drainer";
+  r.limit = 200;
+  auto give_up = std::chrono::steady_clock::now() + 30s;
+  for (;;) {
+    auto leases = store.claim(r);
+    if (!leases.empty()) {
+      std::vector<eoq::Completion> done;
+      for (auto& l : leases) done.push_back({&l, "2"});
+      store.complete_batch(done);
+      continue;
+    }
+    auto st = stats_of(store, "default");
+    if (st.pending == 0 && st.running == 0) break;
+    REQUIRE(std::chrono::steady_clock::now() < give_up);
+    std::this_thread::sleep_for(50ms);
+  }
+  auto st = stats_of(store, "default");
+  CHECK(st.succeeded == n);
+  CHECK(st.failed == 0);
+  CHECK(st.cancelled == 0);
+  CHECK(st.expired == 0);
+}
+
+TEST_CASE("a task submitted on the host's own connection exists only if the host's transaction commits",
+          "[postgres][submit_on]") {
+  TestStore s(StoreKind::postgres);
+  Admin host(s.conninfo());
+  host.exec("BEGIN");
+  NewTask t = task();
+  t.key = "tx-rolled-back";
+  auto r = eoq::PostgresStore::submit_on(host.get(), t, s.schema());
+  CHECK_FALSE(r.duplicate);
+  host.exec("ROLLBACK");
+  CHECK_FALSE(s->get(r.task.id));
+  CHECK_FALSE(s->find("default", "tx-rolled-back"));
+
+  host.exec("BEGIN");
+  t.key = "tx-committed";
+  auto c = eoq::PostgresStore::submit_on(host.get(), t, s.schema());
+  CHECK_FALSE(s->get(c.task.id));  // not visible before the commit
+  host.exec("COMMIT");
+  auto got = s->get(c.task.id);
+  REQUIRE(got);
+  CHECK(got->status == TaskStatus::pending);
+  CHECK(eoq::PostgresStore::submit_on(host.get(), t, s.schema()).duplicate);
+
+  NewTask bad = task();
+  bad.payload = "nope";
+  try {
+    eoq::PostgresStore::submit_on(host.get(), bad, s.schema());
+    FAIL("submit_on accepted a payload that is not JSON");
+  } catch (const eoq::InvalidArgument& e) {
+    CHECK(e.field() == "payload");
+  }
+  CHECK_THROWS_AS(eoq::PostgresStore::submit_on(host.get(), t, "bad;schema"), eoq::InvalidArgument);
+}
+
+TEST_CASE("a handler transaction idle past handler_idle_timeout is ended by the server and frees its locks",
+          "[postgres][transaction]") {
+  std::string url = eoq::test::test_database_url();
+  std::string schema = eoq::test::fresh_schema("idle");
+  eoq::PostgresOptions o;
+  o.conninfo = url;
+  o.schema = schema;
+  o.handler_idle_timeout = 300ms;
+  o.transient_retries = 0;
+  {
+    eoq::PostgresStore store(o);
+    store.migrate();
+    Admin admin(url);
+    admin.exec(fmt::format("CREATE TABLE \"{}\".account (id int PRIMARY KEY, balance int)", schema));
+    admin.exec(fmt::format("INSERT INTO \"{}\".account VALUES (1, 0)", schema));
+    auto id = store.submit(task()).task.id;
+    eoq::ClaimRequest r;
+    r.owner = "frozen";
+    auto leases = store.claim(r);
+    REQUIRE(leases.size() == 1);
+    auto tx = store.begin(leases[0]);
+    tx->exec(fmt::format("UPDATE \"{}\".account SET balance = balance + 100 WHERE id = 1", schema));
+    std::this_thread::sleep_for(800ms);  // the worker "freezes" with the row locked
+    admin.exec("SET lock_timeout = '5s'");
+    auto changed =
+        admin.exec(fmt::format("UPDATE \"{}\".account SET balance = balance + 1 WHERE id = 1", schema)).affected;
+    CHECK(changed == 1);
+    CHECK_THROWS_AS(tx->complete("1"), eoq::Error);
+    CHECK(admin.scalar(fmt::format("SELECT balance FROM \"{}\".account WHERE id = 1", schema)) ==
+          std::optional<std::string>("1"));
+    auto t = store.get(id);
+    REQUIRE(t);
+    CHECK(t->status != TaskStatus::succeeded);
+  }
+  eoq::test::drop_schema(url, schema);
+}
+
+TEST_CASE("TempPostgres serves a database over TCP, restarts keeping its data and address, and stops by pid",
+          "[postgres][temp_postgres]") {
+  namespace fs = std::filesystem;
+  std::string data;
+  int last_pid = 0;
+  {
+    eoq::testing::TempPostgresOptions o;
+    o.fsync = false;
+    o.listen_tcp = true;
+    o.max_connections = 20;
+    eoq::testing::TempPostgres pg(o);
+    data = pg.data_dir();
+    CHECK(fs::exists(fs::path(data) / "PG_VERSION"));
+    CHECK(pg.pid() > 0);
+    CHECK(::kill(pg.pid(), 0) == 0);
+    CHECK_THAT(pg.conninfo(), Catch::Contains("127.0.0.1"));
+    {
+      Admin a(pg.conninfo());
+      a.exec("CREATE TABLE kept (v text)");
+      a.exec("INSERT INTO kept VALUES ('before restart')");
+    }
+    auto db = pg.create_database("eoq_tp_check");
+    {
+      Admin a(db);
+      CHECK(a.scalar("SELECT current_database()") == std::optional<std::string>("eoq_tp_check"));
+    }
+    try {
+      pg.create_database("bad;name");
+      FAIL("create_database accepted an invalid name");
+    } catch (const eoq::InvalidArgument& e) {
+      CHECK(e.field() == "name");
+    }
+    CHECK_THROWS_AS(pg.create_database("eoq_tp_check"), eoq::Error);  // exists already
+
+    int before = pg.pid();
+    std::string address = pg.conninfo();
+    pg.restart();
+    CHECK(pg.conninfo() == address);
+    CHECK(pg.pid() > 0);
+    CHECK(pg.pid() != before);
+    CHECK(::kill(before, 0) != 0);
+    {
+      Admin a(pg.conninfo());
+      CHECK(a.scalar("SELECT v FROM kept") == std::optional<std::string>("before restart"));
+    }
+    last_pid = pg.pid();
+    pg.stop();
+    CHECK(::kill(last_pid, 0) != 0);
+    CHECK(PQping(address.c_str()) != PQPING_OK);
+    pg.restart();  // starts again after a stop
+    CHECK(PQping(address.c_str()) == PQPING_OK);
+    last_pid = pg.pid();
+  }
+  CHECK(::kill(last_pid, 0) != 0);
+  CHECK_FALSE(fs::exists(data));
+}

@@ -1,0 +1,1440 @@
+// The Worker against the TaskStore contract: handlers, retries, progress,
+// cancellation, checkpoints, heartbeats, lease loss, shutdown, periodic tasks,
+// counters and store outages. Every case runs on MemoryStore; the cases that
+// matter for SQL effects also run on PostgresStore when a database is available.
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <eoq/eoq.hpp>
+#include <eoq/testing.hpp>
+#include <eoq/worker.hpp>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <span>
+#include <thread>
+
+using namespace std::chrono_literals;
+using eoq::Millis;
+using eoq::test::StoreKind;
+
+// Runs the rest of the test case once per store; `store` is a TaskStore& on a
+// fresh store (Postgres: its own schema).
+#define EOQ_EACH_STORE(store)                                                      \
+  const StoreKind store##_kind = GENERATE(StoreKind::memory, StoreKind::postgres); \
+  INFO("store: " << eoq::test::to_string(store##_kind));                          \
+  eoq::test::TestStore store##_owner(store##_kind);                                \
+  eoq::TaskStore& store = *store##_owner
+
+namespace {
+
+// Catch2 assertions are not thread-safe: handlers record what they see and the
+// test thread checks it afterwards.
+
+// Forwards to a real store, with switches that make chosen calls fail or stall
+// the way a flaky network or a restarting server would.
+class FaultyStore final : public eoq::TaskStore {
+ public:
+  explicit FaultyStore(eoq::TaskStore& inner) : inner_(inner) {}
+
+  std::atomic<bool> heartbeats_down{false};   // heartbeat throws TransientError
+  std::atomic<int> claim_failures{0};         // the next n claims throw TransientError
+  std::atomic<int> complete_batch_failures{0};
+  std::atomic<bool> everything_down{false};   // every call throws TransientError
+  std::atomic<int> complete_batch_calls{0};
+  std::atomic<int> max_batch_seen{0};
+  std::atomic<int> claim_calls{0};
+
+  eoq::SubmitResult submit(const eoq::NewTask& t) override { check(); return inner_.submit(t); }
+  std::vector<eoq::SubmitResult> submit_batch(std::span<const eoq::NewTask> t) override {
+    check();
+    return inner_.submit_batch(t);
+  }
+  std::vector<eoq::Lease> claim(const eoq::ClaimRequest& r) override {
+    check();
+    ++claim_calls;
+    if (claim_failures.load() > 0) {
+      --claim_failures;
+      down("claim");
+    }
+    return inner_.claim(r);
+  }
+  void complete(const eoq::Lease& l, std::string_view r) override { check(); inner_.complete(l, r); }
+  eoq::FailOutcome fail(const eoq::Lease& l, const eoq::Failure& f) override { check(); return inner_.fail(l, f); }
+  void release(const eoq::Lease& l) override { check(); inner_.release(l); }
+  eoq::HeartbeatResult heartbeat(const eoq::Lease& l, Millis e) override {
+    check();
+    if (heartbeats_down) down("heartbeat");
+    return inner_.heartbeat(l, e);
+  }
+  void progress(const eoq::Lease& l, int p, std::string_view s) override { check(); inner_.progress(l, p, s); }
+  void checkpoint(const eoq::Lease& l, std::string_view s, std::string_view j) override {
+    check();
+    inner_.checkpoint(l, s, j);
+  }
+  std::vector<bool> complete_batch(std::span<const eoq::Completion> c) override {
+    check();
+    ++complete_batch_calls;
+    int n = static_cast<int>(c.size());
+    int prev = max_batch_seen.load();
+    while (prev < n && !max_batch_seen.compare_exchange_weak(prev, n)) {
+    }
+    if (complete_batch_failures.load() > 0) {
+      --complete_batch_failures;
+      down("complete_batch");
+    }
+    return inner_.complete_batch(c);
+  }
+  std::unique_ptr<eoq::LeaseTransaction> begin(const eoq::Lease& l) override { check(); return inner_.begin(l); }
+  eoq::CancelOutcome cancel(eoq::TaskId id) override { return inner_.cancel(id); }
+  std::optional<eoq::Task> get(eoq::TaskId id) override { return inner_.get(id); }
+  std::optional<eoq::Task> find(std::string_view q, std::string_view k) override { return inner_.find(q, k); }
+  eoq::TaskPage list(const eoq::ListQuery& q) override { return inner_.list(q); }
+  std::vector<eoq::QueueStats> stats() override { return inner_.stats(); }
+  std::vector<eoq::Attempt> history(eoq::TaskId id) override { return inner_.history(id); }
+  std::int64_t prune(Millis o, int b) override { check(); return inner_.prune(o, b); }
+  eoq::MaintenanceReport maintain() override { check(); return inner_.maintain(); }
+  void wait_for_tasks(const std::vector<std::string>& q, Millis t) override {
+    if (everything_down) {
+      std::this_thread::sleep_for(std::min(t, Millis(20)));
+      down("wait_for_tasks");
+    }
+    inner_.wait_for_tasks(q, t);
+  }
+  void wake() override { inner_.wake(); }
+
+ private:
+  void check() const {
+    if (everything_down) down("store");
+  }
+  [[noreturn]] static void down(const char* what) {
+    throw eoq::TransientError(std::string(what) + ": connection refused (injected)", "08006", what);
+  }
+  eoq::TaskStore& inner_;
+};
+
+// Collects log lines so tests stay quiet and can look for messages.
+struct LogSink {
+  std::mutex mu;
+  std::vector<std::pair<eoq::LogLevel, std::string>> lines;
+  eoq::Logger logger() {
+    return [this](eoq::LogLevel level, std::string_view message) {
+      std::lock_guard lk(mu);
+      lines.emplace_back(level, std::string(message));
+      static const bool verbose = std::getenv("EOQ_TEST_VERBOSE") != nullptr;
+      if (verbose) std::fprintf(stderr, "[%s] %.*s\n", std::string(eoq::to_string(level)).c_str(),
+                                static_cast<int>(message.size()), message.data());
+    };
+  }
+  bool contains(std::string_view needle) {
+    std::lock_guard lk(mu);
+    for (auto& [level, line] : lines)
+      if (line.find(needle) != std::string::npos) return true;
+    return false;
+  }
+};
+
+template <class Pred>
+bool eventually(Pred pred, Millis timeout = 10s) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(2ms);
+  }
+  return pred();
+}
+
+eoq::TaskStatus status_of(eoq::TaskStore& store, eoq::TaskId id) { return store.get(id).value().status; }
+
+bool is_done(eoq::TaskStore& store, eoq::TaskId id) { return eoq::is_terminal(status_of(store, id)); }
+
+eoq::NewTask task(std::string type, std::string payload = "{}") {
+  eoq::NewTask t;
+  t.type = std::move(type);
+  t.payload = std::move(payload);
+  return t;
+}
+
+eoq::WorkerOptions fast_options(LogSink& sink) {
+  eoq::WorkerOptions o;
+  o.concurrency = 2;
+  o.lease = 2000ms;
+  o.poll_interval = 50ms;
+  o.shutdown_timeout = 2000ms;
+  o.maintenance_interval = 0ms;
+  o.error_backoff_initial = 5ms;
+  o.error_backoff_max = 50ms;
+  o.logger = sink.logger();
+  o.log_level = eoq::LogLevel::debug;
+  return o;
+}
+
+// A gate a handler waits on until the test opens it.
+struct Gate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool open = false;
+  void release() {
+    {
+      std::lock_guard lk(mu);
+      open = true;
+    }
+    cv.notify_all();
+  }
+  bool wait(Millis timeout = 10s) {
+    std::unique_lock lk(mu);
+    return cv.wait_for(lk, timeout, [&] { return open; });
+  }
+};
+
+void check_counters_add_up(const eoq::WorkerCounters& c) {
+  CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.lease_lost + c.released + c.abandoned +
+                         c.in_flight);
+  std::uint64_t histogram = 0;
+  for (auto n : c.handler_duration_buckets) histogram += n;
+  CHECK(histogram == c.handler_runs);
+  CHECK(c.handler_time_max <= c.handler_time_total);
+}
+
+}  // namespace
+
+TEST_CASE("a worker runs the handler registered for the task's type and stores its result", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<int> calls{0};
+  std::mutex mu;
+  std::string type, payload, token;
+  std::optional<std::string> key;
+  int attempt = 0;
+  eoq::TaskId seen_id = 0;
+  worker.on("greet", [&](eoq::TaskContext& ctx) {
+    ++calls;
+    {
+      std::lock_guard lk(mu);
+      type = ctx.type();
+      payload = ctx.payload();
+      key = ctx.key();
+      attempt = ctx.attempt();
+      token = ctx.idempotency_token();
+      seen_id = ctx.id();
+    }
+    ctx.set_result(R"({"greeting":"hello ada"})");
+  });
+  auto t = task("greet", R"({"name":"ada"})");
+  t.key = "k1";
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(worker.running());
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK_FALSE(worker.running());
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.result == std::optional<std::string>(R"({"greeting":"hello ada"})"));
+  CHECK(calls == 1);
+  {
+    std::lock_guard lk(mu);
+    CHECK(type == "greet");
+    CHECK(attempt == 1);
+    CHECK(payload == R"({"name":"ada"})");
+    CHECK(key == std::optional<std::string>("k1"));
+    CHECK(seen_id == id);
+    CHECK(token == "eoq-task-" + std::to_string(id));
+  }
+  auto c = worker.counters();
+  CHECK(c.claimed == 1);
+  CHECK(c.succeeded == 1);
+  CHECK(c.in_flight == 0);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("a handler that returns without a result stores null", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  worker.on("noop", [](eoq::TaskContext&) {});
+  auto id = store.submit(task("noop")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(store.get(id)->status == eoq::TaskStatus::succeeded);
+  CHECK(store.get(id)->result.value_or("") == "null");
+}
+
+TEST_CASE("set_result refuses text that is not JSON", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<bool> refused{false};
+  worker.on("bad-result", [&](eoq::TaskContext& ctx) {
+    try {
+      ctx.set_result("{not json");
+    } catch (const eoq::InvalidArgument& e) {
+      refused = e.field() == "result";
+    }
+  });
+  auto id = store.submit(task("bad-result")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(refused);
+  CHECK(store.get(id)->status == eoq::TaskStatus::succeeded);
+}
+
+TEST_CASE("a throwing handler is retried per the task's policy until attempts run out", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<int> calls{0};
+  worker.on("flaky", [&](eoq::TaskContext& ctx) {
+    ++calls;
+    if (ctx.payload() == R"("always")" || ctx.attempt() < 3) throw std::runtime_error("boom " + std::to_string(ctx.attempt()));
+  });
+  auto t = task("flaky", R"("always")");
+  t.retry.max_attempts = 3;
+  t.retry.initial_delay = 10ms;
+  t.retry.max_delay = 20ms;
+  auto always = store.submit(t).task.id;
+  t.payload = R"("third time lucky")";
+  auto lucky = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, always) && is_done(store, lucky); }));
+  worker.stop();
+
+  auto a = store.get(always).value();
+  CHECK(a.status == eoq::TaskStatus::failed);
+  CHECK(a.attempts == 3);
+  CHECK(a.last_error.value_or("").find("boom 3") != std::string::npos);
+  auto h = store.history(always);
+  REQUIRE(h.size() == 3);
+  CHECK(h[0].outcome == "retry");
+  CHECK(h[2].outcome == "failed");
+
+  auto l = store.get(lucky).value();
+  CHECK(l.status == eoq::TaskStatus::succeeded);
+  CHECK(l.attempts == 3);
+  CHECK(calls == 6);
+
+  auto c = worker.counters();
+  CHECK(c.claimed == 6);
+  CHECK(c.retried == 4);
+  CHECK(c.failed == 1);
+  CHECK(c.succeeded == 1);
+  CHECK(c.handler_runs == 6);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("PermanentError fails the task at once, whatever the retry policy", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  worker.on("invalid", [](eoq::TaskContext&) { throw eoq::PermanentError("address does not exist"); });
+  auto t = task("invalid");
+  t.retry.max_attempts = 5;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::failed);
+  CHECK(done.attempts == 1);
+  CHECK(done.last_error.value_or("") == "address does not exist");
+  CHECK(worker.counters().failed == 1);
+}
+
+TEST_CASE("a task of an unknown type fails permanently and the worker carries on", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  worker.on("known", [](eoq::TaskContext&) {});
+  auto t = task("mystery");
+  t.retry.max_attempts = 5;
+  auto unknown = store.submit(t).task.id;
+  auto known = store.submit(task("known")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, unknown) && is_done(store, known); }));
+  auto after = store.submit(task("known")).task.id;
+  REQUIRE(eventually([&] { return is_done(store, after); }));
+  worker.stop();
+  auto u = store.get(unknown).value();
+  CHECK(u.status == eoq::TaskStatus::failed);
+  CHECK(u.attempts == 1);
+  CHECK(u.last_error.value_or("").find("no handler registered for task type 'mystery'") != std::string::npos);
+  CHECK(store.get(known)->status == eoq::TaskStatus::succeeded);
+  CHECK(store.get(after)->status == eoq::TaskStatus::succeeded);
+}
+
+TEST_CASE("handler exceptions of any kind become task failures", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  worker.on("int", [](eoq::TaskContext&) { throw 42; });
+  auto t = task("int");
+  t.retry.max_attempts = 1;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(store.get(id)->status == eoq::TaskStatus::failed);
+  CHECK(store.get(id)->last_error.value_or("").find("non-standard exception") != std::string::npos);
+}
+
+TEST_CASE("progress reported by a handler is visible through get while it runs", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  Gate gate;
+  worker.on("long", [&](eoq::TaskContext& ctx) {
+    ctx.progress(40, "downloading");
+    gate.wait();
+    ctx.progress(100, "done");
+  });
+  auto id = store.submit(task("long")).task.id;
+  worker.start();
+  CHECK(eventually([&] {
+    auto t = store.get(id).value();
+    return t.progress == 40 && t.stage == "downloading" && t.status == eoq::TaskStatus::running;
+  }));
+  gate.release();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  auto t = store.get(id).value();
+  CHECK(t.progress == 100);
+  CHECK(t.stage == "done");
+}
+
+TEST_CASE("progress outside 0..100 is refused in the handler", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<bool> refused{false};
+  worker.on("p", [&](eoq::TaskContext& ctx) {
+    try {
+      ctx.progress(101);
+    } catch (const eoq::InvalidArgument& e) {
+      refused = e.field() == "progress";
+    }
+  });
+  auto id = store.submit(task("p")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(refused);
+}
+
+TEST_CASE("a handler sees cancellation requested through cancel() and the task ends cancelled", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 300ms;  // heartbeat every 100 ms carries the news
+  eoq::Worker worker(store, options);
+  std::atomic<bool> started{false}, saw_cancel{false};
+  worker.on("cancellable", [&](eoq::TaskContext& ctx) {
+    started = true;
+    while (ctx.sleep_for(10s)) {
+    }
+    saw_cancel = ctx.cancelled();
+    throw std::runtime_error("cancelled by request");
+  });
+  auto id = store.submit(task("cancellable")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  auto t0 = std::chrono::steady_clock::now();
+  CHECK(store.cancel(id) == eoq::CancelOutcome::cancel_requested);
+  REQUIRE(eventually([&] { return is_done(store, id); }, 5s));
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+  worker.stop();
+  CHECK(saw_cancel);
+  CHECK(store.get(id)->status == eoq::TaskStatus::cancelled);
+  CHECK(worker.counters().cancelled == 1);
+}
+
+TEST_CASE("checkpoints are handed back after a failure so finished stages are not redone", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::mutex mu;
+  std::map<std::string, int> runs;  // stage -> times executed
+  std::vector<std::optional<std::string>> seen_stage;
+  std::atomic<bool> state_ok{true};
+  worker.on("pipeline", [&](eoq::TaskContext& ctx) {
+    {
+      std::lock_guard lk(mu);
+      seen_stage.push_back(ctx.checkpoint_stage());
+    }
+    auto stage = ctx.checkpoint_stage().value_or("");
+    if (stage.empty()) {
+      std::lock_guard lk(mu);
+      ++runs["extract"];
+    }
+    if (stage.empty()) ctx.checkpoint("extracted", R"({"rows":120})");
+    if (stage.empty() || stage == "extracted") {
+      if (ctx.checkpoint_state() != std::optional<std::string>(R"({"rows":120})")) state_ok = false;
+      {
+        std::lock_guard lk(mu);
+        ++runs["transform"];
+      }
+      if (ctx.attempt() == 1) throw std::runtime_error("transform crashed");
+      ctx.checkpoint("transformed", R"({"rows":118})");
+    }
+    {
+      std::lock_guard lk(mu);
+      ++runs["load"];
+    }
+    ctx.set_result(*ctx.checkpoint_state());
+  });
+  auto t = task("pipeline");
+  t.retry.initial_delay = 10ms;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.attempts == 2);
+  CHECK(done.result == std::optional<std::string>(R"({"rows":118})"));
+  CHECK(done.checkpoint_stage == std::optional<std::string>("transformed"));
+  CHECK(state_ok);
+  std::lock_guard lk(mu);
+  CHECK(runs["extract"] == 1);
+  CHECK(runs["transform"] == 2);
+  CHECK(runs["load"] == 1);
+  REQUIRE(seen_stage.size() == 2);
+  CHECK_FALSE(seen_stage[0].has_value());
+  CHECK(seen_stage[1] == std::optional<std::string>("extracted"));
+}
+
+TEST_CASE("heartbeats keep a lease alive for a handler that runs three times the lease", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 300ms;
+  eoq::Worker worker(store, options);
+  std::atomic<int> calls{0};
+  std::atomic<bool> lost{false};
+  worker.on("slow", [&](eoq::TaskContext& ctx) {
+    ++calls;
+    std::this_thread::sleep_for(900ms);
+    lost = ctx.lease_lost();
+  });
+  auto id = store.submit(task("slow")).task.id;
+  worker.start();
+  // A rival claims all along: it would take the task the moment its lease lapsed.
+  std::atomic<int> stolen{0};
+  {
+    std::jthread rival([&](std::stop_token st) {
+      while (!st.stop_requested()) {
+        auto got = store.claim(eoq::ClaimRequest{{"default"}, "rival", 10, 300ms});
+        stolen += static_cast<int>(got.size());
+        std::this_thread::sleep_for(10ms);
+      }
+    });
+    REQUIRE(eventually([&] { return is_done(store, id); }, 5s));
+  }
+  worker.stop();
+  CHECK(stolen == 0);
+  CHECK(calls == 1);
+  CHECK_FALSE(lost);
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.attempts == 1);
+  CHECK(worker.counters().succeeded == 1);
+  CHECK(worker.counters().lease_lost == 0);
+}
+
+TEST_CASE("a worker whose heartbeats stall loses the lease to a new owner and its outcome is discarded", "[worker]") {
+  // true: heartbeats recover and tell the handler; false: they stay down and the
+  // batched completion is what gets rejected.
+  const bool heartbeats_recover = GENERATE(true, false);
+  EOQ_EACH_STORE(memory);
+  FaultyStore store(memory);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 200ms;
+  options.concurrency = 1;  // so this worker cannot reclaim the task itself
+  options.prefetch = 0;
+  eoq::Worker worker(store, options);
+  std::atomic<bool> started{false}, noticed{false};
+  Gate gate;
+  worker.on("victim", [&](eoq::TaskContext& ctx) {
+    started = true;
+    gate.wait();
+    if (heartbeats_recover) {
+      while (ctx.sleep_for(5s)) {
+      }
+      noticed = ctx.lease_lost();
+    }
+    ctx.set_result(R"("zombie")");
+  });
+  auto id = store.submit(task("victim")).task.id;
+  store.heartbeats_down = true;
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  std::this_thread::sleep_for(350ms);  // past the lease
+  auto thief = memory.claim(eoq::ClaimRequest{{"default"}, "thief", 1, 10s});
+  REQUIRE(thief.size() == 1);
+  CHECK(thief[0].task.attempts == 2);
+  if (heartbeats_recover) store.heartbeats_down = false;
+  gate.release();
+  REQUIRE(eventually([&] { return worker.counters().lease_lost == 1; }, 5s));
+  store.heartbeats_down = false;
+  CHECK(noticed == heartbeats_recover);
+  // The zombie's result never lands; the thief's does.
+  CHECK(memory.get(id)->status == eoq::TaskStatus::running);
+  memory.complete(thief[0], R"("thief")");
+  worker.stop();
+  auto done = memory.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.result == std::optional<std::string>(R"("thief")"));
+  auto c = worker.counters();
+  CHECK(c.succeeded == 0);
+  CHECK(c.lease_lost == 1);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("a lease lost before its handler starts is skipped", "[worker]") {
+  EOQ_EACH_STORE(memory);
+  FaultyStore store(memory);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  options.prefetch = 1;
+  options.lease = 200ms;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  std::atomic<int> calls{0};
+  worker.on("t", [&](eoq::TaskContext&) {
+    ++calls;
+    gate.wait();
+  });
+  auto first = store.submit(task("t")).task.id;
+  auto second = store.submit(task("t")).task.id;
+  worker.start();
+  // first runs, second waits in the buffer; its lease runs out and a rival takes it.
+  REQUIRE(eventually([&] { return calls == 1 && status_of(memory, second) == eoq::TaskStatus::running; }));
+  store.heartbeats_down = true;
+  std::this_thread::sleep_for(300ms);
+  auto rival = memory.claim(eoq::ClaimRequest{{"default"}, "rival", 5, 10s});
+  REQUIRE(rival.size() == 2);  // both leases lapsed
+  store.heartbeats_down = false;
+  REQUIRE(eventually([&] { return worker.counters().lease_lost >= 1; }));
+  gate.release();
+  REQUIRE(eventually([&] { return worker.counters().in_flight == 0; }));
+  worker.stop();
+  CHECK(calls == 1);
+  CHECK(worker.counters().lease_lost == 2);
+  CHECK(worker.counters().succeeded == 0);
+  (void)first;
+}
+
+TEST_CASE("an idle worker starts a new task within milliseconds", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.poll_interval = 5s;  // only the wake-up can explain a fast start
+  eoq::Worker worker(store, options);
+  std::mutex mu;
+  std::vector<std::chrono::steady_clock::time_point> started;
+  worker.on("ping", [&](eoq::TaskContext&) {
+    std::lock_guard lk(mu);
+    started.push_back(std::chrono::steady_clock::now());
+  });
+  worker.start();
+  std::this_thread::sleep_for(100ms);  // let the claimer go idle
+  std::vector<std::chrono::steady_clock::duration> latencies;
+  for (int i = 0; i < 5; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    auto id = store.submit(task("ping")).task.id;
+    REQUIRE(eventually([&] { return is_done(store, id); }, 3s));
+    std::lock_guard lk(mu);
+    latencies.push_back(started.back() - t0);
+    std::this_thread::sleep_for(20ms);
+  }
+  worker.stop();
+  std::sort(latencies.begin(), latencies.end());
+  CHECK(latencies[2] < 100ms);  // the median; the poll fallback would take 5 s
+}
+
+TEST_CASE("stop() returns promptly on an idle worker", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.poll_interval = 10s;
+  eoq::Worker worker(store, options);
+  worker.on("x", [](eoq::TaskContext&) {});
+  worker.start();
+  std::this_thread::sleep_for(50ms);
+  auto t0 = std::chrono::steady_clock::now();
+  worker.stop();
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+  worker.stop();  // idempotent
+  CHECK_THROWS_AS(worker.start(), eoq::UsageError);
+}
+
+TEST_CASE("run() blocks until stop() is called from another thread", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  worker.on("x", [](eoq::TaskContext&) {});
+  auto id = store.submit(task("x")).task.id;
+  std::thread runner([&] { worker.run(); });
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  CHECK(worker.running());
+  worker.stop();
+  runner.join();
+  CHECK_FALSE(worker.running());
+}
+
+TEST_CASE("a handler may ask its worker to stop", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<bool> stopping{false};
+  worker.on("shutdown", [&](eoq::TaskContext& ctx) {
+    worker.stop();  // from a handler: a request, finished by run()
+    stopping = ctx.stopping();
+  });
+  auto id = store.submit(task("shutdown")).task.id;
+  worker.run();
+  CHECK(stopping);
+  CHECK(store.get(id)->status == eoq::TaskStatus::succeeded);
+  CHECK_FALSE(worker.running());
+}
+
+TEST_CASE("stop() during work lets handlers finish, gives buffered leases back, and loses nothing", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 2;
+  options.prefetch = 4;
+  options.lease = 1000ms;
+  options.shutdown_timeout = 500ms;
+  std::atomic<int> interrupted{0}, started{0};
+  std::vector<eoq::TaskId> ids;
+  for (int i = 0; i < 10; ++i) ids.push_back(store.submit(task("job")).task.id);
+  {
+    eoq::Worker worker(store, options);
+    worker.on("job", [&](eoq::TaskContext& ctx) {
+      // Cooperative: wraps up when told the worker stops.
+      ++started;
+      if (!ctx.sleep_for(5s)) {
+        ++interrupted;
+        throw std::runtime_error("interrupted by shutdown");
+      }
+    });
+    worker.start();
+    REQUIRE(eventually([&] { return started == 2 && worker.counters().claimed >= 6; }));
+    auto t0 = std::chrono::steady_clock::now();
+    worker.stop();
+    CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+    auto c = worker.counters();
+    CHECK(c.in_flight == 0);
+    CHECK(c.released == 4);  // the prefetched ones
+    CHECK(c.retried == 2);   // the interrupted ones
+    check_counters_add_up(c);
+  }
+  CHECK(interrupted == 2);
+  // Nothing holds a live lease now: every task is pending or claimable at once.
+  for (auto id : ids) {
+    auto t = store.get(id).value();
+    if (t.status == eoq::TaskStatus::running) CHECK(t.lease_expires_at.value() <= eoq::Clock::now());
+  }
+  // A second worker picks everything up.
+  eoq::Worker second(store, fast_options(sink));
+  second.on("job", [](eoq::TaskContext&) {});
+  second.start();
+  REQUIRE(eventually([&] {
+    for (auto id : ids)
+      if (!is_done(store, id)) return false;
+    return true;
+  }, 15s));
+  second.stop();
+  for (auto id : ids) CHECK(store.get(id)->status == eoq::TaskStatus::succeeded);
+}
+
+TEST_CASE("a handler still running at the shutdown deadline loses its lease to the next worker", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  options.prefetch = 0;
+  options.lease = 10s;
+  options.shutdown_timeout = 100ms;
+  eoq::Worker stubborn(store, options);
+  Gate gate;
+  std::atomic<bool> started{false}, told{false};
+  stubborn.on("job", [&](eoq::TaskContext& ctx) {
+    started = true;
+    gate.wait();
+    told = ctx.lease_lost();
+    ctx.set_result(R"("stubborn")");
+  });
+  auto id = store.submit(task("job")).task.id;
+  stubborn.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  std::thread stopper([&] { stubborn.stop(); });
+  // At the shutdown deadline the lease is given back: a rival takes over at once,
+  // long before the 10 s lease would have lapsed.
+  std::vector<eoq::Lease> rival;
+  auto t0 = std::chrono::steady_clock::now();
+  REQUIRE(eventually([&] {
+    rival = store.claim(eoq::ClaimRequest{{"default"}, "rival", 1, 10s});
+    return !rival.empty();
+  }, 3s));
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+  CHECK(rival[0].task.attempts == 1);  // the interrupted attempt does not count
+  store.complete(rival[0], R"("rival")");
+  gate.release();
+  stopper.join();
+  CHECK(told);
+  CHECK(store.get(id)->result == std::optional<std::string>(R"("rival")"));
+  auto c = stubborn.counters();
+  CHECK(c.released == 1);
+  CHECK(c.succeeded == 0);
+  check_counters_add_up(c);
+  CHECK(sink.contains("still running after shutdown_timeout"));
+}
+
+TEST_CASE("periodic tasks from three workers produce one task per bucket", "[worker][periodic]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  std::atomic<int> runs{0};
+  std::vector<std::unique_ptr<eoq::Worker>> workers;
+  for (int i = 0; i < 3; ++i) {
+    auto w = std::make_unique<eoq::Worker>(store, fast_options(sink));
+    w->on("tick", [&](eoq::TaskContext&) { ++runs; });
+    w->every("tick", 1s, task("tick"));
+    workers.push_back(std::move(w));
+  }
+  auto first_bucket = std::chrono::duration_cast<std::chrono::seconds>(eoq::Clock::now().time_since_epoch()).count();
+  for (auto& w : workers) w->start();
+  std::this_thread::sleep_for(2500ms);
+  auto last_bucket = std::chrono::duration_cast<std::chrono::seconds>(eoq::Clock::now().time_since_epoch()).count();
+  // A restart in the same bucket submits nothing new.
+  workers[0]->stop();
+  workers[0] = std::make_unique<eoq::Worker>(store, fast_options(sink));
+  workers[0]->every("tick", 1s, task("tick"));
+  workers[0]->start();
+  std::this_thread::sleep_for(100ms);
+  auto really_last =
+      std::chrono::duration_cast<std::chrono::seconds>(eoq::Clock::now().time_since_epoch()).count();
+  REQUIRE(eventually([&] {
+    eoq::ListQuery q;
+    q.type = "tick";
+    q.status = eoq::TaskStatus::pending;
+    return store.list(q).tasks.empty();
+  }));
+  for (auto& w : workers) w->stop();
+
+  eoq::ListQuery q;
+  q.type = "tick";
+  q.limit = 1000;
+  auto tasks = store.list(q).tasks;
+  std::set<long long> buckets;
+  for (auto& t : tasks) {
+    REQUIRE(t.key.has_value());
+    REQUIRE(t.key->rfind("periodic:tick:", 0) == 0);
+    buckets.insert(std::stoll(t.key->substr(14)));
+  }
+  CHECK(buckets.size() == tasks.size());
+  CHECK(*buckets.begin() >= first_bucket);
+  CHECK(*buckets.rbegin() <= really_last);
+  // Every bucket in between exactly once.
+  CHECK(static_cast<long long>(buckets.size()) == *buckets.rbegin() - *buckets.begin() + 1);
+  CHECK(static_cast<long long>(buckets.size()) >= last_bucket - first_bucket + 1);
+  CHECK(runs == static_cast<int>(tasks.size()));
+}
+
+TEST_CASE("periodic registrations are validated", "[worker][periodic]") {
+  eoq::MemoryStore store;
+  eoq::Worker worker(store);
+  CHECK_THROWS_AS(worker.every("bad name", 1s, task("t")), eoq::InvalidArgument);
+  CHECK_THROWS_AS(worker.every("zero", 0s, task("t")), eoq::InvalidArgument);
+  auto keyed = task("t");
+  keyed.key = "mine";
+  CHECK_THROWS_AS(worker.every("keyed", 1s, keyed), eoq::InvalidArgument);
+  CHECK_THROWS_AS(worker.every("untyped", 1s, eoq::NewTask{}), eoq::InvalidArgument);
+  worker.every("ok", 1s, task("t"));
+  CHECK_THROWS_AS(worker.every("ok", 2s, task("t")), eoq::InvalidArgument);
+}
+
+TEST_CASE("worker options are validated with the field named", "[worker]") {
+  eoq::MemoryStore store;
+  auto field_of = [&](eoq::WorkerOptions o) -> std::string {
+    try {
+      eoq::Worker w(store, std::move(o));
+    } catch (const eoq::InvalidArgument& e) {
+      return e.field();
+    }
+    return "";
+  };
+  eoq::WorkerOptions o;
+  o.concurrency = 0;
+  CHECK(field_of(o) == "concurrency");
+  o = {};
+  o.lease = 0ms;
+  CHECK(field_of(o) == "lease");
+  o = {};
+  o.heartbeat_interval = o.lease;
+  CHECK(field_of(o) == "heartbeat_interval");
+  o = {};
+  o.claim_batch = 0;
+  CHECK(field_of(o) == "claim_batch");
+  o = {};
+  o.queues = {"bad queue"};
+  CHECK(field_of(o) == "queues");
+  o = {};
+  o.queues = {};
+  CHECK(field_of(o) == "queues");
+  o = {};
+  o.poll_interval = 0ms;
+  CHECK(field_of(o) == "poll_interval");
+  CHECK(field_of({}) == "");
+}
+
+TEST_CASE("handlers and periodic tasks are registered before start", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  CHECK_THROWS_AS(worker.on("", [](eoq::TaskContext&) {}), eoq::InvalidArgument);
+  CHECK_THROWS_AS(worker.on("x", eoq::Handler{}), eoq::InvalidArgument);
+  worker.start();
+  CHECK_THROWS_AS(worker.on("late", [](eoq::TaskContext&) {}), eoq::UsageError);
+  CHECK_THROWS_AS(worker.every("late", 1s, task("t")), eoq::UsageError);
+  worker.stop();
+}
+
+TEST_CASE("the default worker id is host:pid:random and is the lease owner", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  auto options = fast_options(sink);
+  eoq::Worker a(store, options), b(store, options);
+  CHECK(a.id() != b.id());
+  CHECK(std::count(a.id().begin(), a.id().end(), ':') >= 2);
+  CHECK(a.id().find(":" + std::to_string(::getpid()) + ":") != std::string::npos);
+  options.worker_id = "w-1";
+  eoq::Worker named(store, options);
+  CHECK(named.id() == "w-1");
+  std::atomic<bool> owner_ok{false};
+  named.on("x", [&](eoq::TaskContext& ctx) { owner_ok = ctx.lease().owner == "w-1"; });
+  auto id = store.submit(task("x")).task.id;
+  named.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  named.stop();
+  CHECK(owner_ok);
+  CHECK(store.history(id).at(0).owner == "w-1");
+}
+
+TEST_CASE("many tasks on two workers with eight handler threads each run exactly once", "[worker][load]") {
+  EOQ_EACH_STORE(memory);
+  FaultyStore store(memory);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 8;
+  options.prefetch = 16;
+  options.claim_batch = 50;
+  std::mutex mu;
+  std::map<eoq::TaskId, int> seen;
+  auto handler = [&](eoq::TaskContext& ctx) {
+    std::lock_guard lk(mu);
+    ++seen[ctx.id()];
+  };
+  constexpr int n = 3000;
+  std::vector<eoq::NewTask> batch(n, task("count"));
+  auto submitted = store.submit_batch(batch);
+  eoq::Worker a(store, options), b(store, options);
+  a.on("count", handler);
+  b.on("count", handler);
+  a.start();
+  b.start();
+  REQUIRE(eventually([&] { return a.counters().succeeded + b.counters().succeeded == n; }, 60s));
+  a.stop();
+  b.stop();
+  std::lock_guard lk(mu);
+  CHECK(seen.size() == n);
+  for (auto& [id, count] : seen) CHECK(count == 1);
+  for (auto& r : submitted) CHECK(memory.get(r.task.id)->status == eoq::TaskStatus::succeeded);
+  auto ca = a.counters(), cb = b.counters();
+  check_counters_add_up(ca);
+  check_counters_add_up(cb);
+  CHECK(ca.claimed + cb.claimed == n);
+  CHECK(ca.handler_runs + cb.handler_runs == n);
+  // Busy workers settle many completions per round trip.
+  CHECK(store.max_batch_seen > 1);
+  CHECK(store.complete_batch_calls < n);
+}
+
+TEST_CASE("transient store errors are logged, backed off and survived", "[worker][outage]") {
+  EOQ_EACH_STORE(memory);
+  FaultyStore store(memory);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  worker.on("x", [](eoq::TaskContext&) {});
+  store.claim_failures = 3;
+  store.complete_batch_failures = 2;
+  auto id = store.submit(task("x")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  CHECK(store.get(id)->status == eoq::TaskStatus::succeeded);
+  CHECK(store.get(id)->attempts == 1);  // the completion was retried, not the task
+  CHECK(worker.counters().store_errors >= 5);
+  CHECK(sink.contains("injected"));
+
+  // A full outage: everything fails for a while, then comes back.
+  store.everything_down = true;
+  std::this_thread::sleep_for(200ms);
+  auto t0 = std::chrono::steady_clock::now();
+  auto later = memory.submit(task("x")).task.id;
+  store.everything_down = false;
+  REQUIRE(eventually([&] { return is_done(memory, later); }));
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  worker.stop();
+  CHECK(memory.get(later)->status == eoq::TaskStatus::succeeded);
+  check_counters_add_up(worker.counters());
+}
+
+TEST_CASE("stop() stays prompt while the store is down", "[worker][outage]") {
+  EOQ_EACH_STORE(memory);
+  FaultyStore store(memory);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.error_backoff_max = 5s;
+  options.shutdown_timeout = 300ms;
+  eoq::Worker worker(store, options);
+  worker.on("x", [](eoq::TaskContext&) {});
+  auto id = store.submit(task("x")).task.id;
+  store.complete_batch_failures = 1000000;  // completions cannot land
+  worker.start();
+  REQUIRE(eventually([&] { return worker.counters().handler_runs == 1; }));
+  store.everything_down = true;
+  std::this_thread::sleep_for(300ms);  // the back-off grows
+  auto t0 = std::chrono::steady_clock::now();
+  worker.stop();
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  auto c = worker.counters();
+  CHECK(c.abandoned == 1);
+  CHECK(c.in_flight == 0);
+  check_counters_add_up(c);
+  CHECK(memory.get(id)->status == eoq::TaskStatus::running);  // its lease will lapse; nothing is lost
+}
+
+TEST_CASE("maintenance runs now and then and its report is logged", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.maintenance_interval = 50ms;
+  eoq::Worker worker(store, options);
+  auto t = task("x");
+  t.deadline = std::chrono::time_point_cast<std::chrono::microseconds>(eoq::Clock::now() + 30ms);
+  t.queue = "elsewhere";  // not claimed by this worker, so only maintenance expires it
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return status_of(store, id) == eoq::TaskStatus::expired; }, 3s));
+  REQUIRE(eventually([&] { return sink.contains("maintenance: 1 expired"); }, 3s));
+  worker.stop();
+}
+
+TEST_CASE("ctx.transaction() settles through the lease transaction on the memory store", "[worker]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<bool> usage_error{false}, in_tx{false};
+  worker.on("tx", [&](eoq::TaskContext& ctx) {
+    ctx.transaction();
+    in_tx = ctx.in_transaction();
+    try {
+      ctx.exec("SELECT 1");
+    } catch (const eoq::UsageError&) {
+      usage_error = true;  // the memory store has no SQL
+    }
+    ctx.checkpoint("half", R"({"n":1})");
+    ctx.set_result(R"({"ok":true})");
+  });
+  auto id = store.submit(task("tx")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(in_tx);
+  CHECK(usage_error);
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.result == std::optional<std::string>(R"({"ok":true})"));
+  CHECK(done.checkpoint_stage == std::optional<std::string>("half"));
+}
+
+TEST_CASE("the logger hears about failures and a throwing logger is harmless", "[worker]") {
+  eoq::MemoryStore store;
+  std::atomic<int> calls{0};
+  eoq::WorkerOptions options;
+  options.poll_interval = 50ms;
+  options.maintenance_interval = 0ms;
+  options.logger = [&](eoq::LogLevel, std::string_view) {
+    ++calls;
+    throw std::runtime_error("logger broke");
+  };
+  eoq::Worker worker(store, options);
+  worker.on("fail", [](eoq::TaskContext&) { throw eoq::PermanentError("nope"); });
+  auto id = store.submit(task("fail")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(calls > 0);
+}
+
+// ------------------------------------------------------------------ Postgres only
+
+namespace {
+
+// An effects table in the test's schema, and a way to count its rows.
+struct Effects {
+  explicit Effects(const eoq::test::TestStore& ts)
+      : admin(ts.conninfo()), table("\"" + ts.schema() + "\".effects") {
+    admin.exec("CREATE TABLE " + table + " (task_id bigint PRIMARY KEY, attempt int NOT NULL)");
+  }
+  std::string insert() const { return "INSERT INTO " + table + " (task_id, attempt) VALUES ($1, $2)"; }
+  long long count() { return admin.count("SELECT count(*) FROM " + table); }
+  long long count_for(eoq::TaskId id) {
+    return admin.count("SELECT count(*) FROM " + table + " WHERE task_id = $1", {std::to_string(id)});
+  }
+  eoq::test::Admin admin;
+  std::string table;
+};
+
+eoq::Params row_of(const eoq::TaskContext& ctx) {
+  return {std::to_string(ctx.id()), std::to_string(ctx.attempt())};
+}
+
+}  // namespace
+
+TEST_CASE("a handler's SQL commits in the transaction that completes its task", "[worker][postgres]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  Effects effects(ts);
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  std::atomic<long long> visible_before_commit{-1};
+  std::string conninfo = ts.conninfo(), table = effects.table;
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    auto r = ctx.exec(effects.insert(), row_of(ctx));
+    if (r.affected != 1) throw eoq::PermanentError("insert did not insert");
+    // Another connection cannot see the row yet: it commits with the completion.
+    eoq::test::Admin other(conninfo);
+    visible_before_commit = other.count("SELECT count(*) FROM " + table);
+    ctx.set_result(R"({"written":1})");
+  });
+  auto id = ts->submit(task("write")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(*ts, id); }));
+  worker.stop();
+  CHECK(visible_before_commit == 0);
+  CHECK(ts->get(id)->status == eoq::TaskStatus::succeeded);
+  auto result = ts->get(id)->result.value_or("");
+  result.erase(std::remove(result.begin(), result.end(), ' '), result.end());  // jsonb spacing
+  CHECK(result == R"({"written":1})");
+  CHECK(effects.count_for(id) == 1);
+}
+
+TEST_CASE("a throwing handler's SQL rolls back and only the successful attempt's commits", "[worker][postgres]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  Effects effects(ts);
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    ctx.exec(effects.insert(), row_of(ctx));
+    if (ctx.payload() == R"("permanent")") throw eoq::PermanentError("refused after writing");
+    if (ctx.attempt() == 1) throw std::runtime_error("crashed after writing");
+  });
+  auto t = task("write");
+  t.retry.initial_delay = 10ms;
+  auto retried = ts->submit(t).task.id;
+  t.payload = R"("permanent")";
+  auto refused = ts->submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(*ts, retried) && is_done(*ts, refused); }));
+  worker.stop();
+  CHECK(ts->get(retried)->status == eoq::TaskStatus::succeeded);
+  CHECK(ts->get(retried)->attempts == 2);
+  CHECK(effects.count_for(retried) == 1);
+  CHECK(effects.admin.scalar("SELECT attempt FROM " + effects.table + " WHERE task_id = $1",
+                             {std::to_string(retried)}) == std::optional<std::string>("2"));
+  CHECK(ts->get(refused)->status == eoq::TaskStatus::failed);
+  CHECK(effects.count_for(refused) == 0);
+}
+
+TEST_CASE("a handler's SQL rolls back when its lease was lost", "[worker][postgres]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  Effects effects(ts);
+  FaultyStore store(*ts);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 200ms;
+  options.concurrency = 1;
+  options.prefetch = 0;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  std::atomic<bool> started{false};
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    ctx.exec(effects.insert(), row_of(ctx));
+    started = true;
+    gate.wait();
+  });
+  auto id = store.submit(task("write")).task.id;
+  store.heartbeats_down = true;
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  std::this_thread::sleep_for(350ms);
+  auto thief = ts->claim(eoq::ClaimRequest{{"default"}, "thief", 1, 10s});
+  REQUIRE(thief.size() == 1);
+  gate.release();
+  REQUIRE(eventually([&] { return worker.counters().lease_lost == 1; }));
+  worker.stop();
+  CHECK(effects.count_for(id) == 0);
+  // The new owner's effects are the ones that count.
+  auto tx = ts->begin(thief[0]);
+  tx->exec(effects.insert(), {std::to_string(id), "2"});
+  tx->complete(R"("thief")");
+  CHECK(effects.count_for(id) == 1);
+  CHECK(ts->get(id)->result == std::optional<std::string>(R"("thief")"));
+}
+
+TEST_CASE("a checkpoint in a handler's transaction commits the writes made so far", "[worker][postgres]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  eoq::test::Admin admin(ts.conninfo());
+  std::string table = "\"" + ts.schema() + "\".stages";
+  admin.exec("CREATE TABLE " + table + " (task_id bigint, stage text, PRIMARY KEY (task_id, stage))");
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  std::atomic<int> stage_one_runs{0};
+  worker.on("two-stage", [&](eoq::TaskContext& ctx) {
+    auto insert = "INSERT INTO " + table + " VALUES ($1, $2)";
+    if (!ctx.checkpoint_stage()) {
+      ++stage_one_runs;
+      ctx.exec(insert, {std::to_string(ctx.id()), "one"});
+      ctx.checkpoint("one", R"({"done":1})");
+    }
+    ctx.exec(insert, {std::to_string(ctx.id()), "two"});
+    if (ctx.attempt() == 1) throw std::runtime_error("stage two crashed");
+  });
+  auto t = task("two-stage");
+  t.retry.initial_delay = 10ms;
+  auto id = ts->submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(*ts, id); }));
+  worker.stop();
+  CHECK(ts->get(id)->status == eoq::TaskStatus::succeeded);
+  CHECK(stage_one_runs == 1);
+  CHECK(admin.count("SELECT count(*) FROM " + table + " WHERE stage = 'one'") == 1);
+  CHECK(admin.count("SELECT count(*) FROM " + table + " WHERE stage = 'two'") == 1);
+}
+
+TEST_CASE("a worker rides out a Postgres restart and every effect lands exactly once",
+          "[worker][postgres][outage]") {
+  eoq::testing::TempPostgresOptions po;
+  po.fsync = false;
+  eoq::testing::TempPostgres server(po);
+  eoq::PostgresOptions o;
+  o.conninfo = server.conninfo();
+  o.schema = "eoq";
+  eoq::PostgresStore store(o);
+  store.migrate();
+  eoq::test::Admin admin(server.conninfo());
+  admin.exec("CREATE TABLE eoq.effects (task_id bigint PRIMARY KEY)");
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 4;
+  options.lease = 5s;
+  eoq::Worker worker(store, options);
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    ctx.exec("INSERT INTO eoq.effects VALUES ($1)", {std::to_string(ctx.id())});
+    std::this_thread::sleep_for(2ms);
+  });
+  constexpr int n = 400;
+  auto t = task("write");
+  t.retry.max_attempts = 20;
+  t.retry.initial_delay = 50ms;
+  t.retry.max_delay = 200ms;
+  std::vector<eoq::NewTask> batch(n, t);
+  auto submitted = store.submit_batch(batch);
+  worker.start();
+  REQUIRE(eventually([&] { return worker.counters().succeeded > n / 4; }, 30s));
+  server.restart();
+  REQUIRE(eventually([&] {
+    try {
+      auto s = store.stats();
+      return !s.empty() && s[0].succeeded == n;
+    } catch (const eoq::Error&) {
+      return false;
+    }
+  }, 60s));
+  worker.stop();
+  eoq::test::Admin after(server.conninfo());
+  CHECK(after.count("SELECT count(*) FROM eoq.effects") == n);
+  CHECK(worker.counters().store_errors > 0);
+  check_counters_add_up(worker.counters());
+}
+
+// --------------------------------------------------------------- worker processes
+//
+// These start tests/worker_child.cpp as separate processes and kill or freeze
+// them. The build passes its path as EOQ_WORKER_CHILD.
+#ifdef EOQ_WORKER_CHILD
+
+namespace {
+
+struct ChildWorker {
+  eoq::test::Child child;
+  std::string name;
+};
+
+ChildWorker start_child(const std::string& mode, const eoq::test::TestStore& ts, const std::string& dir,
+                        const std::string& name, std::vector<std::string> extra = {}) {
+  std::vector<std::string> argv{EOQ_WORKER_CHILD, mode, ts.conninfo(), ts.schema(), dir, "id=" + name};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return ChildWorker{eoq::test::spawn_child(argv, dir + "/" + name + ".log"), name};
+}
+
+// "counters claimed=1 succeeded=0 ..." from a child's log -> {claimed: 1, ...}
+std::map<std::string, long long> child_counters(const std::string& log) {
+  std::map<std::string, long long> out;
+  auto at = log.rfind("counters ");
+  if (at == std::string::npos) return out;
+  std::string line = log.substr(at + 9, log.find('\n', at) - at - 9);
+  std::size_t i = 0;
+  while (i < line.size()) {
+    auto eq = line.find('=', i);
+    auto sp = line.find(' ', i);
+    if (eq == std::string::npos) break;
+    if (sp == std::string::npos) sp = line.size();
+    out[line.substr(i, eq - i)] = std::stoll(line.substr(eq + 1, sp - eq - 1));
+    i = sp + 1;
+  }
+  return out;
+}
+
+long long succeeded_in(eoq::TaskStore& store) {
+  long long n = 0;
+  for (auto& q : store.stats()) n += q.succeeded;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("worker processes killed at random lose no task and repeat no effect", "[worker][postgres][process]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  eoq::test::Admin admin(ts.conninfo());
+  const std::string effects = "\"" + ts.schema() + "\".effects", counter = "\"" + ts.schema() + "\".counter";
+  // No unique constraint: a repeated effect must show up as a duplicate row.
+  admin.exec("CREATE TABLE " + effects + " (task_id bigint NOT NULL)");
+  admin.exec("CREATE TABLE " + counter + " (n bigint NOT NULL)");
+  admin.exec("INSERT INTO " + counter + " VALUES (0)");
+
+  constexpr int n = 5000, workers = 4;
+  auto t = task("effect");
+  t.retry.max_attempts = 1000;  // every kill costs the tasks it held an attempt
+  t.retry.initial_delay = 10ms;
+  t.retry.max_delay = 100ms;
+  std::vector<eoq::NewTask> batch(n, t);
+  for (std::size_t at = 0; at < batch.size(); at += 1000)
+    ts->submit_batch(std::span<const eoq::NewTask>(batch).subspan(at, std::min<std::size_t>(1000, batch.size() - at)));
+
+  auto dir = eoq::test::scratch_dir("worker-crash");
+  const std::vector<std::string> opts{"lease_ms=1000", "concurrency=4", "prefetch=8"};
+  std::vector<ChildWorker> children;
+  std::vector<int> generation(workers, 0);
+  for (int i = 0; i < workers; ++i)
+    children.push_back(start_child("crash", ts, dir, "w" + std::to_string(i) + "-0", opts));
+
+  std::mt19937 rng(std::random_device{}());
+  int kills = 0;
+  auto deadline = std::chrono::steady_clock::now() + 240s;
+  while (succeeded_in(*ts) < n && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(Millis(std::uniform_int_distribution<int>(100, 400)(rng)));
+    auto i = static_cast<std::size_t>(std::uniform_int_distribution<int>(0, workers - 1)(rng));
+    ::kill(children[i].child.pid, SIGKILL);
+    CHECK(eoq::test::wait_child(children[i].child, 10s) == 128 + SIGKILL);
+    ++kills;
+    children[i] = start_child("crash", ts, dir, "w" + std::to_string(i) + "-" + std::to_string(++generation[i]), opts);
+  }
+  // A child blocks SIGTERM only once it is up; one restarted a moment ago may not be yet.
+  for (auto& c : children) {
+    CHECK(eventually([&] { return eoq::test::read_file(c.child.log).find("ready ") != std::string::npos; }, 20s));
+    ::kill(c.child.pid, SIGTERM);
+  }
+  for (auto& c : children) {
+    INFO(c.name << " log:\n" << eoq::test::read_file(c.child.log));
+    CHECK(eoq::test::wait_child(c.child, 30s) == 0);
+  }
+
+  INFO("kills: " << kills);
+  CHECK(kills >= 10);
+  REQUIRE(succeeded_in(*ts) == n);
+  CHECK(admin.count("SELECT count(*) FROM " + effects) == n);
+  CHECK(admin.count("SELECT count(DISTINCT task_id) FROM " + effects) == n);
+  CHECK(admin.scalar("SELECT n FROM " + counter) == std::optional<std::string>(std::to_string(n)));
+}
+
+TEST_CASE("a frozen worker's late completion and SQL are rejected after another worker took its task over",
+          "[worker][postgres][process]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  eoq::test::Admin admin(ts.conninfo());
+  const std::string effects = "\"" + ts.schema() + "\".effects";
+  admin.exec("CREATE TABLE " + effects + " (task_id bigint NOT NULL, attempt int NOT NULL, owner text NOT NULL)");
+  auto id = ts->submit(task("effect")).task.id;
+  auto dir = eoq::test::scratch_dir("worker-zombie");
+  const std::vector<std::string> single{"lease_ms=1000", "concurrency=1", "prefetch=0"};
+
+  auto opts = single;
+  opts.push_back("sleep_ms=4000");
+  auto zombie = start_child("zombie", ts, dir, "zombie", opts);
+  REQUIRE(eventually([&] { return !eoq::test::read_file(dir + "/started-1").empty(); }, 20s));
+  ::kill(zombie.child.pid, SIGSTOP);  // mid-handler, its SQL written but not committed
+  std::this_thread::sleep_for(1500ms);  // past its lease
+
+  opts = single;
+  opts.push_back("sleep_ms=0");
+  auto rescuer = start_child("zombie", ts, dir, "rescuer", opts);
+  REQUIRE(eventually([&] { return status_of(*ts, id) == eoq::TaskStatus::succeeded; }, 20s));
+  ::kill(rescuer.child.pid, SIGTERM);
+  CHECK(eoq::test::wait_child(rescuer.child, 30s) == 0);
+
+  ::kill(zombie.child.pid, SIGCONT);
+  // It wakes up, finishes its handler and tries to complete: fenced off.
+  REQUIRE(eventually([&] { return eoq::test::read_file(zombie.child.log).find("lease lost") != std::string::npos; },
+                     20s));
+  ::kill(zombie.child.pid, SIGTERM);
+  CHECK(eoq::test::wait_child(zombie.child, 30s) == 0);
+  auto zc = child_counters(eoq::test::read_file(zombie.child.log));
+  INFO("zombie log:\n" << eoq::test::read_file(zombie.child.log));
+  CHECK(zc["claimed"] == 1);
+  CHECK(zc["succeeded"] == 0);
+  CHECK(zc["lease_lost"] == 1);
+
+  auto done = ts->get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.result == std::optional<std::string>(R"("rescuer")"));
+  CHECK(done.attempts == 2);
+  auto rows = admin.exec("SELECT attempt, owner FROM " + effects).rows;
+  REQUIRE(rows.size() == 1);  // the zombie's insert never committed
+  CHECK(rows[0][0] == std::optional<std::string>("2"));
+  CHECK(rows[0][1] == std::optional<std::string>("rescuer"));
+  auto h = ts->history(id);
+  REQUIRE(h.size() == 2);
+  CHECK(h[0].owner == "zombie");
+  CHECK(h[0].outcome == "lease_expired");
+  CHECK(h[1].owner == "rescuer");
+  CHECK(h[1].outcome == "succeeded");
+}
+
+#endif  // EOQ_WORKER_CHILD
