@@ -39,7 +39,9 @@ Millis RetryPolicy::delay_after(int failed_attempts, double unit_random) const n
   double j = std::clamp(jitter, 0.0, 1.0);
   double u = std::clamp(unit_random, 0.0, 1.0);
   double delay = base * (1.0 + j * (2.0 * u - 1.0));
-  return Millis(static_cast<Millis::rep>(std::max(0.0, std::round(delay))));
+  // Validation caps max_delay far below this; the clamp keeps the cast defined anyway.
+  delay = std::clamp(std::round(delay), 0.0, 9.0e15);
+  return Millis(static_cast<Millis::rep>(delay));
 }
 
 const std::vector<std::optional<std::string>>& Rows::one_row() const {
@@ -234,6 +236,11 @@ void validate_json(std::string_view field, std::string_view text, std::size_t ma
 }
 
 namespace {
+// Bounds that keep every time computation far from overflow. A handler that
+// runs longer than a week keeps its lease by heartbeats, not by one long lease.
+constexpr Millis kMaxLease = std::chrono::hours(24 * 7);
+constexpr Millis kMaxDelay = std::chrono::hours(24 * 365);
+
 void validate_text(std::string_view field, std::string_view value, std::size_t max) {
   if (value.empty()) throw InvalidArgument(std::string(field), "must not be empty");
   if (value.size() > max) throw InvalidArgument(std::string(field), fmt::format("must be at most {} bytes", max));
@@ -257,6 +264,7 @@ void validate_new_task(const NewTask& t, std::size_t max_payload_bytes, TimePoin
   if (r.max_attempts < 1 || r.max_attempts > 1000)
     throw InvalidArgument("retry.max_attempts", "must be between 1 and 1000");
   if (r.initial_delay.count() < 0) throw InvalidArgument("retry.initial_delay", "must not be negative");
+  if (r.max_delay > kMaxDelay) throw InvalidArgument("retry.max_delay", "must be at most 365 days");
   if (r.max_delay < r.initial_delay)
     throw InvalidArgument("retry.max_delay", "must not be less than retry.initial_delay");
   if (!(r.jitter >= 0.0 && r.jitter <= 1.0)) throw InvalidArgument("retry.jitter", "must be between 0 and 1");
@@ -266,6 +274,7 @@ void validate_owner(std::string_view owner) { validate_text("owner", owner, 256)
 
 void validate_positive(std::string_view field, Millis value) {
   if (value.count() <= 0) throw InvalidArgument(std::string(field), "must be positive");
+  if (value > kMaxLease) throw InvalidArgument(std::string(field), "must be at most 7 days");
 }
 
 void validate_claim(const ClaimRequest& r) {

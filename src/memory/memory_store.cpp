@@ -154,7 +154,7 @@ struct MemoryStore::State {
     update(e, [&](Task& t) {
       t.status = status;
       ++t.version;
-      t.lease_owner.reset();
+      // lease_owner stays: a finished task says who ran its last attempt.
       t.lease_expires_at.reset();
       if (error) t.last_error = std::move(error);
       t.updated_at = now;
@@ -529,6 +529,7 @@ void MemoryStore::release(const Lease& lease) {
   Entry& e = S.fenced(lease);
   const TimePoint now = detail::now();
   if (e.task.cancel_requested) {
+    S.end_attempt(e, now, "cancelled", std::nullopt);
     S.finish(e, TaskStatus::cancelled, now);
     return;
   }

@@ -253,8 +253,11 @@ SELECT t.outcome, (SELECT run_at FROM up) FROM t)",
                                      MS("$5")));
 
     release = S("eoq_release", fmt::format(R"(
-WITH t AS (SELECT id, cancel_requested FROM @s@.tasks
+WITH t AS (SELECT id, cancel_requested, attempts, version, lease_owner, started_at FROM @s@.tasks
            WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', NULL FROM t WHERE cancel_requested),
 gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id AND t.cancel_requested RETURNING x.*),
 fin AS ({}),
 up AS (
@@ -361,7 +364,8 @@ SELECT count(*) FROM fin)",
                                                                "ELSE 'failed' END"},
                                                     {"version", "gone.version + 1"},
                                                     {"lease_expires_at", "NULL"},
-                                                    {"last_error", "'lease expired'"},
+                                                    {"last_error", "CASE WHEN gone.cancel_requested THEN "
+                                                                   "gone.last_error ELSE 'lease expired' END"},
                                                     {"updated_at", "now()"},
                                                     {"finished_at", "now()"}},
                                                    "gone")));
@@ -720,7 +724,9 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
   std::vector<bool> out(completions.size());
   for (std::size_t i = 0; i < completions.size(); ++i) {
     const auto& l = *completions[i].lease;
-    out[i] = done.contains(l.id());
+    // The same lease twice in one batch settles once: only the first says so.
+    auto it = done.find(l.id());
+    out[i] = it != done.end() && std::exchange(it->second, false);
     if (!out[i] && retried) out[i] = I.settled(l.id(), l.token) == std::optional<std::string>("succeeded");
   }
   return out;

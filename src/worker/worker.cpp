@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 #include <map>
 #include <mutex>
+#include <queue>
 #include <random>
 #include <stop_token>
 #include <thread>
@@ -87,7 +88,7 @@ struct TaskRun {
       : engine(&e),
         lease(std::move(l)),
         last_beat(claim_started.time_since_epoch().count()),
-        expires(( claim_started + lease_length).time_since_epoch().count()),
+        expires((claim_started + lease_length).time_since_epoch().count()),
         checkpoint_stage(lease.task.checkpoint_stage),
         checkpoint_state(lease.task.checkpoint) {}
 
@@ -127,7 +128,9 @@ struct TaskRun {
   bool locally_expired(Steady::time_point now) const noexcept {
     return now.time_since_epoch().count() >= expires.load();
   }
-  std::string describe() const { return fmt::format("task {} ({}, attempt {})", lease.task.id, lease.task.type, lease.task.attempts); }
+  std::string describe() const {
+    return fmt::format("task {} ({}, attempt {})", lease.task.id, lease.task.type, lease.task.attempts);
+  }
 };
 
 namespace {
@@ -245,6 +248,10 @@ class Engine {
   int busy_handlers = 0;
   bool claimer_done = false;
   bool completer_done = false;
+  // When retries this worker scheduled come due (store time, microseconds since
+  // the epoch). A retry becoming due sends no notification, so the idle claimer
+  // wakes for it instead of waiting out the poll interval.
+  std::priority_queue<std::int64_t, std::vector<std::int64_t>, std::greater<>> retries_due;
 
   std::jthread claimer, heartbeater, completer, scheduler, maintainer;
   std::vector<std::jthread> handler_threads;
@@ -497,6 +504,7 @@ class Engine {
       }
       std::vector<Lease> leases;
       auto started = Steady::now();
+      auto claim_started_at = std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now());
       try {
         leases = store.claim(request);
         backoff.reset();
@@ -525,7 +533,7 @@ class Engine {
       if (static_cast<int>(leases.size()) < request.limit && !st.stop_requested() && !stop_requested) {
         // The queues look drained: sleep until a notification, wake() or the poll interval.
         try {
-          store.wait_for_tasks(opt.queues, opt.poll_interval);
+          store.wait_for_tasks(opt.queues, idle_wait(claim_started_at));
         } catch (const std::exception& e) {
           store_error("waiting for tasks", e);
           nap(backoff.next(), st);
@@ -631,6 +639,7 @@ class Engine {
       try {
         auto out = store.fail(run.lease, failure);
         if (out.status == TaskStatus::pending) {
+          if (out.retry_at) note_retry(*out.retry_at);
           log(LogLevel::info, "{} failed, will retry: {}", run.describe(), failure.error);
           finish(run, Outcome::retried);
         } else if (out.status == TaskStatus::cancelled) {
@@ -662,6 +671,23 @@ class Engine {
         nap(backoff.next(), none);
       }
     }
+  }
+
+  void note_retry(TimePoint at) {
+    std::lock_guard lk(mu);
+    if (retries_due.size() < 100000) retries_due.push(at.time_since_epoch().count());
+  }
+
+  // How long the idle claimer may wait: the poll interval, or less when one of
+  // our retries comes due sooner. Retries due before the last claim started had
+  // their chance in it.
+  Millis idle_wait(TimePoint last_claim) {
+    std::lock_guard lk(mu);
+    while (!retries_due.empty() && retries_due.top() <= last_claim.time_since_epoch().count()) retries_due.pop();
+    if (retries_due.empty()) return opt.poll_interval;
+    auto now = std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now());
+    auto wait = std::chrono::ceil<Millis>(std::chrono::microseconds(retries_due.top()) - now.time_since_epoch());
+    return std::clamp(wait + Millis(1), Millis(1), opt.poll_interval);
   }
 
   void settle_transaction(TaskRun& run) {
@@ -801,7 +827,7 @@ class Engine {
       }
       for (auto& run : due) {
         if (st.stop_requested()) break;
-        if (!beat(*run)) break;  // the store is failing: try the rest next tick instead of hammering it
+        if (!beat(*run)) break;  // the store is down: try the rest next tick instead of hammering it
       }
       std::unique_lock lk(mu);
       cv_sleep.wait_for(lk, st, tick, [] { return false; });
@@ -828,7 +854,7 @@ class Engine {
       }
     } catch (const std::exception& e) {
       store_error(fmt::format("{}: heartbeat", run.describe()), e);
-      return false;
+      return !is_transient(e);  // one lease's own trouble must not starve the others
     }
     return true;
   }
