@@ -190,6 +190,15 @@ void require_nothing_written(eoq::TaskStore& store) {
 
 Millis ms_between(TimePoint from, TimePoint to) { return std::chrono::duration_cast<Millis>(to - from); }
 
+// "A terminal task keeps lease_owner (who ran its last attempt, if any) and has
+// lease_expires_at cleared."
+void check_terminal_lease_fields(const Task& t, const std::optional<std::string>& last_owner) {
+  INFO("task " << t.id << " " << eoq::to_string(t.status));
+  CHECK(eoq::is_terminal(t.status));
+  CHECK(t.lease_owner == last_owner);
+  CHECK_FALSE(t.lease_expires_at);
+}
+
 Lease stale_copy(const Lease& l) {
   Lease s = l;
   s.token += 1;
@@ -520,7 +529,7 @@ STORE_CASE("a claim takes tasks from every queue it names and from no other", "[
 
 STORE_CASE("a task whose run_at is in the future is not claimed until then", "[claim]") {
   NewTask t = task();
-  t.run_at = now() + 400ms;
+  t.run_at = now() + 1s;
   auto id = store.submit(t).task.id;
   CHECK(claim(store, {"default"}, "w", 10).empty());
   CHECK(must_get(store, id).status == TaskStatus::pending);
@@ -653,6 +662,21 @@ STORE_CASE("a lease past its expiry that nobody reclaimed still settles the task
   CHECK(must_get(store, l.id()).status == TaskStatus::succeeded);
 }
 
+STORE_CASE("a lease past its expiry with attempts left survives maintain until someone reclaims it", "[fencing]") {
+  NewTask t = task();
+  t.retry.max_attempts = 3;
+  auto id = store.submit(t).task.id;
+  auto l = claim_one(store, "w", 100ms);
+  std::this_thread::sleep_for(200ms);
+  auto report = store.maintain();
+  CHECK(report.expired == 0);
+  auto got = must_get(store, id);
+  CHECK(got.status == TaskStatus::running);
+  CHECK(got.version == l.token);
+  store.complete(l, "1");
+  CHECK(must_get(store, id).status == TaskStatus::succeeded);
+}
+
 STORE_CASE("a settled lease can settle nothing again", "[fencing]") {
   store.submit(task());
   auto l = claim_one(store);
@@ -733,7 +757,7 @@ TEST_CASE("RetryPolicy::delay_after follows fixed and exponential backoff with a
 STORE_CASE("a failed attempt with attempts left is retried after an exponential backoff, then fails for good",
            "[retry]") {
   NewTask t = task();
-  t.retry = {.max_attempts = 3, .backoff = eoq::Backoff::exponential, .initial_delay = 150ms, .max_delay = 10s,
+  t.retry = {.max_attempts = 3, .backoff = eoq::Backoff::exponential, .initial_delay = 300ms, .max_delay = 10s,
              .jitter = 0};
   auto id = store.submit(t).task.id;
 
@@ -743,8 +767,8 @@ STORE_CASE("a failed attempt with attempts left is retried after an exponential 
   auto after = now();
   CHECK(o1.status == TaskStatus::pending);
   REQUIRE(o1.retry_at);
-  CHECK(*o1.retry_at >= before + 150ms - kSlack);
-  CHECK(*o1.retry_at <= after + 150ms + kSlack);
+  CHECK(*o1.retry_at >= before + 300ms - kSlack);
+  CHECK(*o1.retry_at <= after + 300ms + kSlack);
   auto p = must_get(store, id);
   CHECK(p.status == TaskStatus::pending);
   CHECK(p.run_at == *o1.retry_at);
@@ -754,7 +778,7 @@ STORE_CASE("a failed attempt with attempts left is retried after an exponential 
   CHECK_FALSE(p.lease_owner);
   CHECK_FALSE(p.lease_expires_at);
   CHECK_FALSE(p.finished_at);
-  CHECK(claim(store, {"default"}, "w", 1).empty());  // not before run_at
+  if (now() + 100ms < *o1.retry_at) CHECK(claim(store, {"default"}, "w", 1).empty());  // not before run_at
 
   std::this_thread::sleep_until(*o1.retry_at + 30ms);
   auto l2 = claim_one(store, "w2");
@@ -764,8 +788,8 @@ STORE_CASE("a failed attempt with attempts left is retried after an exponential 
   after = now();
   CHECK(o2.status == TaskStatus::pending);
   REQUIRE(o2.retry_at);
-  CHECK(*o2.retry_at >= before + 300ms - kSlack);  // doubled
-  CHECK(*o2.retry_at <= after + 300ms + kSlack);
+  CHECK(*o2.retry_at >= before + 600ms - kSlack);  // doubled
+  CHECK(*o2.retry_at <= after + 600ms + kSlack);
 
   std::this_thread::sleep_until(*o2.retry_at + 30ms);
   auto l3 = claim_one(store, "w3");
@@ -778,6 +802,7 @@ STORE_CASE("a failed attempt with attempts left is retried after an exponential 
   CHECK(f.last_error == std::optional<std::string>("e3"));
   CHECK(f.finished_at);
   CHECK(f.attempts == 3);
+  check_terminal_lease_fields(f, "w3");
   CHECK(claim(store, {"default"}, "w", 1).empty());
 
   auto h = store.history(id);
@@ -838,6 +863,7 @@ STORE_CASE("a permanent failure fails the task at once whatever the policy says"
   CHECK(f.last_error == std::optional<std::string>("bad input"));
   CHECK(f.finished_at);
   CHECK(f.version == l.token + 1);
+  check_terminal_lease_fields(f, "w1");
   auto h = store.history(id);
   REQUIRE(h.size() == 1);
   CHECK(h[0].outcome == "failed");
@@ -861,6 +887,7 @@ STORE_CASE("a task whose lease expired with no attempts left fails with lease ex
   CHECK(f.status == TaskStatus::failed);
   CHECK(f.last_error == std::optional<std::string>("lease expired"));
   CHECK(f.finished_at);
+  check_terminal_lease_fields(f, "w");
   auto h = store.history(id);
   REQUIRE(h.size() == 1);
   CHECK(h[0].outcome == "lease_expired");
@@ -888,12 +915,13 @@ STORE_CASE("a pending task past its deadline expires and is never handed out", "
   CHECK(e.last_error == std::optional<std::string>("deadline passed"));
   CHECK(e.finished_at);
   CHECK(e.attempts == 0);
+  check_terminal_lease_fields(e, std::nullopt);
   CHECK(store.history(id).empty());
 }
 
 STORE_CASE("a running task whose lease ran out past its deadline expires", "[deadline]") {
   NewTask t = task();
-  t.deadline = now() + 300ms;
+  t.deadline = now() + 600ms;
   t.retry.max_attempts = 5;
   auto id = store.submit(t).task.id;
   auto l = claim_one(store, "w", 100ms);
@@ -902,6 +930,7 @@ STORE_CASE("a running task whose lease ran out past its deadline expires", "[dea
   auto e = must_get(store, id);
   CHECK(e.status == TaskStatus::expired);
   CHECK(e.last_error == std::optional<std::string>("deadline passed"));
+  check_terminal_lease_fields(e, "w");
   auto h = store.history(id);
   REQUIRE(h.size() == 1);
   CHECK(h[0].outcome == "lease_expired");
@@ -910,7 +939,7 @@ STORE_CASE("a running task whose lease ran out past its deadline expires", "[dea
 
 STORE_CASE("a task started before its deadline may still finish after it", "[deadline]") {
   NewTask t = task();
-  t.deadline = now() + 200ms;
+  t.deadline = now() + 600ms;
   auto id = store.submit(t).task.id;
   auto l = claim_one(store, "w", 30s);
   std::this_thread::sleep_until(*t.deadline + 50ms);
@@ -928,6 +957,7 @@ STORE_CASE("cancelling a pending task cancels it at once", "[cancel]") {
   auto c = must_get(store, id);
   CHECK(c.status == TaskStatus::cancelled);
   CHECK(c.finished_at);
+  check_terminal_lease_fields(c, std::nullopt);
   CHECK(claim(store, {"default"}, "w", 10).empty());
   CHECK(store.cancel(id) == eoq::CancelOutcome::already_finished);
 }
@@ -951,15 +981,18 @@ STORE_CASE("cancelling a running task requests cancellation and its holder decid
     auto c = must_get(store, id);
     CHECK(c.status == TaskStatus::cancelled);
     CHECK(c.finished_at);
+    check_terminal_lease_fields(c, "w");
     auto h = store.history(id);
     REQUIRE(h.size() == 1);
     CHECK(h[0].outcome == "cancelled");
+    CHECK(h[0].error == std::optional<std::string>("stopped"));
   }
   SECTION("complete still ends it succeeded") {
     store.complete(l, R"({"late": true})");
     auto s = must_get(store, id);
     CHECK(s.status == TaskStatus::succeeded);
     CHECK(s.result == std::optional<std::string>(R"({"late": true})"));
+    check_terminal_lease_fields(s, "w");
   }
   SECTION("release ends it cancelled") {
     store.release(l);
@@ -967,6 +1000,10 @@ STORE_CASE("cancelling a running task requests cancellation and its holder decid
     CHECK(c.status == TaskStatus::cancelled);
     CHECK(c.finished_at);
     CHECK(c.version == l.token + 1);
+    check_terminal_lease_fields(c, "w");
+    auto h = store.history(id);
+    REQUIRE(h.size() == 1);
+    CHECK(h[0].outcome == "cancelled");
   }
   SECTION("its lease expiring ends it cancelled") {
     auto shorter = claim(store, {"default"}, "w", 1);
@@ -977,9 +1014,19 @@ STORE_CASE("cancelling a running task requests cancellation and its holder decid
     CHECK(claim(store, {"default"}, "w2", 10).empty());
     auto c = must_get(store, id);
     CHECK(c.status == TaskStatus::cancelled);
+    check_terminal_lease_fields(c, "w");
     auto h = store.history(id);
     REQUIRE(h.size() == 1);
     CHECK(h[0].outcome == "lease_expired");
+  }
+  SECTION("its lease expiring ends it cancelled at maintain, attempts left or not") {
+    store.heartbeat(l, 50ms);
+    std::this_thread::sleep_for(150ms);
+    CHECK(store.maintain().reaped == 1);
+    auto c = must_get(store, id);
+    CHECK(c.status == TaskStatus::cancelled);
+    CHECK_FALSE(c.last_error);  // unchanged
+    check_terminal_lease_fields(c, "w");
   }
   CHECK(claim(store, {"default"}, "w", 10).empty());
 }
@@ -1014,6 +1061,10 @@ STORE_CASE("terminal tasks never change again", "[terminal]") {
   REQUIRE(must_get(store, eid).status == TaskStatus::expired);
 
   std::vector<eoq::TaskId> ids = {ls.id(), lf.id(), c, eid};
+  check_terminal_lease_fields(must_get(store, ls.id()), "w1");
+  check_terminal_lease_fields(must_get(store, lf.id()), "w1");
+  check_terminal_lease_fields(must_get(store, c), std::nullopt);
+  check_terminal_lease_fields(must_get(store, eid), std::nullopt);
   std::vector<std::string> before;
   for (auto id : ids) before.push_back(describe(must_get(store, id)));
 
@@ -1143,8 +1194,7 @@ STORE_CASE("completing stores the result and finishes the task", "[complete]") {
   CHECK(*s.finished_at >= before - 1s);
   CHECK(*s.finished_at <= after + 1s);
   CHECK(s.version == l.token + 1);
-  CHECK_FALSE(s.lease_owner);
-  CHECK_FALSE(s.lease_expires_at);
+  check_terminal_lease_fields(s, "w");
   auto h = store.history(id);
   REQUIRE(h.size() == 1);
   CHECK(h[0].outcome == "succeeded");
@@ -1168,6 +1218,16 @@ STORE_CASE("complete_batch applies the valid leases and reports the stale ones",
   CHECK(describe(must_get(store, ls[3].id())) == snapshot3);
   CHECK(must_get(store, ls[4].id()).result == std::optional<std::string>("4"));
   CHECK(store.complete_batch({}).empty());
+
+  SECTION("the same lease twice in one batch applies once") {
+    store.submit(task());
+    auto l = claim_one(store);
+    std::vector<eoq::Completion> twice = {{&l, R"("first")"}, {&l, R"("second")"}};
+    CHECK(store.complete_batch(twice) == std::vector<bool>{true, false});
+    auto done = must_get(store, l.id());
+    CHECK(done.result == std::optional<std::string>(R"("first")"));
+    CHECK(done.version == l.token + 1);
+  }
 
   SECTION("invalid JSON anywhere applies nothing") {
     std::vector<eoq::Completion> bad = {{&ls[3], "3"}, {&ls[3], "{oops"}};
@@ -1496,6 +1556,7 @@ STORE_CASE("invalid tasks are rejected naming the field and nothing is written",
          t.retry.initial_delay = 10s;
          t.retry.max_delay = 1s;
        })},
+      {"retry.max_delay", with([](NewTask& t) { t.retry.max_delay = std::chrono::hours(24 * 366); })},
       {"retry.jitter", with([](NewTask& t) { t.retry.jitter = 1.5; })},
       {"retry.jitter", with([](NewTask& t) { t.retry.jitter = -0.1; })},
   };
@@ -1538,6 +1599,7 @@ STORE_CASE("invalid claims are rejected naming the field and change nothing", "[
       {"limit", req([](eoq::ClaimRequest& r) { r.limit = 10001; })},
       {"lease", req([](eoq::ClaimRequest& r) { r.lease = 0ms; })},
       {"lease", req([](eoq::ClaimRequest& r) { r.lease = -5s; })},
+      {"lease", req([](eoq::ClaimRequest& r) { r.lease = std::chrono::hours(24 * 7) + 1ms; })},
       {"queues", req([](eoq::ClaimRequest& r) { r.queues = {}; })},
       {"queues", req([](eoq::ClaimRequest& r) { r.queues = {"default", "x'y"}; })},
       {"queues", req([](eoq::ClaimRequest& r) { r.queues = {"a;b"}; })},
@@ -1549,6 +1611,8 @@ STORE_CASE("invalid claims are rejected naming the field and change nothing", "[
   }
   CHECK(describe(must_get(store, id)) == snapshot);
   CHECK(store.history(id).empty());
+  auto longest = claim(store, {"default"}, "w", 1, std::chrono::hours(24 * 7));
+  CHECK(longest.size() == 1);  // exactly 7 days is allowed
 }
 
 STORE_CASE("invalid fenced calls are rejected naming the field and change nothing", "[validation]") {
@@ -1557,6 +1621,7 @@ STORE_CASE("invalid fenced calls are rejected naming the field and change nothin
   auto snapshot = describe(must_get(store, id));
   CHECK(field_of([&] { store.heartbeat(l, 0ms); }) == "extension");
   CHECK(field_of([&] { store.heartbeat(l, -5s); }) == "extension");
+  CHECK(field_of([&] { store.heartbeat(l, std::chrono::hours(24 * 7) + 1ms); }) == "extension");
   CHECK(field_of([&] { store.progress(l, 101, ""); }) == "progress");
   CHECK(field_of([&] { store.progress(l, -1, ""); }) == "progress");
   CHECK(field_of([&] { store.progress(l, 50, std::string(257, 's')); }) == "stage");

@@ -415,7 +415,7 @@ TEST_CASE("a handler transaction idle past handler_idle_timeout is ended by the 
   eoq::PostgresOptions o;
   o.conninfo = url;
   o.schema = schema;
-  o.handler_idle_timeout = 300ms;
+  o.handler_idle_timeout = 500ms;
   o.transient_retries = 0;
   {
     eoq::PostgresStore store(o);
@@ -430,7 +430,7 @@ TEST_CASE("a handler transaction idle past handler_idle_timeout is ended by the 
     REQUIRE(leases.size() == 1);
     auto tx = store.begin(leases[0]);
     tx->exec(fmt::format("UPDATE \"{}\".account SET balance = balance + 100 WHERE id = 1", schema));
-    std::this_thread::sleep_for(800ms);  // the worker "freezes" with the row locked
+    std::this_thread::sleep_for(1500ms);  // the worker "freezes" with the row locked
     admin.exec("SET lock_timeout = '5s'");
     auto changed =
         admin.exec(fmt::format("UPDATE \"{}\".account SET balance = balance + 1 WHERE id = 1", schema)).affected;

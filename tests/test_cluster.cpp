@@ -25,6 +25,10 @@ using namespace std::chrono_literals;
 
 namespace {
 
+// The server started by `start`, deliberately never destroyed: it must outlive
+// this process. A global keeps it reachable, so LeakSanitizer stays quiet.
+eoq::testing::TempPostgres* g_server = nullptr;
+
 bool gone(pid_t pid) {
   if (::kill(pid, 0) != 0) return errno == ESRCH;
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
@@ -87,8 +91,8 @@ int start(const fs::path& state) {
   eoq::testing::TempPostgresOptions o;
   o.fsync = false;  // a throwaway cluster: durability buys the tests nothing
   o.max_connections = 400;
-  // Deliberately never destroyed: the server must outlive this process.
-  auto* server = new eoq::testing::TempPostgres(o);
+  g_server = new eoq::testing::TempPostgres(o);
+  auto* server = g_server;
   fs::path base = fs::path(server->data_dir()).parent_path();
   {
     std::ofstream out(state / "server");

@@ -301,7 +301,8 @@ TEST_CASE("a throwing handler is retried per the task's policy until attempts ru
   std::atomic<int> calls{0};
   worker.on("flaky", [&](eoq::TaskContext& ctx) {
     ++calls;
-    if (ctx.payload() == R"("always")" || ctx.attempt() < 3) throw std::runtime_error("boom " + std::to_string(ctx.attempt()));
+    if (ctx.payload() == R"("always")" || ctx.attempt() < 3)
+      throw std::runtime_error("boom " + std::to_string(ctx.attempt()));
   });
   auto t = task("flaky", R"("always")");
   t.retry.max_attempts = 3;
@@ -532,6 +533,7 @@ TEST_CASE("heartbeats keep a lease alive for a handler that runs three times the
   });
   auto id = store.submit(task("slow")).task.id;
   worker.start();
+  REQUIRE(eventually([&] { return calls == 1; }));
   // A rival claims all along: it would take the task the moment its lease lapsed.
   std::atomic<int> stolen{0};
   {
@@ -666,6 +668,36 @@ TEST_CASE("an idle worker starts a new task within milliseconds", "[worker]") {
   worker.stop();
   std::sort(latencies.begin(), latencies.end());
   CHECK(latencies[2] < 100ms);  // the median; the poll fallback would take 5 s
+}
+
+TEST_CASE("an idle worker runs a retry when it comes due, not at the next poll", "[worker]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.poll_interval = 5s;
+  eoq::Worker worker(store, options);
+  std::mutex mu;
+  std::vector<std::chrono::steady_clock::time_point> runs;
+  worker.on("again", [&](eoq::TaskContext& ctx) {
+    {
+      std::lock_guard lk(mu);
+      runs.push_back(std::chrono::steady_clock::now());
+    }
+    if (ctx.attempt() == 1) throw std::runtime_error("once more");
+  });
+  auto t = task("again");
+  t.retry.backoff = eoq::Backoff::fixed;
+  t.retry.initial_delay = 300ms;
+  t.retry.jitter = 0;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }, 5s));
+  worker.stop();
+  std::lock_guard lk(mu);
+  REQUIRE(runs.size() == 2);
+  auto gap = runs[1] - runs[0];
+  CHECK(gap >= 250ms);
+  CHECK(gap < 1500ms);
 }
 
 TEST_CASE("stop() returns promptly on an idle worker", "[worker]") {
@@ -1435,6 +1467,42 @@ TEST_CASE("a frozen worker's late completion and SQL are rejected after another 
   CHECK(h[0].outcome == "lease_expired");
   CHECK(h[1].owner == "rescuer");
   CHECK(h[1].outcome == "succeeded");
+}
+
+TEST_CASE("a frozen worker holding row locks is cut off by the server so the next owner can proceed",
+          "[worker][postgres][process]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  eoq::test::Admin admin(ts.conninfo());
+  const std::string effects = "\"" + ts.schema() + "\".effects";
+  // The key makes the next owner's insert wait for the frozen owner's uncommitted row.
+  admin.exec("CREATE TABLE " + effects + " (task_id bigint PRIMARY KEY, attempt int NOT NULL, owner text NOT NULL)");
+  auto id = ts->submit(task("effect")).task.id;
+  auto dir = eoq::test::scratch_dir("worker-locks");
+
+  auto zombie = start_child("zombie", ts, dir, "zombie",
+                            {"lease_ms=1000", "concurrency=1", "prefetch=0", "sleep_ms=3000", "idle_timeout_ms=1000"});
+  REQUIRE(eventually([&] { return !eoq::test::read_file(dir + "/started-1").empty(); }, 20s));
+  auto handler_started = std::chrono::steady_clock::now();
+  ::kill(zombie.child.pid, SIGSTOP);
+
+  auto rescuer = start_child("zombie", ts, dir, "rescuer", {"lease_ms=1000", "concurrency=1", "prefetch=0"});
+  // Without the server ending the frozen transaction, this would wait for SIGCONT.
+  REQUIRE(eventually([&] { return status_of(*ts, id) == eoq::TaskStatus::succeeded; }, 20s));
+  ::kill(rescuer.child.pid, SIGTERM);
+  CHECK(eoq::test::wait_child(rescuer.child, 30s) == 0);
+
+  ::kill(zombie.child.pid, SIGCONT);
+  std::this_thread::sleep_until(handler_started + 4500ms);  // its handler has returned by now
+  ::kill(zombie.child.pid, SIGTERM);
+  CHECK(eoq::test::wait_child(zombie.child, 30s) == 0);
+  auto zc = child_counters(eoq::test::read_file(zombie.child.log));
+  INFO("zombie log:\n" << eoq::test::read_file(zombie.child.log));
+  CHECK(zc["succeeded"] == 0);
+  CHECK(zc["lease_lost"] == 1);
+  auto rows = admin.exec("SELECT attempt, owner FROM " + effects).rows;
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0][1] == std::optional<std::string>("rescuer"));
+  CHECK(ts->get(id)->result == std::optional<std::string>(R"("rescuer")"));
 }
 
 #endif  // EOQ_WORKER_CHILD

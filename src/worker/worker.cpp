@@ -235,7 +235,7 @@ class Engine {
   std::atomic<bool> stopping{false};        // TaskContext::stopping()
   std::atomic<bool> give_up{false};         // shutdown deadline passed: store errors are no longer retried
 
-  // Everything below is guarded by mu.
+  // Guarded by mu, down to the threads.
   std::mutex mu;
   std::condition_variable_any cv_work;      // handlers: buffer not empty
   std::condition_variable_any cv_capacity;  // claimer: room for more leases
@@ -260,7 +260,8 @@ class Engine {
     std::lock_guard life(life_mu);
     if (state.load() != State::idle) throw UsageError("a Worker runs once: start() after stop() or a second start()");
     if (handlers.empty() && periodics.empty())
-      log(LogLevel::warning, "no handlers registered: every task claimed from {} will fail", fmt::join(opt.queues, ", "));
+      log(LogLevel::warning, "no handlers registered: every task claimed from [{}] will fail",
+          fmt::join(opt.queues, ", "));
     log(LogLevel::info, "worker {} starting on queues [{}] with {} handler threads, lease {} ms", id,
         fmt::join(opt.queues, ", "), opt.concurrency, opt.lease.count());
     heartbeater = std::jthread([this](std::stop_token st) { heartbeat_loop(st); });
@@ -674,8 +675,22 @@ class Engine {
   }
 
   void note_retry(TimePoint at) {
-    std::lock_guard lk(mu);
-    if (retries_due.size() < 100000) retries_due.push(at.time_since_epoch().count());
+    bool earliest = false;
+    {
+      std::lock_guard lk(mu);
+      if (retries_due.size() < 100000) {
+        retries_due.push(at.time_since_epoch().count());
+        earliest = retries_due.top() == at.time_since_epoch().count();
+      }
+    }
+    // The claimer may already be waiting out a longer timeout (the store's own
+    // notification about this retry can beat us to it): have it recompute.
+    if (earliest) {
+      try {
+        store.wake();
+      } catch (...) {
+      }
+    }
   }
 
   // How long the idle claimer may wait: the poll interval, or less when one of
@@ -732,8 +747,9 @@ class Engine {
         cv_complete.wait(lk, st, [&] { return !completions.empty(); });
         if (completions.empty()) break;  // stop requested and nothing left
         auto n = std::min(completions.size(), static_cast<std::size_t>(opt.complete_batch));
-        batch.assign(std::make_move_iterator(completions.begin()), std::make_move_iterator(completions.begin() + static_cast<std::ptrdiff_t>(n)));
-        completions.erase(completions.begin(), completions.begin() + static_cast<std::ptrdiff_t>(n));
+        auto end = completions.begin() + static_cast<std::ptrdiff_t>(n);
+        batch.assign(std::make_move_iterator(completions.begin()), std::make_move_iterator(end));
+        completions.erase(completions.begin(), end);
       }
       cv_capacity.notify_one();
       if (flush(batch)) {
