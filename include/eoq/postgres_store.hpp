@@ -12,7 +12,8 @@ namespace eoq {
 struct PostgresOptions {
   // libpq connection string or URL. Empty: the EOQ_DATABASE_URL environment variable.
   std::string conninfo;
-  // Schema holding eoq's tables: [a-z_][a-z0-9_]*, at most 63 characters.
+  // Schema holding eoq's tables: [a-z_][a-z0-9_]*, at most 48 characters (it also
+  // names the LISTEN channel, which has a 63-byte limit).
   std::string schema = "eoq";
   // Connections kept open; callers beyond this many wait for one.
   int pool_size = 8;

@@ -24,7 +24,8 @@ class TempPostgres {
   TempPostgres(const TempPostgres&) = delete;
   TempPostgres& operator=(const TempPostgres&) = delete;
 
-  // libpq connection string for the `postgres` database as the `postgres` user.
+  // libpq connection string for the `postgres` database as the `postgres` user:
+  // over 127.0.0.1 when listen_tcp is set, else over the Unix socket.
   const std::string& conninfo() const noexcept;
   // Creates a fresh database and returns its connection string.
   std::string create_database(const std::string& name);
