@@ -58,7 +58,7 @@ struct WorkerCounters {
   std::uint64_t retried = 0;     // failed and scheduled to run again
   std::uint64_t cancelled = 0;   // ended cancelled after cancel() was requested
   std::uint64_t lease_lost = 0;  // outcome discarded: the store fenced the lease off
-  std::uint64_t released = 0;    // given back unfinished at shutdown
+  std::uint64_t released = 0;    // given back unfinished (shutdown, or a commit that failed): runs again
   std::uint64_t abandoned = 0;   // outcome unknown to the store (it was unreachable); the lease expires
   std::uint64_t in_flight = 0;   // leases held right now (buffered, running or being settled)
   std::uint64_t store_errors = 0;  // failed store calls (each retried or given up on, and logged)
@@ -82,7 +82,10 @@ struct WorkerOptions {
   Millis heartbeat_interval{0};
   int claim_batch = 100;    // most tasks taken per claim round trip (1..10000)
   // Claimed beyond the free handler slots, so a busy handler that finishes finds
-  // its next task without a round trip. Buffered leases are heartbeated too.
+  // its next task without a round trip. Buffered leases are heartbeated, and
+  // given back by stop(). A busy worker claims once half of concurrency +
+  // prefetch is free, so for many short tasks raise prefetch (e.g. to hundreds)
+  // to claim in large batches.
   int prefetch = 4;
   int complete_batch = 500;  // most completions per complete_batch round trip
   // Longest an idle worker waits for a notification before it polls again.
@@ -158,7 +161,9 @@ class TaskContext {
 
   // Opens (on first use) the transaction that completes the task. If the handler
   // throws, the lease is lost or the process dies, nothing run in it commits
-  // (except what a checkpoint already committed).
+  // (except what a checkpoint already committed). On Postgres it holds a
+  // connection of the store's handler pool for the rest of the handler, and the
+  // server ends it if it sits idle longer than PostgresOptions::handler_idle_timeout.
   TaskTransaction& transaction();
   // Shorthand for transaction().exec(sql, params).
   Rows exec(std::string_view sql, const Params& params = {});
