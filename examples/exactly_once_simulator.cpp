@@ -53,15 +53,15 @@ class Db {
   std::vector<Row> query(const std::string& sql, const std::vector<std::string>& params = {}) {
     std::vector<const char*> values;
     for (const auto& p : params) values.push_back(p.c_str());
-    std::unique_ptr<PGresult, decltype(&PQclear)> r(
-        PQexecParams(c_.get(), sql.c_str(), static_cast<int>(values.size()), nullptr, values.data(), nullptr,
-                     nullptr, 0),
-        &PQclear);
+    std::unique_ptr<PGresult, decltype(&PQclear)> r(PQexecParams(c_.get(), sql.c_str(), static_cast<int>(values.size()),
+                                                                 nullptr, values.data(), nullptr, nullptr, 0),
+                                                    &PQclear);
     auto st = PQresultStatus(r.get());
     if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
     std::vector<Row> rows(static_cast<std::size_t>(PQntuples(r.get())));
     for (int i = 0; i < PQntuples(r.get()); ++i)
-      for (int j = 0; j < PQnfields(r.get()); ++j) rows[static_cast<std::size_t>(i)].push_back(PQgetvalue(r.get(), i, j));
+      for (int j = 0; j < PQnfields(r.get()); ++j)
+        rows[static_cast<std::size_t>(i)].push_back(PQgetvalue(r.get(), i, j));
     return rows;
   }
 
@@ -78,11 +78,11 @@ struct Options {
 
 Options parse(int argc, char** argv) {
   Options o;
-  std::map<std::string, int*> ints{{"--tasks", &o.tasks},           {"--unkeyed", &o.unkeyed},
-                                   {"--submitters", &o.submitters}, {"--repeats", &o.repeats},
-                                   {"--min-delay-ms", &o.min_delay_ms}, {"--max-delay-ms", &o.max_delay_ms},
-                                   {"--workers", &o.workers},       {"--concurrency", &o.concurrency},
-                                   {"--max-attempts", &o.max_attempts}, {"--timeout-s", &o.timeout_s}};
+  std::map<std::string, int*> ints{
+      {"--tasks", &o.tasks},        {"--unkeyed", &o.unkeyed},           {"--submitters", &o.submitters},
+      {"--repeats", &o.repeats},    {"--min-delay-ms", &o.min_delay_ms}, {"--max-delay-ms", &o.max_delay_ms},
+      {"--workers", &o.workers},    {"--concurrency", &o.concurrency},   {"--max-attempts", &o.max_attempts},
+      {"--timeout-s", &o.timeout_s}};
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     if (i + 1 >= argc) throw std::invalid_argument("missing value for " + flag);
@@ -126,8 +126,9 @@ int main(int argc, char** argv) try {
   db.query("CREATE SCHEMA simulator");
   // Deliberately no unique constraint: a second effect for a task must show up
   // in the count, not be hidden by an error.
-  db.query("CREATE TABLE simulator.effects (task_id bigint NOT NULL, caller_id text, amount_cents int NOT NULL,"
-           " attempt int NOT NULL, worker text NOT NULL)");
+  db.query(
+      "CREATE TABLE simulator.effects (task_id bigint NOT NULL, caller_id text, amount_cents int NOT NULL,"
+      " attempt int NOT NULL, worker text NOT NULL)");
 
   auto store_options = [&](int pool_size) {
     eoq::PostgresOptions o;
@@ -142,9 +143,10 @@ int main(int argc, char** argv) try {
   // The handler writes its effect first, then takes its time, then maybe fails:
   // the worst moment to fail, since the effect is already written.
   auto handler = [&opt](eoq::TaskContext& ctx) {
-    ctx.exec("INSERT INTO simulator.effects (task_id, caller_id, amount_cents, attempt, worker)"
-             " VALUES ($1, $2::json->>'caller_id', ($2::json->>'amount_cents')::int, $3, $4)",
-             {std::to_string(ctx.id()), ctx.payload(), std::to_string(ctx.attempt()), ctx.lease().owner});
+    ctx.exec(
+        "INSERT INTO simulator.effects (task_id, caller_id, amount_cents, attempt, worker)"
+        " VALUES ($1, $2::json->>'caller_id', ($2::json->>'amount_cents')::int, $3, $4)",
+        {std::to_string(ctx.id()), ctx.payload(), std::to_string(ctx.attempt()), ctx.lease().owner});
     auto delay = opt.min_delay_ms + unit_random() * (opt.max_delay_ms - opt.min_delay_ms);
     if (!ctx.sleep_for(eoq::Millis(static_cast<long>(delay)))) throw std::runtime_error("interrupted");
     if (unit_random() < opt.failure_rate) throw std::runtime_error("simulated failure after writing the effect");
@@ -174,8 +176,11 @@ int main(int argc, char** argv) try {
     auto amount = caller_id ? 100 + static_cast<int>(std::hash<std::string>{}(*caller_id) % 9900) : 4200;
     t.payload = std::string(R"({"caller_id":)") + (caller_id ? "\"" + *caller_id + "\"" : "null") +
                 R"(,"amount_cents":)" + std::to_string(amount) + "}";
-    t.retry = {.max_attempts = opt.max_attempts, .backoff = eoq::Backoff::fixed, .initial_delay = 100ms,
-               .max_delay = 100ms, .jitter = 0.5};
+    t.retry = {.max_attempts = opt.max_attempts,
+               .backoff = eoq::Backoff::fixed,
+               .initial_delay = 100ms,
+               .max_delay = 100ms,
+               .jitter = 0.5};
     return t;
   };
 
@@ -202,8 +207,8 @@ int main(int argc, char** argv) try {
   std::printf("%d threads submitted order-1 at the same instant: %d task created (%lld), %d duplicates\n",
               opt.submitters, stampede_created.load(), static_cast<long long>(stampede_task.load()),
               opt.submitters - stampede_created.load());
-  std::printf("then %d caller ids were submitted %d times each and %d tasks without a caller id once each\n",
-              opt.tasks, opt.repeats, opt.unkeyed);
+  std::printf("then %d caller ids were submitted %d times each and %d tasks without a caller id once each\n", opt.tasks,
+              opt.repeats, opt.unkeyed);
 
   // Wait until nothing is pending or running.
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(opt.timeout_s);
@@ -225,8 +230,8 @@ int main(int argc, char** argv) try {
   for (const auto& r : db.query("SELECT task_id, count(*), max(attempt) FROM simulator.effects GROUP BY task_id"))
     effects[std::stoll(r[0])] = {std::stoi(r[1]), std::stoi(r[2])};
 
-  std::printf("\n%6s  %-10s %7s %8s  %-9s %7s  %s\n", "task", "caller id", "submits", "attempts", "status",
-              "effects", "errors");
+  std::printf("\n%6s  %-10s %7s %8s  %-9s %7s  %s\n", "task", "caller id", "submits", "attempts", "status", "effects",
+              "errors");
   bool ok = true;
   int tasks = 0, keyed = 0, succeeded = 0, attempts = 0, effect_rows = 0;
   eoq::ListQuery q;
@@ -256,9 +261,9 @@ int main(int argc, char** argv) try {
         errors += (errors.empty() ? "" : "; ") + std::to_string(a.number) + ": " + *a.error;
       }
       if (alike && !last.empty()) errors = "attempt " + numbers + ": " + last;
-      std::printf("%6lld  %-10s %7d %8d  %-9s %7d%s  %s\n", static_cast<long long>(t.id),
-                  t.key.value_or("-").c_str(), log.submits[t.id], t.attempts,
-                  std::string(eoq::to_string(t.status)).c_str(), rows, task_ok ? "" : " !!", errors.c_str());
+      std::printf("%6lld  %-10s %7d %8d  %-9s %7d%s  %s\n", static_cast<long long>(t.id), t.key.value_or("-").c_str(),
+                  log.submits[t.id], t.attempts, std::string(eoq::to_string(t.status)).c_str(), rows,
+                  task_ok ? "" : " !!", errors.c_str());
     }
     if (!page.next_after) break;
     q.after = page.next_after;

@@ -10,7 +10,7 @@ namespace eoq {
 
 struct MemoryStoreOptions {
   std::size_t max_payload_bytes = 1 << 20;
-  std::optional<Millis> retention;  // maintain() prunes finished tasks older than this
+  std::optional<Millis> retention{};  // maintain() prunes finished tasks older than this
 };
 
 class MemoryStore final : public TaskStore {

@@ -11,7 +11,7 @@ namespace eoq {
 
 struct PostgresOptions {
   // libpq connection string or URL. Empty: the EOQ_DATABASE_URL environment variable.
-  std::string conninfo;
+  std::string conninfo{};
   // Schema holding eoq's tables: [a-z_][a-z0-9_]*, at most 48 characters (it also
   // names the LISTEN channel, which has a 63-byte limit).
   std::string schema = "eoq";
@@ -19,7 +19,7 @@ struct PostgresOptions {
   int pool_size = 8;
   std::size_t max_payload_bytes = 1 << 20;
   // maintain() deletes finished tasks older than this (empty: keep forever).
-  std::optional<Millis> retention;
+  std::optional<Millis> retention{};
   int prune_batch = 1000;
   // How many times a statement that is safe to repeat is retried after a
   // transient error (connection lost, server restarting, serialization failure).

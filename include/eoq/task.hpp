@@ -43,54 +43,54 @@ struct RetryPolicy {
 // What a caller submits. Only `type` is required.
 struct NewTask {
   std::string queue = "default";
-  std::string type;
+  std::string type{};
   std::string payload = "{}";           // JSON text
-  std::optional<std::string> key;       // idempotency key, unique per queue
+  std::optional<std::string> key{};       // idempotency key, unique per queue
   int priority = 0;                     // lower runs first
-  std::optional<TimePoint> run_at;      // not before (default: now)
-  std::optional<TimePoint> deadline;    // not after: never started later than this
-  RetryPolicy retry;
-  std::optional<std::string> tenant;    // owner, for scoped reads
+  std::optional<TimePoint> run_at{};      // not before (default: now)
+  std::optional<TimePoint> deadline{};    // not after: never started later than this
+  RetryPolicy retry{};
+  std::optional<std::string> tenant{};    // owner, for scoped reads
 };
 
 struct Task {
   TaskId id = 0;
-  std::string queue;
-  std::string type;
-  std::string payload;
-  std::optional<std::string> key;
-  std::optional<std::string> tenant;
+  std::string queue{};
+  std::string type{};
+  std::string payload{};
+  std::optional<std::string> key{};
+  std::optional<std::string> tenant{};
   TaskStatus status = TaskStatus::pending;
   int priority = 0;
   TimePoint run_at{};
-  std::optional<TimePoint> deadline;
+  std::optional<TimePoint> deadline{};
   int attempts = 0;  // attempts started so far
-  RetryPolicy retry;
+  RetryPolicy retry{};
   std::int64_t version = 0;  // fencing token; changes on every claim and settle
-  std::optional<std::string> lease_owner;
-  std::optional<TimePoint> lease_expires_at;
+  std::optional<std::string> lease_owner{};
+  std::optional<TimePoint> lease_expires_at{};
   bool cancel_requested = false;
   int progress = 0;  // 0..100
-  std::string stage;
-  std::optional<std::string> checkpoint_stage;
-  std::optional<std::string> checkpoint;  // JSON text
-  std::optional<std::string> result;      // JSON text
-  std::optional<std::string> last_error;
+  std::string stage{};
+  std::optional<std::string> checkpoint_stage{};
+  std::optional<std::string> checkpoint{};  // JSON text
+  std::optional<std::string> result{};      // JSON text
+  std::optional<std::string> last_error{};
   TimePoint created_at{};
   TimePoint updated_at{};
-  std::optional<TimePoint> finished_at;
+  std::optional<TimePoint> finished_at{};
 };
 
 struct SubmitResult {
-  Task task;
+  Task task{};
   bool duplicate = false;  // the key was taken: `task` is the existing task, untouched
 };
 
 // The right to settle one attempt of one task. `token` is the task's version
 // after the claim; every fenced call checks it.
 struct Lease {
-  Task task;  // as of the claim
-  std::string owner;
+  Task task{};  // as of the claim
+  std::string owner{};
   std::int64_t token = 0;
   TimePoint expires_at{};
   TaskId id() const noexcept { return task.id; }
@@ -99,20 +99,20 @@ struct Lease {
 
 struct ClaimRequest {
   std::vector<std::string> queues{"default"};
-  std::string owner;
+  std::string owner{};
   int limit = 1;
   Millis lease{30000};
 };
 
 struct Failure {
-  std::string error;
+  std::string error{};
   bool permanent = false;  // no retry, whatever the policy says
 };
 
 // What fail() did with the task.
 struct FailOutcome {
   TaskStatus status = TaskStatus::pending;  // pending (will retry), failed or cancelled
-  std::optional<TimePoint> retry_at;        // when status is pending
+  std::optional<TimePoint> retry_at{};        // when status is pending
 };
 
 struct HeartbeatResult {
@@ -128,33 +128,33 @@ struct Completion {
 enum class CancelOutcome { cancelled, cancel_requested, already_finished, not_found };
 
 struct ListQuery {
-  std::optional<std::string> queue;
-  std::optional<TaskStatus> status;
-  std::optional<std::string> type;
-  std::optional<std::string> tenant;
-  std::optional<TaskId> after;  // keyset cursor: ids greater than this
+  std::optional<std::string> queue{};
+  std::optional<TaskStatus> status{};
+  std::optional<std::string> type{};
+  std::optional<std::string> tenant{};
+  std::optional<TaskId> after{};  // keyset cursor: ids greater than this
   int limit = 100;
 };
 
 struct TaskPage {
-  std::vector<Task> tasks;          // ordered by id
-  std::optional<TaskId> next_after;  // pass as `after` for the next page; empty at the end
+  std::vector<Task> tasks{};          // ordered by id
+  std::optional<TaskId> next_after{};  // pass as `after` for the next page; empty at the end
 };
 
 struct QueueStats {
-  std::string queue;
+  std::string queue{};
   std::int64_t pending = 0, running = 0, succeeded = 0, failed = 0, cancelled = 0, expired = 0;
-  std::optional<Millis> oldest_pending_age;  // of pending tasks whose run_at has come
+  std::optional<Millis> oldest_pending_age{};  // of pending tasks whose run_at has come
 };
 
 // One attempt of a task, oldest first. The attempt in progress has no end.
 struct Attempt {
   int number = 0;
-  std::string owner;
+  std::string owner{};
   TimePoint started_at{};
-  std::optional<TimePoint> finished_at;
-  std::string outcome;  // running, succeeded, retry, failed, cancelled, lease_expired
-  std::optional<std::string> error;
+  std::optional<TimePoint> finished_at{};
+  std::string outcome{};  // running, succeeded, retry, failed, cancelled, lease_expired
+  std::optional<std::string> error{};
 };
 
 }  // namespace eoq

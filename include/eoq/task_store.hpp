@@ -14,8 +14,8 @@ namespace eoq {
 
 // Rows from a handler's SQL, as text (NULL is an empty optional).
 struct Rows {
-  std::vector<std::string> columns;
-  std::vector<std::vector<std::optional<std::string>>> rows;
+  std::vector<std::string> columns{};
+  std::vector<std::vector<std::optional<std::string>>> rows{};
   std::int64_t affected = 0;  // rows changed by INSERT/UPDATE/DELETE
 
   std::size_t size() const noexcept { return rows.size(); }
