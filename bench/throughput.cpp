@@ -2,7 +2,7 @@
 // throughput, idle submit-to-start latency and growth, all in one run on one
 // server, so that every figure can be read as a ratio of the ceiling.
 //
-//   throughput [--tasks N] [--concurrency C] [--claim-batch B] [--latency-tasks L]
+//   throughput [--tasks N] [--concurrency C] [--claim-batch B] [--prefetch P] [--latency-tasks L]
 //              [--ceiling-seconds S] [--ceiling-clients K] [--growth G]
 //
 // Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself
@@ -32,6 +32,7 @@ struct Args {
   int tasks = 100000;
   int concurrency = 8;
   int claim_batch = 1000;
+  int prefetch = 1000;
   int latency_tasks = 1000;
   double ceiling_seconds = 10;
   int ceiling_clients = 4;
@@ -49,6 +50,7 @@ Args parse(int argc, char** argv) {
     if (k == "--tasks") a.tasks = std::stoi(next());
     else if (k == "--concurrency") a.concurrency = std::stoi(next());
     else if (k == "--claim-batch") a.claim_batch = std::stoi(next());
+    else if (k == "--prefetch") a.prefetch = std::stoi(next());
     else if (k == "--latency-tasks") a.latency_tasks = std::stoi(next());
     else if (k == "--ceiling-seconds") a.ceiling_seconds = std::stod(next());
     else if (k == "--ceiling-clients") a.ceiling_clients = std::stoi(next());
@@ -166,6 +168,8 @@ Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n) {
   o.queues = {queue};
   o.concurrency = a.concurrency;
   o.claim_batch = a.claim_batch;
+  o.prefetch = a.prefetch;  // a local buffer, as graphile-worker's localQueue
+  o.complete_batch = a.claim_batch;
   o.maintenance_interval = eoq::Millis(1000);
   eoq::Worker w(s, o);
   w.on("noop", [&](eoq::TaskContext&) { ran.fetch_add(1, std::memory_order_relaxed); });
@@ -230,8 +234,8 @@ Latency latency(eoq::TaskStore& s, int n, const std::string& queue) {
 int main(int argc, char** argv) try {
   Args a = parse(argc, argv);
   std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
-  fmt::print("eoq throughput harness: {} tasks, concurrency {}, claim batch {}, {} cores\n", a.tasks, a.concurrency,
-             a.claim_batch, std::thread::hardware_concurrency());
+  fmt::print("eoq throughput harness: {} tasks, concurrency {}, claim batch {}, prefetch {}, {} cores\n", a.tasks,
+             a.concurrency, a.claim_batch, a.prefetch, std::thread::hardware_concurrency());
 
   double c1 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 1, a.ceiling_clients, a.ceiling_seconds);
   double c100 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 100, a.ceiling_clients, a.ceiling_seconds);
