@@ -23,11 +23,7 @@
 #include <eoq/testing.hpp>
 #include <eoq/worker.hpp>
 
-#include <libpq-fe.h>
-#include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "example_support.hpp"
 
 #include <chrono>
 #include <cstdio>
@@ -44,35 +40,17 @@
 namespace {
 
 using namespace std::chrono_literals;
-using Row = std::vector<std::string>;
+using example::Child;  // a worker in its own process, so it can be killed for real
+using example::elapsed;
+using example::flag;
+using example::flags;
+using example::Row;
+using example::started;
 const char* const kSchema = "reminders_eoq";  // eoq's tables; ours are in "reminders"
 
 // The host's own connection: its transactions create to-dos with their reminders
 // and cancel them; at the end it counts the sends.
-class Db {
- public:
-  explicit Db(const std::string& conninfo) : c_(PQconnectdb(conninfo.c_str()), &PQfinish) {
-    if (PQstatus(c_.get()) != CONNECTION_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-  }
-  PGconn* get() const noexcept { return c_.get(); }
-  std::vector<Row> query(const std::string& sql, const std::vector<std::string>& params = {}) {
-    std::vector<const char*> values;
-    for (const auto& p : params) values.push_back(p.c_str());
-    std::unique_ptr<PGresult, decltype(&PQclear)> r(PQexecParams(c_.get(), sql.c_str(), static_cast<int>(values.size()),
-                                                                 nullptr, values.data(), nullptr, nullptr, 0),
-                                                    &PQclear);
-    auto st = PQresultStatus(r.get());
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-    std::vector<Row> rows(static_cast<std::size_t>(PQntuples(r.get())));
-    for (int i = 0; i < PQntuples(r.get()); ++i)
-      for (int j = 0; j < PQnfields(r.get()); ++j)
-        rows[static_cast<std::size_t>(i)].push_back(PQgetvalue(r.get(), i, j));
-    return rows;
-  }
-
- private:
-  std::unique_ptr<PGconn, decltype(&PQfinish)> c_;
-};
+using example::Db;
 
 // Rolls back unless commit() ran.
 class Transaction {
@@ -103,9 +81,6 @@ class Rejected : public std::runtime_error {
 
 eoq::TimePoint now() { return std::chrono::time_point_cast<std::chrono::microseconds>(eoq::Clock::now()); }
 std::string micros(eoq::TimePoint t) { return std::to_string(t.time_since_epoch().count()); }
-// Seconds since the demo started, in the worker processes too (they get --t0).
-std::chrono::system_clock::time_point started = std::chrono::system_clock::now();
-double elapsed() { return std::chrono::duration<double>(std::chrono::system_clock::now() - started).count(); }
 
 // Schedules one reminder inside the caller's open transaction. The task and its
 // row in reminders.reminders commit together, or neither does.
@@ -216,21 +191,8 @@ void send_reminder(eoq::TaskContext& ctx, eoq::Millis stall) {
   ctx.sleep_for(eoq::Millis(std::uniform_int_distribution<int>(20, 120)(gen)));  // the mail server
 }
 
-std::map<std::string, std::string> flags(int argc, char** argv, int from) {
-  std::map<std::string, std::string> f;
-  for (int i = from; i + 1 < argc; i += 2) f[argv[i]] = argv[i + 1];
-  return f;
-}
-
-int flag(const std::map<std::string, std::string>& f, const std::string& name, int fallback) {
-  auto it = f.find(name);
-  return it == f.end() ? fallback : std::stoi(it->second);
-}
-
 eoq::PostgresOptions store_options() {
-  eoq::PostgresOptions o;  // conninfo: EOQ_DATABASE_URL, which main() sets
-  o.schema = kSchema;
-  return o;
+  return example::store_options(kSchema);  // conninfo: EOQ_DATABASE_URL, which main() sets
 }
 
 eoq::WorkerOptions worker_options(std::string id, eoq::Millis lease) {
@@ -246,7 +208,7 @@ eoq::WorkerOptions worker_options(std::string id, eoq::Millis lease) {
 
 // The "worker" subcommand: one reminder worker, until it is killed.
 int run_worker(const std::map<std::string, std::string>& f) {
-  if (f.count("--t0")) started = std::chrono::system_clock::time_point(eoq::Millis(std::stoll(f.at("--t0"))));
+  example::start_at_t0(f);
   eoq::PostgresStore store(store_options());
   eoq::Worker worker(store, worker_options(f.at("--id"), eoq::Millis(flag(f, "--lease-ms", 1500))));
   eoq::Millis stall(flag(f, "--stall-ms", 0));
@@ -254,35 +216,6 @@ int run_worker(const std::map<std::string, std::string>& f) {
   worker.run();
   return 0;
 }
-
-// A worker in its own process, so it can be killed for real: fork+exec of this
-// program, which shares nothing with our threads and connections.
-class Child {
- public:
-  explicit Child(std::vector<std::string> args) {
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    std::fflush(stdout);
-    pid_ = fork();
-    if (pid_ < 0) throw std::runtime_error("fork failed");
-    if (pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive us
-      execv("/proc/self/exe", argv.data());
-      _exit(127);
-    }
-  }
-  ~Child() { kill_now(); }
-  void kill_now() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-
- private:
-  pid_t pid_ = -1;
-};
 
 }  // namespace
 
@@ -332,9 +265,8 @@ int main(int argc, char** argv) try {
   // A worker that stalls in the middle of every send; kill it once it holds one.
   std::vector<std::string> held;
   {
-    auto t0 = std::chrono::duration_cast<eoq::Millis>(started.time_since_epoch()).count();
-    Child doomed(
-        {argv[0], "worker", "--id", "doomed", "--stall-ms", "60000", "--lease-ms", "1500", "--t0", std::to_string(t0)});
+    Child doomed({argv[0], "worker", "--id", "doomed", "--stall-ms", "60000", "--lease-ms", "1500", "--t0",
+                  example::started_ms()});
     auto holding = [&] {
       std::vector<std::string> ids;
       eoq::ListQuery q;

@@ -21,7 +21,7 @@
 #include <eoq/testing.hpp>
 #include <eoq/worker.hpp>
 
-#include <libpq-fe.h>
+#include "example_support.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -41,33 +41,9 @@
 namespace {
 
 using namespace std::chrono_literals;
-using Row = std::vector<std::string>;
-
 // The host's own connection: creates the example's table and counts effects at
 // the end, independently of eoq.
-class Db {
- public:
-  explicit Db(const std::string& conninfo) : c_(PQconnectdb(conninfo.c_str()), &PQfinish) {
-    if (PQstatus(c_.get()) != CONNECTION_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-  }
-  std::vector<Row> query(const std::string& sql, const std::vector<std::string>& params = {}) {
-    std::vector<const char*> values;
-    for (const auto& p : params) values.push_back(p.c_str());
-    std::unique_ptr<PGresult, decltype(&PQclear)> r(PQexecParams(c_.get(), sql.c_str(), static_cast<int>(values.size()),
-                                                                 nullptr, values.data(), nullptr, nullptr, 0),
-                                                    &PQclear);
-    auto st = PQresultStatus(r.get());
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-    std::vector<Row> rows(static_cast<std::size_t>(PQntuples(r.get())));
-    for (int i = 0; i < PQntuples(r.get()); ++i)
-      for (int j = 0; j < PQnfields(r.get()); ++j)
-        rows[static_cast<std::size_t>(i)].push_back(PQgetvalue(r.get(), i, j));
-    return rows;
-  }
-
- private:
-  std::unique_ptr<PGconn, decltype(&PQfinish)> c_;
-};
+using example::Db;
 
 struct Options {
   int tasks = 40, unkeyed = 5, submitters = 8, repeats = 5;
@@ -130,13 +106,7 @@ int main(int argc, char** argv) try {
       "CREATE TABLE simulator.effects (task_id bigint NOT NULL, caller_id text, amount_cents int NOT NULL,"
       " attempt int NOT NULL, worker text NOT NULL)");
 
-  auto store_options = [&](int pool_size) {
-    eoq::PostgresOptions o;
-    o.conninfo = url;
-    o.schema = "simulator_eoq";
-    o.pool_size = pool_size;
-    return o;
-  };
+  auto store_options = [&](int pool_size) { return example::store_options("simulator_eoq", url, pool_size); };
   eoq::PostgresStore store(store_options(opt.submitters));
   store.migrate();
 

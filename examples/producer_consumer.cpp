@@ -25,11 +25,9 @@
 #include <eoq/testing.hpp>
 #include <eoq/worker.hpp>
 
-#include <libpq-fe.h>
+#include "example_support.hpp"
+
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -46,33 +44,13 @@
 namespace {
 
 using namespace std::chrono_literals;
-using Row = std::vector<std::string>;
+using example::Child;
+using example::flag;
+using example::flags;
 const char* const kQueue = "jobs";
 
 // The host's own connection: creates the results table, and counts it in the demo.
-class Db {
- public:
-  explicit Db(const std::string& conninfo) : c_(PQconnectdb(conninfo.c_str()), &PQfinish) {
-    if (PQstatus(c_.get()) != CONNECTION_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-  }
-  std::vector<Row> query(const std::string& sql, const std::vector<std::string>& params = {}) {
-    std::vector<const char*> values;
-    for (const auto& p : params) values.push_back(p.c_str());
-    std::unique_ptr<PGresult, decltype(&PQclear)> r(PQexecParams(c_.get(), sql.c_str(), static_cast<int>(values.size()),
-                                                                 nullptr, values.data(), nullptr, nullptr, 0),
-                                                    &PQclear);
-    auto st = PQresultStatus(r.get());
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-    std::vector<Row> rows(static_cast<std::size_t>(PQntuples(r.get())));
-    for (int i = 0; i < PQntuples(r.get()); ++i)
-      for (int j = 0; j < PQnfields(r.get()); ++j)
-        rows[static_cast<std::size_t>(i)].push_back(PQgetvalue(r.get(), i, j));
-    return rows;
-  }
-
- private:
-  std::unique_ptr<PGconn, decltype(&PQfinish)> c_;
-};
+using example::Db;
 
 std::string url() { return std::getenv("EOQ_DATABASE_URL"); }
 
@@ -89,23 +67,9 @@ std::unique_ptr<eoq::PostgresStore> open_store() {
       "CREATE TABLE IF NOT EXISTS jobs.done (task_id bigint NOT NULL, key text, type text NOT NULL,"
       " consumer text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())");
   db.query("COMMIT");
-  eoq::PostgresOptions o;
-  o.conninfo = url();
-  o.schema = "jobs_eoq";
-  auto store = std::make_unique<eoq::PostgresStore>(o);
+  auto store = std::make_unique<eoq::PostgresStore>(example::store_options("jobs_eoq", url()));
   store->migrate();  // safe from many processes at once
   return store;
-}
-
-std::map<std::string, std::string> flags(int argc, char** argv, int from) {
-  std::map<std::string, std::string> f;
-  for (int i = from; i + 1 < argc; i += 2) f[argv[i]] = argv[i + 1];
-  return f;
-}
-
-std::string flag(const std::map<std::string, std::string>& f, const std::string& name, std::string fallback) {
-  auto it = f.find(name);
-  return it == f.end() ? fallback : it->second;
 }
 
 // produce: jobs 1..N-2 are ordinary, N-1 always fails (and retries), N is an
@@ -219,37 +183,12 @@ int status(eoq::PostgresStore& store, const std::string& id) {
   return 0;
 }
 
-// One step of the demo in its own process: fork+exec of this program.
-class Child {
- public:
-  explicit Child(std::vector<std::string> args) {
-    args.insert(args.begin(), "producer_consumer");
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    std::fflush(stdout);
-    pid_ = fork();
-    if (pid_ < 0) throw std::runtime_error("fork failed");
-    if (pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the demo
-      execv("/proc/self/exe", argv.data());
-      _exit(127);
-    }
-  }
-  ~Child() { stop(SIGKILL); }
-  // Sends `sig` (0: none) and waits for the exit; true when it exited 0.
-  bool stop(int sig = 0) {
-    if (pid_ <= 0) return true;
-    if (sig) kill(pid_, sig);
-    int st = 0;
-    waitpid(pid_, &st, 0);
-    pid_ = -1;
-    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
-  }
-
- private:
-  pid_t pid_ = -1;
-};
+// One step of the demo in its own process (a Child): this program, run as
+// `producer_consumer <args>`.
+std::vector<std::string> step(std::vector<std::string> args) {
+  args.insert(args.begin(), "producer_consumer");
+  return args;
+}
 
 // A fresh start, so that a rerun on the same database finds no keys taken.
 void reset() {
@@ -279,22 +218,22 @@ int demo(eoq::PostgresStore& store) {
   };
 
   std::printf("== no consumer yet: the producer runs, the jobs wait\n");
-  if (!Child({"produce", "--jobs", std::to_string(jobs)}).stop()) throw std::runtime_error("produce failed");
+  if (!Child(step({"produce", "--jobs", std::to_string(jobs)})).stop()) throw std::runtime_error("produce failed");
   std::this_thread::sleep_for(1s);
   std::printf("[demo] a second later: %d of %d jobs pending\n", count(eoq::TaskStatus::pending), jobs);
   bool waited = count(eoq::TaskStatus::pending) == jobs;
 
   std::printf("== two schedulers and consumer c1 start; the producer runs again\n");
-  auto s1 = std::make_unique<Child>(std::vector<std::string>{"schedule", "--id", "s1"});
-  Child s2({"schedule", "--id", "s2"});
-  Child c1({"consume", "--id", "c1"});
-  Child({"produce", "--jobs", std::to_string(jobs)}).stop();
+  auto s1 = std::make_unique<Child>(step({"schedule", "--id", "s1"}));
+  Child s2(step({"schedule", "--id", "s2"}));
+  Child c1(step({"consume", "--id", "c1"}));
+  Child(step({"produce", "--jobs", std::to_string(jobs)})).stop();
   wait_until([&] { return count(eoq::TaskStatus::succeeded) >= 3; }, "c1 to finish 3 jobs");
 
   std::printf("== c1 is stopped (SIGTERM) and s1 killed (SIGKILL) and restarted\n");
   c1.stop(SIGTERM);
   s1->stop(SIGKILL);
-  s1 = std::make_unique<Child>(std::vector<std::string>{"schedule", "--id", "s1"});
+  s1 = std::make_unique<Child>(step({"schedule", "--id", "s1"}));
   int done_then = count(eoq::TaskStatus::succeeded);
   std::this_thread::sleep_for(1500ms);
   int done_later = count(eoq::TaskStatus::succeeded);
@@ -303,7 +242,7 @@ int demo(eoq::PostgresStore& store) {
   waited = waited && done_then == done_later;
 
   std::printf("== consumer c2 starts\n");
-  Child c2({"consume", "--id", "c2"});
+  Child c2(step({"consume", "--id", "c2"}));
   wait_until([&] { return count(eoq::TaskStatus::pending) + count(eoq::TaskStatus::running) == 0; },
              "the producer's jobs to settle");
   std::this_thread::sleep_for(1s);  // one more periodic job, for c2 to run
@@ -364,7 +303,7 @@ int demo(eoq::PostgresStore& store) {
             " consecutive 1 s buckets: one each, from 2 schedulers and a restart");
 
   std::printf("== status %lld\n", static_cast<long long>(flaky.id));
-  check(Child({"status", std::to_string(flaky.id)}).stop(), "the failed job stays queryable");
+  check(Child(step({"status", std::to_string(flaky.id)})).stop(), "the failed job stays queryable");
   return ok ? 0 : 1;
 }
 

@@ -19,11 +19,7 @@
 #include <eoq/testing.hpp>
 #include <eoq/worker.hpp>
 
-#include <libpq-fe.h>
-#include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "example_support.hpp"
 
 #include <chrono>
 #include <cstdio>
@@ -38,38 +34,15 @@
 namespace {
 
 using namespace std::chrono_literals;
-using Row = std::vector<std::string>;
+using example::Child;  // a worker in its own process, so it can be killed for real
+using example::elapsed;
+using example::flag;
+using example::flags;
 const char* const kStages[] = {"fetch", "transform", "publish"};
 constexpr int kSlices = 4;  // progress reports per stage
 
 // The host's own connection: creates the tables, and checks them at the end.
-class Db {
- public:
-  explicit Db(const std::string& conninfo) : c_(PQconnectdb(conninfo.c_str()), &PQfinish) {
-    if (PQstatus(c_.get()) != CONNECTION_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-  }
-  std::vector<Row> query(const std::string& sql, const std::vector<std::string>& params = {}) {
-    std::vector<const char*> values;
-    for (const auto& p : params) values.push_back(p.c_str());
-    std::unique_ptr<PGresult, decltype(&PQclear)> r(PQexecParams(c_.get(), sql.c_str(), static_cast<int>(values.size()),
-                                                                 nullptr, values.data(), nullptr, nullptr, 0),
-                                                    &PQclear);
-    auto st = PQresultStatus(r.get());
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) throw std::runtime_error(PQerrorMessage(c_.get()));
-    std::vector<Row> rows(static_cast<std::size_t>(PQntuples(r.get())));
-    for (int i = 0; i < PQntuples(r.get()); ++i)
-      for (int j = 0; j < PQnfields(r.get()); ++j)
-        rows[static_cast<std::size_t>(i)].push_back(PQgetvalue(r.get(), i, j));
-    return rows;
-  }
-
- private:
-  std::unique_ptr<PGconn, decltype(&PQfinish)> c_;
-};
-
-// Seconds since the demo started, in the worker process too (it gets --t0).
-std::chrono::system_clock::time_point started = std::chrono::system_clock::now();
-double elapsed() { return std::chrono::duration<double>(std::chrono::system_clock::now() - started).count(); }
+using example::Db;
 
 // Each stage writes its output in the handler's transaction and returns the state
 // the next stage needs (JSON, built by the database, which also reads it back).
@@ -137,25 +110,12 @@ eoq::WorkerOptions worker_options(std::string id, eoq::Millis lease) {
 }
 
 eoq::PostgresOptions store_options() {
-  eoq::PostgresOptions o;  // conninfo: EOQ_DATABASE_URL, which main() sets
-  o.schema = "workflow_eoq";
-  return o;
-}
-
-std::map<std::string, std::string> flags(int argc, char** argv, int from) {
-  std::map<std::string, std::string> f;
-  for (int i = from; i + 1 < argc; i += 2) f[argv[i]] = argv[i + 1];
-  return f;
-}
-
-int flag(const std::map<std::string, std::string>& f, const std::string& name, int fallback) {
-  auto it = f.find(name);
-  return it == f.end() ? fallback : std::stoi(it->second);
+  return example::store_options("workflow_eoq");  // conninfo: EOQ_DATABASE_URL, which main() sets
 }
 
 // The "worker" subcommand: one worker, until it is killed.
 int run_worker(const std::map<std::string, std::string>& f) {
-  if (f.count("--t0")) started = std::chrono::system_clock::time_point(eoq::Millis(std::stoll(f.at("--t0"))));
+  example::start_at_t0(f);
   eoq::PostgresStore store(store_options());
   eoq::Worker worker(store, worker_options(f.at("--id"), eoq::Millis(flag(f, "--lease-ms", 1500))));
   eoq::Millis stage_ms(flag(f, "--stage-ms", 800));
@@ -163,35 +123,6 @@ int run_worker(const std::map<std::string, std::string>& f) {
   worker.run();
   return 0;
 }
-
-// A worker in its own process, so it can be killed for real: fork+exec of this
-// program, which shares nothing with our threads and connections.
-class Child {
- public:
-  explicit Child(std::vector<std::string> args) {
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    std::fflush(stdout);
-    pid_ = fork();
-    if (pid_ < 0) throw std::runtime_error("fork failed");
-    if (pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive us
-      execv("/proc/self/exe", argv.data());
-      _exit(127);
-    }
-  }
-  ~Child() { kill_now(); }
-  void kill_now() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-
- private:
-  pid_t pid_ = -1;
-};
 
 // Each task's status, stage, progress and owner, on one line: printed when a task
 // changes status, stage or owner, and otherwise every half second while it moves.
@@ -259,8 +190,7 @@ int main(int argc, char** argv) try {
   Listing listing(store);
   auto stage = std::to_string(stage_ms);
   {
-    auto t0 = std::chrono::duration_cast<eoq::Millis>(started.time_since_epoch()).count();
-    Child first({argv[0], "worker", "--id", "worker-a", "--stage-ms", stage, "--t0", std::to_string(t0)});
+    Child first({argv[0], "worker", "--id", "worker-a", "--stage-ms", stage, "--t0", example::started_ms()});
     std::printf("[%4.1fs] started worker-a in its own process (3 at a time, lease 1.5 s)\n", elapsed());
     // Kill it half-way through transform: fetch is checkpointed, transform is not.
     for (bool mid_transform = false; !mid_transform;) {
