@@ -563,7 +563,7 @@ void PostgresStore::migrate() {
       }
       c.command("COMMIT");
     } catch (...) {
-      if (c.ok()) PQexec(c.get(), "ROLLBACK") ? void() : void();
+      if (c.ok()) Result(PQexec(c.get(), "ROLLBACK"));
       throw;
     }
     return 0;
