@@ -2,7 +2,7 @@
 # Installs the Debian packages eoq needs to build, test and benchmark, when any
 # is missing. Needs root (or sudo) only when something must be installed.
 set -euo pipefail
-packages=(build-essential cmake pkg-config libpq-dev libfmt-dev catch2 libbenchmark-dev postgresql postgresql-client)
+packages=(build-essential cmake pkg-config libpq-dev libfmt-dev catch2 libbenchmark-dev postgresql postgresql-client spin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,570 @@
+// The history checker of the chaos tests: see history.hpp.
+#include "history.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <charconv>
+#include <fstream>
+#include <istream>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+namespace eoq::test::history {
+
+namespace {
+
+constexpr std::pair<Kind, std::string_view> kKinds[] = {
+    {Kind::submit, "submit"},   {Kind::claim, "claim"},   {Kind::heartbeat, "heartbeat"}, {Kind::effect, "effect"},
+    {Kind::complete, "complete"}, {Kind::fail, "fail"},   {Kind::release, "release"},     {Kind::expire, "expire"},
+    {Kind::cancel, "cancel"},   {Kind::final, "final"},
+};
+
+constexpr std::pair<ViolationKind, std::string_view> kViolations[] = {
+    {ViolationKind::lost_task, "lost_task"},
+    {ViolationKind::double_effect, "double_effect"},
+    {ViolationKind::missing_effect, "missing_effect"},
+    {ViolationKind::orphan_effect, "orphan_effect"},
+    {ViolationKind::effect_version, "effect_version"},
+    {ViolationKind::double_completion, "double_completion"},
+    {ViolationKind::stale_completion, "stale_completion"},
+    {ViolationKind::completion_not_recorded, "completion_not_recorded"},
+    {ViolationKind::stale_lease, "stale_lease"},
+    {ViolationKind::lease_overlap, "lease_overlap"},
+    {ViolationKind::attempts_exceeded, "attempts_exceeded"},
+    {ViolationKind::duplicate_key, "duplicate_key"},
+};
+
+// ------------------------------------------------------------ line format
+
+std::string encode(std::string_view s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c <= 0x20 || c == '%' || c == '=' || c == 0x7f)
+      out += fmt::format("%{:02X}", static_cast<unsigned>(c));
+    else
+      out += static_cast<char>(c);
+  }
+  return out;
+}
+
+int hex(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+std::string decode(std::string_view s, std::size_t line) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '%') {
+      out += s[i];
+      continue;
+    }
+    int hi = i + 1 < s.size() ? hex(s[i + 1]) : -1, lo = i + 2 < s.size() ? hex(s[i + 2]) : -1;
+    if (hi < 0 || lo < 0) throw std::runtime_error(fmt::format("line {}: bad %-escape in '{}'", line, s));
+    out += static_cast<char>(hi * 16 + lo);
+    i += 2;
+  }
+  return out;
+}
+
+template <class Int>
+Int parse_int(std::string_view v, std::string_view field, std::size_t line) {
+  Int out{};
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+  if (ec != std::errc() || p != v.data() + v.size() || v.empty())
+    throw std::runtime_error(fmt::format("line {}: {}={} is not an integer", line, field, v));
+  return out;
+}
+
+Event parse_line(std::string_view text, std::size_t line) {
+  std::vector<std::string_view> words;
+  std::size_t i = 0;
+  while (i < text.size()) {
+    while (i < text.size() && (text[i] == ' ' || text[i] == '\t' || text[i] == '\r')) ++i;
+    std::size_t j = i;
+    while (j < text.size() && text[j] != ' ' && text[j] != '\t' && text[j] != '\r') ++j;
+    if (j > i) words.push_back(text.substr(i, j - i));
+    i = j;
+  }
+  Event e;
+  auto kind = parse_kind(words.at(0));
+  if (!kind) throw std::runtime_error(fmt::format("line {}: unknown event kind '{}'", line, words[0]));
+  e.kind = *kind;
+  bool has_task = false;
+  for (std::size_t w = 1; w < words.size(); ++w) {
+    auto eq = words[w].find('=');
+    if (eq == std::string_view::npos)
+      throw std::runtime_error(fmt::format("line {}: '{}' is not name=value", line, words[w]));
+    auto name = words[w].substr(0, eq);
+    auto raw = words[w].substr(eq + 1);
+    auto value = decode(raw, line);
+    if (name == "task") {
+      e.task = parse_int<TaskId>(value, name, line);
+      has_task = true;
+    } else if (name == "version") {
+      e.version = parse_int<std::int64_t>(value, name, line);
+    } else if (name == "owner") {
+      e.owner = value;
+    } else if (name == "key") {
+      e.key = value;
+    } else if (name == "origin") {
+      if (value == "client") e.origin = Origin::client;
+      else if (value == "db") e.origin = Origin::db;
+      else throw std::runtime_error(fmt::format("line {}: origin must be client or db, not '{}'", line, value));
+    } else if (name == "ok") {
+      if (value == "1" || value == "true") e.ok = true;
+      else if (value == "0" || value == "false") e.ok = false;
+      else throw std::runtime_error(fmt::format("line {}: ok must be 1, 0, true or false, not '{}'", line, value));
+    } else if (name == "client") {
+      e.client_us = parse_int<std::int64_t>(value, name, line);
+    } else if (name == "db") {
+      e.db_us = parse_int<std::int64_t>(value, name, line);
+    } else if (name == "until") {
+      e.until_us = parse_int<std::int64_t>(value, name, line);
+    } else if (name == "status") {
+      e.status = value;
+    } else if (name == "attempt") {
+      e.attempt = parse_int<int>(value, name, line);
+    } else if (name == "max_attempts") {
+      e.max_attempts = parse_int<int>(value, name, line);
+    } else {
+      throw std::runtime_error(fmt::format("line {}: unknown field '{}'", line, name));
+    }
+  }
+  if (!has_task) throw std::runtime_error(fmt::format("line {}: task= is missing", line));
+  return e;
+}
+
+// ------------------------------------------------------------ Postgres
+
+void check_ident(const std::string& s, const char* what) {
+  bool ok = !s.empty() && s.size() <= 63 && ((s[0] >= 'a' && s[0] <= 'z') || s[0] == '_');
+  for (char c : s) ok = ok && ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_');
+  if (!ok) throw std::invalid_argument(fmt::format("load_postgres: {} '{}' must match [a-z_][a-z0-9_]*", what, s));
+}
+
+struct PgResult {
+  PGresult* r = nullptr;
+  PgResult() = default;
+  PgResult(const PgResult&) = delete;
+  PgResult& operator=(const PgResult&) = delete;
+  ~PgResult() { PQclear(r); }
+  int rows() const { return PQntuples(r); }
+  bool null(int i, int c) const { return PQgetisnull(r, i, c) != 0; }
+  std::string text(int i, int c) const { return PQgetvalue(r, i, c); }
+  std::int64_t i64(int i, int c) const { return std::stoll(text(i, c)); }
+  std::optional<std::int64_t> opt(int i, int c) const {
+    if (null(i, c)) return std::nullopt;
+    return i64(i, c);
+  }
+};
+
+std::unique_ptr<PgResult> query(PGconn* conn, const std::string& sql, std::string* sqlstate = nullptr) {
+  auto r = std::make_unique<PgResult>();
+  r->r = PQexec(conn, sql.c_str());
+  if (PQresultStatus(r->r) != PGRES_TUPLES_OK) {
+    const char* st = PQresultErrorField(r->r, PG_DIAG_SQLSTATE);
+    if (sqlstate) {
+      *sqlstate = st ? st : "";
+      return nullptr;
+    }
+    throw std::runtime_error(fmt::format("load_postgres: {}", PQerrorMessage(conn)));
+  }
+  return r;
+}
+
+#define US(col) "floor(extract(epoch FROM " col ") * 1000000)::bigint"
+
+// ------------------------------------------------------------ verify helpers
+
+bool is_terminal_status(std::string_view s) {
+  return s == "succeeded" || s == "failed" || s == "cancelled" || s == "expired";
+}
+
+std::string ms(std::int64_t us) { return fmt::format("{:.6f} s", static_cast<double>(us) / 1e6); }
+
+struct Lease {
+  std::optional<std::int64_t> start;   // claim's database time
+  std::optional<std::int64_t> until;   // latest known lease_expires_at
+  std::optional<std::int64_t> ended;   // earliest database time of what ended it
+  std::string_view ended_by;           // the kind of that event
+};
+
+}  // namespace
+
+std::string_view to_string(Kind k) noexcept {
+  for (auto& [kind, name] : kKinds)
+    if (kind == k) return name;
+  return "?";
+}
+
+std::optional<Kind> parse_kind(std::string_view name) noexcept {
+  for (auto& [kind, n] : kKinds)
+    if (n == name) return kind;
+  return std::nullopt;
+}
+
+std::string_view to_string(ViolationKind k) noexcept {
+  for (auto& [kind, name] : kViolations)
+    if (kind == k) return name;
+  return "?";
+}
+
+std::string to_line(const Event& e) {
+  std::string s = fmt::format("{} task={}", to_string(e.kind), e.task);
+  if (e.version) s += fmt::format(" version={}", e.version);
+  if (!e.owner.empty()) s += " owner=" + encode(e.owner);
+  if (!e.key.empty()) s += " key=" + encode(e.key);
+  s += e.origin == Origin::db ? " origin=db" : " origin=client";
+  if (!e.ok) s += " ok=0";
+  if (e.client_us) s += fmt::format(" client={}", *e.client_us);
+  if (e.db_us) s += fmt::format(" db={}", *e.db_us);
+  if (e.until_us) s += fmt::format(" until={}", *e.until_us);
+  if (!e.status.empty()) s += " status=" + encode(e.status);
+  if (e.attempt) s += fmt::format(" attempt={}", e.attempt);
+  if (e.max_attempts) s += fmt::format(" max_attempts={}", e.max_attempts);
+  return s;
+}
+
+std::vector<Event> parse(std::istream& in) {
+  std::vector<Event> out;
+  std::string line;
+  std::size_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    auto first = line.find_first_not_of(" \t\r");
+    if (first == std::string::npos || line[first] == '#') continue;
+    out.push_back(parse_line(line, n));
+  }
+  return out;
+}
+
+std::vector<Event> parse(std::string_view text) {
+  std::istringstream in{std::string(text)};
+  return parse(in);
+}
+
+std::vector<Event> load_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot open history file " + path);
+  return parse(in);
+}
+
+void save_file(const std::string& path, const std::vector<Event>& events) {
+  std::ofstream out(path, std::ios::trunc);
+  if (!out) throw std::runtime_error("cannot write history file " + path);
+  for (const auto& e : events) out << to_line(e) << '\n';
+  if (!out.flush()) throw std::runtime_error("cannot write history file " + path);
+}
+
+void Recorder::add(Event e) {
+  std::lock_guard lk(m_);
+  events_.push_back(std::move(e));
+}
+
+std::vector<Event> Recorder::events() const {
+  std::lock_guard lk(m_);
+  return events_;
+}
+
+void Recorder::save(const std::string& path) const { save_file(path, events()); }
+
+std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const std::string& effects_table,
+                                 const std::string& effects_schema) {
+  check_ident(schema, "schema");
+  check_ident(effects_table, "effects table");
+  const std::string eschema = effects_schema.empty() ? schema : effects_schema;
+  check_ident(eschema, "effects schema");
+  std::vector<Event> out;
+  auto db = [](Kind k, TaskId id) {
+    Event e;
+    e.kind = k;
+    e.origin = Origin::db;
+    e.task = id;
+    return e;
+  };
+
+  const std::string cols = "id, queue, key, max_attempts, status, attempts, version, lease_owner, " US("started_at") ", "
+                           US("finished_at") ", " US("lease_expires_at") ", " US("created_at");
+  auto tasks = query(conn, fmt::format("SELECT {0} FROM \"{1}\".tasks UNION ALL SELECT {0} FROM \"{1}\".finished",
+                                       cols, schema));
+  for (int i = 0; i < tasks->rows(); ++i) {
+    TaskId id = tasks->i64(i, 0);
+    auto status = tasks->text(i, 4);
+    int attempts = static_cast<int>(tasks->i64(i, 5));
+    auto version = tasks->i64(i, 6);
+    auto owner = tasks->null(i, 7) ? std::string() : tasks->text(i, 7);
+
+    auto s = db(Kind::submit, id);
+    if (!tasks->null(i, 2)) s.key = tasks->text(i, 1) + "/" + tasks->text(i, 2);
+    s.max_attempts = static_cast<int>(tasks->i64(i, 3));
+    s.db_us = tasks->opt(i, 11);
+    out.push_back(s);
+
+    auto f = db(Kind::final, id);
+    f.status = status;
+    f.attempt = attempts;
+    f.owner = owner;
+    f.db_us = tasks->opt(i, 9);
+    out.push_back(f);
+
+    // The attempt in progress, or the one that succeeded, is on the task row
+    // itself; every other attempt has its row in eoq.attempts.
+    if (status == "running" || status == "succeeded") {
+      auto token = status == "running" ? version : version - 1;
+      auto c = db(Kind::claim, id);
+      c.version = token;
+      c.owner = owner;
+      c.attempt = attempts;
+      c.db_us = tasks->opt(i, 8);
+      if (status == "running") c.until_us = tasks->opt(i, 10);
+      out.push_back(c);
+      if (status == "succeeded") {
+        auto d = db(Kind::complete, id);
+        d.version = token;
+        d.owner = owner;
+        d.db_us = tasks->opt(i, 9);
+        out.push_back(d);
+      }
+    }
+  }
+
+  auto attempts = query(conn, fmt::format("SELECT task_id, attempt, version, owner, " US("started_at") ", "
+                                          US("finished_at") ", outcome FROM \"{}\".attempts",
+                                          schema));
+  for (int i = 0; i < attempts->rows(); ++i) {
+    TaskId id = attempts->i64(i, 0);
+    auto owner = attempts->null(i, 3) ? std::string() : attempts->text(i, 3);
+    auto c = db(Kind::claim, id);
+    c.version = attempts->i64(i, 2);
+    c.owner = owner;
+    c.attempt = static_cast<int>(attempts->i64(i, 1));
+    c.db_us = attempts->opt(i, 4);
+    out.push_back(c);
+    auto outcome = attempts->text(i, 6);
+    auto end = db(outcome == "lease_expired" ? Kind::expire : Kind::fail, id);
+    end.version = c.version;
+    end.owner = owner;
+    end.db_us = attempts->opt(i, 5);  // lease_expired: lease_expires_at as last extended
+    if (end.kind == Kind::fail) end.status = outcome;
+    out.push_back(end);
+  }
+
+  std::string state;
+  auto fx = query(conn, fmt::format("SELECT task_id, version FROM \"{}\".\"{}\"", eschema, effects_table), &state);
+  if (!fx && state == "42703")  // no version column: count rows only
+    fx = query(conn, fmt::format("SELECT task_id, 0 FROM \"{}\".\"{}\"", eschema, effects_table));
+  else if (!fx)
+    throw std::runtime_error(fmt::format("load_postgres: {}", PQerrorMessage(conn)));
+  for (int i = 0; i < fx->rows(); ++i) {
+    auto e = db(Kind::effect, fx->i64(i, 0));
+    e.version = fx->null(i, 1) ? 0 : fx->i64(i, 1);
+    out.push_back(e);
+  }
+  return out;
+}
+
+std::int64_t Verdict::count(ViolationKind k) const noexcept {
+  return std::count_if(violations.begin(), violations.end(), [&](const Violation& v) { return v.kind == k; });
+}
+
+std::string Verdict::format(std::size_t max_listed) const {
+  std::string s = fmt::format(
+      "history: {} tasks ({} succeeded, {} failed, {} cancelled, {} expired, {} not terminal), {} events, "
+      "{} claims, {} completions, {} effects, {} lease handovers checked ({} without times): ",
+      tasks, succeeded, failed, cancelled, expired, tasks - terminal, events, claims, completions, effects,
+      handovers_checked, handovers_unchecked);
+  if (ok()) return s + "OK";
+  s += fmt::format("{} VIOLATION{}", violations.size(), violations.size() == 1 ? "" : "S");
+  for (std::size_t i = 0; i < violations.size() && i < max_listed; ++i)
+    s += fmt::format("\n  {} task {}: {}", to_string(violations[i].kind), violations[i].task, violations[i].detail);
+  if (violations.size() > max_listed) s += fmt::format("\n  ... and {} more", violations.size() - max_listed);
+  return s;
+}
+
+Verdict verify(const std::vector<Event>& events, const Options& options) {
+  Verdict v;
+  v.events = static_cast<std::int64_t>(events.size());
+  const auto slack = options.slack_us;
+  auto violate = [&](ViolationKind k, TaskId t, std::string detail) {
+    v.violations.push_back({k, t, std::move(detail)});
+  };
+
+  std::map<TaskId, std::vector<const Event*>> by_task;
+  std::map<std::string, std::set<TaskId>> by_key;
+  for (const auto& e : events) {
+    by_task[e.task].push_back(&e);
+    if (e.kind == Kind::submit && !e.key.empty()) by_key[e.key].insert(e.task);
+  }
+  for (const auto& [key, ids] : by_key) {
+    if (ids.size() < 2) continue;
+    std::string list;
+    for (auto id : ids) list += (list.empty() ? "" : ", ") + std::to_string(id);
+    violate(ViolationKind::duplicate_key, *std::next(ids.begin()), fmt::format("key '{}' names tasks {}", key, list));
+  }
+
+  for (const auto& [id, evs] : by_task) {
+    ++v.tasks;
+    bool submitted = false;
+    int max_attempts = 0;
+    std::string final_db, final_client, derived;
+    std::map<std::int64_t, Lease> leases;  // committed claims by version
+    std::map<std::int64_t, std::optional<std::int64_t>> completions;  // committed, version -> db time
+    std::vector<const Event*> effects;
+
+    for (const Event* e : evs) {
+      if (e->kind == Kind::submit) {
+        submitted = true;
+        max_attempts = std::max(max_attempts, e->max_attempts);
+      }
+      if (e->kind == Kind::final) (e->origin == Origin::db ? final_db : final_client) = e->status;
+      if (e->kind == Kind::effect && e->origin == Origin::db) effects.push_back(e);
+      if (!e->committed()) continue;
+      switch (e->kind) {
+        case Kind::claim: {
+          auto& l = leases[e->version];
+          if (e->db_us) l.start = l.start ? std::min(*l.start, *e->db_us) : *e->db_us;
+          if (e->until_us) l.until = l.until ? std::max(*l.until, *e->until_us) : *e->until_us;
+          break;
+        }
+        case Kind::complete: {
+          auto& c = completions[e->version];
+          if (e->db_us) c = c ? std::min(*c, *e->db_us) : *e->db_us;
+          derived = "succeeded";
+          break;
+        }
+        case Kind::fail:
+          if (e->status == "failed" || e->status == "cancelled") derived = e->status;
+          break;
+        case Kind::cancel:
+          if (e->status == "cancelled") derived = "cancelled";
+          break;
+        default: break;
+      }
+    }
+    if (submitted) ++v.submitted;
+
+    // Every task ends terminal.
+    std::string status = !final_db.empty() ? final_db : !final_client.empty() ? final_client : derived;
+    if (is_terminal_status(status)) {
+      ++v.terminal;
+      if (status == "succeeded") ++v.succeeded;
+      if (status == "failed") ++v.failed;
+      if (status == "cancelled") ++v.cancelled;
+      if (status == "expired") ++v.expired;
+    } else {
+      violate(ViolationKind::lost_task, id,
+              status.empty() ? std::string("never reached a terminal state (no final state recorded)")
+                             : fmt::format("ended {}, not terminal", status));
+    }
+
+    // Attempts within the limit.
+    if (max_attempts > 0) {
+      for (const Event* e : evs)
+        if ((e->kind == Kind::claim && e->committed()) || e->kind == Kind::final)
+          if (e->attempt > max_attempts) {
+            violate(ViolationKind::attempts_exceeded, id,
+                    fmt::format("{} with attempt {} > max_attempts {}", to_string(e->kind), e->attempt, max_attempts));
+            break;
+          }
+    }
+
+    // Heartbeats extend, settlements end the leases they name.
+    for (const Event* e : evs) {
+      if (!e->committed() || !leases.count(e->version)) continue;
+      auto& l = leases[e->version];
+      if (e->kind == Kind::heartbeat && e->until_us) l.until = l.until ? std::max(*l.until, *e->until_us) : *e->until_us;
+      bool ends = e->kind == Kind::complete || e->kind == Kind::fail || e->kind == Kind::release ||
+                  e->kind == Kind::expire;
+      if (ends && e->db_us && (!l.ended || *e->db_us < *l.ended)) {
+        l.ended = *e->db_us;
+        l.ended_by = to_string(e->kind);
+      }
+    }
+
+    v.claims += static_cast<std::int64_t>(leases.size());
+    v.completions += static_cast<std::int64_t>(completions.size());
+    v.effects += static_cast<std::int64_t>(effects.size());
+
+    // Completions: at most one, by the latest lease.
+    if (completions.size() > 1) {
+      std::string list;
+      for (auto& [ver, _] : completions) list += (list.empty() ? "" : ", ") + std::to_string(ver);
+      violate(ViolationKind::double_completion, id, fmt::format("completed by versions {}", list));
+    }
+    if (!leases.empty()) {
+      auto latest = leases.rbegin()->first;
+      for (auto& [ver, _] : completions)
+        if (ver != latest)
+          violate(ViolationKind::stale_completion, id,
+                  leases.count(ver) ? fmt::format("completed by version {}, but version {} was claimed later", ver, latest)
+                                    : fmt::format("completed by version {}, which no recorded claim handed out "
+                                                  "(latest claim: version {})",
+                                                  ver, latest));
+    }
+    if (!completions.empty() && is_terminal_status(status) && status != "succeeded")
+      violate(ViolationKind::completion_not_recorded, id,
+              fmt::format("a completion by version {} was reported committed, but the task ended {}",
+                          completions.begin()->first, status));
+
+    // Effects: exactly one for a succeeded task, none otherwise.
+    if (effects.size() > 1) {
+      std::string list;
+      for (auto* e : effects) list += (list.empty() ? "" : ", ") + std::to_string(e->version);
+      violate(ViolationKind::double_effect, id, fmt::format("{} effect rows (versions {})", effects.size(), list));
+    }
+    if (status == "succeeded" && effects.empty() && options.require_effects)
+      violate(ViolationKind::missing_effect, id, "succeeded without an effect row");
+    if (is_terminal_status(status) && status != "succeeded" && !effects.empty())
+      violate(ViolationKind::orphan_effect, id, fmt::format("ended {} but has {} effect row(s)", status, effects.size()));
+    if (completions.size() == 1 && effects.size() == 1 && effects[0]->version != 0 &&
+        effects[0]->version != completions.begin()->first)
+      violate(ViolationKind::effect_version, id,
+              fmt::format("effect written by version {}, completed by version {}", effects[0]->version,
+                          completions.begin()->first));
+
+    // No operation of a lease commits after a newer lease was handed out.
+    for (const Event* e : evs) {
+      if (!e->committed() || !e->db_us || e->kind == Kind::claim || e->kind == Kind::submit ||
+          e->kind == Kind::final || e->kind == Kind::cancel || e->kind == Kind::expire || e->version == 0)
+        continue;
+      for (auto it = leases.upper_bound(e->version); it != leases.end(); ++it) {
+        if (it->second.start && *it->second.start + slack < *e->db_us) {
+          violate(ViolationKind::stale_lease, id,
+                  fmt::format("{} by version {} committed {} after version {} was claimed", to_string(e->kind),
+                              e->version, ms(*e->db_us - *it->second.start), it->first));
+          break;
+        }
+      }
+    }
+
+    // Consecutive leases do not overlap in database time.
+    for (auto it = leases.begin(); it != leases.end(); ++it) {
+      auto next = std::next(it);
+      if (next == leases.end()) break;
+      const Lease& a = it->second;
+      const Lease& b = next->second;
+      auto end = a.ended ? a.ended : a.until;
+      if (!b.start || !end) {
+        ++v.handovers_unchecked;
+        continue;
+      }
+      ++v.handovers_checked;
+      if (*b.start + slack < *end)
+        violate(ViolationKind::lease_overlap, id,
+                fmt::format("version {} was claimed {} before version {} ended ({})", next->first,
+                            ms(*end - *b.start), it->first,
+                            a.ended ? fmt::format("by {}", a.ended_by) : std::string("its lease expiry, as last extended")));
+    }
+  }
+  return v;
+}
+
+}  // namespace eoq::test::history

@@ -1,0 +1,170 @@
+#pragma once
+// The history checker of the chaos tests.
+//
+// A chaos test (SIGKILL, zombie workers, Postgres restarts, backend kills)
+// records what happened to every task: submits, claims (with their version),
+// heartbeats, effect writes, completions, failures, releases, as seen by the
+// client and as committed in the database. verify() reads such a history and
+// checks the promises eoq makes:
+//
+//   - every task submitted ends terminal (no lost task);
+//   - a succeeded task has exactly one effect row, any other task none;
+//   - a committed completion carries the version of the task's latest claim,
+//     and a task completes at most once;
+//   - no two leases of one task overlap in committed (database) time, and no
+//     operation of a lease commits after a newer lease was handed out;
+//   - no claim starts an attempt beyond max_attempts;
+//   - one key names one task.
+//
+// Histories come from the chaos tests' Recorder, from a file in the line format
+// below, or from the database itself (load_postgres), or any mix of them: an
+// event seen both by the client and in the database counts once.
+//
+// Line format, one event per line, fields separated by spaces or tabs; blank
+// lines and lines starting with '#' are ignored:
+//
+//   claim task=7 version=3 owner=w1 origin=db db=1700000000000000 until=1700000030000000 attempt=2
+//
+// The first word is the kind; then name=value fields, any order, all optional
+// except task: task, version, owner, key, origin (client|db, default client),
+// ok (1|0|true|false, default 1), client, db, until (microseconds since the
+// epoch), status, attempt, max_attempts. Values are percent-encoded (%20 for a
+// space, %25 for '%').
+#include <eoq/task.hpp>
+
+#include <libpq-fe.h>
+
+#include <cstdint>
+#include <iosfwd>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace eoq::test::history {
+
+enum class Kind {
+  submit,     // a task was created or found by its key (key, max_attempts)
+  claim,      // a lease was handed out: version = token, db = claim time, until = lease expiry, attempt
+  heartbeat,  // a lease was extended: version, db = when, until = new expiry
+  effect,     // the handler's effect row (origin db: a row in the effects table; version = writer's token)
+  complete,   // a completion: version = the lease's token, db = commit time
+  fail,       // a failure: version, status = retry | failed | cancelled, db = commit time
+  release,    // a lease given back: version, db = commit time
+  expire,     // a lease ended by expiry: version, db = lease_expires_at as last extended
+  cancel,     // cancel(id) was called: status = its outcome
+  final,      // the task's state at the end of the test: status, attempt = attempts
+};
+
+enum class Origin {
+  client,  // what a client observed (ok = whether the call reported success)
+  db,      // read back from the database: committed
+};
+
+struct Event {
+  Kind kind = Kind::submit;
+  Origin origin = Origin::client;
+  TaskId task = 0;
+  std::int64_t version = 0;  // lease token; 0 = not applicable / unknown
+  std::string owner{};
+  std::string key{};
+  bool ok = true;  // client events: the call succeeded (the client was told it committed)
+  std::optional<std::int64_t> client_us{};  // client clock, microseconds since the epoch
+  std::optional<std::int64_t> db_us{};      // database time of the commit (now() of its transaction)
+  std::optional<std::int64_t> until_us{};   // claim / heartbeat: lease_expires_at
+  std::string status{};                     // fail: retry|failed|cancelled; final: the status; cancel: outcome
+  int attempt = 0;                          // claim: attempts after the claim; final: attempts
+  int max_attempts = 0;                     // submit: the task's max_attempts (0 = unknown)
+
+  // Committed as far as this history knows: read from the database, or a client
+  // call that reported success.
+  bool committed() const noexcept { return origin == Origin::db || ok; }
+};
+
+std::string_view to_string(Kind k) noexcept;
+std::optional<Kind> parse_kind(std::string_view name) noexcept;
+
+// One event in the line format (no trailing newline).
+std::string to_line(const Event& e);
+// Parses the line format; throws std::runtime_error("line N: ...") on bad input.
+std::vector<Event> parse(std::istream& in);
+std::vector<Event> parse(std::string_view text);
+std::vector<Event> load_file(const std::string& path);
+void save_file(const std::string& path, const std::vector<Event>& events);
+
+// Microseconds since the epoch of a store time point, for Event fields.
+inline std::int64_t micros(TimePoint t) noexcept { return t.time_since_epoch().count(); }
+
+// Collects events from many threads.
+class Recorder {
+ public:
+  void add(Event e);
+  std::vector<Event> events() const;
+  void save(const std::string& path) const;
+
+ private:
+  mutable std::mutex m_;
+  std::vector<Event> events_;
+};
+
+// The committed history as the database keeps it, from an eoq schema and an
+// effects table (columns task_id bigint and version bigint: the token of the
+// lease whose transaction wrote the row). Gives, all with origin db: a submit
+// and a final event per task; a claim per recorded attempt (attempts table,
+// and the last attempt of a running or succeeded task) with the event that
+// ended it (complete, fail, expire); an effect per effects row. Released
+// attempts leave no trace in the database (release takes the attempt back).
+// `schema` and `effects_table` must be plain identifiers ([a-z_][a-z0-9_]*);
+// `effects_table` lives in `effects_schema` (default: `schema`).
+std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const std::string& effects_table,
+                                 const std::string& effects_schema = "");
+
+enum class ViolationKind {
+  lost_task,                // submitted but not terminal at the end
+  double_effect,            // more than one effect row for a task
+  missing_effect,           // a succeeded task without its effect row
+  orphan_effect,            // an effect row of a task that did not succeed
+  effect_version,           // the effect row was written under another lease than the completing one
+  double_completion,        // two different leases completed one task
+  stale_completion,         // a completion whose version is not the task's latest claim
+  completion_not_recorded,  // a client was told its completion committed, the task did not succeed
+  stale_lease,              // an operation of a lease committed after a newer lease was handed out
+  lease_overlap,            // a lease handed out while the previous one was still valid
+  attempts_exceeded,        // a claim started attempt n > max_attempts
+  duplicate_key,            // one key, two tasks
+};
+std::string_view to_string(ViolationKind k) noexcept;
+
+struct Violation {
+  ViolationKind kind{};
+  TaskId task = 0;
+  std::string detail{};
+};
+
+struct Options {
+  // Allowed disagreement between database timestamps (now() is a
+  // transaction's start, not its commit), in microseconds.
+  std::int64_t slack_us = 0;
+  // Succeeded tasks must have exactly one effect row (off for histories
+  // without an effects table).
+  bool require_effects = true;
+};
+
+struct Verdict {
+  std::int64_t events = 0, tasks = 0, submitted = 0, terminal = 0;
+  std::int64_t succeeded = 0, failed = 0, cancelled = 0, expired = 0;
+  std::int64_t claims = 0, completions = 0, effects = 0;
+  std::int64_t handovers_checked = 0, handovers_unchecked = 0;  // consecutive leases compared in time
+  std::vector<Violation> violations{};
+
+  bool ok() const noexcept { return violations.empty(); }
+  std::int64_t count(ViolationKind k) const noexcept;
+  bool has(ViolationKind k) const noexcept { return count(k) > 0; }
+  // One line of counts and the verdict, then up to `max_listed` violations, one a line.
+  std::string format(std::size_t max_listed = 20) const;
+};
+
+Verdict verify(const std::vector<Event>& events, const Options& options = {});
+
+}  // namespace eoq::test::history

@@ -1,0 +1,363 @@
+// The chaos tests' history checker (history.hpp): hand-made good and bad
+// histories, the line format, and histories read back from a real schema.
+#include "history.hpp"
+#include "support.hpp"
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+
+#include <thread>
+
+using namespace std::chrono_literals;
+namespace h = eoq::test::history;
+using h::ViolationKind;
+
+namespace {
+
+// Four tasks that end well, after a lost lease and a zombie's rejected
+// completion (1), a retry and a release (2), a cancel while pending (3) and a
+// permanent failure (4). Times are database microseconds.
+const char* const kGood = R"(
+# task 1: w1's lease (version 2) expires, w2 reclaims (version 3) and completes;
+# w1 wakes up and is told LeaseLost.
+submit task=1 key=q/a max_attempts=3 client=1000
+submit task=1 key=q/a max_attempts=3 client=1001
+claim task=1 version=2 owner=w1 db=2000 until=5000 attempt=1
+heartbeat task=1 version=2 owner=w1 db=3000 until=6000
+claim task=1 version=3 owner=w2 db=6500 until=9500 attempt=2
+complete task=1 version=2 owner=w1 ok=0 client=7000
+complete task=1 version=3 owner=w2 db=8000
+expire task=1 version=2 origin=db db=6000
+effect task=1 version=3 origin=db
+final task=1 status=succeeded attempt=2 origin=db
+
+# task 2: fails and retries, a second worker releases it, a third completes.
+submit task=2 key=q/b max_attempts=3
+claim task=2 version=2 owner=w1 db=2100 until=5100 attempt=1
+fail task=2 version=2 owner=w1 status=retry db=2500
+claim task=2 version=4 owner=w3 db=3500 until=6500 attempt=2
+release task=2 version=4 owner=w3 db=3600
+claim task=2 version=6 owner=w2 db=3700 until=6700 attempt=2
+complete task=2 version=6 owner=w2 db=4000
+effect task=2 version=6 origin=db
+final task=2 status=succeeded attempt=2 origin=db
+
+# task 3: cancelled while pending.
+submit task=3 key=q/c
+cancel task=3 status=cancelled
+final task=3 status=cancelled origin=db
+
+# task 4: fails permanently.
+submit task=4 max_attempts=1
+claim task=4 version=2 owner=w1 db=1000 until=4000 attempt=1
+fail task=4 version=2 owner=w1 status=failed db=1500
+final task=4 status=failed attempt=1 origin=db
+)";
+
+h::Verdict check(const std::string& text, h::Options o = {}) { return h::verify(h::parse(text), o); }
+
+std::string replace(std::string s, const std::string& from, const std::string& to) {
+  auto at = s.find(from);
+  REQUIRE(at != std::string::npos);
+  return s.replace(at, from.size(), to);
+}
+
+}  // namespace
+
+TEST_CASE("history: a good history is accepted, with its counts", "[history]") {
+  auto v = check(kGood);
+  INFO(v.format());
+  CHECK(v.ok());
+  CHECK(v.tasks == 4);
+  CHECK(v.submitted == 4);
+  CHECK(v.terminal == 4);
+  CHECK(v.succeeded == 2);
+  CHECK(v.failed == 1);
+  CHECK(v.cancelled == 1);
+  CHECK(v.claims == 6);
+  CHECK(v.completions == 2);  // the zombie's rejected completion does not count
+  CHECK(v.effects == 2);
+  CHECK(v.handovers_checked == 3);
+  CHECK(v.handovers_unchecked == 0);
+  CHECK(v.format().find(": OK") != std::string::npos);
+}
+
+TEST_CASE("history: a double effect is rejected", "[history]") {
+  // The zombie's handler writes committed too (its writes were not in the
+  // completing transaction).
+  auto v = check(std::string(kGood) + "effect task=1 version=2 origin=db\n");
+  INFO(v.format());
+  CHECK_FALSE(v.ok());
+  CHECK(v.count(ViolationKind::double_effect) == 1);
+  CHECK(v.violations.size() == 1);
+  CHECK(v.violations[0].task == 1);
+  CHECK(v.format().find("double_effect task 1: 2 effect rows (versions 3, 2)") != std::string::npos);
+}
+
+TEST_CASE("history: a completion by a stale version is rejected", "[history]") {
+  // The zombie's completion commits after the reclaim (no version fence), and
+  // the new owner's is then refused.
+  auto text = replace(kGood, "complete task=1 version=2 owner=w1 ok=0 client=7000",
+                      "complete task=1 version=2 owner=w1 db=7000");
+  text = replace(text, "complete task=1 version=3 owner=w2 db=8000", "complete task=1 version=3 owner=w2 ok=0");
+  text = replace(text, "effect task=1 version=3 origin=db", "effect task=1 version=2 origin=db");
+  auto v = check(text);
+  INFO(v.format());
+  CHECK_FALSE(v.ok());
+  CHECK(v.has(ViolationKind::stale_completion));
+  CHECK(v.has(ViolationKind::stale_lease));  // it committed after version 3 was handed out
+  for (auto& x : v.violations) CHECK(x.task == 1);
+}
+
+TEST_CASE("history: a completion by a version no claim handed out is rejected", "[history]") {
+  auto v = check(std::string(kGood) + "complete task=2 version=9 owner=w9 db=4100\n");
+  INFO(v.format());
+  CHECK(v.has(ViolationKind::stale_completion));
+  CHECK(v.has(ViolationKind::double_completion));
+}
+
+TEST_CASE("history: a lost task is rejected", "[history]") {
+  SECTION("submitted, never seen again") {
+    auto v = check(std::string(kGood) + "submit task=5 key=q/e max_attempts=3\n");
+    INFO(v.format());
+    REQUIRE(v.violations.size() == 1);
+    CHECK(v.violations[0].kind == ViolationKind::lost_task);
+    CHECK(v.violations[0].task == 5);
+  }
+  SECTION("left running") {
+    auto text = replace(kGood, "final task=2 status=succeeded attempt=2 origin=db", "final task=2 status=running origin=db");
+    text = replace(text, "complete task=2 version=6 owner=w2 db=4000", "");
+    text = replace(text, "effect task=2 version=6 origin=db", "");
+    auto v = check(text);
+    INFO(v.format());
+    REQUIRE(v.violations.size() == 1);
+    CHECK(v.violations[0].kind == ViolationKind::lost_task);
+    CHECK(v.violations[0].task == 2);
+    CHECK(v.violations[0].detail == "ended running, not terminal");
+  }
+}
+
+TEST_CASE("history: overlapping leases are rejected", "[history]") {
+  SECTION("reclaimed before the lease expired") {
+    auto v = check(replace(kGood, "claim task=1 version=3 owner=w2 db=6500", "claim task=1 version=3 owner=w2 db=5500"));
+    INFO(v.format());
+    REQUIRE(v.count(ViolationKind::lease_overlap) == 1);
+    CHECK(v.violations[0].task == 1);
+    CHECK(v.violations[0].detail == "version 3 was claimed 0.000500 s before version 2 ended (by expire)");
+  }
+  SECTION("a heartbeat extended the lease past the next claim (no expiry recorded)") {
+    auto text = replace(kGood, "expire task=1 version=2 origin=db db=6000", "");
+    text = replace(text, "heartbeat task=1 version=2 owner=w1 db=3000 until=6000",
+                   "heartbeat task=1 version=2 owner=w1 db=3000 until=7000");
+    auto v = check(text);
+    INFO(v.format());
+    CHECK(v.count(ViolationKind::lease_overlap) == 1);
+  }
+  SECTION("within the allowed clock slack it passes") {
+    h::Options o;
+    o.slack_us = 600;
+    auto v = check(replace(kGood, "claim task=1 version=3 owner=w2 db=6500", "claim task=1 version=3 owner=w2 db=5500"), o);
+    INFO(v.format());
+    CHECK(v.ok());
+  }
+}
+
+TEST_CASE("history: a stale lease's heartbeat committed after a reclaim is rejected", "[history]") {
+  auto v = check(std::string(kGood) + "heartbeat task=1 version=2 owner=w1 db=7000 until=10000\n");
+  INFO(v.format());
+  REQUIRE(v.violations.size() == 1);
+  CHECK(v.violations[0].kind == ViolationKind::stale_lease);
+  CHECK(v.violations[0].detail == "heartbeat by version 2 committed 0.000500 s after version 3 was claimed");
+}
+
+TEST_CASE("history: effects of tasks that did not succeed, and missing effects, are rejected", "[history]") {
+  auto v = check(std::string(kGood) + "effect task=4 version=2 origin=db\n");
+  INFO(v.format());
+  REQUIRE(v.violations.size() == 1);
+  CHECK(v.violations[0].kind == ViolationKind::orphan_effect);
+
+  auto missing = replace(kGood, "effect task=2 version=6 origin=db", "");
+  auto m = check(missing);
+  INFO(m.format());
+  REQUIRE(m.violations.size() == 1);
+  CHECK(m.violations[0].kind == ViolationKind::missing_effect);
+  h::Options o;
+  o.require_effects = false;
+  CHECK(check(missing, o).ok());
+
+  // Written under another lease than the completing one.
+  auto w = check(replace(kGood, "effect task=1 version=3 origin=db", "effect task=1 version=2 origin=db"));
+  INFO(w.format());
+  REQUIRE(w.violations.size() == 1);
+  CHECK(w.violations[0].kind == ViolationKind::effect_version);
+
+  // A client-side effect event is context only: the database decides.
+  CHECK(check(std::string(kGood) + "effect task=1 version=2 owner=w1\n").ok());
+}
+
+TEST_CASE("history: a client told of a completion the database does not have is rejected", "[history]") {
+  auto v = check(std::string(kGood) + "complete task=4 version=2 owner=w1 client=1600\n");
+  INFO(v.format());
+  CHECK(v.has(ViolationKind::completion_not_recorded));
+}
+
+TEST_CASE("history: attempts beyond max_attempts and one key naming two tasks are rejected", "[history]") {
+  auto a = check(std::string(kGood) + "claim task=4 version=4 owner=w2 db=1600 until=4600 attempt=2\n");
+  INFO(a.format());
+  CHECK(a.has(ViolationKind::attempts_exceeded));
+
+  auto k = check(std::string(kGood) + "submit task=7 key=q/a\nfinal task=7 status=cancelled origin=db\n");
+  INFO(k.format());
+  REQUIRE(k.violations.size() == 1);
+  CHECK(k.violations[0].kind == ViolationKind::duplicate_key);
+  CHECK(k.violations[0].detail == "key 'q/a' names tasks 1, 7");
+}
+
+TEST_CASE("history: the line format round-trips and reports bad lines by number", "[history]") {
+  h::Event e;
+  e.kind = h::Kind::claim;
+  e.origin = h::Origin::db;
+  e.task = 42;
+  e.version = 7;
+  e.owner = "host a%1=2";
+  e.key = "q/k\tx";
+  e.ok = false;
+  e.client_us = 1;
+  e.db_us = 2;
+  e.until_us = 3;
+  e.status = "retry";
+  e.attempt = 2;
+  e.max_attempts = 5;
+  auto line = h::to_line(e);
+  CHECK(line.find(" owner=host%20a%251%3D2 ") != std::string::npos);
+  CHECK(line.find(" key=q/k%09x ") != std::string::npos);
+  auto back = h::parse(line);
+  REQUIRE(back.size() == 1);
+  CHECK(h::to_line(back[0]) == line);
+  CHECK(back[0].owner == e.owner);
+  CHECK(back[0].key == e.key);
+  CHECK(back[0].origin == h::Origin::db);
+  CHECK_FALSE(back[0].ok);
+  CHECK(back[0].until_us == std::optional<std::int64_t>(3));
+
+  CHECK_THROWS_WITH(h::parse("submit task=1\n\nbogus task=2\n"), "line 3: unknown event kind 'bogus'");
+  CHECK_THROWS_WITH(h::parse("claim version=2\n"), "line 1: task= is missing");
+  CHECK_THROWS_WITH(h::parse("claim task=x\n"), "line 1: task=x is not an integer");
+  CHECK_THROWS_WITH(h::parse("claim task=1 colour=red\n"), "line 1: unknown field 'colour'");
+
+  auto dir = eoq::test::scratch_dir("history");
+  auto events = h::parse(kGood);
+  h::save_file(dir + "/h.txt", events);
+  auto again = h::load_file(dir + "/h.txt");
+  REQUIRE(again.size() == events.size());
+  for (std::size_t i = 0; i < events.size(); ++i) CHECK(h::to_line(again[i]) == h::to_line(events[i]));
+}
+
+TEST_CASE("history: a history read back from a Postgres schema is checked", "[history][postgres]") {
+  using eoq::test::Admin;
+  using eoq::test::StoreKind;
+  using eoq::test::TestStore;
+  TestStore s(StoreKind::postgres);
+  auto& store = *s;
+  Admin admin(s.conninfo());
+  admin.exec(fmt::format("CREATE TABLE \"{}\".effects (task_id bigint NOT NULL, version bigint NOT NULL)", s.schema()));
+  const auto insert_effect = fmt::format("INSERT INTO \"{}\".effects (task_id, version) VALUES ($1, $2)", s.schema());
+  h::Recorder client;
+
+  auto submit = [&](const std::string& queue) {
+    eoq::NewTask t;
+    t.type = "t";
+    t.queue = queue;
+    t.key = "k";
+    t.retry.max_attempts = 3;
+    t.retry.initial_delay = eoq::Millis(0);
+    auto r = store.submit(t);
+    h::Event e;
+    e.task = r.task.id;
+    e.key = queue + "/k";
+    e.max_attempts = 3;
+    client.add(e);
+    return r.task.id;
+  };
+  auto claim = [&](const std::string& queue, const std::string& owner, eoq::Millis lease) {
+    eoq::ClaimRequest req;
+    req.queues = {queue};
+    req.owner = owner;
+    req.lease = lease;
+    auto leases = store.claim(req);
+    REQUIRE(leases.size() == 1);
+    h::Event e;
+    e.kind = h::Kind::claim;
+    e.task = leases[0].id();
+    e.version = leases[0].token;
+    e.owner = owner;
+    e.db_us = h::micros(leases[0].task.updated_at);
+    e.until_us = h::micros(leases[0].expires_at);
+    e.attempt = leases[0].attempt();
+    client.add(e);
+    return leases[0];
+  };
+  auto complete = [&](const eoq::Lease& l) {
+    auto tx = store.begin(l);
+    tx->exec(insert_effect, {std::to_string(l.id()), std::to_string(l.token)});
+    h::Event e;
+    e.kind = h::Kind::complete;
+    e.task = l.id();
+    e.version = l.token;
+    e.owner = l.owner;
+    try {
+      tx->complete("null");
+    } catch (const eoq::LeaseLost&) {
+      e.ok = false;
+    }
+    client.add(e);
+    return e.ok;
+  };
+
+  // a: w1's lease runs out, w2 reclaims and completes, w1's completion is refused.
+  auto a = submit("qa");
+  auto a1 = claim("qa", "w1", 200ms);
+  std::this_thread::sleep_for(300ms);
+  auto a2 = claim("qa", "w2", 30s);
+  REQUIRE(a2.id() == a);
+  CHECK(complete(a2));
+  CHECK_FALSE(complete(a1));
+  // b: fails once, then completes.
+  auto b = submit("qb");
+  auto b1 = claim("qb", "w1", 30s);
+  CHECK(store.fail(b1, {"boom", false}).status == eoq::TaskStatus::pending);
+  std::this_thread::sleep_for(20ms);
+  auto b2 = claim("qb", "w3", 30s);
+  REQUIRE(b2.id() == b);
+  CHECK(complete(b2));
+  // c: cancelled while pending.
+  auto c = submit("qc");
+  CHECK(store.cancel(c) == eoq::CancelOutcome::cancelled);
+
+  auto db = h::load_postgres(admin.get(), s.schema(), "effects");
+  auto v = h::verify(db);
+  INFO(v.format());
+  CHECK(v.ok());
+  CHECK(v.tasks == 3);
+  CHECK(v.succeeded == 2);
+  CHECK(v.cancelled == 1);
+  CHECK(v.claims == 4);
+  CHECK(v.completions == 2);
+  CHECK(v.effects == 2);
+  CHECK(v.handovers_checked == 2);
+
+  // The client's view and the database's, together: each claim counts once.
+  auto both = client.events();
+  both.insert(both.end(), db.begin(), db.end());
+  auto vb = h::verify(both);
+  INFO(vb.format());
+  CHECK(vb.ok());
+  CHECK(vb.claims == 4);
+  CHECK(vb.completions == 2);
+
+  // A second effect row for a: rejected.
+  admin.exec(insert_effect, {std::to_string(a), std::to_string(a1.token)});
+  auto bad = h::verify(h::load_postgres(admin.get(), s.schema(), "effects"));
+  CHECK(bad.count(ViolationKind::double_effect) == 1);
+  CHECK(bad.violations.size() == 1);
+}
