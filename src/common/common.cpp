@@ -290,5 +290,10 @@ void validate_progress(int percent, std::string_view stage) {
   if (stage.size() > 256) throw InvalidArgument("stage", "must be at most 256 bytes");
 }
 
+void validate_prune(Millis older_than, int batch_size) {
+  if (older_than.count() < 0) throw InvalidArgument("older_than", "must not be negative");
+  if (batch_size < 1 || batch_size > 100000) throw InvalidArgument("batch_size", "must be between 1 and 100000");
+}
+
 }  // namespace detail
 }  // namespace eoq

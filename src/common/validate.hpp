@@ -17,6 +17,7 @@ void validate_claim(const ClaimRequest& request);
 void validate_owner(std::string_view owner);
 void validate_positive(std::string_view field, Millis value);
 void validate_progress(int percent, std::string_view stage);
+void validate_prune(Millis older_than, int batch_size);
 
 TimePoint now() noexcept;
 

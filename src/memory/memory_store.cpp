@@ -653,8 +653,7 @@ std::vector<Attempt> MemoryStore::history(TaskId id) {
 
 std::int64_t MemoryStore::prune(Millis older_than, int batch_size) {
   auto& S = *state_;
-  if (older_than.count() < 0) throw InvalidArgument("older_than", "must not be negative");
-  if (batch_size < 1 || batch_size > 100000) throw InvalidArgument("batch_size", "must be between 1 and 100000");
+  detail::validate_prune(older_than, batch_size);
   // Batches let claims and completions in between, as the Postgres store's
   // separate statements do, instead of holding the lock through a huge prune.
   std::int64_t total = 0;

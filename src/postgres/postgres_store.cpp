@@ -1032,8 +1032,7 @@ std::vector<Attempt> PostgresStore::history(TaskId id) {
 
 std::int64_t PostgresStore::prune(Millis older_than, int batch_size) {
   auto& I = *impl_;
-  if (older_than.count() < 0) throw InvalidArgument("older_than", "must not be negative");
-  if (batch_size < 1 || batch_size > 100000) throw InvalidArgument("batch_size", "must be between 1 and 100000");
+  detail::validate_prune(older_than, batch_size);
   std::int64_t total = 0;
   for (;;) {
     auto r = I.retry([&](Connection& c) { return c.exec(I.sql.prune, {num(older_than.count()), num(batch_size)}); });
