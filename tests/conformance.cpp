@@ -67,19 +67,10 @@ struct StringMaker<eoq::CancelOutcome> {
 };
 }  // namespace Catch
 
+using eoq::test::Q;
+
 namespace {
 
-// A ListQuery built field by field (designated initializers trip -Wmissing-field-initializers).
-struct Q {
-  eoq::ListQuery q;
-  Q& queue(std::string v) { q.queue = std::move(v); return *this; }
-  Q& status(eoq::TaskStatus v) { q.status = v; return *this; }
-  Q& type(std::string v) { q.type = std::move(v); return *this; }
-  Q& tenant(std::string v) { q.tenant = std::move(v); return *this; }
-  Q& after(eoq::TaskId v) { q.after = v; return *this; }
-  Q& limit(int v) { q.limit = v; return *this; }
-  operator eoq::ListQuery() const { return q; }
-};
 
 
 constexpr auto kSlack = 25ms;  // rounding of delays and timestamps

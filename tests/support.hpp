@@ -115,4 +115,16 @@ inline TimePoint now() {
   return std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now());
 }
 
+// A ListQuery built field by field, so a test reads like the filter it sets.
+struct Q {
+  eoq::ListQuery q;
+  Q& queue(std::string v) { q.queue = std::move(v); return *this; }
+  Q& status(eoq::TaskStatus v) { q.status = v; return *this; }
+  Q& type(std::string v) { q.type = std::move(v); return *this; }
+  Q& tenant(std::string v) { q.tenant = std::move(v); return *this; }
+  Q& after(eoq::TaskId v) { q.after = v; return *this; }
+  Q& limit(int v) { q.limit = v; return *this; }
+  operator eoq::ListQuery() const { return q; }
+};
+
 }  // namespace eoq::test
