@@ -288,7 +288,6 @@ STORE_CASE("a second submit with the same key returns the existing task and chan
   NewTask again = keyed("k", "default", R"({"v": 2})");
   again.type = "other-type";
   again.priority = 99;
-  again.tenant = "someone";
   auto second = store.submit(again);
   CHECK(second.duplicate);
   CHECK(second.task.id == first.task.id);

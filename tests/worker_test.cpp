@@ -98,12 +98,17 @@ class FaultyStore final : public eoq::TaskStore {
     return inner_.complete_batch(c);
   }
   std::unique_ptr<eoq::LeaseTransaction> begin(const eoq::Lease& l) override { check(); return inner_.begin(l); }
-  eoq::CancelOutcome cancel(eoq::TaskId id) override { return inner_.cancel(id); }
-  std::optional<eoq::Task> get(eoq::TaskId id) override { return inner_.get(id); }
-  std::optional<eoq::Task> find(std::string_view q, std::string_view k) override { return inner_.find(q, k); }
-  eoq::TaskPage list(const eoq::ListQuery& q) override { return inner_.list(q); }
-  std::vector<eoq::QueueStats> stats() override { return inner_.stats(); }
-  std::vector<eoq::Attempt> history(eoq::TaskId id) override { return inner_.history(id); }
+  eoq::CancelOutcome cancel(eoq::TaskId id, const eoq::Scope& s = {}) override { return inner_.cancel(id, s); }
+  eoq::RetryOutcome retry(eoq::TaskId id, const eoq::Scope& s = {}) override { return inner_.retry(id, s); }
+  std::optional<eoq::Task> get(eoq::TaskId id, const eoq::Scope& s = {}) override { return inner_.get(id, s); }
+  std::optional<eoq::Task> find(std::string_view q, std::string_view k, const eoq::Scope& s = {}) override {
+    return inner_.find(q, k, s);
+  }
+  eoq::TaskPage list(const eoq::ListQuery& q, const eoq::Scope& s = {}) override { return inner_.list(q, s); }
+  std::vector<eoq::QueueStats> stats(const eoq::Scope& s = {}) override { return inner_.stats(s); }
+  std::vector<eoq::Attempt> history(eoq::TaskId id, const eoq::Scope& s = {}) override {
+    return inner_.history(id, s);
+  }
   std::int64_t prune(Millis o, int b) override { check(); return inner_.prune(o, b); }
   eoq::MaintenanceReport maintain() override { check(); return inner_.maintain(); }
   void wait_for_tasks(const std::vector<std::string>& q, Millis t) override {

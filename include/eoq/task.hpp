@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace eoq {
@@ -50,7 +51,9 @@ struct NewTask {
   std::optional<TimePoint> run_at{};      // not before (default: now)
   std::optional<TimePoint> deadline{};    // not after: never started later than this
   RetryPolicy retry{};
-  std::optional<std::string> tenant{};    // owner, for scoped reads
+  // Owner, for scoped reads. Keys are unique per (queue, tenant): two tenants
+  // never see each other's task through a shared key.
+  std::optional<std::string> tenant{};
 };
 
 struct Task {
@@ -127,6 +130,22 @@ struct Completion {
 
 enum class CancelOutcome { cancelled, cancel_requested, already_finished, not_found };
 
+// What retry() did: a failed, expired or cancelled task is pending again; a
+// pending, running or succeeded task is left alone (not_retryable).
+enum class RetryOutcome { retried, not_retryable, not_found };
+
+std::string_view to_string(CancelOutcome o) noexcept;
+std::string_view to_string(RetryOutcome o) noexcept;
+
+// Whose tasks a read, cancel or retry may see. The default sees every tenant
+// (an operator). A tenant scope never returns, counts or changes another
+// tenant's task: such an id answers exactly as an id that does not exist.
+struct Scope {
+  std::optional<std::string> tenant{};
+  static Scope all() { return {}; }
+  static Scope only(std::string tenant) { return Scope{std::move(tenant)}; }
+};
+
 struct ListQuery {
   std::optional<std::string> queue{};
   std::optional<TaskStatus> status{};
@@ -145,6 +164,8 @@ struct QueueStats {
   std::string queue{};
   std::int64_t pending = 0, running = 0, succeeded = 0, failed = 0, cancelled = 0, expired = 0;
   std::optional<Millis> oldest_pending_age{};  // of pending tasks whose run_at has come
+  // Throughput: tasks that finished in the last 60 seconds, by outcome.
+  std::int64_t succeeded_last_minute = 0, failed_last_minute = 0;
 };
 
 // One attempt of a task, oldest first. The attempt in progress has no end.

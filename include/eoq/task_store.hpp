@@ -84,13 +84,21 @@ class TaskStore {
   // Opens the transaction a handler's writes share with its task's settlement.
   virtual std::unique_ptr<LeaseTransaction> begin(const Lease& lease) = 0;
 
-  virtual CancelOutcome cancel(TaskId id) = 0;
+  // Reads, cancel and retry take a Scope: the default sees every tenant.
+  virtual CancelOutcome cancel(TaskId id, const Scope& scope = {}) = 0;
+  // A failed, expired or cancelled task runs again: pending at once, as a new
+  // attempt (its history, checkpoint and last error kept). It gets at least one
+  // more attempt than it has used, and a deadline that has passed is dropped.
+  virtual RetryOutcome retry(TaskId id, const Scope& scope = {}) = 0;
 
-  virtual std::optional<Task> get(TaskId id) = 0;
-  virtual std::optional<Task> find(std::string_view queue, std::string_view key) = 0;
-  virtual TaskPage list(const ListQuery& query) = 0;
-  virtual std::vector<QueueStats> stats() = 0;
-  virtual std::vector<Attempt> history(TaskId id) = 0;
+  virtual std::optional<Task> get(TaskId id, const Scope& scope = {}) = 0;
+  // The task submitted with `key` to `queue` by the scope's tenant (the default
+  // scope: by no tenant), since keys are unique per (queue, tenant).
+  virtual std::optional<Task> find(std::string_view queue, std::string_view key, const Scope& scope = {}) = 0;
+  // A tenant scope and query.tenant both filter: different tenants list nothing.
+  virtual TaskPage list(const ListQuery& query, const Scope& scope = {}) = 0;
+  virtual std::vector<QueueStats> stats(const Scope& scope = {}) = 0;
+  virtual std::vector<Attempt> history(TaskId id, const Scope& scope = {}) = 0;
 
   // Deletes finished tasks (with their keys and history) that finished more than
   // `older_than` ago, `batch_size` rows per statement. Returns how many.

@@ -21,6 +21,25 @@ std::string_view to_string(TaskStatus s) noexcept {
   return "unknown";
 }
 
+std::string_view to_string(CancelOutcome o) noexcept {
+  switch (o) {
+    case CancelOutcome::cancelled: return "cancelled";
+    case CancelOutcome::cancel_requested: return "cancel_requested";
+    case CancelOutcome::already_finished: return "already_finished";
+    case CancelOutcome::not_found: return "not_found";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(RetryOutcome o) noexcept {
+  switch (o) {
+    case RetryOutcome::retried: return "retried";
+    case RetryOutcome::not_retryable: return "not_retryable";
+    case RetryOutcome::not_found: return "not_found";
+  }
+  return "unknown";
+}
+
 TaskStatus parse_status(std::string_view name) {
   for (auto s : {TaskStatus::pending, TaskStatus::running, TaskStatus::succeeded, TaskStatus::failed,
                  TaskStatus::cancelled, TaskStatus::expired})
@@ -271,6 +290,10 @@ void validate_new_task(const NewTask& t, std::size_t max_payload_bytes, TimePoin
 }
 
 void validate_owner(std::string_view owner) { validate_text("owner", owner, 256); }
+
+void validate_scope(const Scope& scope) {
+  if (scope.tenant) validate_text("scope.tenant", *scope.tenant, 256);
+}
 
 void validate_positive(std::string_view field, Millis value) {
   if (value.count() <= 0) throw InvalidArgument(std::string(field), "must be positive");

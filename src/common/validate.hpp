@@ -15,6 +15,7 @@ void validate_json(std::string_view field, std::string_view text, std::size_t ma
 void validate_new_task(const NewTask& task, std::size_t max_payload_bytes, TimePoint now);
 void validate_claim(const ClaimRequest& request);
 void validate_owner(std::string_view owner);
+void validate_scope(const Scope& scope);
 void validate_positive(std::string_view field, Millis value);
 void validate_progress(int percent, std::string_view stage);
 void validate_prune(Millis older_than, int batch_size);

@@ -46,6 +46,14 @@ using PendingKey = std::tuple<std::string, int, TimePoint, TaskId>;  // queue, p
 using LeaseKey = std::tuple<std::string, TimePoint, TaskId>;         // queue, lease_expires_at, id
 using TimeKey = std::pair<TimePoint, TaskId>;
 
+// An idempotency key: queue, tenant ("" for none), key.
+using KeyOf = std::tuple<std::string, std::string, std::string>;
+KeyOf key_of(const std::string& queue, const std::optional<std::string>& tenant, const std::string& key) {
+  return {queue, tenant.value_or(""), key};
+}
+
+bool visible(const Task& t, const Scope& scope) { return !scope.tenant || t.tenant == scope.tenant; }
+
 // A candidate for claim, in claim order.
 using ClaimKey = std::tuple<int, TimePoint, TaskId>;  // priority, run_at, id
 
@@ -78,7 +86,7 @@ struct MemoryStore::State {
   // Everything below is guarded by mu.
   TaskId next_id = 1;
   std::map<TaskId, Entry> tasks;  // every task, live or finished; ordered by id for list()
-  std::map<std::pair<std::string, std::string>, TaskId> keys;  // outlives its task until prune
+  std::map<KeyOf, TaskId> keys;  // outlives its task until prune
   std::set<PendingKey> pending;                 // pending tasks, in claim order per queue
   std::set<TimeKey> deadlines;                  // pending tasks that have a deadline
   std::set<LeaseKey> leases;                    // running tasks, by lease expiry per queue
@@ -170,7 +178,7 @@ struct MemoryStore::State {
 
   SubmitResult insert(const NewTask& n, TimePoint now) {
     if (n.key) {
-      auto k = keys.find({n.queue, *n.key});
+      auto k = keys.find(key_of(n.queue, n.tenant, *n.key));
       if (k != keys.end()) return {tasks.at(k->second).task, true};
     }
     Entry e;
@@ -187,7 +195,7 @@ struct MemoryStore::State {
     t.retry = n.retry;
     t.version = 1;
     t.created_at = t.updated_at = now;
-    if (n.key) keys.emplace(std::pair{n.queue, *n.key}, t.id);
+    if (n.key) keys.emplace(key_of(n.queue, n.tenant, *n.key), t.id);
     auto& stored = tasks.emplace(t.id, std::move(e)).first->second;
     index(stored);
     return {stored.task, false};
@@ -224,7 +232,7 @@ struct MemoryStore::State {
     auto it = tasks.find(id);
     const Task& t = it->second.task;
     if (t.key) {
-      auto k = keys.find({t.queue, *t.key});
+      auto k = keys.find(key_of(t.queue, t.tenant, *t.key));
       if (k != keys.end() && k->second == id) keys.erase(k);
     }
     unindex(it->second);
@@ -572,11 +580,12 @@ std::unique_ptr<LeaseTransaction> MemoryStore::begin(const Lease& lease) {
   return std::make_unique<MemoryLeaseTransaction>(*this, lease);
 }
 
-CancelOutcome MemoryStore::cancel(TaskId id) {
+CancelOutcome MemoryStore::cancel(TaskId id, const Scope& scope) {
   auto& S = *state_;
+  detail::validate_scope(scope);
   std::lock_guard lk(S.mu);
   auto it = S.tasks.find(id);
-  if (it == S.tasks.end()) return CancelOutcome::not_found;
+  if (it == S.tasks.end() || !visible(it->second.task, scope)) return CancelOutcome::not_found;
   Entry& e = it->second;
   switch (e.task.status) {
     case TaskStatus::pending: S.finish(e, TaskStatus::cancelled, detail::now()); return CancelOutcome::cancelled;
@@ -589,25 +598,57 @@ CancelOutcome MemoryStore::cancel(TaskId id) {
   }
 }
 
-std::optional<Task> MemoryStore::get(TaskId id) {
+RetryOutcome MemoryStore::retry(TaskId id, const Scope& scope) {
   auto& S = *state_;
+  detail::validate_scope(scope);
   std::lock_guard lk(S.mu);
   auto it = S.tasks.find(id);
-  if (it == S.tasks.end()) return std::nullopt;
+  if (it == S.tasks.end() || !visible(it->second.task, scope)) return RetryOutcome::not_found;
+  Entry& e = it->second;
+  const auto status = e.task.status;
+  if (status != TaskStatus::failed && status != TaskStatus::cancelled && status != TaskStatus::expired)
+    return RetryOutcome::not_retryable;
+  const TimePoint now = detail::now();
+  S.update(e, [&](Task& t) {
+    t.status = TaskStatus::pending;
+    ++t.version;
+    t.run_at = now;
+    if (t.deadline && *t.deadline <= now) t.deadline.reset();
+    t.retry.max_attempts = std::max(t.retry.max_attempts, t.attempts + 1);
+    t.cancel_requested = false;
+    t.lease_owner.reset();
+    t.progress = 0;
+    t.stage.clear();
+    t.result.reset();
+    t.finished_at.reset();
+    t.updated_at = now;
+  });
+  S.signal(e.task.queue);
+  return RetryOutcome::retried;
+}
+
+std::optional<Task> MemoryStore::get(TaskId id, const Scope& scope) {
+  auto& S = *state_;
+  detail::validate_scope(scope);
+  std::lock_guard lk(S.mu);
+  auto it = S.tasks.find(id);
+  if (it == S.tasks.end() || !visible(it->second.task, scope)) return std::nullopt;
   return it->second.task;
 }
 
-std::optional<Task> MemoryStore::find(std::string_view queue, std::string_view key) {
+std::optional<Task> MemoryStore::find(std::string_view queue, std::string_view key, const Scope& scope) {
   auto& S = *state_;
   detail::validate_queue("queue", queue);
+  detail::validate_scope(scope);
   std::lock_guard lk(S.mu);
-  auto k = S.keys.find({std::string(queue), std::string(key)});
+  auto k = S.keys.find(key_of(std::string(queue), scope.tenant, std::string(key)));
   if (k == S.keys.end()) return std::nullopt;
   return S.tasks.at(k->second).task;
 }
 
-TaskPage MemoryStore::list(const ListQuery& q) {
+TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
   auto& S = *state_;
+  detail::validate_scope(scope);
   if (q.limit < 1 || q.limit > 1000) throw InvalidArgument("limit", "must be between 1 and 1000");
   if (q.queue) detail::validate_queue("queue", *q.queue);
   const auto limit = static_cast<std::size_t>(q.limit);
@@ -616,7 +657,7 @@ TaskPage MemoryStore::list(const ListQuery& q) {
   for (auto it = S.tasks.upper_bound(q.after.value_or(0)); it != S.tasks.end() && page.tasks.size() < limit; ++it) {
     const Task& t = it->second.task;
     if ((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
-        (q.tenant && t.tenant != *q.tenant))
+        (q.tenant && t.tenant != *q.tenant) || !visible(t, scope))
       continue;
     page.tasks.push_back(t);
   }
@@ -624,25 +665,64 @@ TaskPage MemoryStore::list(const ListQuery& q) {
   return page;
 }
 
-std::vector<QueueStats> MemoryStore::stats() {
+std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
   auto& S = *state_;
+  detail::validate_scope(scope);
   std::lock_guard lk(S.mu);
   const TimePoint now = detail::now();
+  const TimePoint minute_ago = now - std::chrono::minutes(1);
   std::vector<QueueStats> out;
-  out.reserve(S.counts.size());
-  for (const auto& [queue, counts] : S.counts) {
-    out.push_back(counts);
-    if (auto oldest = S.oldest_ready(queue, now))
-      out.back().oldest_pending_age = std::chrono::duration_cast<Millis>(now - *oldest);
+  auto count_recent = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
+    for (auto it = S.finished.upper_bound(TimeKey{minute_ago, std::numeric_limits<TaskId>::max()});
+         it != S.finished.end(); ++it) {
+      const Task& t = S.tasks.at(it->second).task;
+      if (!visible(t, scope)) continue;
+      auto q = by_queue.find(t.queue);
+      if (q == by_queue.end()) continue;
+      if (t.status == TaskStatus::succeeded) ++q->second.succeeded_last_minute;
+      if (t.status == TaskStatus::failed) ++q->second.failed_last_minute;
+    }
+  };
+  if (!scope.tenant) {
+    auto counts = S.counts;
+    count_recent(counts);
+    out.reserve(counts.size());
+    for (auto& [queue, c] : counts) {
+      out.push_back(c);
+      if (auto oldest = S.oldest_ready(queue, now))
+        out.back().oldest_pending_age = std::chrono::duration_cast<Millis>(now - *oldest);
+    }
+    return out;
+  }
+  // The per-queue counts are kept for everyone; one tenant's are counted here.
+  std::map<std::string, QueueStats, std::less<>> counts;
+  std::map<std::string, TimePoint, std::less<>> oldest;
+  for (const auto& [id, e] : S.tasks) {
+    const Task& t = e.task;
+    if (!visible(t, scope)) continue;
+    auto& c = counts[t.queue];
+    c.queue = t.queue;
+    ++count_of(c, t.status);
+    if (t.status == TaskStatus::pending && t.run_at <= now) {
+      auto [o, fresh] = oldest.emplace(t.queue, t.run_at);
+      if (!fresh && t.run_at < o->second) o->second = t.run_at;
+    }
+  }
+  count_recent(counts);
+  for (auto& [queue, c] : counts) {
+    out.push_back(c);
+    if (auto o = oldest.find(queue); o != oldest.end())
+      out.back().oldest_pending_age = std::chrono::duration_cast<Millis>(now - o->second);
   }
   return out;
 }
 
-std::vector<Attempt> MemoryStore::history(TaskId id) {
+std::vector<Attempt> MemoryStore::history(TaskId id, const Scope& scope) {
   auto& S = *state_;
+  detail::validate_scope(scope);
   std::lock_guard lk(S.mu);
   auto it = S.tasks.find(id);
-  if (it == S.tasks.end()) return {};
+  if (it == S.tasks.end() || !visible(it->second.task, scope)) return {};
   const Entry& e = it->second;
   std::vector<Attempt> out = e.history;
   if (e.task.status == TaskStatus::running)

@@ -45,16 +45,22 @@ std::string column_list(std::string_view prefix = "") {
   return out;
 }
 
-// "INSERT INTO finished (...) SELECT ... FROM <source>", each column copied from
-// the source row unless `set` gives an expression for it.
-std::string finish_insert(const std::map<std::string, std::string>& set, std::string_view source) {
+// Every column in table order, copied from the source row unless `set` gives
+// an expression for it.
+std::string select_from(std::string_view source, const std::map<std::string, std::string>& set) {
   std::string exprs;
   for (int i = 0; i < kColumnCount; ++i) {
     if (i) exprs += ", ";
     auto it = set.find(kColumns[i]);
     exprs += it != set.end() ? it->second : fmt::format("{}.{}", source, kColumns[i]);
   }
-  return fmt::format("INSERT INTO @s@.finished ({}) SELECT {} FROM {}", column_list(), exprs, source);
+  return exprs;
+}
+
+// "INSERT INTO finished (...) SELECT ... FROM <source>".
+std::string finish_insert(const std::map<std::string, std::string>& set, std::string_view source) {
+  return fmt::format("INSERT INTO @s@.finished ({}) SELECT {} FROM {}", column_list(), select_from(source, set),
+                     source);
 }
 
 std::string replace_all(std::string s, std::string_view from, std::string_view to) {
@@ -111,11 +117,13 @@ void validate_schema(const std::string& s) {
 
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
-  Statement submit, submit_batch, by_keys, claim, complete, fail, release, heartbeat, progress, checkpoint, cancel, get,
-      list, stats, history, prune, expire, reap, settled;
+  Statement submit, submit_batch, by_keys, claim, complete, fail, release, heartbeat, progress, checkpoint, cancel,
+      retry, get, list, stats, history, prune, expire, reap, settled;
 
   explicit Sql(const std::string& quoted_schema) {
     const std::string cols = column_list(), tcols = column_list("t.");
+    // $2 of get, cancel and retry: the scope's tenant, or NULL for every tenant.
+    const char* in_scope = "($2::text IS NULL OR tenant = $2)";
     auto S = [&](const char* name, const std::string& text) {
       return Statement{name, replace_all(text, "@s@", quoted_schema)};
     };
@@ -128,8 +136,8 @@ struct Sql {
     // waits for ours to commit or roll back. No key row, no task row.
     submit = S("eoq_submit", fmt::format(R"(
 WITH k AS (
-  INSERT INTO @s@.keys (queue, key, task_id)
-  SELECT $1, $3, nextval('@s@.task_ids') WHERE $3::text IS NOT NULL
+  INSERT INTO @s@.keys (queue, tenant, key, task_id)
+  SELECT $1, coalesce($4, ''), $3, nextval('@s@.task_ids') WHERE $3::text IS NOT NULL
   ON CONFLICT DO NOTHING RETURNING task_id),
 ids AS (SELECT task_id AS id FROM k UNION ALL SELECT nextval('@s@.task_ids') WHERE $3::text IS NULL),
 ins AS (
@@ -147,8 +155,8 @@ WITH src AS MATERIALIZED (
        AS s(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts, backoff, initial_ms,
             max_ms, jitter, ord)),
 k AS (
-  INSERT INTO @s@.keys (queue, key, task_id)
-  SELECT queue, key, id FROM src WHERE key IS NOT NULL ORDER BY ord
+  INSERT INTO @s@.keys (queue, tenant, key, task_id)
+  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
   ON CONFLICT DO NOTHING RETURNING task_id),
 ins AS (
   INSERT INTO @s@.tasks ({})
@@ -162,8 +170,8 @@ FROM ins JOIN src USING (id))",
                                                      insert_cols, TS("src.run_at"), TS("src.deadline")));
 
     by_keys = S("eoq_by_keys", fmt::format(R"(
-SELECT q.ord, t.* FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(queue, key, ord)
-JOIN @s@.keys k ON k.queue = q.queue AND k.key = q.key
+SELECT q.ord, t.* FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS q(queue, tenant, key, ord)
+JOIN @s@.keys k ON k.queue = q.queue AND k.tenant = coalesce(q.tenant, '') AND k.key = q.key
 CROSS JOIN LATERAL (SELECT {0} FROM @s@.tasks WHERE id = k.task_id
                     UNION ALL SELECT {0} FROM @s@.finished WHERE id = k.task_id) t)",
                                            cols));
@@ -281,21 +289,52 @@ UPDATE @s@.tasks SET checkpoint_stage = $3, checkpoint = $4::json, updated_at = 
 WHERE id = $1 AND version = $2 AND status = 'running' RETURNING id)");
 
     cancel = S("eoq_cancel", fmt::format(R"(
-WITH gone AS (DELETE FROM @s@.tasks WHERE id = $1 AND status = 'pending' RETURNING *),
-fin AS ({} RETURNING id),
+WITH gone AS (DELETE FROM @s@.tasks WHERE id = $1 AND status = 'pending' AND {1} RETURNING *),
+fin AS ({0} RETURNING id),
 req AS (UPDATE @s@.tasks SET cancel_requested = true, updated_at = now()
-        WHERE id = $1 AND status = 'running' RETURNING id)
+        WHERE id = $1 AND status = 'running' AND {1} RETURNING id)
 SELECT (SELECT count(*) FROM fin), (SELECT count(*) FROM req),
-       (SELECT count(*) FROM @s@.finished WHERE id = $1), (SELECT count(*) FROM @s@.tasks WHERE id = $1))",
+       (SELECT count(*) FROM @s@.finished WHERE id = $1 AND {1}),
+       (SELECT count(*) FROM @s@.tasks WHERE id = $1 AND {1}))",
                                          finish_insert({{"status", "'cancelled'"},
                                                         {"version", "gone.version + 1"},
                                                         {"updated_at", "now()"},
                                                         {"finished_at", "now()"}},
-                                                       "gone")));
+                                                       "gone"),
+                                         in_scope));
 
-    get = S("eoq_get", fmt::format("SELECT {0} FROM @s@.tasks WHERE id = $1 UNION ALL "
-                                   "SELECT {0} FROM @s@.finished WHERE id = $1",
-                                   cols));
+    // A task settled other than in success goes back to the live table as it
+    // was, pending now, with one attempt more than it has used if it has none
+    // left; its history rows stay. A deadline that has passed is dropped, or the
+    // task would only expire again.
+    retry = S("eoq_retry", fmt::format(R"(
+WITH gone AS (DELETE FROM @s@.finished WHERE id = $1 AND status IN ('failed', 'cancelled', 'expired') AND {0}
+              RETURNING *),
+back AS (INSERT INTO @s@.tasks ({1}) SELECT {2} FROM gone RETURNING queue)
+SELECT (SELECT count(pg_notify($3, queue)) FROM back),
+       (SELECT count(*) FROM @s@.finished WHERE id = $1 AND {0}),
+       (SELECT count(*) FROM @s@.tasks WHERE id = $1 AND {0}))",
+                                       in_scope, cols,
+                                       select_from("gone", {{"status", "'pending'"},
+                                                            {"run_at", "now()"},
+                                                            {"deadline", "CASE WHEN gone.deadline > now() "
+                                                                         "THEN gone.deadline END"},
+                                                            {"max_attempts", "greatest(gone.max_attempts, "
+                                                                             "gone.attempts + 1)"},
+                                                            {"version", "gone.version + 1"},
+                                                            {"lease_owner", "NULL"},
+                                                            {"lease_expires_at", "NULL"},
+                                                            {"started_at", "NULL"},
+                                                            {"cancel_requested", "false"},
+                                                            {"progress", "0"},
+                                                            {"stage", "''"},
+                                                            {"result", "NULL"},
+                                                            {"updated_at", "now()"},
+                                                            {"finished_at", "NULL"}})));
+
+    get = S("eoq_get", fmt::format("SELECT {0} FROM @s@.tasks WHERE id = $1 AND {1} UNION ALL "
+                                   "SELECT {0} FROM @s@.finished WHERE id = $1 AND {1}",
+                                   cols, in_scope));
 
     // A status filter names one table only; the other side is cut by a
     // parameter-only condition the executor evaluates once.
@@ -314,10 +353,13 @@ ORDER BY id LIMIT $6)",
 
     stats = S("eoq_stats", R"(
 SELECT queue, status, count(*)::bigint,
-       (extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now())) * 1000)::bigint
-FROM @s@.tasks GROUP BY queue, status
+       (extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now())) * 1000)::bigint,
+       0::bigint
+FROM @s@.tasks WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
 UNION ALL
-SELECT queue, status, count(*)::bigint, NULL::bigint FROM @s@.finished GROUP BY queue, status)");
+SELECT queue, status, count(*)::bigint, NULL::bigint,
+       count(*) FILTER (WHERE finished_at > now() - interval '1 minute')
+FROM @s@.finished WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status)");
 
     history = S("eoq_history", R"(
 SELECT attempt, owner, started_at, finished_at, outcome, error FROM @s@.attempts WHERE task_id = $1
@@ -330,9 +372,10 @@ WHERE id = $1 AND status = 'succeeded'
 ORDER BY 1)");
 
     prune = S("eoq_prune", R"(
-WITH v AS (SELECT id, queue, key FROM @s@.finished WHERE finished_at < now() - )" MS("$1") R"(
+WITH v AS (SELECT id, queue, tenant, key FROM @s@.finished WHERE finished_at < now() - )" MS("$1") R"(
            LIMIT $2 FOR UPDATE SKIP LOCKED),
-dk AS (DELETE FROM @s@.keys k USING v WHERE k.queue = v.queue AND k.key = v.key AND k.task_id = v.id),
+dk AS (DELETE FROM @s@.keys k USING v
+       WHERE k.queue = v.queue AND k.tenant = coalesce(v.tenant, '') AND k.key = v.key AND k.task_id = v.id),
 da AS (DELETE FROM @s@.attempts a USING v WHERE a.task_id = v.id),
 df AS (DELETE FROM @s@.finished f USING v WHERE f.id = v.id RETURNING 1)
 SELECT count(*) FROM df)");
@@ -469,9 +512,10 @@ struct PostgresStore::Impl {
     return pg::with_retry(pool, options.transient_retries, std::forward<F>(f), retried);
   }
 
-  std::vector<std::optional<Task>> lookup_keys(const std::vector<Param>& queues, const std::vector<Param>& keys) {
+  std::vector<std::optional<Task>> lookup_keys(const std::vector<Param>& queues, const std::vector<Param>& tenants,
+                                               const std::vector<Param>& keys) {
     auto r = retry([&](Connection& c) {
-      return c.exec(sql.by_keys, {pg::text_array(queues), pg::text_array(keys)});
+      return c.exec(sql.by_keys, {pg::text_array(queues), pg::text_array(tenants), pg::text_array(keys)});
     });
     std::vector<std::optional<Task>> out(queues.size());
     for (int i = 0; i < r.rows(); ++i) out[static_cast<std::size_t>(r.i64(i, 0) - 1)] = decode_task(r, i, 1);
@@ -588,7 +632,7 @@ SubmitResult PostgresStore::submit(const NewTask& task) {
                           e.sqlstate(), e.statement());
     }
     if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
-    auto existing = I.lookup_keys({task.queue}, {task.key});
+    auto existing = I.lookup_keys({task.queue}, {task.tenant}, {task.key});
     if (existing[0]) return {std::move(*existing[0]), true};
     // The key's task was pruned between the two statements: try again.
     if (round > 10) throw Error("submit: key kept vanishing under retention; giving up");
@@ -615,7 +659,8 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
   };
   auto r = run(sql.submit.sql, params);
   if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
-  auto e = run(sql.by_keys.sql, {pg::text_array({task.queue}), pg::text_array({task.key})});
+  auto e = run(sql.by_keys.sql,
+               {pg::text_array({task.queue}), pg::text_array({task.tenant}), pg::text_array({task.key})});
   if (e.rows() == 1) return {decode_task(e, 0, 1), true};
   throw Error("submit_on: the key is taken but its task was not found");
 }
@@ -653,16 +698,17 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     auto ord = static_cast<std::size_t>(r.i64(i, 0) - 1);
     out[ord] = SubmitResult{task_from_new(tasks[ord], r, i, 1), false};
   }
-  std::vector<Param> dq, dk;
+  std::vector<Param> dq, dt, dk;
   std::vector<std::size_t> missing;
   for (std::size_t i = 0; i < tasks.size(); ++i)
     if (!out[i]) {
       missing.push_back(i);
       dq.push_back(tasks[i].queue);
+      dt.push_back(tasks[i].tenant);
       dk.push_back(tasks[i].key);
     }
   if (!missing.empty()) {
-    auto found = I.lookup_keys(dq, dk);
+    auto found = I.lookup_keys(dq, dt, dk);
     for (std::size_t j = 0; j < missing.size(); ++j) {
       if (!found[j]) {
         // Pruned in between: submit that one again on its own.
@@ -951,10 +997,11 @@ std::unique_ptr<LeaseTransaction> PostgresStore::begin(const Lease& lease) {
   }
 }
 
-CancelOutcome PostgresStore::cancel(TaskId id) {
+CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
   auto& I = *impl_;
+  detail::validate_scope(scope);
   for (int round = 0; round < 20; ++round) {
-    auto r = I.retry([&](Connection& c) { return c.exec(I.sql.cancel, {num(id)}); });
+    auto r = I.retry([&](Connection& c) { return c.exec(I.sql.cancel, {num(id), scope.tenant}); });
     if (r.i64(0, 0) > 0) return CancelOutcome::cancelled;
     if (r.i64(0, 1) > 0) return CancelOutcome::cancel_requested;
     if (r.i64(0, 2) > 0) return CancelOutcome::already_finished;
@@ -964,25 +1011,44 @@ CancelOutcome PostgresStore::cancel(TaskId id) {
   throw TransientError(fmt::format("cancel: task {} kept changing state", id), "40001", "eoq_cancel");
 }
 
-std::optional<Task> PostgresStore::get(TaskId id) {
+RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
   auto& I = *impl_;
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.get, {num(id)}); });
+  detail::validate_scope(scope);
+  // Safe to repeat: a second run finds the task live and answers not_retryable,
+  // which after a lost reply is checked below.
+  bool retried = false;
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.retry, {num(id), scope.tenant, I.channel}); },
+                   &retried);
+  if (r.i64(0, 0) > 0) return RetryOutcome::retried;
+  if (r.i64(0, 1) > 0) return RetryOutcome::not_retryable;
+  if (r.i64(0, 2) > 0) return retried ? RetryOutcome::retried : RetryOutcome::not_retryable;
+  return RetryOutcome::not_found;
+}
+
+std::optional<Task> PostgresStore::get(TaskId id, const Scope& scope) {
+  auto& I = *impl_;
+  detail::validate_scope(scope);
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.get, {num(id), scope.tenant}); });
   if (r.rows() == 0) return std::nullopt;
   return decode_task(r, 0);
 }
 
-std::optional<Task> PostgresStore::find(std::string_view queue, std::string_view key) {
+std::optional<Task> PostgresStore::find(std::string_view queue, std::string_view key, const Scope& scope) {
   detail::validate_queue("queue", queue);
-  return impl_->lookup_keys({std::string(queue)}, {std::string(key)})[0];
+  detail::validate_scope(scope);
+  return impl_->lookup_keys({std::string(queue)}, {scope.tenant}, {std::string(key)})[0];
 }
 
-TaskPage PostgresStore::list(const ListQuery& q) {
+TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   auto& I = *impl_;
   if (q.limit < 1 || q.limit > 1000) throw InvalidArgument("limit", "must be between 1 and 1000");
   if (q.queue) detail::validate_queue("queue", *q.queue);
+  detail::validate_scope(scope);
+  if (scope.tenant && q.tenant && *scope.tenant != *q.tenant) return {};
+  Param tenant = scope.tenant ? scope.tenant : q.tenant;
   Param status = q.status ? Param(std::string(to_string(*q.status))) : std::nullopt;
   auto r = I.retry([&](Connection& c) {
-    return c.exec(I.sql.list, {q.queue, status, q.type, q.tenant, num(q.after.value_or(0)), num(q.limit)});
+    return c.exec(I.sql.list, {q.queue, status, q.type, tenant, num(q.after.value_or(0)), num(q.limit)});
   });
   TaskPage page;
   for (int i = 0; i < r.rows(); ++i) page.tasks.push_back(decode_task(r, i));
@@ -990,9 +1056,10 @@ TaskPage PostgresStore::list(const ListQuery& q) {
   return page;
 }
 
-std::vector<QueueStats> PostgresStore::stats() {
+std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
   auto& I = *impl_;
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.stats, {}); });
+  detail::validate_scope(scope);
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.stats, {scope.tenant}); });
   std::map<std::string, QueueStats> by_queue;
   for (int i = 0; i < r.rows(); ++i) {
     auto& s = by_queue[r.text(i, 0)];
@@ -1001,8 +1068,8 @@ std::vector<QueueStats> PostgresStore::stats() {
     switch (parse_status(r.text(i, 1))) {
       case TaskStatus::pending: s.pending += n; break;
       case TaskStatus::running: s.running += n; break;
-      case TaskStatus::succeeded: s.succeeded += n; break;
-      case TaskStatus::failed: s.failed += n; break;
+      case TaskStatus::succeeded: s.succeeded += n; s.succeeded_last_minute += r.i64(i, 4); break;
+      case TaskStatus::failed: s.failed += n; s.failed_last_minute += r.i64(i, 4); break;
       case TaskStatus::cancelled: s.cancelled += n; break;
       case TaskStatus::expired: s.expired += n; break;
     }
@@ -1013,8 +1080,10 @@ std::vector<QueueStats> PostgresStore::stats() {
   return out;
 }
 
-std::vector<Attempt> PostgresStore::history(TaskId id) {
+std::vector<Attempt> PostgresStore::history(TaskId id, const Scope& scope) {
   auto& I = *impl_;
+  // A task's tenant never changes, so checking it first is as good as joining.
+  if (scope.tenant && !get(id, scope)) return {};
   auto r = I.retry([&](Connection& c) { return c.exec(I.sql.history, {num(id)}); });
   std::vector<Attempt> out;
   for (int i = 0; i < r.rows(); ++i) {

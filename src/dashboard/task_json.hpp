@@ -1,0 +1,30 @@
+#pragma once
+// The JSON shape of eoq's values, shared by the HTTP API and `eoq --json`, so a
+// script sees the same fields from both.
+#include <eoq/task_store.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <string_view>
+
+namespace eoq::json {
+
+// RFC 3339 in UTC with microseconds: 2026-11-23T10:00:00.000000Z.
+std::string format_time(TimePoint t);
+// RFC 3339 with 'Z' or a numeric offset, fractional seconds optional. Throws
+// InvalidArgument(field, ...) for anything else.
+TimePoint parse_time(std::string_view field, std::string_view text);
+
+nlohmann::json to_json(const Task& task);
+nlohmann::json to_json(const Attempt& attempt);
+nlohmann::json to_json(const QueueStats& stats);
+nlohmann::json to_json(const TaskPage& page);
+
+// A submit request body. Fields: queue, type (required), payload (any JSON
+// value), key, tenant, priority, run_at, deadline, retry {max_attempts,
+// backoff, initial_delay_ms, max_delay_ms, jitter}. Unknown fields and wrong
+// types throw InvalidArgument naming the field; the store validates the rest.
+NewTask new_task_from_json(const nlohmann::json& body);
+
+}  // namespace eoq::json
