@@ -110,6 +110,7 @@ class FaultyStore final : public eoq::TaskStore {
     return inner_.history(id, s);
   }
   std::int64_t prune(Millis o, int b) override { check(); return inner_.prune(o, b); }
+  std::int64_t prunable(Millis o) override { return inner_.prunable(o); }
   eoq::MaintenanceReport maintain() override { check(); return inner_.maintain(); }
   void wait_for_tasks(const std::vector<std::string>& q, Millis t) override {
     if (everything_down) {

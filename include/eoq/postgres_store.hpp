@@ -68,6 +68,7 @@ class PostgresStore final : public TaskStore {
   std::vector<QueueStats> stats(const Scope& scope = {}) override;
   std::vector<Attempt> history(TaskId id, const Scope& scope = {}) override;
   std::int64_t prune(Millis older_than, int batch_size = 1000) override;
+  std::int64_t prunable(Millis older_than) override;
   MaintenanceReport maintain() override;
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
   void wake() override;

@@ -103,6 +103,8 @@ class TaskStore {
   // Deletes finished tasks (with their keys and history) that finished more than
   // `older_than` ago, `batch_size` rows per statement. Returns how many.
   virtual std::int64_t prune(Millis older_than, int batch_size = 1000) = 0;
+  // How many finished tasks prune(older_than) would delete now (a dry run).
+  virtual std::int64_t prunable(Millis older_than) = 0;
   // Housekeeping a worker runs now and then: expire overdue pending tasks, settle
   // tasks whose lease ran out with no attempts left, apply the retention setting.
   virtual MaintenanceReport maintain() = 0;

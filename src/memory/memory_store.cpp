@@ -754,6 +754,16 @@ std::int64_t MemoryStore::prune(Millis older_than, int batch_size) {
   }
 }
 
+std::int64_t MemoryStore::prunable(Millis older_than) {
+  auto& S = *state_;
+  detail::validate_prune(older_than, 1);
+  std::lock_guard lk(S.mu);
+  const TimePoint now = detail::now();
+  if (older_than >= std::chrono::duration_cast<Millis>(now.time_since_epoch())) return 0;
+  auto end = S.finished.lower_bound(TimeKey{now - older_than, kMinId});
+  return static_cast<std::int64_t>(std::distance(S.finished.begin(), end));
+}
+
 MaintenanceReport MemoryStore::maintain() {
   auto& S = *state_;
   MaintenanceReport report;

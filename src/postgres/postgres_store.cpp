@@ -118,7 +118,7 @@ void validate_schema(const std::string& s) {
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
   Statement submit, submit_batch, by_keys, claim, complete, fail, release, heartbeat, progress, checkpoint, cancel,
-      retry, get, list, stats, history, prune, expire, reap, settled;
+      retry, get, list, stats, history, prune, prunable, expire, reap, settled;
 
   explicit Sql(const std::string& quoted_schema) {
     const std::string cols = column_list(), tcols = column_list("t.");
@@ -379,6 +379,8 @@ dk AS (DELETE FROM @s@.keys k USING v
 da AS (DELETE FROM @s@.attempts a USING v WHERE a.task_id = v.id),
 df AS (DELETE FROM @s@.finished f USING v WHERE f.id = v.id RETURNING 1)
 SELECT count(*) FROM df)");
+
+    prunable = S("eoq_prunable", "SELECT count(*) FROM @s@.finished WHERE finished_at < now() - " MS("$1"));
 
     expire = S("eoq_expire", fmt::format(R"(
 WITH v AS (SELECT id FROM @s@.tasks WHERE status = 'pending' AND deadline <= now() LIMIT $1 FOR UPDATE SKIP LOCKED),
@@ -1109,6 +1111,13 @@ std::int64_t PostgresStore::prune(Millis older_than, int batch_size) {
     total += n;
     if (n < batch_size) return total;
   }
+}
+
+std::int64_t PostgresStore::prunable(Millis older_than) {
+  auto& I = *impl_;
+  detail::validate_prune(older_than, 1);
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.prunable, {num(older_than.count())}); });
+  return r.i64(0, 0);
 }
 
 MaintenanceReport PostgresStore::maintain() {
