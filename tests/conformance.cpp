@@ -1470,6 +1470,237 @@ STORE_CASE("maintain prunes finished tasks only when retention is configured", "
 }
 
 // ---------------------------------------------------------------------------
+// tenants and retry
+
+namespace {
+NewTask owned(std::optional<std::string> tenant, std::optional<std::string> key = std::nullopt,
+              std::string queue = "default") {
+  NewTask t = task("t", std::move(queue));
+  t.tenant = std::move(tenant);
+  t.key = std::move(key);
+  return t;
+}
+const eoq::Scope A = eoq::Scope::only("a");
+const eoq::Scope B = eoq::Scope::only("b");
+}  // namespace
+
+STORE_CASE("keys are unique per queue and tenant, so one tenant's key never answers with another's task",
+           "[tenant][key]") {
+  auto a = store.submit(owned("a", "k"));
+  auto b = store.submit(owned("b", "k"));
+  auto none = store.submit(owned(std::nullopt, "k"));
+  CHECK_FALSE(a.duplicate);
+  CHECK_FALSE(b.duplicate);
+  CHECK_FALSE(none.duplicate);
+  CHECK(a.task.id != b.task.id);
+  CHECK(b.task.id != none.task.id);
+  auto a2 = store.submit(owned("a", "k"));
+  CHECK(a2.duplicate);
+  CHECK(a2.task.id == a.task.id);
+  CHECK(a2.task.tenant == std::optional<std::string>("a"));
+  CHECK(store.submit(owned("b", "k")).task.id == b.task.id);
+  CHECK(store.submit(owned(std::nullopt, "k")).task.id == none.task.id);
+
+  REQUIRE(store.find("default", "k", A));
+  CHECK(store.find("default", "k", A)->id == a.task.id);
+  CHECK(store.find("default", "k", B)->id == b.task.id);
+  CHECK(store.find("default", "k")->id == none.task.id);
+  CHECK_FALSE(store.find("default", "k", eoq::Scope::only("c")));
+
+  // A batch decides keys the same way, within itself too.
+  std::vector<NewTask> batch{owned("a", "k"), owned("c", "k"), owned("c", "k"), owned("b", "k2")};
+  auto res = store.submit_batch(batch);
+  CHECK(res[0].duplicate);
+  CHECK(res[0].task.id == a.task.id);
+  CHECK_FALSE(res[1].duplicate);
+  CHECK(res[2].duplicate);
+  CHECK(res[2].task.id == res[1].task.id);
+  CHECK_FALSE(res[3].duplicate);
+  CHECK(list_all(store).size() == 5);
+}
+
+STORE_CASE("threads racing one key under two tenants create exactly one task per tenant", "[tenant][key]") {
+  constexpr int kThreads = 16;
+  std::vector<eoq::TaskId> ids(kThreads);
+  std::latch go(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&, i] {
+      go.arrive_and_wait();
+      ids[static_cast<std::size_t>(i)] = store.submit(owned(i % 2 ? "a" : "b", "race")).task.id;
+    });
+  for (auto& t : threads) t.join();
+  std::set<eoq::TaskId> distinct(ids.begin(), ids.end());
+  CHECK(distinct.size() == 2);
+  CHECK(list_all(store).size() == 2);
+  CHECK(list_all(store, Q().tenant("a")).size() == 1);
+}
+
+STORE_CASE("a tenant scope never returns, counts or touches another tenant's tasks", "[tenant]") {
+  auto a_pending = store.submit(owned("a", "ka")).task.id;
+  auto b_run = store.submit(owned("b")).task.id;
+  auto lb = claim_one(store, "w");
+  REQUIRE(lb.id() == a_pending);  // claim order is by id; take the next one for b
+  store.release(lb);
+  auto leases = claim(store, {"default"}, "w", 2);
+  REQUIRE(leases.size() == 2);
+  const Lease& b_lease = leases[0].id() == b_run ? leases[0] : leases[1];
+  const Lease& a_lease = leases[0].id() == b_run ? leases[1] : leases[0];
+  store.release(a_lease);  // a's task pending again, b's running
+  auto b_done = store.submit(owned("b")).task.id;
+  store.cancel(b_done);
+  auto untenanted = store.submit(owned(std::nullopt)).task.id;
+  const auto before_b = describe(must_get(store, b_run));
+  const auto before_done = describe(must_get(store, b_done));
+
+  // reads
+  CHECK(store.get(a_pending, A));
+  CHECK_FALSE(store.get(b_run, A));
+  CHECK_FALSE(store.get(untenanted, A));
+  CHECK(store.get(b_run, B));
+  CHECK(store.get(b_run));
+  CHECK_FALSE(store.find("default", "ka", B));
+  auto page = store.list(Q().limit(100), A);
+  REQUIRE(page.tasks.size() == 1);
+  CHECK(page.tasks[0].id == a_pending);
+  CHECK(store.list(Q().tenant("b"), A).tasks.empty());
+  CHECK(store.list(Q().tenant("a"), A).tasks.size() == 1);
+  CHECK(store.list(Q().limit(100), B).tasks.size() == 2);
+  CHECK(store.list(Q().limit(100)).tasks.size() == 4);
+  auto sa = store.stats(A);
+  REQUIRE(sa.size() == 1);
+  CHECK(sa[0].pending == 1);
+  CHECK(sa[0].running == 0);
+  CHECK(sa[0].cancelled == 0);
+  auto sb = store.stats(B);
+  REQUIRE(sb.size() == 1);
+  CHECK(sb[0].pending == 0);
+  CHECK(sb[0].running == 1);
+  CHECK(sb[0].cancelled == 1);
+  CHECK(store.stats(eoq::Scope::only("nobody")).empty());
+  CHECK(stats_of(store, "default").pending == 2);
+  CHECK(store.history(b_run, A).empty());
+  CHECK(store.history(b_run, B).size() == 1);  // the attempt in progress
+
+  // changes: another tenant's task answers exactly as a missing one, untouched
+  CHECK(store.cancel(b_run, A) == eoq::CancelOutcome::not_found);
+  CHECK(store.cancel(b_done, A) == eoq::CancelOutcome::not_found);
+  CHECK(store.cancel(untenanted, A) == eoq::CancelOutcome::not_found);
+  CHECK(store.retry(b_done, A) == eoq::RetryOutcome::not_found);
+  CHECK(describe(must_get(store, b_run)) == before_b);
+  CHECK(describe(must_get(store, b_done)) == before_done);
+  CHECK(must_get(store, untenanted).status == TaskStatus::pending);
+  store.complete(b_lease);  // b's lease was not disturbed
+
+  CHECK(store.cancel(a_pending, A) == eoq::CancelOutcome::cancelled);
+  CHECK(store.retry(a_pending, A) == eoq::RetryOutcome::retried);
+
+  CHECK(field_of([&] { store.get(a_pending, eoq::Scope::only("")); }) == "scope.tenant");
+  CHECK(field_of([&] { store.list(Q(), eoq::Scope::only(std::string(300, 'x'))); }) == "scope.tenant");
+}
+
+STORE_CASE("retry runs a failed, cancelled or expired task again as a new attempt with its history kept",
+           "[retry]") {
+  NewTask t = keyed("r");
+  t.retry = {.max_attempts = 2, .backoff = eoq::Backoff::fixed, .initial_delay = 0ms, .max_delay = 0ms,
+             .jitter = 0};
+  auto id = store.submit(t).task.id;
+  auto l1 = claim_one(store, "w1");
+  store.fail(l1, {"boom 1", false});
+  auto l2 = claim_one(store, "w2");
+  CHECK(store.fail(l2, {"boom 2", false}).status == TaskStatus::failed);
+  auto failed = must_get(store, id);
+  REQUIRE(failed.status == TaskStatus::failed);
+
+  auto before = now();
+  CHECK(store.retry(id) == eoq::RetryOutcome::retried);
+  auto again = must_get(store, id);
+  CHECK(again.status == TaskStatus::pending);
+  CHECK(again.version > failed.version);
+  CHECK(again.attempts == 2);
+  CHECK(again.retry.max_attempts == 3);
+  CHECK(again.run_at >= before - kSlack);
+  CHECK(again.run_at <= now() + kSlack);
+  CHECK_FALSE(again.finished_at);
+  CHECK(again.last_error == std::optional<std::string>("boom 2"));
+  CHECK(store.submit(keyed("r")).task.id == id);  // the key still names it
+  CHECK(outcome_of([&] { store.complete(l2); }) == "LeaseLost");  // the old lease stays dead
+
+  auto l3 = claim_one(store, "w3");
+  CHECK(l3.id() == id);
+  CHECK(l3.attempt() == 3);
+  store.complete(l3, R"({"ok": true})");
+  auto h = store.history(id);
+  REQUIRE(h.size() == 3);
+  CHECK(h[0].outcome == "retry");
+  CHECK(h[1].outcome == "failed");
+  CHECK(h[2].outcome == "succeeded");
+  CHECK(h[2].owner == "w3");
+  CHECK(store.retry(id) == eoq::RetryOutcome::not_retryable);  // succeeded stays succeeded
+  CHECK(must_get(store, id).status == TaskStatus::succeeded);
+
+  SECTION("a cancelled task") {
+    auto c = store.submit(task()).task.id;
+    REQUIRE(store.cancel(c) == eoq::CancelOutcome::cancelled);
+    CHECK(store.retry(c) == eoq::RetryOutcome::retried);
+    auto l = claim_one(store);
+    CHECK(l.id() == c);
+    CHECK(l.attempt() == 1);
+  }
+  SECTION("an expired task loses its passed deadline") {
+    NewTask e = task();
+    e.deadline = now() + 100ms;
+    auto x = store.submit(e).task.id;
+    std::this_thread::sleep_until(*e.deadline + 50ms);
+    store.maintain();
+    REQUIRE(must_get(store, x).status == TaskStatus::expired);
+    CHECK(store.retry(x) == eoq::RetryOutcome::retried);
+    auto back = must_get(store, x);
+    CHECK(back.status == TaskStatus::pending);
+    CHECK_FALSE(back.deadline);
+    CHECK(claim_one(store).id() == x);
+  }
+  SECTION("live and unknown tasks are left alone") {
+    auto p = store.submit(task()).task.id;
+    auto before_p = describe(must_get(store, p));
+    CHECK(store.retry(p) == eoq::RetryOutcome::not_retryable);
+    CHECK(describe(must_get(store, p)) == before_p);
+    auto l = claim_one(store);
+    CHECK(store.retry(l.id()) == eoq::RetryOutcome::not_retryable);
+    store.complete(l);
+    CHECK(store.retry(id + 1000000) == eoq::RetryOutcome::not_found);
+  }
+}
+
+STORE_CASE("stats count the tasks that finished in the last minute by outcome", "[reads]") {
+  for (int i = 0; i < 3; ++i) store.submit(task("t", "q"));
+  store.complete(claim_one(store, "w", 30s, "q"));
+  store.complete(claim_one(store, "w", 30s, "q"));
+  store.fail(claim_one(store, "w", 30s, "q"), {"x", true});
+  auto c = store.submit(task("t", "q")).task.id;
+  store.cancel(c);
+  auto s = stats_of(store, "q");
+  CHECK(s.succeeded_last_minute == 2);
+  CHECK(s.failed_last_minute == 1);
+  CHECK(s.cancelled == 1);
+}
+
+STORE_CASE("prunable counts what prune would delete and changes nothing", "[prune]") {
+  store.submit(task());
+  store.complete(claim_one(store));
+  auto c = store.submit(task()).task.id;
+  store.cancel(c);
+  store.submit(task());
+  std::this_thread::sleep_for(20ms);
+  CHECK(store.prunable(1h) == 0);
+  CHECK(store.prunable(0ms) == 2);
+  CHECK(list_all(store).size() == 3);
+  CHECK(store.prune(0ms) == 2);
+  CHECK(store.prunable(0ms) == 0);
+  CHECK(field_of([&] { store.prunable(-1ms); }) == "older_than");
+}
+
+// ---------------------------------------------------------------------------
 // waiting
 
 STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the timeout", "[wait]") {
