@@ -1320,6 +1320,26 @@ STORE_CASE("paging through 250 tasks seven at a time yields each exactly once", 
   }
 }
 
+STORE_CASE("newest_first pages from the newest task down, each exactly once, across both states", "[reads]") {
+  std::vector<eoq::TaskId> ids;
+  for (int i = 0; i < 23; ++i) ids.push_back(store.submit(task("t", i % 3 ? "q" : "other")).task.id);
+  for (int i = 0; i < 5; ++i) store.complete(claim_one(store, "w", 30s, "q"));  // some finished, some live
+  std::vector<eoq::TaskId> seen;
+  eoq::ListQuery q = Q().limit(4).newest_first();
+  for (int page = 0; page < 20; ++page) {
+    auto p = store.list(q);
+    for (auto& t : p.tasks) seen.push_back(t.id);
+    if (!p.next_after) break;
+    q.after = p.next_after;
+  }
+  std::vector<eoq::TaskId> expected(ids.rbegin(), ids.rend());
+  CHECK(seen == expected);
+  auto finished = store.list(Q().status(TaskStatus::succeeded).limit(2).newest_first());
+  REQUIRE(finished.tasks.size() == 2);
+  CHECK(finished.tasks[0].id > finished.tasks[1].id);
+  CHECK(store.list(Q().queue("other").newest_first()).tasks.size() == 8);
+}
+
 STORE_CASE("stats count tasks per status per queue, sorted by queue, with the oldest pending age", "[reads]") {
   CHECK(store.stats().empty());
   // queue b: running, succeeded, failed, a lost lease (still running), two pending

@@ -124,6 +124,7 @@ struct Q {
   Q& tenant(std::string v) { q.tenant = std::move(v); return *this; }
   Q& after(eoq::TaskId v) { q.after = v; return *this; }
   Q& limit(int v) { q.limit = v; return *this; }
+  Q& newest_first() { q.newest_first = true; return *this; }
   operator eoq::ListQuery() const { return q; }
 };
 

@@ -151,12 +151,13 @@ struct ListQuery {
   std::optional<TaskStatus> status{};
   std::optional<std::string> type{};
   std::optional<std::string> tenant{};
-  std::optional<TaskId> after{};  // keyset cursor: ids greater than this
+  std::optional<TaskId> after{};  // keyset cursor: ids past this one in the listing order
   int limit = 100;
+  bool newest_first = false;  // ids descending (a live view); ascending otherwise
 };
 
 struct TaskPage {
-  std::vector<Task> tasks{};          // ordered by id
+  std::vector<Task> tasks{};          // ordered by id (descending when newest_first)
   std::optional<TaskId> next_after{};  // pass as `after` for the next page; empty at the end
 };
 

@@ -654,12 +654,19 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
   const auto limit = static_cast<std::size_t>(q.limit);
   TaskPage page;
   std::lock_guard lk(S.mu);
-  for (auto it = S.tasks.upper_bound(q.after.value_or(0)); it != S.tasks.end() && page.tasks.size() < limit; ++it) {
-    const Task& t = it->second.task;
+  auto take = [&](const Task& t) {
     if ((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
         (q.tenant && t.tenant != *q.tenant) || !visible(t, scope))
-      continue;
+      return;
     page.tasks.push_back(t);
+  };
+  if (q.newest_first) {
+    auto end = q.after ? S.tasks.lower_bound(*q.after) : S.tasks.end();
+    for (auto it = std::make_reverse_iterator(end); it != S.tasks.rend() && page.tasks.size() < limit; ++it)
+      take(it->second.task);
+  } else {
+    for (auto it = S.tasks.upper_bound(q.after.value_or(0)); it != S.tasks.end() && page.tasks.size() < limit; ++it)
+      take(it->second.task);
   }
   if (page.tasks.size() == limit) page.next_after = page.tasks.back().id;
   return page;

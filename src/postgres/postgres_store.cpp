@@ -118,7 +118,7 @@ void validate_schema(const std::string& s) {
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
   Statement submit, submit_batch, by_keys, claim, complete, fail, release, heartbeat, progress, checkpoint, cancel,
-      retry, get, list, stats, history, prune, prunable, expire, reap, settled;
+      retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled;
 
   explicit Sql(const std::string& quoted_schema) {
     const std::string cols = column_list(), tcols = column_list("t.");
@@ -340,16 +340,22 @@ SELECT (SELECT count(pg_notify($3, queue)) FROM back),
     // parameter-only condition the executor evaluates once.
     const char* filter =
         "($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2) AND "
-        "($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5";
-    list = S("eoq_list", fmt::format(R"(
+        "($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)";
+    // Two statements rather than a parameterised ORDER BY, so each keeps a
+    // plan that walks the primary key in its own direction.
+    auto list_sql = [&](const char* name, const char* after, const char* order) {
+      return S(name, fmt::format(R"(
 SELECT * FROM (
-  (SELECT {0} FROM @s@.tasks WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running')) AND {1}
-   ORDER BY id LIMIT $6)
+  (SELECT {0} FROM @s@.tasks WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running')) AND {1} AND {2}
+   ORDER BY id {3} LIMIT $6)
   UNION ALL
-  (SELECT {0} FROM @s@.finished WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running')) AND {1}
-   ORDER BY id LIMIT $6)) x
-ORDER BY id LIMIT $6)",
-                                     cols, filter));
+  (SELECT {0} FROM @s@.finished WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running')) AND {1} AND {2}
+   ORDER BY id {3} LIMIT $6)) x
+ORDER BY id {3} LIMIT $6)",
+                                 cols, filter, after, order));
+    };
+    list = list_sql("eoq_list", "id > $5", "ASC");
+    list_desc = list_sql("eoq_list_desc", "id < $5", "DESC");
 
     stats = S("eoq_stats", R"(
 SELECT queue, status, count(*)::bigint,
@@ -1050,6 +1056,9 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   Param tenant = scope.tenant ? scope.tenant : q.tenant;
   Param status = q.status ? Param(std::string(to_string(*q.status))) : std::nullopt;
   auto r = I.retry([&](Connection& c) {
+    if (q.newest_first)
+      return c.exec(I.sql.list_desc, {q.queue, status, q.type, tenant,
+                                      num(q.after.value_or(std::numeric_limits<TaskId>::max())), num(q.limit)});
     return c.exec(I.sql.list, {q.queue, status, q.type, tenant, num(q.after.value_or(0)), num(q.limit)});
   });
   TaskPage page;
