@@ -84,8 +84,8 @@ std::string tail_of(const fs::path& file, std::size_t bytes = 3000) {
   in.seekg(static_cast<std::streamoff>(from));
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
-  if (text.empty()) return "(" + file.string() + " is empty)";
-  return "last lines of " + file.string() + ":\n" + (from ? "...\n" : "") + text;
+  if (text.empty()) return fmt::format("({} is empty)", file.string());
+  return fmt::format("last lines of {}:\n{}{}", file.string(), from ? "...\n" : "", text);
 }
 
 // Quotes a value for a libpq key=value connection string.
