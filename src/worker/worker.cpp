@@ -246,6 +246,10 @@ class Engine {
   std::deque<std::shared_ptr<TaskRun>> completions;
   std::map<std::pair<TaskId, std::int64_t>, std::shared_ptr<TaskRun>> held;
   int busy_handlers = 0;
+  // Each notify of a condition_variable_any takes its internal lock, and each
+  // needless wake-up costs a context switch per task: notify the claimer only
+  // when it waits and may claim, the completer only when its queue was empty.
+  bool claimer_waiting = false;
   bool claimer_done = false;
   bool completer_done = false;
   // When retries this worker scheduled come due (store time, microseconds since
@@ -499,7 +503,9 @@ class Engine {
     while (!st.stop_requested() && !stop_requested) {
       {
         std::unique_lock lk(mu);
+        claimer_waiting = true;
         cv_capacity.wait(lk, st, [&] { return stop_requested || should_claim(); });
+        claimer_waiting = false;
         if (st.stop_requested() || stop_requested) break;
         request.limit = std::min(opt.claim_batch, room());
       }
@@ -563,14 +569,20 @@ class Engine {
         ++busy_handlers;
       }
       execute(run);
+      bool wake_claimer = false, wake_stop = false;
       {
         std::lock_guard lk(mu);
         --busy_handlers;
+        wake_claimer = claimer_should_wake();
+        wake_stop = stop_requested;  // only stop() waits for busy_handlers, after setting it
       }
-      cv_capacity.notify_one();
-      cv_state.notify_all();
+      if (wake_claimer) cv_capacity.notify_one();
+      if (wake_stop) cv_state.notify_all();
     }
   }
+
+  // The claimer waits on cv_capacity; call with mu held.
+  bool claimer_should_wake() const { return claimer_waiting && should_claim(); }
 
   void execute(const std::shared_ptr<TaskRun>& shared) {
     TaskRun& run = *shared;
@@ -626,11 +638,14 @@ class Engine {
       settle_transaction(run);
       return;
     }
+    bool was_empty = false;
     {
       std::lock_guard lk(mu);
+      was_empty = completions.empty();
       completions.push_back(shared);
     }
-    cv_complete.notify_one();
+    // The completer waits only for an empty queue; whoever made it non-empty woke it.
+    if (was_empty) cv_complete.notify_one();
   }
 
   void settle_failure(TaskRun& run, const Failure& failure) {
@@ -742,6 +757,7 @@ class Engine {
     Backoff backoff(opt.error_backoff_initial, opt.error_backoff_max);
     for (;;) {
       std::vector<std::shared_ptr<TaskRun>> batch;
+      bool wake_claimer = false;
       {
         std::unique_lock lk(mu);
         cv_complete.wait(lk, st, [&] { return !completions.empty(); });
@@ -750,8 +766,9 @@ class Engine {
         auto end = completions.begin() + static_cast<std::ptrdiff_t>(n);
         batch.assign(std::make_move_iterator(completions.begin()), std::make_move_iterator(end));
         completions.erase(completions.begin(), end);
+        wake_claimer = claimer_should_wake();
       }
-      cv_capacity.notify_one();
+      if (wake_claimer) cv_capacity.notify_one();
       if (flush(batch)) {
         backoff.reset();
         continue;
