@@ -274,6 +274,21 @@ int main(int argc, char** argv) try {
     auto grown = drain(store, a, "drain", a.tasks);
     fmt::print("| eoq drain with {} finished tasks kept (retention off) | {:.0f} tasks/s | {:.2f} of empty |\n",
                a.growth, grown.rate, grown.rate / empty.rate);
+    // What an operator's view costs at this size: stats() counts the finished
+    // table, list(newest_first) reads one page by the primary key.
+    auto timed = [](auto&& f) {
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < 5; ++i) f();
+      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 5;
+    };
+    double stats_ms = timed([&] { store.stats(); });
+    eoq::ListQuery newest;
+    newest.newest_first = true;
+    double list_ms = timed([&] { store.list(newest); });
+    std::int64_t finished = 0;
+    for (const auto& q : store.stats()) finished += q.succeeded + q.failed + q.cancelled + q.expired;
+    fmt::print("| stats() / list(100 newest) with {} finished tasks | {:.1f} / {:.1f} ms | |\n", finished, stats_ms,
+               list_ms);
     // ... and with retention on, pruning them in bounded batches meanwhile.
     eoq::PostgresOptions pr = po;
     pr.retention = eoq::Millis(0);
