@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <exception>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -365,23 +366,26 @@ void record_submit(Recorder& rec, const SubmitResult& r) {
 }
 
 // Runs op(e) and records `e` (which op may fill in from the answer), with ok =
-// whether op returned.
+// whether op returned; op's exception goes on to the caller.
 template <class Op>
 auto recorded(Recorder& rec, Event e, Op&& op) -> decltype(op(e)) {
+  using R = decltype(op(e));
+  std::exception_ptr failed;
+  std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> out;
   try {
-    if constexpr (std::is_void_v<decltype(op(e))>) {
+    if constexpr (std::is_void_v<R>) {
       op(e);
-      rec.add(std::move(e));
+      out = true;
     } else {
-      auto r = op(e);
-      rec.add(std::move(e));
-      return r;
+      out.emplace(op(e));
     }
   } catch (...) {
-    e.ok = false;
-    rec.add(std::move(e));
-    throw;
+    failed = std::current_exception();
   }
+  e.ok = !failed;
+  rec.add(std::move(e));
+  if (failed) std::rethrow_exception(failed);
+  if constexpr (!std::is_void_v<R>) return std::move(*out);
 }
 
 class RecordingTransaction final : public LeaseTransaction {
