@@ -7,9 +7,12 @@
 //       each thread submits the key once; writes "<id> <duplicate 0|1>" per submit
 //   eoq_test_child claim-all  <conninfo> <schema> <go file> <threads> <batch> <queue> <out file>
 //       threads claim batches and complete them until the queue is drained;
-//       writes "<id> <token> <applied 0|1>" per lease
+//       writes "<id> <token> <applied 0|1>" per lease, and the claims and
+//       completions as it sees them to <out file>.history (history.hpp)
 //
 // Exit status 0 on success; any error is printed to stderr and exits 1.
+#include "history.hpp"
+
 #include <eoq/eoq.hpp>
 
 #include <fmt/format.h>
@@ -106,7 +109,9 @@ int claim_all(char** argv) {
   int threads = std::stoi(argv[5]);
   int batch = std::stoi(argv[6]);
   std::string queue = argv[7], out = argv[8];
-  eoq::PostgresStore store(options(argv[2], argv[3], threads));
+  eoq::PostgresStore pg(options(argv[2], argv[3], threads));
+  eoq::test::history::Recorder recorder(out + ".history");
+  eoq::test::history::RecordingStore store(pg, recorder);
   on_threads(threads, [&](int) { store.get(0); });
   wait_for_go(argv[4]);
   std::mutex m;

@@ -1,10 +1,17 @@
 // The history checker of the chaos tests: see history.hpp.
 #include "history.hpp"
 
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
+#include <exception>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <istream>
 #include <limits>
@@ -13,6 +20,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <type_traits>
 
 namespace eoq::test::history {
 
@@ -264,8 +272,26 @@ void save_file(const std::string& path, const std::vector<Event>& events) {
   if (!out.flush()) throw std::runtime_error("cannot write history file " + path);
 }
 
+Recorder::Recorder(const std::string& path) {
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw std::runtime_error(fmt::format("cannot open history file {}: {}", path, std::strerror(errno)));
+}
+
+Recorder::~Recorder() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
 void Recorder::add(Event e) {
   std::lock_guard lk(m_);
+  if (fd_ >= 0) {
+    auto line = to_line(e) + '\n';
+    for (std::size_t done = 0; done < line.size();) {
+      auto n = ::write(fd_, line.data() + done, line.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) throw std::runtime_error(fmt::format("cannot write history file: {}", std::strerror(errno)));
+      done += static_cast<std::size_t>(n);
+    }
+  }
   events_.push_back(std::move(e));
 }
 
@@ -276,12 +302,224 @@ std::vector<Event> Recorder::events() const {
 
 void Recorder::save(const std::string& path) const { save_file(path, events()); }
 
+std::vector<Event> load_log(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return {};
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto text = ss.str();
+  auto end = text.rfind('\n');
+  text.resize(end == std::string::npos ? 0 : end + 1);
+  return parse(text);
+}
+
+std::vector<Event> load_logs(const std::string& dir) {
+  std::vector<std::string> paths;
+  for (const auto& f : std::filesystem::directory_iterator(dir))
+    if (f.is_regular_file() && f.path().extension() == ".history") paths.push_back(f.path().string());
+  std::sort(paths.begin(), paths.end());
+  std::vector<Event> out;
+  for (const auto& p : paths) {
+    auto more = load_log(p);
+    out.insert(out.end(), more.begin(), more.end());
+  }
+  return out;
+}
+
+// ------------------------------------------------------------ RecordingStore
+
+namespace {
+
+std::int64_t client_now() { return micros(std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now())); }
+
+Event client_event(Kind kind, const eoq::Lease& lease) {
+  Event e;
+  e.kind = kind;
+  e.task = lease.id();
+  e.version = lease.token;
+  e.owner = lease.owner;
+  e.client_us = client_now();
+  return e;
+}
+
+std::string_view fail_status(TaskStatus s) {
+  return s == TaskStatus::pending ? "retry" : to_string(s);
+}
+
+std::string_view cancel_status(CancelOutcome c) {
+  switch (c) {
+    case CancelOutcome::cancelled: return "cancelled";
+    case CancelOutcome::cancel_requested: return "cancel_requested";
+    case CancelOutcome::already_finished: return "already_finished";
+    case CancelOutcome::not_found: return "not_found";
+  }
+  return "unknown";
+}
+
+void record_submit(Recorder& rec, const SubmitResult& r) {
+  Event e;
+  e.task = r.task.id;
+  if (r.task.key) e.key = r.task.queue + "/" + *r.task.key;
+  e.max_attempts = r.task.retry.max_attempts;
+  e.client_us = client_now();
+  rec.add(std::move(e));
+}
+
+// Runs op(e) and records `e` (which op may fill in from the answer), with ok =
+// whether op returned; op's exception goes on to the caller.
+template <class Op>
+auto recorded(Recorder& rec, Event e, Op&& op) -> decltype(op(e)) {
+  using R = decltype(op(e));
+  std::exception_ptr failed;
+  std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> out;
+  try {
+    if constexpr (std::is_void_v<R>) {
+      op(e);
+      out = true;
+    } else {
+      out.emplace(op(e));
+    }
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  e.ok = !failed;
+  rec.add(std::move(e));
+  if (failed) std::rethrow_exception(failed);
+  if constexpr (!std::is_void_v<R>) return std::move(*out);
+}
+
+class RecordingTransaction final : public LeaseTransaction {
+ public:
+  RecordingTransaction(std::unique_ptr<LeaseTransaction> inner, const eoq::Lease& lease, Recorder& rec)
+      : inner_(std::move(inner)), lease_(lease), rec_(rec) {}
+  Rows exec(std::string_view sql, const Params& params) override { return inner_->exec(sql, params); }
+  void complete(std::string_view result_json) override {
+    recorded(rec_, client_event(Kind::complete, lease_), [&](Event&) { inner_->complete(result_json); });
+  }
+  FailOutcome fail(const Failure& failure) override {
+    return recorded(rec_, client_event(Kind::fail, lease_), [&](Event& e) {
+      auto out = inner_->fail(failure);
+      e.status = fail_status(out.status);
+      return out;
+    });
+  }
+  void checkpoint(std::string_view stage, std::string_view state_json) override {
+    inner_->checkpoint(stage, state_json);
+  }
+  bool open() const noexcept override { return inner_->open(); }
+
+ private:
+  std::unique_ptr<LeaseTransaction> inner_;
+  eoq::Lease lease_;
+  Recorder& rec_;
+};
+
+}  // namespace
+
+Event effect_of(const eoq::Lease& lease) { return client_event(Kind::effect, lease); }
+
+SubmitResult RecordingStore::submit(const NewTask& task) {
+  auto r = inner_.submit(task);
+  record_submit(rec_, r);
+  return r;
+}
+
+std::vector<SubmitResult> RecordingStore::submit_batch(std::span<const NewTask> tasks) {
+  auto rs = inner_.submit_batch(tasks);
+  for (const auto& r : rs) record_submit(rec_, r);
+  return rs;
+}
+
+std::vector<eoq::Lease> RecordingStore::claim(const ClaimRequest& request) {
+  auto leases = inner_.claim(request);
+  for (const auto& l : leases) {
+    auto e = client_event(Kind::claim, l);
+    e.db_us = micros(l.task.updated_at);
+    e.until_us = micros(l.expires_at);
+    e.attempt = l.attempt();
+    rec_.add(std::move(e));
+  }
+  return leases;
+}
+
+void RecordingStore::complete(const eoq::Lease& lease, std::string_view result_json) {
+  recorded(rec_, client_event(Kind::complete, lease), [&](Event&) { inner_.complete(lease, result_json); });
+}
+
+FailOutcome RecordingStore::fail(const eoq::Lease& lease, const Failure& failure) {
+  return recorded(rec_, client_event(Kind::fail, lease), [&](Event& e) {
+    auto out = inner_.fail(lease, failure);
+    e.status = fail_status(out.status);
+    return out;
+  });
+}
+
+HeartbeatResult RecordingStore::heartbeat(const eoq::Lease& lease, Millis extension) {
+  return recorded(rec_, client_event(Kind::heartbeat, lease), [&](Event& e) {
+    auto r = inner_.heartbeat(lease, extension);
+    e.until_us = micros(r.expires_at);
+    e.db_us = micros(r.expires_at - extension);  // the expiry is now() + extension
+    return r;
+  });
+}
+
+void RecordingStore::release(const eoq::Lease& lease) {
+  auto e = client_event(Kind::release, lease);
+  e.db_us = e.client_us;
+  recorded(rec_, std::move(e), [&](Event&) { inner_.release(lease); });
+}
+
+void RecordingStore::progress(const eoq::Lease& lease, int percent, std::string_view stage) {
+  inner_.progress(lease, percent, stage);
+}
+
+void RecordingStore::checkpoint(const eoq::Lease& lease, std::string_view stage, std::string_view state_json) {
+  inner_.checkpoint(lease, stage, state_json);
+}
+
+std::vector<bool> RecordingStore::complete_batch(std::span<const Completion> completions) {
+  std::vector<bool> applied;
+  try {
+    applied = inner_.complete_batch(completions);
+  } catch (...) {
+    for (const auto& c : completions) {
+      auto e = client_event(Kind::complete, *c.lease);
+      e.ok = false;
+      rec_.add(std::move(e));
+    }
+    throw;
+  }
+  for (std::size_t i = 0; i < completions.size(); ++i) {
+    auto e = client_event(Kind::complete, *completions[i].lease);
+    e.ok = i < applied.size() && applied[i];
+    rec_.add(std::move(e));
+  }
+  return applied;
+}
+
+std::unique_ptr<LeaseTransaction> RecordingStore::begin(const eoq::Lease& lease) {
+  return std::make_unique<RecordingTransaction>(inner_.begin(lease), lease, rec_);
+}
+
+CancelOutcome RecordingStore::cancel(TaskId id) {
+  auto out = inner_.cancel(id);
+  Event e;
+  e.kind = Kind::cancel;
+  e.task = id;
+  e.status = cancel_status(out);
+  e.client_us = client_now();
+  rec_.add(std::move(e));
+  return out;
+}
+
 std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const std::string& effects_table,
                                  const std::string& effects_schema) {
   check_ident(schema, "schema");
-  check_ident(effects_table, "effects table");
   const std::string eschema = effects_schema.empty() ? schema : effects_schema;
-  check_ident(eschema, "effects schema");
+  if (!effects_table.empty()) {
+    check_ident(effects_table, "effects table");
+    check_ident(eschema, "effects schema");
+  }
   std::vector<Event> out;
   auto db = [](Kind k, TaskId id) {
     Event e;
@@ -357,6 +595,7 @@ std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const 
     out.push_back(end);
   }
 
+  if (effects_table.empty()) return out;
   std::string state;
   auto fx = query(conn, fmt::format("SELECT task_id, version FROM \"{}\".\"{}\"", eschema, effects_table), &state);
   if (!fx && state == "42703")  // no version column: count rows only
@@ -564,6 +803,13 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
                             a.ended ? fmt::format("by {}", a.ended_by) : std::string("its lease expiry, as last extended")));
     }
   }
+  return v;
+}
+
+Verdict verify_and_print(std::string_view label, const std::vector<Event>& events, const Options& options) {
+  auto v = verify(events, options);
+  std::printf("%.*s: %s\n", static_cast<int>(label.size()), label.data(), v.format().c_str());
+  std::fflush(stdout);
   return v;
 }
 

@@ -31,6 +31,7 @@
 // epoch), status, attempt, max_attempts. Values are percent-encoded (%20 for a
 // space, %25 for '%').
 #include <eoq/task.hpp>
+#include <eoq/task_store.hpp>
 
 #include <libpq-fe.h>
 
@@ -99,6 +100,14 @@ inline std::int64_t micros(TimePoint t) noexcept { return t.time_since_epoch().c
 // Collects events from many threads.
 class Recorder {
  public:
+  Recorder() = default;
+  // Also appends every event to `path` as a line, each with one write(2) as it
+  // happens: a process killed with SIGKILL keeps all but the event in flight.
+  explicit Recorder(const std::string& path);
+  ~Recorder();
+  Recorder(const Recorder&) = delete;
+  Recorder& operator=(const Recorder&) = delete;
+
   void add(Event e);
   std::vector<Event> events() const;
   void save(const std::string& path) const;
@@ -106,7 +115,62 @@ class Recorder {
  private:
   mutable std::mutex m_;
   std::vector<Event> events_;
+  int fd_ = -1;
 };
+
+// A Recorder's file (see Recorder(path)), or empty when there is none. A last
+// line without its newline is dropped: the writer was killed in the middle of it.
+std::vector<Event> load_log(const std::string& path);
+// load_log of every file in `dir` whose name ends in ".history".
+std::vector<Event> load_logs(const std::string& dir);
+
+// A TaskStore that forwards to `inner` and records, as client events, what its
+// callers were told: submits, claims (token, claim time, expiry, attempt),
+// heartbeats, completions (also through begin()), failures, releases and
+// cancels; ok=0 when the call threw, whatever it did in the database. A
+// handler records its own effect writes. Times it gives as db are exact where
+// the store's answer carries now() of the transaction (claim: updated_at;
+// heartbeat: the new expiry minus the extension). A release leaves no trace in
+// the database, so its db time is the client's clock just before the call: a
+// lower bound of the release's now() when client and server share a host,
+// enough to show that the next lease started after the release.
+class RecordingStore final : public TaskStore {
+ public:
+  RecordingStore(TaskStore& inner, Recorder& recorder) : inner_(inner), rec_(recorder) {}
+
+  SubmitResult submit(const NewTask& task) override;
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override;
+  std::vector<Lease> claim(const ClaimRequest& request) override;
+  void complete(const Lease& lease, std::string_view result_json = "null") override;
+  FailOutcome fail(const Lease& lease, const Failure& failure) override;
+  HeartbeatResult heartbeat(const Lease& lease, Millis extension) override;
+  void release(const Lease& lease) override;
+  void progress(const Lease& lease, int percent, std::string_view stage) override;
+  void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
+  std::vector<bool> complete_batch(std::span<const Completion> completions) override;
+  std::unique_ptr<LeaseTransaction> begin(const Lease& lease) override;
+  CancelOutcome cancel(TaskId id) override;
+  std::optional<Task> get(TaskId id) override { return inner_.get(id); }
+  std::optional<Task> find(std::string_view queue, std::string_view key) override { return inner_.find(queue, key); }
+  TaskPage list(const ListQuery& query) override { return inner_.list(query); }
+  std::vector<QueueStats> stats() override { return inner_.stats(); }
+  std::vector<Attempt> history(TaskId id) override { return inner_.history(id); }
+  std::int64_t prune(Millis older_than, int batch_size = 1000) override { return inner_.prune(older_than, batch_size); }
+  MaintenanceReport maintain() override { return inner_.maintain(); }
+  void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override {
+    inner_.wait_for_tasks(queues, timeout);
+  }
+  void wake() override { inner_.wake(); }
+
+  Recorder& recorder() const noexcept { return rec_; }
+
+ private:
+  TaskStore& inner_;
+  Recorder& rec_;
+};
+
+// The client event a handler records for its effect write under `lease`.
+Event effect_of(const Lease& lease);
 
 // The committed history as the database keeps it, from an eoq schema and an
 // effects table (columns task_id bigint and version bigint: the token of the
@@ -116,7 +180,9 @@ class Recorder {
 // ended it (complete, fail, expire); an effect per effects row. Released
 // attempts leave no trace in the database (release takes the attempt back).
 // `schema` and `effects_table` must be plain identifiers ([a-z_][a-z0-9_]*);
-// `effects_table` lives in `effects_schema` (default: `schema`).
+// `effects_table` lives in `effects_schema` (default: `schema`). An empty
+// `effects_table` reads no effects (a test whose tasks write none: check it with
+// Options::require_effects off).
 std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const std::string& effects_table,
                                  const std::string& effects_schema = "");
 
@@ -166,5 +232,14 @@ struct Verdict {
 };
 
 Verdict verify(const std::vector<Event>& events, const Options& options = {});
+
+// verify(), with the verdict printed to stdout as "<label>: <verdict>", so a
+// chaos test's log shows its counts whether it passes or not.
+Verdict verify_and_print(std::string_view label, const std::vector<Event>& events, const Options& options = {});
+
+// Appends `more` to `to`: the sides of one history (client, children, database).
+inline void append(std::vector<Event>& to, const std::vector<Event>& more) {
+  to.insert(to.end(), more.begin(), more.end());
+}
 
 }  // namespace eoq::test::history

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 
+#include <fstream>
 #include <thread>
 
 using namespace std::chrono_literals;
@@ -251,6 +252,24 @@ TEST_CASE("history: the line format round-trips and reports bad lines by number"
   auto again = h::load_file(dir + "/h.txt");
   REQUIRE(again.size() == events.size());
   for (std::size_t i = 0; i < events.size(); ++i) CHECK(h::to_line(again[i]) == h::to_line(events[i]));
+}
+
+TEST_CASE("history: a Recorder's file has every event as it happens, and a torn last line is dropped", "[history]") {
+  auto dir = eoq::test::scratch_dir("history-log");
+  auto events = h::parse(kGood);
+  {
+    h::Recorder r(dir + "/a.history");
+    for (auto& e : events) r.add(e);
+    // Read while the recorder is still open, as after a SIGKILL.
+    CHECK(h::load_log(dir + "/a.history").size() == events.size());
+  }
+  {
+    std::ofstream torn(dir + "/b.history");
+    torn << "submit task=9\nclaim task=9 vers";
+  }
+  CHECK(h::load_log(dir + "/b.history").size() == 1);
+  CHECK(h::load_log(dir + "/missing.history").empty());
+  CHECK(h::load_logs(dir).size() == events.size() + 1);
 }
 
 TEST_CASE("history: a history read back from a Postgres schema is checked", "[history][postgres]") {

@@ -24,4 +24,5 @@ endif()
 
 # The history checker (history.hpp) against hand-made good and bad histories
 # and a history read back from a real schema.
-eoq_add_test(history_test history_test.cpp history.cpp)
+eoq_add_test(history_test history_test.cpp)
+target_link_libraries(history_test PRIVATE eoq_test_history)

@@ -2,6 +2,7 @@
 // processes (migrate, duplicate submits, claims), connections killed under
 // load, transactional enqueue on the host's connection, the frozen-worker
 // rule, and TempPostgres itself.
+#include "history.hpp"
 #include "support.hpp"
 
 #include <eoq/testing.hpp>
@@ -34,6 +35,7 @@ using eoq::test::StoreKind;
 using eoq::test::TestStore;
 
 using eoq::test::Q;
+namespace h = eoq::test::history;
 
 namespace {
 
@@ -183,7 +185,9 @@ TEST_CASE("eight processes of four threads claiming 20000 tasks claim each exact
   TestStore s(StoreKind::postgres);
   constexpr int kTasks = 20000, kProcesses = 8, kThreads = 4;
   std::vector<NewTask> batch(1000, task("bulk"));
-  for (int i = 0; i < kTasks / 1000; ++i) REQUIRE(s->submit_batch(batch).size() == 1000);
+  h::Recorder parent;
+  h::RecordingStore client(*s, parent);
+  for (int i = 0; i < kTasks / 1000; ++i) REQUIRE(client.submit_batch(batch).size() == 1000);
   REQUIRE(stats_of(*s, "bulk").pending == kTasks);
 
   Race race;
@@ -215,6 +219,20 @@ TEST_CASE("eight processes of four threads claiming 20000 tasks claim each exact
   for (auto& t : list_all(*s, Q().queue("bulk")))
     not_once += (t.status == TaskStatus::succeeded && t.attempts == 1) ? 0 : 1;
   CHECK(not_once == 0);
+
+  // No handler writes here: the completion is the effect.
+  auto events = parent.events();
+  h::append(events, h::load_logs(race.dir));
+  Admin admin(s.conninfo());
+  h::append(events, h::load_postgres(admin.get(), s.schema(), ""));
+  h::Options o;
+  o.require_effects = false;
+  auto v = h::verify_and_print("claim race", events, o);
+  INFO(v.format());
+  REQUIRE(v.ok());
+  CHECK(v.succeeded == kTasks);
+  CHECK(v.claims == kTasks);
+  CHECK(v.completions == kTasks);
 }
 
 TEST_CASE("connections killed while operations run either retry transparently or throw TransientError, "
@@ -225,7 +243,8 @@ TEST_CASE("connections killed while operations run either retry transparently or
   so.pool_size = 4;
   so.transient_retries = 3;
   TestStore s(StoreKind::postgres, so);
-  auto& store = *s;
+  h::Recorder recorder;
+  h::RecordingStore store(*s, recorder);
   Admin killer(s.conninfo());  // its own application_name, so it never kills itself
 
   std::atomic<bool> stop{false};
@@ -363,6 +382,16 @@ TEST_CASE("connections killed while operations run either retry transparently or
   CHECK(st.failed == 0);
   CHECK(st.cancelled == 0);
   CHECK(st.expired == 0);
+
+  // No handler writes here: the completion is the effect.
+  auto events = recorder.events();
+  h::append(events, h::load_postgres(killer.get(), s.schema(), ""));
+  h::Options o;
+  o.require_effects = false;
+  auto v = h::verify_and_print("backends killed", events, o);
+  INFO(v.format());
+  REQUIRE(v.ok());
+  CHECK(v.succeeded == n);
 }
 
 TEST_CASE("a task submitted on the host's own connection exists only if the host's transaction commits",

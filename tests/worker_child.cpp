@@ -5,10 +5,14 @@
 //   worker_child <mode> <conninfo> <schema> <dir> [key=value ...]
 //
 // modes (the handler for task type "effect"):
-//   crash   inside ctx.transaction(): counter row + 1, task id into effects
-//   zombie  inserts (task id, attempt) into effects, touches <dir>/started-<attempt>,
-//           then sleeps `sleep_ms` before returning (the test freezes it there)
-// keys: id, concurrency, lease_ms, sleep_ms, prefetch, idle_timeout_ms
+//   crash   inside ctx.transaction(): counter row + 1, (task id, lease token) into effects
+//   zombie  inserts (task id, attempt, owner, lease token) into effects, touches
+//           <dir>/started-<attempt>, then sleeps `sleep_ms` before returning (the
+//           test freezes it there)
+// keys: id, concurrency, lease_ms, sleep_ms, prefetch, idle_timeout_ms, history
+// (a file the client side of the history goes to as it happens; see history.hpp)
+#include "history.hpp"
+
 #include <eoq/eoq.hpp>
 #include <eoq/worker.hpp>
 
@@ -18,6 +22,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -61,7 +66,11 @@ int main(int argc, char** argv) try {
   po.schema = schema;
   po.pool_size = 4;
   po.handler_idle_timeout = eoq::Millis(get(kv, "idle_timeout_ms", 30000));
-  eoq::PostgresStore store(po);
+  eoq::PostgresStore pg(po);
+  namespace h = eoq::test::history;
+  std::unique_ptr<h::Recorder> recorder =
+      kv.count("history") ? std::make_unique<h::Recorder>(kv["history"]) : std::make_unique<h::Recorder>();
+  h::RecordingStore store(pg, *recorder);
 
   eoq::WorkerOptions wo;
   wo.concurrency = static_cast<int>(get(kv, "concurrency", 4));
@@ -85,13 +94,17 @@ int main(int argc, char** argv) try {
     worker.on("effect", [&](eoq::TaskContext& ctx) {
       auto& tx = ctx.transaction();
       tx.exec("UPDATE " + counter + " SET n = n + 1");
-      tx.exec("INSERT INTO " + effects + " (task_id) VALUES ($1)", {std::to_string(ctx.id())});
+      tx.exec("INSERT INTO " + effects + " (task_id, version) VALUES ($1, $2)",
+              {std::to_string(ctx.id()), std::to_string(ctx.lease().token)});
+      store.recorder().add(h::effect_of(ctx.lease()));
     });
   } else if (mode == "zombie") {
     long sleep_ms = get(kv, "sleep_ms", 0);
     worker.on("effect", [&, sleep_ms](eoq::TaskContext& ctx) {
-      ctx.exec("INSERT INTO " + effects + " (task_id, attempt, owner) VALUES ($1, $2, $3)",
-               {std::to_string(ctx.id()), std::to_string(ctx.attempt()), ctx.lease().owner});
+      ctx.exec("INSERT INTO " + effects + " (task_id, attempt, owner, version) VALUES ($1, $2, $3, $4)",
+               {std::to_string(ctx.id()), std::to_string(ctx.attempt()), ctx.lease().owner,
+                std::to_string(ctx.lease().token)});
+      store.recorder().add(h::effect_of(ctx.lease()));
       std::ofstream(dir + "/started-" + std::to_string(ctx.attempt())) << ctx.lease().owner << "\n";
       // A plain sleep, not ctx.sleep_for: a frozen or careless handler does not look at its context.
       std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));

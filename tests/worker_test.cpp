@@ -4,6 +4,7 @@
 // matter for SQL effects also run on PostgresStore when a database is available.
 #include <catch2/catch.hpp>
 
+#include "history.hpp"
 #include "support.hpp"
 
 #include <eoq/eoq.hpp>
@@ -29,6 +30,7 @@
 using namespace std::chrono_literals;
 using eoq::Millis;
 using eoq::test::StoreKind;
+namespace h = eoq::test::history;
 
 // Runs the rest of the test case once per store; `store` is a TaskStore& on a
 // fresh store (Postgres: its own schema).
@@ -1297,17 +1299,21 @@ TEST_CASE("a worker rides out a Postgres restart and every effect lands exactly 
   eoq::PostgresOptions o;
   o.conninfo = server.conninfo();
   o.schema = "eoq";
-  eoq::PostgresStore store(o);
-  store.migrate();
+  eoq::PostgresStore pg(o);
+  pg.migrate();
+  h::Recorder recorder;
+  h::RecordingStore store(pg, recorder);
   eoq::test::Admin admin(server.conninfo());
-  admin.exec("CREATE TABLE eoq.effects (task_id bigint PRIMARY KEY)");
+  // No unique constraint: a repeated effect must show up as a duplicate row.
+  admin.exec("CREATE TABLE eoq.effects (task_id bigint NOT NULL, version bigint NOT NULL)");
   LogSink sink;
   auto options = fast_options(sink);
   options.concurrency = 4;
   options.lease = 5s;
   eoq::Worker worker(store, options);
   worker.on("write", [&](eoq::TaskContext& ctx) {
-    ctx.exec("INSERT INTO eoq.effects VALUES ($1)", {std::to_string(ctx.id())});
+    ctx.exec("INSERT INTO eoq.effects VALUES ($1, $2)", {std::to_string(ctx.id()), std::to_string(ctx.lease().token)});
+    recorder.add(h::effect_of(ctx.lease()));
     std::this_thread::sleep_for(2ms);
   });
   constexpr int n = 400;
@@ -1333,6 +1339,14 @@ TEST_CASE("a worker rides out a Postgres restart and every effect lands exactly 
   CHECK(after.count("SELECT count(*) FROM eoq.effects") == n);
   // store_errors may be 0: the store retries safe statements across a restart itself.
   check_counters_add_up(worker.counters());
+
+  auto events = recorder.events();
+  h::append(events, h::load_postgres(after.get(), "eoq", "effects"));
+  auto v = h::verify_and_print("postgres restart", events);
+  INFO(v.format());
+  REQUIRE(v.ok());
+  CHECK(v.succeeded == n);
+  CHECK(v.effects == n);
 }
 
 // --------------------------------------------------------------- worker processes
@@ -1350,7 +1364,8 @@ struct ChildWorker {
 
 ChildWorker start_child(const std::string& mode, const eoq::test::TestStore& ts, const std::string& dir,
                         const std::string& name, std::vector<std::string> extra = {}) {
-  std::vector<std::string> argv{EOQ_WORKER_CHILD, mode, ts.conninfo(), ts.schema(), dir, "id=" + name};
+  std::vector<std::string> argv{EOQ_WORKER_CHILD, mode, ts.conninfo(), ts.schema(), dir, "id=" + name,
+                                "history=" + dir + "/" + name + ".history"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   return ChildWorker{eoq::test::spawn_child(argv, dir + "/" + name + ".log"), name};
 }
@@ -1386,7 +1401,7 @@ TEST_CASE("worker processes killed at random lose no task and repeat no effect",
   eoq::test::Admin admin(ts.conninfo());
   const std::string effects = "\"" + ts.schema() + "\".effects", counter = "\"" + ts.schema() + "\".counter";
   // No unique constraint: a repeated effect must show up as a duplicate row.
-  admin.exec("CREATE TABLE " + effects + " (task_id bigint NOT NULL)");
+  admin.exec("CREATE TABLE " + effects + " (task_id bigint NOT NULL, version bigint NOT NULL)");
   admin.exec("CREATE TABLE " + counter + " (n bigint NOT NULL)");
   admin.exec("INSERT INTO " + counter + " VALUES (0)");
 
@@ -1396,8 +1411,10 @@ TEST_CASE("worker processes killed at random lose no task and repeat no effect",
   t.retry.initial_delay = 10ms;
   t.retry.max_delay = 100ms;
   std::vector<eoq::NewTask> batch(n, t);
+  h::Recorder parent;
+  h::RecordingStore client(*ts, parent);
   for (std::size_t at = 0; at < batch.size(); at += 1000)
-    ts->submit_batch(std::span<const eoq::NewTask>(batch).subspan(at, std::min<std::size_t>(1000, batch.size() - at)));
+    client.submit_batch(std::span<const eoq::NewTask>(batch).subspan(at, std::min<std::size_t>(1000, batch.size() - at)));
 
   auto dir = eoq::test::scratch_dir("worker-crash");
   const std::vector<std::string> opts{"lease_ms=1000", "concurrency=4", "prefetch=8"};
@@ -1433,6 +1450,44 @@ TEST_CASE("worker processes killed at random lose no task and repeat no effect",
   CHECK(admin.count("SELECT count(*) FROM " + effects) == n);
   CHECK(admin.count("SELECT count(DISTINCT task_id) FROM " + effects) == n);
   CHECK(admin.scalar("SELECT n FROM " + counter) == std::optional<std::string>(std::to_string(n)));
+
+  // The children's own records end where they were killed; the database's side
+  // has every claim, lost lease and effect row.
+  auto events = parent.events();
+  h::append(events, h::load_logs(dir));
+  auto db = h::load_postgres(admin.get(), ts.schema(), "effects");
+  h::append(events, db);
+  auto v = h::verify_and_print("worker processes killed", events);
+  INFO(v.format());
+  REQUIRE(v.ok());
+  CHECK(v.succeeded == n);
+  CHECK(v.effects == n);
+  CHECK(v.claims > n);  // the killed workers' leases were taken over
+  CHECK(v.handovers_checked > 0);
+
+  // The checks can fail on this very history: a completion by a lease that was
+  // lost to a kill, and a second effect row written under it.
+  auto lost = std::find_if(db.begin(), db.end(), [](const h::Event& e) { return e.kind == h::Kind::expire; });
+  REQUIRE(lost != db.end());
+  auto stale = events;
+  h::Event zombie;
+  zombie.kind = h::Kind::complete;
+  zombie.task = lost->task;
+  zombie.version = lost->version;
+  stale.push_back(zombie);
+  auto sv = h::verify_and_print("worker processes killed, with a stale completion added", stale);
+  CHECK(sv.count(h::ViolationKind::stale_completion) == 1);
+  CHECK(sv.count(h::ViolationKind::double_completion) == 1);
+
+  admin.exec("INSERT INTO " + effects + " (task_id, version) VALUES ($1, $2)",
+             {std::to_string(lost->task), std::to_string(lost->version)});
+  auto doubled = parent.events();
+  h::append(doubled, h::load_logs(dir));
+  h::append(doubled, h::load_postgres(admin.get(), ts.schema(), "effects"));
+  auto dv = h::verify_and_print("worker processes killed, with a duplicate effect row", doubled);
+  REQUIRE(dv.violations.size() == 1);
+  CHECK(dv.violations[0].kind == h::ViolationKind::double_effect);
+  CHECK(dv.violations[0].task == lost->task);
 }
 
 TEST_CASE("a frozen worker's late completion and SQL are rejected after another worker took its task over",
@@ -1440,8 +1495,10 @@ TEST_CASE("a frozen worker's late completion and SQL are rejected after another 
   eoq::test::TestStore ts(StoreKind::postgres);
   eoq::test::Admin admin(ts.conninfo());
   const std::string effects = "\"" + ts.schema() + "\".effects";
-  admin.exec("CREATE TABLE " + effects + " (task_id bigint NOT NULL, attempt int NOT NULL, owner text NOT NULL)");
-  auto id = ts->submit(task("effect")).task.id;
+  admin.exec("CREATE TABLE " + effects +
+             " (task_id bigint NOT NULL, attempt int NOT NULL, owner text NOT NULL, version bigint NOT NULL)");
+  h::Recorder parent;
+  auto id = h::RecordingStore(*ts, parent).submit(task("effect")).task.id;
   auto dir = eoq::test::scratch_dir("worker-zombie");
   const std::vector<std::string> single{"lease_ms=1000", "concurrency=1", "prefetch=0"};
 
@@ -1479,12 +1536,39 @@ TEST_CASE("a frozen worker's late completion and SQL are rejected after another 
   REQUIRE(rows.size() == 1);  // the zombie's insert never committed
   CHECK(rows[0][0] == std::optional<std::string>("2"));
   CHECK(rows[0][1] == std::optional<std::string>("rescuer"));
-  auto h = ts->history(id);
-  REQUIRE(h.size() == 2);
-  CHECK(h[0].owner == "zombie");
-  CHECK(h[0].outcome == "lease_expired");
-  CHECK(h[1].owner == "rescuer");
-  CHECK(h[1].outcome == "succeeded");
+  auto tries = ts->history(id);
+  REQUIRE(tries.size() == 2);
+  CHECK(tries[0].owner == "zombie");
+  CHECK(tries[0].outcome == "lease_expired");
+  CHECK(tries[1].owner == "rescuer");
+  CHECK(tries[1].outcome == "succeeded");
+
+  auto events = parent.events();
+  h::append(events, h::load_logs(dir));
+  h::append(events, h::load_postgres(admin.get(), ts.schema(), "effects"));
+  auto v = h::verify_and_print("frozen worker", events);
+  INFO(v.format());
+  REQUIRE(v.ok());
+  CHECK(v.succeeded == 1);
+  CHECK(v.claims == 2);
+  CHECK(v.completions == 1);
+  CHECK(v.effects == 1);
+  CHECK(v.handovers_checked == 1);
+
+  // Had the zombie's late completion gone through, the checker would say so.
+  auto claim = std::find_if(events.begin(), events.end(), [](const h::Event& e) {
+    return e.kind == h::Kind::claim && e.owner == "zombie";
+  });
+  REQUIRE(claim != events.end());
+  h::Event late;
+  late.kind = h::Kind::complete;
+  late.task = claim->task;
+  late.version = claim->version;
+  late.owner = "zombie";
+  events.push_back(late);
+  auto bad = h::verify_and_print("frozen worker, with a committed completion by the zombie added", events);
+  CHECK(bad.has(h::ViolationKind::stale_completion));
+  CHECK(bad.has(h::ViolationKind::double_completion));
 }
 
 TEST_CASE("a frozen worker holding row locks is cut off by the server so the next owner can proceed",
@@ -1493,8 +1577,10 @@ TEST_CASE("a frozen worker holding row locks is cut off by the server so the nex
   eoq::test::Admin admin(ts.conninfo());
   const std::string effects = "\"" + ts.schema() + "\".effects";
   // The key makes the next owner's insert wait for the frozen owner's uncommitted row.
-  admin.exec("CREATE TABLE " + effects + " (task_id bigint PRIMARY KEY, attempt int NOT NULL, owner text NOT NULL)");
-  auto id = ts->submit(task("effect")).task.id;
+  admin.exec("CREATE TABLE " + effects +
+             " (task_id bigint PRIMARY KEY, attempt int NOT NULL, owner text NOT NULL, version bigint NOT NULL)");
+  h::Recorder parent;
+  auto id = h::RecordingStore(*ts, parent).submit(task("effect")).task.id;
   auto dir = eoq::test::scratch_dir("worker-locks");
 
   auto zombie = start_child("zombie", ts, dir, "zombie",
@@ -1521,6 +1607,16 @@ TEST_CASE("a frozen worker holding row locks is cut off by the server so the nex
   REQUIRE(rows.size() == 1);
   CHECK(rows[0][1] == std::optional<std::string>("rescuer"));
   CHECK(ts->get(id)->result == std::optional<std::string>(R"("rescuer")"));
+
+  auto events = parent.events();
+  h::append(events, h::load_logs(dir));
+  h::append(events, h::load_postgres(admin.get(), ts.schema(), "effects"));
+  auto v = h::verify_and_print("frozen worker holding locks", events);
+  INFO(v.format());
+  REQUIRE(v.ok());
+  CHECK(v.succeeded == 1);
+  CHECK(v.claims == 2);
+  CHECK(v.effects == 1);
 }
 
 #endif  // EOQ_WORKER_CHILD
