@@ -501,8 +501,8 @@ std::unique_ptr<LeaseTransaction> RecordingStore::begin(const eoq::Lease& lease)
   return std::make_unique<RecordingTransaction>(inner_.begin(lease), lease, rec_);
 }
 
-CancelOutcome RecordingStore::cancel(TaskId id) {
-  auto out = inner_.cancel(id);
+CancelOutcome RecordingStore::cancel(TaskId id, const Scope& scope) {
+  auto out = inner_.cancel(id, scope);
   Event e;
   e.kind = Kind::cancel;
   e.task = id;

@@ -149,13 +149,18 @@ class RecordingStore final : public TaskStore {
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;
   std::unique_ptr<LeaseTransaction> begin(const Lease& lease) override;
-  CancelOutcome cancel(TaskId id) override;
-  std::optional<Task> get(TaskId id) override { return inner_.get(id); }
-  std::optional<Task> find(std::string_view queue, std::string_view key) override { return inner_.find(queue, key); }
-  TaskPage list(const ListQuery& query) override { return inner_.list(query); }
-  std::vector<QueueStats> stats() override { return inner_.stats(); }
-  std::vector<Attempt> history(TaskId id) override { return inner_.history(id); }
+  CancelOutcome cancel(TaskId id, const Scope& scope = {}) override;
+  // Not recorded: no chaos test retries, and the checker treats terminal states as final.
+  RetryOutcome retry(TaskId id, const Scope& scope = {}) override { return inner_.retry(id, scope); }
+  std::optional<Task> get(TaskId id, const Scope& scope = {}) override { return inner_.get(id, scope); }
+  std::optional<Task> find(std::string_view queue, std::string_view key, const Scope& scope = {}) override {
+    return inner_.find(queue, key, scope);
+  }
+  TaskPage list(const ListQuery& query, const Scope& scope = {}) override { return inner_.list(query, scope); }
+  std::vector<QueueStats> stats(const Scope& scope = {}) override { return inner_.stats(scope); }
+  std::vector<Attempt> history(TaskId id, const Scope& scope = {}) override { return inner_.history(id, scope); }
   std::int64_t prune(Millis older_than, int batch_size = 1000) override { return inner_.prune(older_than, batch_size); }
+  std::int64_t prunable(Millis older_than) override { return inner_.prunable(older_than); }
   MaintenanceReport maintain() override { return inner_.maintain(); }
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override {
     inner_.wait_for_tasks(queues, timeout);
