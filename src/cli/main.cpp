@@ -289,7 +289,9 @@ void field(std::string_view label, std::string_view value) {
 }
 
 std::string retry_rule(const RetryPolicy& r) {
-  if (r.backoff == Backoff::fixed) return fmt::format("retries every {}", format_duration(r.initial_delay));
+  if (r.max_delay.count() == 0) return "retries at once";
+  if (r.backoff == Backoff::fixed || r.initial_delay == r.max_delay)
+    return fmt::format("retries every {}", format_duration(r.initial_delay));
   return fmt::format("retries back off from {} to at most {}", format_duration(r.initial_delay),
                      format_duration(r.max_delay));
 }
@@ -319,9 +321,11 @@ int cmd_show(Context& ctx, TaskId id) {
   field("created", when(t.created_at, at));
   field("updated", when(t.updated_at, at));
   if (t.finished_at) field("finished", when(*t.finished_at, at));
-  if (t.status == TaskStatus::running || t.progress > 0 || !t.stage.empty())
+  // Where an unfinished or failed task got to; a success is its own progress report.
+  if (t.status == TaskStatus::running || (t.status != TaskStatus::succeeded && (t.progress > 0 || !t.stage.empty())))
     field("progress", progress_bar(t.progress, t.stage, 20, ctx.unicode));
-  if (t.lease_owner) {
+  // The store keeps the last owner after the task settles; only a live lease is news.
+  if (t.status == TaskStatus::running && t.lease_owner) {
     field("lease", t.lease_expires_at
                        ? fmt::format("{}, expires {}", *t.lease_owner, relative(*t.lease_expires_at, at))
                        : *t.lease_owner);
@@ -594,7 +598,7 @@ std::string frame_text(const Context& ctx, const Snapshot& s, const std::string&
   }
   out += "\n" + section_title("pending", pending, s.pending.tasks.size());
   if (!s.pending.tasks.empty()) {
-    Table t({{"ID", true}, {"QUEUE", false, 20}, {"TYPE", false, 24}, {"PRI", true}, {"RUNS"}, {"ATTEMPTS", true}},
+    Table t({{"ID", true}, {"QUEUE", false, 20}, {"TYPE", false, 24}, {"PRI", true}, {"READY"}, {"ATTEMPTS", true}},
             ctx.unicode);
     for (const auto& task : s.pending.tasks)
       t.add({std::to_string(task.id), task.queue, task.type, std::to_string(task.priority),
@@ -706,7 +710,14 @@ int cmd_dashboard(Context& ctx, const DashboardArgs& a) {
   DashboardOptions options;
   options.prefix = a.prefix;
   options.no_auth = a.no_auth;
-  if (a.tokens_opt->count()) options.tokens = load_tokens(a.tokens);
+  if (a.tokens_opt->count()) {
+    try {
+      options.tokens = load_tokens(a.tokens);
+    } catch (const InvalidArgument& e) {
+      // The field is "<path>:<line>", not an option name.
+      throw Failure(kBadInput, fmt::format("bad token file (--tokens): {}: {}", e.field(), e.rule()));
+    }
+  }
 
   // Blocked before the server starts its threads, which inherit the mask, so
   // the signal reaches sigwait below and nothing else.
@@ -726,9 +737,7 @@ int cmd_dashboard(Context& ctx, const DashboardArgs& a) {
   } catch (const InvalidArgument&) {
     throw;
   } catch (const Error& e) {
-    throw Failure(kBadInput, fmt::format("cannot listen on {} ({}): is the port in use? choose another with "
-                                         "--listen HOST:PORT",
-                                         a.listen, e.what()));
+    throw Failure(kBadInput, fmt::format("{}: choose another address with --listen HOST:PORT", e.what()));
   }
   fmt::print("eoq dashboard listening on http://{}:{}/\n", host, server.port());
   std::fflush(stdout);
