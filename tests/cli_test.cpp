@@ -283,7 +283,7 @@ TEST_CASE("cli: an unreachable database exits 3, a missing one 2", "[cli]") {
   CHECK(r.code == 3);
   CHECK(r.out.empty());
   CHECK(contains(r.err, "eoq: cannot connect to the database ("));
-  CHECK(contains(r.err, "set EOQ_DATABASE_URL or --database-url"));
+  CHECK(contains(r.err, "is it running, and are EOQ_DATABASE_URL or --database-url right?"));
   CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);  // one line
 
   // --database-url wins over the environment.

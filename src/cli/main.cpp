@@ -127,8 +127,8 @@ std::string compact(std::string_view json_text, std::size_t limit = 2000) {
   } catch (const Json::exception&) {
     s = std::string(json_text);
   }
-  if (s.size() > limit)
-    return fmt::format("{}... ({} bytes; --json shows all)", s.substr(0, limit), s.size());
+  // Cut by code points, so the shortened text is still UTF-8.
+  if (display_width(s) > limit) return fmt::format("{} ({} bytes; --json shows all)", truncate(s, limit, false), s.size());
   return s;
 }
 
@@ -818,8 +818,10 @@ int run_command(Context& ctx, const std::function<int(Context&)>& command) {
                                             db_message(e.what())));
   } catch (const TransientError& e) {
     if (e.statement() == "connect")
-      return report(kUnavailable, fmt::format("cannot connect to the database ({}): is it running? set "
-                                              "EOQ_DATABASE_URL or --database-url",
+      // libpq's reason (refused, no such database, bad password) is in the
+      // message; the store reports every connect failure alike.
+      return report(kUnavailable, fmt::format("cannot connect to the database ({}): is it running, and are "
+                                              "EOQ_DATABASE_URL or --database-url right?",
                                               db_message(e.what(), "cannot connect to PostgreSQL: ")));
     return report(kUnavailable,
                   fmt::format("the database is unavailable ({}): try again shortly", db_message(e.what())));
