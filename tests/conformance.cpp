@@ -1298,25 +1298,25 @@ STORE_CASE("paging through 250 tasks seven at a time yields each exactly once", 
   CHECK(pages == 36);
   CHECK(seen == expected);
 
-  SECTION("a full last page is followed by an empty one") {
+  SECTION("a full last page says it is the last") {
     std::vector<NewTask> more(21, task("t", "exact"));
     store.submit_batch(more);
     eoq::ListQuery e = Q().queue("exact").limit(7);
     int n = 0;
-    std::optional<eoq::TaskId> cursor;
     for (int i = 0; i < 3; ++i) {
-      e.after = cursor;
       auto p = store.list(e);
       CHECK(p.tasks.size() == 7);
-      REQUIRE(p.next_after);
-      cursor = p.next_after;
       n += static_cast<int>(p.tasks.size());
+      if (i < 2) {
+        REQUIRE(p.next_after);
+        e.after = p.next_after;
+      } else {
+        CHECK_FALSE(p.next_after);
+      }
     }
-    e.after = cursor;
-    auto last = store.list(e);
-    CHECK(last.tasks.empty());
-    CHECK_FALSE(last.next_after);
     CHECK(n == 21);
+    CHECK_FALSE(store.list(Q().queue("exact").limit(21)).next_after);
+    CHECK(store.list(Q().queue("exact").limit(20)).next_after);
   }
 }
 
@@ -1646,9 +1646,15 @@ STORE_CASE("retry runs a failed, cancelled or expired task again as a new attemp
   CHECK(store.submit(keyed("r")).task.id == id);  // the key still names it
   CHECK(outcome_of([&] { store.complete(l2); }) == "LeaseLost");  // the old lease stays dead
 
+  CHECK_FALSE(again.started_at);
+  auto claimed_at = now();
   auto l3 = claim_one(store, "w3");
   CHECK(l3.id() == id);
   CHECK(l3.attempt() == 3);
+  REQUIRE(must_get(store, id).started_at);
+  CHECK(*must_get(store, id).started_at >= claimed_at - kSlack);
+  CHECK(*must_get(store, id).started_at <= now() + kSlack);
+  CHECK(l3.task.started_at == must_get(store, id).started_at);
   store.complete(l3, R"({"ok": true})");
   auto h = store.history(id);
   REQUIRE(h.size() == 3);
@@ -1656,6 +1662,7 @@ STORE_CASE("retry runs a failed, cancelled or expired task again as a new attemp
   CHECK(h[1].outcome == "failed");
   CHECK(h[2].outcome == "succeeded");
   CHECK(h[2].owner == "w3");
+  CHECK(must_get(store, id).started_at == std::optional<TimePoint>(h[2].started_at));  // kept when it ends
   CHECK(store.retry(id) == eoq::RetryOutcome::not_retryable);  // succeeded stays succeeded
   CHECK(must_get(store, id).status == TaskStatus::succeeded);
 

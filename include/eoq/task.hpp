@@ -72,6 +72,9 @@ struct Task {
   std::int64_t version = 0;  // fencing token; changes on every claim and settle
   std::optional<std::string> lease_owner{};
   std::optional<TimePoint> lease_expires_at{};
+  // When the latest attempt started (kept after it ends; empty before the first
+  // claim and after retry()).
+  std::optional<TimePoint> started_at{};
   bool cancel_requested = false;
   int progress = 0;  // 0..100
   std::string stage{};
@@ -158,7 +161,7 @@ struct ListQuery {
 
 struct TaskPage {
   std::vector<Task> tasks{};          // ordered by id (descending when newest_first)
-  std::optional<TaskId> next_after{};  // pass as `after` for the next page; empty at the end
+  std::optional<TaskId> next_after{};  // pass as `after` for the next page; empty when none follows
 };
 
 struct QueueStats {

@@ -129,6 +129,7 @@ json to_json(const Task& t) {
       {"version", t.version},
       {"lease_owner", opt(t.lease_owner)},
       {"lease_expires_at", opt_time(t.lease_expires_at)},
+      {"started_at", opt_time(t.started_at)},
       {"cancel_requested", t.cancel_requested},
       {"progress", t.progress},
       {"stage", t.stage},

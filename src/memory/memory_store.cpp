@@ -457,6 +457,7 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
       // Progress describes the attempt; the checkpoint is what survives it.
       t.progress = 0;
       t.stage.clear();
+      t.started_at = now;
     });
     e.started_at = now;
     leases.push_back(Lease{e.task, request.owner, e.task.version, *e.task.lease_expires_at});
@@ -617,6 +618,7 @@ RetryOutcome MemoryStore::retry(TaskId id, const Scope& scope) {
     t.retry.max_attempts = std::max(t.retry.max_attempts, t.attempts + 1);
     t.cancel_requested = false;
     t.lease_owner.reset();
+    t.started_at.reset();
     t.progress = 0;
     t.stage.clear();
     t.result.reset();
@@ -662,13 +664,17 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
   };
   if (q.newest_first) {
     auto end = q.after ? S.tasks.lower_bound(*q.after) : S.tasks.end();
-    for (auto it = std::make_reverse_iterator(end); it != S.tasks.rend() && page.tasks.size() < limit; ++it)
+    for (auto it = std::make_reverse_iterator(end); it != S.tasks.rend() && page.tasks.size() <= limit; ++it)
       take(it->second.task);
   } else {
-    for (auto it = S.tasks.upper_bound(q.after.value_or(0)); it != S.tasks.end() && page.tasks.size() < limit; ++it)
+    for (auto it = S.tasks.upper_bound(q.after.value_or(0)); it != S.tasks.end() && page.tasks.size() <= limit; ++it)
       take(it->second.task);
   }
-  if (page.tasks.size() == limit) page.next_after = page.tasks.back().id;
+  // One row past the page says whether another page follows.
+  if (page.tasks.size() > limit) {
+    page.tasks.pop_back();
+    page.next_after = page.tasks.back().id;
+  }
   return page;
 }
 

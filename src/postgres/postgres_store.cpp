@@ -91,7 +91,7 @@ Task decode_task(const Result& r, int row, int off = 0) {
   t.version = r.i64(row, c(16));
   t.lease_owner = r.opt_text(row, c(17));
   t.lease_expires_at = r.opt_time(row, c(18));
-  // c(19) started_at is history's business
+  t.started_at = r.opt_time(row, c(19));
   t.cancel_requested = r.boolean(row, c(20));
   t.progress = r.i32(row, c(21));
   t.stage = r.text(row, c(22));
@@ -1058,12 +1058,16 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   auto r = I.retry([&](Connection& c) {
     if (q.newest_first)
       return c.exec(I.sql.list_desc, {q.queue, status, q.type, tenant,
-                                      num(q.after.value_or(std::numeric_limits<TaskId>::max())), num(q.limit)});
-    return c.exec(I.sql.list, {q.queue, status, q.type, tenant, num(q.after.value_or(0)), num(q.limit)});
+                                      num(q.after.value_or(std::numeric_limits<TaskId>::max())), num(q.limit + 1)});
+    return c.exec(I.sql.list, {q.queue, status, q.type, tenant, num(q.after.value_or(0)), num(q.limit + 1)});
   });
   TaskPage page;
   for (int i = 0; i < r.rows(); ++i) page.tasks.push_back(decode_task(r, i));
-  if (static_cast<int>(page.tasks.size()) == q.limit) page.next_after = page.tasks.back().id;
+  // The statement reads one row past the page to say whether another follows.
+  if (static_cast<int>(page.tasks.size()) > q.limit) {
+    page.tasks.pop_back();
+    page.next_after = page.tasks.back().id;
+  }
   return page;
 }
 
