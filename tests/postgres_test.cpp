@@ -115,6 +115,29 @@ std::vector<eoq::Task> list_all(eoq::TaskStore& store, eoq::ListQuery q = {}) {
 
 }  // namespace
 
+TEST_CASE("a connection the server refuses for good fails at once, not as a transient outage", "[postgres]") {
+  auto url = eoq::test::test_database_url();
+  auto refused = [&](const std::string& key, const std::string& value) -> std::string {
+    eoq::PostgresOptions o;
+    o.conninfo = eoq::test::conninfo_with(url, key, value);
+    o.transient_retries = 3;
+    eoq::PostgresStore store(o);
+    auto started = std::chrono::steady_clock::now();
+    try {
+      store.get(1);
+    } catch (const eoq::TransientError& e) {
+      return std::string("transient: ") + e.what();
+    } catch (const eoq::DatabaseError& e) {
+      // No retry with backoff happened first.
+      CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(500));
+      return e.sqlstate();
+    }
+    return "connected";
+  };
+  CHECK(refused("dbname", "no_such_database_eoq") == "3D000");
+  CHECK(refused("user", "no_such_role_eoq") == "28000");
+}
+
 TEST_CASE("several processes migrating one fresh schema at once all succeed and leave it complete",
           "[postgres][processes]") {
   std::string url = eoq::test::test_database_url();

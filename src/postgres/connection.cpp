@@ -105,6 +105,16 @@ Connection::Connection(const std::string& conninfo, const std::string& applicati
   if (PQstatus(c_.get()) != CONNECTION_OK) {
     std::string m = PQerrorMessage(c_.get());
     while (!m.empty() && (m.back() == '\n' || m.back() == ' ')) m.pop_back();
+    // libpq hands no SQLSTATE for a refused connection, only the server's
+    // words. Refusals that no retry can cure must not be retried (and hidden)
+    // like a server that is down: match the server's English messages.
+    auto has = [&](const char* text) { return m.find(text) != std::string::npos; };
+    const char* refused = has("password authentication failed")          ? "28P01"
+                          : has("database \"") && has("does not exist")  ? "3D000"
+                          : has("role \"") && has("does not exist")      ? "28000"
+                          : has("no pg_hba.conf entry") || has("authentication failed") ? "28000"
+                                                                                         : nullptr;
+    if (refused) throw DatabaseError("PostgreSQL refused the connection: " + m, refused, "connect");
     throw TransientError("cannot connect to PostgreSQL: " + m, "08001", "connect");
   }
 }
