@@ -252,9 +252,10 @@ STORE_CASE("a submitted task comes back with every field it was given", "[submit
   auto got = must_get(store, r.task.id);
   check(got);
   CHECK(describe(got) == describe(r.task));
-  auto found = store.find(t.queue, *t.key);
+  auto found = store.find(t.queue, *t.key, eoq::Scope::only(*t.tenant));  // keys are per tenant
   REQUIRE(found);
   CHECK(found->id == r.task.id);
+  CHECK_FALSE(store.find(t.queue, *t.key));
 }
 
 STORE_CASE("a task submitted without run_at may run now and has no key, tenant or deadline", "[submit]") {
