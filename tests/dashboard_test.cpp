@@ -128,6 +128,7 @@ TEST_CASE("dashboard: the page and the health check", "[dashboard]") {
   CHECK(page.body.find("src=\"http") == std::string::npos);
   CHECK(page.body.find("href=\"http") == std::string::npos);
   CHECK(page.header("Content-Security-Policy").find("default-src 'none'") != std::string::npos);
+  CHECK(page.body.find("innerHTML") == std::string::npos);  // task data goes in as text only
   CHECK(s.client.Head("/")->status == 200);
 
   auto health = s.get("/healthz");
@@ -172,6 +173,11 @@ TEST_CASE("dashboard: submit, list, get, stats, cancel and retry", "[dashboard]"
     CHECK(first.json["tasks"].size() == 1);
     CHECK(first.json["next_after"] == id);
     CHECK(s.get(fmt::format("/api/tasks?after={}", id)).json["tasks"][0]["type"] == "mail");
+    auto summary = s.get("/api/tasks?type=resize&view=summary").json["tasks"][0];
+    CHECK_FALSE(summary.contains("payload"));
+    CHECK_FALSE(summary.contains("result"));
+    CHECK(summary["key"] == "img-1");
+    CHECK(s.get("/api/tasks?view=everything").json["field"] == "view");
 
     auto bad_status = s.get("/api/tasks?status=sleeping");
     CHECK(bad_status.status == 400);

@@ -22,7 +22,8 @@
 //   GET  /                      the page (no token needed; it asks for one)
 //   GET  /healthz               200 when the store answers, else 503 (no token needed)
 //   GET  /api/me                who the token is: {"auth", "tenant", "write"}
-//   GET  /api/tasks             ?queue=&status=&type=&tenant=&after=&limit= -> {"tasks", "next_after", "now"}
+//   GET  /api/tasks             ?queue=&status=&type=&tenant=&after=&limit=&view=summary
+//                               -> {"tasks", "next_after", "now"}; summary: without payload, result, checkpoint
 //   POST /api/tasks             submit (task_json.hpp's shape) -> 201 {"duplicate": false, "task"} | 200 duplicate
 //   GET  /api/tasks/{id}        {"task", "attempts"}
 //   POST /api/tasks/{id}/cancel 200 {"outcome", "task"}; 409 when already finished

@@ -372,7 +372,12 @@ struct Dashboard::Impl {
   }
 
   HttpResponse list(const HttpRequest& req, const Principal& who) const {
-    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit"});
+    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit", "view"});
+    bool summary = false;
+    if (p.count("view")) {
+      if (p["view"] != "full" && p["view"] != "summary") throw InvalidArgument("view", "must be \"full\" or \"summary\"");
+      summary = p["view"] == "summary";
+    }
     ListQuery q;
     if (p.count("queue")) q.queue = p["queue"];
     if (p.count("status")) q.status = parse_status(p["status"]);
@@ -381,6 +386,10 @@ struct Dashboard::Impl {
     if (p.count("after")) q.after = parse_integer("after", p["after"], 0, INT64_MAX);
     if (p.count("limit")) q.limit = static_cast<int>(parse_integer("limit", p["limit"], 1, 1000));
     auto body = json::to_json(store.list(q, who.scope()));
+    // A table polled twice a second has no use for payloads of up to a megabyte each.
+    if (summary)
+      for (auto& t : body["tasks"])
+        for (const char* big : {"payload", "result", "checkpoint"}) t.erase(big);
     body["now"] = now_text();
     return json_response(200, body);
   }

@@ -21,9 +21,10 @@
 namespace eoq {
 namespace {
 
-// Enough for the page's polling, 50 concurrent API clients and a slow store;
-// each request holds a thread while the store answers.
-constexpr std::size_t kThreads = 16;
+// httplib gives each connection a thread for as long as it is kept alive, and
+// a polling page keeps up to three alive; with a store that answers slowly,
+// requests hold them longer still. Idle threads cost little.
+constexpr std::size_t kThreads = 32;
 // An oversize body is read and discarded up to this much, so the client gets
 // the 400 on a connection still in step; beyond it the connection is given up.
 constexpr std::size_t kDrainLimit = 64u << 20;
