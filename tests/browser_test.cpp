@@ -443,7 +443,15 @@ TEST_CASE("browser: submit through the page, watch a worker finish it live, see 
   // Cancel from the detail view: the running handler is told, and the page shows the end.
   b.click("#d-cancel");
   wait_until("the cancelled video task", [&] { return row_status(b, video) == "cancelled"; }, table);
+  // And retry it from there: a second attempt, which this time runs to the end.
   release_all = true;
+  wait_until("the retry button", [&] { return b.script("return !document.querySelector('#d-retry').hidden;") == true; },
+             [&] { return b.text("#detail"); });
+  b.click("#d-retry");
+  wait_until("the retried video task succeeded, with both attempts in its history", [&] {
+    return row_status(b, video) == "succeeded" && b.script("return document.querySelectorAll('#d-attempts tbody tr').length;") == 2;
+  }, [&] { return b.text("#detail"); });
+  CHECK(b.text("#d-attempts").find("cancelled") != std::string::npos);
   worker.stop();
   CHECK(b.script("return window.eoqErrors;") == Json::array());
   CHECK(dashboard.terminate() == 0);
