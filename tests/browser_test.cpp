@@ -122,7 +122,10 @@ class DashboardProcess {
       }
       if (int status = 0; ::waitpid(child_.pid, &status, WNOHANG) == child_.pid) {
         child_.pid = -1;
-        FAIL("`eoq dashboard` exited before listening (status " << status << "):\n" << log);
+        FAIL("`eoq dashboard` exited before listening ("
+             << (WIFEXITED(status) ? fmt::format("exit code {}", WEXITSTATUS(status))
+                                   : fmt::format("signal {}", WTERMSIG(status)))
+             << "):\n" << log);
       }
       if (Clock::now() > deadline) {
         terminate();  // the destructor does not run for a constructor that fails

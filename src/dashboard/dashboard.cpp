@@ -12,8 +12,8 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <array>
 #include <cerrno>
+#include <cstdint>
 #include <charconv>
 #include <cstring>
 #include <fstream>

@@ -208,11 +208,13 @@ DashboardServer::DashboardServer(TaskStore& store, DashboardOptions options, std
     if (options.no_auth)
       throw InvalidArgument("listen", fmt::format("{} is not a loopback address, and a dashboard without tokens "
                                                   "lets anyone who can reach it submit and cancel tasks: drop "
-                                                  "--no-auth and pass --tokens FILE, or listen on 127.0.0.1",
+                                                  "--no-auth (no_auth) and pass --tokens FILE, or listen on "
+                                                  "127.0.0.1",
                                                   where.host));
     if (options.tokens.empty())
       throw InvalidArgument("listen", fmt::format("{} is not a loopback address: serving it needs access tokens "
-                                                  "(pass --tokens FILE), or listen on 127.0.0.1",
+                                                  "(pass --tokens FILE, or set DashboardOptions::tokens), or listen "
+                                                  "on 127.0.0.1",
                                                   where.host));
   }
   impl_ = std::make_unique<Impl>(store, std::move(options), std::move(listen), std::move(where));
