@@ -190,6 +190,10 @@ TEST_CASE("dashboard: submit, list, get, stats, cancel and retry", "[dashboard]"
     CHECK(unknown.status == 400);
     CHECK(unknown.json["field"] == "colour");
     CHECK(s.get("/api/tasks?queue=a&queue=b").json["field"] == "queue");
+    CHECK(s.get("/api/tasks?type=%FF").json["field"] == "query");              // not UTF-8
+    CHECK(s.get("/api/tasks?type=%ED%A0%80").json["field"] == "query");        // a surrogate
+    CHECK(s.get("/api/tasks?type=%C3%A9t%C3%A9").json["tasks"].empty());      // "été": fine, and no such type
+    CHECK(s.get("/api/tasks?type=%F0%9F%93%A6").status == 200);               // U+1F4E6
     auto bad_queue = s.get("/api/tasks?queue=No%20Spaces");  // the store's own rule
     CHECK(bad_queue.status == 400);
     CHECK(bad_queue.json["field"] == "queue");
