@@ -2,6 +2,38 @@
 // The operator's view of a store: a JSON API and a one-page live dashboard.
 // `eoq dashboard` serves it; a host with its own HTTP server mounts it under a
 // prefix by handing requests to Dashboard::handle. Link eoq::dashboard.
+//
+// Mounting it in a host's cpp-httplib server (any HTTP server works the same way):
+//
+//   eoq::Dashboard dashboard(store, {.prefix = "/ops/eoq", .tokens = eoq::load_tokens("tokens")});
+//   auto mount = [&](const httplib::Request& req, httplib::Response& res) {
+//     auto q = req.target.find('?');
+//     eoq::HttpRequest in{req.method, req.path, q == std::string::npos ? "" : req.target.substr(q + 1),
+//                         {req.headers.begin(), req.headers.end()}, req.body};
+//     eoq::HttpResponse out = dashboard.handle(in);
+//     res.status = out.status;
+//     for (const auto& [name, value] : out.headers) res.set_header(name, value);
+//     res.set_content(out.body, out.content_type);
+//   };
+//   server.Get("/ops/eoq(/.*)?", mount);
+//   server.Post("/ops/eoq/.*", mount);
+//
+// The routes (under the prefix; API answers are JSON):
+//   GET  /                      the page (no token needed; it asks for one)
+//   GET  /healthz               200 when the store answers, else 503 (no token needed)
+//   GET  /api/me                who the token is: {"auth", "tenant", "write"}
+//   GET  /api/tasks             ?queue=&status=&type=&tenant=&after=&limit=&view=summary
+//                               -> {"tasks", "next_after", "now"}; summary: without payload, result, checkpoint
+//   POST /api/tasks             submit (task_json.hpp's shape) -> 201 {"duplicate": false, "task"} | 200 duplicate
+//   GET  /api/tasks/{id}        {"task", "attempts"}
+//   POST /api/tasks/{id}/cancel 200 {"outcome", "task"}; 409 when already finished
+//   POST /api/tasks/{id}/retry  200 {"outcome", "task"}; 409 when not failed, expired or cancelled
+//   GET  /api/stats             ?tenant= -> {"queues", "now"}
+// Errors: {"error": message, "field": ..., "rule": ...}; 400 bad input (nothing
+// written), 401 no or unknown token, 403 no rights, 404 no such task or route
+// (another tenant's task answers exactly like a missing one), 405 wrong method,
+// 409 not possible in the task's state, 415 a body that is not JSON, 503 the
+// database is unreachable (retry later).
 #include <eoq/task_store.hpp>
 
 #include <cstdint>
@@ -14,10 +46,10 @@
 namespace eoq {
 
 struct HttpRequest {
-  std::string method{};                         // GET, POST, ...
-  std::string path{};                           // the full path, prefix included, no query
+  std::string method{};                         // GET, HEAD, POST, ...
+  std::string path{};                           // the full path, prefix included, no query, percent-decoded
   std::string query{};                          // the raw query string, without '?'
-  std::map<std::string, std::string> headers{};  // names in lower case
+  std::map<std::string, std::string> headers{};  // names in any case: looked up case-insensitively
   std::string body{};
 };
 
@@ -39,7 +71,8 @@ struct ApiToken {
 
 // Reads a token file: one token per line, "<token> <tenant|*> <read|write>";
 // blank lines and lines starting with '#' are skipped. Throws InvalidArgument
-// naming the line on anything else.
+// naming the line ("<path>:<line>") on anything else, on a token given twice,
+// and on a file without tokens. Error messages never quote a token.
 std::vector<ApiToken> load_tokens(const std::string& path);
 
 struct DashboardOptions {
@@ -51,14 +84,16 @@ struct DashboardOptions {
 
 class Dashboard {
  public:
-  // Throws InvalidArgument for a bad prefix, or for no tokens without no_auth.
+  // Throws InvalidArgument for a bad prefix, for no tokens without no_auth, and
+  // for tokens together with no_auth.
   Dashboard(TaskStore& store, DashboardOptions options);
   ~Dashboard();
   Dashboard(const Dashboard&) = delete;
   Dashboard& operator=(const Dashboard&) = delete;
 
-  // Thread-safe. Answers 404 for paths outside the prefix, so a host may try
-  // it first and fall through to its own routes.
+  // Thread-safe; never throws (errors become responses). Answers 404 for paths
+  // outside the prefix, so a host may try it first and fall through to its own
+  // routes.
   HttpResponse handle(const HttpRequest& request) const;
 
  private:
@@ -69,9 +104,10 @@ class Dashboard {
 // A Dashboard on its own HTTP server (cpp-httplib), for `eoq dashboard`.
 class DashboardServer {
  public:
-  // `listen` is host:port ("127.0.0.1:8080"; port 0 picks a free one). Refuses
-  // (InvalidArgument naming "listen") a non-loopback address without tokens,
-  // and no_auth on a non-loopback address.
+  // `listen` is host:port ("127.0.0.1:8080", "[::1]:8080"; port 0 picks a free
+  // one). Refuses (InvalidArgument naming "listen") a non-loopback address
+  // without tokens, and no_auth on a non-loopback address. With no_auth it
+  // answers only requests whose Host is a loopback name (DNS rebinding).
   DashboardServer(TaskStore& store, DashboardOptions options, std::string listen);
   ~DashboardServer();  // stops
   DashboardServer(const DashboardServer&) = delete;
@@ -79,7 +115,7 @@ class DashboardServer {
 
   void start();  // binds and serves on background threads; throws Error when it cannot bind
   int port() const noexcept;  // the bound port, after start()
-  void stop();   // idempotent
+  void stop();   // idempotent; waits for requests in progress
 
  private:
   struct Impl;

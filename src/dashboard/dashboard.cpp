@@ -1,18 +1,566 @@
-// Placeholder until the dashboard lands.
+// The dashboard's HTTP API and page, independent of any HTTP server: requests
+// come in as HttpRequest (from server.cpp or a host's server) and leave as
+// HttpResponse. Every read and change goes through the TaskStore with the
+// caller's Scope.
 #include <eoq/dashboard.hpp>
+#include <eoq/errors.hpp>
+
+#include "dashboard/page.hpp"
+#include "dashboard/task_json.hpp"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <charconv>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <string_view>
 
 namespace eoq {
-struct Dashboard::Impl {};
-struct DashboardServer::Impl {};
-std::vector<ApiToken> load_tokens(const std::string&) { throw UsageError("dashboard not built yet"); }
-Dashboard::Dashboard(TaskStore&, DashboardOptions) { throw UsageError("dashboard not built yet"); }
-Dashboard::~Dashboard() = default;
-HttpResponse Dashboard::handle(const HttpRequest&) const { return {}; }
-DashboardServer::DashboardServer(TaskStore&, DashboardOptions, std::string) {
-  throw UsageError("dashboard not built yet");
+namespace {
+
+using Json = nlohmann::json;
+
+constexpr int kMaxJsonDepth = 512;  // the stores refuse deeper JSON too (validate.hpp)
+
+char lower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
+
+bool iequals(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return lower(x) == lower(y);
+         });
 }
-DashboardServer::~DashboardServer() = default;
-void DashboardServer::start() {}
-int DashboardServer::port() const noexcept { return 0; }
-void DashboardServer::stop() {}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t' || s.front() == '\r')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+  return s;
+}
+
+const std::string* header(const HttpRequest& req, std::string_view name) {
+  for (const auto& [k, v] : req.headers)
+    if (iequals(k, name)) return &v;
+  return nullptr;
+}
+
+// Replacing invalid UTF-8 rather than throwing: error messages may quote input.
+std::string dump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }
+
+HttpResponse json_response(int status, const Json& body) {
+  HttpResponse r;
+  r.status = status;
+  r.body = dump(body);
+  r.headers["Cache-Control"] = "no-store";
+  r.headers["X-Content-Type-Options"] = "nosniff";
+  return r;
+}
+
+HttpResponse error_response(int status, std::string message, std::optional<std::string> field = {},
+                            std::optional<std::string> rule = {}) {
+  Json body{{"error", std::move(message)}};
+  if (field) body["field"] = std::move(*field);
+  if (rule) body["rule"] = std::move(*rule);
+  return json_response(status, body);
+}
+
+HttpResponse bad_request(const std::string& field, const std::string& rule) {
+  return error_response(400, field + ": " + rule, field, rule);
+}
+
+HttpResponse not_found() { return error_response(404, "not found"); }
+
+// One body for "no such task" and "another tenant's task" (not even the id),
+// so the answer says nothing about ids a tenant may not see.
+HttpResponse task_not_found() { return error_response(404, "task not found"); }
+
+std::string now_text() {
+  return json::format_time(std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()));
+}
+
+// --- tokens ---------------------------------------------------------------
+
+// Time independent of where (or whether) the two differ, and of the secret's
+// length: it walks the presented token, which the caller knows anyway, and
+// folds the length difference into the result instead of returning early.
+bool same_token(std::string_view presented, std::string_view secret) {
+  unsigned diff = presented.size() == secret.size() ? 0u : 1u;
+  const std::size_t n = secret.size();
+  for (std::size_t i = 0; i < presented.size(); ++i)
+    diff |= static_cast<unsigned char>(presented[i]) ^ static_cast<unsigned char>(secret[n ? i % n : 0]);
+  return diff == 0 && n != 0;
+}
+
+bool token_char(char c) { return c > 0x20 && c < 0x7f; }
+
+// --- query strings ----------------------------------------------------------
+
+int hex_value(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  c = lower(c);
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+std::optional<std::string> percent_decode(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '+') {
+      out += ' ';
+    } else if (s[i] == '%') {
+      if (i + 2 >= s.size()) return std::nullopt;
+      int hi = hex_value(s[i + 1]), lo = hex_value(s[i + 2]);
+      if (hi < 0 || lo < 0) return std::nullopt;
+      out += static_cast<char>(hi * 16 + lo);
+      i += 2;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
+// Well-formed UTF-8 (no overlong forms, surrogates or values past U+10FFFF):
+// PostgreSQL rejects anything else with an error that is not the caller's 400.
+bool is_utf8(std::string_view s) {
+  for (std::size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    std::size_t n = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : 4;
+    if (n == 4 || i + n >= s.size()) return false;
+    std::uint32_t cp = n == 0 ? c : c & (0x3f >> n);
+    for (std::size_t k = 1; k <= n; ++k) {
+      auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d >> 6) != 0x2) return false;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    static constexpr std::uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    i += n + 1;
+  }
+  return true;
+}
+
+// Parameters by name. Unknown or repeated names are refused (a typo must not
+// widen a filter silently); empty values count as absent.
+std::map<std::string, std::string> parse_query(std::string_view query, std::initializer_list<std::string_view> known) {
+  std::map<std::string, std::string> out;
+  std::set<std::string> seen;
+  while (!query.empty()) {
+    auto amp = query.find('&');
+    auto part = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
+    if (part.empty()) continue;
+    auto eq = part.find('=');
+    auto name = percent_decode(part.substr(0, eq));
+    auto value = percent_decode(eq == std::string_view::npos ? std::string_view{} : part.substr(eq + 1));
+    if (!name || !value) throw InvalidArgument("query", "has a malformed percent-encoding");
+    if (!is_utf8(*name) || !is_utf8(*value)) throw InvalidArgument("query", "must be UTF-8");
+    if (std::find(known.begin(), known.end(), *name) == known.end()) {
+      std::string list;
+      for (auto k : known) list += (list.empty() ? "" : ", ") + std::string(k);
+      throw InvalidArgument(*name, fmt::format("is not a known parameter (known: {})", list));
+    }
+    if (!seen.insert(*name).second) throw InvalidArgument(*name, "is given more than once");
+    if (!value->empty()) out[*name] = std::move(*value);
+  }
+  return out;
+}
+
+std::int64_t parse_integer(const std::string& field, std::string_view text, std::int64_t lo, std::int64_t hi) {
+  std::int64_t v = 0;
+  auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || p != text.data() + text.size() || v < lo || v > hi)
+    throw InvalidArgument(field, fmt::format("must be an integer between {} and {}", lo, hi));
+  return v;
+}
+
+// Deeper nesting than the stores accept is refused before parsing: the JSON
+// library's dump() (used for payloads) recurses once per level.
+bool nests_too_deep(std::string_view text) {
+  int depth = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth) return true;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return false;
+}
+
+// "application/json" with any parameters (charset=utf-8).
+bool is_json_type(const std::string* content_type) {
+  if (!content_type) return false;
+  std::string_view t = *content_type;
+  return iequals(trim(t.substr(0, t.find(';'))), "application/json");
+}
+
+// --- routes -----------------------------------------------------------------
+
+enum class Route { page, healthz, me, tasks, task, cancel, retry, stats };
+
+struct Match {
+  Route route;
+  std::string id;  // the {id} segment, unparsed
+};
+
+std::optional<Match> match(std::string_view rest) {
+  if (rest == "/") return Match{Route::page, {}};
+  if (rest == "/healthz") return Match{Route::healthz, {}};
+  if (rest == "/api/me") return Match{Route::me, {}};
+  if (rest == "/api/stats") return Match{Route::stats, {}};
+  if (rest == "/api/tasks") return Match{Route::tasks, {}};
+  constexpr std::string_view tasks = "/api/tasks/";
+  if (!rest.starts_with(tasks)) return std::nullopt;
+  rest.remove_prefix(tasks.size());
+  auto slash = rest.find('/');
+  std::string id(rest.substr(0, slash));
+  if (id.empty()) return std::nullopt;
+  if (slash == std::string_view::npos) return Match{Route::task, id};
+  auto action = rest.substr(slash);
+  if (action == "/cancel") return Match{Route::cancel, id};
+  if (action == "/retry") return Match{Route::retry, id};
+  return std::nullopt;
+}
+
+std::vector<std::string_view> methods_of(Route r) {
+  switch (r) {
+    case Route::tasks: return {"GET", "POST"};
+    case Route::cancel:
+    case Route::retry: return {"POST"};
+    default: return {"GET"};
+  }
+}
+
+bool allowed(Route r, std::string_view method) {
+  auto m = methods_of(r);
+  return std::find(m.begin(), m.end(), method) != m.end();
+}
+
+struct Principal {
+  std::optional<std::string> tenant;  // empty: every tenant
+  bool write = false;
+  Scope scope() const { return tenant ? Scope::only(*tenant) : Scope::all(); }
+};
+
+}  // namespace
+
+// --- load_tokens --------------------------------------------------------------
+
+std::vector<ApiToken> load_tokens(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw InvalidArgument(path, fmt::format("cannot be read: {}", std::strerror(errno)));
+  std::vector<ApiToken> tokens;
+  std::set<std::string> seen;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    auto where = fmt::format("{}:{}", path, n);
+    std::string_view text = trim(line);
+    if (text.empty() || text.front() == '#') continue;
+    std::istringstream words{std::string(text)};
+    std::vector<std::string> w;
+    for (std::string s; words >> s;) w.push_back(s);
+    if (w.size() != 3)
+      throw InvalidArgument(where, fmt::format("must be \"<token> <tenant|*> <read|write>\", found {} fields", w.size()));
+    if (!std::all_of(w[0].begin(), w[0].end(), token_char))
+      throw InvalidArgument(where, "the token must be printable ASCII without spaces");
+    if (!seen.insert(w[0]).second) throw InvalidArgument(where, "repeats a token given on an earlier line");
+    if (w[1].size() > 256) throw InvalidArgument(where, "the tenant must be at most 256 characters");
+    if (w[2] != "read" && w[2] != "write")
+      throw InvalidArgument(where, fmt::format("the rights must be \"read\" or \"write\", not \"{}\"", w[2]));
+    ApiToken t;
+    t.token = std::move(w[0]);
+    if (w[1] != "*") t.tenant = std::move(w[1]);
+    t.write = w[2] == "write";
+    tokens.push_back(std::move(t));
+  }
+  if (tokens.empty()) throw InvalidArgument(path, "has no tokens (one per line: \"<token> <tenant|*> <read|write>\")");
+  return tokens;
+}
+
+// --- Dashboard ----------------------------------------------------------------
+
+struct Dashboard::Impl {
+  TaskStore& store;
+  DashboardOptions options;
+
+  // Checks every token in full whatever matched, so the time says nothing
+  // about which token (or how much of one) was right.
+  std::optional<Principal> authenticate(const HttpRequest& req) const {
+    if (options.no_auth) return Principal{std::nullopt, true};
+    const std::string* auth = header(req, "authorization");
+    if (!auth) return std::nullopt;
+    std::string_view v = trim(*auth);
+    if (v.size() < 7 || !iequals(v.substr(0, 7), "bearer ")) return std::nullopt;
+    std::string_view presented = trim(v.substr(7));
+    const ApiToken* found = nullptr;
+    for (const auto& t : options.tokens) {
+      bool same = same_token(presented, t.token);
+      found = same ? &t : found;
+    }
+    if (!found) return std::nullopt;
+    return Principal{found->tenant, found->write};
+  }
+
+  HttpResponse unauthorized(const HttpRequest& req) const {
+    bool presented = header(req, "authorization") != nullptr;
+    auto r = error_response(401, presented ? "unknown token" : "a token is needed: send Authorization: Bearer <token>");
+    r.headers["WWW-Authenticate"] =
+        presented ? R"(Bearer realm="eoq", error="invalid_token")" : R"(Bearer realm="eoq")";
+    return r;
+  }
+
+  HttpResponse route(const HttpRequest& req, std::string_view rest) const {
+    const std::string method = req.method == "HEAD" ? "GET" : req.method;
+    auto m = match(rest);
+    if (!m) return not_found();
+    if (!allowed(m->route, method)) {
+      std::string allow;
+      for (auto a : methods_of(m->route)) allow += (allow.empty() ? "" : ", ") + std::string(a);
+      if (allow.find("GET") != std::string::npos) allow += ", HEAD";
+      auto r = error_response(405, fmt::format("{} is not allowed here (allowed: {})", req.method, allow));
+      r.headers["Allow"] = allow;
+      return r;
+    }
+    if (m->route == Route::page) return page();
+    if (m->route == Route::healthz) return healthz();
+
+    auto who = authenticate(req);
+    if (!who) return unauthorized(req);
+    if (method == "POST") {
+      if (!who->write) return error_response(403, "this token is read-only: submit, cancel and retry need write rights");
+      // A browser marks requests another site makes it send; refusing them keeps
+      // a page elsewhere from using a dashboard open without tokens.
+      if (const auto* site = header(req, "sec-fetch-site"); site && *site != "same-origin" && *site != "none")
+        return error_response(403, "cross-site request refused");
+    }
+    std::optional<TaskId> id;
+    if (!m->id.empty()) id = parse_integer("id", m->id, 1, INT64_MAX);
+
+    switch (m->route) {
+      case Route::me:
+        return json_response(200, {{"auth", !options.no_auth},
+                                   {"tenant", who->tenant ? Json(*who->tenant) : Json(nullptr)},
+                                   {"write", who->write}});
+      case Route::tasks: return method == "GET" ? list(req, *who) : submit(req, *who);
+      case Route::task: return get(*id, *who);
+      case Route::cancel: return cancel(*id, *who);
+      case Route::retry: return retry(*id, *who);
+      case Route::stats: return stats(req, *who);
+      default: return not_found();
+    }
+  }
+
+  static HttpResponse page() {
+    HttpResponse r;
+    r.content_type = "text/html; charset=utf-8";
+    r.body = std::string(detail::dashboard_page());
+    // Inline script and style only: nothing may load from elsewhere, and the
+    // page talks to nothing but its own origin.
+    r.headers["Content-Security-Policy"] =
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+    r.headers["X-Content-Type-Options"] = "nosniff";
+    r.headers["Referrer-Policy"] = "no-referrer";
+    r.headers["Cache-Control"] = "no-cache";
+    return r;
+  }
+
+  // Unauthenticated (load balancers probe it), so it says nothing but yes or no.
+  HttpResponse healthz() const {
+    try {
+      ListQuery q;
+      q.limit = 1;
+      store.list(q);
+      return json_response(200, {{"status", "ok"}});
+    } catch (const std::exception&) {
+      auto r = json_response(503, {{"status", "unavailable"}, {"error", "the task store does not answer"}});
+      r.headers["Retry-After"] = "1";
+      return r;
+    }
+  }
+
+  HttpResponse list(const HttpRequest& req, const Principal& who) const {
+    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit", "view"});
+    bool summary = false;
+    if (p.count("view")) {
+      if (p["view"] != "full" && p["view"] != "summary") throw InvalidArgument("view", "must be \"full\" or \"summary\"");
+      summary = p["view"] == "summary";
+    }
+    ListQuery q;
+    if (p.count("queue")) q.queue = p["queue"];
+    if (p.count("status")) q.status = parse_status(p["status"]);
+    if (p.count("type")) q.type = p["type"];
+    if (p.count("tenant")) q.tenant = p["tenant"];
+    if (p.count("after")) q.after = parse_integer("after", p["after"], 0, INT64_MAX);
+    if (p.count("limit")) q.limit = static_cast<int>(parse_integer("limit", p["limit"], 1, 1000));
+    auto body = json::to_json(store.list(q, who.scope()));
+    // A table polled twice a second has no use for payloads of up to a megabyte each.
+    if (summary)
+      for (auto& t : body["tasks"])
+        for (const char* big : {"payload", "result", "checkpoint"}) t.erase(big);
+    body["now"] = now_text();
+    return json_response(200, body);
+  }
+
+  HttpResponse stats(const HttpRequest& req, const Principal& who) const {
+    auto p = parse_query(req.query, {"tenant"});
+    Json queues = Json::array();
+    // A tenant asking for another tenant's numbers gets none, as list() does.
+    bool other = who.tenant && p.count("tenant") && p["tenant"] != *who.tenant;
+    if (!other) {
+      Scope scope = who.scope();
+      if (!who.tenant && p.count("tenant")) scope = Scope::only(p["tenant"]);
+      for (const auto& s : store.stats(scope)) queues.push_back(json::to_json(s));
+    }
+    return json_response(200, {{"queues", std::move(queues)}, {"now", now_text()}});
+  }
+
+  HttpResponse get(TaskId id, const Principal& who) const {
+    auto task = store.get(id, who.scope());
+    if (!task) return task_not_found();
+    Json attempts = Json::array();
+    for (const auto& a : store.history(id, who.scope())) attempts.push_back(json::to_json(a));
+    return json_response(200, {{"task", json::to_json(*task)}, {"attempts", std::move(attempts)}});
+  }
+
+  HttpResponse submit(const HttpRequest& req, const Principal& who) const {
+    if (req.body.size() > options.max_body_bytes)
+      return bad_request("body", fmt::format("is {} bytes, more than the limit of {}", req.body.size(),
+                                             options.max_body_bytes));
+    if (!is_json_type(header(req, "content-type")))
+      return error_response(415, "the body must be JSON: send Content-Type: application/json", "content-type");
+    if (nests_too_deep(req.body)) return bad_request("body", fmt::format("nests deeper than {} levels", kMaxJsonDepth));
+    Json body;
+    try {
+      body = Json::parse(req.body);
+    } catch (const Json::parse_error& e) {
+      // nlohmann prefixes "[json.exception.parse_error.101] "; the rest reads well.
+      std::string why = e.what();
+      if (auto close = why.find("] "); why.starts_with("[json.exception") && close != std::string::npos)
+        why.erase(0, close + 2);
+      return bad_request("body", "is not valid JSON: " + why);
+    }
+    NewTask task = json::new_task_from_json(body);
+    if (who.tenant) {
+      if (task.tenant && *task.tenant != *who.tenant)
+        return error_response(403,
+                              fmt::format("this token submits as tenant \"{}\" only; the body names tenant \"{}\"",
+                                          *who.tenant, *task.tenant),
+                              "tenant");
+      task.tenant = who.tenant;
+    }
+    auto r = store.submit(task);
+    auto out = json_response(r.duplicate ? 200 : 201, {{"duplicate", r.duplicate}, {"task", json::to_json(r.task)}});
+    if (!r.duplicate) out.headers["Location"] = fmt::format("{}/api/tasks/{}", options.prefix, r.task.id);
+    return out;
+  }
+
+  HttpResponse cancel(TaskId id, const Principal& who) const {
+    auto outcome = store.cancel(id, who.scope());
+    if (outcome == CancelOutcome::not_found) return task_not_found();
+    auto task = store.get(id, who.scope());
+    Json body{{"outcome", to_string(outcome)}, {"task", task ? json::to_json(*task) : Json(nullptr)}};
+    if (outcome != CancelOutcome::already_finished) return json_response(200, body);
+    body["error"] = fmt::format("task {} already finished ({}): nothing to cancel", id,
+                                task ? to_string(task->status) : "gone");
+    return json_response(409, body);
+  }
+
+  HttpResponse retry(TaskId id, const Principal& who) const {
+    auto outcome = store.retry(id, who.scope());
+    if (outcome == RetryOutcome::not_found) return task_not_found();
+    auto task = store.get(id, who.scope());
+    Json body{{"outcome", to_string(outcome)}, {"task", task ? json::to_json(*task) : Json(nullptr)}};
+    if (outcome == RetryOutcome::retried) return json_response(200, body);
+    body["error"] = fmt::format("task {} is {}: only failed, expired or cancelled tasks can be retried", id,
+                                task ? to_string(task->status) : "gone");
+    return json_response(409, body);
+  }
+};
+
+namespace {
+
+std::string normalize_prefix(std::string prefix) {
+  while (!prefix.empty() && prefix.back() == '/') prefix.pop_back();
+  if (prefix.empty()) return prefix;
+  const char* rule = "must be empty or a path such as \"/ops/eoq\" (letters, digits, '-', '_', '.', '~' between slashes)";
+  if (prefix.front() != '/') throw InvalidArgument("prefix", rule);
+  std::string_view rest = prefix;
+  while (!rest.empty()) {
+    rest.remove_prefix(1);  // the '/'
+    auto seg = rest.substr(0, rest.find('/'));
+    bool ok = !seg.empty() && seg != "." && seg != ".." && std::all_of(seg.begin(), seg.end(), [](char c) {
+      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ||
+             c == '.' || c == '~';
+    });
+    if (!ok) throw InvalidArgument("prefix", rule);
+    rest.remove_prefix(seg.size());
+  }
+  return prefix;
+}
+
+}  // namespace
+
+Dashboard::Dashboard(TaskStore& store, DashboardOptions options) {
+  options.prefix = normalize_prefix(std::move(options.prefix));
+  if (options.no_auth && !options.tokens.empty())
+    throw InvalidArgument("no_auth", "conflicts with tokens: use tokens, or no_auth alone for a local dashboard");
+  if (!options.no_auth && options.tokens.empty())
+    throw InvalidArgument("tokens", "are required (a token file), unless no_auth is set for a local dashboard");
+  for (const auto& t : options.tokens) {
+    if (t.token.empty() || !std::all_of(t.token.begin(), t.token.end(), token_char))
+      throw InvalidArgument("tokens", "a token must be non-empty printable ASCII without spaces");
+    if (t.tenant && t.tenant->empty()) throw InvalidArgument("tokens", "a tenant must not be empty (none: admin)");
+  }
+  if (options.max_body_bytes == 0) throw InvalidArgument("max_body_bytes", "must be positive");
+  impl_ = std::make_unique<Impl>(Impl{store, std::move(options)});
+}
+
+Dashboard::~Dashboard() = default;
+
+HttpResponse Dashboard::handle(const HttpRequest& request) const {
+  const auto& I = *impl_;
+  std::string_view path = request.path;
+  const std::string& prefix = I.options.prefix;
+  if (!path.starts_with(prefix)) return not_found();
+  auto rest = path.substr(prefix.size());
+  if (rest.empty()) {
+    // "/ops/eoq" -> "/ops/eoq/", so the page's relative API paths resolve under
+    // the prefix. Relative, so it survives a proxy that strips a path prefix.
+    if (request.method != "GET" && request.method != "HEAD") return not_found();
+    HttpResponse r;
+    r.status = 308;
+    r.content_type = "text/plain";
+    r.headers["Location"] = prefix.substr(prefix.rfind('/') + 1) + "/";
+    return r;
+  }
+  if (rest.front() != '/') return not_found();
+  try {
+    return I.route(request, rest);
+  } catch (const InvalidArgument& e) {
+    return error_response(400, e.what(), e.field(), e.rule());
+  } catch (const TransientError& e) {
+    auto r = error_response(503, fmt::format("the database is unavailable, try again: {}", e.what()));
+    r.headers["Retry-After"] = "1";
+    return r;
+  } catch (const std::exception& e) {
+    return error_response(500, fmt::format("internal error: {}", e.what()));
+  } catch (...) {
+    return error_response(500, "internal error");
+  }
+}
+
 }  // namespace eoq

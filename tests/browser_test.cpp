@@ -1,0 +1,502 @@
+// The dashboard page in a real browser: headless Chromium driven through
+// chromedriver's W3C WebDriver protocol, against `eoq dashboard` (the binary)
+// on a fresh Postgres schema, with an in-process Worker doing the work.
+//
+// Every wait polls the DOM until a condition holds (or a generous deadline
+// passes); there are no fixed sleeps. Screenshots land in the build tree
+// (tests/artifacts/). Without Chromium or chromedriver the test exits 77,
+// which ctest reports as skipped.
+#include "support.hpp"
+
+#include <eoq/eoq.hpp>
+#include <eoq/worker.hpp>
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <nlohmann/json.hpp>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <regex>
+#include <thread>
+
+#ifndef EOQ_CLI
+#error "EOQ_CLI must name the eoq executable"
+#endif
+#ifndef EOQ_BROWSER_ARTIFACTS
+#define EOQ_BROWSER_ARTIFACTS "."
+#endif
+
+using namespace std::chrono_literals;
+using Json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kChromium = "/usr/bin/chromium";
+constexpr const char* kChromedriver = "/usr/bin/chromedriver";
+constexpr int kSkip = 77;  // SKIP_RETURN_CODE in tests/CMakeLists.txt
+
+// A port nobody listens on right now (the kernel's pick), for chromedriver,
+// which cannot report the one it chose itself.
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    throw eoq::Error("cannot find a free port");
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+std::string base64_decode(std::string_view in) {
+  auto value = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  std::string out;
+  unsigned buf = 0;
+  int bits = 0;
+  for (char c : in) {
+    int v = value(c);
+    if (v < 0) continue;  // padding, line breaks
+    buf = (buf << 6) | static_cast<unsigned>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out += static_cast<char>((buf >> bits) & 0xff);
+    }
+  }
+  return out;
+}
+
+// Polls `ready` every 100 ms until it holds; fails with `what` and `state()`
+// (what the page showed) after `timeout`.
+void wait_until(const std::string& what, const std::function<bool()>& ready,
+                const std::function<std::string()>& state, std::chrono::milliseconds timeout = 30s) {
+  auto deadline = Clock::now() + timeout;
+  for (;;) {
+    if (ready()) return;
+    if (Clock::now() > deadline) FAIL("timed out waiting for " << what << "\n" << state());
+    std::this_thread::sleep_for(100ms);
+  }
+}
+
+// `eoq dashboard` as an operator starts it. It prints one line,
+// "eoq dashboard listening on http://HOST:PORT/" (flushed), then serves until
+// SIGTERM.
+class DashboardProcess {
+ public:
+  // `access`: "--no-auth", or "--tokens", FILE.
+  DashboardProcess(const std::string& conninfo, const std::string& schema, const std::vector<std::string>& access) {
+    ::setenv("EOQ_DATABASE_URL", conninfo.c_str(), 1);
+    std::vector<std::string> argv{EOQ_CLI, "dashboard", "--listen", "127.0.0.1:0", "--schema", schema};
+    argv.insert(argv.end(), access.begin(), access.end());
+    child_ = eoq::test::spawn_child(argv, eoq::test::scratch_dir("browser-eoq") + "/eoq.log");
+    const std::regex line(R"(eoq dashboard listening on (http://[^\s/]+:\d+/))");
+    auto deadline = Clock::now() + 30s;
+    for (;;) {
+      std::smatch m;
+      std::string log = eoq::test::read_file(child_.log);
+      if (std::regex_search(log, m, line)) {
+        url_ = m[1];
+        return;
+      }
+      if (int status = 0; ::waitpid(child_.pid, &status, WNOHANG) == child_.pid) {
+        child_.pid = -1;
+        FAIL("`eoq dashboard` exited before listening ("
+             << (WIFEXITED(status) ? fmt::format("exit code {}", WEXITSTATUS(status))
+                                   : fmt::format("signal {}", WTERMSIG(status)))
+             << "):\n" << log);
+      }
+      if (Clock::now() > deadline) {
+        terminate();  // the destructor does not run for a constructor that fails
+        FAIL("`eoq dashboard` printed no \"listening on\" line within 30 s (is it flushed?):\n" << log);
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+  }
+  ~DashboardProcess() {
+    if (child_.pid > 0) {
+      ::kill(child_.pid, SIGTERM);
+      eoq::test::wait_child(child_, 15s);
+    }
+  }
+  DashboardProcess(const DashboardProcess&) = delete;
+  DashboardProcess& operator=(const DashboardProcess&) = delete;
+  const std::string& url() const { return url_; }
+  // Stops it the way an operator does; returns the exit status.
+  int terminate() {
+    if (child_.pid <= 0) return -1;
+    ::kill(child_.pid, SIGTERM);
+    return eoq::test::wait_child(child_, 15s);
+  }
+
+ private:
+  eoq::test::Child child_;
+  std::string url_;
+};
+
+// chromedriver and one headless Chromium session, spoken to in W3C WebDriver.
+class Browser {
+ public:
+  Browser() {
+    profile_ = eoq::test::scratch_dir("browser-profile");
+    for (int tries = 0;; ++tries) {
+      port_ = free_port();
+      driver_ = eoq::test::spawn_child({kChromedriver, fmt::format("--port={}", port_)}, profile_ + "/chromedriver.log");
+      http_ = std::make_unique<httplib::Client>("127.0.0.1", port_);
+      http_->set_read_timeout(60, 0);
+      if (driver_ready()) break;
+      stop_driver();
+      if (tries == 2) FAIL("chromedriver did not start:\n" << eoq::test::read_file(profile_ + "/chromedriver.log"));
+    }
+    Json caps{{"capabilities",
+               {{"alwaysMatch",
+                 {{"browserName", "chrome"},
+                  {"goog:chromeOptions",
+                   {{"binary", kChromium},
+                    {"args",
+                     {"--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                      "--user-data-dir=" + profile_ + "/chrome", "--window-size=1440,960", "--hide-scrollbars",
+                      "--force-device-scale-factor=1", "--lang=en-US"}}}}}}}}};
+    try {
+      session_ = call("POST", "/session", caps)["sessionId"].get<std::string>();
+    } catch (...) {
+      stop_driver();  // the destructor does not run for a constructor that fails
+      throw;
+    }
+  }
+  ~Browser() {
+    if (!session_.empty()) http_->Delete(("/session/" + session_).c_str());
+    stop_driver();
+  }
+  Browser(const Browser&) = delete;
+  Browser& operator=(const Browser&) = delete;
+
+  void go(const std::string& url) { command("POST", "/url", {{"url", url}}); }
+  void resize(int width, int height) { command("POST", "/window/rect", {{"width", width}, {"height", height}}); }
+
+  std::string find(const std::string& css) {
+    auto v = command("POST", "/element", {{"using", "css selector"}, {"value", css}});
+    return v.begin().value().get<std::string>();  // {"element-6066-...": id}
+  }
+  void click(const std::string& css) { command("POST", "/element/" + find(css) + "/click", Json::object()); }
+  void type(const std::string& css, const std::string& text) {
+    auto e = find(css);
+    command("POST", "/element/" + e + "/clear", Json::object());
+    command("POST", "/element/" + e + "/value", {{"text", text}});
+  }
+  // Runs `body` as a function in the page; returns what it returns.
+  Json script(const std::string& body) {
+    return command("POST", "/execute/sync", {{"script", body}, {"args", Json::array()}});
+  }
+  std::string text(const std::string& css) {
+    auto v = script(fmt::format("const e = document.querySelector({}); return e ? e.innerText : null;",
+                                Json(css).dump()));
+    return v.is_string() ? v.get<std::string>() : "";
+  }
+  void screenshot(const std::string& path) {
+    auto png = base64_decode(command("GET", "/screenshot").get<std::string>());
+    std::ofstream(path, std::ios::binary) << png;
+  }
+
+ private:
+  bool driver_ready() {
+    auto deadline = Clock::now() + 20s;
+    while (Clock::now() < deadline) {
+      if (auto r = http_->Get("/status"); r && r->status == 200 && Json::parse(r->body)["value"]["ready"] == true)
+        return true;
+      if (int status = 0; ::waitpid(driver_.pid, &status, WNOHANG) == driver_.pid) {
+        driver_.pid = -1;
+        return false;
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+    return false;
+  }
+  void stop_driver() {
+    if (driver_.pid > 0) {
+      ::kill(driver_.pid, SIGTERM);
+      eoq::test::wait_child(driver_, 10s);
+    }
+  }
+  Json command(const std::string& method, const std::string& path, const Json& body = nullptr) {
+    return call(method, "/session/" + session_ + path, body);
+  }
+  Json call(const std::string& method, const std::string& path, const Json& body) {
+    httplib::Result r = method == "GET" ? http_->Get(path.c_str())
+                                        : http_->Post(path.c_str(), body.dump(), "application/json");
+    if (!r) FAIL("WebDriver " << method << " " << path << ": no answer (" << httplib::to_string(r.error()) << ")");
+    auto j = Json::parse(r->body, nullptr, false);
+    if (r->status != 200 || j.is_discarded())
+      FAIL("WebDriver " << method << " " << path << " answered " << r->status << ": " << r->body.substr(0, 2000));
+    return j["value"];
+  }
+
+  std::string profile_, session_;
+  int port_ = 0;
+  eoq::test::Child driver_;
+  std::unique_ptr<httplib::Client> http_;
+};
+
+std::string row_status(Browser& b, eoq::TaskId id) {
+  auto v = b.script(fmt::format(
+      "const r = document.querySelector('#tasks tr[data-id=\"{}\"]'); return r ? r.dataset.status : null;", id));
+  return v.is_string() ? v.get<std::string>() : "";
+}
+
+// Ends the process with kSkip (ctest: skipped, not passed) when the browser is missing.
+void require_browser() {
+  for (const char* tool : {kChromium, kChromedriver}) {
+    if (!fs::exists(tool)) {
+      std::fprintf(stderr, "SKIP: %s is not installed (apt-get install chromium chromium-driver)\n", tool);
+      std::fflush(stderr);
+      std::exit(kSkip);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("browser: submit through the page, watch a worker finish it live, see the duplicate", "[browser]") {
+  require_browser();
+  fs::create_directories(EOQ_BROWSER_ARTIFACTS);
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);
+  DashboardProcess dashboard(store.conninfo(), store.schema(), {"--no-auth"});
+  Browser b;
+  auto table = [&] { return "table:\n" + b.text("#tasks") + "\nsubmit result:\n" + b.text("#submit-result"); };
+
+  b.go(dashboard.url());
+  wait_until("the page to go live", [&] { return b.text("#live-text").starts_with("live"); }, table);
+  // The marker survives only as long as the page is not reloaded; the page's
+  // own script errors are collected for the end.
+  b.script("window.eoqTestMarker = 'same page'; window.eoqErrors = [];"
+           "addEventListener('error', (e) => eoqErrors.push(e.message));"
+           "addEventListener('unhandledrejection', (e) => eoqErrors.push(String(e.reason))); return null;");
+
+  // Submit through the form, with an idempotency key.
+  b.type("#s-type", "render-report");
+  b.type("#s-key", "report-2026-q1");
+  b.type("#s-payload", R"({"quarter": "2026-Q1"})");
+  b.click("#s-submit");
+  wait_until("the created message", [&] { return b.text("#submit-result").find("Created task #") != std::string::npos; },
+             table);
+  auto task = store->find("default", "report-2026-q1");
+  REQUIRE(task);
+  CHECK(task->payload == R"({"quarter":"2026-Q1"})");
+  const eoq::TaskId id = task->id;
+  wait_until("the task in the table, pending", [&] { return row_status(b, id) == "pending"; }, table);
+
+  // A worker takes it: progress first, then success, seen without a reload.
+  std::atomic<bool> progress_seen{false};
+  std::atomic<bool> release_all{false};
+  std::atomic<Clock::rep> finished_at{0};
+  auto worker_store = store.another();
+  eoq::WorkerOptions wo;
+  wo.queues = {"default", "media"};
+  wo.concurrency = 4;
+  wo.poll_interval = 200ms;
+  wo.lease = 3s;  // heartbeats every second, so a cancel reaches the handler quickly
+  wo.worker_id = "worker-7f3a";
+  wo.logger = [](eoq::LogLevel, std::string_view) {};
+  eoq::Worker worker(*worker_store, wo);
+  worker.on("render-report", [&](eoq::TaskContext& ctx) {
+    ctx.progress(50, "rendering charts");
+    while (!progress_seen && ctx.sleep_for(20ms)) {
+    }
+    ctx.progress(100, "done");
+    ctx.set_result(R"({"pages": 12})");
+    finished_at = Clock::now().time_since_epoch().count();
+  });
+  // For the screenshot: a mix of outcomes.
+  worker.on("send-email", [](eoq::TaskContext& ctx) { ctx.progress(100, "sent"); });
+  worker.on("charge-card", [](eoq::TaskContext&) -> void {
+    throw eoq::PermanentError("card declined: insufficient funds");
+  });
+  worker.on("sync-crm", [](eoq::TaskContext& ctx) -> void {
+    ctx.progress(20, "fetching contacts");
+    throw std::runtime_error("connection reset by peer (crm.internal:443)");
+  });
+  worker.on("transcode-video", [&](eoq::TaskContext& ctx) {
+    ctx.progress(35, "downloading");
+    ctx.checkpoint("downloaded", R"({"bytes": 73400320})");
+    ctx.progress(65, "transcoding 1080p");
+    while (!release_all && ctx.sleep_for(50ms)) {
+    }
+    // Cancelled: ending with an error makes the store record it as cancelled.
+    if (ctx.cancelled()) throw std::runtime_error("cancelled by an operator");
+  });
+  worker.start();
+
+  wait_until("the task running at 50% in the table", [&] {
+    return row_status(b, id) == "running" && b.text(fmt::format("#tasks tr[data-id=\"{}\"] td.progress", id)).find("50%") != std::string::npos;
+  }, table);
+  progress_seen = true;
+  wait_until("the task succeeded in the table", [&] { return row_status(b, id) == "succeeded"; }, table);
+  auto shown_after = Clock::now() - Clock::time_point(Clock::duration(finished_at.load()));
+  WARN("succeeded showed " << std::chrono::duration_cast<std::chrono::milliseconds>(shown_after).count()
+                           << " ms after the handler returned");
+  CHECK(shown_after < 5s);
+  CHECK(b.text(fmt::format("#tasks tr[data-id=\"{}\"] td.progress", id)).find("100%") != std::string::npos);
+  CHECK(b.script("return window.eoqTestMarker || null;") == "same page");
+
+  // The same key again through the form: the page says it is a duplicate, with the existing task's state.
+  b.click("#s-submit");
+  wait_until("the duplicate message", [&] {
+    return b.text("#submit-result").find("duplicate: this task already exists") != std::string::npos;
+  }, table);
+  auto answer = b.text("#submit-result");
+  CHECK(answer.find(fmt::format("#{}", id)) != std::string::npos);
+  CHECK(answer.find("succeeded") != std::string::npos);
+  CHECK(b.script("return document.querySelector('#submit-result').classList.contains('duplicate');") == true);
+  auto all = store->list(eoq::ListQuery{});
+  CHECK(all.tasks.size() == 1);
+
+  // Several tasks in different states, for the screenshot.
+  auto submit = [&](const std::string& queue, const std::string& type, const std::string& key, const std::string& payload,
+                    int max_attempts = 3) {
+    eoq::NewTask t;
+    t.queue = queue;
+    t.type = type;
+    t.key = key;
+    t.payload = payload;
+    t.retry.max_attempts = max_attempts;
+    t.retry.initial_delay = 60s;
+    return store->submit(t).task.id;
+  };
+  for (int i = 1; i <= 3; ++i)
+    submit("default", "send-email", fmt::format("welcome-{}", 4410 + i), fmt::format(R"({{"user": {}}})", 4410 + i));
+  auto declined = submit("default", "charge-card", "order-98231", R"({"cents": 4999})", 1);
+  auto flaky = submit("default", "sync-crm", "crm-sync-0900", R"({"since": "2026-01-01"})", 5);
+  auto video = submit("media", "transcode-video", "video-5521", R"({"format": "1080p"})");
+  eoq::NewTask later;
+  later.queue = "reports";
+  later.type = "monthly-invoice";
+  later.key = "invoice-2026-02";
+  auto waiting = store->submit(later).task.id;
+  eoq::NewTask gone = later;
+  gone.key = "invoice-2026-01-draft";
+  auto cancelled = store->submit(gone).task.id;
+  store->cancel(cancelled);
+
+  wait_until("every state on the page", [&] {
+    return row_status(b, declined) == "failed" && row_status(b, flaky) == "pending" &&
+           b.text(fmt::format("#tasks tr[data-id=\"{}\"]", flaky)).find("connection reset") != std::string::npos &&
+           row_status(b, video) == "running" &&
+           b.text(fmt::format("#tasks tr[data-id=\"{}\"]", video)).find("65%") != std::string::npos &&
+           row_status(b, waiting) == "pending" && row_status(b, cancelled) == "cancelled";
+  }, table);
+  b.resize(1440, 960);
+  b.screenshot(std::string(EOQ_BROWSER_ARTIFACTS) + "/dashboard.png");
+
+  // The detail view: every attempt and the checkpoint.
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", video));
+  wait_until("the detail view with its checkpoint", [&] {
+    return b.text("#d-checkpoint").find("73400320") != std::string::npos && b.text("#d-attempts").find("worker-7f3a") != std::string::npos;
+  }, [&] { return b.text("#detail"); });
+  CHECK(b.text("#d-checkpoint-stage").find("downloaded") != std::string::npos);
+  b.screenshot(std::string(EOQ_BROWSER_ARTIFACTS) + "/dashboard-detail.png");
+
+  // Filters narrow the live table.
+  b.click("#f-status option[value=failed]");
+  wait_until("only the failed task", [&] {
+    return b.script("const r = [...document.querySelectorAll('#tasks tbody tr[data-id]')];"
+                    "return r.length === 1 && r[0].dataset.status === 'failed';") == true;
+  }, table);
+  b.click("#f-status option[value='']");
+  b.click("#f-queue option[value=media]");
+  wait_until("only the media queue", [&] {
+    return b.script("const r = [...document.querySelectorAll('#tasks tbody tr[data-id]')];"
+                    "return r.length === 1 && r[0].innerText.includes('transcode-video');") == true;
+  }, table);
+  b.click("#f-queue option[value='']");
+
+  // Task data is shown as text, never interpreted as HTML.
+  eoq::NewTask hostile;
+  hostile.type = "<b>bold</b>";
+  hostile.key = R"(<img src=x onerror="window.eoqInjected=1">)";
+  hostile.queue = "reports";
+  auto hostile_id = store->submit(hostile).task.id;
+  wait_until("the hostile task in the table", [&] { return !row_status(b, hostile_id).empty(); }, table);
+  auto row = b.text(fmt::format("#tasks tr[data-id=\"{}\"]", hostile_id));
+  CHECK(row.find("<b>bold</b>") != std::string::npos);
+  CHECK(row.find("<img src=x") != std::string::npos);
+  CHECK(b.script("return document.querySelector('#tasks img, #tasks b') === null && window.eoqInjected === undefined;") ==
+        true);
+
+  // Cancel from the detail view: the running handler is told, and the page shows the end.
+  b.click("#d-cancel");
+  wait_until("the cancelled video task", [&] { return row_status(b, video) == "cancelled"; }, table);
+  // And retry it from there: a second attempt, which this time runs to the end.
+  release_all = true;
+  wait_until("the retry button", [&] { return b.script("return !document.querySelector('#d-retry').hidden;") == true; },
+             [&] { return b.text("#detail"); });
+  b.click("#d-retry");
+  wait_until("the retried video task succeeded, with both attempts in its history", [&] {
+    return row_status(b, video) == "succeeded" && b.script("return document.querySelectorAll('#d-attempts tbody tr').length;") == 2;
+  }, [&] { return b.text("#detail"); });
+  CHECK(b.text("#d-attempts").find("cancelled") != std::string::npos);
+  worker.stop();
+  CHECK(b.script("return window.eoqErrors;") == Json::array());
+  CHECK(dashboard.terminate() == 0);
+}
+
+TEST_CASE("browser: with tokens the page asks for one, keeps it for the tab, and honours read-only", "[browser]") {
+  require_browser();
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);
+  auto tokens = eoq::test::scratch_dir("browser-tokens") + "/tokens";
+  std::ofstream(tokens) << "admin-0f9e8d7c6b5a * write\nviewer-1a2b3c4d5e6f * read\n";
+  eoq::NewTask t;
+  t.type = "export-csv";
+  t.key = "export-17";
+  const auto id = store->submit(t).task.id;
+
+  DashboardProcess dashboard(store.conninfo(), store.schema(), {"--tokens", tokens});
+  Browser b;
+  auto state = [&] { return "auth:\n" + b.text("#auth") + "\nwho: " + b.text("#who") + "\ntable:\n" + b.text("#tasks"); };
+  auto asking = [&] { return b.script("return !document.querySelector('#auth').hidden;") == true; };
+
+  b.go(dashboard.url());
+  wait_until("the page to ask for a token", asking, state);
+  CHECK(row_status(b, id).empty());  // nothing shown without one
+
+  b.type("#auth-token", "not-a-token");
+  b.click("#auth-form button");
+  wait_until("the refusal", [&] { return asking() && b.text("#auth-why").find("not accepted") != std::string::npos; },
+             state);
+
+  b.type("#auth-token", "viewer-1a2b3c4d5e6f");
+  b.click("#auth-form button");
+  wait_until("the table with the read-only token", [&] { return row_status(b, id) == "pending"; }, state);
+  CHECK_FALSE(asking());
+  CHECK(b.text("#who").find("read-only") != std::string::npos);
+  CHECK(b.script("return document.querySelector('#s-submit').disabled;") == true);
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", id));
+  wait_until("the detail view", [&] { return b.text("#d-title") == fmt::format("Task #{}", id); }, state);
+  CHECK(b.script("return document.querySelector('#d-cancel').hidden;") == true);
+
+  // A reload keeps the token (sessionStorage): no question this time.
+  b.go(dashboard.url());
+  wait_until("the table after a reload", [&] { return row_status(b, id) == "pending"; }, state);
+  CHECK_FALSE(asking());
+  CHECK(dashboard.terminate() == 0);
+}

@@ -1,0 +1,659 @@
+// The dashboard's HTTP API through a real DashboardServer (port 0) and an
+// httplib::Client, against PostgresStore: every endpoint, duplicates under
+// concurrent submits, bad bodies, tokens and rights, tenant isolation, mounting
+// under a prefix in a host's server, and the listen rules.
+#include "support.hpp"
+
+#include <eoq/dashboard.hpp>
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <latch>
+#include <map>
+#include <set>
+#include <thread>
+
+using namespace std::chrono_literals;
+using eoq::ApiToken;
+using eoq::DashboardOptions;
+using eoq::DashboardServer;
+using eoq::test::StoreKind;
+using eoq::test::TestStore;
+using Json = nlohmann::json;
+
+namespace {
+
+const std::string kAdmin = "admin-token-0123456789";
+const std::string kReader = "reader-token-0123456789";
+const std::string kTenantA = "tenant-a-token-0123456789";
+const std::string kTenantB = "tenant-b-token-0123456789";
+const std::string kReaderA = "tenant-a-reader-0123456789";
+
+std::vector<ApiToken> test_tokens() {
+  return {{kAdmin, std::nullopt, true},
+          {kReader, std::nullopt, false},
+          {kTenantA, "a", true},
+          {kTenantB, "b", true},
+          {kReaderA, "a", false}};
+}
+
+DashboardOptions no_auth() {
+  DashboardOptions o;
+  o.no_auth = true;
+  return o;
+}
+
+DashboardOptions with_tokens() {
+  DashboardOptions o;
+  o.tokens = test_tokens();
+  return o;
+}
+
+// An answer, parsed when it is JSON.
+struct Reply {
+  int status = 0;
+  std::string body;
+  Json json;
+  httplib::Headers headers;
+  std::string header(const std::string& name) const {
+    auto it = headers.find(name);
+    return it == headers.end() ? "" : it->second;
+  }
+};
+
+Reply reply(const httplib::Result& r) {
+  REQUIRE(r);  // the connection worked
+  Reply out{r->status, r->body, Json(), r->headers};
+  if (r->get_header_value("Content-Type").starts_with("application/json")) out.json = Json::parse(r->body);
+  return out;
+}
+
+// A dashboard on its own server over a fresh Postgres schema, and a client.
+struct Served {
+  TestStore store{StoreKind::postgres};
+  DashboardServer server;
+  httplib::Client client;
+  std::string token;  // sent as the bearer token when not empty
+
+  explicit Served(DashboardOptions options = no_auth(), const std::string& listen = "127.0.0.1:0")
+      : server(*store, std::move(options), listen), client("127.0.0.1", (server.start(), server.port())) {
+    client.set_read_timeout(30, 0);
+  }
+
+  httplib::Headers headers(const std::string& as) const {
+    const std::string& t = as.empty() ? token : as;
+    if (t.empty()) return {};
+    return {{"Authorization", "Bearer " + t}};
+  }
+  Reply get(const std::string& path, const std::string& as = "") { return reply(client.Get(path.c_str(), headers(as))); }
+  Reply post(const std::string& path, const std::string& body, const std::string& as = "",
+             const char* type = "application/json") {
+    return reply(client.Post(path.c_str(), headers(as), body, type));
+  }
+  Reply post(const std::string& path, const Json& body, const std::string& as = "") {
+    return post(path, body.dump(), as);
+  }
+  std::vector<eoq::Task> all_tasks() { return store->list(eoq::ListQuery{}).tasks; }
+};
+
+// Fails the first claimable task on `queue` after progress and a checkpoint,
+// so it has history, a checkpoint and a last error.
+eoq::TaskId fail_once(eoq::TaskStore& store, const std::string& error) {
+  eoq::ClaimRequest r;
+  r.owner = "test-worker-1";
+  auto leases = store.claim(r);
+  REQUIRE(leases.size() == 1);
+  store.progress(leases[0], 40, "copying");
+  store.checkpoint(leases[0], "copying", R"({"copied":2})");
+  eoq::Failure f;
+  f.error = error;
+  store.fail(leases[0], f);
+  return leases[0].id();
+}
+
+}  // namespace
+
+TEST_CASE("dashboard: the page and the health check", "[dashboard]") {
+  Served s(with_tokens());
+  auto page = s.get("/");  // no token: the page asks for one itself
+  CHECK(page.status == 200);
+  CHECK(page.header("Content-Type").starts_with("text/html"));
+  CHECK(page.body.find("<title>eoq") != std::string::npos);
+  CHECK(page.body.find("sessionStorage") != std::string::npos);
+  // Self-contained: nothing loads from elsewhere, and the policy forbids it.
+  CHECK(page.body.find("src=\"http") == std::string::npos);
+  CHECK(page.body.find("href=\"http") == std::string::npos);
+  CHECK(page.header("Content-Security-Policy").find("default-src 'none'") != std::string::npos);
+  CHECK(page.body.find("innerHTML") == std::string::npos);  // task data goes in as text only
+  CHECK(s.client.Head("/")->status == 200);
+
+  auto health = s.get("/healthz");
+  CHECK(health.status == 200);
+  CHECK(health.json["status"] == "ok");
+}
+
+TEST_CASE("dashboard: submit, list, get, stats, cancel and retry", "[dashboard]") {
+  Served s;
+  auto me = s.get("/api/me");
+  CHECK(me.status == 200);
+  CHECK(me.json == Json{{"auth", false}, {"tenant", nullptr}, {"write", true}});
+
+  auto created = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 640}}}});
+  REQUIRE(created.status == 201);
+  CHECK(created.json["duplicate"] == false);
+  const auto& task = created.json["task"];
+  const eoq::TaskId id = task["id"];
+  CHECK(task["status"] == "pending");
+  CHECK(task["payload"] == Json{{"w", 640}});
+  CHECK(created.header("Location") == fmt::format("/api/tasks/{}", id));
+
+  auto again = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 1}}}});
+  CHECK(again.status == 200);
+  CHECK(again.json["duplicate"] == true);
+  CHECK(again.json["task"]["id"] == id);
+  CHECK(again.json["task"]["payload"] == Json{{"w", 640}});  // the existing task, untouched
+
+  REQUIRE(s.post("/api/tasks", Json{{"type", "mail"}, {"queue", "mail"}}).status == 201);
+
+  SECTION("list and its filters") {
+    auto all = s.get("/api/tasks");
+    REQUIRE(all.status == 200);
+    CHECK(all.json["tasks"].size() == 2);
+    CHECK(all.json["next_after"].is_null());
+    CHECK(all.json["now"].is_string());
+    CHECK(s.get("/api/tasks?type=resize").json["tasks"].size() == 1);
+    CHECK(s.get("/api/tasks?queue=mail").json["tasks"][0]["type"] == "mail");
+    CHECK(s.get("/api/tasks?status=running").json["tasks"].empty());
+    CHECK(s.get("/api/tasks?status=pending&queue=default&type=").json["tasks"].size() == 1);  // empty = absent
+    auto first = s.get("/api/tasks?limit=1");
+    CHECK(first.json["tasks"].size() == 1);
+    CHECK(first.json["next_after"] == id);
+    CHECK(s.get(fmt::format("/api/tasks?after={}", id)).json["tasks"][0]["type"] == "mail");
+    auto summary = s.get("/api/tasks?type=resize&view=summary").json["tasks"][0];
+    CHECK_FALSE(summary.contains("payload"));
+    CHECK_FALSE(summary.contains("result"));
+    CHECK(summary["key"] == "img-1");
+    CHECK(s.get("/api/tasks?view=everything").json["field"] == "view");
+
+    auto bad_status = s.get("/api/tasks?status=sleeping");
+    CHECK(bad_status.status == 400);
+    CHECK(bad_status.json["field"] == "status");
+    auto bad_limit = s.get("/api/tasks?limit=0");
+    CHECK(bad_limit.status == 400);
+    CHECK(bad_limit.json["field"] == "limit");
+    CHECK(s.get("/api/tasks?after=x").json["field"] == "after");
+    auto unknown = s.get("/api/tasks?colour=red");
+    CHECK(unknown.status == 400);
+    CHECK(unknown.json["field"] == "colour");
+    CHECK(s.get("/api/tasks?queue=a&queue=b").json["field"] == "queue");
+    CHECK(s.get("/api/tasks?type=%FF").json["field"] == "query");              // not UTF-8
+    CHECK(s.get("/api/tasks?type=%ED%A0%80").json["field"] == "query");        // a surrogate
+    CHECK(s.get("/api/tasks?type=%C3%A9t%C3%A9").json["tasks"].empty());      // "été": fine, and no such type
+    CHECK(s.get("/api/tasks?type=%F0%9F%93%A6").status == 200);               // U+1F4E6
+    auto bad_queue = s.get("/api/tasks?queue=No%20Spaces");  // the store's own rule
+    CHECK(bad_queue.status == 400);
+    CHECK(bad_queue.json["field"] == "queue");
+    CHECK(bad_queue.json["rule"].is_string());
+  }
+
+  SECTION("one task with its attempts and checkpoint") {
+    CHECK(fail_once(*s.store, "disk full") == id);
+    auto one = s.get(fmt::format("/api/tasks/{}", id));
+    REQUIRE(one.status == 200);
+    CHECK(one.json["task"]["last_error"] == "disk full");
+    CHECK(one.json["task"]["checkpoint_stage"] == "copying");
+    CHECK(one.json["task"]["checkpoint"] == Json{{"copied", 2}});
+    REQUIRE(one.json["attempts"].size() == 1);
+    CHECK(one.json["attempts"][0]["outcome"] == "retry");
+    CHECK(one.json["attempts"][0]["owner"] == "test-worker-1");
+    CHECK(one.json["attempts"][0]["error"] == "disk full");
+  }
+
+  SECTION("stats") {
+    auto stats = s.get("/api/stats");
+    REQUIRE(stats.status == 200);
+    std::map<std::string, Json> by_queue;
+    for (const auto& q : stats.json["queues"]) by_queue[q["queue"]] = q;
+    REQUIRE(by_queue.size() == 2);
+    CHECK(by_queue["default"]["pending"] == 1);
+    CHECK(by_queue["mail"]["pending"] == 1);
+    CHECK(by_queue["default"]["oldest_pending_age_ms"].is_number());
+    CHECK(by_queue["default"]["succeeded_last_minute"] == 0);
+  }
+
+  SECTION("cancel, then retry") {
+    auto retry_pending = s.post(fmt::format("/api/tasks/{}/retry", id), std::string());
+    CHECK(retry_pending.status == 409);
+    CHECK(retry_pending.json["outcome"] == "not_retryable");
+    CHECK(retry_pending.json["error"].get<std::string>().find("pending") != std::string::npos);
+
+    auto cancelled = s.post(fmt::format("/api/tasks/{}/cancel", id), std::string());
+    CHECK(cancelled.status == 200);
+    CHECK(cancelled.json["outcome"] == "cancelled");
+    CHECK(cancelled.json["task"]["status"] == "cancelled");
+    auto twice = s.post(fmt::format("/api/tasks/{}/cancel", id), std::string());
+    CHECK(twice.status == 409);
+    CHECK(twice.json["outcome"] == "already_finished");
+
+    auto retried = s.post(fmt::format("/api/tasks/{}/retry", id), std::string());
+    CHECK(retried.status == 200);
+    CHECK(retried.json["outcome"] == "retried");
+    CHECK(retried.json["task"]["status"] == "pending");
+    CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
+  }
+
+  SECTION("unknown routes, ids and methods") {
+    CHECK(s.get("/api/tasks/999999").status == 404);
+    CHECK(s.post("/api/tasks/999999/cancel", std::string()).status == 404);
+    CHECK(s.post("/api/tasks/999999/retry", std::string()).status == 404);
+    auto bad_id = s.get("/api/tasks/abc");
+    CHECK(bad_id.status == 400);
+    CHECK(bad_id.json["field"] == "id");
+    CHECK(s.get("/api/nothing").status == 404);
+    CHECK(s.get("/api/tasks/1/explode").status == 404);
+    CHECK(s.get("/elsewhere").status == 404);
+    auto del = reply(s.client.Delete(fmt::format("/api/tasks/{}", id).c_str()));
+    CHECK(del.status == 405);
+    CHECK(del.header("Allow") == "GET, HEAD");
+    CHECK(s.get(fmt::format("/api/tasks/{}/cancel", id)).status == 405);
+    CHECK(reply(s.client.Put("/api/tasks", "{}", "application/json")).status == 405);
+    CHECK(s.post("/api/stats", std::string()).status == 405);
+    CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
+  }
+}
+
+TEST_CASE("dashboard: 50 concurrent identical submits make one task", "[dashboard]") {
+  Served s;
+  constexpr int kClients = 50;
+  const std::string body = Json{{"type", "charge"}, {"key", "order-77"}, {"payload", {{"cents", 1999}}}}.dump();
+  std::vector<Reply> replies(kClients);
+  std::latch ready(kClients);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kClients; ++i) {
+    threads.emplace_back([&, i] {
+      httplib::Client c("127.0.0.1", s.server.port());
+      c.set_read_timeout(60, 0);
+      ready.arrive_and_wait();
+      auto r = c.Post("/api/tasks", body, "application/json");
+      auto& out = replies[static_cast<std::size_t>(i)];
+      if (!r) out.body = "no answer: " + httplib::to_string(r.error());
+      else out = Reply{r->status, r->body, Json::parse(r->body, nullptr, false), r->headers};
+    });
+  }
+  for (auto& t : threads) t.join();
+
+  int created = 0, duplicates = 0;
+  std::set<eoq::TaskId> ids;
+  std::string odd;  // any other answer, for the failure message
+  for (const auto& r : replies) {
+    if (r.status != 200 && r.status != 201) odd += fmt::format("{} {}\n", r.status, r.body);
+    if (r.status == 201 && r.json["duplicate"] == false) ++created;
+    if (r.status == 200 && r.json["duplicate"] == true) ++duplicates;
+    if (r.status == 200 || r.status == 201) ids.insert(r.json["task"]["id"].get<eoq::TaskId>());
+  }
+  INFO(odd);
+  CHECK(created == 1);
+  CHECK(duplicates == kClients - 1);
+  CHECK(ids.size() == 1);
+  auto rows = s.all_tasks();
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].id == *ids.begin());
+  CHECK(rows[0].key == "order-77");
+}
+
+TEST_CASE("dashboard: bad bodies are refused with the field named, and nothing is written", "[dashboard]") {
+  DashboardOptions o = no_auth();
+  o.max_body_bytes = 4096;
+  Served s(o);
+
+  struct Case {
+    std::string name, body, field;
+  };
+  std::string deep = R"({"type":"x","payload":)" + std::string(600, '[') + std::string(600, ']') + "}";
+  std::string big = Json{{"type", "x"}, {"payload", std::string(5000, 'z')}}.dump();
+  std::vector<Case> cases = {
+      {"malformed JSON", R"({"type": "x",)", "body"},
+      {"empty body", "", "body"},
+      {"not an object", "[1, 2]", "body"},
+      {"unknown field", R"({"type": "x", "colour": "red"})", "colour"},
+      {"unknown retry field", R"({"type": "x", "retry": {"tries": 2}})", "retry.tries"},
+      {"wrong type", R"({"type": 7})", "type"},
+      {"wrong type for priority", R"({"type": "x", "priority": "high"})", "priority"},
+      {"missing type", R"({"queue": "default"})", "type"},
+      {"bad time", R"({"type": "x", "run_at": "tomorrow"})", "run_at"},
+      {"store rule: queue name", R"({"type": "x", "queue": "Has Spaces"})", "queue"},
+      {"nested too deep", deep, "body"},
+      {"oversize", big, "body"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    auto r = s.post("/api/tasks", c.body);
+    CHECK(r.status == 400);
+    CHECK(r.json["field"] == c.field);
+    CHECK(r.json["error"].get<std::string>().find(c.field) != std::string::npos);
+  }
+
+  // Oversize without a length (chunked) is cut off while it streams in.
+  auto chunked = reply(s.client.Post(
+      "/api/tasks",
+      [&](std::size_t, httplib::DataSink& sink) {
+        std::string part(1024, ' ');
+        for (int i = 0; i < 8; ++i) sink.write(part.data(), part.size());
+        sink.done();
+        return true;
+      },
+      "application/json"));
+  CHECK(chunked.status == 400);
+  CHECK(chunked.json["field"] == "body");
+
+  auto not_json = s.post("/api/tasks", R"({"type": "x"})", "", "text/plain");
+  CHECK(not_json.status == 415);
+  CHECK(not_json.json["field"] == "content-type");
+
+  CHECK(s.all_tasks().empty());
+  // The same connection still works after the refusals.
+  CHECK(s.post("/api/tasks", Json{{"type", "x"}}).status == 201);
+}
+
+TEST_CASE("dashboard: tokens and rights", "[dashboard]") {
+  Served s(with_tokens());
+  auto none = s.get("/api/tasks");
+  CHECK(none.status == 401);
+  CHECK(none.header("WWW-Authenticate").starts_with("Bearer"));
+  CHECK(none.json["error"].is_string());
+
+  for (const std::string& bad : {std::string("nope"), kAdmin.substr(0, kAdmin.size() - 1), kAdmin + "0",
+                                 std::string(kAdmin.size(), 'x'), std::string()}) {
+    INFO("token: " << bad);
+    auto r = reply(s.client.Get("/api/tasks", {{"Authorization", "Bearer " + bad}}));
+    CHECK(r.status == 401);
+    CHECK(r.header("WWW-Authenticate").find("invalid_token") != std::string::npos);
+  }
+  CHECK(reply(s.client.Get("/api/tasks", {{"Authorization", "Basic " + kAdmin}})).status == 401);
+  CHECK(reply(s.client.Get("/api/tasks", {{"Authorization", "bearer " + kAdmin}})).status == 200);  // scheme is case-insensitive
+
+  // Read rights: every read, no change.
+  CHECK(s.get("/api/tasks", kReader).status == 200);
+  CHECK(s.get("/api/stats", kReader).status == 200);
+  CHECK(s.get("/api/me", kReader).json == Json{{"auth", true}, {"tenant", nullptr}, {"write", false}});
+  auto denied = s.post("/api/tasks", Json{{"type", "x"}}, kReader);
+  CHECK(denied.status == 403);
+  CHECK(denied.json["error"].get<std::string>().find("read-only") != std::string::npos);
+  CHECK(s.all_tasks().empty());
+
+  auto made = s.post("/api/tasks", Json{{"type", "x"}}, kAdmin);
+  REQUIRE(made.status == 201);
+  auto id = made.json["task"]["id"].get<eoq::TaskId>();
+  CHECK(s.post(fmt::format("/api/tasks/{}/cancel", id), std::string(), kReader).status == 403);
+  CHECK(s.post(fmt::format("/api/tasks/{}/retry", id), std::string(), kReader).status == 403);
+  CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
+  CHECK(s.get(fmt::format("/api/tasks/{}", id), kReader).status == 200);
+
+  // A request another site made the browser send is refused even with a token.
+  auto cross = reply(s.client.Post(fmt::format("/api/tasks/{}/cancel", id).c_str(),
+                                   {{"Authorization", "Bearer " + kAdmin}, {"Sec-Fetch-Site", "cross-site"}}, "",
+                                   "application/json"));
+  CHECK(cross.status == 403);
+  CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
+
+  CHECK(s.get("/healthz").status == 200);  // no token needed
+}
+
+TEST_CASE("dashboard: a tenant token sees and changes only its tenant's tasks", "[dashboard]") {
+  Served s(with_tokens());
+  auto a = s.post("/api/tasks", Json{{"type", "report"}, {"key", "k"}}, kTenantA);
+  auto b = s.post("/api/tasks", Json{{"type", "report"}, {"key", "k"}}, kTenantB);  // keys are per tenant
+  REQUIRE(a.status == 201);
+  REQUIRE(b.status == 201);
+  CHECK(a.json["task"]["tenant"] == "a");
+  CHECK(b.json["task"]["tenant"] == "b");
+  const auto a_id = a.json["task"]["id"].get<eoq::TaskId>(), b_id = b.json["task"]["id"].get<eoq::TaskId>();
+  REQUIRE(s.post("/api/tasks", Json{{"type", "ops"}}, kAdmin).status == 201);  // no tenant
+
+  // Naming its own tenant is fine; naming another is refused.
+  CHECK(s.post("/api/tasks", Json{{"type", "x"}, {"tenant", "a"}}, kTenantA).status == 201);
+  auto other = s.post("/api/tasks", Json{{"type", "x"}, {"tenant", "b"}}, kTenantA);
+  CHECK(other.status == 403);
+  CHECK(other.json["field"] == "tenant");
+
+  // B's task answers A exactly as a task that does not exist.
+  auto missing = s.get("/api/tasks/999999", kTenantA);
+  auto theirs = s.get(fmt::format("/api/tasks/{}", b_id), kTenantA);
+  CHECK(missing.status == 404);
+  CHECK(theirs.status == 404);
+  CHECK(theirs.body == missing.body);
+  for (const char* action : {"cancel", "retry"}) {
+    INFO(action);
+    auto m = s.post(fmt::format("/api/tasks/999999/{}", action), std::string(), kTenantA);
+    auto t = s.post(fmt::format("/api/tasks/{}/{}", b_id, action), std::string(), kTenantA);
+    CHECK(t.status == 404);
+    CHECK(t.body == m.body);
+  }
+  auto b_task = s.store->get(b_id);
+  CHECK(b_task->status == eoq::TaskStatus::pending);
+  CHECK_FALSE(b_task->cancel_requested);
+  CHECK(s.get(fmt::format("/api/tasks/{}", a_id), kTenantA).status == 200);
+
+  // Lists and stats hold A's tasks only, whatever the query asks for.
+  for (const char* path : {"/api/tasks", "/api/tasks?tenant=a", "/api/tasks?limit=1000&status=pending"}) {
+    INFO(path);
+    auto list = s.get(path, kTenantA);
+    REQUIRE(list.status == 200);
+    CHECK(list.json["tasks"].size() == 2);
+    for (const auto& t : list.json["tasks"]) CHECK(t["tenant"] == "a");
+  }
+  CHECK(s.get("/api/tasks?tenant=b", kTenantA).json["tasks"].empty());
+  auto stats = s.get("/api/stats", kTenantA);
+  REQUIRE(stats.json["queues"].size() == 1);
+  CHECK(stats.json["queues"][0]["pending"] == 2);
+  CHECK(s.get("/api/stats?tenant=b", kTenantA).json["queues"].empty());
+  CHECK(s.get("/api/me", kTenantA).json == Json{{"auth", true}, {"tenant", "a"}, {"write", true}});
+
+  // An admin sees everyone, and may narrow to one tenant.
+  CHECK(s.get("/api/tasks", kAdmin).json["tasks"].size() == 4);
+  CHECK(s.get("/api/tasks?tenant=b", kAdmin).json["tasks"].size() == 1);
+  CHECK(s.get("/api/stats?tenant=b", kAdmin).json["queues"][0]["pending"] == 1);
+  CHECK(s.get(fmt::format("/api/tasks/{}", b_id), kAdmin).status == 200);
+
+  // A read-only tenant token: its reads, no changes.
+  CHECK(s.get(fmt::format("/api/tasks/{}", a_id), kReaderA).status == 200);
+  CHECK(s.post(fmt::format("/api/tasks/{}/cancel", a_id), std::string(), kReaderA).status == 403);
+  CHECK(s.post(fmt::format("/api/tasks/{}/cancel", a_id), std::string(), kTenantA).status == 200);
+}
+
+TEST_CASE("dashboard: load_tokens", "[dashboard]") {
+  auto dir = eoq::test::scratch_dir("tokens");
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir + "/" + name) << text;
+    return dir + "/" + name;
+  };
+  auto tokens = eoq::load_tokens(write("good", "# operators\n\nops-secret-1 * write\n  viewer-2 *  read \nacme-3 acme write\n"));
+  REQUIRE(tokens.size() == 3);
+  CHECK(tokens[0].token == "ops-secret-1");
+  CHECK_FALSE(tokens[0].tenant);
+  CHECK(tokens[0].write);
+  CHECK_FALSE(tokens[1].write);
+  CHECK(tokens[2].tenant == "acme");
+
+  auto refused = [&](const std::string& text, const std::string& where) {
+    INFO(text);
+    auto path = write("bad", text);
+    try {
+      eoq::load_tokens(path);
+      FAIL("accepted");
+    } catch (const eoq::InvalidArgument& e) {
+      CHECK(e.field() == path + where);
+      CHECK(std::string(e.what()).find("s3cret-token") == std::string::npos);  // never quoted
+    }
+  };
+  refused("ok-1 * read\ns3cret-token *\n", ":2");
+  refused("s3cret-token * admin\n", ":1");
+  refused("s3cret-token * read\n# again\ns3cret-token a write\n", ":3");
+  refused("s3cret-token * read extra\n", ":1");
+  refused("# nothing\n\n", "");
+  CHECK_THROWS_AS(eoq::load_tokens(dir + "/missing"), eoq::InvalidArgument);
+}
+
+TEST_CASE("dashboard: mounted under a prefix, alone and in a host's server", "[dashboard]") {
+  TestStore store(StoreKind::postgres);
+  DashboardOptions o = no_auth();
+  o.prefix = "/ops/eoq/";  // a trailing slash is dropped
+  {
+    DashboardServer server(*store, o, "127.0.0.1:0");
+    server.start();
+    httplib::Client c("127.0.0.1", server.port());
+    CHECK(c.Get("/ops/eoq/")->status == 200);
+    auto bare = c.Get("/ops/eoq");
+    CHECK(bare->status == 308);
+    CHECK(bare->get_header_value("Location") == "eoq/");
+    CHECK(c.Get("/ops/eoq/api/tasks")->status == 200);
+    CHECK(c.Get("/ops/eoq/healthz")->status == 200);
+    auto made = c.Post("/ops/eoq/api/tasks", R"({"type":"x"})", "application/json");
+    CHECK(made->status == 201);
+    CHECK(made->get_header_value("Location").starts_with("/ops/eoq/api/tasks/"));
+    for (const char* outside : {"/", "/api/tasks", "/ops", "/ops/eoqx", "/ops/eoqx/api/tasks", "/healthz"}) {
+      INFO(outside);
+      CHECK(c.Get(outside)->status == 404);
+    }
+  }
+
+  // The host's own server, mounting the dashboard as dashboard.hpp shows; the
+  // host's routes still answer, and the dashboard stays under its prefix.
+  eoq::Dashboard dashboard(*store, o);
+  httplib::Server host;
+  auto mount = [&](const httplib::Request& req, httplib::Response& res) {
+    auto q = req.target.find('?');
+    eoq::HttpRequest in{req.method, req.path, q == std::string::npos ? "" : req.target.substr(q + 1),
+                        {req.headers.begin(), req.headers.end()}, req.body};
+    eoq::HttpResponse out = dashboard.handle(in);
+    res.status = out.status;
+    for (const auto& [name, value] : out.headers) res.set_header(name, value);
+    res.set_content(out.body, out.content_type);
+  };
+  host.Get("/ops/eoq(/.*)?", mount);
+  host.Post("/ops/eoq/.*", mount);
+  host.Get("/", [](const httplib::Request&, httplib::Response& res) { res.set_content("host home", "text/plain"); });
+  host.Get("/ops/other", [](const httplib::Request&, httplib::Response& res) { res.set_content("host ops", "text/plain"); });
+  int port = host.bind_to_any_port("127.0.0.1");
+  std::thread serving([&] { host.listen_after_bind(); });
+  while (!host.is_running()) std::this_thread::sleep_for(1ms);
+  {
+    httplib::Client c("127.0.0.1", port);
+    CHECK(c.Get("/")->body == "host home");
+    CHECK(c.Get("/ops/other")->body == "host ops");
+    CHECK(c.Get("/ops/eoq/")->get_header_value("Content-Type").starts_with("text/html"));
+    CHECK(c.Post("/ops/eoq/api/tasks", R"({"type":"y"})", "application/json")->status == 201);
+    auto list = Json::parse(c.Get("/ops/eoq/api/tasks?type=y")->body);
+    CHECK(list["tasks"].size() == 1);
+    CHECK(Json::parse(c.Get("/ops/eoq/api/stats")->body)["queues"][0]["pending"] == 2);
+  }
+  host.stop();
+  serving.join();
+
+  // Straight through handle(): what a host that tries it first sees.
+  eoq::HttpRequest outside{"GET", "/metrics", "", {}, ""};
+  CHECK(dashboard.handle(outside).status == 404);
+  eoq::HttpRequest inside{"GET", "/ops/eoq/api/tasks", "limit=5", {{"X-Anything", "1"}}, ""};
+  CHECK(dashboard.handle(inside).status == 200);
+
+  for (const char* bad : {"ops", "/ops//eoq", "/ops/../eoq", "/ops/eo q", "/ops?x"}) {
+    INFO(bad);
+    DashboardOptions b = no_auth();
+    b.prefix = bad;
+    try {
+      eoq::Dashboard d(*store, b);
+      FAIL("accepted");
+    } catch (const eoq::InvalidArgument& e) {
+      CHECK(e.field() == "prefix");
+    }
+  }
+}
+
+TEST_CASE("dashboard: listen rules", "[dashboard]") {
+  TestStore store(StoreKind::postgres);
+  auto refused = [&](DashboardOptions o, const std::string& listen, const std::string& says) {
+    INFO(listen);
+    try {
+      DashboardServer server(*store, std::move(o), listen);
+      FAIL("accepted");
+    } catch (const eoq::InvalidArgument& e) {
+      CHECK(e.field() == "listen");
+      CHECK(std::string(e.what()).find(says) != std::string::npos);
+    }
+  };
+  // Non-loopback: tokens required, no_auth never.
+  refused(no_auth(), "0.0.0.0:0", "--tokens");
+  refused(no_auth(), "192.168.10.7:8080", "not a loopback address");
+  refused(no_auth(), "[::]:0", "not a loopback address");
+  refused(no_auth(), "dashboard.example.com:80", "not a loopback address");
+  refused(DashboardOptions{}, "0.0.0.0:0", "--tokens FILE");
+  CHECK_NOTHROW(DashboardServer(*store, with_tokens(), "0.0.0.0:0"));  // constructed, never started
+  // Malformed addresses.
+  for (const char* bad : {"8080", "127.0.0.1", "127.0.0.1:", ":8080", "127.0.0.1:99999", "127.0.0.1:http", "::1:80",
+                          "[::1]8080"})
+    refused(no_auth(), bad, "HOST:PORT");
+  // Loopback without tokens is fine, in any spelling.
+  for (const char* ok : {"127.0.0.1:0", "localhost:0", "[::1]:0", "127.1.2.3:0"}) {
+    INFO(ok);
+    CHECK_NOTHROW(DashboardServer(*store, no_auth(), ok));
+  }
+  // Tokens are still needed when no_auth is not set, and both together are refused.
+  try {
+    DashboardServer server(*store, DashboardOptions{}, "127.0.0.1:0");
+    FAIL("accepted");
+  } catch (const eoq::InvalidArgument& e) {
+    CHECK(e.field() == "tokens");
+  }
+  DashboardOptions both = with_tokens();
+  both.no_auth = true;
+  CHECK_THROWS_AS(DashboardServer(*store, both, "127.0.0.1:0"), eoq::InvalidArgument);
+
+  // start, stop twice, and a port already taken.
+  DashboardServer first(*store, no_auth(), "127.0.0.1:0");
+  first.start();
+  CHECK(first.port() > 0);
+  CHECK_THROWS_AS(first.start(), eoq::UsageError);
+  DashboardServer clash(*store, no_auth(), fmt::format("127.0.0.1:{}", first.port()));
+  CHECK_THROWS_AS(clash.start(), eoq::Error);
+  httplib::Client c("127.0.0.1", first.port());
+  CHECK(c.Get("/healthz")->status == 200);
+  first.stop();
+  first.stop();
+  CHECK_FALSE(static_cast<bool>(c.Get("/healthz")));
+}
+
+TEST_CASE("dashboard: without tokens it answers only to loopback host names", "[dashboard]") {
+  Served s;
+  auto host = [&](const std::string& h) { return reply(s.client.Get("/api/tasks", {{"Host", h}})).status; };
+  CHECK(host("attacker.example:8080") == 403);
+  CHECK(host("10.0.0.5") == 403);
+  CHECK(host(fmt::format("127.0.0.1:{}", s.server.port())) == 200);
+  CHECK(host(fmt::format("localhost:{}", s.server.port())) == 200);
+  CHECK(host(fmt::format("[::1]:{}", s.server.port())) == 200);
+}
+
+TEST_CASE("dashboard: an unreachable database answers 503", "[dashboard]") {
+  eoq::PostgresOptions po;
+  po.conninfo = "host=127.0.0.1 port=1 connect_timeout=2";  // nothing listens on port 1
+  po.transient_retries = 0;
+  eoq::PostgresStore down(po);
+  DashboardServer server(down, no_auth(), "127.0.0.1:0");
+  server.start();
+  httplib::Client c("127.0.0.1", server.port());
+  c.set_read_timeout(30, 0);
+  for (const char* path : {"/api/tasks", "/api/stats", "/api/tasks/1", "/healthz"}) {
+    INFO(path);
+    auto r = c.Get(path);
+    REQUIRE(r);
+    CHECK(r->status == 503);
+    CHECK(r->get_header_value("Retry-After") == "1");
+  }
+  auto submit = c.Post("/api/tasks", R"({"type":"x"})", "application/json");
+  CHECK(submit->status == 503);
+  CHECK(Json::parse(submit->body)["error"].get<std::string>().find("unavailable") != std::string::npos);
+  CHECK(c.Get("/")->status == 200);  // the page itself still loads, and says so
+}
