@@ -178,6 +178,12 @@ TEST_CASE("dashboard: submit, list, get, stats, cancel and retry", "[dashboard]"
     CHECK_FALSE(summary.contains("result"));
     CHECK(summary["key"] == "img-1");
     CHECK(s.get("/api/tasks?view=everything").json["field"] == "view");
+    auto newest = s.get("/api/tasks?order=newest&limit=1");
+    REQUIRE(newest.json["tasks"].size() == 1);
+    CHECK(newest.json["tasks"][0]["type"] == "mail");  // the later of the two
+    CHECK(s.get(fmt::format("/api/tasks?order=newest&after={}", newest.json["next_after"].get<std::int64_t>()))
+              .json["tasks"][0]["id"] == id);
+    CHECK(s.get("/api/tasks?order=sideways").json["field"] == "order");
 
     auto bad_status = s.get("/api/tasks?status=sleeping");
     CHECK(bad_status.status == 400);

@@ -393,7 +393,7 @@ struct Dashboard::Impl {
   }
 
   HttpResponse list(const HttpRequest& req, const Principal& who) const {
-    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit", "view"});
+    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit", "view", "order"});
     bool summary = false;
     if (p.count("view")) {
       if (p["view"] != "full" && p["view"] != "summary") throw InvalidArgument("view", "must be \"full\" or \"summary\"");
@@ -406,6 +406,11 @@ struct Dashboard::Impl {
     if (p.count("tenant")) q.tenant = p["tenant"];
     if (p.count("after")) q.after = parse_integer("after", p["after"], 0, INT64_MAX);
     if (p.count("limit")) q.limit = static_cast<int>(parse_integer("limit", p["limit"], 1, 1000));
+    if (p.count("order")) {
+      if (p["order"] != "oldest" && p["order"] != "newest")
+        throw InvalidArgument("order", "must be \"oldest\" or \"newest\"");
+      q.newest_first = p["order"] == "newest";
+    }
     auto body = json::to_json(store.list(q, who.scope()));
     // A table polled twice a second has no use for payloads of up to a megabyte each.
     if (summary)
