@@ -1780,6 +1780,8 @@ STORE_CASE("invalid tasks are rejected naming the field and nothing is written",
       {"payload", with([](NewTask& t) { t.payload = ""; })},
       {"payload", with([](NewTask& t) { t.payload = "{'single': 1}"; })},
       {"payload", with([](NewTask& t) { t.payload = "[1, 2,]"; })},
+      {"payload", with([](NewTask& t) { t.payload = R"({"x": 1e400})"; })},  // beyond a double
+      {"payload", with([](NewTask& t) { t.payload = "-1E+309"; })},
       {"payload", with([](NewTask& t) { t.payload = R"({"x": ")" + std::string(10 << 20, 'a') + R"("})"; })},
       {"deadline", with([](NewTask& t) { t.deadline = now() - 1s; })},
       {"run_at", with([&](NewTask& t) {

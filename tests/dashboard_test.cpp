@@ -15,6 +15,7 @@
 #include <latch>
 #include <map>
 #include <set>
+#include <mutex>
 #include <thread>
 
 using namespace std::chrono_literals;
@@ -647,7 +648,14 @@ TEST_CASE("dashboard: an unreachable database answers 503", "[dashboard]") {
   po.conninfo = "host=127.0.0.1 port=1 connect_timeout=2";  // nothing listens on port 1
   po.transient_retries = 0;
   eoq::PostgresStore down(po);
-  DashboardServer server(down, no_auth(), "127.0.0.1:0");
+  std::vector<std::string> logged;
+  std::mutex log_mu;
+  auto options = no_auth();
+  options.on_error = [&](std::string_view what) {
+    std::lock_guard lk(log_mu);
+    logged.emplace_back(what);
+  };
+  DashboardServer server(down, options, "127.0.0.1:0");
   server.start();
   httplib::Client c("127.0.0.1", server.port());
   c.set_read_timeout(30, 0);
@@ -661,5 +669,45 @@ TEST_CASE("dashboard: an unreachable database answers 503", "[dashboard]") {
   auto submit = c.Post("/api/tasks", R"({"type":"x"})", "application/json");
   CHECK(submit->status == 503);
   CHECK(Json::parse(submit->body)["error"].get<std::string>().find("unavailable") != std::string::npos);
+  // The details (host, port, libpq's words) go to the operator's log, not to clients.
+  CHECK(submit->body.find("127.0.0.1") == std::string::npos);
+  CHECK(submit->body.find("port") == std::string::npos);
+  std::lock_guard lk(log_mu);
+  REQUIRE_FALSE(logged.empty());
+  CHECK(logged.back().find("127.0.0.1") != std::string::npos);
   CHECK(c.Get("/")->status == 200);  // the page itself still loads, and says so
+}
+
+TEST_CASE("dashboard: cross-site posts, odd numbers, control characters and repeated tokens are refused",
+          "[dashboard]") {
+  Served s;
+  auto made = s.post("/api/tasks", Json{{"type", "t"}});
+  REQUIRE(made.status == 201);
+  const auto id = made.json["task"]["id"].get<eoq::TaskId>();
+  // A page elsewhere posting to a local dashboard without tokens (older browsers
+  // send Origin but no Sec-Fetch-Site).
+  auto cross = s.client.Post(fmt::format("/api/tasks/{}/cancel", id).c_str(),
+                             httplib::Headers{{"Origin", "http://evil.example"}}, "", "text/plain");
+  REQUIRE(cross);
+  CHECK(cross->status == 403);
+  CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
+  auto same = s.client.Post(fmt::format("/api/tasks/{}/cancel", id).c_str(),
+                            httplib::Headers{{"Origin", fmt::format("http://127.0.0.1:{}", s.server.port())}}, "",
+                            "text/plain");
+  REQUIRE(same);
+  CHECK(same->status == 200);
+
+  // A number beyond a double is refused (and the stores refuse it too), nothing written.
+  auto huge = s.post("/api/tasks", std::string(R"({"type":"t","payload":{"x":1e400}})"));
+  CHECK(huge.status == 400);
+  CHECK(huge.json["field"] == "body");
+  INFO(huge.body);
+  CHECK(huge.json["error"].get<std::string>().find("1e400") != std::string::npos);
+  CHECK(s.all_tasks().size() == 1);
+
+  CHECK(s.get("/api/tasks?type=a%00b").json["field"] == "query");
+
+  DashboardOptions twice;
+  twice.tokens = {{"same-token-1", "a", false}, {"same-token-1", std::nullopt, true}};
+  CHECK_THROWS_AS(eoq::Dashboard(*s.store, twice), eoq::InvalidArgument);
 }

@@ -37,6 +37,8 @@
 #include <eoq/task_store.hpp>
 
 #include <cstdint>
+#include <functional>
+#include <string_view>
 #include <map>
 #include <memory>
 #include <optional>
@@ -80,6 +82,9 @@ struct DashboardOptions {
   std::vector<ApiToken> tokens{};    // bearer tokens accepted
   bool no_auth = false;              // no tokens needed: every request is an admin with write rights
   std::size_t max_body_bytes = 1 << 20;
+  // Hears the details of 500 and 503 answers, which clients get only in general
+  // terms. Default: one line on stderr.
+  std::function<void(std::string_view)> on_error{};
 };
 
 class Dashboard {

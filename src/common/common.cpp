@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fmt/format.h>
 
 namespace eoq {
@@ -100,6 +101,18 @@ struct JsonParser {
     return i > start;
   }
   bool number() {
+    const std::size_t start = i;
+    if (!number_syntax()) return false;
+    // RFC 8259 leaves the range to implementations; a number beyond a double
+    // (1e400) breaks most readers of the task later, so it is refused here.
+    try {
+      std::string text(s.substr(start, i - start));  // strtod needs a terminator
+      return std::isfinite(std::strtod(text.c_str(), nullptr));
+    } catch (...) {
+      return false;  // out of memory: call it invalid rather than terminate
+    }
+  }
+  bool number_syntax() {
     if (i < s.size() && s[i] == '-') ++i;
     if (i >= s.size()) return false;
     if (s[i] == '0') ++i;
@@ -251,7 +264,7 @@ void validate_json(std::string_view field, std::string_view text, std::size_t ma
   if (text.size() > max_bytes)
     throw InvalidArgument(std::string(field),
                           fmt::format("is {} bytes, more than the limit of {} bytes", text.size(), max_bytes));
-  if (!is_json(text)) throw InvalidArgument(std::string(field), "must be valid JSON text");
+  if (!is_json(text)) throw InvalidArgument(std::string(field), "must be valid JSON text (and its numbers within the range of a double)");
 }
 
 namespace {

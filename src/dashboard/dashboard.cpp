@@ -160,6 +160,10 @@ std::map<std::string, std::string> parse_query(std::string_view query, std::init
     auto value = percent_decode(eq == std::string_view::npos ? std::string_view{} : part.substr(eq + 1));
     if (!name || !value) throw InvalidArgument("query", "has a malformed percent-encoding");
     if (!is_utf8(*name) || !is_utf8(*value)) throw InvalidArgument("query", "must be UTF-8");
+    auto control = [](const std::string& v) {
+      return std::any_of(v.begin(), v.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+    };
+    if (control(*name) || control(*value)) throw InvalidArgument("query", "must not contain control characters");
     if (std::find(known.begin(), known.end(), *name) == known.end()) {
       std::string list;
       for (auto k : known) list += (list.empty() ? "" : ", ") + std::string(k);
@@ -255,6 +259,14 @@ struct Principal {
   Scope scope() const { return tenant ? Scope::only(*tenant) : Scope::all(); }
 };
 
+// "http://host:port" names the same server as the Host header "host:port".
+bool same_origin(std::string_view origin, const std::string* host) {
+  if (!host) return false;
+  for (std::string_view scheme : {"http://", "https://"})
+    if (origin.starts_with(scheme)) return origin.substr(scheme.size()) == *host;
+  return false;
+}
+
 }  // namespace
 
 // --- load_tokens --------------------------------------------------------------
@@ -295,6 +307,14 @@ std::vector<ApiToken> load_tokens(const std::string& path) {
 struct Dashboard::Impl {
   TaskStore& store;
   DashboardOptions options;
+
+  void report(const std::string& what) const noexcept {
+    try {
+      if (options.on_error) options.on_error(what);
+      else fmt::print(stderr, "eoq dashboard: {}\n", what);
+    } catch (...) {
+    }
+  }
 
   // Checks every token in full whatever matched, so the time says nothing
   // about which token (or how much of one) was right.
@@ -344,6 +364,9 @@ struct Dashboard::Impl {
       // A browser marks requests another site makes it send; refusing them keeps
       // a page elsewhere from using a dashboard open without tokens.
       if (const auto* site = header(req, "sec-fetch-site"); site && *site != "same-origin" && *site != "none")
+        return error_response(403, "cross-site request refused");
+      // Browsers without Sec-Fetch-Site still send Origin on a cross-site POST.
+      if (const auto* origin = header(req, "origin"); origin && !same_origin(*origin, header(req, "host")))
         return error_response(403, "cross-site request refused");
     }
     std::optional<TaskId> id;
@@ -451,7 +474,7 @@ struct Dashboard::Impl {
     Json body;
     try {
       body = Json::parse(req.body);
-    } catch (const Json::parse_error& e) {
+    } catch (const Json::exception& e) {
       // nlohmann prefixes "[json.exception.parse_error.101] "; the rest reads well.
       std::string why = e.what();
       if (auto close = why.find("] "); why.starts_with("[json.exception") && close != std::string::npos)
@@ -530,6 +553,11 @@ Dashboard::Dashboard(TaskStore& store, DashboardOptions options) {
       throw InvalidArgument("tokens", "a token must be non-empty printable ASCII without spaces");
     if (t.tenant && t.tenant->empty()) throw InvalidArgument("tokens", "a tenant must not be empty (none: admin)");
   }
+  // Two entries for one token would leave its rights to the order of the list.
+  for (std::size_t i = 0; i < options.tokens.size(); ++i)
+    for (std::size_t j = i + 1; j < options.tokens.size(); ++j)
+      if (options.tokens[i].token == options.tokens[j].token)
+        throw InvalidArgument("tokens", "a token is listed twice");
   if (options.max_body_bytes == 0) throw InvalidArgument("max_body_bytes", "must be positive");
   impl_ = std::make_unique<Impl>(Impl{store, std::move(options)});
 }
@@ -558,11 +586,15 @@ HttpResponse Dashboard::handle(const HttpRequest& request) const {
   } catch (const InvalidArgument& e) {
     return error_response(400, e.what(), e.field(), e.rule());
   } catch (const TransientError& e) {
-    auto r = error_response(503, fmt::format("the database is unavailable, try again: {}", e.what()));
+    // The details (host, user, database) are for the operator's log, not for
+    // every token holder.
+    I.report(fmt::format("{} {}: {}", request.method, request.path, e.what()));
+    auto r = error_response(503, "the database is unavailable, try again");
     r.headers["Retry-After"] = "1";
     return r;
   } catch (const std::exception& e) {
-    return error_response(500, fmt::format("internal error: {}", e.what()));
+    I.report(fmt::format("{} {}: {}", request.method, request.path, e.what()));
+    return error_response(500, "internal error (the server's log has the details)");
   } catch (...) {
     return error_response(500, "internal error");
   }

@@ -16,7 +16,14 @@ json opt(const std::optional<std::string>& s) { return s ? json(*s) : json(nullp
 json opt_time(const std::optional<TimePoint>& t) { return t ? json(format_time(*t)) : json(nullptr); }
 // Stored JSON text is valid by construction (both stores validate it on the way in).
 json embedded(const std::optional<std::string>& text) {
-  return text ? json::parse(*text) : json(nullptr);
+  if (!text) return nullptr;
+  try {
+    return json::parse(*text);
+  } catch (const json::exception&) {
+    // Stored before the stores refused numbers beyond a double: show the text
+    // rather than fail every listing that contains the task.
+    return *text;
+  }
 }
 
 [[noreturn]] void bad(std::string_view field, std::string rule) {
@@ -116,7 +123,7 @@ json to_json(const Task& t) {
       {"tenant", opt(t.tenant)},
       {"status", to_string(t.status)},
       {"priority", t.priority},
-      {"payload", json::parse(t.payload)},
+      {"payload", embedded(t.payload)},
       {"run_at", format_time(t.run_at)},
       {"deadline", opt_time(t.deadline)},
       {"attempts", t.attempts},
