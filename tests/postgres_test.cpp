@@ -115,6 +115,47 @@ std::vector<eoq::Task> list_all(eoq::TaskStore& store, eoq::ListQuery q = {}) {
 
 }  // namespace
 
+TEST_CASE("a schema from before keys were per tenant is upgraded with its keys intact", "[postgres][migrate]") {
+  auto url = eoq::test::test_database_url();
+  auto schema = eoq::test::fresh_schema("upgrade");
+  eoq::test::Admin admin(url);
+  eoq::PostgresOptions o;
+  o.conninfo = url;
+  o.schema = schema;
+  {
+    // What 0.1's migrate() left: 0001 only, keys unique per (queue, key).
+    eoq::PostgresStore store(o);
+    store.migrate();
+    admin.exec(fmt::format("DROP TABLE \"{0}\".keys; DELETE FROM \"{0}\".migrations WHERE name <> '0001_tasks'", schema));
+    admin.exec(fmt::format("CREATE TABLE \"{0}\".keys (queue text NOT NULL, key text NOT NULL, task_id bigint NOT NULL, "
+                           "PRIMARY KEY (queue, key))", schema));
+    admin.exec(fmt::format("INSERT INTO \"{0}\".tasks (id, queue, type, key, tenant, payload, status, priority, run_at, "
+                           "max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter) VALUES "
+                           "(1, 'q', 't', 'k', 'acme', '{{}}', 'pending', 0, now(), 3, 'fixed', 0, 0, 0), "
+                           "(2, 'q', 't', 'k2', NULL, '{{}}', 'pending', 0, now(), 3, 'fixed', 0, 0, 0)", schema));
+    admin.exec(fmt::format("INSERT INTO \"{0}\".keys VALUES ('q', 'k', 1), ('q', 'k2', 2)", schema));
+    admin.exec(fmt::format("SELECT setval('\"{0}\".task_ids', 2)", schema));
+  }
+  eoq::PostgresStore store(o);
+  store.migrate();
+  auto acme = store.find("q", "k", eoq::Scope::only("acme"));
+  REQUIRE(acme);
+  CHECK(acme->id == 1);
+  CHECK_FALSE(store.find("q", "k"));
+  REQUIRE(store.find("q", "k2"));
+  eoq::NewTask again;
+  again.queue = "q";
+  again.type = "t";
+  again.key = "k";
+  again.tenant = "acme";
+  auto dup = store.submit(again);
+  CHECK(dup.duplicate);
+  CHECK(dup.task.id == 1);
+  again.tenant = "other";
+  CHECK_FALSE(store.submit(again).duplicate);
+  admin.exec(fmt::format("DROP SCHEMA \"{}\" CASCADE", schema));
+}
+
 TEST_CASE("a connection the server refuses for good fails at once, not as a transient outage", "[postgres]") {
   auto url = eoq::test::test_database_url();
   auto refused = [&](const std::string& key, const std::string& value) -> std::string {

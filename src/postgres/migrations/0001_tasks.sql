@@ -56,14 +56,11 @@ CREATE INDEX finished_retention ON @schema@.finished USING brin (finished_at);
 
 -- Idempotency keys, insert-only: a key stays taken after its task finishes,
 -- until retention deletes both. The unique constraint is what decides a race.
--- Keys are per tenant ('' for none), so one tenant's key never answers with
--- another tenant's task.
 CREATE TABLE @schema@.keys (
   queue   text NOT NULL,
-  tenant  text NOT NULL,
   key     text NOT NULL,
   task_id bigint NOT NULL,
-  PRIMARY KEY (queue, tenant, key)
+  PRIMARY KEY (queue, key)
 );
 
 -- Attempts that ended other than in success (a success is read from the
