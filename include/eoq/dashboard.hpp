@@ -80,7 +80,10 @@ std::vector<ApiToken> load_tokens(const std::string& path);
 struct DashboardOptions {
   std::string prefix{};              // where the host mounts it, e.g. "/eoq"; "" for the root
   std::vector<ApiToken> tokens{};    // bearer tokens accepted
-  bool no_auth = false;              // no tokens needed: every request is an admin with write rights
+  // No tokens needed: every request is an admin with write rights. DashboardServer
+  // allows it only on loopback and answers only loopback Host names (against DNS
+  // rebinding); a host that mounts a no_auth Dashboard itself must do the same.
+  bool no_auth = false;
   std::size_t max_body_bytes = 1 << 20;
   // Hears the details of 500 and 503 answers, which clients get only in general
   // terms. Default: one line on stderr.
