@@ -78,6 +78,31 @@ std::optional<std::string> Rows::scalar() const {
 
 namespace detail {
 
+std::size_t utf8_sequence(std::string_view s, std::size_t i) noexcept {
+  auto c = static_cast<unsigned char>(s[i]);
+  if (c < 0x80) return 1;
+  int n = (c >= 0xF0 && c <= 0xF4) ? 3 : (c >= 0xE0 && c <= 0xEF) ? 2 : (c >= 0xC2 && c <= 0xDF) ? 1 : -1;
+  if (n < 0 || i + static_cast<std::size_t>(n) >= s.size()) return 0;
+  unsigned cp = c & (0x3F >> n);
+  for (int k = 1; k <= n; ++k) {
+    auto cc = static_cast<unsigned char>(s[i + static_cast<std::size_t>(k)]);
+    if ((cc & 0xC0) != 0x80) return 0;
+    cp = (cp << 6) | (cc & 0x3F);
+  }
+  if ((n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+    return 0;
+  return static_cast<std::size_t>(n) + 1;
+}
+
+bool is_utf8(std::string_view s) noexcept {
+  for (std::size_t i = 0; i < s.size();) {
+    std::size_t n = utf8_sequence(s, i);
+    if (n == 0) return false;
+    i += n;
+  }
+  return true;
+}
+
 TimePoint now() noexcept { return std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()); }
 
 namespace {
@@ -181,18 +206,9 @@ struct JsonParser {
         continue;
       }
       // UTF-8: PostgreSQL rejects invalid sequences, so refuse them here too.
-      int n = (c >= 0xF0 && c <= 0xF4) ? 3 : (c >= 0xE0) ? 2 : (c >= 0xC2 && c <= 0xDF) ? 1 : -1;
-      if (c >= 0xF5 || n < 0) return false;
-      if (i + static_cast<std::size_t>(n) >= s.size()) return false;
-      unsigned cp = c & (0x3F >> n);
-      for (int k = 1; k <= n; ++k) {
-        auto cc = static_cast<unsigned char>(s[i + k]);
-        if ((cc & 0xC0) != 0x80) return false;
-        cp = (cp << 6) | (cc & 0x3F);
-      }
-      if ((n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
-        return false;
-      i += static_cast<std::size_t>(n) + 1;
+      std::size_t n = utf8_sequence(s, i);
+      if (n == 0) return false;
+      i += n;
     }
     return false;
   }

@@ -9,6 +9,11 @@ namespace eoq::detail {
 
 // Strict RFC 8259 JSON; nesting deeper than 512 is refused.
 bool is_json(std::string_view text) noexcept;
+// Well-formed UTF-8 as PostgreSQL accepts it (no overlong forms, surrogates or
+// code points past U+10FFFF). utf8_sequence: the length of the character at
+// byte i, 0 when it is not well formed.
+bool is_utf8(std::string_view s) noexcept;
+std::size_t utf8_sequence(std::string_view s, std::size_t i) noexcept;
 
 void validate_queue(std::string_view field, std::string_view queue);
 void validate_json(std::string_view field, std::string_view text, std::size_t max_bytes);

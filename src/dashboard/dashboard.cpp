@@ -5,6 +5,7 @@
 #include <eoq/dashboard.hpp>
 #include <eoq/errors.hpp>
 
+#include "common/validate.hpp"
 #include "dashboard/page.hpp"
 #include "dashboard/task_json.hpp"
 
@@ -125,26 +126,6 @@ std::optional<std::string> percent_decode(std::string_view s) {
   return out;
 }
 
-// Well-formed UTF-8 (no overlong forms, surrogates or values past U+10FFFF):
-// PostgreSQL rejects anything else with an error that is not the caller's 400.
-bool is_utf8(std::string_view s) {
-  for (std::size_t i = 0; i < s.size();) {
-    auto c = static_cast<unsigned char>(s[i]);
-    std::size_t n = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : 4;
-    if (n == 4 || i + n >= s.size()) return false;
-    std::uint32_t cp = n == 0 ? c : c & (0x3f >> n);
-    for (std::size_t k = 1; k <= n; ++k) {
-      auto d = static_cast<unsigned char>(s[i + k]);
-      if ((d >> 6) != 0x2) return false;
-      cp = (cp << 6) | (d & 0x3f);
-    }
-    static constexpr std::uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
-    i += n + 1;
-  }
-  return true;
-}
-
 // Parameters by name. Unknown or repeated names are refused (a typo must not
 // widen a filter silently); empty values count as absent.
 std::map<std::string, std::string> parse_query(std::string_view query, std::initializer_list<std::string_view> known) {
@@ -159,7 +140,7 @@ std::map<std::string, std::string> parse_query(std::string_view query, std::init
     auto name = percent_decode(part.substr(0, eq));
     auto value = percent_decode(eq == std::string_view::npos ? std::string_view{} : part.substr(eq + 1));
     if (!name || !value) throw InvalidArgument("query", "has a malformed percent-encoding");
-    if (!is_utf8(*name) || !is_utf8(*value)) throw InvalidArgument("query", "must be UTF-8");
+    if (!detail::is_utf8(*name) || !detail::is_utf8(*value)) throw InvalidArgument("query", "must be UTF-8");
     auto control = [](const std::string& v) {
       return std::any_of(v.begin(), v.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
     };
