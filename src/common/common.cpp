@@ -130,9 +130,13 @@ struct JsonParser {
     if (!number_syntax()) return false;
     // RFC 8259 leaves the range to implementations; a number beyond a double
     // (1e400) breaks most readers of the task later, so it is refused here.
+    // Only an exponent or more than 300 digits can get there: the common
+    // number is let through without a copy.
+    std::string_view text = s.substr(start, i - start);
+    if (text.size() <= 300 && text.find_first_of("eE") == std::string_view::npos) return true;
     try {
-      std::string text(s.substr(start, i - start));  // strtod needs a terminator
-      return std::isfinite(std::strtod(text.c_str(), nullptr));
+      std::string copy(text);  // strtod needs a terminator
+      return std::isfinite(std::strtod(copy.c_str(), nullptr));
     } catch (...) {
       return false;  // out of memory: call it invalid rather than terminate
     }
