@@ -80,14 +80,15 @@ struct WorkerOptions {
   Millis lease{30000};      // each claim and heartbeat extends the lease by this much
   // Heartbeat period; zero means lease / 3. Must be shorter than the lease.
   Millis heartbeat_interval{0};
-  int claim_batch = 100;    // most tasks taken per claim round trip (1..10000)
-  // Claimed beyond the free handler slots, so a busy handler that finishes finds
-  // its next task without a round trip. Buffered leases are heartbeated, and
-  // given back by stop(). A busy worker claims once half of concurrency +
-  // prefetch is free, so for many short tasks raise prefetch (e.g. to hundreds)
-  // to claim in large batches.
-  int prefetch = 4;
-  int complete_batch = 500;  // most completions per complete_batch round trip
+  int claim_batch = 1000;   // most tasks taken per claim round trip (1..10000)
+  // Leases held beyond the handler threads, so a handler that finishes finds its
+  // next task without a round trip. Empty (the default): measured, as many as
+  // the handlers start during two claim round trips (up to 2 * claim_batch), so
+  // short tasks are claimed in large batches and slow ones are not hoarded.
+  // A number fixes it (0: hold only what runs). Buffered leases are
+  // heartbeated, and given back by stop().
+  std::optional<int> prefetch{};
+  int complete_batch = 1000;  // most completions per complete_batch round trip
   // Longest an idle worker waits for a notification before it polls again.
   Millis poll_interval{1000};
   std::string worker_id;     // lease owner; empty: "<host>:<pid>:<random>"

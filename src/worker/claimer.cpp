@@ -1,0 +1,154 @@
+// The claimer: one thread that takes leases into the buffer the handlers drain.
+//
+// How many to hold is measured, not configured (unless WorkerOptions::prefetch
+// fixes it): beyond one lease per handler thread, the claimer keeps as many as
+// the handlers take from the buffer during two claim round trips. Many short
+// tasks therefore make it claim in large batches (each claim returns while the
+// previous batch still runs), and slow tasks keep it at about one spare lease,
+// so that a worker does not hoard work that idle workers elsewhere could start.
+#include "worker/engine.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace eoq::detail {
+
+int Claimer::room() const {
+  int capacity = e_.opt.concurrency + ahead_;
+  return capacity - static_cast<int>(e_.buffer.size()) - e_.busy_handlers - claiming_;
+}
+
+// Claim when a handler would otherwise idle, or when half the capacity is free:
+// a busy worker then takes leases in batches, not one round trip per finished task.
+bool Claimer::should_claim() const {
+  // Back-pressure: completions that cannot be written must not pile up behind new claims.
+  if (e_.completions.size() >= static_cast<std::size_t>(2 * e_.opt.complete_batch)) return false;
+  int r = room();
+  if (r <= 0) return false;
+  if (e_.busy_handlers + static_cast<int>(e_.buffer.size()) < e_.opt.concurrency) return true;
+  return r >= std::max(1, (e_.opt.concurrency + ahead_) / 2);
+}
+
+// After each claim: the handlers' pace over the time since the last one, and the
+// claim's round trip, set how far ahead to claim. Starved handlers make the
+// measured pace the claim's own pace, so the look-ahead doubles per claim
+// until the handlers, not the claims, set the pace.
+void Claimer::adapt(Steady::time_point claim_started) {
+  auto now = Steady::now();
+  double rtt = std::chrono::duration<double>(now - claim_started).count();
+  rtt_ = rtt_ == 0 ? rtt : 0.7 * rtt_ + 0.3 * rtt;
+  std::lock_guard lk(e_.mu);
+  claiming_ = 0;
+  if (e_.opt.prefetch) {
+    ahead_ = *e_.opt.prefetch;
+    return;
+  }
+  double window = std::chrono::duration<double>(now - mark_).count();
+  if (mark_ != Steady::time_point{} && window > 0) {
+    double rate = static_cast<double>(e_.started - started_mark_) / window;
+    rate_ = 0.5 * rate_ + 0.5 * rate;
+  }
+  mark_ = now;
+  started_mark_ = e_.started;
+  const int most = 2 * e_.opt.claim_batch;
+  ahead_ = static_cast<int>(std::clamp(std::ceil(rate_ * 2 * rtt_), 0.0, static_cast<double>(most)));
+}
+
+void Claimer::run(const std::stop_token& st) {
+  ErrorBackoff backoff(e_.opt.error_backoff_initial, e_.opt.error_backoff_max);
+  ClaimRequest request{e_.opt.queues, e_.id, 1, e_.opt.lease};
+  {
+    std::lock_guard lk(e_.mu);
+    ahead_ = e_.opt.prefetch.value_or(0);
+  }
+  while (!st.stop_requested() && !e_.stop_requested) {
+    {
+      std::unique_lock lk(e_.mu);
+      waiting_ = true;
+      e_.cv_capacity.wait(lk, st, [&] { return e_.stop_requested || should_claim(); });
+      waiting_ = false;
+      if (st.stop_requested() || e_.stop_requested) break;
+      request.limit = std::min(e_.opt.claim_batch, room());
+      claiming_ = request.limit;
+    }
+    std::vector<Lease> leases;
+    auto started = Steady::now();
+    auto claim_started_at = std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now());
+    try {
+      leases = e_.store.claim(request);
+      backoff.reset();
+    } catch (const std::exception& e) {
+      {
+        std::lock_guard lk(e_.mu);
+        claiming_ = 0;
+      }
+      e_.store_error("claim", e);
+      e_.nap(backoff.next(), st);
+      continue;
+    }
+    if (!leases.empty()) {
+      std::vector<std::shared_ptr<TaskRun>> runs;
+      runs.reserve(leases.size());
+      for (auto& l : leases) runs.push_back(std::make_shared<TaskRun>(e_, std::move(l), started, e_.opt.lease));
+      {
+        std::lock_guard lk(e_.mu);
+        for (auto& run : runs) {
+          run->held_at = e_.held.insert(e_.held.end(), run);
+          e_.buffer.push_back(run);
+        }
+      }
+      e_.counters.claimed.fetch_add(runs.size());
+      e_.counters.in_flight.fetch_add(runs.size());
+      if (runs.size() == 1) e_.cv_work.notify_one();
+      else e_.cv_work.notify_all();
+      e_.log(LogLevel::debug, "claimed {} task(s)", runs.size());
+    }
+    adapt(started);
+    if (static_cast<int>(leases.size()) < request.limit && !st.stop_requested() && !e_.stop_requested) {
+      // The queues look drained: sleep until a notification, wake() or the poll interval.
+      try {
+        e_.store.wait_for_tasks(e_.opt.queues, idle_wait(claim_started_at));
+      } catch (const std::exception& e) {
+        e_.store_error("waiting for tasks", e);
+        e_.nap(backoff.next(), st);
+      }
+      // Time spent idle says nothing about the handlers' pace.
+      mark_ = Steady::now();
+      std::lock_guard lk(e_.mu);
+      started_mark_ = e_.started;
+    }
+  }
+  {
+    std::lock_guard lk(e_.mu);
+    e_.claimer_done = true;
+  }
+  e_.cv_state.notify_all();
+}
+
+void Claimer::note_retry(TimePoint at) {
+  bool earliest = false;
+  {
+    std::lock_guard lk(e_.mu);
+    if (retries_due_.size() < 100000) {
+      retries_due_.push(at.time_since_epoch().count());
+      earliest = retries_due_.top() == at.time_since_epoch().count();
+    }
+  }
+  // The claimer may already be waiting out a longer timeout (the store's own
+  // notification about this retry can beat us to it): have it recompute.
+  if (earliest) e_.wake_store();
+}
+
+// How long the idle claimer may wait: the poll interval, or less when one of
+// our retries comes due sooner. Retries due before the last claim started had
+// their chance in it.
+Millis Claimer::idle_wait(TimePoint last_claim) {
+  std::lock_guard lk(e_.mu);
+  while (!retries_due_.empty() && retries_due_.top() <= last_claim.time_since_epoch().count()) retries_due_.pop();
+  if (retries_due_.empty()) return e_.opt.poll_interval;
+  auto now = std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now());
+  auto wait = std::chrono::ceil<Millis>(std::chrono::microseconds(retries_due_.top()) - now.time_since_epoch());
+  return std::clamp(wait + Millis(1), Millis(1), e_.opt.poll_interval);
+}
+
+}  // namespace eoq::detail

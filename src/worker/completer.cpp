@@ -1,0 +1,231 @@
+// Settlement: the one path from a handler's verdict to a store call to a
+// counter. Failures, and successes whose handler opened a transaction, settle
+// on the handler's thread (their store call commits the handler's own writes);
+// plain successes go to the completer threads, which settle many per round trip.
+#include "worker/engine.hpp"
+
+namespace eoq::detail {
+
+bool Completer::settle(TaskRun& run, const Verdict& verdict) {
+  switch (verdict.kind) {
+    case Verdict::Kind::lease_lost:
+      run.drop_transaction();
+      e_.finish(run, Outcome::lease_lost);
+      return true;
+    case Verdict::Kind::failed:
+      // A failed handler's writes must not commit: roll back, then record the
+      // failure outside the transaction.
+      run.drop_transaction();
+      settle_failure(run, verdict.failure);
+      return true;
+    case Verdict::Kind::succeeded:
+      if (!run.tx) return false;
+      settle_transaction(run);
+      return true;
+  }
+  return true;
+}
+
+void Completer::settle_failure(TaskRun& run, const Failure& failure) {
+  ErrorBackoff backoff(e_.opt.error_backoff_initial, e_.opt.error_backoff_max);
+  for (;;) {
+    try {
+      auto out = e_.store.fail(run.lease, failure);
+      if (out.status == TaskStatus::pending) {
+        if (out.retry_at) e_.claimer.note_retry(*out.retry_at);
+        e_.log(LogLevel::info, "{} failed, will retry: {}", run.describe(), failure.error);
+        e_.finish(run, Outcome::retried);
+      } else if (out.status == TaskStatus::cancelled) {
+        e_.log(LogLevel::info, "{} cancelled", run.describe());
+        e_.finish(run, Outcome::cancelled);
+      } else {
+        e_.log(LogLevel::warning, "{} failed{}: {}", run.describe(), failure.permanent ? " permanently" : "",
+               failure.error);
+        e_.finish(run, Outcome::failed);
+      }
+      return;
+    } catch (const LeaseLost& e) {
+      if (run.in_doubt) {
+        if (auto o = settled_by_us(run)) {
+          e_.finish(run, *o);
+          return;
+        }
+      }
+      e_.log(LogLevel::warning, "{}: failure not recorded: {}", run.describe(), e.what());
+      e_.finish(run, Outcome::lease_lost);
+      return;
+    } catch (const std::exception& e) {
+      e_.store_error(fmt::format("{}: recording the failure", run.describe()), e);
+      if (dynamic_cast<const CommitInDoubt*>(&e)) run.in_doubt = true;
+      if (!is_transient(e) || e_.give_up || run.locally_expired(Steady::now())) {
+        e_.finish(run, Outcome::abandoned);
+        return;
+      }
+      e_.nap(backoff.next(), {});
+    }
+  }
+}
+
+void Completer::settle_transaction(TaskRun& run) {
+  try {
+    run.tx->complete(run.result);
+    run.drop_transaction();
+    e_.finish(run, Outcome::succeeded);
+    return;
+  } catch (const LeaseLost& e) {
+    run.drop_transaction();
+    e_.log(LogLevel::warning, "{}: completion rejected, its writes rolled back: {}", run.describe(), e.what());
+    e_.finish(run, Outcome::lease_lost);
+    return;
+  } catch (const CommitInDoubt& e) {
+    run.drop_transaction();
+    e_.store_error(fmt::format("{}: completing", run.describe()), e);
+    if (auto o = settled_by_us(run)) {
+      e_.finish(run, *o);
+      return;
+    }
+  } catch (const std::exception& e) {
+    run.drop_transaction();
+    e_.store_error(fmt::format("{}: completing", run.describe()), e);
+  }
+  // The handler's writes did not commit and cannot be replayed from here: hand
+  // the task back so it runs again from its last checkpoint.
+  give_back(run, "its completion could not be committed");
+}
+
+// The task becomes pending again at once and the interrupted attempt does not
+// count. If the handler is still running, its lease is gone from now on and
+// whatever it does later is discarded.
+void Completer::give_back(TaskRun& run, std::string_view why) {
+  run.heartbeats_off = true;
+  // Before the call, so a handler returning meanwhile discards its outcome
+  // instead of racing the release with a completion.
+  run.lost = true;
+  try {
+    e_.store.release(run.lease);
+    e_.log(LogLevel::info, "{}: lease given back ({})", run.describe(), why);
+    e_.finish(run, Outcome::released);
+  } catch (const LeaseLost&) {
+    e_.finish(run, Outcome::lease_lost);
+  } catch (const std::exception& e) {
+    e_.store_error(fmt::format("{}: giving the lease back", run.describe()), e);
+    e_.finish(run, Outcome::abandoned);  // the lease runs out on its own
+  }
+  run.notify();
+}
+
+// After a COMMIT in doubt: did our settlement land? It did if the row moved
+// exactly one version past our token and left `running` (a new owner would
+// have moved it at least one version by its claim, and another by settling).
+std::optional<Outcome> Completer::settled_by_us(TaskRun& run) {
+  try {
+    auto task = e_.store.get(run.lease.task.id);
+    if (!task || task->version != run.lease.token + 1 || task->status == TaskStatus::running) return std::nullopt;
+    switch (task->status) {
+      case TaskStatus::succeeded: return Outcome::succeeded;
+      case TaskStatus::pending: return Outcome::retried;
+      case TaskStatus::cancelled: return Outcome::cancelled;
+      default: return Outcome::failed;
+    }
+  } catch (const std::exception& e) {
+    e_.store_error(fmt::format("{}: checking an in-doubt settlement", run.describe()), e);
+    return std::nullopt;
+  }
+}
+
+void Completer::run(const std::stop_token& st) {
+  ErrorBackoff backoff(e_.opt.error_backoff_initial, e_.opt.error_backoff_max);
+  std::vector<std::shared_ptr<TaskRun>> batch;
+  for (;;) {
+    batch.clear();
+    bool wake_claimer = false, wake_other = false;
+    {
+      std::unique_lock lk(e_.mu);
+      e_.cv_complete.wait(lk, st, [&] { return !e_.completions.empty(); });
+      if (e_.completions.empty()) break;  // stop requested and nothing left
+      auto n = std::min(e_.completions.size(), static_cast<std::size_t>(e_.opt.complete_batch));
+      auto end = e_.completions.begin() + static_cast<std::ptrdiff_t>(n);
+      batch.assign(std::make_move_iterator(e_.completions.begin()), std::make_move_iterator(end));
+      e_.completions.erase(e_.completions.begin(), end);
+      // More than one batch waiting: the other completer takes the next in parallel.
+      wake_other = !e_.completions.empty();
+      wake_claimer = e_.claimer.should_wake();
+    }
+    if (wake_other) e_.cv_complete.notify_one();
+    if (wake_claimer) e_.cv_capacity.notify_one();
+    if (flush(batch)) {
+      backoff.reset();
+      continue;
+    }
+    // A transient error: keep what can still be settled, in front, and retry after a pause.
+    auto now = Steady::now();
+    std::vector<std::shared_ptr<TaskRun>> retry;
+    for (auto& run : batch) {
+      if (run->lost) e_.finish(*run, Outcome::lease_lost);
+      else if (e_.give_up || run->locally_expired(now)) {
+        e_.log(LogLevel::warning, "{}: completion could not be recorded before the lease ran out", run->describe());
+        e_.finish(*run, Outcome::abandoned);
+      } else retry.push_back(run);
+    }
+    if (!retry.empty()) {
+      std::lock_guard lk(e_.mu);
+      e_.completions.insert(e_.completions.begin(), retry.begin(), retry.end());
+    }
+    e_.nap(backoff.next(), {});
+  }
+  {
+    std::lock_guard lk(e_.mu);
+    --e_.completers_running;
+  }
+  e_.cv_state.notify_all();
+}
+
+// Settles a batch in one round trip. False: a transient error, nothing settled, retry.
+bool Completer::flush(std::vector<std::shared_ptr<TaskRun>>& batch) {
+  std::vector<Completion> items;
+  items.reserve(batch.size());
+  for (auto& run : batch) items.push_back(Completion{&run->lease, run->result});
+  std::vector<bool> applied;
+  try {
+    applied = e_.store.complete_batch(items);
+  } catch (const std::exception& e) {
+    e_.store_error(fmt::format("completing {} task(s)", batch.size()), e);
+    if (dynamic_cast<const CommitInDoubt*>(&e))
+      for (auto& run : batch) run->in_doubt = true;
+    if (is_transient(e)) return false;
+    // Not worth retrying as a batch (a bad row?): settle one by one so one
+    // task cannot hold the others back.
+    for (auto& run : batch) complete_one(*run);
+    return true;
+  }
+  std::vector<TaskRun*> done;
+  done.reserve(batch.size());
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    auto& run = *batch[i];
+    if (i < applied.size() && applied[i]) {
+      done.push_back(&run);
+    } else if (auto o = run.in_doubt ? settled_by_us(run) : std::nullopt) {
+      e_.finish(run, *o);
+    } else {
+      e_.log(LogLevel::warning, "{}: completion rejected, the lease was lost", run.describe());
+      e_.finish(run, Outcome::lease_lost);
+    }
+  }
+  e_.finish(done, Outcome::succeeded);
+  return true;
+}
+
+void Completer::complete_one(TaskRun& run) {
+  try {
+    e_.store.complete(run.lease, run.result);
+    e_.finish(run, Outcome::succeeded);
+  } catch (const LeaseLost& e) {
+    e_.log(LogLevel::warning, "{}: completion rejected: {}", run.describe(), e.what());
+    e_.finish(run, Outcome::lease_lost);
+  } catch (const std::exception& e) {
+    e_.store_error(fmt::format("{}: completing", run.describe()), e);
+    e_.finish(run, Outcome::abandoned);
+  }
+}
+
+}  // namespace eoq::detail

@@ -1,0 +1,296 @@
+#pragma once
+// The worker's inside: a small shared state (Engine) and the roles that work on
+// it, one file each:
+//
+//   claimer.cpp      claims leases into the buffer, as many as the handlers will start soon
+//   executor.cpp     the handler threads: take a lease, run the handler, hand on a Verdict
+//   completer.cpp    settlement, the one path from Verdict to store call to counter;
+//                    plain successes are settled in batches by the completer threads
+//   heartbeat.cpp    keeps every held lease alive and hears cancel requests
+//   maintenance.cpp  store.maintain() now and then, and the periodic scheduler
+//   worker.cpp       the Worker facade, start, and the ordered shutdown
+//
+// Every claimed lease lives in a TaskRun in `held` until exactly one finish()
+// records its outcome; the heartbeat extends everything in `held`, so buffered
+// leases and leases waiting for the completer stay alive too.
+#include <eoq/worker.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <fmt/format.h>
+#include <list>
+#include <map>
+#include <mutex>
+#include <queue>
+#include <span>
+#include <stop_token>
+#include <thread>
+
+namespace eoq::detail {
+
+using Steady = std::chrono::steady_clock;
+
+double unit_random();
+bool is_transient(const std::exception& e) noexcept;
+
+// Waits after consecutive transient errors: doubling, capped, +-20% jitter so a
+// fleet that lost its database does not reconnect in lockstep.
+class ErrorBackoff {
+ public:
+  ErrorBackoff(Millis initial, Millis max) : initial_(initial), max_(max), next_(initial) {}
+  Millis next();
+  void reset() { next_ = initial_; }
+
+ private:
+  Millis initial_, max_, next_;
+};
+
+// How a lease ended, as counted in WorkerCounters.
+enum class Outcome { succeeded, failed, retried, cancelled, lease_lost, released, abandoned };
+
+// What running the handler came to. Settlement turns it into a store call.
+struct Verdict {
+  enum class Kind { succeeded, failed, lease_lost } kind = Kind::succeeded;
+  Failure failure{};  // kind == failed
+};
+
+class Engine;
+
+struct TaskRun {
+  TaskRun(Engine& e, Lease l, Steady::time_point claim_started, Millis lease_length)
+      : engine(&e),
+        lease(std::move(l)),
+        last_beat(claim_started.time_since_epoch().count()),
+        expires((claim_started + lease_length).time_since_epoch().count()),
+        checkpoint_stage(lease.task.checkpoint_stage),
+        checkpoint_state(lease.task.checkpoint) {}
+
+  Engine* engine;
+  const Lease lease;  // never changes: heartbeats keep the token, so threads share it read-only
+  std::list<std::shared_ptr<TaskRun>>::iterator held_at;  // its place in Engine::held (under mu)
+
+  // Steady-clock ticks: when the last heartbeat was sent, and when the lease ends
+  // at the latest if no later heartbeat got through (measured from the send, so
+  // it errs early).
+  std::atomic<Steady::rep> last_beat;
+  std::atomic<Steady::rep> expires;
+
+  std::atomic<bool> lost{false};            // the store fenced the lease off
+  std::atomic<bool> cancel{false};          // cancel() was requested
+  std::atomic<bool> heartbeats_off{false};  // released, or left to expire at shutdown
+  std::atomic<bool> settled{false};         // finish() ran
+  std::atomic<bool> in_handler{false};      // the handler is running now
+  bool in_doubt = false;                    // a settlement's COMMIT outcome is unknown (settling thread only)
+
+  // Wakes TaskContext::sleep_for when a flag above changes.
+  std::mutex wake_mu;
+  std::condition_variable wake_cv;
+  void notify() {
+    { std::lock_guard lk(wake_mu); }
+    wake_cv.notify_all();
+  }
+
+  // Owned by the handler thread while the handler runs, then by whoever settles.
+  std::string result = "null";
+  std::optional<std::string> checkpoint_stage;
+  std::optional<std::string> checkpoint_state;
+  std::unique_ptr<LeaseTransaction> tx;
+  std::optional<TaskTransaction> tx_view;
+  int last_percent = -1;
+  std::string last_stage;
+
+  bool locally_expired(Steady::time_point now) const noexcept {
+    return now.time_since_epoch().count() >= expires.load();
+  }
+  std::string describe() const {
+    return fmt::format("task {} ({}, attempt {})", lease.task.id, lease.task.type, lease.task.attempts);
+  }
+  void drop_transaction() {
+    tx_view.reset();
+    tx.reset();  // rolls back whatever the handler wrote and did not commit
+  }
+};
+
+// Claims as many leases as the handlers will start before the next claim could
+// answer, and no more, so fast tasks are claimed in large batches and slow ones
+// stay in the queue for other workers.
+class Claimer {
+ public:
+  explicit Claimer(Engine& e) : e_(e) {}
+  void run(const std::stop_token& st);
+  // Call with Engine::mu held.
+  bool should_claim() const;
+  bool should_wake() const { return waiting_ && should_claim(); }
+  int ahead() const noexcept { return ahead_; }
+  // A retry this worker scheduled comes due at `at` (store time).
+  void note_retry(TimePoint at);
+
+ private:
+  int room() const;
+  void adapt(Steady::time_point claim_started);
+  Millis idle_wait(TimePoint last_claim);
+
+  Engine& e_;
+  // Guarded by Engine::mu.
+  bool waiting_ = false;
+  int ahead_ = 0;  // leases held beyond the handler threads
+  int claiming_ = 0;
+  // The handlers' pace: leases taken from the buffer per second, and the claim's
+  // round trip, both smoothed. Only the claimer thread touches these.
+  double rate_ = 0, rtt_ = 0;
+  std::uint64_t started_mark_ = 0;
+  Steady::time_point mark_{};
+  // When retries this worker scheduled come due (store time, microseconds since
+  // the epoch). A retry becoming due sends no notification, so the idle claimer
+  // wakes for it instead of waiting out the poll interval. Guarded by Engine::mu.
+  std::priority_queue<std::int64_t, std::vector<std::int64_t>, std::greater<>> retries_due_;
+};
+
+class Executor {
+ public:
+  explicit Executor(Engine& e) : e_(e) {}
+  void run(const std::stop_token& st);  // one handler thread
+
+ private:
+  Verdict execute(TaskRun& run);
+  Engine& e_;
+};
+
+class Completer {
+ public:
+  explicit Completer(Engine& e) : e_(e) {}
+  void run(const std::stop_token& st);  // one completer thread
+  // The settlement of a handler's verdict. Returns false for a plain success,
+  // which the caller queues for a batched completion (it holds Engine::mu
+  // anyway to take its next lease); everything else is settled here.
+  bool settle(TaskRun& run, const Verdict& verdict);
+  // Pending again at once, the interrupted attempt not counted.
+  void give_back(TaskRun& run, std::string_view why);
+
+ private:
+  void settle_failure(TaskRun& run, const Failure& failure);
+  void settle_transaction(TaskRun& run);
+  bool flush(std::vector<std::shared_ptr<TaskRun>>& batch);
+  void complete_one(TaskRun& run);
+  std::optional<Outcome> settled_by_us(TaskRun& run);
+  Engine& e_;
+};
+
+class Heartbeater {
+ public:
+  explicit Heartbeater(Engine& e) : e_(e) {}
+  void run(const std::stop_token& st);
+
+ private:
+  bool beat(TaskRun& run);
+  void drop_if_buffered(TaskRun& run);
+  Engine& e_;
+};
+
+class Maintainer {
+ public:
+  explicit Maintainer(Engine& e) : e_(e) {}
+  void maintain(const std::stop_token& st);
+  void schedule(const std::stop_token& st);
+
+ private:
+  Engine& e_;
+};
+
+class Engine {
+ public:
+  Engine(TaskStore& s, WorkerOptions o);
+  ~Engine() { stop(); }
+
+  TaskStore& store;
+  const WorkerOptions opt;
+  std::string id;
+  Millis heartbeat_interval{};
+  std::map<std::string, Handler, std::less<>> handlers;
+  std::vector<PeriodicTask> periodics;
+
+  // Settling many small successes per round trip: two batches in flight keep
+  // the database busy while the other answers.
+  static constexpr int kCompleters = 2;
+
+  template <class... Args>
+  void log(LogLevel level, fmt::format_string<Args...> format, Args&&... args) const {
+    if (level < opt.log_level) return;
+    if (!opt.logger && level < LogLevel::warning) return;
+    std::string message;
+    try {
+      message = fmt::format(format, std::forward<Args>(args)...);
+    } catch (...) {
+      return;
+    }
+    emit(level, message);
+  }
+  void emit(LogLevel level, std::string_view message) const noexcept;
+  void store_error(std::string_view what, const std::exception& e);
+  // store.wake(), whose failure only costs a poll interval: logged, not thrown.
+  void wake_store() noexcept;
+
+  struct Counters {
+    std::atomic<std::uint64_t> claimed{0}, succeeded{0}, failed{0}, retried{0}, cancelled{0}, lease_lost{0},
+        released{0}, abandoned{0}, in_flight{0}, store_errors{0}, handler_runs{0};
+    std::atomic<std::int64_t> handler_us_total{0}, handler_us_max{0};
+    std::array<std::atomic<std::uint64_t>, WorkerCounters::duration_bounds.size() + 1> buckets{};
+  } counters;
+  WorkerCounters snapshot() const noexcept;
+  void record_duration(Steady::duration d) noexcept;
+
+  // Lifecycle.
+  enum class State { idle, running, stopped };
+  mutable std::mutex life_mu;  // serialises start() and stop()
+  std::atomic<State> state{State::idle};
+  std::atomic<bool> stop_requested{false};  // request_stop(): run() returns, claiming ends
+  std::atomic<bool> stopping{false};        // TaskContext::stopping()
+  std::atomic<bool> give_up{false};         // shutdown deadline passed: store errors are no longer retried
+  void start();
+  void request_stop() noexcept;
+  void run();
+  void stop();
+
+  // Guarded by mu, down to the threads.
+  std::mutex mu;
+  std::condition_variable_any cv_work;      // handlers: buffer not empty
+  std::condition_variable_any cv_capacity;  // claimer: room for more leases
+  std::condition_variable_any cv_complete;  // completers: completions queued
+  std::condition_variable_any cv_state;     // stop()/run(): handlers idle, claimer or completers done, stop requested
+  std::condition_variable_any cv_sleep;     // back-off and timer waits, cut short by give_up or stop tokens
+  std::deque<std::shared_ptr<TaskRun>> buffer;
+  std::deque<std::shared_ptr<TaskRun>> completions;
+  std::list<std::shared_ptr<TaskRun>> held;
+  int busy_handlers = 0;
+  std::uint64_t started = 0;  // leases taken from the buffer, ever
+  bool claimer_done = false;
+  int completers_running = 0;
+
+  // Records the one outcome of a lease and forgets it. Later calls are ignored,
+  // so racing paths (a heartbeat that sees the completion as a lost lease)
+  // cannot count a lease twice. The caller holds a shared_ptr to each run:
+  // `held` lets go of its own here. Many at once take the lock once.
+  void finish(TaskRun& run, Outcome outcome);
+  void finish(std::span<TaskRun* const> runs, Outcome outcome);
+  // Sleeps for `d`, or less when the stop token fires or shutdown gives up.
+  void nap(Millis d, const std::stop_token& st);
+
+  Claimer claimer{*this};
+  Executor executor{*this};
+  Completer completer{*this};
+  Heartbeater heartbeater{*this};
+  Maintainer maintainer{*this};
+
+ private:
+  void validate_options() const;
+  mutable std::mutex log_mu;
+  std::jthread claimer_thread, heartbeat_thread, scheduler_thread, maintenance_thread;
+  std::vector<std::jthread> handler_threads, completer_threads;
+};
+
+// The engine whose handler runs on this thread, if any: stop() from a handler
+// must not join its own thread.
+extern thread_local const Engine* current_handler_engine;
+
+}  // namespace eoq::detail

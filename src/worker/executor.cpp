@@ -1,0 +1,170 @@
+// The executor: the handler threads. Each takes a lease from the buffer, runs
+// the handler, and hands the verdict to settlement. A plain success is queued
+// for the completers in the same critical section that takes the next lease,
+// so a short task costs one lock round, not three.
+#include "worker/engine.hpp"
+
+#include "common/validate.hpp"
+
+namespace eoq::detail {
+
+void Executor::run(const std::stop_token& st) {
+  current_handler_engine = &e_;
+  std::shared_ptr<TaskRun> run, queued;  // queued: a plain success for the completers
+  bool ran = false;
+  auto take = [&] {
+    run = std::move(e_.buffer.front());
+    e_.buffer.pop_front();
+    ++e_.busy_handlers;
+    ++e_.started;
+  };
+  for (;;) {
+    bool wake_completer = false, wake_claimer = false, wake_stop = false;
+    {
+      std::lock_guard lk(e_.mu);
+      if (ran) {
+        --e_.busy_handlers;
+        if (queued) {
+          // The completers wait only for an empty queue; whoever makes it non-empty wakes one.
+          wake_completer = e_.completions.empty();
+          e_.completions.push_back(std::move(queued));
+        }
+        wake_stop = e_.stop_requested;  // only stop() waits for busy_handlers, after setting it
+        ran = false;
+      }
+      // Once stopping, nothing new starts: stop() gives the buffered leases back.
+      if (!e_.buffer.empty() && !e_.stopping) take();
+      wake_claimer = e_.claimer.should_wake();
+    }
+    if (wake_completer) e_.cv_complete.notify_one();
+    if (wake_claimer) e_.cv_capacity.notify_one();
+    if (wake_stop) e_.cv_state.notify_all();
+    if (!run) {
+      std::unique_lock lk(e_.mu);
+      if (!e_.cv_work.wait(lk, st, [&] { return !e_.buffer.empty() && !e_.stopping; })) return;
+      take();
+    }
+    auto verdict = execute(*run);
+    ran = true;
+    if (!e_.completer.settle(*run, verdict)) queued = run;
+    run.reset();
+  }
+}
+
+Verdict Executor::execute(TaskRun& run) {
+  if (run.lost) {
+    e_.log(LogLevel::warning, "{}: lease lost before the handler started; skipped", run.describe());
+    return {Verdict::Kind::lease_lost};
+  }
+  auto handler = e_.handlers.find(run.lease.task.type);
+  if (handler == e_.handlers.end())
+    return {Verdict::Kind::failed,
+            Failure{fmt::format("no handler registered for task type '{}' on worker {}", run.lease.task.type, e_.id),
+                    true}};
+
+  std::optional<Failure> failure;
+  auto started = Steady::now();
+  run.in_handler = true;
+  try {
+    TaskContext ctx(run);
+    handler->second(ctx);
+  } catch (const PermanentError& e) {
+    failure = Failure{e.what(), true};
+  } catch (const LeaseLost& e) {
+    run.lost = true;
+    e_.log(LogLevel::warning, "{}: {}", run.describe(), e.what());
+  } catch (const std::exception& e) {
+    failure = Failure{e.what(), false};
+  } catch (...) {
+    failure = Failure{"handler threw a non-standard exception", false};
+  }
+  run.in_handler = false;
+  e_.record_duration(Steady::now() - started);
+
+  if (run.lost) {
+    if (!run.settled)
+      e_.log(LogLevel::warning, "{}: lease lost while the handler ran; its outcome is discarded", run.describe());
+    return {Verdict::Kind::lease_lost};
+  }
+  if (failure) return {Verdict::Kind::failed, std::move(*failure)};
+  return {Verdict::Kind::succeeded};
+}
+
+}  // namespace eoq::detail
+
+// ------------------------------------------------------------------ TaskContext
+
+namespace eoq {
+
+const Task& TaskContext::task() const noexcept { return run_->lease.task; }
+TaskId TaskContext::id() const noexcept { return run_->lease.task.id; }
+const std::string& TaskContext::queue() const noexcept { return run_->lease.task.queue; }
+const std::string& TaskContext::type() const noexcept { return run_->lease.task.type; }
+const std::optional<std::string>& TaskContext::key() const noexcept { return run_->lease.task.key; }
+const std::string& TaskContext::payload() const noexcept { return run_->lease.task.payload; }
+int TaskContext::attempt() const noexcept { return run_->lease.task.attempts; }
+const Lease& TaskContext::lease() const noexcept { return run_->lease; }
+std::string TaskContext::idempotency_token() const { return fmt::format("eoq-task-{}", run_->lease.task.id); }
+
+void TaskContext::progress(int percent, std::string_view stage) {
+  detail::validate_progress(percent, stage);
+  if (percent == run_->last_percent && stage == run_->last_stage) return;
+  try {
+    run_->engine->store.progress(run_->lease, percent, stage);
+    run_->last_percent = percent;
+    run_->last_stage = std::string(stage);
+  } catch (const LeaseLost&) {
+    run_->lost = true;
+    throw;
+  } catch (const InvalidArgument&) {
+    throw;
+  } catch (const std::exception& e) {
+    run_->engine->store_error(fmt::format("{}: progress", run_->describe()), e);
+  }
+}
+
+void TaskContext::set_result(std::string json) {
+  if (!detail::is_json(json)) throw InvalidArgument("result", "must be valid JSON text");
+  run_->result = std::move(json);
+}
+
+const std::optional<std::string>& TaskContext::checkpoint_stage() const noexcept { return run_->checkpoint_stage; }
+const std::optional<std::string>& TaskContext::checkpoint_state() const noexcept { return run_->checkpoint_state; }
+
+void TaskContext::checkpoint(std::string_view stage, std::string_view state_json) {
+  try {
+    if (run_->tx) run_->tx->checkpoint(stage, state_json);
+    else run_->engine->store.checkpoint(run_->lease, stage, state_json);
+  } catch (const LeaseLost&) {
+    run_->lost = true;
+    throw;
+  }
+  run_->checkpoint_stage = std::string(stage);
+  run_->checkpoint_state = std::string(state_json);
+}
+
+TaskTransaction& TaskContext::transaction() {
+  if (!run_->tx) {
+    run_->tx = run_->engine->store.begin(run_->lease);
+    run_->tx_view.emplace(*run_->tx);
+  }
+  return *run_->tx_view;
+}
+
+Rows TaskContext::exec(std::string_view sql, const Params& params) { return transaction().exec(sql, params); }
+bool TaskContext::in_transaction() const noexcept { return run_->tx != nullptr; }
+bool TaskContext::cancelled() const noexcept { return run_->cancel.load(); }
+bool TaskContext::stopping() const noexcept { return run_->engine->stopping.load(); }
+bool TaskContext::lease_lost() const noexcept { return run_->lost.load(); }
+
+bool TaskContext::sleep_for(Millis duration) {
+  std::unique_lock lk(run_->wake_mu);
+  run_->wake_cv.wait_for(lk, duration, [&] { return should_stop(); });
+  return !should_stop();
+}
+
+void TaskContext::log(LogLevel level, std::string_view message) const {
+  run_->engine->log(level, "{}: {}", run_->describe(), message);
+}
+
+}  // namespace eoq
