@@ -2,8 +2,9 @@
 // throughput, idle submit-to-start latency and growth, all in one run on one
 // server, so that every figure can be read as a ratio of the ceiling.
 //
-//   throughput [--tasks N] [--concurrency C] [--claim-batch B] [--prefetch P] [--latency-tasks L]
-//              [--ceiling-seconds S] [--ceiling-clients K] [--growth G]
+//   throughput [--defaults | --concurrency C --claim-batch B --prefetch P] [--tasks N] [--latency-tasks L]
+//              [--bulk-batch K] [--ceiling-seconds S] [--ceiling-clients K] [--growth G]
+//   throughput --help
 //
 // Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself
 // (PostgreSQL defaults: fsync and synchronous_commit on).
@@ -13,12 +14,16 @@
 
 #include <fmt/format.h>
 #include <libpq-fe.h>
+#include <csignal>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <optional>
 #include <fstream>
 #include <mutex>
 #include <random>
@@ -30,14 +35,34 @@ using SteadyClock = std::chrono::steady_clock;
 
 struct Args {
   int tasks = 100000;
+  bool defaults = false;  // the Worker with WorkerOptions{} but for its queue
   int concurrency = 8;
   int claim_batch = 1000;
-  int prefetch = 1000;
+  std::optional<int> prefetch{};
   int latency_tasks = 1000;
+  int bulk_batch = 10000;
   double ceiling_seconds = 10;
-  int ceiling_clients = 4;
+  int ceiling_clients = 8;
   int growth = 1000000;
+  int sharing = 400;
 };
+
+const char* kHelp = R"(throughput: eoq's end-to-end figures on one server, each with a ratio to a baseline of the same run.
+
+  --tasks N            tasks per drain (default 100000)
+  --defaults           drain with WorkerOptions{} (only the queue set); overrides the three below
+  --concurrency C      handler threads (default 8)
+  --claim-batch B      most tasks per claim (default 1000)
+  --prefetch P         fixed look-ahead; without it the worker measures its own
+  --latency-tasks L    idle submit-to-start samples (default 1000)
+  --bulk-batch K       tasks per submit_batch call (default 10000)
+  --ceiling-seconds S  length of each ceiling run (default 10)
+  --ceiling-clients K  clients of the ceiling runs (default 8, as pgbench -c 8)
+  --growth G           finished tasks kept for the growth and retention drains (default 1000000; 0: skip)
+  --sharing T          slow tasks (50 ms) shared by two worker processes (default 400; 0: skip)
+
+Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself.
+)";
 
 Args parse(int argc, char** argv) {
   Args a;
@@ -47,7 +72,12 @@ Args parse(int argc, char** argv) {
       if (i + 1 >= argc) throw std::runtime_error("missing value after " + k);
       return argv[++i];
     };
-    if (k == "--tasks") a.tasks = std::stoi(next());
+    if (k == "--help" || k == "-h") {
+      std::fputs(kHelp, stdout);
+      std::exit(0);
+    } else if (k == "--defaults") a.defaults = true;
+    else if (k == "--bulk-batch") a.bulk_batch = std::stoi(next());
+    else if (k == "--tasks") a.tasks = std::stoi(next());
     else if (k == "--concurrency") a.concurrency = std::stoi(next());
     else if (k == "--claim-batch") a.claim_batch = std::stoi(next());
     else if (k == "--prefetch") a.prefetch = std::stoi(next());
@@ -55,6 +85,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--ceiling-seconds") a.ceiling_seconds = std::stod(next());
     else if (k == "--ceiling-clients") a.ceiling_clients = std::stoi(next());
     else if (k == "--growth") a.growth = std::stoi(next());
+    else if (k == "--sharing") a.sharing = std::stoi(next());
     else throw std::runtime_error("unknown argument " + k);
   }
   return a;
@@ -162,15 +193,37 @@ struct Drain {
   long max_rss_kib;
 };
 
-Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n) {
+// The store alone, no Worker: one thread claims 1,000 and completes them in one
+// batch, over and over. What the Worker adds (or loses) is the difference.
+double bare_loop(eoq::TaskStore& s, const std::string& queue, int n) {
+  eoq::ClaimRequest req{{queue}, "bare-loop", 1000, eoq::Millis(30000)};
+  auto t0 = SteadyClock::now();
+  int done = 0;
+  while (done < n) {
+    auto leases = s.claim(req);
+    if (leases.empty()) throw std::runtime_error("bare loop: the queue ran dry early");
+    std::vector<eoq::Completion> c;
+    c.reserve(leases.size());
+    for (auto& l : leases) c.push_back(eoq::Completion{&l, "null"});
+    s.complete_batch(c);
+    done += static_cast<int>(leases.size());
+  }
+  return n / seconds_since(t0);
+}
+
+// `maintain`: run the store's maintenance (and so retention) every second
+// rather than the default half minute.
+Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n, bool maintain = false) {
   std::atomic<int> ran{0};
   eoq::WorkerOptions o;
   o.queues = {queue};
-  o.concurrency = a.concurrency;
-  o.claim_batch = a.claim_batch;
-  o.prefetch = a.prefetch;  // a local buffer, as graphile-worker's localQueue
-  o.complete_batch = a.claim_batch;
-  o.maintenance_interval = eoq::Millis(1000);
+  if (maintain) o.maintenance_interval = eoq::Millis(1000);
+  if (!a.defaults) {
+    o.concurrency = a.concurrency;
+    o.claim_batch = a.claim_batch;
+    o.prefetch = a.prefetch;
+    o.complete_batch = a.claim_batch;
+  }
   eoq::Worker w(s, o);
   w.on("noop", [&](eoq::TaskContext&) { ran.fetch_add(1, std::memory_order_relaxed); });
   long rss = 0;
@@ -190,6 +243,84 @@ Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n) {
 struct Latency {
   double p50, p99, p999, max;
 };
+
+// One of the worker processes of the sharing run: WorkerOptions defaults with
+// four handler threads on `queue`, until SIGTERM.
+int fair_child(const std::string& url, const std::string& schema, const std::string& queue) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  eoq::PostgresOptions po;
+  po.conninfo = url;
+  po.schema = schema;
+  eoq::PostgresStore store(po);
+  eoq::WorkerOptions o;
+  o.queues = {queue};
+  o.concurrency = 4;
+  if (std::getenv("EOQ_BENCH_DEBUG")) {
+    o.log_level = eoq::LogLevel::debug;
+    o.logger = [](eoq::LogLevel, std::string_view m) {
+      fmt::print(stderr, "[{} {}] {}\n", getpid(), SteadyClock::now().time_since_epoch().count() / 1000000 % 100000, m);
+    };
+  }
+  eoq::Worker w(store, o);
+  w.on("slow", [](eoq::TaskContext&) { std::this_thread::sleep_for(std::chrono::milliseconds(50)); });
+  w.start();
+  std::fputc('r', stdout);  // ready: the parent submits once both workers run
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&set, &sig);
+  w.stop();
+  if (std::getenv("EOQ_BENCH_DEBUG"))
+    fmt::print(stderr, "sharing child {}: {} claimed, {} succeeded, {} released\n", getpid(), w.counters().claimed,
+               w.counters().succeeded, w.counters().released);
+  return 0;
+}
+
+// Slow tasks shared fairly: `tasks` tasks of 50 ms, two worker processes of
+// four threads each. Returns the makespan over the ideal (tasks * 50 ms / 8):
+// a worker that hoards leases in its buffer leaves the other idle and shows here.
+double sharing(eoq::PostgresStore& s, const std::string& url, const std::string& schema, int tasks) {
+  const std::string queue = "sharing";
+  std::vector<pid_t> kids;
+  int ready[2];
+  if (pipe(ready) != 0) throw std::runtime_error("pipe failed");
+  for (int i = 0; i < 2; ++i) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      dup2(ready[1], STDOUT_FILENO);
+      execl("/proc/self/exe", "throughput", "--sharing-child", url.c_str(), schema.c_str(), queue.c_str(),
+            static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    kids.push_back(pid);
+  }
+  close(ready[1]);
+  char byte;
+  for (int i = 0; i < 2; ++i)
+    if (read(ready[0], &byte, 1) != 1) throw std::runtime_error("a sharing worker did not start");
+  close(ready[0]);
+  // Both workers are idle, listening: the tasks arrive at once, as a burst would.
+  std::vector<eoq::NewTask> batch(static_cast<std::size_t>(tasks));
+  for (auto& t : batch) {
+    t.queue = queue;
+    t.type = "slow";
+  }
+  auto t0 = SteadyClock::now();
+  s.submit_batch(batch);
+  std::int64_t done = 0;
+  while (done < tasks) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    done = 0;
+    for (const auto& q : s.stats())
+      if (q.queue == queue) done = q.succeeded;
+  }
+  double secs = seconds_since(t0);
+  for (pid_t k : kids) kill(k, SIGTERM);
+  for (pid_t k : kids) waitpid(k, nullptr, 0);
+  return secs / (tasks * 0.050 / 8);
+}
 
 // Submit-to-start on an idle worker: tasks one at a time with random gaps; the
 // handler stamps its start. Both clocks are this process's steady clock.
@@ -232,10 +363,16 @@ Latency latency(eoq::TaskStore& s, int n, const std::string& queue) {
 }  // namespace
 
 int main(int argc, char** argv) try {
+  if (argc == 5 && std::string(argv[1]) == "--sharing-child") return fair_child(argv[2], argv[3], argv[4]);
   Args a = parse(argc, argv);
   std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
-  fmt::print("eoq throughput harness: {} tasks, concurrency {}, claim batch {}, prefetch {}, {} cores\n", a.tasks,
-             a.concurrency, a.claim_batch, a.prefetch, std::thread::hardware_concurrency());
+  if (a.defaults)
+    fmt::print("eoq throughput harness: {} tasks, WorkerOptions defaults, {} cores\n", a.tasks,
+               std::thread::hardware_concurrency());
+  else
+    fmt::print("eoq throughput harness: {} tasks, concurrency {}, claim batch {}, prefetch {}, {} cores\n", a.tasks,
+               a.concurrency, a.claim_batch, a.prefetch ? std::to_string(*a.prefetch) : "adaptive",
+               std::thread::hardware_concurrency());
 
   double c1 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 1, a.ceiling_clients, a.ceiling_seconds);
   double c100 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 100, a.ceiling_clients, a.ceiling_seconds);
@@ -246,25 +383,35 @@ int main(int argc, char** argv) try {
   eoq::PostgresStore store(po);
   store.migrate();
 
-  double bulk = submit_bulk(store, a.tasks, "drain");
+  double bulk = submit_bulk(store, a.tasks, "drain", a.bulk_batch);
   auto t0 = SteadyClock::now();
   const int singles = std::min(1000, a.tasks);
   for (auto& t : noop_tasks(singles, "single")) store.submit(t);
   double single = singles / seconds_since(t0);
 
   auto empty = drain(store, a, "drain", a.tasks);
+  submit_bulk(store, a.tasks, "bare", a.bulk_batch);
+  double bare = bare_loop(store, "bare", a.tasks);
   drain(store, a, "single", singles);  // the single submits, out of the way
   auto lat = latency(store, a.latency_tasks, "latency");
+  double shared = a.sharing > 0 ? sharing(store, url, po.schema, a.sharing) : 0;
 
   fmt::print("\n| figure | value | ratio |\n|---|--:|--:|\n");
   fmt::print("| ceiling: single-row claim+complete UPDATEs, {} clients | {:.0f} tasks/s | 1.00 |\n", a.ceiling_clients, c1);
   fmt::print("| ceiling: batch-100 claim+complete UPDATEs, {} clients | {:.0f} tasks/s | 1.00 |\n", a.ceiling_clients, c100);
-  fmt::print("| eoq submit_batch (1,000 per call) | {:.0f} tasks/s | {:.2f} of batch ceiling |\n", bulk, bulk / c100);
+  fmt::print("| eoq submit_batch ({} per call) | {:.0f} tasks/s | {:.2f} of batch ceiling |\n", a.bulk_batch, bulk,
+             bulk / c100);
   fmt::print("| eoq submit, one at a time | {:.0f} tasks/s | {:.2f} of single ceiling |\n", single, single / c1);
   fmt::print("| eoq drain, empty history | {:.0f} tasks/s | {:.2f} of batch ceiling |\n", empty.rate, empty.rate / c100);
-  fmt::print("| worker RSS during drain ({} handler threads) | {:.1f} MiB | |\n", a.concurrency, empty.max_rss_kib / 1024.0);
+  fmt::print("| store alone: claim(1,000) + complete_batch, one thread | {:.0f} tasks/s | {:.2f} of batch ceiling |\n",
+             bare, bare / c100);
+  fmt::print("| worker RSS during drain ({} handler threads) | {:.1f} MiB | |\n", a.defaults ? 4 : a.concurrency,
+             empty.max_rss_kib / 1024.0);
   fmt::print("| idle submit-to-start p50 / p99 / p99.9 / max ({} tasks) | {:.2f} / {:.2f} / {:.2f} / {:.2f} ms | |\n",
              a.latency_tasks, lat.p50, lat.p99, lat.p999, lat.max);
+  if (a.sharing > 0)
+    fmt::print("| slow tasks shared: {} of 50 ms, 2 worker processes x 4 threads | {:.2f} x ideal makespan | |\n",
+               a.sharing, shared);
 
   if (a.growth > 0) {
     // History grows: G finished tasks stay in the table (retention off) ...
@@ -301,7 +448,7 @@ int main(int argc, char** argv) try {
     pr.retention = eoq::Millis(0);
     eoq::PostgresStore pruning(pr);
     submit_bulk(pruning, a.tasks, "drain");
-    auto pruned = drain(pruning, a, "drain", a.tasks);
+    auto pruned = drain(pruning, a, "drain", a.tasks, true);
     fmt::print("| eoq drain while retention prunes them | {:.0f} tasks/s | {:.2f} of empty |\n", pruned.rate,
                pruned.rate / empty.rate);
   }

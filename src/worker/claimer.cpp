@@ -1,4 +1,7 @@
-// The claimer: one thread that takes leases into the buffer the handlers drain.
+// The claimer: takes leases into the buffer the handlers drain. Two threads
+// claim, so one claim's round trip overlaps the other's: a single claimer,
+// however large its batches, capped a drain at what one statement at a time
+// could lease.
 //
 // How many to hold is measured, not configured (unless WorkerOptions::prefetch
 // fixes it): beyond one lease per handler thread, the claimer keeps as many as
@@ -12,6 +15,8 @@
 #include <cmath>
 
 namespace eoq::detail {
+
+Claimer::Claimer(Engine& e) : e_(e), ahead_(e.opt.prefetch.value_or(0)) {}
 
 int Claimer::room() const {
   int capacity = e_.opt.concurrency + ahead_;
@@ -29,47 +34,53 @@ bool Claimer::should_claim() const {
   return r >= std::max(1, (e_.opt.concurrency + ahead_) / 2);
 }
 
-// After each claim: the handlers' pace over the time since the last one, and the
-// claim's round trip, set how far ahead to claim. Starved handlers make the
-// measured pace the claim's own pace, so the look-ahead doubles per claim
-// until the handlers, not the claims, set the pace.
-void Claimer::adapt(Steady::time_point claim_started) {
+// After each claim: how long handlers take (their mean run time since the last
+// claim) and how long a claim takes set how far ahead to claim: as many leases
+// as the handler threads finish during two claim round trips. Handler run time,
+// not the pace at which leases leave the buffer, because handlers take leases
+// in bursts right after a claim, and short windows around such a burst read
+// slow tasks as fast ones.
+void Claimer::adapt(Steady::time_point claim_started, int asked) {
   auto now = Steady::now();
   double rtt = std::chrono::duration<double>(now - claim_started).count();
-  rtt_ = rtt_ == 0 ? rtt : 0.7 * rtt_ + 0.3 * rtt;
+  auto runs = e_.counters.handler_runs.load();
+  auto total_us = e_.counters.handler_us_total.load();
   std::lock_guard lk(e_.mu);
-  claiming_ = 0;
-  if (e_.opt.prefetch) {
-    ahead_ = *e_.opt.prefetch;
-    return;
+  claiming_ -= asked;
+  rtt_ = rtt_ == 0 ? rtt : 0.7 * rtt_ + 0.3 * rtt;
+  if (e_.opt.prefetch) return;
+  if (runs > runs_mark_) {
+    // A run's own time plus what dispatching it costs, at least a microsecond.
+    double mean = std::max(1e-6, static_cast<double>(total_us - us_mark_) / 1e6 / static_cast<double>(runs - runs_mark_));
+    run_time_ = run_time_ == 0 ? mean : 0.5 * run_time_ + 0.5 * mean;
+    runs_mark_ = runs;
+    us_mark_ = total_us;
   }
-  double window = std::chrono::duration<double>(now - mark_).count();
-  if (mark_ != Steady::time_point{} && window > 0) {
-    double rate = static_cast<double>(e_.started - started_mark_) / window;
-    rate_ = 0.5 * rate_ + 0.5 * rate;
-  }
-  mark_ = now;
-  started_mark_ = e_.started;
-  const int most = 2 * e_.opt.claim_batch;
-  ahead_ = static_cast<int>(std::clamp(std::ceil(rate_ * 2 * rtt_), 0.0, static_cast<double>(most)));
+  if (run_time_ == 0) return;  // nothing ran yet: hold one lease per handler thread
+  const double most = 2.0 * e_.opt.claim_batch;
+  double rate = e_.opt.concurrency / run_time_;
+  ahead_ = static_cast<int>(std::clamp(std::ceil(rate * 2 * rtt_), 0.0, most));
 }
 
 void Claimer::run(const std::stop_token& st) {
   ErrorBackoff backoff(e_.opt.error_backoff_initial, e_.opt.error_backoff_max);
   ClaimRequest request{e_.opt.queues, e_.id, 1, e_.opt.lease};
-  {
-    std::lock_guard lk(e_.mu);
-    ahead_ = e_.opt.prefetch.value_or(0);
+  // Listen before the first claim: a notification sent between an empty first
+  // claim and the first wait would go unheard for a whole poll interval.
+  try {
+    e_.store.wait_for_tasks(e_.opt.queues, Millis(0));
+  } catch (const std::exception& e) {
+    e_.store_error("waiting for tasks", e);
   }
   while (!st.stop_requested() && !e_.stop_requested) {
     {
       std::unique_lock lk(e_.mu);
-      waiting_ = true;
+      ++waiting_;
       e_.cv_capacity.wait(lk, st, [&] { return e_.stop_requested || should_claim(); });
-      waiting_ = false;
+      --waiting_;
       if (st.stop_requested() || e_.stop_requested) break;
       request.limit = std::min(e_.opt.claim_batch, room());
-      claiming_ = request.limit;
+      claiming_ += request.limit;
     }
     std::vector<Lease> leases;
     auto started = Steady::now();
@@ -80,7 +91,7 @@ void Claimer::run(const std::stop_token& st) {
     } catch (const std::exception& e) {
       {
         std::lock_guard lk(e_.mu);
-        claiming_ = 0;
+        claiming_ -= request.limit;
       }
       e_.store_error("claim", e);
       e_.nap(backoff.next(), st);
@@ -103,7 +114,7 @@ void Claimer::run(const std::stop_token& st) {
       else e_.cv_work.notify_all();
       e_.log(LogLevel::debug, "claimed {} task(s)", runs.size());
     }
-    adapt(started);
+    adapt(started, request.limit);
     if (static_cast<int>(leases.size()) < request.limit && !st.stop_requested() && !e_.stop_requested) {
       // The queues look drained: sleep until a notification, wake() or the poll interval.
       try {
@@ -112,15 +123,11 @@ void Claimer::run(const std::stop_token& st) {
         e_.store_error("waiting for tasks", e);
         e_.nap(backoff.next(), st);
       }
-      // Time spent idle says nothing about the handlers' pace.
-      mark_ = Steady::now();
-      std::lock_guard lk(e_.mu);
-      started_mark_ = e_.started;
     }
   }
   {
     std::lock_guard lk(e_.mu);
-    e_.claimer_done = true;
+    --e_.claimers_running;
   }
   e_.cv_state.notify_all();
 }

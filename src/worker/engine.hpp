@@ -117,33 +117,32 @@ struct TaskRun {
 // stay in the queue for other workers.
 class Claimer {
  public:
-  explicit Claimer(Engine& e) : e_(e) {}
-  void run(const std::stop_token& st);
+  explicit Claimer(Engine& e);
+  void run(const std::stop_token& st);  // one claiming thread
   // Call with Engine::mu held.
   bool should_claim() const;
-  bool should_wake() const { return waiting_ && should_claim(); }
-  int ahead() const noexcept { return ahead_; }
+  bool should_wake() const { return waiting_ > 0 && should_claim(); }
   // A retry this worker scheduled comes due at `at` (store time).
   void note_retry(TimePoint at);
 
  private:
   int room() const;
-  void adapt(Steady::time_point claim_started);
+  void adapt(Steady::time_point claim_started, int asked);
   Millis idle_wait(TimePoint last_claim);
 
   Engine& e_;
-  // Guarded by Engine::mu.
-  bool waiting_ = false;
-  int ahead_ = 0;  // leases held beyond the handler threads
-  int claiming_ = 0;
-  // The handlers' pace: leases taken from the buffer per second, and the claim's
-  // round trip, both smoothed. Only the claimer thread touches these.
-  double rate_ = 0, rtt_ = 0;
-  std::uint64_t started_mark_ = 0;
-  Steady::time_point mark_{};
+  // All guarded by Engine::mu.
+  int waiting_ = 0;   // claiming threads waiting for room
+  int ahead_ = 0;     // leases to hold beyond the handler threads
+  int claiming_ = 0;  // leases asked for by claims in flight
+  // A handler's mean run time and the claim's round trip, in seconds, both
+  // smoothed; the handler counters as of the last claim.
+  double run_time_ = 0, rtt_ = 0;
+  std::uint64_t runs_mark_ = 0;
+  std::int64_t us_mark_ = 0;
   // When retries this worker scheduled come due (store time, microseconds since
   // the epoch). A retry becoming due sends no notification, so the idle claimer
-  // wakes for it instead of waiting out the poll interval. Guarded by Engine::mu.
+  // wakes for it instead of waiting out the poll interval.
   std::priority_queue<std::int64_t, std::vector<std::int64_t>, std::greater<>> retries_due_;
 };
 
@@ -210,8 +209,9 @@ class Engine {
   std::map<std::string, Handler, std::less<>> handlers;
   std::vector<PeriodicTask> periodics;
 
-  // Settling many small successes per round trip: two batches in flight keep
-  // the database busy while the other answers.
+  // Claims and batched completions in flight at once: while one waits for the
+  // database, the other's statement runs.
+  static constexpr int kClaimers = 1;
   static constexpr int kCompleters = 2;
 
   template <class... Args>
@@ -263,8 +263,7 @@ class Engine {
   std::deque<std::shared_ptr<TaskRun>> completions;
   std::list<std::shared_ptr<TaskRun>> held;
   int busy_handlers = 0;
-  std::uint64_t started = 0;  // leases taken from the buffer, ever
-  bool claimer_done = false;
+  int claimers_running = 0;
   int completers_running = 0;
 
   // Records the one outcome of a lease and forgets it. Later calls are ignored,
@@ -285,8 +284,8 @@ class Engine {
  private:
   void validate_options() const;
   mutable std::mutex log_mu;
-  std::jthread claimer_thread, heartbeat_thread, scheduler_thread, maintenance_thread;
-  std::vector<std::jthread> handler_threads, completer_threads;
+  std::jthread heartbeat_thread, scheduler_thread, maintenance_thread;
+  std::vector<std::jthread> claimer_threads, handler_threads, completer_threads;
 };
 
 // The engine whose handler runs on this thread, if any: stop() from a handler

@@ -16,7 +16,6 @@ void Executor::run(const std::stop_token& st) {
     run = std::move(e_.buffer.front());
     e_.buffer.pop_front();
     ++e_.busy_handlers;
-    ++e_.started;
   };
   for (;;) {
     bool wake_completer = false, wake_claimer = false, wake_stop = false;

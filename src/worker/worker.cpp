@@ -170,7 +170,9 @@ void Engine::start() {
     completer_threads.emplace_back([this](std::stop_token st) { completer.run(st); });
   for (int i = 0; i < opt.concurrency; ++i)
     handler_threads.emplace_back([this](std::stop_token st) { executor.run(st); });
-  claimer_thread = std::jthread([this](std::stop_token st) { claimer.run(st); });
+  claimers_running = kClaimers;
+  for (int i = 0; i < kClaimers; ++i)
+    claimer_threads.emplace_back([this](std::stop_token st) { claimer.run(st); });
   if (!periodics.empty()) scheduler_thread = std::jthread([this](std::stop_token st) { maintainer.schedule(st); });
   if (opt.maintenance_interval.count() > 0)
     maintenance_thread = std::jthread([this](std::stop_token st) { maintainer.maintain(st); });
@@ -215,19 +217,19 @@ void Engine::stop() {
 
   // 1. No more claims. wake() may reach the store before the claimer enters
   // wait_for_tasks, so repeat it until the claimer has left.
-  claimer_thread.request_stop();
+  for (auto& t : claimer_threads) t.request_stop();
   scheduler_thread.request_stop();
   maintenance_thread.request_stop();
   {
     std::unique_lock lk(mu);
-    while (!claimer_done) {
+    while (claimers_running > 0) {
       lk.unlock();
       wake_store();
       lk.lock();
-      cv_state.wait_for(lk, Millis(20), [&] { return claimer_done; });
+      cv_state.wait_for(lk, Millis(20), [&] { return claimers_running == 0; });
     }
   }
-  claimer_thread.join();
+  for (auto& t : claimer_threads) t.join();
   if (scheduler_thread.joinable()) scheduler_thread.join();
   if (maintenance_thread.joinable()) maintenance_thread.join();
 
