@@ -1,0 +1,314 @@
+#!/usr/bin/env bash
+# eoq and its peers side by side, in one run, on one throwaway PostgreSQL 15 that this script starts and
+# stops itself (initdb defaults except max_connections=200; fsync and synchronous_commit on):
+#   pgbench row-work ceilings (before and after everything else), graphile-worker 0.18 (defaults and tuned),
+#   pg-boss 12 (tuned), eoq (WorkerOptions defaults and tuned), and the libpq bulk-submit floor.
+# Prints a markdown table of every figure and a table of the ratios the project tracks. See README.md here.
+#
+# Usage: bench/peers/side-by-side.sh [BUILD_DIR=build/release]
+#   BUILD_DIR holds the eoq build (its bench/throughput); relative paths are tried from the current
+#   directory, then from the repository root.
+# Env: N (50000) tasks per system; SECS (10) per timed pgbench run; LAT (1000) eoq idle-latency samples;
+#      SAMPLES (50) idle-latency samples of the node peers; STEP_TIMEOUT (1200 s) per step;
+#      PG_BIN (/usr/lib/postgresql/15/bin); PGPORT (55432, first port tried);
+#      EOQ_PEERS_NODE_DIR (${TMPDIR:-/tmp}/eoq-bench-peers-node) where the npm packages are installed.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+[[ -d $PG_BIN ]] && export PATH="$PG_BIN:$PATH"  # its psql and pgbench, not another version's
+
+die() { echo "side-by-side: $*" >&2; exit 1; }
+
+# --- the steps (run as `side-by-side.sh --step-... URL ...` under a timeout; each prints TSV rows:
+#     system, config, drain/s, single submit/s, bulk submit/s, idle p50 ms, p99 or p90 ms, max ms) ---
+
+# Row-work ceiling of a claim+complete queue with no queue logic: pgbench -M prepared -c 8 -j 2.
+#   single: per task, one single-row UPDATE commit (claim) and one (complete), SECS seconds
+#   batch:  the same with 100 rows per statement by id range, so 2 commits per 100 tasks, SECS seconds
+#   skip:   queue-shaped batch-100: claim with a FOR UPDATE SKIP LOCKED CTE, complete with id = ANY(...);
+#           drains a 1M-row table (a fixed amount of work)
+step_pgbench() {
+  local d=$1 url=$2 secs=$3 rows=1000000
+  psql -qX -v ON_ERROR_STOP=1 "$url" >/dev/null <<SQL
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS ceiling, q;
+CREATE TABLE ceiling (id bigint PRIMARY KEY, status int NOT NULL DEFAULT 0, v bigint NOT NULL DEFAULT 0,
+  payload jsonb NOT NULL DEFAULT '{}', lease_until timestamptz);
+INSERT INTO ceiling (id) SELECT g FROM generate_series(1, $rows) g;
+CREATE TABLE q (LIKE ceiling INCLUDING ALL);
+INSERT INTO q (id) SELECT g FROM generate_series(1, $rows) g;
+CREATE INDEX q_pending ON q (id) WHERE status = 0;
+VACUUM ANALYZE ceiling, q;
+SQL
+  cat >"$d/single.sql" <<SQL
+\set id random(1, $rows)
+UPDATE ceiling SET status = 1, v = v + 1, lease_until = now() + interval '30 s' WHERE id = :id;
+UPDATE ceiling SET status = 2, v = v + 1, lease_until = NULL WHERE id = :id;
+SQL
+  cat >"$d/batch.sql" <<SQL
+\set s random(0, $rows / 100 - 1)
+UPDATE ceiling SET status = 1, v = v + 1, lease_until = now() + interval '30 s' WHERE id BETWEEN :s * 100 + 1 AND :s * 100 + 100;
+UPDATE ceiling SET status = 2, v = v + 1, lease_until = NULL WHERE id BETWEEN :s * 100 + 1 AND :s * 100 + 100;
+SQL
+  cat >"$d/skip.sql" <<'SQL'
+WITH c AS (SELECT id FROM q WHERE status = 0 ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED),
+     u AS (UPDATE q SET status = 1, v = v + 1, lease_until = now() + interval '30 s' FROM c WHERE q.id = c.id RETURNING q.id)
+SELECT array_agg(id) AS ids FROM u \gset
+UPDATE q SET status = 2, v = v + 1, lease_until = NULL WHERE id = ANY(:ids::bigint[]);
+SQL
+  tps() {
+    psql -qX -v ON_ERROR_STOP=1 -c CHECKPOINT "$url" >/dev/null
+    pgbench -n -M prepared -c 8 -j 2 "$@" "$url" >"$d/pgbench.out" 2>&1 || { cat "$d/pgbench.out" >&2; return 1; }
+    sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$d/pgbench.out" | grep . || { cat "$d/pgbench.out" >&2; return 1; }
+  }
+  local single batch skip drained
+  single=$(tps -T "$secs" -f "$d/single.sql")
+  batch=$(tps -T "$secs" -f "$d/batch.sql")
+  skip=$(tps -t $((rows / 100 / 8)) -f "$d/skip.sql")
+  drained=$(psql -qXAt -c "SELECT count(*) FROM q WHERE status = 2" "$url")
+  awk -v s="$single" -v b="$batch" -v k="$skip" -v done="$drained" -v txns=$((rows / 100)) 'BEGIN {
+    printf "pgbench ceiling\tsingle-row, 2 commits per task (%.0f commits/s)\t%.0f\n", 2 * s, s
+    printf "pgbench ceiling\tbatch-100 by id range, 2 commits per 100 tasks\t%.0f\n", 100 * b
+    printf "pgbench ceiling\tbatch-100 SKIP LOCKED claim + ANY() complete, drains 1M rows\t%.0f\n", done * k / txns }'
+}
+
+# eoq through the project's own harness, its ceiling phases cut short (the ceilings here come from pgbench)
+# and its growth phase off. Reads the harness's table rows by their labels.
+step_eoq() {
+  local url=$1 bin=$2 n=$3 lat=$4 mode=$5 config out
+  local args=(--tasks "$n" --latency-tasks "$lat" --ceiling-seconds 1 --growth 0 --bulk-batch 10000)
+  if [[ $mode == defaults ]]; then
+    config="WorkerOptions defaults (queues aside)"; args+=(--defaults)
+  else
+    config="8 threads, claim batch 1000, adaptive look-ahead"; args+=(--concurrency 8 --claim-batch 1000)
+  fi
+  out=$(EOQ_BENCH_DATABASE_URL=$url "$bin" "${args[@]}" 2>&1) || { echo "$out" >&2; return 1; }
+  numbers() {  # the numbers in the value column of the row whose label starts with $1, one a line
+    local v
+    v=$(awk -F'|' -v l="$1" 'index($2, " " l) == 1 { print $3; exit }' <<<"$out" | grep -oE '[0-9]+([.][0-9]+)?') ||
+      { echo "no figure in a row \"$1\" of bench/throughput's output:" >&2; echo "$out" >&2; return 1; }
+    echo "$v"
+  }
+  local drain single bulk lat
+  drain=$(numbers 'eoq drain, empty history' | head -1)
+  single=$(numbers 'eoq submit, one at a time' | head -1)
+  bulk=$(numbers 'eoq submit_batch' | head -1)
+  mapfile -t lat < <(numbers 'idle submit-to-start')  # p50 / p99 / p99.9 / max
+  ((${#lat[@]} == 4)) || { echo "cannot read p50 / p99 / p99.9 / max from bench/throughput:" >&2; echo "$out" >&2; return 1; }
+  printf 'eoq\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$config" "$drain" "$single" "$bulk" "${lat[0]}" "${lat[1]}" "${lat[3]}"
+}
+
+# A node peer: its driver, copied next to the installed packages so that its imports resolve.
+step_node() {
+  local dir=$1 script=$2; shift 2
+  cd "$dir" && exec node "$script" "$@"
+}
+
+case ${1:-} in
+  --step-pgbench) shift; step_pgbench "$@"; exit ;;
+  --step-eoq) shift; step_eoq "$@"; exit ;;
+  --step-node) shift; step_node "$@"; exit ;;
+  -h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --*) die "unknown option $1 (see --help)" ;;
+esac
+
+# --- what this needs ---------------------------------------------------------------------------------------
+
+N=${N:-50000} SECS=${SECS:-10} LAT=${LAT:-1000} SAMPLES=${SAMPLES:-50} STEP_TIMEOUT=${STEP_TIMEOUT:-1200}
+for v in N SECS LAT SAMPLES STEP_TIMEOUT; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
+
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian: apt-get install $2)"); }
+need node nodejs
+need npm npm
+need psql postgresql-client-15
+need pgbench postgresql-15
+need gcc gcc
+need timeout coreutils
+need flock util-linux
+for b in initdb pg_ctl postgres; do
+  [[ -x $PG_BIN/$b ]] || missing+=("$PG_BIN/$b (Debian: apt-get install postgresql-15, or set PG_BIN)")
+done
+pq_include=$(pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
+[[ -f $pq_include/libpq-fe.h ]] || missing+=("libpq-fe.h (Debian: apt-get install libpq-dev)")
+if ((${#missing[@]})); then
+  printf 'side-by-side: missing:\n' >&2; printf '  %s\n' "${missing[@]}" >&2; exit 2
+fi
+
+build_arg=${1:-build/release}
+if [[ -d $build_arg ]]; then build=$(cd "$build_arg" && pwd)
+elif [[ -d $repo/$build_arg ]]; then build=$(cd "$repo/$build_arg" && pwd)
+else die "no build directory $build_arg; build eoq first, e.g. scripts/test (it builds build/release)"; fi
+throughput=$build/bench/throughput
+[[ -x $throughput ]] || die "no $throughput: build eoq first, e.g. scripts/test (it builds build/release)"
+"$throughput" --help 2>/dev/null | grep -q -- --defaults ||
+  die "$throughput has no --defaults option; rebuild it from this checkout"
+
+# --- scratch space and the throwaway server ----------------------------------------------------------------
+
+if ((EUID == 0)); then
+  id postgres >/dev/null 2>&1 || die "running as root needs a postgres user (Debian's postgresql-15 creates it)"
+  as_pg() { runuser -u postgres -- "$@"; }
+else
+  as_pg() { "$@"; }
+fi
+self=("$BASH" "$here/$(basename "${BASH_SOURCE[0]}")")
+work=$(mktemp -d "${TMPDIR:-/tmp}/eoq-side-by-side.XXXXXX")
+pgroot=$work/pg pgdata=$work/pg/data pglog=$work/pg/log
+step_pid=  # the process group of the step under way
+
+cleanup() {
+  local rc=$?
+  [[ -n $step_pid ]] && kill -TERM -- "-$step_pid" 2>/dev/null
+  if [[ -f $pgdata/postmaster.pid ]]; then
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$pgdata" -m fast -w -t 60 stop >/dev/null 2>&1; then
+      local pid
+      pid=$(head -1 "$pgdata/postmaster.pid" 2>/dev/null || true)
+      if [[ $pid =~ ^[0-9]+$ ]]; then kill -QUIT "$pid" 2>/dev/null || true; fi
+    fi
+  fi
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+chmod 755 "$work"  # the postgres user must reach its data directory inside
+mkdir -p "$pgroot"
+((EUID == 0)) && chown postgres "$pgroot"
+
+as_pg "$PG_BIN/initdb" -D "$pgdata" -A trust -U postgres >"$work/initdb.log" 2>&1 ||
+  { cat "$work/initdb.log" >&2; die "initdb failed"; }
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port=${PGPORT:-55432} url=
+for ((try = 0; try < 50; try++, port++)); do
+  port_in_use "$port" && continue
+  if as_pg "$PG_BIN/pg_ctl" -D "$pgdata" -l "$pglog" -w -t 120 start -o "-p $port -k $pgroot \
+      -c listen_addresses=127.0.0.1 -c max_connections=200 -c synchronous_commit=on" >/dev/null 2>&1; then
+    url="postgresql://postgres@127.0.0.1:$port/postgres"
+    break
+  fi
+  grep -qi 'could not bind\|address already in use\|could not create any TCP/IP sockets' "$pglog" 2>/dev/null ||
+    { cat "$pglog" >&2; die "the PostgreSQL server did not start"; }
+done
+[[ -n $url ]] || { cat "$pglog" >&2; die "no free port from ${PGPORT:-55432} on"; }
+
+# Between steps: drop everything the last one made (schemas and tables), then checkpoint, so that no step
+# pays for another's leftovers (autovacuum, dirty buffers).
+reset_db() {
+  psql -qX -v ON_ERROR_STOP=1 "$url" >/dev/null <<'SQL'
+SET client_min_messages = warning;
+DO $$ DECLARE s text; BEGIN
+  FOR s IN SELECT nspname FROM pg_namespace
+           WHERE nspname NOT IN ('public', 'information_schema') AND nspname NOT LIKE 'pg\_%' LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', s);
+  END LOOP;
+END $$;
+DROP SCHEMA public CASCADE;
+CREATE SCHEMA public;
+CHECKPOINT;
+SQL
+}
+
+# --- the node peers' packages, installed outside the repository, only when missing ------------------------
+
+node_dir=${EOQ_PEERS_NODE_DIR:-${TMPDIR:-/tmp}/eoq-bench-peers-node}
+mkdir -p "$node_dir"
+pinned_installed() {
+  node -e 'const d = process.argv[1], want = require(d + "/package.json").dependencies;
+    for (const [p, v] of Object.entries(want))
+      if (require(d + "/node_modules/" + p + "/package.json").version !== v) process.exit(1);' "$node_dir" 2>/dev/null
+}
+(
+  flock 9
+  if ! cmp -s "$here/package.json" "$node_dir/package.json" || ! pinned_installed; then
+    echo "side-by-side: npm install graphile-worker, pg-boss, pg (bench/peers/package.json) into $node_dir" >&2
+    cp "$here/package.json" "$here/package-lock.json" "$node_dir/"
+    (cd "$node_dir" && npm install --no-audit --no-fund) >"$node_dir/npm.log" 2>&1 ||
+      { cat "$node_dir/npm.log" >&2; die "npm install failed in $node_dir"; }
+    pinned_installed || die "npm install in $node_dir did not install the pinned versions"
+  fi
+  cp "$here/graphile.mjs" "$here/pgboss.mjs" "$node_dir/"
+) 9>"$node_dir.lock"
+
+# --- the bulk floor program ------------------------------------------------------------------------------
+
+gcc -O2 -Wall -o "$work/bulk_floor" "$here/bulk_floor.c" -I"$pq_include" -lpq >"$work/gcc.log" 2>&1 ||
+  { cat "$work/gcc.log" >&2; die "building bench/peers/bulk_floor.c failed"; }
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+rows=$work/rows.tsv
+: >"$rows"
+# step KEY TITLE COMMAND...: runs one step under the timeout; its rows go to $rows as KEY:1, KEY:2, ...
+step() {
+  local key=$1 title=$2 t0=$SECONDS rc=0; shift 2
+  echo "side-by-side: $title ..." >&2
+  # In the background and waited for, so that an interrupt reaches the trap at once; timeout makes the
+  # step its own process group, which the trap (or timeout itself) ends as a whole.
+  timeout -k 10 "$STEP_TIMEOUT" "$@" >"$work/step.out" 2>"$work/step.err" </dev/null &
+  step_pid=$!
+  wait "$step_pid" || rc=$?
+  step_pid=
+  if ((rc != 0)) || [[ ! -s $work/step.out ]]; then
+    ((rc == 124)) && echo "side-by-side: $title: timed out after $STEP_TIMEOUT s" >&2
+    echo "side-by-side: step \"$title\" failed (exit $rc); its output:" >&2
+    cat "$work/step.out" "$work/step.err" >&2
+    exit 1
+  fi
+  awk -v k="$key" '{ print k ":" NR "\t" $0 }' "$work/step.out" >>"$rows"
+  echo "side-by-side: $title: done in $((SECONDS - t0)) s" >&2
+  reset_db
+}
+
+ver() { node -p "require('$node_dir/node_modules/$1/package.json').version"; }
+commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)
+echo "eoq side-by-side, $(date -u '+%F %H:%M UTC'): eoq $commit ($throughput)"
+echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem/ {print $2}') GiB," \
+  "$(. /etc/os-release && echo "$PRETTY_NAME")"
+echo "versions: $(postgres --version), node $(node --version), graphile-worker $(ver graphile-worker)," \
+  "pg-boss $(ver pg-boss), pg $(ver pg)"
+echo "server: initdb defaults except max_connections=200 (fsync on, synchronous_commit on), 127.0.0.1:$port;" \
+  "N=$N no-op tasks per system; pgbench -M prepared -c 8 -j 2 -T $SECS"
+echo
+
+reset_db
+step pgb_before "pgbench ceilings (before)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
+step gw_defaults "graphile-worker, defaults" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 -1 "$SAMPLES"
+step gw_tuned "graphile-worker, tuned" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 500 "$SAMPLES"
+step boss_tuned "pg-boss, tuned" "${self[@]}" --step-node "$node_dir" pgboss.mjs "$url" "$N" 500 8 1 "$SAMPLES"
+step eoq_defaults "eoq, WorkerOptions defaults" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" defaults
+step eoq_tuned "eoq, tuned" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" tuned
+step floor "bulk floor" "$work/bulk_floor" "$url" "$N" 10000
+step pgb_after "pgbench ceilings (after)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
+
+# --- the tables ------------------------------------------------------------------------------------------
+
+echo "| system | config | drain tasks/s | single submit/s | bulk submit/s | idle start p50 ms | p99 (eoq) / p90 (peers) ms | max ms |"
+echo "|---|---|--:|--:|--:|--:|--:|--:|"
+awk -F'\t' '{ sys = $2; if ($1 ~ /^pgb_before:/) sys = sys " (before)"; if ($1 ~ /^pgb_after:/) sys = sys " (after)"
+  printf "| %s | %s |", sys, $3
+  for (i = 4; i <= 9; i++) printf " %s |", (i > NF || $i == "" ? "-" : $i); print "" }' "$rows"
+echo
+awk -F'\t' '
+  { v[$1 "/drain"] = $4; v[$1 "/bulk"] = $6 }
+  function need(k) { if (!(k in v) || v[k] == "" || v[k] == "-" || v[k] + 0 <= 0) {
+      print "side-by-side: no figure " k " for the ratios" > "/dev/stderr"; bad = 1; return 1 } return v[k] }
+  function row(name, r, target, how) {
+    printf "| %s | %.2f | %s %.1f | %s |\n", name, r, how, target, (r >= target ? "met" : "not met") }
+  END {
+    gw = need("gw_tuned:1/drain"); ed = need("eoq_defaults:1/drain"); et = need("eoq_tuned:1/drain")
+    cb = need("pgb_before:2/drain"); ca = need("pgb_after:2/drain")
+    bd = need("eoq_defaults:1/bulk"); bt = need("eoq_tuned:1/bulk")
+    ck = need("floor:2/bulk"); cn = need("floor:3/bulk")
+    if (bad) exit 1
+    ceil = (cb + ca) / 2; sb = (bd + bt) / 2
+    print "| ratio, same run | value | target (issue 13) | |"
+    print "|---|--:|--:|---|"
+    row("eoq defaults drain / graphile-worker tuned drain", ed / gw, 1.0, ">=")
+    row("eoq tuned drain / graphile-worker tuned drain", et / gw, 2.0, ">=")
+    row(sprintf("eoq tuned drain / pgbench id-range batch-100 ceiling (mean of %.0f and %.0f)", cb, ca), et / ceil, 0.5, ">=")
+    row(sprintf("eoq submit_batch (mean of its two runs, %.0f) / COPY floor with keys", sb), sb / ck, 0.9, ">=")
+    printf "| eoq submit_batch / COPY floor without keys (the harness submits keyless tasks) | %.2f | | |\n", sb / cn
+  }' "$rows"
