@@ -1620,3 +1620,62 @@ TEST_CASE("a frozen worker holding row locks is cut off by the server so the nex
 }
 
 #endif  // EOQ_WORKER_CHILD
+
+// ------------------------------------------------------------------ pace
+// How many leases the worker holds is measured, not configured. Counted here,
+// never timed: the speed itself is bench/throughput's business.
+
+TEST_CASE("Worker: with default options many short tasks are claimed in large batches", "[worker][pace]") {
+  EOQ_EACH_STORE(inner);
+  FaultyStore store(inner);
+  const int n = 20000;
+  std::vector<eoq::NewTask> tasks(n, task("noop"));
+  for (std::size_t i = 0; i < tasks.size(); i += 5000) store.submit_batch(std::span(tasks).subspan(i, 5000));
+  std::atomic<int> ran{0};
+  LogSink sink;
+  eoq::WorkerOptions o;  // the defaults, but for a quiet logger
+  o.logger = sink.logger();
+  eoq::Worker w(store, o);
+  w.on("noop", [&](eoq::TaskContext&) { ++ran; });
+  w.start();
+  REQUIRE(eventually([&] { return w.counters().succeeded == static_cast<std::uint64_t>(n); }, 120s));
+  w.stop();
+  CHECK(ran.load() == n);
+  INFO("claims: " << store.claim_calls.load() << ", largest completion batch: " << store.max_batch_seen.load());
+  // A fixed look-ahead of 4 (the old default) takes at most 8 leases per claim:
+  // 2,500 claims or more for these tasks.
+  CHECK(store.claim_calls.load() < n / 100);
+  // Completions pile up behind a database round trip, so they go in batches;
+  // the in-memory store answers too fast for a queue to form.
+  if (inner_kind == StoreKind::postgres) CHECK(store.max_batch_seen.load() >= 100);
+  check_counters_add_up(w.counters());
+}
+
+TEST_CASE("Worker: with default options slow tasks are not hoarded in the buffer", "[worker][pace]") {
+  EOQ_EACH_STORE(store);
+  const int n = 40;
+  std::vector<eoq::NewTask> tasks(n, task("slow"));
+  store.submit_batch(tasks);
+  LogSink sink;
+  eoq::WorkerOptions o;
+  o.concurrency = 2;
+  o.logger = sink.logger();
+  eoq::Worker w(store, o);
+  std::atomic<std::uint64_t> most{0};
+  w.on("slow", [&](eoq::TaskContext& ctx) {
+    auto held = w.counters().in_flight;
+    auto prev = most.load();
+    while (prev < held && !most.compare_exchange_weak(prev, held)) {
+    }
+    ctx.sleep_for(50ms);
+  });
+  w.start();
+  REQUIRE(eventually([&] { return w.counters().succeeded == static_cast<std::uint64_t>(n); }, 60s));
+  w.stop();
+  // Two running and a spare or a few: what the handlers finish during two claim
+  // round trips. A worker tuned for short tasks (a fixed look-ahead of hundreds)
+  // would hold all 40 and leave other workers idle.
+  INFO("most leases held at once: " << most.load());
+  CHECK(most.load() <= 8);
+  check_counters_add_up(w.counters());
+}

@@ -57,9 +57,11 @@ void Claimer::adapt(Steady::time_point claim_started, int asked) {
     us_mark_ = total_us;
   }
   if (run_time_ == 0) return;  // nothing ran yet: hold one lease per handler thread
+  // The horizon is at least a millisecond: waking threads and settling cost
+  // time too, however fast the store answers (MemoryStore: microseconds).
   const double most = 2.0 * e_.opt.claim_batch;
-  double rate = e_.opt.concurrency / run_time_;
-  ahead_ = static_cast<int>(std::clamp(std::ceil(rate * 2 * rtt_), 0.0, most));
+  const double rate = e_.opt.concurrency / run_time_;
+  ahead_ = static_cast<int>(std::clamp(std::ceil(rate * 2 * std::max(rtt_, 1e-3)), 0.0, most));
 }
 
 void Claimer::run(const std::stop_token& st) {
