@@ -155,6 +155,8 @@ std::unique_ptr<TaskStore> TestStore::another() const {
   o.max_payload_bytes = options_.max_payload_bytes;
   o.retention = options_.retention;
   o.transient_retries = options_.transient_retries;
+  o.prune_batch = options_.prune_batch;
+  o.prune_budget = options_.prune_budget;
   return std::make_unique<PostgresStore>(o);
 }
 

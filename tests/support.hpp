@@ -39,6 +39,8 @@ struct StoreOptions {
   std::optional<Millis> retention;
   int pool_size = 8;
   int transient_retries = 3;
+  int prune_batch = 1000;     // Postgres only
+  Millis prune_budget{200};   // Postgres only
   std::string application_name;  // Postgres: sets application_name in the connection string
 };
 

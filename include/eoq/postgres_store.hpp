@@ -21,6 +21,9 @@ struct PostgresOptions {
   // maintain() deletes finished tasks older than this (empty: keep forever).
   std::optional<Millis> retention{};
   int prune_batch = 1000;
+  // The most time one maintain() spends on retention; what is left waits for
+  // the next call (MaintenanceReport::more). prune() itself has no budget.
+  Millis prune_budget{200};
   // How many times a statement that is safe to repeat is retried after a
   // transient error (connection lost, server restarting, serialization failure).
   int transient_retries = 3;

@@ -52,6 +52,10 @@ struct MaintenanceReport {
   std::int64_t expired = 0;        // pending tasks past their deadline
   std::int64_t reaped = 0;         // running tasks whose lease ran out, settled or made claimable
   std::int64_t pruned = 0;         // finished tasks deleted by retention
+  // Retention stopped at its time budget with more to delete: call again soon.
+  // A backlog is worked off in slices, so it never takes the database from the
+  // tasks that are running.
+  bool more = false;
 };
 
 class TaskStore {

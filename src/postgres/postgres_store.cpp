@@ -584,6 +584,7 @@ PostgresStore::PostgresStore(PostgresOptions options) {
   if (options.pool_size < 1) throw InvalidArgument("pool_size", "must be at least 1");
   if (options.transient_retries < 0) throw InvalidArgument("transient_retries", "must not be negative");
   if (options.prune_batch < 1) throw InvalidArgument("prune_batch", "must be at least 1");
+  detail::validate_positive("prune_budget", options.prune_budget);
   detail::validate_positive("handler_idle_timeout", options.handler_idle_timeout);
   if (options.retention && options.retention->count() < 0) throw InvalidArgument("retention", "must not be negative");
   {
@@ -1167,7 +1168,22 @@ MaintenanceReport PostgresStore::maintain() {
   };
   rep.expired = drain(I.sql.expire);
   rep.reaped = drain(I.sql.reap);
-  if (I.options.retention) rep.pruned = prune(*I.options.retention, batch);
+  if (I.options.retention) {
+    // Pruning a backlog of a million rows deletes as much as a drain of a
+    // million tasks writes: in slices of prune_budget, with the worker's pause
+    // between them, it never takes the database from the running tasks.
+    const auto until = std::chrono::steady_clock::now() + I.options.prune_budget;
+    const auto older = std::to_string(I.options.retention->count());
+    for (;;) {
+      auto r = I.retry([&](Connection& c) { return c.exec(I.sql.prune, {older, num(batch)}); });
+      rep.pruned += r.i64(0, 0);
+      if (r.i64(0, 0) < batch) break;
+      if (std::chrono::steady_clock::now() >= until) {
+        rep.more = true;
+        break;
+      }
+    }
+  }
   return rep;
 }
 
