@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 #include <libpq-fe.h>
 #include <csignal>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -56,7 +57,7 @@ const char* kHelp = R"(throughput: eoq's end-to-end figures on one server, each 
   --prefetch P         fixed look-ahead; without it the worker measures its own
   --latency-tasks L    idle submit-to-start samples (default 1000)
   --bulk-batch K       tasks per submit_batch call (default 10000)
-  --ceiling-seconds S  length of each ceiling run (default 10)
+  --ceiling-seconds S  length of each ceiling run (default 10; 0: no ceiling runs)
   --ceiling-clients K  clients of the ceiling runs (default 8, as pgbench -c 8)
   --growth G           finished tasks kept for the growth and retention drains (default 1000000; 0: skip)
   --sharing T          slow tasks (50 ms) shared by two worker processes (default 400; 0: skip)
@@ -191,6 +192,7 @@ double submit_bulk(eoq::TaskStore& s, int n, const std::string& queue, int chunk
 struct Drain {
   double rate;
   long max_rss_kib;
+  double client_us_per_task;
 };
 
 // The store alone, no Worker: one thread claims 1,000 and completes them in one
@@ -211,6 +213,56 @@ double bare_loop(eoq::TaskStore& s, const std::string& queue, int n) {
   return n / seconds_since(t0);
 }
 
+// Where a drained task's time goes: the server's time in each statement (from
+// pg_stat_statements, when the server loads it) and this process's CPU time,
+// both per task. Nothing is read when the extension is missing.
+struct Profile {
+  bool server = false;
+  double claim_us = 0, complete_us = 0, other_us = 0, client_us = 0;
+};
+
+double cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+class StatementClock {
+ public:
+  explicit StatementClock(const std::string& url) : c_(PQconnectdb(url.c_str())) {
+    PGresult* r = PQexec(c_, "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'");
+    on_ = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+    PQclear(r);
+  }
+  ~StatementClock() { PQfinish(c_); }
+  void start() {
+    if (on_) PQclear(PQexec(c_, "SELECT pg_stat_statements_reset()"));
+  }
+  // Milliseconds spent in eoq's claim and complete statements and all others of `schema`.
+  void read(const std::string& schema, int tasks, Profile& p) {
+    if (!on_) return;
+    auto sql = fmt::format("SELECT query, total_exec_time FROM pg_stat_statements WHERE query LIKE '%\"{}\".%'",
+                           schema);
+    PGresult* r = PQexec(c_, sql.c_str());
+    if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+      p.server = true;
+      for (int i = 0; i < PQntuples(r); ++i) {
+        std::string q = PQgetvalue(r, i, 0);
+        double us = std::stod(PQgetvalue(r, i, 1)) * 1000 / tasks;
+        if (q.find("WITH cand") != std::string::npos) p.claim_us += us;
+        else if (q.find("unnest($1::bigint[], $2::bigint[], $3::text[])") != std::string::npos) p.complete_us += us;
+        else p.other_us += us;
+      }
+    }
+    PQclear(r);
+  }
+
+ private:
+  PGconn* c_;
+  bool on_ = false;
+};
+
 // `maintain`: run the store's maintenance (and so retention) every second
 // rather than the default half minute.
 Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n, bool maintain = false) {
@@ -228,6 +280,7 @@ Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n, b
   w.on("noop", [&](eoq::TaskContext&) { ran.fetch_add(1, std::memory_order_relaxed); });
   long rss = 0;
   auto t0 = SteadyClock::now();
+  double cpu0 = cpu_seconds();
   w.start();
   // Done when every task is settled in the store, not merely handled.
   while (w.counters().succeeded < static_cast<std::uint64_t>(n)) {
@@ -235,9 +288,10 @@ Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n, b
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   double secs = seconds_since(t0);
+  double cpu = cpu_seconds() - cpu0;
   w.stop();
   if (ran.load() < n) throw std::runtime_error("handler ran fewer times than tasks completed");
-  return {n / secs, rss};
+  return {n / secs, rss, cpu * 1e6 / n};
 }
 
 struct Latency {
@@ -374,8 +428,11 @@ int main(int argc, char** argv) try {
                a.concurrency, a.claim_batch, a.prefetch ? std::to_string(*a.prefetch) : "adaptive",
                std::thread::hardware_concurrency());
 
-  double c1 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 1, a.ceiling_clients, a.ceiling_seconds);
-  double c100 = ceiling(url, 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000, 100, a.ceiling_clients, a.ceiling_seconds);
+  // --ceiling-seconds 0 skips the ceilings (their ratios then read "inf"), e.g.
+  // when pgbench measures them in the same run, or to keep the server's WAL cold.
+  const int ceiling_rows = 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000;
+  double c1 = a.ceiling_seconds > 0 ? ceiling(url, ceiling_rows, 1, a.ceiling_clients, a.ceiling_seconds) : 0;
+  double c100 = a.ceiling_seconds > 0 ? ceiling(url, ceiling_rows, 100, a.ceiling_clients, a.ceiling_seconds) : 0;
 
   eoq::PostgresOptions po;
   po.conninfo = url;
@@ -389,7 +446,12 @@ int main(int argc, char** argv) try {
   for (auto& t : noop_tasks(singles, "single")) store.submit(t);
   double single = singles / seconds_since(t0);
 
+  StatementClock statements(url);
+  statements.start();
   auto empty = drain(store, a, "drain", a.tasks);
+  Profile profile;
+  profile.client_us = empty.client_us_per_task;
+  statements.read(po.schema, a.tasks, profile);
   submit_bulk(store, a.tasks, "bare", a.bulk_batch);
   double bare = bare_loop(store, "bare", a.tasks);
   drain(store, a, "single", singles);  // the single submits, out of the way
@@ -409,6 +471,14 @@ int main(int argc, char** argv) try {
              empty.max_rss_kib / 1024.0);
   fmt::print("| idle submit-to-start p50 / p99 / p99.9 / max ({} tasks) | {:.2f} / {:.2f} / {:.2f} / {:.2f} ms | |\n",
              a.latency_tasks, lat.p50, lat.p99, lat.p999, lat.max);
+  if (profile.server)
+    fmt::print("| profile of that drain, per task: server in claim / complete / other statements; client CPU | "
+               "{:.1f} / {:.1f} / {:.1f} / {:.1f} us | wall {:.1f} us |\n",
+               profile.claim_us, profile.complete_us, profile.other_us, profile.client_us, 1e6 / empty.rate);
+  else
+    fmt::print("| profile of that drain, per task: client CPU (server: load pg_stat_statements to see it) | {:.1f} us "
+               "| wall {:.1f} us |\n",
+               profile.client_us, 1e6 / empty.rate);
   if (a.sharing > 0)
     fmt::print("| slow tasks shared: {} of 50 ms, 2 worker processes x 4 threads | {:.2f} x ideal makespan | |\n",
                a.sharing, shared);
