@@ -27,6 +27,12 @@
 #include <span>
 #include <thread>
 
+// The process chaos tests below (#ifdef EOQ_WORKER_CHILD) must never be
+// compiled out without a trace: the build always names the child.
+#ifndef EOQ_WORKER_CHILD
+#error "EOQ_WORKER_CHILD must name the eoq_worker_child executable (tests/CMakeLists.txt)"
+#endif
+
 using namespace std::chrono_literals;
 using eoq::Millis;
 using eoq::test::StoreKind;
