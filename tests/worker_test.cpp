@@ -1314,24 +1314,48 @@ TEST_CASE("a worker rides out a Postgres restart and every effect lands exactly 
   admin.exec("CREATE TABLE eoq.effects (task_id bigint NOT NULL, version bigint NOT NULL)");
   LogSink sink;
   auto options = fast_options(sink);
-  options.concurrency = 4;
+  options.concurrency = 6;
   options.lease = 5s;
   eoq::Worker worker(store, options);
+  constexpr int n = 400, kHeld = 3;
+
+  // kHeld tasks from the middle of the queue hold their first attempt open
+  // after the INSERT until the server has restarted, so the restart surely
+  // kills open handler transactions: those attempts' writes must vanish and
+  // the tasks must run again.
+  std::set<eoq::TaskId> held_ids;
+  std::mutex mu;
+  std::map<eoq::TaskId, int> runs;                // handler runs per task
+  std::map<eoq::TaskId, std::int64_t> held_token;  // the held run's lease token
+  std::atomic<int> held{0};
+  Gate restarted;
   worker.on("write", [&](eoq::TaskContext& ctx) {
     ctx.exec("INSERT INTO eoq.effects VALUES ($1, $2)", {std::to_string(ctx.id()), std::to_string(ctx.lease().token)});
     recorder.add(h::effect_of(ctx.lease()));
-    std::this_thread::sleep_for(2ms);
+    bool hold = false;
+    {
+      std::lock_guard lk(mu);
+      if (++runs[ctx.id()] == 1 && held_ids.count(ctx.id())) {
+        hold = true;
+        held_token[ctx.id()] = ctx.lease().token;
+      }
+    }
+    if (hold) {
+      ++held;
+      restarted.wait(120s);  // the transaction stays open, its INSERT uncommitted
+    }
   });
-  constexpr int n = 400;
   auto t = task("write");
   t.retry.max_attempts = 20;
   t.retry.initial_delay = 50ms;
   t.retry.max_delay = 200ms;
   std::vector<eoq::NewTask> batch(n, t);
   auto submitted = store.submit_batch(batch);
+  for (int i = 0; i < kHeld; ++i) held_ids.insert(submitted[n / 2 + i].task.id);
   worker.start();
-  REQUIRE(eventually([&] { return worker.counters().succeeded > n / 4; }, 30s));
+  REQUIRE(eventually([&] { return held == kHeld; }, 120s));
   server.restart();
+  restarted.release();
   REQUIRE(eventually([&] {
     try {
       auto s = store.stats();
@@ -1339,12 +1363,28 @@ TEST_CASE("a worker rides out a Postgres restart and every effect lands exactly 
     } catch (const eoq::Error&) {
       return false;
     }
-  }, 60s));
+  }, 120s));
   worker.stop();
   eoq::test::Admin after(server.conninfo());
   CHECK(after.count("SELECT count(*) FROM eoq.effects") == n);
   // store_errors may be 0: the store retries safe statements across a restart itself.
   check_counters_add_up(worker.counters());
+  {
+    std::lock_guard lk(mu);
+    REQUIRE(held_token.size() == static_cast<std::size_t>(kHeld));
+    for (auto [id, token] : held_token) {
+      INFO("held task " << id << ", its first lease's token " << token);
+      CHECK(runs[id] >= 2);  // the restart killed the first run; it ran again
+      auto done = store.get(id).value();
+      CHECK(done.status == eoq::TaskStatus::succeeded);
+      // Completed under a later lease (completion sets version = token + 1). The
+      // attempt count need not grow: a run the worker gives back does not count.
+      CHECK(done.version > token + 1);
+      CHECK(after.count("SELECT count(*) FROM eoq.effects WHERE task_id = $1 AND version = $2",
+                        {std::to_string(id), std::to_string(token)}) == 0);  // its INSERT died with it
+      CHECK(after.count("SELECT count(*) FROM eoq.effects WHERE task_id = $1", {std::to_string(id)}) == 1);
+    }
+  }
 
   auto events = recorder.events();
   h::append(events, h::load_postgres(after.get(), "eoq", "effects"));
@@ -1353,6 +1393,9 @@ TEST_CASE("a worker rides out a Postgres restart and every effect lands exactly 
   REQUIRE(v.ok());
   CHECK(v.succeeded == n);
   CHECK(v.effects == n);
+  CHECK(v.claims > n);  // the killed attempts were claimed again
+  CHECK(v.handovers_checked >= kHeld);
+  CHECK(v.handovers_unchecked == 0);
 }
 
 // --------------------------------------------------------------- worker processes
