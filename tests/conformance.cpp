@@ -1756,8 +1756,9 @@ STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the 
     });
     store.wait_for_tasks({"woken"}, 60s);
     auto waited = Steady::now() - t0;
+    const bool after_submit = submitting;  // read before the join, which waits for the submit
     submitter.join();
-    CHECK(submitting);
+    CHECK(after_submit);
     CHECK(waited < 30s);  // the timeout would take 60 s
   }
   SECTION("wake ends a wait, not before it is called") {
@@ -1771,8 +1772,9 @@ STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the 
     });
     store.wait_for_tasks({"quiet"}, 60s);
     auto waited = Steady::now() - t0;
+    const bool after_wake = waking;  // read before the join, which waits for the wake
     waker.join();
-    CHECK(waking);
+    CHECK(after_wake);
     CHECK(waited < 30s);  // the timeout would take 60 s
   }
   SECTION("the timeout ends a wait, and is waited") {
