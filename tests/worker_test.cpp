@@ -681,6 +681,7 @@ TEST_CASE("an idle worker is woken by a submit, not by its poll interval, and do
   inner.wait_for_tasks({"default"}, 0ms);  // the store listens from now on: no submit goes unheard
   worker.start();
   for (int i = 0; i < 5; ++i) {
+    // The claimer found nothing and waits: an event, not a sleep.
     REQUIRE(eventually([&] { return store.idle(); }, 60s));
     const int claims = store.claim_calls;
     auto t0 = std::chrono::steady_clock::now();
