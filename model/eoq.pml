@@ -12,6 +12,9 @@
  *
  * Mutants (check.sh asserts that each one yields a counterexample):
  *   MUTANT_NO_VERSION_GUARD          eoq_complete without "version = $2"
+ *   MUTANT_HEARTBEAT_NO_VERSION_GUARD  eoq_heartbeat without "version = $2"
+ *   MUTANT_FAIL_NO_VERSION_GUARD     eoq_fail without "version = $2"
+ *   MUTANT_RELEASE_NO_VERSION_GUARD  eoq_release without "version = $2"
  *   MUTANT_SEPARATE_EFFECT_COMMIT    the handler's writes commit on their own, then eoq_complete
  *   MUTANT_RECLAIM_IGNORES_LIMIT     eoq_claim re-leases a lost lease even with no attempts left
  *   MUTANT_CANCEL_ANY_STATUS         eoq_cancel settles every row that is not running
@@ -148,6 +151,24 @@ byte submitted;        /* submitters finished */
 #else
 #define COMPLETE_FENCE(t, v) FENCE(t, v)
 #endif
+#ifdef MUTANT_HEARTBEAT_NO_VERSION_GUARD
+#define HEARTBEAT_FENCE(t, v) (row[t].status == RUNNING)
+#else
+#define HEARTBEAT_FENCE(t, v) FENCE(t, v)
+#endif
+#ifdef MUTANT_FAIL_NO_VERSION_GUARD
+#define FAIL_FENCE(t, v) (row[t].status == RUNNING)
+#else
+#define FAIL_FENCE(t, v) FENCE(t, v)
+#endif
+#ifdef MUTANT_RELEASE_NO_VERSION_GUARD
+#define RELEASE_FENCE(t, v) (row[t].status == RUNNING)
+#else
+#define RELEASE_FENCE(t, v) FENCE(t, v)
+#endif
+/* The "@step" comments on the lines that assert FRESH name the step for
+   check.sh, which pins each fence mutant to the line its counterexample
+   violates (spin -t reports "eoq.pml:<line>, Error: assertion violated"). */
 
 /* eoq_claim's candidates: status = 'pending' OR lease_expires_at <= now() */
 #ifdef MUTANT_NO_RECLAIM
@@ -290,7 +311,7 @@ end_idle:
      atomic {
        V != 0 && PH == 0 && HBL > 0 -> HBL--;
        if
-       :: FENCE(T, V) -> FRESH(T, V); row[T].lease_expired = 0; CHECK(T)
+       :: HEARTBEAT_FENCE(T, V) -> FRESH(T, V); row[T].lease_expired = 0; CHECK(T)  /* @heartbeat */
        :: else -> FORGET   /* LeaseLost */
        fi;
        NORMALIZE
@@ -311,7 +332,7 @@ end_idle:
        V != 0 && PH == COMPLETE_PHASE ->
        if
        :: COMPLETE_FENCE(T, V) ->
-            FRESH(T, V); SETTLE(T, SUCCEEDED, me);
+            FRESH(T, V); SETTLE(T, SUCCEEDED, me);  /* @complete */
 #ifndef MUTANT_SEPARATE_EFFECT_COMMIT
             effects[T]++; effect_by[T] = V;
 #endif
@@ -348,8 +369,8 @@ end_idle:
        :: perm = 0
        fi;
        if
-       :: FENCE(T, V) ->
-            FRESH(T, V);
+       :: FAIL_FENCE(T, V) ->
+            FRESH(T, V);  /* @fail */
             if
             :: row[T].cancel_req -> SETTLE(T, CANCELLED, me)
             :: !row[T].cancel_req && (perm || row[T].attempts >= MAXATT) -> SETTLE(T, FAILED, me)
@@ -367,9 +388,9 @@ end_idle:
      atomic {
        V != 0 && PH == 0 && releases > 0 ->
        if
-       :: FENCE(T, V) ->
+       :: RELEASE_FENCE(T, V) ->
             releases--;
-            FRESH(T, V);
+            FRESH(T, V);  /* @release */
             if
             :: row[T].cancel_req -> SETTLE(T, CANCELLED, me)
             :: else ->

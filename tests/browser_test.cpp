@@ -5,7 +5,7 @@
 // Every wait polls the DOM until a condition holds (or a generous deadline
 // passes); there are no fixed sleeps. Screenshots land in the build tree
 // (tests/artifacts/). Without Chromium or chromedriver the test exits 77,
-// which ctest reports as skipped.
+// which ctest reports as skipped; with EOQ_REQUIRE_ALL set it fails instead.
 #include "support.hpp"
 
 #include <eoq/eoq.hpp>
@@ -28,6 +28,7 @@
 #include <fstream>
 #include <functional>
 #include <regex>
+#include <string_view>
 #include <thread>
 
 #ifndef EOQ_CLI
@@ -264,10 +265,14 @@ std::string row_status(Browser& b, eoq::TaskId id) {
   return v.is_string() ? v.get<std::string>() : "";
 }
 
-// Ends the process with kSkip (ctest: skipped, not passed) when the browser is missing.
+// Ends the process with kSkip (ctest: skipped, not passed) when the browser is
+// missing; with EOQ_REQUIRE_ALL set (CI) a missing browser fails the test instead.
 void require_browser() {
+  const char* require_all = std::getenv("EOQ_REQUIRE_ALL");
+  const bool required = require_all != nullptr && *require_all != '\0' && std::string_view(require_all) != "0";
   for (const char* tool : {kChromium, kChromedriver}) {
     if (!fs::exists(tool)) {
+      if (required) FAIL(tool << " is not installed (apt-get install chromium chromium-driver) and EOQ_REQUIRE_ALL is set");
       std::fprintf(stderr, "SKIP: %s is not installed (apt-get install chromium chromium-driver)\n", tool);
       std::fflush(stderr);
       std::exit(kSkip);
@@ -355,7 +360,8 @@ TEST_CASE("browser: submit through the page, watch a worker finish it live, see 
   auto shown_after = Clock::now() - Clock::time_point(Clock::duration(finished_at.load()));
   WARN("succeeded showed " << std::chrono::duration_cast<std::chrono::milliseconds>(shown_after).count()
                            << " ms after the handler returned");
-  CHECK(shown_after < 5s);
+  // No clock in the verdict: that the page updated itself, not by a reload, is
+  // what the marker below shows; how fast it did is reported above only.
   CHECK(b.text(fmt::format("#tasks tr[data-id=\"{}\"] td.progress", id)).find("100%") != std::string::npos);
   CHECK(b.script("return window.eoqTestMarker || null;") == "same page");
 

@@ -1,6 +1,7 @@
 // Helper process for postgres_test: each subcommand is one participant in a
-// race between processes. Every subcommand first gets ready (connects), then
-// waits until <go file> exists, so all participants start at the same moment.
+// race between processes. Every subcommand first gets ready (connects), says so
+// by creating <go file>.ready.<pid>, then waits until <go file> exists, so all
+// participants start at the same moment.
 //
 //   eoq_test_child migrate    <conninfo> <schema> <go file>
 //   eoq_test_child submit-key <conninfo> <schema> <go file> <threads> <queue> <key> <out file>
@@ -33,6 +34,7 @@ using namespace std::chrono_literals;
 namespace {
 
 void wait_for_go(const std::string& path) {
+  std::ofstream(path + ".ready." + std::to_string(::getpid())) << "ready\n";
   auto give_up = std::chrono::steady_clock::now() + 120s;
   while (!std::filesystem::exists(path)) {
     if (std::chrono::steady_clock::now() > give_up) throw std::runtime_error("no go file after 120 s: " + path);

@@ -769,10 +769,18 @@ STORE_CASE("a failed attempt with attempts left is retried after an exponential 
   CHECK_FALSE(p.lease_owner);
   CHECK_FALSE(p.lease_expires_at);
   CHECK_FALSE(p.finished_at);
-  if (now() + 100ms < *o1.retry_at) CHECK(claim(store, {"default"}, "w", 1).empty());  // not before run_at
-
-  std::this_thread::sleep_until(*o1.retry_at + 30ms);
-  auto l2 = claim_one(store, "w2");
+  // Not claimable before run_at, checked whatever the load: claim from now on
+  // until a claim gets it; that claim must not have ended before retry_at.
+  std::vector<Lease> got;
+  auto got_by = now();
+  for (auto give_up = now() + 30s; got.empty() && now() < give_up;) {
+    got = claim(store, {"default"}, "w2", 1);
+    got_by = now();
+    if (got.empty()) std::this_thread::sleep_for(5ms);
+  }
+  REQUIRE(got.size() == 1);
+  CHECK(got_by + kSlack >= *o1.retry_at);  // not before run_at
+  auto l2 = got.front();
   CHECK(l2.attempt() == 2);
   before = now();
   auto o2 = store.fail(l2, {"e2", false});
@@ -1765,31 +1773,72 @@ STORE_CASE("prunable counts what prune would delete and changes nothing", "[prun
 // waiting
 
 STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the timeout", "[wait]") {
+  // Each section bounds the wait from both sides: it does not return before its
+  // cause (a wait that returns at once fails here), and it returns well before
+  // the timeout it would otherwise sit out. A first wait of 0 ms makes the store
+  // listen (Postgres: LISTEN), so a submit made before the second wait is heard.
   using Steady = std::chrono::steady_clock;
-  SECTION("a submit wakes a waiter") {
+  SECTION("a submit wakes a waiter, not before it is made") {
+    store.wait_for_tasks({"woken"}, 0ms);
+    std::atomic<bool> submitting{false};
     auto t0 = Steady::now();
     std::thread submitter([&] {
       std::this_thread::sleep_for(200ms);
+      submitting = true;
       store.submit(task("t", "woken"));
     });
-    store.wait_for_tasks({"woken"}, 10s);
+    store.wait_for_tasks({"woken"}, 60s);
+    auto waited = Steady::now() - t0;
+    const bool after_submit = submitting;  // read before the join, which waits for the submit
     submitter.join();
-    CHECK(Steady::now() - t0 < 5s);
+    CHECK(after_submit);
+    CHECK(waited < 30s);  // the timeout would take 60 s
   }
-  SECTION("wake ends a wait") {
+  SECTION("wake ends a wait, not before it is called") {
+    store.wait_for_tasks({"quiet"}, 0ms);
+    std::atomic<bool> waking{false};
     auto t0 = Steady::now();
     std::thread waker([&] {
       std::this_thread::sleep_for(200ms);
+      waking = true;
       store.wake();
     });
-    store.wait_for_tasks({"quiet"}, 10s);
+    store.wait_for_tasks({"quiet"}, 60s);
+    auto waited = Steady::now() - t0;
+    const bool after_wake = waking;  // read before the join, which waits for the wake
     waker.join();
-    CHECK(Steady::now() - t0 < 5s);
+    CHECK(after_wake);
+    CHECK(waited < 30s);  // the timeout would take 60 s
   }
-  SECTION("the timeout ends a wait") {
+  SECTION("the timeout ends a wait, and is waited") {
+    store.wait_for_tasks({"quiet"}, 0ms);
     auto t0 = Steady::now();
-    store.wait_for_tasks({"quiet"}, 100ms);
-    CHECK(Steady::now() - t0 < 5s);
+    store.wait_for_tasks({"quiet"}, 300ms);
+    auto waited = Steady::now() - t0;
+    CHECK(waited >= 295ms);  // (a whole millisecond may be lost to rounding)
+    CHECK(waited < 30s);
+  }
+  SECTION("a submit to another queue does not end a wait") {
+    store.wait_for_tasks({"quiet"}, 0ms);
+    std::atomic<bool> entered{false}, returned{false};
+    Steady::duration waited{};
+    std::thread waiter([&] {
+      entered = true;
+      auto t0 = Steady::now();
+      store.wait_for_tasks({"quiet"}, 3000ms);
+      waited = Steady::now() - t0;
+      returned = true;
+    });
+    while (!entered) std::this_thread::sleep_for(1ms);
+    int submitted_while_waiting = 0;
+    for (int i = 0; i < 5; ++i) {
+      store.submit(task("t", "other"));
+      if (!returned) ++submitted_while_waiting;
+      std::this_thread::sleep_for(20ms);
+    }
+    waiter.join();
+    CHECK(submitted_while_waiting >= 1);
+    CHECK(waited >= 2995ms);  // the whole timeout: no submit to "other" ended it
   }
 }
 
