@@ -2108,3 +2108,58 @@ TEST_CASE("PostgresStore: a server that is not there is an eoq error", "[conform
   }
   CHECK(threw_eoq_error);
 }
+
+// ---------------------------------------------------------------------------
+// Issue 12: deadlines behind a worker's buffer, cancel from a handler, strict keys
+
+STORE_CASE("a claim tells the store's time of the claim in the lease", "[deadline]") {
+  store.submit(task());
+  auto before = now();
+  auto l = claim_one(store);
+  auto after = now();
+  CHECK(l.claimed_at == l.task.started_at.value_or(TimePoint{}));
+  CHECK(l.claimed_at >= before - kSlack);
+  CHECK(l.claimed_at <= after + kSlack);
+}
+
+STORE_CASE("expire_if_overdue ends a held lease expired once its deadline has passed, and not before",
+           "[deadline]") {
+  NewTask t = task();
+  t.deadline = now() + 400ms;
+  auto id = store.submit(t).task.id;
+  auto l = claim_one(store);
+
+  CHECK_FALSE(store.expire_if_overdue(l));
+  auto unchanged = must_get(store, id);
+  CHECK(unchanged.status == TaskStatus::running);
+  CHECK(unchanged.version == l.token);
+
+  std::this_thread::sleep_for(*t.deadline - now() + 50ms);
+  CHECK(store.expire_if_overdue(l));
+  auto got = must_get(store, id);
+  CHECK(got.status == TaskStatus::expired);
+  CHECK(got.last_error == std::optional<std::string>("deadline passed"));
+  CHECK(got.version == l.token + 1);
+  CHECK(got.finished_at.has_value());
+  CHECK_FALSE(got.lease_expires_at.has_value());
+  CHECK(got.lease_owner == std::optional<std::string>("w1"));
+  auto h = store.history(id);
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].outcome == "expired");
+  CHECK(h[0].finished_at.has_value());
+
+  // The lease is spent: nothing else it does lands.
+  CHECK(outcome_of([&] { store.complete(l); }) == "LeaseLost");
+  CHECK(outcome_of([&] { store.expire_if_overdue(l); }) == "LeaseLost");
+  CHECK(must_get(store, id).status == TaskStatus::expired);
+}
+
+STORE_CASE("expire_if_overdue leaves a task without a deadline running, and refuses a stale lease", "[deadline]") {
+  auto id = store.submit(task()).task.id;
+  auto l = claim_one(store);
+  CHECK_FALSE(store.expire_if_overdue(l));
+  CHECK(must_get(store, id).status == TaskStatus::running);
+  store.complete(l);
+  CHECK(outcome_of([&] { store.expire_if_overdue(l); }) == "LeaseLost");
+  CHECK(must_get(store, id).status == TaskStatus::succeeded);
+}

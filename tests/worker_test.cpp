@@ -76,6 +76,7 @@ class FaultyStore final : public eoq::TaskStore {
   void complete(const eoq::Lease& l, std::string_view r) override { check(); inner_.complete(l, r); }
   eoq::FailOutcome fail(const eoq::Lease& l, const eoq::Failure& f) override { check(); return inner_.fail(l, f); }
   void release(const eoq::Lease& l) override { check(); inner_.release(l); }
+  bool expire_if_overdue(const eoq::Lease& l) override { check(); return inner_.expire_if_overdue(l); }
   eoq::HeartbeatResult heartbeat(const eoq::Lease& l, Millis e) override {
     check();
     if (heartbeats_down) down("heartbeat");
@@ -1620,3 +1621,83 @@ TEST_CASE("a frozen worker holding row locks is cut off by the server so the nex
 }
 
 #endif  // EOQ_WORKER_CHILD
+
+// ---------------------------------------------------------------------------
+// Issue 12
+
+TEST_CASE("a task whose deadline passes while it waits in the prefetch buffer ends expired and never starts",
+          "[worker][deadline]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  options.prefetch = 4;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  std::atomic<int> slow_started{0}, late_calls{0};
+  worker.on("slow", [&](eoq::TaskContext&) {
+    ++slow_started;
+    gate.wait();
+  });
+  worker.on("late", [&](eoq::TaskContext&) { ++late_calls; });
+
+  auto slow = store.submit(task("slow")).task.id;
+  REQUIRE(slow > 0);
+  worker.start();
+  REQUIRE(eventually([&] { return slow_started.load() == 1; }));
+  auto late_task = task("late");
+  late_task.deadline = eoq::test::now() + 500ms;
+  auto late = store.submit(late_task).task.id;
+  // Claimed into the buffer before its deadline: the only handler is busy.
+  REQUIRE(eventually([&] { return worker.counters().claimed == 2; }, 400ms));
+  CHECK(status_of(store, late) == eoq::TaskStatus::running);
+  std::this_thread::sleep_until(std::chrono::system_clock::now() + (*late_task.deadline - eoq::test::now()) + 100ms);
+  gate.release();
+
+  REQUIRE(eventually([&] { return is_done(store, late) && is_done(store, slow); }));
+  worker.stop();
+  CHECK(late_calls.load() == 0);
+  auto got = store.get(late).value();
+  CHECK(got.status == eoq::TaskStatus::expired);
+  CHECK(got.last_error == std::optional<std::string>("deadline passed"));
+  auto h = store.history(late);
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].outcome == "expired");
+  CHECK(status_of(store, slow) == eoq::TaskStatus::succeeded);
+  auto c = worker.counters();
+  CHECK(c.expired == 1);
+  CHECK(c.succeeded == 1);
+  CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +
+                         c.abandoned + c.in_flight);
+  CHECK(sink.contains("deadline passed while it waited for a handler"));
+}
+
+TEST_CASE("a buffered task whose deadline has not passed runs when a handler frees up", "[worker][deadline]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  options.prefetch = 4;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  std::atomic<int> slow_started{0}, later_calls{0};
+  worker.on("slow", [&](eoq::TaskContext&) {
+    ++slow_started;
+    gate.wait();
+  });
+  worker.on("later", [&](eoq::TaskContext&) { ++later_calls; });
+  store.submit(task("slow"));
+  worker.start();
+  REQUIRE(eventually([&] { return slow_started.load() == 1; }));
+  auto t = task("later");
+  t.deadline = eoq::test::now() + 60s;
+  auto id = store.submit(t).task.id;
+  REQUIRE(eventually([&] { return worker.counters().claimed == 2; }));
+  std::this_thread::sleep_for(200ms);
+  gate.release();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(later_calls.load() == 1);
+  CHECK(status_of(store, id) == eoq::TaskStatus::succeeded);
+  CHECK(worker.counters().expired == 0);
+}

@@ -99,6 +99,10 @@ struct Lease {
   std::string owner{};
   std::int64_t token = 0;
   TimePoint expires_at{};
+  // The store's clock when the claim ran. Time a lease spends in a worker's
+  // buffer is measured from here (steady clock), so a deadline check at hand-off
+  // needs no agreement between the worker's clock and the store's.
+  TimePoint claimed_at{};
   TaskId id() const noexcept { return task.id; }
   int attempt() const noexcept { return task.attempts; }
 };
@@ -178,7 +182,9 @@ struct Attempt {
   std::string owner{};
   TimePoint started_at{};
   std::optional<TimePoint> finished_at{};
-  std::string outcome{};  // running, succeeded, retry, failed, cancelled, lease_expired
+  // running, succeeded, retry, failed, cancelled, lease_expired, or expired (the
+  // deadline passed while the lease waited in a worker's buffer: never started)
+  std::string outcome{};
   std::optional<std::string> error{};
 };
 

@@ -74,6 +74,12 @@ class TaskStore {
   // the interrupted attempt does not count. A task with a cancel request ends
   // cancelled instead.
   virtual void release(const Lease& lease) = 0;
+  // For a lease that waited (in a worker's buffer) before its handler starts: a
+  // task is never started after its deadline. When the deadline has passed by
+  // the store's clock, ends the task `expired` (the attempt recorded as
+  // `expired`) and returns true; otherwise changes nothing and returns false.
+  // Fenced: LeaseLost when the lease is stale.
+  virtual bool expire_if_overdue(const Lease& lease) = 0;
   virtual void progress(const Lease& lease, int percent, std::string_view stage) = 0;
   virtual void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) = 0;
 

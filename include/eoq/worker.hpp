@@ -47,16 +47,17 @@ using Logger = std::function<void(LogLevel level, std::string_view message)>;
 
 // A snapshot of what a worker has done since it started, for the host to export
 // (Prometheus, StatsD, logs). Every claimed lease ends in exactly one of
-// succeeded, failed, retried, cancelled, lease_lost, released or abandoned; until
-// then it is counted in in_flight:
-//   claimed == succeeded + failed + retried + cancelled + lease_lost + released
-//              + abandoned + in_flight
+// succeeded, failed, retried, cancelled, expired, lease_lost, released or
+// abandoned; until then it is counted in in_flight:
+//   claimed == succeeded + failed + retried + cancelled + expired + lease_lost
+//              + released + abandoned + in_flight
 struct WorkerCounters {
   std::uint64_t claimed = 0;     // leases taken
   std::uint64_t succeeded = 0;   // completed
   std::uint64_t failed = 0;      // failed for good: PermanentError, unknown type, attempts used up
   std::uint64_t retried = 0;     // failed and scheduled to run again
   std::uint64_t cancelled = 0;   // ended cancelled after cancel() was requested
+  std::uint64_t expired = 0;     // deadline passed while buffered: ended expired, never started
   std::uint64_t lease_lost = 0;  // outcome discarded: the store fenced the lease off
   std::uint64_t released = 0;    // given back unfinished (shutdown, or a commit that failed): runs again
   std::uint64_t abandoned = 0;   // outcome unknown to the store (it was unreachable); the lease expires

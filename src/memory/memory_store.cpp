@@ -460,7 +460,7 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
       t.started_at = now;
     });
     e.started_at = now;
-    leases.push_back(Lease{e.task, request.owner, e.task.version, *e.task.lease_expires_at});
+    leases.push_back(Lease{e.task, request.owner, e.task.version, *e.task.lease_expires_at, now});
   }
   return leases;
 }
@@ -554,6 +554,17 @@ void MemoryStore::release(const Lease& lease) {
     t.updated_at = now;
   });
   S.signal(e.task.queue);
+}
+
+bool MemoryStore::expire_if_overdue(const Lease& lease) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  Entry& e = S.fenced(lease);
+  const TimePoint now = detail::now();
+  if (!e.task.deadline || *e.task.deadline > now) return false;
+  S.end_attempt(e, now, "expired", "deadline passed before the task started");
+  S.finish(e, TaskStatus::expired, now, "deadline passed");
+  return true;
 }
 
 void MemoryStore::progress(const Lease& lease, int percent, std::string_view stage) {

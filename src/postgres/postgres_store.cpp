@@ -117,8 +117,8 @@ void validate_schema(const std::string& s) {
 
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
-  Statement submit, submit_batch, by_keys, claim, complete, fail, release, heartbeat, progress, checkpoint, cancel,
-      retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled;
+  Statement submit, submit_batch, by_keys, claim, complete, fail, release, expire_lease, heartbeat, progress,
+      checkpoint, cancel, retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled;
 
   explicit Sql(const std::string& quoted_schema) {
     const std::string cols = column_list(), tcols = column_list("t.");
@@ -279,6 +279,26 @@ SELECT t.id, (SELECT pg_notify($3, queue) FROM @s@.tasks WHERE id = $1) FROM t)"
                                                           {"updated_at", "now()"},
                                                           {"finished_at", "now()"}},
                                                          "gone")));
+
+    // The deadline is judged by now() here, not by the worker that asks: the
+    // answer is the same whatever its clock says.
+    expire_lease = S("eoq_expire_lease", fmt::format(R"(
+WITH t AS (SELECT id, attempts, version, lease_owner, started_at, coalesce(deadline <= now(), false) AS overdue
+           FROM @s@.tasks WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'expired', 'deadline passed before the task started'
+  FROM t WHERE overdue),
+gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id AND t.overdue RETURNING x.*),
+fin AS ({})
+SELECT overdue FROM t)",
+                                                     finish_insert({{"status", "'expired'"},
+                                                                    {"version", "gone.version + 1"},
+                                                                    {"lease_expires_at", "NULL"},
+                                                                    {"last_error", "'deadline passed'"},
+                                                                    {"updated_at", "now()"},
+                                                                    {"finished_at", "now()"}},
+                                                                   "gone")));
 
     heartbeat = S("eoq_heartbeat", "UPDATE @s@.tasks SET lease_expires_at = now() + " MS("$3") R"(
 WHERE id = $1 AND version = $2 AND status = 'running' RETURNING lease_expires_at, cancel_requested)");
@@ -750,6 +770,7 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
     l.owner = request.owner;
     l.token = l.task.version;
     l.expires_at = l.task.lease_expires_at.value_or(TimePoint{});
+    l.claimed_at = l.task.started_at.value_or(TimePoint{});  // now() of the claim
     leases.push_back(std::move(l));
   }
   return leases;
@@ -840,6 +861,18 @@ void PostgresStore::release(const Lease& lease) {
   // After a retry the first try may have applied; the version moved on either way.
   if (r.rows() != 1 && !retried)
     throw LeaseLost(lease.id(), lease.token, "release found the task no longer under this lease");
+}
+
+bool PostgresStore::expire_if_overdue(const Lease& lease) {
+  auto& I = *impl_;
+  bool retried = false;
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.expire_lease, {num(lease.id()), num(lease.token)}); },
+                   &retried);
+  if (r.rows() == 1) return r.boolean(0, 0);
+  // After a retry our first try may have expired it: then the task is on record
+  // as expired by this lease.
+  if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("expired")) return true;
+  throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
 }
 
 void PostgresStore::progress(const Lease& lease, int percent, std::string_view stage) {

@@ -77,7 +77,7 @@ class Backoff {
   Millis initial_, max_, next_;
 };
 
-enum class Outcome { succeeded, failed, retried, cancelled, lease_lost, released, abandoned };
+enum class Outcome { succeeded, failed, retried, cancelled, expired, lease_lost, released, abandoned };
 
 }  // namespace
 
@@ -87,6 +87,7 @@ struct TaskRun {
   TaskRun(Engine& e, Lease l, Steady::time_point claim_started, Millis lease_length)
       : engine(&e),
         lease(std::move(l)),
+        claim_sent(claim_started),
         last_beat(claim_started.time_since_epoch().count()),
         expires((claim_started + lease_length).time_since_epoch().count()),
         checkpoint_stage(lease.task.checkpoint_stage),
@@ -94,6 +95,8 @@ struct TaskRun {
 
   Engine* engine;
   const Lease lease;  // never changes: heartbeats keep the token, so threads share it read-only
+  // When the claim was sent: the store's clock read lease.claimed_at no earlier.
+  const Steady::time_point claim_sent;
 
   // Steady-clock ticks: when the last heartbeat was sent, and when the lease ends
   // at the latest if no later heartbeat got through (measured from the send, so
@@ -188,6 +191,7 @@ class Engine {
   struct Counters {
     std::atomic<std::uint64_t> claimed{0}, succeeded{0}, failed{0}, retried{0}, cancelled{0}, lease_lost{0},
         released{0}, abandoned{0}, in_flight{0}, store_errors{0}, handler_runs{0};
+    std::atomic<std::uint64_t> expired{0};
     std::atomic<std::int64_t> handler_us_total{0}, handler_us_max{0};
     std::array<std::atomic<std::uint64_t>, WorkerCounters::duration_bounds.size() + 1> buckets{};
   } counters;
@@ -199,6 +203,7 @@ class Engine {
     c.failed = counters.failed.load();
     c.retried = counters.retried.load();
     c.cancelled = counters.cancelled.load();
+    c.expired = counters.expired.load();
     c.lease_lost = counters.lease_lost.load();
     c.released = counters.released.load();
     c.abandoned = counters.abandoned.load();
@@ -423,6 +428,7 @@ class Engine {
       case Outcome::failed: counters.failed.fetch_add(1); break;
       case Outcome::retried: counters.retried.fetch_add(1); break;
       case Outcome::cancelled: counters.cancelled.fetch_add(1); break;
+      case Outcome::expired: counters.expired.fetch_add(1); break;
       case Outcome::lease_lost: counters.lease_lost.fetch_add(1); break;
       case Outcome::released: counters.released.fetch_add(1); break;
       case Outcome::abandoned: counters.abandoned.fetch_add(1); break;
@@ -591,6 +597,7 @@ class Engine {
       finish(run, Outcome::lease_lost);
       return;
     }
+    if (expired_at_handoff(run)) return;
     auto handler = handlers.find(run.lease.task.type);
     if (handler == handlers.end()) {
       settle_failure(run, Failure{fmt::format("no handler registered for task type '{}' on worker {}",
@@ -646,6 +653,31 @@ class Engine {
     }
     // The completer waits only for an empty queue; whoever made it non-empty woke it.
     if (was_empty) cv_complete.notify_one();
+  }
+
+  // A lease can wait in the buffer past its task's deadline, and a task is never
+  // started after its deadline. The store's clock decides: the claim's time plus
+  // the steady time since the claim was sent (an overestimate, so a late task is
+  // never let through); only a task that looks overdue costs a store call.
+  // True when the task must not start (expired, lease lost, or store unreachable:
+  // then the lease runs out and the next claim expires it).
+  bool expired_at_handoff(TaskRun& run) {
+    const auto& deadline = run.lease.task.deadline;
+    if (!deadline) return false;
+    auto waited = std::chrono::duration_cast<std::chrono::microseconds>(Steady::now() - run.claim_sent);
+    if (run.lease.claimed_at + waited < *deadline) return false;
+    try {
+      if (!store.expire_if_overdue(run.lease)) return false;
+      log(LogLevel::info, "{}: deadline passed while it waited for a handler; expired, not started", run.describe());
+      finish(run, Outcome::expired);
+    } catch (const LeaseLost& e) {
+      log(LogLevel::warning, "{}: {}", run.describe(), e.what());
+      finish(run, Outcome::lease_lost);
+    } catch (const std::exception& e) {
+      store_error(fmt::format("{}: expiring at its deadline", run.describe()), e);
+      finish(run, Outcome::abandoned);
+    }
+    return true;
   }
 
   void settle_failure(TaskRun& run, const Failure& failure) {
