@@ -2163,3 +2163,53 @@ STORE_CASE("expire_if_overdue leaves a task without a deadline running, and refu
   CHECK(outcome_of([&] { store.expire_if_overdue(l); }) == "LeaseLost");
   CHECK(must_get(store, id).status == TaskStatus::succeeded);
 }
+
+TEST_CASE("PostgresStore: cancel_on cancels in the host's transaction, with cancel's rules, only if it commits",
+          "[conformance][postgres][cancel]") {
+  TestStore S(StoreKind::postgres);
+  auto& store = *S;
+  eoq::test::Admin host(S.conninfo());
+  using eoq::CancelOutcome;
+  using eoq::PostgresStore;
+
+  auto pending = store.submit(task()).task.id;
+  host.exec("BEGIN");
+  CHECK(PostgresStore::cancel_on(host.get(), pending, {}, S.schema()) == CancelOutcome::cancelled);
+  host.exec("ROLLBACK");
+  CHECK(must_get(store, pending).status == TaskStatus::pending);
+  host.exec("BEGIN");
+  CHECK(PostgresStore::cancel_on(host.get(), pending, {}, S.schema()) == CancelOutcome::cancelled);
+  // Not visible to others before the host commits.
+  CHECK(must_get(store, pending).status == TaskStatus::pending);
+  host.exec("COMMIT");
+  auto got = must_get(store, pending);
+  CHECK(got.status == TaskStatus::cancelled);
+  CHECK(got.finished_at.has_value());
+
+  auto running = store.submit(task()).task.id;
+  auto l = claim_one(store);
+  REQUIRE(l.id() == running);
+  host.exec("BEGIN");
+  CHECK(PostgresStore::cancel_on(host.get(), running, {}, S.schema()) == CancelOutcome::cancel_requested);
+  host.exec("COMMIT");
+  CHECK(must_get(store, running).cancel_requested);
+  CHECK(store.heartbeat(l, 30s).cancel_requested);
+
+  CHECK(PostgresStore::cancel_on(host.get(), pending, {}, S.schema()) == CancelOutcome::already_finished);
+  CHECK(PostgresStore::cancel_on(host.get(), 987654321, {}, S.schema()) == CancelOutcome::not_found);
+
+  NewTask owned = task();
+  owned.tenant = "acme";
+  auto acme = store.submit(owned).task.id;
+  auto before = describe(must_get(store, acme));
+  CHECK(PostgresStore::cancel_on(host.get(), acme, eoq::Scope::only("other"), S.schema()) ==
+        CancelOutcome::not_found);
+  CHECK(describe(must_get(store, acme)) == before);
+  CHECK(PostgresStore::cancel_on(host.get(), acme, eoq::Scope::only("acme"), S.schema()) ==
+        CancelOutcome::cancelled);
+
+  CHECK(field_of([&] { PostgresStore::cancel_on(nullptr, pending, {}, S.schema()); }) == "connection");
+  CHECK(field_of([&] { PostgresStore::cancel_on(host.get(), pending, {}, "bad;schema"); }) == "schema");
+  CHECK(field_of([&] { PostgresStore::cancel_on(host.get(), pending, eoq::Scope::only(""), S.schema()); }) ==
+        "scope.tenant");
+}

@@ -48,6 +48,14 @@ class PostgresStore final : public TaskStore {
   static SubmitResult submit_on(pg_conn* connection, const NewTask& task,
                                 std::string_view schema = "eoq",
                                 std::size_t max_payload_bytes = 1 << 20);
+  // Transactional cancel, with the rules of cancel(id, scope): on the host's own
+  // connection, inside its open transaction, so a pending task is cancelled (and
+  // a running one asked to stop) if and only if that transaction commits. Never
+  // commits or rolls back itself. In a REPEATABLE READ or SERIALIZABLE
+  // transaction a task that changes state meanwhile makes it fail with a
+  // serialization error (retry the host's transaction).
+  static CancelOutcome cancel_on(pg_conn* connection, TaskId id, const Scope& scope = {},
+                                 std::string_view schema = "eoq");
 
   SubmitResult submit(const NewTask& task) override;
   std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override;

@@ -667,6 +667,30 @@ SubmitResult PostgresStore::submit(const NewTask& task) {
   }
 }
 
+namespace {
+// One statement on a host's connection, inside whatever transaction it has
+// open; binary results, as on the store's own connections.
+Result exec_on(pg_conn* connection, const std::string& text, const std::vector<Param>& ps, const char* label) {
+  std::vector<const char*> values(ps.size());
+  for (std::size_t i = 0; i < ps.size(); ++i) values[i] = ps[i] ? ps[i]->c_str() : nullptr;
+  Result r(PQexecParams(connection, text.c_str(), static_cast<int>(ps.size()), nullptr, values.data(), nullptr,
+                        nullptr, 1));
+  auto st = PQresultStatus(r.get());
+  if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) pg::throw_error(connection, r.get(), label);
+  return r;
+}
+
+// The answer of the cancel statement, or empty when the task changed state
+// under it (claimed or settled meanwhile) and the statement must run again.
+std::optional<CancelOutcome> decode_cancel(const Result& r) {
+  if (r.i64(0, 0) > 0) return CancelOutcome::cancelled;
+  if (r.i64(0, 1) > 0) return CancelOutcome::cancel_requested;
+  if (r.i64(0, 2) > 0) return CancelOutcome::already_finished;
+  if (r.i64(0, 3) == 0) return CancelOutcome::not_found;
+  return std::nullopt;
+}
+}  // namespace
+
 SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, std::string_view schema,
                                       std::size_t max_payload_bytes) {
   if (!connection) throw InvalidArgument("connection", "must not be null");
@@ -675,15 +699,8 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
   detail::validate_new_task(task, max_payload_bytes, detail::now());
   Sql sql(quote_ident(s));
   auto params = submit_params(task, "eoq_" + s);
-  std::vector<const char*> values(params.size());
   auto run = [&](const std::string& text, const std::vector<Param>& ps) {
-    values.resize(ps.size());
-    for (std::size_t i = 0; i < ps.size(); ++i) values[i] = ps[i] ? ps[i]->c_str() : nullptr;
-    Result r(PQexecParams(connection, text.c_str(), static_cast<int>(ps.size()), nullptr, values.data(), nullptr,
-                          nullptr, 1));
-    auto st = PQresultStatus(r.get());
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) pg::throw_error(connection, r.get(), "submit_on");
-    return r;
+    return exec_on(connection, text, ps, "submit_on");
   };
   auto r = run(sql.submit.sql, params);
   if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
@@ -691,6 +708,21 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
                {pg::text_array({task.queue}), pg::text_array({task.tenant}), pg::text_array({task.key})});
   if (e.rows() == 1) return {decode_task(e, 0, 1), true};
   throw Error("submit_on: the key is taken but its task was not found");
+}
+
+CancelOutcome PostgresStore::cancel_on(pg_conn* connection, TaskId id, const Scope& scope, std::string_view schema) {
+  if (!connection) throw InvalidArgument("connection", "must not be null");
+  std::string s(schema);
+  validate_schema(s);
+  detail::validate_scope(scope);
+  Sql sql(quote_ident(s));
+  // Each statement of a READ COMMITTED transaction sees the rows committed
+  // before it, so running the statement again sees the new state.
+  for (int round = 0; round < 20; ++round) {
+    auto r = exec_on(connection, sql.cancel.sql, {num(id), scope.tenant}, "cancel_on");
+    if (auto out = decode_cancel(r)) return *out;
+  }
+  throw TransientError(fmt::format("cancel_on: task {} kept changing state", id), "40001", "cancel_on");
 }
 
 std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> tasks) {
@@ -1043,10 +1075,7 @@ CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
   detail::validate_scope(scope);
   for (int round = 0; round < 20; ++round) {
     auto r = I.retry([&](Connection& c) { return c.exec(I.sql.cancel, {num(id), scope.tenant}); });
-    if (r.i64(0, 0) > 0) return CancelOutcome::cancelled;
-    if (r.i64(0, 1) > 0) return CancelOutcome::cancel_requested;
-    if (r.i64(0, 2) > 0) return CancelOutcome::already_finished;
-    if (r.i64(0, 3) == 0) return CancelOutcome::not_found;
+    if (auto out = decode_cancel(r)) return *out;
     // The task changed state under us (claimed or settled meanwhile): look again.
   }
   throw TransientError(fmt::format("cancel: task {} kept changing state", id), "40001", "eoq_cancel");
