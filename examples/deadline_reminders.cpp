@@ -172,10 +172,8 @@ void send_reminder(eoq::TaskContext& ctx, eoq::Millis stall) {
   if (marked.empty()) {
     auto why = ctx.exec("SELECT status FROM reminders.reminders WHERE task_id = $1", {task});
     if (why.empty()) throw eoq::PermanentError("no reminder belongs to this task");
-    if (why.rows[0][0] == "cancelled") {
-      ctx.set_result(R"({"skipped":"cancelled"})");  // nothing to send, nothing to retry
-      return;
-    }
+    // Nothing to send, nothing to retry: the task ends cancelled, like its reminder.
+    if (why.rows[0][0] == "cancelled") throw eoq::Cancelled("the to-do was cancelled");
     throw eoq::PermanentError("the deadline passed before the reminder could be sent");
   }
   ctx.exec("INSERT INTO reminders.sends (reminder_id, worker) VALUES ($1, $2)",

@@ -2213,3 +2213,44 @@ TEST_CASE("PostgresStore: cancel_on cancels in the host's transaction, with canc
   CHECK(field_of([&] { PostgresStore::cancel_on(host.get(), pending, eoq::Scope::only(""), S.schema()); }) ==
         "scope.tenant");
 }
+
+STORE_CASE("cancel_running ends the holder's task cancelled, asked for or not, and is fenced", "[cancel]") {
+  SECTION("after a cancel request") {
+    auto id = store.submit(task()).task.id;
+    auto l = claim_one(store);
+    REQUIRE(store.cancel(id) == eoq::CancelOutcome::cancel_requested);
+    store.cancel_running(l, "saw the request");
+    auto got = must_get(store, id);
+    CHECK(got.status == TaskStatus::cancelled);
+    CHECK(got.version == l.token + 1);
+    CHECK(got.finished_at.has_value());
+    CHECK_FALSE(got.lease_expires_at.has_value());
+    CHECK_FALSE(got.last_error.has_value());
+    auto h = store.history(id);
+    REQUIRE(h.size() == 1);
+    CHECK(h[0].outcome == "cancelled");
+    CHECK(h[0].error == std::optional<std::string>("saw the request"));
+    CHECK(outcome_of([&] { store.cancel_running(l); }) == "LeaseLost");
+    CHECK(outcome_of([&] { store.complete(l); }) == "LeaseLost");
+  }
+  SECTION("without one, and without a reason") {
+    auto id = store.submit(task()).task.id;
+    auto l = claim_one(store);
+    store.cancel_running(l);
+    CHECK(must_get(store, id).status == TaskStatus::cancelled);
+    auto h = store.history(id);
+    REQUIRE(h.size() == 1);
+    CHECK(h[0].outcome == "cancelled");
+    CHECK_FALSE(h[0].error.has_value());
+  }
+  SECTION("a stale lease changes nothing") {
+    auto id = store.submit(task()).task.id;
+    auto old = claim_one(store, "w1", 100ms);
+    std::this_thread::sleep_for(150ms);
+    auto current = claim_one(store, "w2");
+    auto before = describe(must_get(store, id));
+    CHECK(outcome_of([&] { store.cancel_running(old); }) == "LeaseLost");
+    CHECK(describe(must_get(store, id)) == before);
+    store.complete(current);
+  }
+}

@@ -490,6 +490,12 @@ bool RecordingStore::expire_if_overdue(const eoq::Lease& lease) {
   return expired;
 }
 
+void RecordingStore::cancel_running(const eoq::Lease& lease, std::string_view reason) {
+  auto e = client_event(Kind::fail, lease);
+  e.status = "cancelled";
+  recorded(rec_, std::move(e), [&](Event&) { inner_.cancel_running(lease, reason); });
+}
+
 void RecordingStore::progress(const eoq::Lease& lease, int percent, std::string_view stage) {
   inner_.progress(lease, percent, stage);
 }

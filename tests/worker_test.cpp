@@ -77,6 +77,7 @@ class FaultyStore final : public eoq::TaskStore {
   eoq::FailOutcome fail(const eoq::Lease& l, const eoq::Failure& f) override { check(); return inner_.fail(l, f); }
   void release(const eoq::Lease& l) override { check(); inner_.release(l); }
   bool expire_if_overdue(const eoq::Lease& l) override { check(); return inner_.expire_if_overdue(l); }
+  void cancel_running(const eoq::Lease& l, std::string_view r) override { check(); inner_.cancel_running(l, r); }
   eoq::HeartbeatResult heartbeat(const eoq::Lease& l, Millis e) override {
     check();
     if (heartbeats_down) down("heartbeat");
@@ -1700,4 +1701,44 @@ TEST_CASE("a buffered task whose deadline has not passed runs when a handler fre
   CHECK(later_calls.load() == 1);
   CHECK(status_of(store, id) == eoq::TaskStatus::succeeded);
   CHECK(worker.counters().expired == 0);
+}
+
+TEST_CASE("a handler that throws Cancelled after a cancel request ends its task cancelled, logged at info only",
+          "[worker][cancel]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 600ms;  // heartbeats every 200 ms carry the cancel request
+  eoq::Worker worker(store, options);
+  std::atomic<bool> started{false};
+  worker.on("long", [&](eoq::TaskContext& ctx) {
+    started = true;
+    while (ctx.sleep_for(10s)) {
+    }
+    if (ctx.cancelled()) throw eoq::Cancelled{};
+  });
+  worker.on("unwanted", [](eoq::TaskContext&) { throw eoq::Cancelled("the to-do is gone"); });
+  worker.on("bad-input", [](eoq::TaskContext&) { throw eoq::PermanentError("payload names no user"); });
+  auto id = store.submit(task("long")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  CHECK(store.cancel(id) == eoq::CancelOutcome::cancel_requested);
+  auto unwanted = store.submit(task("unwanted")).task.id;
+  auto bad = store.submit(task("bad-input")).task.id;
+  REQUIRE(eventually([&] { return is_done(store, id) && is_done(store, unwanted) && is_done(store, bad); }));
+  worker.stop();
+
+  CHECK(status_of(store, id) == eoq::TaskStatus::cancelled);
+  CHECK(status_of(store, unwanted) == eoq::TaskStatus::cancelled);
+  CHECK(store.history(unwanted).at(0).error == std::optional<std::string>("the to-do is gone"));
+  CHECK(status_of(store, bad) == eoq::TaskStatus::failed);
+  auto c = worker.counters();
+  CHECK(c.cancelled == 2);
+  CHECK(c.failed == 1);
+  CHECK(c.retried == 0);
+  std::lock_guard lk(sink.mu);
+  for (auto& [level, line] : sink.lines) {
+    INFO(line);
+    CHECK(level < eoq::LogLevel::warning);
+  }
 }

@@ -80,6 +80,11 @@ class TaskStore {
   // `expired`) and returns true; otherwise changes nothing and returns false.
   // Fenced: LeaseLost when the lease is stale.
   virtual bool expire_if_overdue(const Lease& lease) = 0;
+  // The holder stops its task on purpose (a handler that saw a cancel request,
+  // or found its work no longer wanted): ends it `cancelled` whether or not a
+  // cancel was requested, the attempt recorded as `cancelled` with `reason` as
+  // its error (none when empty); last_error unchanged. Fenced: LeaseLost when stale.
+  virtual void cancel_running(const Lease& lease, std::string_view reason = {}) = 0;
   virtual void progress(const Lease& lease, int percent, std::string_view stage) = 0;
   virtual void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) = 0;
 

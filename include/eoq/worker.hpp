@@ -9,7 +9,8 @@
 //   worker.run();  // until another thread calls worker.stop()
 //
 // A handler returns to succeed and throws to fail: PermanentError fails the task
-// for good, anything else retries it per the task's RetryPolicy. Its SQL (through
+// for good, Cancelled ends it cancelled, anything else retries it per the task's
+// RetryPolicy. Its SQL (through
 // ctx.exec / ctx.transaction()) commits in the same transaction that completes
 // the task, or not at all.
 //
@@ -36,6 +37,18 @@ namespace eoq {
 class PermanentError : public Error {
  public:
   using Error::Error;
+};
+
+// Thrown by a handler that stops because it was asked to (it saw
+// ctx.cancelled()), or because its work is no longer wanted: the task ends
+// `cancelled`, not failed and not retried, and the worker logs it at info. Any
+// SQL the handler ran in the task's transaction rolls back.
+//
+//   if (ctx.cancelled()) throw eoq::Cancelled{};
+class Cancelled : public Error {
+ public:
+  Cancelled() : Error("stopped by its handler") {}
+  explicit Cancelled(const std::string& reason) : Error(reason) {}
 };
 
 enum class LogLevel { debug, info, warning, error };
@@ -170,7 +183,8 @@ class TaskContext {
   Rows exec(std::string_view sql, const Params& params = {});
   bool in_transaction() const noexcept;
 
-  // cancel() was called on this task. Seen at the next heartbeat.
+  // cancel() was called on this task. Seen at the next heartbeat. Returning
+  // completes the task as usual; `throw eoq::Cancelled{}` ends it cancelled.
   bool cancelled() const noexcept;
   // The worker is shutting down: finish soon or throw; after shutdown_timeout the
   // lease is given back.

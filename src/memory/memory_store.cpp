@@ -567,6 +567,15 @@ bool MemoryStore::expire_if_overdue(const Lease& lease) {
   return true;
 }
 
+void MemoryStore::cancel_running(const Lease& lease, std::string_view reason) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  Entry& e = S.fenced(lease);
+  const TimePoint now = detail::now();
+  S.end_attempt(e, now, "cancelled", reason.empty() ? std::nullopt : std::optional<std::string>(reason));
+  S.finish(e, TaskStatus::cancelled, now);
+}
+
 void MemoryStore::progress(const Lease& lease, int percent, std::string_view stage) {
   auto& S = *state_;
   detail::validate_progress(percent, stage);

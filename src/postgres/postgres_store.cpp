@@ -117,8 +117,8 @@ void validate_schema(const std::string& s) {
 
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
-  Statement submit, submit_batch, by_keys, claim, complete, fail, release, expire_lease, heartbeat, progress,
-      checkpoint, cancel, retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled;
+  Statement submit, submit_batch, by_keys, claim, complete, fail, release, expire_lease, cancel_lease, heartbeat,
+      progress, checkpoint, cancel, retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled;
 
   explicit Sql(const std::string& quoted_schema) {
     const std::string cols = column_list(), tcols = column_list("t.");
@@ -296,6 +296,22 @@ SELECT overdue FROM t)",
                                                                     {"version", "gone.version + 1"},
                                                                     {"lease_expires_at", "NULL"},
                                                                     {"last_error", "'deadline passed'"},
+                                                                    {"updated_at", "now()"},
+                                                                    {"finished_at", "now()"}},
+                                                                   "gone")));
+
+    cancel_lease = S("eoq_cancel_lease", fmt::format(R"(
+WITH t AS (SELECT id, attempts, version, lease_owner, started_at FROM @s@.tasks
+           WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', $3 FROM t),
+gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id RETURNING x.*),
+fin AS ({} RETURNING id)
+SELECT id FROM fin)",
+                                                     finish_insert({{"status", "'cancelled'"},
+                                                                    {"version", "gone.version + 1"},
+                                                                    {"lease_expires_at", "NULL"},
                                                                     {"updated_at", "now()"},
                                                                     {"finished_at", "now()"}},
                                                                    "gone")));
@@ -904,6 +920,17 @@ bool PostgresStore::expire_if_overdue(const Lease& lease) {
   // After a retry our first try may have expired it: then the task is on record
   // as expired by this lease.
   if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("expired")) return true;
+  throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
+}
+
+void PostgresStore::cancel_running(const Lease& lease, std::string_view reason) {
+  auto& I = *impl_;
+  bool retried = false;
+  Param why = reason.empty() ? Param() : Param(std::string(reason));
+  auto r = I.retry(
+      [&](Connection& c) { return c.exec(I.sql.cancel_lease, {num(lease.id()), num(lease.token), why}); }, &retried);
+  if (r.rows() == 1) return;
+  if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("cancelled")) return;
   throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
 }
 

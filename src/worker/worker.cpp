@@ -607,13 +607,18 @@ class Engine {
     }
 
     std::optional<Failure> failure;
+    std::optional<std::string> stopped;  // the handler threw Cancelled
+    bool expected = false;                // a PermanentError: the handler's own verdict, not a fault
     auto started = Steady::now();
     run.in_handler = true;
     try {
       TaskContext ctx(run);
       handler->second(ctx);
+    } catch (const Cancelled& e) {
+      stopped = e.what();
     } catch (const PermanentError& e) {
       failure = Failure{e.what(), true};
+      expected = true;
     } catch (const LeaseLost& e) {
       run.lost = true;
       log(LogLevel::warning, "{}: {}", run.describe(), e.what());
@@ -638,7 +643,13 @@ class Engine {
       // failure outside the transaction.
       run.tx_view.reset();
       run.tx.reset();
-      settle_failure(run, *failure);
+      settle_failure(run, *failure, expected);
+      return;
+    }
+    if (stopped) {
+      run.tx_view.reset();
+      run.tx.reset();  // a stopped handler's writes do not commit
+      settle_cancelled(run, *stopped);
       return;
     }
     if (run.tx) {
@@ -680,7 +691,27 @@ class Engine {
     return true;
   }
 
-  void settle_failure(TaskRun& run, const Failure& failure) {
+  // The handler stopped on purpose (Cancelled): the task ends cancelled, quietly.
+  // The store retries transient errors itself; if it still cannot be reached the
+  // lease runs out and the task runs again (or ends cancelled, if a cancel was
+  // requested), so nothing is lost.
+  void settle_cancelled(TaskRun& run, const std::string& reason) {
+    try {
+      store.cancel_running(run.lease, reason);
+      log(LogLevel::info, "{} cancelled by its handler: {}", run.describe(), reason);
+      finish(run, Outcome::cancelled);
+    } catch (const LeaseLost& e) {
+      log(LogLevel::warning, "{}: cancellation not recorded: {}", run.describe(), e.what());
+      finish(run, Outcome::lease_lost);
+    } catch (const std::exception& e) {
+      store_error(fmt::format("{}: recording the cancellation", run.describe()), e);
+      finish(run, Outcome::abandoned);
+    }
+  }
+
+  // `expected`: a PermanentError the handler threw on purpose, logged at info;
+  // other permanent failures (no handler, attempts used up) are warnings.
+  void settle_failure(TaskRun& run, const Failure& failure, bool expected = false) {
     Backoff backoff(opt.error_backoff_initial, opt.error_backoff_max);
     std::stop_token none;
     for (;;) {
@@ -694,8 +725,8 @@ class Engine {
           log(LogLevel::info, "{} cancelled", run.describe());
           finish(run, Outcome::cancelled);
         } else {
-          log(LogLevel::warning, "{} failed{}: {}", run.describe(), failure.permanent ? " permanently" : "",
-              failure.error);
+          log(expected ? LogLevel::info : LogLevel::warning, "{} failed{}: {}", run.describe(),
+              failure.permanent ? " permanently" : "", failure.error);
           finish(run, Outcome::failed);
         }
         return;
