@@ -289,6 +289,7 @@ STORE_CASE("a second submit with the same key returns the existing task and chan
   NewTask again = keyed("k", "default", R"({"v": 2})");
   again.type = "other-type";
   again.priority = 99;
+  again.key_reuse = eoq::KeyReuse::lenient;  // strict would refuse the other type and payload
   auto second = store.submit(again);
   CHECK(second.duplicate);
   CHECK(second.task.id == first.task.id);
@@ -303,7 +304,7 @@ STORE_CASE("a key stays taken after its task finishes", "[submit][key]") {
   auto first = store.submit(keyed("k"));
   auto l = claim_one(store);
   store.complete(l, R"({"done": true})");
-  auto again = store.submit(keyed("k", "default", R"({"another": 1})"));
+  auto again = store.submit(keyed("k"));
   CHECK(again.duplicate);
   CHECK(again.task.id == first.task.id);
   CHECK(again.task.status == TaskStatus::succeeded);
@@ -359,7 +360,9 @@ STORE_CASE("a hundred and twenty eight threads submitting one key at once create
     threads.emplace_back([&, i] {
       go.arrive_and_wait();
       try {
-        results[static_cast<std::size_t>(i)] = store.submit(keyed("the-key", "default", fmt::format(R"({{"n": {}}})", i)));
+        NewTask t = keyed("the-key", "default", fmt::format(R"({{"n": {}}})", i));
+        t.key_reuse = eoq::KeyReuse::lenient;  // each thread its own payload: the winner's is kept
+        results[static_cast<std::size_t>(i)] = store.submit(t);
       } catch (const std::exception& e) {
         errors[static_cast<std::size_t>(i)] = e.what();
       }
@@ -425,8 +428,10 @@ STORE_CASE("a batch of a thousand tasks is created in order", "[submit][batch]")
 
 STORE_CASE("a key repeated within a batch returns the first one's task for the later ones", "[submit][batch][key]") {
   auto existing = store.submit(keyed("k0"));
-  std::vector<NewTask> batch = {keyed("k1", "default", R"({"a": 1})"), keyed("k2"),
-                                keyed("k1", "default", R"({"a": 2})"), task(), keyed("k2"), keyed("k0")};
+  NewTask k1_again = keyed("k1", "default", R"({"a": 2})");
+  k1_again.key_reuse = eoq::KeyReuse::lenient;
+  std::vector<NewTask> batch = {keyed("k1", "default", R"({"a": 1})"), keyed("k2"), k1_again, task(), keyed("k2"),
+                                keyed("k0")};
   auto r = store.submit_batch(batch);
   REQUIRE(r.size() == 6);
   CHECK_FALSE(r[0].duplicate);
@@ -1062,7 +1067,11 @@ STORE_CASE("terminal tasks never change again", "[terminal]") {
   for (auto id : ids) CHECK(store.cancel(id) == eoq::CancelOutcome::already_finished);
   CHECK(claim(store, {"default"}, "w", 100).empty());
   store.maintain();
-  for (const char* k : {"s", "f", "c", "e"}) CHECK(store.submit(keyed(k, "default", R"({"x": 1})")).duplicate);
+  for (const char* k : {"s", "f", "c", "e"}) {
+    NewTask again = keyed(k, "default", R"({"x": 1})");
+    again.key_reuse = eoq::KeyReuse::lenient;
+    CHECK(store.submit(again).duplicate);
+  }
   for (auto* l : {&ls, &lf}) {
     CHECK(outcome_of([&] { store.complete(*l, "2"); }) == "LeaseLost");
     CHECK(outcome_of([&] { store.fail(*l, {"x", false}); }) == "LeaseLost");
@@ -2253,4 +2262,139 @@ STORE_CASE("cancel_running ends the holder's task cancelled, asked for or not, a
     CHECK(describe(must_get(store, id)) == before);
     store.complete(current);
   }
+}
+
+namespace {
+// The KeyConflict a call throws, or empty (with what happened in `other`).
+template <class F>
+std::optional<eoq::KeyConflict> conflict_of(F&& f, std::string& other) {
+  try {
+    f();
+    other = "no exception";
+  } catch (const eoq::KeyConflict& e) {
+    return e;
+  } catch (const std::exception& e) {
+    other = std::string("not KeyConflict: ") + e.what();
+  }
+  return std::nullopt;
+}
+}  // namespace
+
+STORE_CASE("a key reused with another type or payload is a KeyConflict that writes nothing", "[keys]") {
+  auto first = store.submit(keyed("k1", "default", R"({"a":1})")).task;
+  auto before = describe(first);
+
+  auto same = store.submit(keyed("k1", "default", R"({"a":1})"));
+  CHECK(same.duplicate);
+  CHECK(same.task.id == first.id);
+
+  std::string other;
+  auto payload = conflict_of([&] { store.submit(keyed("k1", "default", R"({"a":2})")); }, other);
+  INFO(other);
+  REQUIRE(payload);
+  CHECK(payload->field() == "key");
+  CHECK(payload->key() == "k1");
+  CHECK(payload->differs() == "payload");
+  CHECK(payload->existing_task_id() == first.id);
+  CHECK(std::string(payload->what()).find("'k1' is already used by task " + std::to_string(first.id)) !=
+        std::string::npos);
+
+  NewTask retyped = keyed("k1", "default", R"({"a":1})");
+  retyped.type = "other";
+  auto type = conflict_of([&] { store.submit(retyped); }, other);
+  REQUIRE(type);
+  CHECK(type->differs() == "type");
+  retyped.payload = "{}";
+  auto both = conflict_of([&] { store.submit(retyped); }, other);
+  REQUIRE(both);
+  CHECK(both->differs() == "type and payload");
+
+  // Payloads compare as stored text: equal JSON spelled differently is another payload.
+  auto spaced = conflict_of([&] { store.submit(keyed("k1", "default", R"({"a": 1})")); }, other);
+  REQUIRE(spaced);
+  CHECK(spaced->differs() == "payload");
+
+  // A KeyConflict is an InvalidArgument: code that handles bad input handles it.
+  CHECK(field_of([&] { store.submit(keyed("k1", "default", "[]")); }) == "key");
+
+  CHECK(describe(must_get(store, first.id)) == before);
+  CHECK(list_all(store).size() == 1);
+
+  SECTION("lenient returns the existing task, as before strict keys") {
+    NewTask t = keyed("k1", "default", R"({"a":2})");
+    t.key_reuse = eoq::KeyReuse::lenient;
+    auto r = store.submit(t);
+    CHECK(r.duplicate);
+    CHECK(r.task.id == first.id);
+    CHECK(r.task.payload == R"({"a":1})");
+  }
+  SECTION("also after the task finished") {
+    store.complete(claim_one(store));
+    CHECK(conflict_of([&] { store.submit(keyed("k1", "default", "{}")); }, other).has_value());
+    CHECK(store.submit(keyed("k1", "default", R"({"a":1})")).duplicate);
+  }
+  SECTION("the same key elsewhere is another key") {
+    CHECK_FALSE(store.submit(keyed("k1", "other-queue", "{}")).duplicate);
+    NewTask t = keyed("k1", "default", "{}");
+    t.tenant = "acme";
+    CHECK_FALSE(store.submit(t).duplicate);
+  }
+}
+
+STORE_CASE("a batch with a conflicting key writes nothing, within itself or against a taken key", "[keys][batch]") {
+  auto held = store.submit(keyed("held", "default", R"({"v":1})")).task;
+  std::string other;
+
+  std::vector<NewTask> inside{keyed("a", "default", R"({"v":1})"), keyed("b"), keyed("a", "default", R"({"v":2})")};
+  auto e = conflict_of([&] { store.submit_batch(inside); }, other);
+  INFO(other);
+  REQUIRE(e);
+  CHECK(e->field() == "tasks[2].key");
+  CHECK(e->existing_task_id() == 0);
+  CHECK(std::string(e->what()).find("tasks[0] of this batch") != std::string::npos);
+  CHECK(list_all(store).size() == 1);
+
+  std::vector<NewTask> against{keyed("c"), task(), keyed("held", "default", R"({"v":9})")};
+  auto f = conflict_of([&] { store.submit_batch(against); }, other);
+  REQUIRE(f);
+  CHECK(f->field() == "tasks[2].key");
+  CHECK(f->existing_task_id() == held.id);
+  CHECK(list_all(store).size() == 1);
+  CHECK_FALSE(store.find("default", "c").has_value());
+
+  // Equal repeats are duplicates; a lenient one takes whatever holds the key.
+  NewTask loose = keyed("held", "default", R"({"v":9})");
+  loose.key_reuse = eoq::KeyReuse::lenient;
+  std::vector<NewTask> fine{keyed("d", "default", R"({"v":1})"), keyed("d", "default", R"({"v":1})"),
+                            keyed("held", "default", R"({"v":1})"), loose};
+  auto r = store.submit_batch(fine);
+  REQUIRE(r.size() == 4);
+  CHECK_FALSE(r[0].duplicate);
+  CHECK(r[1].duplicate);
+  CHECK(r[1].task.id == r[0].task.id);
+  CHECK(r[2].duplicate);
+  CHECK(r[2].task.id == held.id);
+  CHECK(r[3].duplicate);
+  CHECK(r[3].task.id == held.id);
+  CHECK(list_all(store).size() == 2);
+}
+
+TEST_CASE("PostgresStore: submit_on refuses a key reused with another payload and writes nothing",
+          "[conformance][postgres][keys]") {
+  TestStore S(StoreKind::postgres);
+  auto& store = *S;
+  eoq::test::Admin host(S.conninfo());
+  auto held = store.submit(keyed("k", "default", R"({"v":1})")).task;
+  host.exec("BEGIN");
+  std::string other;
+  auto e = conflict_of(
+      [&] { eoq::PostgresStore::submit_on(host.get(), keyed("k", "default", R"({"v":2})"), S.schema()); }, other);
+  INFO(other);
+  REQUIRE(e);
+  CHECK(e->existing_task_id() == held.id);
+  // The host's transaction is still usable: the conflict was found without an SQL error.
+  auto dup = eoq::PostgresStore::submit_on(host.get(), keyed("k", "default", R"({"v":1})"), S.schema());
+  CHECK(dup.duplicate);
+  host.exec("COMMIT");
+  CHECK(list_all(store).size() == 1);
 }

@@ -152,11 +152,22 @@ TEST_CASE("dashboard: submit, list, get, stats, cancel and retry", "[dashboard]"
   CHECK(task["payload"] == Json{{"w", 640}});
   CHECK(created.header("Location") == fmt::format("/api/tasks/{}", id));
 
-  auto again = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 1}}}});
+  auto again = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 640}}}});
   CHECK(again.status == 200);
   CHECK(again.json["duplicate"] == true);
   CHECK(again.json["task"]["id"] == id);
-  CHECK(again.json["task"]["payload"] == Json{{"w", 640}});  // the existing task, untouched
+
+  // The key with another payload: a conflict, unless the submit asks for the old lenient answer.
+  auto conflict = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 1}}}});
+  CHECK(conflict.status == 409);
+  CHECK(conflict.json["field"] == "key");
+  CHECK(conflict.json["error"].get<std::string>().find("with a different payload") != std::string::npos);
+  auto lenient = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"key_reuse", "lenient"},
+                                           {"payload", {{"w", 1}}}});
+  CHECK(lenient.status == 200);
+  CHECK(lenient.json["duplicate"] == true);
+  CHECK(lenient.json["task"]["payload"] == Json{{"w", 640}});  // the existing task, untouched
+  CHECK(s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-2"}, {"key_reuse", "sloppy"}}).status == 400);
 
   REQUIRE(s.post("/api/tasks", Json{{"type", "mail"}, {"queue", "mail"}}).status == 201);
 

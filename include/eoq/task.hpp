@@ -26,6 +26,16 @@ inline bool is_terminal(TaskStatus s) noexcept {
 
 enum class Backoff { fixed, exponential };
 
+// What a submit does when its key is already taken (in its queue, by its tenant).
+enum class KeyReuse {
+  // Returns the existing task as a duplicate if its type and payload equal the
+  // submitted ones (payloads compared as text, byte for byte, as stored); throws
+  // KeyConflict otherwise, writing nothing.
+  strict,
+  // Returns the existing task as a duplicate whatever it holds (eoq before 0.3).
+  lenient,
+};
+
 // How a failed attempt is retried. The delay before attempt n+1, after n failed
 // attempts, is initial_delay (fixed) or initial_delay * 2^(n-1) capped at
 // max_delay (exponential); jitter then moves it by up to +-jitter of itself.
@@ -54,6 +64,7 @@ struct NewTask {
   // Owner, for scoped reads. Keys are unique per (queue, tenant): two tenants
   // never see each other's task through a shared key.
   std::optional<std::string> tenant{};
+  KeyReuse key_reuse = KeyReuse::strict;
 };
 
 struct Task {

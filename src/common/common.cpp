@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <fmt/format.h>
+#include <map>
+#include <tuple>
 
 namespace eoq {
 
@@ -104,6 +106,35 @@ bool is_utf8(std::string_view s) noexcept {
 }
 
 TimePoint now() noexcept { return std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()); }
+
+std::string key_difference(const NewTask& submitted, std::string_view type, std::string_view payload) {
+  const bool t = submitted.type != type, p = submitted.payload != payload;
+  return t && p ? "type and payload" : t ? "type" : p ? "payload" : "";
+}
+
+void check_key_reuse(const NewTask& submitted, std::optional<std::size_t> batch_index, std::string_view type,
+                     std::string_view payload, const std::string& holder_name, TaskId holder_id) {
+  if (submitted.key_reuse != KeyReuse::strict || !submitted.key) return;
+  auto differs = key_difference(submitted, type, payload);
+  if (differs.empty()) return;
+  throw KeyConflict(batch_index ? fmt::format("tasks[{}].key", *batch_index) : std::string("key"), *submitted.key,
+                    std::move(differs), holder_name, holder_id);
+}
+
+void check_batch_keys(std::span<const NewTask> tasks) {
+  // queue, tenant ("" for none), key -> the first task with it
+  std::map<std::tuple<std::string_view, std::string_view, std::string_view>, std::size_t> first;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const NewTask& t = tasks[i];
+    if (!t.key) continue;
+    auto [it, fresh] = first.emplace(std::tuple{std::string_view(t.queue), std::string_view(t.tenant ? *t.tenant : ""),
+                                                std::string_view(*t.key)},
+                                     i);
+    if (fresh) continue;
+    const NewTask& holder = tasks[it->second];
+    check_key_reuse(t, i, holder.type, holder.payload, fmt::format("tasks[{}] of this batch", it->second), 0);
+  }
+}
 
 namespace {
 

@@ -677,7 +677,11 @@ SubmitResult PostgresStore::submit(const NewTask& task) {
     }
     if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
     auto existing = I.lookup_keys({task.queue}, {task.tenant}, {task.key});
-    if (existing[0]) return {std::move(*existing[0]), true};
+    if (existing[0]) {
+      const Task& h = *existing[0];
+      detail::check_key_reuse(task, std::nullopt, h.type, h.payload, fmt::format("task {}", h.id), h.id);
+      return {std::move(*existing[0]), true};
+    }
     // The key's task was pruned between the two statements: try again.
     if (round > 10) throw Error("submit: key kept vanishing under retention; giving up");
   }
@@ -722,7 +726,12 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
   if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
   auto e = run(sql.by_keys.sql,
                {pg::text_array({task.queue}), pg::text_array({task.tenant}), pg::text_array({task.key})});
-  if (e.rows() == 1) return {decode_task(e, 0, 1), true};
+  if (e.rows() == 1) {
+    auto holder = decode_task(e, 0, 1);
+    detail::check_key_reuse(task, std::nullopt, holder.type, holder.payload, fmt::format("task {}", holder.id),
+                            holder.id);
+    return {std::move(holder), true};
+  }
   throw Error("submit_on: the key is taken but its task was not found");
 }
 
@@ -759,40 +768,67 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   std::vector<Param> params;
   for (auto& c : cols) params.push_back(pg::text_array(c));
   params.push_back(I.channel);
-  Result r;
+  detail::check_batch_keys(tasks);
+  const bool strict = std::any_of(tasks.begin(), tasks.end(),
+                                  [](const NewTask& t) { return t.key && t.key_reuse == KeyReuse::strict; });
+  std::vector<std::optional<SubmitResult>> out;
+  std::vector<std::size_t> missing;          // tasks whose key was taken
+  std::vector<std::optional<Task>> holders;  // the tasks holding those keys (empty: pruned meanwhile)
+  // With a strict key the batch runs in a transaction that ends in ROLLBACK when
+  // a taken key's holder differs, so a conflict writes nothing; otherwise the
+  // insert commits on its own, as before.
+  auto attempt = [&](Connection& c) {
+    out.assign(tasks.size(), std::nullopt);
+    missing.clear();
+    holders.clear();
+    if (strict) c.command("BEGIN");
+    try {
+      auto r = c.exec(I.sql.submit_batch, params);
+      for (int i = 0; i < r.rows(); ++i) {
+        auto ord = static_cast<std::size_t>(r.i64(i, 0) - 1);
+        out[ord] = SubmitResult{task_from_new(tasks[ord], r, i, 1), false};
+      }
+      std::vector<Param> dq, dt, dk;
+      for (std::size_t i = 0; i < tasks.size(); ++i)
+        if (!out[i]) {
+          missing.push_back(i);
+          dq.push_back(tasks[i].queue);
+          dt.push_back(tasks[i].tenant);
+          dk.push_back(tasks[i].key);
+        }
+      if (!missing.empty()) {
+        holders.resize(missing.size());
+        auto f = c.exec(I.sql.by_keys, {pg::text_array(dq), pg::text_array(dt), pg::text_array(dk)});
+        for (int i = 0; i < f.rows(); ++i) holders[static_cast<std::size_t>(f.i64(i, 0) - 1)] = decode_task(f, i, 1);
+      }
+      if (strict) {
+        for (std::size_t j = 0; j < missing.size(); ++j)
+          if (const auto& h = holders[j])
+            detail::check_key_reuse(tasks[missing[j]], missing[j], h->type, h->payload, fmt::format("task {}", h->id),
+                                    h->id);
+        c.command("COMMIT");
+      }
+    } catch (...) {
+      if (strict && c.ok()) Result(PQexec(c.get(), "ROLLBACK"));
+      throw;
+    }
+    return 0;
+  };
   try {
-    r = pg::with_retry(I.pool, all_keyed ? I.options.transient_retries : 0,
-                       [&](Connection& c) { return c.exec(I.sql.submit_batch, params); });
+    pg::with_retry(I.pool, all_keyed ? I.options.transient_retries : 0, attempt);
   } catch (const TransientError& e) {
     if (all_keyed) throw;
     throw CommitInDoubt(std::string(e.what()) +
                             "; the batch may or may not have been created (give every task a key to make retries safe)",
                         e.sqlstate(), e.statement());
   }
-  std::vector<std::optional<SubmitResult>> out(tasks.size());
-  for (int i = 0; i < r.rows(); ++i) {
-    auto ord = static_cast<std::size_t>(r.i64(i, 0) - 1);
-    out[ord] = SubmitResult{task_from_new(tasks[ord], r, i, 1), false};
-  }
-  std::vector<Param> dq, dt, dk;
-  std::vector<std::size_t> missing;
-  for (std::size_t i = 0; i < tasks.size(); ++i)
-    if (!out[i]) {
-      missing.push_back(i);
-      dq.push_back(tasks[i].queue);
-      dt.push_back(tasks[i].tenant);
-      dk.push_back(tasks[i].key);
+  for (std::size_t j = 0; j < missing.size(); ++j) {
+    if (!holders[j]) {
+      // Pruned in between: submit that one again on its own.
+      out[missing[j]] = submit(tasks[missing[j]]);
+      continue;
     }
-  if (!missing.empty()) {
-    auto found = I.lookup_keys(dq, dt, dk);
-    for (std::size_t j = 0; j < missing.size(); ++j) {
-      if (!found[j]) {
-        // Pruned in between: submit that one again on its own.
-        out[missing[j]] = submit(tasks[missing[j]]);
-        continue;
-      }
-      out[missing[j]] = SubmitResult{std::move(*found[j]), true};
-    }
+    out[missing[j]] = SubmitResult{std::move(*holders[j]), true};
   }
   std::vector<SubmitResult> result;
   result.reserve(tasks.size());

@@ -991,6 +991,9 @@ class Engine {
         if (bucket == done[i]) continue;
         NewTask task = p.task;
         task.key = fmt::format("periodic:{}:{}", p.name, bucket);
+        // The bucket key is the scheduler's own: a deploy that changes the task
+        // mid-bucket must not turn the next submit of that bucket into an error.
+        task.key_reuse = KeyReuse::lenient;
         try {
           auto r = store.submit(task);
           done[i] = bucket;
