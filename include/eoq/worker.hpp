@@ -3,7 +3,7 @@
 //
 //   eoq::Worker worker(store, {.queues = {"mail"}, .concurrency = 8});
 //   worker.on("send-email", [](eoq::TaskContext& ctx) {
-//     ctx.exec("INSERT INTO sent(task_id) VALUES ($1)", {std::to_string(ctx.id())});
+//     ctx.exec("INSERT INTO sent(task_id) VALUES ($1)", {ctx.id()});
 //     ctx.set_result(R"({"sent":true})");
 //   });
 //   worker.run();  // until another thread calls worker.stop()

@@ -78,6 +78,36 @@ std::optional<std::string> Rows::scalar() const {
   return row.front();
 }
 
+RowView Rows::operator[](std::size_t row) const {
+  if (row >= rows.size()) throw UsageError(fmt::format("row {} does not exist: the result has {} row(s)", row, rows.size()));
+  return RowView(rows[row], columns);
+}
+
+const std::optional<std::string>& RowView::operator[](std::size_t column) const {
+  if (column >= cells_->size())
+    throw UsageError(fmt::format("column {} does not exist: the row has {} column(s)", column, cells_->size()));
+  return (*cells_)[column];
+}
+
+std::string_view RowView::name(std::size_t column) const noexcept {
+  return column < columns_->size() ? std::string_view((*columns_)[column]) : std::string_view("?");
+}
+
+std::size_t RowView::index_of(std::string_view column) const {
+  for (std::size_t i = 0; i < columns_->size(); ++i)
+    if ((*columns_)[i] == column) return i;
+  throw UsageError(fmt::format("column \"{}\" is not in the result (columns: {})", column, fmt::join(*columns_, ", ")));
+}
+
+namespace detail {
+void bad_cell(std::string_view name, std::size_t index, std::string_view type, const std::string* text,
+              std::string_view why) {
+  std::string shown;
+  if (text) shown = text->size() > 64 ? fmt::format("\"{}...\" ", text->substr(0, 64)) : fmt::format("\"{}\" ", *text);
+  throw UsageError(fmt::format("column \"{}\" ({}) read as {}: {}{}", name, index, type, shown, why));
+}
+}  // namespace detail
+
 namespace detail {
 
 std::size_t utf8_sequence(std::string_view s, std::size_t i) noexcept {

@@ -1013,7 +1013,10 @@ class PgLeaseTransaction final : public LeaseTransaction {
     require_open();
     Result r;
     try {
-      r = conn_->exec_params(sql, params, false, "handler SQL");
+      std::vector<Param> texts;
+      texts.reserve(params.size());
+      for (const auto& p : params) texts.push_back(p.text());
+      r = conn_->exec_params(sql, texts, false, "handler SQL");
     } catch (...) {
       abandon();
       throw;
