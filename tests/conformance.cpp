@@ -2499,3 +2499,15 @@ TEST_CASE("PostgresStore: a handler's SQL takes typed parameters and gives typed
   CHECK(tx->exec("SELECT count(*) FROM generate_series(1, $1)", {5}).scalar<std::int64_t>() == 5);
   tx->complete();
 }
+
+STORE_CASE("now() is the store's clock", "[clock]") {
+  auto before = now();
+  auto t = store.now();
+  auto after = now();
+  // The test server runs on this host, so its clock and ours agree to within rounding.
+  CHECK(t >= before - kSlack);
+  CHECK(t <= after + kSlack);
+  // The clock leases are measured by: a claim right after reads no earlier time.
+  store.submit(task());
+  CHECK(claim_one(store).claimed_at >= t);
+}

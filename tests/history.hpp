@@ -173,6 +173,7 @@ class RecordingStore final : public TaskStore {
     inner_.wait_for_tasks(queues, timeout);
   }
   void wake() override { inner_.wake(); }
+  TimePoint now() override { return inner_.now(); }
 
   Recorder& recorder() const noexcept { return rec_; }
 

@@ -45,6 +45,7 @@ class MemoryStore final : public TaskStore {
   MaintenanceReport maintain() override;
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
   void wake() override;
+  TimePoint now() override;
 
  private:
   struct State;

@@ -82,6 +82,7 @@ class PostgresStore final : public TaskStore {
   MaintenanceReport maintain() override;
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
   void wake() override;
+  TimePoint now() override;
 
   struct Impl;  // opaque
 

@@ -291,6 +291,11 @@ class TaskStore {
   // timeout passes. May return early; callers claim and wait again.
   virtual void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) = 0;
   virtual void wake() = 0;
+
+  // The store's clock, which every lease and deadline decision uses: the
+  // database's now() on Postgres, the system clock in memory. Schedulers compute
+  // period buckets from it so that machines whose clocks disagree still agree.
+  virtual TimePoint now() = 0;
 };
 
 }  // namespace eoq

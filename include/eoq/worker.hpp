@@ -210,6 +210,9 @@ using Handler = std::function<void(TaskContext&)>;
 // "periodic:<name>:<bucket start, epoch seconds>", so any number of workers with
 // the same registration, restarted any number of times, create one task per
 // period bucket (the store's idempotency decides; duplicates are normal).
+// Buckets are read from the store's clock (TaskStore::now). Worker::every runs
+// an eoq::Scheduler (scheduler.hpp) inside the worker; a process that only
+// schedules runs a Scheduler alone.
 struct PeriodicTask {
   std::string name;  // [A-Za-z0-9_.-], 1..128 characters
   std::chrono::seconds period{60};
@@ -227,7 +230,7 @@ class Worker {
   // Registers the handler for a task type (replacing any earlier one). Before
   // start()/run() only. Tasks of a type nobody registered fail permanently.
   Worker& on(std::string type, Handler handler);
-  // Registers a periodic submission. Before start()/run() only.
+  // Registers a periodic submission (see Scheduler::every). Before start()/run() only.
   Worker& every(PeriodicTask periodic);
   Worker& every(std::string name, std::chrono::seconds period, NewTask task);
 

@@ -860,6 +860,8 @@ void MemoryStore::wait_for_tasks(const std::vector<std::string>& queues, Millis 
   S.mark_seen(queues);
 }
 
+TimePoint MemoryStore::now() { return detail::now(); }
+
 void MemoryStore::wake() {
   auto& S = *state_;
   std::lock_guard lk(S.mu);

@@ -118,7 +118,8 @@ void validate_schema(const std::string& s) {
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
   Statement submit, submit_batch, by_keys, claim, complete, fail, release, expire_lease, cancel_lease, heartbeat,
-      progress, checkpoint, cancel, retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled;
+      progress, checkpoint, cancel, retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled,
+      clock;
 
   explicit Sql(const std::string& quoted_schema) {
     const std::string cols = column_list(), tcols = column_list("t.");
@@ -456,6 +457,8 @@ SELECT count(*) FROM fin)",
                                                     {"updated_at", "now()"},
                                                     {"finished_at", "now()"}},
                                                    "gone")));
+
+    clock = S("eoq_now", "SELECT now()");
 
     // After a lost connection: did my settlement commit? The settled row (or
     // the attempt row of a failure) carries the version the lease saw.
@@ -1342,6 +1345,12 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
   I.listener_busy = false;
   if (heard) ++I.wake_gen;
   I.listen_cv.notify_all();
+}
+
+TimePoint PostgresStore::now() {
+  auto& I = *impl_;
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.clock, {}); });
+  return r.time(0, 0);
 }
 
 void PostgresStore::wake() {

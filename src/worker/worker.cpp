@@ -8,6 +8,8 @@
 // plain successes go to the completer, which settles many per round trip.
 #include <eoq/worker.hpp>
 
+#include <eoq/scheduler.hpp>
+
 #include "common/validate.hpp"
 
 #include <algorithm>
@@ -147,6 +149,7 @@ class Engine {
     id = opt.worker_id.empty() ? default_worker_id() : opt.worker_id;
     heartbeat_interval = opt.heartbeat_interval.count() > 0 ? opt.heartbeat_interval : opt.lease / 3;
     heartbeat_interval = std::max(heartbeat_interval, Millis(1));
+    periodic = std::make_unique<Scheduler>(store, scheduler_options());
   }
 
   ~Engine() { stop(); }
@@ -156,7 +159,19 @@ class Engine {
   std::string id;
   Millis heartbeat_interval{};
   std::map<std::string, Handler, std::less<>> handlers;
-  std::vector<PeriodicTask> periodics;
+  std::unique_ptr<Scheduler> periodic;  // every(): runs beside the claimer, on the worker's logger
+
+  SchedulerOptions scheduler_options() {
+    SchedulerOptions so;
+    so.error_backoff_initial = opt.error_backoff_initial;
+    so.error_backoff_max = opt.error_backoff_max;
+    so.log_level = opt.log_level;
+    // Through emit(), so the host's logger still hears one call at a time.
+    so.logger = [this](LogLevel level, std::string_view message) {
+      if (opt.logger || level >= LogLevel::warning) emit(level, message);
+    };
+    return so;
+  }
 
   // ---------------------------------------------------------------- logging
 
@@ -262,13 +277,13 @@ class Engine {
   // wakes for it instead of waiting out the poll interval.
   std::priority_queue<std::int64_t, std::vector<std::int64_t>, std::greater<>> retries_due;
 
-  std::jthread claimer, heartbeater, completer, scheduler, maintainer;
+  std::jthread claimer, heartbeater, completer, maintainer;
   std::vector<std::jthread> handler_threads;
 
   void start() {
     std::lock_guard life(life_mu);
     if (state.load() != State::idle) throw UsageError("a Worker runs once: start() after stop() or a second start()");
-    if (handlers.empty() && periodics.empty())
+    if (handlers.empty() && periodic->empty())
       log(LogLevel::warning, "no handlers registered: every task claimed from [{}] will fail",
           fmt::join(opt.queues, ", "));
     log(LogLevel::info, "worker {} starting on queues [{}] with {} handler threads, lease {} ms", id,
@@ -278,7 +293,7 @@ class Engine {
     for (int i = 0; i < opt.concurrency; ++i)
       handler_threads.emplace_back([this](std::stop_token st) { handler_loop(st); });
     claimer = std::jthread([this](std::stop_token st) { claim_loop(st); });
-    if (!periodics.empty()) scheduler = std::jthread([this](std::stop_token st) { schedule_loop(st); });
+    if (!periodic->empty()) periodic->start();
     if (opt.maintenance_interval.count() > 0)
       maintainer = std::jthread([this](std::stop_token st) { maintain_loop(st); });
     state = State::running;
@@ -326,7 +341,7 @@ class Engine {
     // 1. No more claims. wake() may reach the store before the claimer enters
     // wait_for_tasks, so repeat it until the claimer has left.
     claimer.request_stop();
-    scheduler.request_stop();
+    periodic->request_stop();
     maintainer.request_stop();
     {
       std::unique_lock lk(mu);
@@ -341,7 +356,7 @@ class Engine {
       }
     }
     claimer.join();
-    if (scheduler.joinable()) scheduler.join();
+    periodic->stop();
     if (maintainer.joinable()) maintainer.join();
 
     // 2. Leases claimed but not started go back at once: nobody will run them here.
@@ -973,45 +988,6 @@ class Engine {
     }
   }
 
-  // --------------------------------------------------------------- periodic
-
-  void schedule_loop(std::stop_token st) {
-    Backoff backoff(opt.error_backoff_initial, opt.error_backoff_max);
-    std::vector<std::int64_t> done(periodics.size(), -1);
-    while (!st.stop_requested()) {
-      bool failed = false;
-      auto now = Clock::now();
-      auto now_s = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
-      auto next = now + std::chrono::hours(24);
-      for (std::size_t i = 0; i < periodics.size(); ++i) {
-        const auto& p = periodics[i];
-        auto period = p.period.count();
-        auto bucket = now_s - now_s % period;
-        next = std::min(next, Clock::time_point(std::chrono::seconds(bucket + period)));
-        if (bucket == done[i]) continue;
-        NewTask task = p.task;
-        task.key = fmt::format("periodic:{}:{}", p.name, bucket);
-        // The bucket key is the scheduler's own: a deploy that changes the task
-        // mid-bucket must not turn the next submit of that bucket into an error.
-        task.key_reuse = KeyReuse::lenient;
-        try {
-          auto r = store.submit(task);
-          done[i] = bucket;
-          log(LogLevel::debug, "periodic {}: bucket {} {} task {}", p.name, bucket,
-              r.duplicate ? "already has" : "submitted", r.task.id);
-        } catch (const std::exception& e) {
-          store_error(fmt::format("periodic {}: submitting bucket {}", p.name, bucket), e);
-          failed = true;
-        }
-      }
-      Millis wait = failed ? backoff.next()
-                           : std::chrono::ceil<Millis>(next - Clock::now()) + Millis(1);
-      if (!failed) backoff.reset();
-      std::unique_lock lk(mu);
-      cv_sleep.wait_for(lk, st, std::max(wait, Millis(1)), [] { return false; });
-    }
-  }
-
   // ------------------------------------------------------------ maintenance
 
   void maintain_loop(std::stop_token st) {
@@ -1162,21 +1138,7 @@ Worker& Worker::every(PeriodicTask p) {
   std::lock_guard life(impl_->life_mu);
   if (impl_->state.load() != Impl::State::idle)
     throw UsageError("Worker::every: register periodic tasks before start()");
-  if (p.name.empty() || p.name.size() > 128) throw InvalidArgument("name", "must be 1 to 128 characters");
-  for (char c : p.name) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
-              c == '.';
-    if (!ok) throw InvalidArgument("name", "may contain only letters, digits, '_', '-' and '.'");
-  }
-  if (p.period.count() < 1) throw InvalidArgument("period", "must be at least one second");
-  if (p.task.key) throw InvalidArgument("key", "is set by the scheduler for periodic tasks; leave it empty");
-  if (p.task.deadline) throw InvalidArgument("deadline", "cannot be a fixed time on a periodic task");
-  for (const auto& other : impl_->periodics)
-    if (other.name == p.name) throw InvalidArgument("name", "'" + p.name + "' is already registered");
-  NewTask probe = p.task;
-  probe.key = "periodic:" + p.name + ":0";
-  detail::validate_new_task(probe, static_cast<std::size_t>(-1), detail::now());
-  impl_->periodics.push_back(std::move(p));
+  impl_->periodic->every(std::move(p));
   return *this;
 }
 
