@@ -32,7 +32,7 @@ enum class KeyReuse {
   // submitted ones (payloads compared as text, byte for byte, as stored); throws
   // KeyConflict otherwise, writing nothing.
   strict,
-  // Returns the existing task as a duplicate whatever it holds (eoq before 0.3).
+  // Returns the existing task as a duplicate whatever it holds (eoq before strict keys).
   lenient,
 };
 
