@@ -8,8 +8,8 @@
 //    with a clear error, and the same reminder twice is one task (its idempotency key
 //    is the to-do and the reminder time).
 //  - a to-do and its reminders are created in one transaction of our own
-//    (PostgresStore::submit_on), and cancelling a to-do cancels every reminder not
-//    yet sent in one transaction (see cancel_todo for how, and what eoq lacks for it).
+//    (PostgresStore::submit_on), and cancelling a to-do cancels it, every reminder not
+//    yet sent and their eoq tasks in one transaction (PostgresStore::cancel_on).
 //  - several workers send at once; each reminder is sent exactly once, because the
 //    send is a row written in the transaction that completes its task.
 //  - a worker killed (SIGKILL) in the middle of sending loses nothing: its half-done
@@ -137,15 +137,14 @@ void schedule_reminder(Db& db, const std::string& todo_id, eoq::TimePoint at, co
   }
 }
 
-// Cancels a to-do and every reminder of it not yet sent, in one transaction. The
-// send handler flips a reminder from 'scheduled' to 'sent' under a row lock, so
-// once this commits no reminder of the to-do can be sent, whatever eoq does.
-//
-// eoq's own state cannot join this transaction: TaskStore::cancel runs on the
-// store's connection, one task at a time (there is a submit_on for a transactional
-// enqueue, but no cancel_on). So the tasks are cancelled afterwards, only to take
-// them off the queue; a task that escapes (crash in between) runs once and sends nothing.
-void cancel_todo(Db& db, eoq::TaskStore& store, const std::string& todo_id) {
+// Cancels a to-do, every reminder of it not yet sent and their eoq tasks, in one
+// transaction: all of it commits or none of it does, so no crash can leave a
+// cancelled to-do with a reminder still queued. The send handler flips a reminder
+// from 'scheduled' to 'sent' under a row lock and we take the reminders' row locks
+// before the tasks', so a reminder being sent right now is either sent before
+// this commits or finds itself cancelled (its running task is asked to stop, and
+// its handler ends it cancelled).
+void cancel_todo(Db& db, const std::string& todo_id) {
   std::vector<Row> cancelled;
   {
     Transaction tx(db);
@@ -154,9 +153,9 @@ void cancel_todo(Db& db, eoq::TaskStore& store, const std::string& todo_id) {
         "UPDATE reminders.reminders SET status = 'cancelled'"
         " WHERE todo_id = $1 AND status = 'scheduled' RETURNING task_id",
         {todo_id});
+    for (const auto& r : cancelled) eoq::PostgresStore::cancel_on(db.get(), std::stoll(r[0]), {}, kSchema);
     tx.commit();
   }
-  for (const auto& r : cancelled) store.cancel(std::stoll(r[0]));
   std::printf("[%4.1fs] cancelled to-do %s and its %zu pending reminder(s) in one transaction\n", elapsed(),
               todo_id.c_str(), cancelled.size());
 }
@@ -173,10 +172,8 @@ void send_reminder(eoq::TaskContext& ctx, eoq::Millis stall) {
   if (marked.empty()) {
     auto why = ctx.exec("SELECT status FROM reminders.reminders WHERE task_id = $1", {task});
     if (why.empty()) throw eoq::PermanentError("no reminder belongs to this task");
-    if (why.rows[0][0] == "cancelled") {
-      ctx.set_result(R"({"skipped":"cancelled"})");  // nothing to send, nothing to retry
-      return;
-    }
+    // Nothing to send, nothing to retry: the task ends cancelled, like its reminder.
+    if (why.rows[0][0] == "cancelled") throw eoq::Cancelled("the to-do was cancelled");
     throw eoq::PermanentError("the deadline passed before the reminder could be sent");
   }
   ctx.exec("INSERT INTO reminders.sends (reminder_id, worker) VALUES ($1, $2)",
@@ -287,7 +284,7 @@ int main(int argc, char** argv) try {
     std::printf("[%4.1fs] killed worker 'doomed' (SIGKILL) while it held %zu reminder task(s)\n", elapsed(),
                 held.size());
   }
-  cancel_todo(db, store, doomed_todo);
+  cancel_todo(db, doomed_todo);
 
   std::vector<std::unique_ptr<eoq::PostgresStore>> stores;
   std::vector<std::unique_ptr<eoq::Worker>> running;

@@ -99,6 +99,7 @@ int submit_key(char** argv) {
     t.type = "race";
     t.key = key;
     t.payload = fmt::format(R"({{"pid": {}, "thread": {}}})", ::getpid(), i);
+    t.key_reuse = eoq::KeyReuse::lenient;  // each submitter its own payload: the winner's is kept
     auto r = store.submit(t);
     std::lock_guard lock(m);
     lines.push_back(fmt::format("{} {}", r.task.id, r.duplicate ? 1 : 0));

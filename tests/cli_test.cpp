@@ -366,10 +366,18 @@ TEST_CASE("cli: submit creates the task the store then holds, every field as giv
   }
 
   SECTION("a taken key submits nothing and shows the existing task") {
-    auto dup = eoq_cli.json({"submit", "--queue", "reports", "--type", "other", "--key", "2026-11"});
+    auto dup = eoq_cli.json({"submit", "--queue", "reports", "--type", "monthly", "--key", "2026-11", "--payload",
+                             R"({"month": 11, "tags": ["a", "b"]})"});
     CHECK(dup.at("duplicate") == true);
     check_task(dup.at("task"), *S->get(id));
     CHECK(dup.at("task").at("type") == "monthly");
+    CHECK(S->list(eoq::test::Q().queue("reports")).tasks.size() == 1);
+
+    // The same key for another type or payload is a conflict, exit 4, and submits nothing.
+    auto other = eoq_cli({"submit", "--queue", "reports", "--type", "other", "--key", "2026-11"});
+    CHECK(other.code == 4);
+    CHECK(contains(other.err, "key conflict: '2026-11' is already used by task " + std::to_string(id) +
+                                  " with a different type and payload"));
     CHECK(S->list(eoq::test::Q().queue("reports")).tasks.size() == 1);
 
     // A finished task keeps its key: the message says how it ended.

@@ -289,6 +289,7 @@ STORE_CASE("a second submit with the same key returns the existing task and chan
   NewTask again = keyed("k", "default", R"({"v": 2})");
   again.type = "other-type";
   again.priority = 99;
+  again.key_reuse = eoq::KeyReuse::lenient;  // strict would refuse the other type and payload
   auto second = store.submit(again);
   CHECK(second.duplicate);
   CHECK(second.task.id == first.task.id);
@@ -303,7 +304,7 @@ STORE_CASE("a key stays taken after its task finishes", "[submit][key]") {
   auto first = store.submit(keyed("k"));
   auto l = claim_one(store);
   store.complete(l, R"({"done": true})");
-  auto again = store.submit(keyed("k", "default", R"({"another": 1})"));
+  auto again = store.submit(keyed("k"));
   CHECK(again.duplicate);
   CHECK(again.task.id == first.task.id);
   CHECK(again.task.status == TaskStatus::succeeded);
@@ -359,7 +360,9 @@ STORE_CASE("a hundred and twenty eight threads submitting one key at once create
     threads.emplace_back([&, i] {
       go.arrive_and_wait();
       try {
-        results[static_cast<std::size_t>(i)] = store.submit(keyed("the-key", "default", fmt::format(R"({{"n": {}}})", i)));
+        NewTask t = keyed("the-key", "default", fmt::format(R"({{"n": {}}})", i));
+        t.key_reuse = eoq::KeyReuse::lenient;  // each thread its own payload: the winner's is kept
+        results[static_cast<std::size_t>(i)] = store.submit(t);
       } catch (const std::exception& e) {
         errors[static_cast<std::size_t>(i)] = e.what();
       }
@@ -425,8 +428,10 @@ STORE_CASE("a batch of a thousand tasks is created in order", "[submit][batch]")
 
 STORE_CASE("a key repeated within a batch returns the first one's task for the later ones", "[submit][batch][key]") {
   auto existing = store.submit(keyed("k0"));
-  std::vector<NewTask> batch = {keyed("k1", "default", R"({"a": 1})"), keyed("k2"),
-                                keyed("k1", "default", R"({"a": 2})"), task(), keyed("k2"), keyed("k0")};
+  NewTask k1_again = keyed("k1", "default", R"({"a": 2})");
+  k1_again.key_reuse = eoq::KeyReuse::lenient;
+  std::vector<NewTask> batch = {keyed("k1", "default", R"({"a": 1})"), keyed("k2"), k1_again, task(), keyed("k2"),
+                                keyed("k0")};
   auto r = store.submit_batch(batch);
   REQUIRE(r.size() == 6);
   CHECK_FALSE(r[0].duplicate);
@@ -1070,7 +1075,11 @@ STORE_CASE("terminal tasks never change again", "[terminal]") {
   for (auto id : ids) CHECK(store.cancel(id) == eoq::CancelOutcome::already_finished);
   CHECK(claim(store, {"default"}, "w", 100).empty());
   store.maintain();
-  for (const char* k : {"s", "f", "c", "e"}) CHECK(store.submit(keyed(k, "default", R"({"x": 1})")).duplicate);
+  for (const char* k : {"s", "f", "c", "e"}) {
+    NewTask again = keyed(k, "default", R"({"x": 1})");
+    again.key_reuse = eoq::KeyReuse::lenient;
+    CHECK(store.submit(again).duplicate);
+  }
   for (auto* l : {&ls, &lf}) {
     CHECK(outcome_of([&] { store.complete(*l, "2"); }) == "LeaseLost");
     CHECK(outcome_of([&] { store.fail(*l, {"x", false}); }) == "LeaseLost");
@@ -2189,4 +2198,398 @@ TEST_CASE("PostgresStore: a server that is not there is an eoq error", "[conform
     threw_eoq_error = true;
   }
   CHECK(threw_eoq_error);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 12: deadlines behind a worker's buffer, cancel from a handler, strict keys
+
+STORE_CASE("a claim tells the store's time of the claim in the lease", "[deadline]") {
+  store.submit(task());
+  auto before = now();
+  auto l = claim_one(store);
+  auto after = now();
+  CHECK(l.claimed_at == l.task.started_at.value_or(TimePoint{}));
+  CHECK(l.claimed_at >= before - kSlack);
+  CHECK(l.claimed_at <= after + kSlack);
+}
+
+STORE_CASE("expire_if_overdue ends a held lease expired once its deadline has passed, and not before",
+           "[deadline]") {
+  NewTask t = task();
+  t.deadline = now() + 400ms;
+  auto id = store.submit(t).task.id;
+  auto l = claim_one(store);
+
+  CHECK_FALSE(store.expire_if_overdue(l));
+  auto unchanged = must_get(store, id);
+  CHECK(unchanged.status == TaskStatus::running);
+  CHECK(unchanged.version == l.token);
+
+  std::this_thread::sleep_for(*t.deadline - now() + 50ms);
+  CHECK(store.expire_if_overdue(l));
+  auto got = must_get(store, id);
+  CHECK(got.status == TaskStatus::expired);
+  CHECK(got.last_error == std::optional<std::string>("deadline passed"));
+  CHECK(got.version == l.token + 1);
+  CHECK(got.finished_at.has_value());
+  CHECK_FALSE(got.lease_expires_at.has_value());
+  CHECK(got.lease_owner == std::optional<std::string>("w1"));
+  auto h = store.history(id);
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].outcome == "expired");
+  CHECK(h[0].finished_at.has_value());
+
+  // The lease is spent: nothing else it does lands.
+  CHECK(outcome_of([&] { store.complete(l); }) == "LeaseLost");
+  CHECK(outcome_of([&] { store.expire_if_overdue(l); }) == "LeaseLost");
+  CHECK(must_get(store, id).status == TaskStatus::expired);
+}
+
+STORE_CASE("expire_if_overdue leaves a task without a deadline running, and refuses a stale lease", "[deadline]") {
+  auto id = store.submit(task()).task.id;
+  auto l = claim_one(store);
+  CHECK_FALSE(store.expire_if_overdue(l));
+  CHECK(must_get(store, id).status == TaskStatus::running);
+  store.complete(l);
+  CHECK(outcome_of([&] { store.expire_if_overdue(l); }) == "LeaseLost");
+  CHECK(must_get(store, id).status == TaskStatus::succeeded);
+}
+
+TEST_CASE("PostgresStore: cancel_on cancels in the host's transaction, with cancel's rules, only if it commits",
+          "[conformance][postgres][cancel]") {
+  TestStore S(StoreKind::postgres);
+  auto& store = *S;
+  eoq::test::Admin host(S.conninfo());
+  using eoq::CancelOutcome;
+  using eoq::PostgresStore;
+
+  auto pending = store.submit(task()).task.id;
+  host.exec("BEGIN");
+  CHECK(PostgresStore::cancel_on(host.get(), pending, {}, S.schema()) == CancelOutcome::cancelled);
+  host.exec("ROLLBACK");
+  CHECK(must_get(store, pending).status == TaskStatus::pending);
+  host.exec("BEGIN");
+  CHECK(PostgresStore::cancel_on(host.get(), pending, {}, S.schema()) == CancelOutcome::cancelled);
+  // Not visible to others before the host commits.
+  CHECK(must_get(store, pending).status == TaskStatus::pending);
+  host.exec("COMMIT");
+  auto got = must_get(store, pending);
+  CHECK(got.status == TaskStatus::cancelled);
+  CHECK(got.finished_at.has_value());
+
+  auto running = store.submit(task()).task.id;
+  auto l = claim_one(store);
+  REQUIRE(l.id() == running);
+  host.exec("BEGIN");
+  CHECK(PostgresStore::cancel_on(host.get(), running, {}, S.schema()) == CancelOutcome::cancel_requested);
+  host.exec("COMMIT");
+  CHECK(must_get(store, running).cancel_requested);
+  CHECK(store.heartbeat(l, 30s).cancel_requested);
+
+  CHECK(PostgresStore::cancel_on(host.get(), pending, {}, S.schema()) == CancelOutcome::already_finished);
+  CHECK(PostgresStore::cancel_on(host.get(), 987654321, {}, S.schema()) == CancelOutcome::not_found);
+
+  NewTask owned = task();
+  owned.tenant = "acme";
+  auto acme = store.submit(owned).task.id;
+  auto before = describe(must_get(store, acme));
+  CHECK(PostgresStore::cancel_on(host.get(), acme, eoq::Scope::only("other"), S.schema()) ==
+        CancelOutcome::not_found);
+  CHECK(describe(must_get(store, acme)) == before);
+  CHECK(PostgresStore::cancel_on(host.get(), acme, eoq::Scope::only("acme"), S.schema()) ==
+        CancelOutcome::cancelled);
+
+  CHECK(field_of([&] { PostgresStore::cancel_on(nullptr, pending, {}, S.schema()); }) == "connection");
+  CHECK(field_of([&] { PostgresStore::cancel_on(host.get(), pending, {}, "bad;schema"); }) == "schema");
+  CHECK(field_of([&] { PostgresStore::cancel_on(host.get(), pending, eoq::Scope::only(""), S.schema()); }) ==
+        "scope.tenant");
+}
+
+STORE_CASE("cancel_running ends the holder's task cancelled, asked for or not, and is fenced", "[cancel]") {
+  SECTION("after a cancel request") {
+    auto id = store.submit(task()).task.id;
+    auto l = claim_one(store);
+    REQUIRE(store.cancel(id) == eoq::CancelOutcome::cancel_requested);
+    store.cancel_running(l, "saw the request");
+    auto got = must_get(store, id);
+    CHECK(got.status == TaskStatus::cancelled);
+    CHECK(got.version == l.token + 1);
+    CHECK(got.finished_at.has_value());
+    CHECK_FALSE(got.lease_expires_at.has_value());
+    CHECK_FALSE(got.last_error.has_value());
+    auto h = store.history(id);
+    REQUIRE(h.size() == 1);
+    CHECK(h[0].outcome == "cancelled");
+    CHECK(h[0].error == std::optional<std::string>("saw the request"));
+    CHECK(outcome_of([&] { store.cancel_running(l); }) == "LeaseLost");
+    CHECK(outcome_of([&] { store.complete(l); }) == "LeaseLost");
+  }
+  SECTION("without one, and without a reason") {
+    auto id = store.submit(task()).task.id;
+    auto l = claim_one(store);
+    store.cancel_running(l);
+    CHECK(must_get(store, id).status == TaskStatus::cancelled);
+    auto h = store.history(id);
+    REQUIRE(h.size() == 1);
+    CHECK(h[0].outcome == "cancelled");
+    CHECK_FALSE(h[0].error.has_value());
+  }
+  SECTION("a stale lease changes nothing") {
+    auto id = store.submit(task()).task.id;
+    auto old = claim_one(store, "w1", 100ms);
+    std::this_thread::sleep_for(150ms);
+    auto current = claim_one(store, "w2");
+    auto before = describe(must_get(store, id));
+    CHECK(outcome_of([&] { store.cancel_running(old); }) == "LeaseLost");
+    CHECK(describe(must_get(store, id)) == before);
+    store.complete(current);
+  }
+}
+
+namespace {
+// The KeyConflict a call throws, or empty (with what happened in `other`).
+template <class F>
+std::optional<eoq::KeyConflict> conflict_of(F&& f, std::string& other) {
+  try {
+    f();
+    other = "no exception";
+  } catch (const eoq::KeyConflict& e) {
+    return e;
+  } catch (const std::exception& e) {
+    other = std::string("not KeyConflict: ") + e.what();
+  }
+  return std::nullopt;
+}
+}  // namespace
+
+STORE_CASE("a key reused with another type or payload is a KeyConflict that writes nothing", "[keys]") {
+  auto first = store.submit(keyed("k1", "default", R"({"a":1})")).task;
+  auto before = describe(first);
+
+  auto same = store.submit(keyed("k1", "default", R"({"a":1})"));
+  CHECK(same.duplicate);
+  CHECK(same.task.id == first.id);
+
+  std::string other;
+  auto payload = conflict_of([&] { store.submit(keyed("k1", "default", R"({"a":2})")); }, other);
+  INFO(other);
+  REQUIRE(payload);
+  CHECK(payload->field() == "key");
+  CHECK(payload->key() == "k1");
+  CHECK(payload->differs() == "payload");
+  CHECK(payload->existing_task_id() == first.id);
+  CHECK(std::string(payload->what()).find("'k1' is already used by task " + std::to_string(first.id)) !=
+        std::string::npos);
+
+  NewTask retyped = keyed("k1", "default", R"({"a":1})");
+  retyped.type = "other";
+  auto type = conflict_of([&] { store.submit(retyped); }, other);
+  REQUIRE(type);
+  CHECK(type->differs() == "type");
+  retyped.payload = "{}";
+  auto both = conflict_of([&] { store.submit(retyped); }, other);
+  REQUIRE(both);
+  CHECK(both->differs() == "type and payload");
+
+  // Payloads compare as stored text: equal JSON spelled differently is another payload.
+  auto spaced = conflict_of([&] { store.submit(keyed("k1", "default", R"({"a": 1})")); }, other);
+  REQUIRE(spaced);
+  CHECK(spaced->differs() == "payload");
+
+  // A KeyConflict is an InvalidArgument: code that handles bad input handles it.
+  CHECK(field_of([&] { store.submit(keyed("k1", "default", "[]")); }) == "key");
+
+  CHECK(describe(must_get(store, first.id)) == before);
+  CHECK(list_all(store).size() == 1);
+
+  SECTION("lenient returns the existing task, as before strict keys") {
+    NewTask t = keyed("k1", "default", R"({"a":2})");
+    t.key_reuse = eoq::KeyReuse::lenient;
+    auto r = store.submit(t);
+    CHECK(r.duplicate);
+    CHECK(r.task.id == first.id);
+    CHECK(r.task.payload == R"({"a":1})");
+  }
+  SECTION("also after the task finished") {
+    store.complete(claim_one(store));
+    CHECK(conflict_of([&] { store.submit(keyed("k1", "default", "{}")); }, other).has_value());
+    CHECK(store.submit(keyed("k1", "default", R"({"a":1})")).duplicate);
+  }
+  SECTION("the same key elsewhere is another key") {
+    CHECK_FALSE(store.submit(keyed("k1", "other-queue", "{}")).duplicate);
+    NewTask t = keyed("k1", "default", "{}");
+    t.tenant = "acme";
+    CHECK_FALSE(store.submit(t).duplicate);
+  }
+}
+
+STORE_CASE("a batch with a conflicting key writes nothing, within itself or against a taken key", "[keys][batch]") {
+  auto held = store.submit(keyed("held", "default", R"({"v":1})")).task;
+  std::string other;
+
+  std::vector<NewTask> inside{keyed("a", "default", R"({"v":1})"), keyed("b"), keyed("a", "default", R"({"v":2})")};
+  auto e = conflict_of([&] { store.submit_batch(inside); }, other);
+  INFO(other);
+  REQUIRE(e);
+  CHECK(e->field() == "tasks[2].key");
+  CHECK(e->existing_task_id() == 0);
+  CHECK(std::string(e->what()).find("tasks[0] of this batch") != std::string::npos);
+  CHECK(list_all(store).size() == 1);
+
+  std::vector<NewTask> against{keyed("c"), task(), keyed("held", "default", R"({"v":9})")};
+  auto f = conflict_of([&] { store.submit_batch(against); }, other);
+  REQUIRE(f);
+  CHECK(f->field() == "tasks[2].key");
+  CHECK(f->existing_task_id() == held.id);
+  CHECK(list_all(store).size() == 1);
+  CHECK_FALSE(store.find("default", "c").has_value());
+
+  // Equal repeats are duplicates; a lenient one takes whatever holds the key.
+  NewTask loose = keyed("held", "default", R"({"v":9})");
+  loose.key_reuse = eoq::KeyReuse::lenient;
+  std::vector<NewTask> fine{keyed("d", "default", R"({"v":1})"), keyed("d", "default", R"({"v":1})"),
+                            keyed("held", "default", R"({"v":1})"), loose};
+  auto r = store.submit_batch(fine);
+  REQUIRE(r.size() == 4);
+  CHECK_FALSE(r[0].duplicate);
+  CHECK(r[1].duplicate);
+  CHECK(r[1].task.id == r[0].task.id);
+  CHECK(r[2].duplicate);
+  CHECK(r[2].task.id == held.id);
+  CHECK(r[3].duplicate);
+  CHECK(r[3].task.id == held.id);
+  CHECK(list_all(store).size() == 2);
+}
+
+TEST_CASE("PostgresStore: submit_on refuses a key reused with another payload and writes nothing",
+          "[conformance][postgres][keys]") {
+  TestStore S(StoreKind::postgres);
+  auto& store = *S;
+  eoq::test::Admin host(S.conninfo());
+  auto held = store.submit(keyed("k", "default", R"({"v":1})")).task;
+  host.exec("BEGIN");
+  std::string other;
+  auto e = conflict_of(
+      [&] { eoq::PostgresStore::submit_on(host.get(), keyed("k", "default", R"({"v":2})"), S.schema()); }, other);
+  INFO(other);
+  REQUIRE(e);
+  CHECK(e->existing_task_id() == held.id);
+  // The host's transaction is still usable: the conflict was found without an SQL error.
+  auto dup = eoq::PostgresStore::submit_on(host.get(), keyed("k", "default", R"({"v":1})"), S.schema());
+  CHECK(dup.duplicate);
+  host.exec("COMMIT");
+  CHECK(list_all(store).size() == 1);
+}
+
+// ---------------------------------------------------------------------------
+// Typed handler SQL
+
+namespace {
+template <class F>
+std::string usage_error_of(F&& f) {
+  try {
+    f();
+  } catch (const eoq::UsageError& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("not UsageError: ") + e.what();
+  }
+  return "no exception";
+}
+}  // namespace
+
+static_assert(!std::is_constructible_v<eoq::SqlParam, char>, "a char is neither a number nor a string");
+static_assert(std::is_constructible_v<eoq::SqlParam, std::optional<std::string>>, "the string form still works");
+
+TEST_CASE("Rows: typed reads convert text and name the column and the type on a mismatch", "[conformance][rows]") {
+  eoq::Rows rows;
+  rows.columns = {"id", "name", "ratio", "ok", "missing", "big"};
+  rows.rows = {{"42", "ann", "0.25", "t", std::nullopt, "100000"}};
+  auto r = rows[0];
+  CHECK(r.get<std::int64_t>(0) == 42);
+  CHECK(r.get<int>("id") == 42);
+  CHECK(r.get<std::string>("name") == "ann");
+  CHECK(r.get<std::string_view>(1) == "ann");
+  CHECK(r.get<double>("ratio") == 0.25);
+  CHECK(r.get<bool>("ok"));
+  CHECK(r.get<std::optional<std::int64_t>>("missing") == std::nullopt);
+  CHECK(r.get<std::optional<std::int64_t>>("id") == std::optional<std::int64_t>(42));
+  CHECK(r.is_null(4));
+
+  CHECK(usage_error_of([&] { r.get<std::int64_t>("name"); }) ==
+        R"(column "name" (1) read as std::int64_t: "ann" is not an integer)");
+  CHECK(usage_error_of([&] { r.get<std::int64_t>("missing"); }) ==
+        R"(column "missing" (4) read as std::int64_t: is NULL (read it as a std::optional))");
+  CHECK(usage_error_of([&] { r.get<std::int16_t>("big"); }) ==
+        R"(column "big" (5) read as std::int16_t: "100000" is out of range)");
+  CHECK(usage_error_of([&] { r.get<int>("ratio"); }).find("is not an integer") != std::string::npos);
+  CHECK(usage_error_of([&] { r.get<bool>("name"); }).find("is not a boolean") != std::string::npos);
+  CHECK(usage_error_of([&] { r.get<double>("name"); }).find("read as double") != std::string::npos);
+  CHECK(usage_error_of([&] { r.get<int>("nope"); }).find(R"(column "nope" is not in the result)") !=
+        std::string::npos);
+  CHECK(usage_error_of([&] { r.get<int>(6); }).find("column 6 does not exist") != std::string::npos);
+  CHECK(usage_error_of([&] { rows[1]; }).find("row 1 does not exist") != std::string::npos);
+}
+
+TEST_CASE("SqlParam: numbers, bools and NULL become the text Postgres parses", "[conformance][rows]") {
+  auto text = [](const eoq::SqlParam& p) { return p.text().value_or("NULL"); };
+  CHECK(text(42) == "42");
+  CHECK(text(std::int64_t{-9007199254740993}) == "-9007199254740993");
+  CHECK(text(std::uint64_t{18446744073709551615u}) == "18446744073709551615");
+  CHECK(text(1.5) == "1.5");
+  CHECK(text(0.1) == "0.1");
+  CHECK(text(0.1f) == "0.1");
+  CHECK(text(std::numeric_limits<double>::quiet_NaN()) == "NaN");
+  CHECK(text(-std::numeric_limits<double>::infinity()) == "-Infinity");
+  CHECK(text(true) == "true");
+  CHECK(text("x") == "x");
+  CHECK(text(std::string_view("sv")) == "sv");
+  CHECK(text(std::nullopt) == "NULL");
+  CHECK(text(std::optional<int>()) == "NULL");
+  CHECK(text(std::optional<int>(7)) == "7");
+  CHECK(text({}) == "NULL");
+  eoq::Params p{42, "x", 1.5, true, std::nullopt};
+  CHECK(p.size() == 5);
+}
+
+TEST_CASE("PostgresStore: a handler's SQL takes typed parameters and gives typed reads",
+          "[conformance][postgres][transaction][rows]") {
+  TestStore S(StoreKind::postgres);
+  auto& store = *S;
+  store.submit(task());
+  auto l = claim_one(store);
+  auto tx = store.begin(l);
+  auto rows = tx->exec("SELECT $1::bigint AS i, $2::text AS s, $3::float8 AS d, $4::boolean AS b, $5::int AS n, "
+                       "$6::int2 AS small, $7::float8 AS nan, $8::float8 AS inf, $9::real AS f",
+                       {std::int64_t{9007199254740993}, "x", 0.1, true, std::nullopt, std::optional<int>(7),
+                        std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(), 0.1f});
+  auto r = rows[0];
+  CHECK(r.get<std::int64_t>("i") == 9007199254740993);
+  CHECK(r.get<std::string>("s") == "x");
+  CHECK(r.get<double>("d") == 0.1);
+  CHECK(r.get<bool>("b"));
+  CHECK(r.get<std::optional<int>>("n") == std::nullopt);
+  CHECK(r.get<std::int16_t>("small") == 7);
+  CHECK(std::isnan(r.get<double>("nan")));
+  CHECK(r.get<double>("inf") == std::numeric_limits<double>::infinity());
+  CHECK(r.get<float>("f") == 0.1f);
+  CHECK(usage_error_of([&] { r.get<std::int64_t>("s"); }) == R"(column "s" (1) read as std::int64_t: "x" is not an integer)");
+  // The string form still works, NULL as an empty optional included.
+  auto old = tx->exec("SELECT $1::int + 1, $2::text IS NULL", {std::to_string(41), std::optional<std::string>()});
+  CHECK(old.rows[0][0] == std::optional<std::string>("42"));
+  CHECK(old[0].get<bool>(1));
+  CHECK(tx->exec("SELECT count(*) FROM generate_series(1, $1)", {5}).scalar<std::int64_t>() == 5);
+  tx->complete();
+}
+
+STORE_CASE("now() is the store's clock", "[clock]") {
+  auto before = now();
+  auto t = store.now();
+  auto after = now();
+  // The test server runs on this host, so its clock and ours agree to within rounding.
+  CHECK(t >= before - kSlack);
+  CHECK(t <= after + kSlack);
+  // The clock leases are measured by: a claim right after reads no earlier time.
+  store.submit(task());
+  CHECK(claim_one(store).claimed_at >= t);
 }

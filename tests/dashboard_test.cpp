@@ -11,6 +11,11 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <latch>
 #include <map>
@@ -152,11 +157,22 @@ TEST_CASE("dashboard: submit, list, get, stats, cancel and retry", "[dashboard]"
   CHECK(task["payload"] == Json{{"w", 640}});
   CHECK(created.header("Location") == fmt::format("/api/tasks/{}", id));
 
-  auto again = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 1}}}});
+  auto again = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 640}}}});
   CHECK(again.status == 200);
   CHECK(again.json["duplicate"] == true);
   CHECK(again.json["task"]["id"] == id);
-  CHECK(again.json["task"]["payload"] == Json{{"w", 640}});  // the existing task, untouched
+
+  // The key with another payload: a conflict, unless the submit asks for the old lenient answer.
+  auto conflict = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"payload", {{"w", 1}}}});
+  CHECK(conflict.status == 409);
+  CHECK(conflict.json["field"] == "key");
+  CHECK(conflict.json["error"].get<std::string>().find("with a different payload") != std::string::npos);
+  auto lenient = s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-1"}, {"key_reuse", "lenient"},
+                                           {"payload", {{"w", 1}}}});
+  CHECK(lenient.status == 200);
+  CHECK(lenient.json["duplicate"] == true);
+  CHECK(lenient.json["task"]["payload"] == Json{{"w", 640}});  // the existing task, untouched
+  CHECK(s.post("/api/tasks", Json{{"type", "resize"}, {"key", "img-2"}, {"key_reuse", "sloppy"}}).status == 400);
 
   REQUIRE(s.post("/api/tasks", Json{{"type", "mail"}, {"queue", "mail"}}).status == 201);
 
@@ -710,4 +726,50 @@ TEST_CASE("dashboard: cross-site posts, odd numbers, control characters and repe
   DashboardOptions twice;
   twice.tokens = {{"same-token-1", "a", false}, {"same-token-1", std::nullopt, true}};
   CHECK_THROWS_AS(eoq::Dashboard(*s.store, twice), eoq::InvalidArgument);
+}
+
+namespace {
+// One request written by hand on a fresh connection (httplib's client always
+// sends a Content-Length), answered with "Connection: close"; the raw answer.
+std::string raw_request(int port, const std::string& request) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<std::uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  timeval tv{5, 0};  // an answer that waits for a body that never comes fails the test instead of hanging it
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  REQUIRE(::send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size()));
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) out.append(buf, static_cast<std::size_t>(n));
+  ::close(fd);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("dashboard: cancel and retry take a POST with no body and no Content-Length", "[dashboard]") {
+  Served s;
+  auto id = s.store->submit([] {
+                     eoq::NewTask t;
+                     t.type = "x";
+                     return t;
+                   }())
+                .task.id;
+  auto post = [&](const std::string& what) {
+    return raw_request(s.server.port(), fmt::format("POST /api/tasks/{}/{} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                    "Connection: close\r\n\r\n",
+                                                    id, what));
+  };
+  auto cancelled = post("cancel");
+  INFO(cancelled);
+  CHECK(cancelled.starts_with("HTTP/1.1 200"));
+  CHECK(cancelled.find(R"("outcome":"cancelled")") != std::string::npos);
+  CHECK(s.store->get(id)->status == eoq::TaskStatus::cancelled);
+  auto retried = post("retry");
+  INFO(retried);
+  CHECK(retried.starts_with("HTTP/1.1 200"));
+  CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
 }

@@ -29,7 +29,7 @@ namespace {
 constexpr std::pair<Kind, std::string_view> kKinds[] = {
     {Kind::submit, "submit"},   {Kind::claim, "claim"},   {Kind::heartbeat, "heartbeat"}, {Kind::effect, "effect"},
     {Kind::complete, "complete"}, {Kind::fail, "fail"},   {Kind::release, "release"},     {Kind::expire, "expire"},
-    {Kind::cancel, "cancel"},   {Kind::final, "final"},
+    {Kind::cancel, "cancel"},   {Kind::final, "final"},   {Kind::start, "start"},
 };
 
 constexpr std::pair<ViolationKind, std::string_view> kViolations[] = {
@@ -45,6 +45,7 @@ constexpr std::pair<ViolationKind, std::string_view> kViolations[] = {
     {ViolationKind::lease_overlap, "lease_overlap"},
     {ViolationKind::attempts_exceeded, "attempts_exceeded"},
     {ViolationKind::duplicate_key, "duplicate_key"},
+    {ViolationKind::started_after_deadline, "started_after_deadline"},
 };
 
 // ------------------------------------------------------------ line format
@@ -142,6 +143,8 @@ Event parse_line(std::string_view text, std::size_t line) {
       e.attempt = parse_int<int>(value, name, line);
     } else if (name == "max_attempts") {
       e.max_attempts = parse_int<int>(value, name, line);
+    } else if (name == "deadline") {
+      e.deadline_us = parse_int<std::int64_t>(value, name, line);
     } else {
       throw std::runtime_error(fmt::format("line {}: unknown field '{}'", line, name));
     }
@@ -238,6 +241,7 @@ std::string to_line(const Event& e) {
   if (!e.status.empty()) s += " status=" + encode(e.status);
   if (e.attempt) s += fmt::format(" attempt={}", e.attempt);
   if (e.max_attempts) s += fmt::format(" max_attempts={}", e.max_attempts);
+  if (e.deadline_us) s += fmt::format(" deadline={}", *e.deadline_us);
   return s;
 }
 
@@ -361,6 +365,7 @@ void record_submit(Recorder& rec, const SubmitResult& r) {
   e.task = r.task.id;
   if (r.task.key) e.key = r.task.queue + "/" + *r.task.key;
   e.max_attempts = r.task.retry.max_attempts;
+  if (r.task.deadline) e.deadline_us = micros(*r.task.deadline);
   e.client_us = client_now();
   rec.add(std::move(e));
 }
@@ -469,6 +474,28 @@ void RecordingStore::release(const eoq::Lease& lease) {
   recorded(rec_, std::move(e), [&](Event&) { inner_.release(lease); });
 }
 
+bool RecordingStore::expire_if_overdue(const eoq::Lease& lease) {
+  // Only an expiry ends the lease; "not overdue yet" leaves no trace.
+  auto e = client_event(Kind::fail, lease);
+  e.status = "expired";
+  bool expired = false;
+  try {
+    expired = inner_.expire_if_overdue(lease);
+  } catch (...) {
+    e.ok = false;
+    rec_.add(std::move(e));
+    throw;
+  }
+  if (expired) rec_.add(std::move(e));
+  return expired;
+}
+
+void RecordingStore::cancel_running(const eoq::Lease& lease, std::string_view reason) {
+  auto e = client_event(Kind::fail, lease);
+  e.status = "cancelled";
+  recorded(rec_, std::move(e), [&](Event&) { inner_.cancel_running(lease, reason); });
+}
+
 void RecordingStore::progress(const eoq::Lease& lease, int percent, std::string_view stage) {
   inner_.progress(lease, percent, stage);
 }
@@ -530,7 +557,7 @@ std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const 
   };
 
   const std::string cols = "id, queue, key, max_attempts, status, attempts, version, lease_owner, " US("started_at") ", "
-                           US("finished_at") ", " US("lease_expires_at") ", " US("created_at");
+                           US("finished_at") ", " US("lease_expires_at") ", " US("created_at") ", " US("deadline");
   auto tasks = query(conn, fmt::format("SELECT {0} FROM \"{1}\".tasks UNION ALL SELECT {0} FROM \"{1}\".finished",
                                        cols, schema));
   for (int i = 0; i < tasks->rows(); ++i) {
@@ -544,6 +571,7 @@ std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const 
     if (!tasks->null(i, 2)) s.key = tasks->text(i, 1) + "/" + tasks->text(i, 2);
     s.max_attempts = static_cast<int>(tasks->i64(i, 3));
     s.db_us = tasks->opt(i, 11);
+    s.deadline_us = tasks->opt(i, 12);
     out.push_back(s);
 
     auto f = db(Kind::final, id);
@@ -653,6 +681,7 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
     ++v.tasks;
     bool submitted = false;
     int max_attempts = 0;
+    std::optional<std::int64_t> deadline;
     std::string final_db, final_client, derived;
     std::map<std::int64_t, Lease> leases;  // committed claims by version
     std::map<std::int64_t, std::optional<std::int64_t>> completions;  // committed, version -> db time
@@ -662,6 +691,7 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
       if (e->kind == Kind::submit) {
         submitted = true;
         max_attempts = std::max(max_attempts, e->max_attempts);
+        if (e->deadline_us) deadline = deadline ? std::min(*deadline, *e->deadline_us) : *e->deadline_us;
       }
       if (e->kind == Kind::final) (e->origin == Origin::db ? final_db : final_client) = e->status;
       if (e->kind == Kind::effect && e->origin == Origin::db) effects.push_back(e);
@@ -680,7 +710,7 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
           break;
         }
         case Kind::fail:
-          if (e->status == "failed" || e->status == "cancelled") derived = e->status;
+          if (e->status == "failed" || e->status == "cancelled" || e->status == "expired") derived = e->status;
           break;
         case Kind::cancel:
           if (e->status == "cancelled") derived = "cancelled";
@@ -713,6 +743,22 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
                     fmt::format("{} with attempt {} > max_attempts {}", to_string(e->kind), e->attempt, max_attempts));
             break;
           }
+    }
+
+    // Never claimed or started at or after the deadline: a claim past it must
+    // expire the task instead, and so must a worker whose buffer held the lease
+    // past it. A handler start known only by the client's clock is judged by it.
+    if (deadline) {
+      for (const Event* e : evs) {
+        if (!e->committed() || (e->kind != Kind::claim && e->kind != Kind::start)) continue;
+        auto at = e->db_us ? e->db_us : e->kind == Kind::start ? e->client_us : std::nullopt;
+        if (at && *at >= *deadline + slack) {
+          violate(ViolationKind::started_after_deadline, id,
+                  fmt::format("{} of version {} {} after the deadline", e->kind == Kind::claim ? "claim" : "start",
+                              e->version, ms(*at - *deadline)));
+          break;
+        }
+      }
     }
 
     // Heartbeats extend, settlements end the leases they name.

@@ -14,6 +14,7 @@
 //   - no two leases of one task overlap in committed (database) time, and no
 //     operation of a lease commits after a newer lease was handed out;
 //   - no claim starts an attempt beyond max_attempts;
+//   - no task is claimed or started at or after its deadline;
 //   - one key names one task.
 //
 // Histories come from the chaos tests' Recorder, from a file in the line format
@@ -28,7 +29,8 @@
 // The first word is the kind; then name=value fields, any order, all optional
 // except task: task, version, owner, key, origin (client|db, default client),
 // ok (1|0|true|false, default 1), client, db, until (microseconds since the
-// epoch), status, attempt, max_attempts. Values are percent-encoded (%20 for a
+// epoch), deadline (submit: microseconds since the epoch), status, attempt,
+// max_attempts. Values are percent-encoded (%20 for a
 // space, %25 for '%').
 #include <eoq/task.hpp>
 #include <eoq/task_store.hpp>
@@ -46,7 +48,7 @@
 namespace eoq::test::history {
 
 enum class Kind {
-  submit,     // a task was created or found by its key (key, max_attempts)
+  submit,     // a task was created or found by its key (key, max_attempts, deadline)
   claim,      // a lease was handed out: version = token, db = claim time, until = lease expiry, attempt
   heartbeat,  // a lease was extended: version, db = when, until = new expiry
   effect,     // the handler's effect row (origin db: a row in the effects table; version = writer's token)
@@ -56,6 +58,8 @@ enum class Kind {
   expire,     // a lease ended by expiry: version, db = lease_expires_at as last extended
   cancel,     // cancel(id) was called: status = its outcome
   final,      // the task's state at the end of the test: status, attempt = attempts
+  start,      // a handler started on a lease: version, db = the store's time then (claim time plus
+              // what the worker waited), else client = the client's clock
 };
 
 enum class Origin {
@@ -77,6 +81,7 @@ struct Event {
   std::string status{};                     // fail: retry|failed|cancelled; final: the status; cancel: outcome
   int attempt = 0;                          // claim: attempts after the claim; final: attempts
   int max_attempts = 0;                     // submit: the task's max_attempts (0 = unknown)
+  std::optional<std::int64_t> deadline_us{};  // submit: the task's deadline, if it has one
 
   // Committed as far as this history knows: read from the database, or a client
   // call that reported success.
@@ -127,7 +132,7 @@ std::vector<Event> load_logs(const std::string& dir);
 // A TaskStore that forwards to `inner` and records, as client events, what its
 // callers were told: submits, claims (token, claim time, expiry, attempt),
 // heartbeats, completions (also through begin()), failures, releases and
-// cancels; ok=0 when the call threw, whatever it did in the database. A
+// cancels, and expiries at hand-off (as fail with status expired); ok=0 when the call threw, whatever it did in the database. A
 // handler records its own effect writes. Times it gives as db are exact where
 // the store's answer carries now() of the transaction (claim: updated_at;
 // heartbeat: the new expiry minus the extension). A release leaves no trace in
@@ -145,6 +150,8 @@ class RecordingStore final : public TaskStore {
   FailOutcome fail(const Lease& lease, const Failure& failure) override;
   HeartbeatResult heartbeat(const Lease& lease, Millis extension) override;
   void release(const Lease& lease) override;
+  bool expire_if_overdue(const Lease& lease) override;
+  void cancel_running(const Lease& lease, std::string_view reason = {}) override;
   void progress(const Lease& lease, int percent, std::string_view stage) override;
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;
@@ -166,6 +173,7 @@ class RecordingStore final : public TaskStore {
     inner_.wait_for_tasks(queues, timeout);
   }
   void wake() override { inner_.wake(); }
+  TimePoint now() override { return inner_.now(); }
 
   Recorder& recorder() const noexcept { return rec_; }
 
@@ -204,6 +212,7 @@ enum class ViolationKind {
   lease_overlap,            // a lease handed out while the previous one was still valid
   attempts_exceeded,        // a claim started attempt n > max_attempts
   duplicate_key,            // one key, two tasks
+  started_after_deadline,   // a claim or a handler start at or after the task's deadline
 };
 std::string_view to_string(ViolationKind k) noexcept;
 

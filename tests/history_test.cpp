@@ -388,3 +388,51 @@ TEST_CASE("history: a history read back from a Postgres schema is checked", "[hi
   CHECK(bad.count(ViolationKind::double_effect) == 1);
   CHECK(bad.violations.size() == 1);
 }
+
+TEST_CASE("the checker rejects a task claimed or started at or after its deadline", "[history]") {
+  const std::string ok_history = R"(
+submit task=1 max_attempts=3 deadline=1000000
+claim task=1 version=2 origin=db db=900000 until=30900000 attempt=1
+start task=1 version=2 client=950000
+complete task=1 version=2 origin=db db=1200000
+final task=1 status=succeeded origin=db
+)";
+  auto good = h::verify(h::parse(ok_history), {.slack_us = 0, .require_effects = false});
+  INFO(good.format());
+  CHECK(good.ok());
+
+  SECTION("a handler started after the deadline, from a buffer") {
+    auto v = h::verify(h::parse(R"(
+submit task=1 max_attempts=3 deadline=1000000
+claim task=1 version=2 origin=db db=900000 until=30900000 attempt=1
+start task=1 version=2 db=1100000
+complete task=1 version=2 origin=db db=1200000
+final task=1 status=succeeded origin=db
+)"),
+                       {.slack_us = 0, .require_effects = false});
+    CHECK(v.count(ViolationKind::started_after_deadline) == 1);
+    CHECK(v.violations.size() == 1);
+  }
+  SECTION("a claim at the deadline") {
+    auto v = h::verify(h::parse(R"(
+submit task=1 max_attempts=3 deadline=1000000
+claim task=1 version=2 origin=db db=1000000 until=31000000 attempt=1
+final task=1 status=succeeded origin=db
+complete task=1 version=2 origin=db db=1200000
+)"),
+                       {.slack_us = 0, .require_effects = false});
+    CHECK(v.count(ViolationKind::started_after_deadline) == 1);
+  }
+  SECTION("expired at hand-off instead is fine, and the line format keeps the deadline") {
+    auto events = h::parse(R"(
+submit task=1 max_attempts=3 deadline=1000000
+claim task=1 version=2 origin=db db=900000 until=30900000 attempt=1
+fail task=1 version=2 status=expired
+)");
+    auto v = h::verify(events, {.slack_us = 0, .require_effects = false});
+    INFO(v.format());
+    CHECK(v.ok());
+    CHECK(v.expired == 1);
+    CHECK(h::to_line(events[0]).find("deadline=1000000") != std::string::npos);
+  }
+}

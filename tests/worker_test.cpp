@@ -88,6 +88,13 @@ class FaultyStore final : public eoq::TaskStore {
   void complete(const eoq::Lease& l, std::string_view r) override { check(); inner_.complete(l, r); }
   eoq::FailOutcome fail(const eoq::Lease& l, const eoq::Failure& f) override { check(); return inner_.fail(l, f); }
   void release(const eoq::Lease& l) override { check(); inner_.release(l); }
+  bool expire_if_overdue(const eoq::Lease& l) override { check(); return inner_.expire_if_overdue(l); }
+  void cancel_running(const eoq::Lease& l, std::string_view r) override { check(); inner_.cancel_running(l, r); }
+  std::atomic<std::int64_t> clock_offset_us{0};  // now() runs this far ahead of the store's clock
+  eoq::TimePoint now() override {
+    check();
+    return inner_.now() + std::chrono::microseconds(clock_offset_us.load());
+  }
   eoq::HeartbeatResult heartbeat(const eoq::Lease& l, Millis e) override {
     check();
     if (heartbeats_down) down("heartbeat");
@@ -1763,4 +1770,274 @@ TEST_CASE("Worker: with default options slow tasks are not hoarded in the buffer
   INFO("most leases held at once: " << most.load());
   CHECK(most.load() <= 8);
   check_counters_add_up(w.counters());
+}
+
+// ---------------------------------------------------------------------------
+// Issue 12
+
+TEST_CASE("a task whose deadline passes while it waits in the prefetch buffer ends expired and never starts",
+          "[worker][deadline]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  options.prefetch = 4;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  std::atomic<int> slow_started{0}, late_calls{0};
+  worker.on("slow", [&](eoq::TaskContext&) {
+    ++slow_started;
+    gate.wait();
+  });
+  worker.on("late", [&](eoq::TaskContext&) { ++late_calls; });
+
+  auto slow = store.submit(task("slow")).task.id;
+  REQUIRE(slow > 0);
+  worker.start();
+  REQUIRE(eventually([&] { return slow_started.load() == 1; }));
+  auto late_task = task("late");
+  late_task.deadline = eoq::test::now() + 500ms;
+  auto late = store.submit(late_task).task.id;
+  // Claimed into the buffer before its deadline: the only handler is busy.
+  REQUIRE(eventually([&] { return worker.counters().claimed == 2; }, 400ms));
+  CHECK(status_of(store, late) == eoq::TaskStatus::running);
+  std::this_thread::sleep_until(std::chrono::system_clock::now() + (*late_task.deadline - eoq::test::now()) + 100ms);
+  gate.release();
+
+  REQUIRE(eventually([&] { return is_done(store, late) && is_done(store, slow); }));
+  worker.stop();
+  CHECK(late_calls.load() == 0);
+  auto got = store.get(late).value();
+  CHECK(got.status == eoq::TaskStatus::expired);
+  CHECK(got.last_error == std::optional<std::string>("deadline passed"));
+  auto h = store.history(late);
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].outcome == "expired");
+  CHECK(status_of(store, slow) == eoq::TaskStatus::succeeded);
+  auto c = worker.counters();
+  CHECK(c.expired == 1);
+  CHECK(c.succeeded == 1);
+  CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +
+                         c.abandoned + c.in_flight);
+  CHECK(sink.contains("deadline passed while it waited for a handler"));
+}
+
+TEST_CASE("a buffered task whose deadline has not passed runs when a handler frees up", "[worker][deadline]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  options.prefetch = 4;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  std::atomic<int> slow_started{0}, later_calls{0};
+  worker.on("slow", [&](eoq::TaskContext&) {
+    ++slow_started;
+    gate.wait();
+  });
+  worker.on("later", [&](eoq::TaskContext&) { ++later_calls; });
+  store.submit(task("slow"));
+  worker.start();
+  REQUIRE(eventually([&] { return slow_started.load() == 1; }));
+  auto t = task("later");
+  t.deadline = eoq::test::now() + 60s;
+  auto id = store.submit(t).task.id;
+  REQUIRE(eventually([&] { return worker.counters().claimed == 2; }));
+  std::this_thread::sleep_for(200ms);
+  gate.release();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(later_calls.load() == 1);
+  CHECK(status_of(store, id) == eoq::TaskStatus::succeeded);
+  CHECK(worker.counters().expired == 0);
+}
+
+TEST_CASE("a handler that throws Cancelled after a cancel request ends its task cancelled, logged at info only",
+          "[worker][cancel]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 600ms;  // heartbeats every 200 ms carry the cancel request
+  eoq::Worker worker(store, options);
+  std::atomic<bool> started{false};
+  worker.on("long", [&](eoq::TaskContext& ctx) {
+    started = true;
+    while (ctx.sleep_for(10s)) {
+    }
+    if (ctx.cancelled()) throw eoq::Cancelled{};
+  });
+  worker.on("unwanted", [](eoq::TaskContext&) { throw eoq::Cancelled("the to-do is gone"); });
+  worker.on("bad-input", [](eoq::TaskContext&) { throw eoq::PermanentError("payload names no user"); });
+  auto id = store.submit(task("long")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  CHECK(store.cancel(id) == eoq::CancelOutcome::cancel_requested);
+  auto unwanted = store.submit(task("unwanted")).task.id;
+  auto bad = store.submit(task("bad-input")).task.id;
+  REQUIRE(eventually([&] { return is_done(store, id) && is_done(store, unwanted) && is_done(store, bad); }));
+  worker.stop();
+
+  CHECK(status_of(store, id) == eoq::TaskStatus::cancelled);
+  CHECK(status_of(store, unwanted) == eoq::TaskStatus::cancelled);
+  CHECK(store.history(unwanted).at(0).error == std::optional<std::string>("the to-do is gone"));
+  CHECK(status_of(store, bad) == eoq::TaskStatus::failed);
+  auto c = worker.counters();
+  CHECK(c.cancelled == 2);
+  CHECK(c.failed == 1);
+  CHECK(c.retried == 0);
+  std::lock_guard lk(sink.mu);
+  for (auto& [level, line] : sink.lines) {
+    INFO(line);
+    CHECK(level < eoq::LogLevel::warning);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The Scheduler on its own
+
+namespace {
+std::vector<eoq::Task> periodic_tasks(eoq::TaskStore& store, const std::string& name) {
+  std::vector<eoq::Task> out;
+  for (auto& t : store.list(eoq::ListQuery{.limit = 1000}).tasks)
+    if (t.key && t.key->starts_with("periodic:" + name + ":")) out.push_back(t);
+  return out;
+}
+std::int64_t bucket_of(const eoq::Task& t) { return std::stoll(t.key->substr(t.key->rfind(':') + 1)); }
+std::int64_t seconds_of(eoq::TimePoint t) {
+  return std::chrono::floor<std::chrono::seconds>(t.time_since_epoch()).count();
+}
+}  // namespace
+
+TEST_CASE("a Scheduler alone submits the bucket of the store's clock, once, and claims nothing",
+          "[worker][scheduler]") {
+  EOQ_EACH_STORE(inner);
+  FaultyStore store(inner);
+  // The store's clock runs a whole period ahead of this machine's: a scheduler
+  // that read the local clock would name the previous bucket.
+  constexpr std::int64_t period = 3600;
+  store.clock_offset_us = period * 1000000;
+  LogSink sink;
+  eoq::Scheduler scheduler(store, {.logger = sink.logger(), .log_level = eoq::LogLevel::debug});
+  scheduler.every("hourly", std::chrono::seconds(period), task("report"));
+
+  auto before = store.now();
+  auto wait = scheduler.tick();
+  auto after = store.now();
+  auto made = periodic_tasks(inner, "hourly");
+  REQUIRE(made.size() == 1);
+  auto b = bucket_of(made[0]);
+  auto bucket_at = [&](eoq::TimePoint t) { return seconds_of(t) - seconds_of(t) % period; };
+  CHECK((b == bucket_at(before) || b == bucket_at(after)));
+  CHECK(b != bucket_at(eoq::test::now()));
+  // Until the next bucket by the store's clock.
+  auto until_next = std::chrono::seconds(b + period) - after.time_since_epoch();
+  CHECK(wait.count() > 0);
+  CHECK(wait <= std::chrono::ceil<Millis>(until_next) + 5ms);
+  CHECK(wait >= std::chrono::floor<Millis>(until_next) - 1000ms);
+
+  // Again, and a second scheduler (another process): still one task.
+  scheduler.tick();
+  eoq::Scheduler other(store, {.logger = sink.logger()});
+  other.every("hourly", std::chrono::seconds(period), task("report"));
+  other.tick();
+  CHECK(periodic_tasks(inner, "hourly").size() == 1);
+
+  // Run on its own thread: no claim, ever.
+  scheduler.start();
+  std::this_thread::sleep_for(100ms);
+  scheduler.stop();
+  CHECK(store.claim_calls.load() == 0);
+  CHECK_FALSE(scheduler.running());
+  CHECK_THROWS_AS(scheduler.start(), eoq::UsageError);
+}
+
+TEST_CASE("a Scheduler thread submits each bucket as it begins by the store's clock", "[worker][scheduler]") {
+  EOQ_EACH_STORE(inner);
+  FaultyStore store(inner);
+  LogSink sink;
+  eoq::Scheduler scheduler(store, {.logger = sink.logger()});
+  scheduler.every("tick", std::chrono::seconds(1), task("t"));
+  scheduler.start();
+  REQUIRE(eventually([&] { return periodic_tasks(inner, "tick").size() >= 3; }, 6s));
+  scheduler.stop();
+  auto made = periodic_tasks(inner, "tick");
+  std::set<std::int64_t> buckets;
+  for (auto& t : made) {
+    buckets.insert(bucket_of(t));
+    // Never before its bucket began by the store's clock.
+    CHECK(seconds_of(t.created_at) >= bucket_of(t));
+  }
+  CHECK(buckets.size() == made.size());
+}
+
+TEST_CASE("with catch_up a Scheduler submits one task for the buckets missed while none ran", "[worker][scheduler]") {
+  EOQ_EACH_STORE(store);
+  constexpr std::int64_t period = 600;
+  const auto now_s = seconds_of(store.now());
+  const auto current = now_s - now_s % period;
+  auto earlier = [&](const std::string& name, std::int64_t bucket) {
+    auto t = task("digest");
+    t.key = "periodic:" + name + ":" + std::to_string(bucket);
+    store.submit(t);
+  };
+  LogSink sink;
+  auto make = [&](bool catch_up) {
+    return std::make_unique<eoq::Scheduler>(store, eoq::SchedulerOptions{.catch_up = catch_up,
+                                                                         .logger = sink.logger()});
+  };
+
+  SECTION("three buckets missed: one task for the latest of them, then the current one") {
+    earlier("digest", current - 4 * period);
+    auto s = make(true);
+    s->every("digest", std::chrono::seconds(period), task("digest"));
+    s->tick();
+    std::set<std::int64_t> buckets;
+    for (auto& t : periodic_tasks(store, "digest")) buckets.insert(bucket_of(t));
+    CHECK(buckets == std::set<std::int64_t>{current - 4 * period, current - period, current});
+    CHECK(sink.contains("were missed"));
+    // A second scheduler starting now catches up nothing new.
+    auto again = make(true);
+    again->every("digest", std::chrono::seconds(period), task("digest"));
+    again->tick();
+    CHECK(periodic_tasks(store, "digest").size() == 3);
+  }
+  SECTION("off by default: missed buckets stay missed") {
+    earlier("digest", current - 4 * period);
+    auto s = make(false);
+    s->every("digest", std::chrono::seconds(period), task("digest"));
+    s->tick();
+    CHECK(periodic_tasks(store, "digest").size() == 2);
+  }
+  SECTION("nothing missed, or nothing known: no catch-up") {
+    earlier("digest", current - period);
+    auto s = make(true);
+    s->every("digest", std::chrono::seconds(period), task("digest"));
+    s->every("fresh", std::chrono::seconds(period), task("digest"));
+    s->tick();
+    CHECK(periodic_tasks(store, "digest").size() == 2);
+    CHECK(periodic_tasks(store, "fresh").size() == 1);
+  }
+}
+
+TEST_CASE("a Scheduler refuses bad registrations naming the field", "[worker][scheduler]") {
+  eoq::MemoryStore store;
+  eoq::Scheduler s(store);
+  auto field = [&](eoq::PeriodicTask p) {
+    try {
+      s.every(std::move(p));
+    } catch (const eoq::InvalidArgument& e) {
+      return e.field();
+    }
+    return std::string("no exception");
+  };
+  CHECK(field({"bad name", std::chrono::seconds(60), task("t")}) == "name");
+  CHECK(field({"ok", std::chrono::seconds(0), task("t")}) == "period");
+  auto keyed = task("t");
+  keyed.key = "k";
+  CHECK(field({"ok", std::chrono::seconds(60), keyed}) == "key");
+  CHECK(field({"ok", std::chrono::seconds(60), task("")}) == "type");
+  CHECK(s.empty());
+  s.every("ok", std::chrono::seconds(60), task("t"));
+  CHECK(field({"ok", std::chrono::seconds(60), task("t")}) == "name");
+  CHECK_FALSE(s.empty());
 }

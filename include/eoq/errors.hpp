@@ -25,6 +25,32 @@ class InvalidArgument : public Error {
 
 // The lease no longer matches the task (another owner claimed it, it finished,
 // or it was cancelled and settled). Nothing was changed.
+// A key reused with a different type or payload than the task that holds it
+// (NewTask::key_reuse = KeyReuse::strict, the default): the caller likely meant
+// another task, or reused a key by mistake. Nothing was written. field() is the
+// key's field ("key", or "tasks[3].key" in a batch).
+class KeyConflict : public InvalidArgument {
+ public:
+  // `differs`: "type", "payload" or "type and payload"; `holder`: who has the key
+  // ("task 42", or "tasks[1] of this batch"); `existing_id`: that task's id, 0
+  // when it is an earlier task of the same batch.
+  KeyConflict(std::string field, std::string key, std::string differs, std::string holder, long long existing_id)
+      : InvalidArgument(std::move(field),
+                        "'" + key + "' is already used by " + holder + " with a different " + differs +
+                            "; a key may be reused only with the same type and payload (KeyReuse::lenient "
+                            "returns the existing task instead)"),
+        key_(std::move(key)),
+        differs_(std::move(differs)),
+        existing_id_(existing_id) {}
+  const std::string& key() const noexcept { return key_; }
+  const std::string& differs() const noexcept { return differs_; }
+  long long existing_task_id() const noexcept { return existing_id_; }
+
+ private:
+  std::string key_, differs_;
+  long long existing_id_;
+};
+
 class LeaseLost : public Error {
  public:
   LeaseLost(long long task_id, long long version, const std::string& why)

@@ -27,6 +27,8 @@ class MemoryStore final : public TaskStore {
   FailOutcome fail(const Lease& lease, const Failure& failure) override;
   HeartbeatResult heartbeat(const Lease& lease, Millis extension) override;
   void release(const Lease& lease) override;
+  bool expire_if_overdue(const Lease& lease) override;
+  void cancel_running(const Lease& lease, std::string_view reason = {}) override;
   void progress(const Lease& lease, int percent, std::string_view stage) override;
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;
@@ -43,6 +45,7 @@ class MemoryStore final : public TaskStore {
   MaintenanceReport maintain() override;
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
   void wake() override;
+  TimePoint now() override;
 
  private:
   struct State;

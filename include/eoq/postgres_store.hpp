@@ -51,6 +51,14 @@ class PostgresStore final : public TaskStore {
   static SubmitResult submit_on(pg_conn* connection, const NewTask& task,
                                 std::string_view schema = "eoq",
                                 std::size_t max_payload_bytes = 1 << 20);
+  // Transactional cancel, with the rules of cancel(id, scope): on the host's own
+  // connection, inside its open transaction, so a pending task is cancelled (and
+  // a running one asked to stop) if and only if that transaction commits. Never
+  // commits or rolls back itself. In a REPEATABLE READ or SERIALIZABLE
+  // transaction a task that changes state meanwhile makes it fail with a
+  // serialization error (retry the host's transaction).
+  static CancelOutcome cancel_on(pg_conn* connection, TaskId id, const Scope& scope = {},
+                                 std::string_view schema = "eoq");
 
   SubmitResult submit(const NewTask& task) override;
   std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override;
@@ -59,6 +67,8 @@ class PostgresStore final : public TaskStore {
   FailOutcome fail(const Lease& lease, const Failure& failure) override;
   HeartbeatResult heartbeat(const Lease& lease, Millis extension) override;
   void release(const Lease& lease) override;
+  bool expire_if_overdue(const Lease& lease) override;
+  void cancel_running(const Lease& lease, std::string_view reason = {}) override;
   void progress(const Lease& lease, int percent, std::string_view stage) override;
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;
@@ -75,6 +85,7 @@ class PostgresStore final : public TaskStore {
   MaintenanceReport maintain() override;
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
   void wake() override;
+  TimePoint now() override;
 
   struct Impl;  // opaque
 

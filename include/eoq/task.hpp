@@ -26,6 +26,16 @@ inline bool is_terminal(TaskStatus s) noexcept {
 
 enum class Backoff { fixed, exponential };
 
+// What a submit does when its key is already taken (in its queue, by its tenant).
+enum class KeyReuse {
+  // Returns the existing task as a duplicate if its type and payload equal the
+  // submitted ones (payloads compared as text, byte for byte, as stored); throws
+  // KeyConflict otherwise, writing nothing.
+  strict,
+  // Returns the existing task as a duplicate whatever it holds (eoq before strict keys).
+  lenient,
+};
+
 // How a failed attempt is retried. The delay before attempt n+1, after n failed
 // attempts, is initial_delay (fixed) or initial_delay * 2^(n-1) capped at
 // max_delay (exponential); jitter then moves it by up to +-jitter of itself.
@@ -54,6 +64,7 @@ struct NewTask {
   // Owner, for scoped reads. Keys are unique per (queue, tenant): two tenants
   // never see each other's task through a shared key.
   std::optional<std::string> tenant{};
+  KeyReuse key_reuse = KeyReuse::strict;
 };
 
 struct Task {
@@ -99,6 +110,10 @@ struct Lease {
   std::string owner{};
   std::int64_t token = 0;
   TimePoint expires_at{};
+  // The store's clock when the claim ran. Time a lease spends in a worker's
+  // buffer is measured from here (steady clock), so a deadline check at hand-off
+  // needs no agreement between the worker's clock and the store's.
+  TimePoint claimed_at{};
   TaskId id() const noexcept { return task.id; }
   int attempt() const noexcept { return task.attempts; }
 };
@@ -178,7 +193,9 @@ struct Attempt {
   std::string owner{};
   TimePoint started_at{};
   std::optional<TimePoint> finished_at{};
-  std::string outcome{};  // running, succeeded, retry, failed, cancelled, lease_expired
+  // running, succeeded, retry, failed, cancelled, lease_expired, or expired (the
+  // deadline passed while the lease waited in a worker's buffer: never started)
+  std::string outcome{};
   std::optional<std::string> error{};
 };
 

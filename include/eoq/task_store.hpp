@@ -3,14 +3,175 @@
 #include <eoq/errors.hpp>
 #include <eoq/task.hpp>
 
+#include <charconv>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <system_error>
+#include <type_traits>
 #include <vector>
 
+namespace eoq::detail {
+
+template <class T>
+inline constexpr bool is_character_v =
+    std::is_same_v<T, char> || std::is_same_v<T, wchar_t> || std::is_same_v<T, char8_t> ||
+    std::is_same_v<T, char16_t> || std::is_same_v<T, char32_t>;
+
+template <class T>
+inline constexpr bool is_optional_v = false;
+template <class T>
+inline constexpr bool is_optional_v<std::optional<T>> = true;
+
+// Shortest round-trip text; NaN and infinities as Postgres reads them for
+// float4, float8 and numeric.
+template <std::floating_point T>
+std::string float_text(T value) {
+  if (std::isnan(value)) return "NaN";
+  if (std::isinf(value)) return value > 0 ? "Infinity" : "-Infinity";
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, value);
+  return std::string(buf, r.ptr);
+}
+
+template <class T>
+constexpr std::string_view type_name() {
+  if constexpr (std::is_same_v<T, std::string>) return "std::string";
+  else if constexpr (std::is_same_v<T, std::string_view>) return "std::string_view";
+  else if constexpr (std::is_same_v<T, bool>) return "bool";
+  else if constexpr (std::is_same_v<T, double>) return "double";
+  else if constexpr (std::is_same_v<T, float>) return "float";
+  else if constexpr (std::is_same_v<T, std::int64_t>) return "std::int64_t";
+  else if constexpr (std::is_same_v<T, std::int32_t>) return "std::int32_t";
+  else if constexpr (std::is_same_v<T, std::int16_t>) return "std::int16_t";
+  else if constexpr (std::is_same_v<T, std::int8_t>) return "std::int8_t";
+  else if constexpr (std::is_same_v<T, std::uint64_t>) return "std::uint64_t";
+  else if constexpr (std::is_same_v<T, std::uint32_t>) return "std::uint32_t";
+  else if constexpr (std::is_same_v<T, std::uint16_t>) return "std::uint16_t";
+  else if constexpr (std::is_same_v<T, std::uint8_t>) return "std::uint8_t";
+  else if constexpr (std::is_same_v<T, long long>) return "long long";
+  else if constexpr (std::is_same_v<T, unsigned long long>) return "unsigned long long";
+  else return "the requested type";
+}
+
+// Throws UsageError: column `name` (index `index`) as `type`: `text` (if any) `why`.
+[[noreturn]] void bad_cell(std::string_view name, std::size_t index, std::string_view type, const std::string* text,
+                           std::string_view why);
+
+template <class T>
+T convert_cell(const std::string& text, std::string_view name, std::size_t index) {
+  if constexpr (std::is_same_v<T, std::string>) {
+    return text;
+  } else if constexpr (std::is_same_v<T, std::string_view>) {
+    return std::string_view(text);
+  } else if constexpr (std::is_same_v<T, bool>) {
+    if (text == "t" || text == "true") return true;
+    if (text == "f" || text == "false") return false;
+    bad_cell(name, index, type_name<T>(), &text, "is not a boolean (t or f)");
+  } else if constexpr (std::is_floating_point_v<T>) {
+    T out{};
+    auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
+    if (ec == std::errc::result_out_of_range) bad_cell(name, index, type_name<T>(), &text, "is out of range");
+    if (ec != std::errc() || p != text.data() + text.size() || text.empty())
+      bad_cell(name, index, type_name<T>(), &text, "is not a number");
+    return out;
+  } else if constexpr (std::is_integral_v<T> && !is_character_v<T>) {
+    T out{};
+    auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
+    if (ec == std::errc::result_out_of_range) bad_cell(name, index, type_name<T>(), &text, "is out of range");
+    if (ec != std::errc() || p != text.data() + text.size() || text.empty())
+      bad_cell(name, index, type_name<T>(), &text, "is not an integer");
+    return out;
+  } else {
+    static_assert(!sizeof(T), "RowView::get reads std::string, std::string_view, integers, float, double, bool "
+                              "and std::optional of those");
+  }
+}
+
+}  // namespace eoq::detail
+
 namespace eoq {
+
+// One parameter of a handler's SQL, sent as text for the server to parse as its
+// placeholder's type: integers, floating point (the shortest text that reads
+// back to the same value; NaN and infinities as Postgres spells them), bool,
+// strings and string views. std::nullopt, `{}` and an empty std::optional<T>
+// are NULL. A lone `char` is refused at compile time (a number or a string?).
+//
+//   ctx.exec("INSERT INTO t VALUES ($1, $2, $3, $4, $5)", {42, "x", 1.5, true, std::nullopt});
+class SqlParam {
+ public:
+  SqlParam() noexcept = default;
+  SqlParam(std::nullopt_t) noexcept {}
+  SqlParam(std::string text) noexcept : text_(std::move(text)) {}
+  SqlParam(std::string_view text) : text_(std::string(text)) {}
+  SqlParam(const char* text) : text_(text ? std::optional<std::string>(text) : std::nullopt) {}
+  SqlParam(bool value) : text_(value ? "true" : "false") {}
+  template <class T>
+    requires(std::is_integral_v<T> && !std::is_same_v<T, bool> && !detail::is_character_v<T>)
+  SqlParam(T value) : text_(std::to_string(value)) {}
+  template <std::floating_point T>
+  SqlParam(T value) : text_(detail::float_text(value)) {}
+  template <class T>
+  SqlParam(const std::optional<T>& value) : text_(value ? SqlParam(*value).text_ : std::nullopt) {}
+  template <class T>
+    requires detail::is_character_v<T>
+  SqlParam(T) = delete;
+
+  // The text sent, or empty for NULL.
+  const std::optional<std::string>& text() const noexcept { return text_; }
+  bool is_null() const noexcept { return !text_; }
+
+ private:
+  std::optional<std::string> text_;
+};
+
+using Params = std::vector<SqlParam>;
+
+// One row of a handler's query result: the cells as text (NULL is an empty
+// optional), and typed reads that name the column and the type when the text
+// does not convert. Valid while the Rows it came from lives.
+class RowView {
+ public:
+  RowView(const std::vector<std::optional<std::string>>& cells, const std::vector<std::string>& columns) noexcept
+      : cells_(&cells), columns_(&columns) {}
+  std::size_t size() const noexcept { return cells_->size(); }
+  const std::optional<std::string>& operator[](std::size_t column) const;  // the text
+  bool is_null(std::size_t column) const { return !(*this)[column]; }
+
+  // T: std::string, std::string_view (into the cell), any integer type, float,
+  // double, bool (Postgres' t/f), or std::optional<T> of one of them to read
+  // NULL as empty. A NULL read as a plain T, text that is not a T, or a value
+  // out of T's range throws UsageError naming the column and T.
+  template <class T>
+  T get(std::size_t column) const {
+    if constexpr (detail::is_optional_v<T>) {
+      const auto& cell = (*this)[column];
+      if (!cell) return std::nullopt;
+      return get<typename T::value_type>(column);
+    } else {
+      const auto& cell = (*this)[column];
+      if (!cell) detail::bad_cell(name(column), column, detail::type_name<T>(), nullptr, "is NULL (read it as a std::optional)");
+      return detail::convert_cell<T>(*cell, name(column), column);
+    }
+  }
+  template <class T>
+  T get(std::string_view column) const {
+    return get<T>(index_of(column));
+  }
+
+ private:
+  std::string_view name(std::size_t column) const noexcept;
+  std::size_t index_of(std::string_view column) const;  // UsageError for an unknown name
+  const std::vector<std::optional<std::string>>* cells_;
+  const std::vector<std::string>* columns_;
+};
 
 // Rows from a handler's SQL, as text (NULL is an empty optional).
 struct Rows {
@@ -20,13 +181,19 @@ struct Rows {
 
   std::size_t size() const noexcept { return rows.size(); }
   bool empty() const noexcept { return rows.empty(); }
+  // Row i with typed reads: rows[i].get<std::int64_t>(0), rows[i].get<std::string>("name").
+  RowView operator[](std::size_t row) const;
   // The single row a statement must return; throws UsageError otherwise.
   const std::vector<std::optional<std::string>>& one_row() const;
   // The value in the single row and single column.
   std::optional<std::string> scalar() const;
+  // Typed: the single row's single column as T (see RowView::get).
+  template <class T>
+  T scalar() const {
+    scalar();  // exactly one row and one column, or UsageError
+    return (*this)[0].get<T>(0);
+  }
 };
-
-using Params = std::vector<std::optional<std::string>>;
 
 // The transaction a handler's own writes share with the settlement of its task.
 // Either complete()/fail() commits the handler's writes together with the task's
@@ -78,6 +245,17 @@ class TaskStore {
   // the interrupted attempt does not count. A task with a cancel request ends
   // cancelled instead.
   virtual void release(const Lease& lease) = 0;
+  // For a lease that waited (in a worker's buffer) before its handler starts: a
+  // task is never started after its deadline. When the deadline has passed by
+  // the store's clock, ends the task `expired` (the attempt recorded as
+  // `expired`) and returns true; otherwise changes nothing and returns false.
+  // Fenced: LeaseLost when the lease is stale.
+  virtual bool expire_if_overdue(const Lease& lease) = 0;
+  // The holder stops its task on purpose (a handler that saw a cancel request,
+  // or found its work no longer wanted): ends it `cancelled` whether or not a
+  // cancel was requested, the attempt recorded as `cancelled` with `reason` as
+  // its error (none when empty); last_error unchanged. Fenced: LeaseLost when stale.
+  virtual void cancel_running(const Lease& lease, std::string_view reason = {}) = 0;
   virtual void progress(const Lease& lease, int percent, std::string_view stage) = 0;
   virtual void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) = 0;
 
@@ -117,6 +295,11 @@ class TaskStore {
   // timeout passes. May return early; callers claim and wait again.
   virtual void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) = 0;
   virtual void wake() = 0;
+
+  // The store's clock, which every lease and deadline decision uses: the
+  // database's now() on Postgres, the system clock in memory. Schedulers compute
+  // period buckets from it so that machines whose clocks disagree still agree.
+  virtual TimePoint now() = 0;
 };
 
 }  // namespace eoq

@@ -3,13 +3,14 @@
 //
 //   eoq::Worker worker(store, {.queues = {"mail"}, .concurrency = 8});
 //   worker.on("send-email", [](eoq::TaskContext& ctx) {
-//     ctx.exec("INSERT INTO sent(task_id) VALUES ($1)", {std::to_string(ctx.id())});
+//     ctx.exec("INSERT INTO sent(task_id) VALUES ($1)", {ctx.id()});
 //     ctx.set_result(R"({"sent":true})");
 //   });
 //   worker.run();  // until another thread calls worker.stop()
 //
 // A handler returns to succeed and throws to fail: PermanentError fails the task
-// for good, anything else retries it per the task's RetryPolicy. Its SQL (through
+// for good, Cancelled ends it cancelled, anything else retries it per the task's
+// RetryPolicy. Its SQL (through
 // ctx.exec / ctx.transaction()) commits in the same transaction that completes
 // the task, or not at all.
 //
@@ -38,6 +39,18 @@ class PermanentError : public Error {
   using Error::Error;
 };
 
+// Thrown by a handler that stops because it was asked to (it saw
+// ctx.cancelled()), or because its work is no longer wanted: the task ends
+// `cancelled`, not failed and not retried, and the worker logs it at info. Any
+// SQL the handler ran in the task's transaction rolls back.
+//
+//   if (ctx.cancelled()) throw eoq::Cancelled{};
+class Cancelled : public Error {
+ public:
+  Cancelled() : Error("stopped by its handler") {}
+  explicit Cancelled(const std::string& reason) : Error(reason) {}
+};
+
 enum class LogLevel { debug, info, warning, error };
 std::string_view to_string(LogLevel level) noexcept;
 
@@ -47,16 +60,17 @@ using Logger = std::function<void(LogLevel level, std::string_view message)>;
 
 // A snapshot of what a worker has done since it started, for the host to export
 // (Prometheus, StatsD, logs). Every claimed lease ends in exactly one of
-// succeeded, failed, retried, cancelled, lease_lost, released or abandoned; until
-// then it is counted in in_flight:
-//   claimed == succeeded + failed + retried + cancelled + lease_lost + released
-//              + abandoned + in_flight
+// succeeded, failed, retried, cancelled, expired, lease_lost, released or
+// abandoned; until then it is counted in in_flight:
+//   claimed == succeeded + failed + retried + cancelled + expired + lease_lost
+//              + released + abandoned + in_flight
 struct WorkerCounters {
   std::uint64_t claimed = 0;     // leases taken
   std::uint64_t succeeded = 0;   // completed
   std::uint64_t failed = 0;      // failed for good: PermanentError, unknown type, attempts used up
   std::uint64_t retried = 0;     // failed and scheduled to run again
   std::uint64_t cancelled = 0;   // ended cancelled after cancel() was requested
+  std::uint64_t expired = 0;     // deadline passed while buffered: ended expired, never started
   std::uint64_t lease_lost = 0;  // outcome discarded: the store fenced the lease off
   std::uint64_t released = 0;    // given back unfinished (shutdown, or a commit that failed): runs again
   std::uint64_t abandoned = 0;   // outcome unknown to the store (it was unreachable); the lease expires
@@ -170,7 +184,8 @@ class TaskContext {
   Rows exec(std::string_view sql, const Params& params = {});
   bool in_transaction() const noexcept;
 
-  // cancel() was called on this task. Seen at the next heartbeat.
+  // cancel() was called on this task. Seen at the next heartbeat. Returning
+  // completes the task as usual; `throw eoq::Cancelled{}` ends it cancelled.
   bool cancelled() const noexcept;
   // The worker is shutting down: finish soon or throw; after shutdown_timeout the
   // lease is given back.
@@ -196,6 +211,9 @@ using Handler = std::function<void(TaskContext&)>;
 // "periodic:<name>:<bucket start, epoch seconds>", so any number of workers with
 // the same registration, restarted any number of times, create one task per
 // period bucket (the store's idempotency decides; duplicates are normal).
+// Buckets are read from the store's clock (TaskStore::now). Worker::every runs
+// an eoq::Scheduler (scheduler.hpp) inside the worker; a process that only
+// schedules runs a Scheduler alone.
 struct PeriodicTask {
   std::string name;  // [A-Za-z0-9_.-], 1..128 characters
   std::chrono::seconds period{60};
@@ -213,7 +231,7 @@ class Worker {
   // Registers the handler for a task type (replacing any earlier one). Before
   // start()/run() only. Tasks of a type nobody registered fail permanently.
   Worker& on(std::string type, Handler handler);
-  // Registers a periodic submission. Before start()/run() only.
+  // Registers a periodic submission (see Scheduler::every). Before start()/run() only.
   Worker& every(PeriodicTask periodic);
   Worker& every(std::string name, std::chrono::seconds period, NewTask task);
 

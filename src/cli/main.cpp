@@ -44,7 +44,7 @@ namespace {
 using Json = nlohmann::json;
 
 // The exit codes scripts rely on; the help's footer documents them.
-enum ExitCode : int { kOk = 0, kNotFound = 1, kBadInput = 2, kUnavailable = 3 };
+enum ExitCode : int { kOk = 0, kNotFound = 1, kBadInput = 2, kUnavailable = 3, kKeyConflict = 4 };
 
 // A failure this tool explains in its own words: "eoq: <message>" on stderr.
 class Failure : public std::runtime_error {
@@ -809,6 +809,8 @@ int run_command(Context& ctx, const std::function<int(Context&)>& command) {
     return command(ctx);
   } catch (const Failure& e) {
     return report(e.code(), e.what());
+  } catch (const KeyConflict& e) {
+    return report(kKeyConflict, fmt::format("key conflict: {}", e.rule()));
   } catch (const InvalidArgument& e) {
     auto flag = flag_of(e.field());
     return report(kBadInput, fmt::format("invalid {}{}: {}{}", e.field(), flag.empty() ? "" : " (" + flag + ")",
@@ -855,6 +857,7 @@ Exit status:
   2  bad input: an unknown option or invalid value, a retry of a task that is
      not failed, expired or cancelled, a port the dashboard cannot listen on
   3  the database: unreachable, shutting down, not migrated, or it refused
+  4  key conflict: submit --key names a task of another type or payload
 
 Run 'eoq COMMAND --help' for a command's options and examples.)";
 
@@ -988,7 +991,8 @@ int run(int argc, char** argv) {
       app, "submit", "Submit a task (at most once per --key and queue)", kChange,
       "Times: RFC 3339 (2026-11-23T10:00:00Z, 2026-11-23T11:00:00+01:00) or relative to now\n"
       "(+30s, +10m, +2h, +1d12h). A --key that is already taken in the queue submits nothing:\n"
-      "the existing task is shown, marked duplicate, and the exit status is 0.\n\n"
+      "the existing task is shown, marked duplicate, and the exit status is 0; if that task has\n"
+      "another type or payload, nothing is submitted and the exit status is 4.\n\n"
       "Examples:\n  eoq submit --type send_email --payload '{\"to\": \"ann@example.com\"}'\n"
       "  eoq submit --queue reports --type monthly --key 2026-11 --run-at +2h --deadline +1d\n"
       "  eoq --tenant acme submit --type import --payload @import.json --max-attempts 5");

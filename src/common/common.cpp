@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <fmt/format.h>
+#include <map>
+#include <tuple>
 
 namespace eoq {
 
@@ -76,6 +78,36 @@ std::optional<std::string> Rows::scalar() const {
   return row.front();
 }
 
+RowView Rows::operator[](std::size_t row) const {
+  if (row >= rows.size()) throw UsageError(fmt::format("row {} does not exist: the result has {} row(s)", row, rows.size()));
+  return RowView(rows[row], columns);
+}
+
+const std::optional<std::string>& RowView::operator[](std::size_t column) const {
+  if (column >= cells_->size())
+    throw UsageError(fmt::format("column {} does not exist: the row has {} column(s)", column, cells_->size()));
+  return (*cells_)[column];
+}
+
+std::string_view RowView::name(std::size_t column) const noexcept {
+  return column < columns_->size() ? std::string_view((*columns_)[column]) : std::string_view("?");
+}
+
+std::size_t RowView::index_of(std::string_view column) const {
+  for (std::size_t i = 0; i < columns_->size(); ++i)
+    if ((*columns_)[i] == column) return i;
+  throw UsageError(fmt::format("column \"{}\" is not in the result (columns: {})", column, fmt::join(*columns_, ", ")));
+}
+
+namespace detail {
+void bad_cell(std::string_view name, std::size_t index, std::string_view type, const std::string* text,
+              std::string_view why) {
+  std::string shown;
+  if (text) shown = text->size() > 64 ? fmt::format("\"{}...\" ", text->substr(0, 64)) : fmt::format("\"{}\" ", *text);
+  throw UsageError(fmt::format("column \"{}\" ({}) read as {}: {}{}", name, index, type, shown, why));
+}
+}  // namespace detail
+
 namespace detail {
 
 std::size_t utf8_sequence(std::string_view s, std::size_t i) noexcept {
@@ -104,6 +136,35 @@ bool is_utf8(std::string_view s) noexcept {
 }
 
 TimePoint now() noexcept { return std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()); }
+
+std::string key_difference(const NewTask& submitted, std::string_view type, std::string_view payload) {
+  const bool t = submitted.type != type, p = submitted.payload != payload;
+  return t && p ? "type and payload" : t ? "type" : p ? "payload" : "";
+}
+
+void check_key_reuse(const NewTask& submitted, std::optional<std::size_t> batch_index, std::string_view type,
+                     std::string_view payload, const std::string& holder_name, TaskId holder_id) {
+  if (submitted.key_reuse != KeyReuse::strict || !submitted.key) return;
+  auto differs = key_difference(submitted, type, payload);
+  if (differs.empty()) return;
+  throw KeyConflict(batch_index ? fmt::format("tasks[{}].key", *batch_index) : std::string("key"), *submitted.key,
+                    std::move(differs), holder_name, holder_id);
+}
+
+void check_batch_keys(std::span<const NewTask> tasks) {
+  // queue, tenant ("" for none), key -> the first task with it
+  std::map<std::tuple<std::string_view, std::string_view, std::string_view>, std::size_t> first;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const NewTask& t = tasks[i];
+    if (!t.key) continue;
+    auto [it, fresh] = first.emplace(std::tuple{std::string_view(t.queue), std::string_view(t.tenant ? *t.tenant : ""),
+                                                std::string_view(*t.key)},
+                                     i);
+    if (fresh) continue;
+    const NewTask& holder = tasks[it->second];
+    check_key_reuse(t, i, holder.type, holder.payload, fmt::format("tasks[{}] of this batch", it->second), 0);
+  }
+}
 
 namespace {
 

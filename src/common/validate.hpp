@@ -3,6 +3,9 @@
 // same words (the conformance suite checks that they do).
 #include <eoq/task.hpp>
 
+#include <optional>
+#include <span>
+#include <string>
 #include <string_view>
 
 namespace eoq::detail {
@@ -26,5 +29,16 @@ void validate_progress(int percent, std::string_view stage);
 void validate_prune(Millis older_than, int batch_size);
 
 TimePoint now() noexcept;
+
+// What differs between a submitted task and the one holding its key: "type",
+// "payload", "type and payload", or empty when they are equal.
+std::string key_difference(const NewTask& submitted, std::string_view type, std::string_view payload);
+// Throws KeyConflict when `submitted` is strict and differs from the task that
+// holds its key: the field is "key" alone, "tasks[i].key" in a batch (batch_index).
+void check_key_reuse(const NewTask& submitted, std::optional<std::size_t> batch_index, std::string_view type,
+                     std::string_view payload, const std::string& holder_name, TaskId holder_id);
+// The same keys twice in one batch must agree (strict tasks only); throws
+// KeyConflict naming the later one. Before anything is written.
+void check_batch_keys(std::span<const NewTask> tasks);
 
 }  // namespace eoq::detail

@@ -564,6 +564,9 @@ HttpResponse Dashboard::handle(const HttpRequest& request) const {
   if (rest.front() != '/') return not_found();
   try {
     return I.route(request, rest);
+  } catch (const KeyConflict& e) {
+    // The request is well formed; it conflicts with the task that holds the key.
+    return error_response(409, e.what(), e.field(), e.rule());
   } catch (const InvalidArgument& e) {
     return error_response(400, e.what(), e.field(), e.rule());
   } catch (const TransientError& e) {

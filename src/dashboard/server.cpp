@@ -133,6 +133,13 @@ struct DashboardServer::Impl {
 
   void forward_with_body(const httplib::Request& req, httplib::Response& res,
                          const httplib::ContentReader& read) const {
+    // A request with neither Content-Length nor Transfer-Encoding has no body
+    // (RFC 9112, 6.3), as `curl -X POST .../cancel` sends it. httplib 0.11 would
+    // read such a body until the connection closes and time out instead.
+    if (!req.has_header("Content-Length") && !req.has_header("Transfer-Encoding")) {
+      forward(req, res, {});
+      return;
+    }
     std::string body;
     std::size_t total = 0;
     bool read_ok = read([&](const char* data, std::size_t n) {

@@ -194,6 +194,11 @@ NewTask new_task_from_json(const json& body) {
       if (!v.is_null()) t.key = want_string(name, v);
     } else if (name == "tenant") {
       if (!v.is_null()) t.tenant = want_string(name, v);
+    } else if (name == "key_reuse") {
+      auto k = want_string(name, v);
+      if (k == "strict") t.key_reuse = KeyReuse::strict;
+      else if (k == "lenient") t.key_reuse = KeyReuse::lenient;
+      else bad(name, "must be \"strict\" or \"lenient\"");
     } else if (name == "priority") {
       t.priority = static_cast<int>(want_integer(name, v, -32768, 32767));
     } else if (name == "run_at") {
@@ -223,8 +228,8 @@ NewTask new_task_from_json(const json& body) {
         }
       }
     } else {
-      bad(name, "is not a known field (known: queue, type, payload, key, tenant, priority, run_at, deadline, "
-                "retry)");
+      bad(name, "is not a known field (known: queue, type, payload, key, key_reuse, tenant, priority, run_at, "
+                "deadline, retry)");
     }
   }
   if (!has_type) bad("type", "is required");

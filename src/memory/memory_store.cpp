@@ -176,6 +176,21 @@ struct MemoryStore::State {
     end_attempt(e, *e.task.lease_expires_at, "lease_expired", "lease expired");
   }
 
+  // Strict keys are checked for a whole submit (or batch) before any of it is
+  // written, as the Postgres store rolls back a batch with a conflict.
+  void check_reuse(std::span<const NewTask> batch, bool is_batch) const {
+    if (is_batch) detail::check_batch_keys(batch);
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      const NewTask& n = batch[i];
+      if (!n.key || n.key_reuse != KeyReuse::strict) continue;
+      auto k = keys.find(key_of(n.queue, n.tenant, *n.key));
+      if (k == keys.end()) continue;
+      const Task& holder = tasks.at(k->second).task;
+      detail::check_key_reuse(n, is_batch ? std::optional(i) : std::nullopt, holder.type, holder.payload,
+                              fmt::format("task {}", holder.id), holder.id);
+    }
+  }
+
   SubmitResult insert(const NewTask& n, TimePoint now) {
     if (n.key) {
       auto k = keys.find(key_of(n.queue, n.tenant, *n.key));
@@ -375,6 +390,7 @@ SubmitResult MemoryStore::submit(const NewTask& task) {
   auto& S = *state_;
   detail::validate_new_task(task, S.options.max_payload_bytes, detail::now());
   std::lock_guard lk(S.mu);
+  S.check_reuse(std::span<const NewTask>(&task, 1), false);
   auto result = S.insert(task, detail::now());
   if (!result.duplicate) S.signal(task.queue);
   return result;
@@ -394,6 +410,7 @@ std::vector<SubmitResult> MemoryStore::submit_batch(std::span<const NewTask> tas
   std::vector<SubmitResult> results;
   results.reserve(tasks.size());
   std::lock_guard lk(S.mu);
+  S.check_reuse(tasks, true);
   const TimePoint now = detail::now();
   // A key repeated later in the batch finds the key the earlier one just took.
   for (const auto& t : tasks) results.push_back(S.insert(t, now));
@@ -460,7 +477,7 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
       t.started_at = now;
     });
     e.started_at = now;
-    leases.push_back(Lease{e.task, request.owner, e.task.version, *e.task.lease_expires_at});
+    leases.push_back(Lease{e.task, request.owner, e.task.version, *e.task.lease_expires_at, now});
   }
   return leases;
 }
@@ -554,6 +571,26 @@ void MemoryStore::release(const Lease& lease) {
     t.updated_at = now;
   });
   S.signal(e.task.queue);
+}
+
+bool MemoryStore::expire_if_overdue(const Lease& lease) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  Entry& e = S.fenced(lease);
+  const TimePoint now = detail::now();
+  if (!e.task.deadline || *e.task.deadline > now) return false;
+  S.end_attempt(e, now, "expired", "deadline passed before the task started");
+  S.finish(e, TaskStatus::expired, now, "deadline passed");
+  return true;
+}
+
+void MemoryStore::cancel_running(const Lease& lease, std::string_view reason) {
+  auto& S = *state_;
+  std::lock_guard lk(S.mu);
+  Entry& e = S.fenced(lease);
+  const TimePoint now = detail::now();
+  S.end_attempt(e, now, "cancelled", reason.empty() ? std::nullopt : std::optional<std::string>(reason));
+  S.finish(e, TaskStatus::cancelled, now);
 }
 
 void MemoryStore::progress(const Lease& lease, int percent, std::string_view stage) {
@@ -822,6 +859,8 @@ void MemoryStore::wait_for_tasks(const std::vector<std::string>& queues, Millis 
   }
   S.mark_seen(queues);
 }
+
+TimePoint MemoryStore::now() { return detail::now(); }
 
 void MemoryStore::wake() {
   auto& S = *state_;

@@ -118,8 +118,9 @@ void validate_schema(const std::string& s) {
 
 // The SQL of one schema. Built once per store; @s@ is the quoted schema name.
 struct Sql {
-  Statement submit, submit_batch, by_keys, claim, claim_one, complete, fail, release, heartbeat, progress, checkpoint, cancel,
-      retry, get, list, list_desc, stats, history, prune, prunable, expire, reap, settled;
+  Statement submit, submit_batch, by_keys, claim, claim_one, complete, fail, release, expire_lease, cancel_lease,
+      heartbeat, progress, checkpoint, cancel, retry, get, list, list_desc, stats, history, prune, prunable, expire,
+      reap, settled, clock;
 
   explicit Sql(const std::string& quoted_schema) {
     const std::string cols = column_list(), tcols = column_list("t.");
@@ -295,6 +296,42 @@ SELECT t.id, (SELECT pg_notify($3, queue) FROM @s@.tasks WHERE id = $1) FROM t)"
                                                           {"finished_at", "now()"}},
                                                          "gone")));
 
+    // The deadline is judged by now() here, not by the worker that asks: the
+    // answer is the same whatever its clock says.
+    expire_lease = S("eoq_expire_lease", fmt::format(R"(
+WITH t AS (SELECT id, attempts, version, lease_owner, started_at, coalesce(deadline <= now(), false) AS overdue
+           FROM @s@.tasks WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'expired', 'deadline passed before the task started'
+  FROM t WHERE overdue),
+gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id AND t.overdue RETURNING x.*),
+fin AS ({})
+SELECT overdue FROM t)",
+                                                     finish_insert({{"status", "'expired'"},
+                                                                    {"version", "gone.version + 1"},
+                                                                    {"lease_expires_at", "NULL"},
+                                                                    {"last_error", "'deadline passed'"},
+                                                                    {"updated_at", "now()"},
+                                                                    {"finished_at", "now()"}},
+                                                                   "gone")));
+
+    cancel_lease = S("eoq_cancel_lease", fmt::format(R"(
+WITH t AS (SELECT id, attempts, version, lease_owner, started_at FROM @s@.tasks
+           WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', $3 FROM t),
+gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id RETURNING x.*),
+fin AS ({} RETURNING id)
+SELECT id FROM fin)",
+                                                     finish_insert({{"status", "'cancelled'"},
+                                                                    {"version", "gone.version + 1"},
+                                                                    {"lease_expires_at", "NULL"},
+                                                                    {"updated_at", "now()"},
+                                                                    {"finished_at", "now()"}},
+                                                                   "gone")));
+
     heartbeat = S("eoq_heartbeat", "UPDATE @s@.tasks SET lease_expires_at = now() + " MS("$3") R"(
 WHERE id = $1 AND version = $2 AND status = 'running' RETURNING lease_expires_at, cancel_requested)");
     progress = S("eoq_progress", R"(UPDATE @s@.tasks SET progress = $3, stage = $4, updated_at = now()
@@ -435,6 +472,8 @@ SELECT count(*) FROM fin)",
                                                     {"updated_at", "now()"},
                                                     {"finished_at", "now()"}},
                                                    "gone")));
+
+    clock = S("eoq_now", "SELECT now()");
 
     // After a lost connection: did my settlement commit? The settled row (or
     // the attempt row of a failure) carries the version the lease saw.
@@ -657,11 +696,39 @@ SubmitResult PostgresStore::submit(const NewTask& task) {
     }
     if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
     auto existing = I.lookup_keys({task.queue}, {task.tenant}, {task.key});
-    if (existing[0]) return {std::move(*existing[0]), true};
+    if (existing[0]) {
+      const Task& h = *existing[0];
+      detail::check_key_reuse(task, std::nullopt, h.type, h.payload, fmt::format("task {}", h.id), h.id);
+      return {std::move(*existing[0]), true};
+    }
     // The key's task was pruned between the two statements: try again.
     if (round > 10) throw Error("submit: key kept vanishing under retention; giving up");
   }
 }
+
+namespace {
+// One statement on a host's connection, inside whatever transaction it has
+// open; binary results, as on the store's own connections.
+Result exec_on(pg_conn* connection, const std::string& text, const std::vector<Param>& ps, const char* label) {
+  std::vector<const char*> values(ps.size());
+  for (std::size_t i = 0; i < ps.size(); ++i) values[i] = ps[i] ? ps[i]->c_str() : nullptr;
+  Result r(PQexecParams(connection, text.c_str(), static_cast<int>(ps.size()), nullptr, values.data(), nullptr,
+                        nullptr, 1));
+  auto st = PQresultStatus(r.get());
+  if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) pg::throw_error(connection, r.get(), label);
+  return r;
+}
+
+// The answer of the cancel statement, or empty when the task changed state
+// under it (claimed or settled meanwhile) and the statement must run again.
+std::optional<CancelOutcome> decode_cancel(const Result& r) {
+  if (r.i64(0, 0) > 0) return CancelOutcome::cancelled;
+  if (r.i64(0, 1) > 0) return CancelOutcome::cancel_requested;
+  if (r.i64(0, 2) > 0) return CancelOutcome::already_finished;
+  if (r.i64(0, 3) == 0) return CancelOutcome::not_found;
+  return std::nullopt;
+}
+}  // namespace
 
 SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, std::string_view schema,
                                       std::size_t max_payload_bytes) {
@@ -671,22 +738,35 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
   detail::validate_new_task(task, max_payload_bytes, detail::now());
   Sql sql(quote_ident(s));
   auto params = submit_params(task, "eoq_" + s);
-  std::vector<const char*> values(params.size());
   auto run = [&](const std::string& text, const std::vector<Param>& ps) {
-    values.resize(ps.size());
-    for (std::size_t i = 0; i < ps.size(); ++i) values[i] = ps[i] ? ps[i]->c_str() : nullptr;
-    Result r(PQexecParams(connection, text.c_str(), static_cast<int>(ps.size()), nullptr, values.data(), nullptr,
-                          nullptr, 1));
-    auto st = PQresultStatus(r.get());
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) pg::throw_error(connection, r.get(), "submit_on");
-    return r;
+    return exec_on(connection, text, ps, "submit_on");
   };
   auto r = run(sql.submit.sql, params);
   if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
   auto e = run(sql.by_keys.sql,
                {pg::text_array({task.queue}), pg::text_array({task.tenant}), pg::text_array({task.key})});
-  if (e.rows() == 1) return {decode_task(e, 0, 1), true};
+  if (e.rows() == 1) {
+    auto holder = decode_task(e, 0, 1);
+    detail::check_key_reuse(task, std::nullopt, holder.type, holder.payload, fmt::format("task {}", holder.id),
+                            holder.id);
+    return {std::move(holder), true};
+  }
   throw Error("submit_on: the key is taken but its task was not found");
+}
+
+CancelOutcome PostgresStore::cancel_on(pg_conn* connection, TaskId id, const Scope& scope, std::string_view schema) {
+  if (!connection) throw InvalidArgument("connection", "must not be null");
+  std::string s(schema);
+  validate_schema(s);
+  detail::validate_scope(scope);
+  Sql sql(quote_ident(s));
+  // Each statement of a READ COMMITTED transaction sees the rows committed
+  // before it, so running the statement again sees the new state.
+  for (int round = 0; round < 20; ++round) {
+    auto r = exec_on(connection, sql.cancel.sql, {num(id), scope.tenant}, "cancel_on");
+    if (auto out = decode_cancel(r)) return *out;
+  }
+  throw TransientError(fmt::format("cancel_on: task {} kept changing state", id), "40001", "cancel_on");
 }
 
 std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> tasks) {
@@ -707,40 +787,67 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   std::vector<Param> params;
   for (auto& c : cols) params.push_back(pg::text_array(c));
   params.push_back(I.channel);
-  Result r;
+  detail::check_batch_keys(tasks);
+  const bool strict = std::any_of(tasks.begin(), tasks.end(),
+                                  [](const NewTask& t) { return t.key && t.key_reuse == KeyReuse::strict; });
+  std::vector<std::optional<SubmitResult>> out;
+  std::vector<std::size_t> missing;          // tasks whose key was taken
+  std::vector<std::optional<Task>> holders;  // the tasks holding those keys (empty: pruned meanwhile)
+  // With a strict key the batch runs in a transaction that ends in ROLLBACK when
+  // a taken key's holder differs, so a conflict writes nothing; otherwise the
+  // insert commits on its own, as before.
+  auto attempt = [&](Connection& c) {
+    out.assign(tasks.size(), std::nullopt);
+    missing.clear();
+    holders.clear();
+    if (strict) c.command("BEGIN");
+    try {
+      auto r = c.exec(I.sql.submit_batch, params);
+      for (int i = 0; i < r.rows(); ++i) {
+        auto ord = static_cast<std::size_t>(r.i64(i, 0) - 1);
+        out[ord] = SubmitResult{task_from_new(tasks[ord], r, i, 1), false};
+      }
+      std::vector<Param> dq, dt, dk;
+      for (std::size_t i = 0; i < tasks.size(); ++i)
+        if (!out[i]) {
+          missing.push_back(i);
+          dq.push_back(tasks[i].queue);
+          dt.push_back(tasks[i].tenant);
+          dk.push_back(tasks[i].key);
+        }
+      if (!missing.empty()) {
+        holders.resize(missing.size());
+        auto f = c.exec(I.sql.by_keys, {pg::text_array(dq), pg::text_array(dt), pg::text_array(dk)});
+        for (int i = 0; i < f.rows(); ++i) holders[static_cast<std::size_t>(f.i64(i, 0) - 1)] = decode_task(f, i, 1);
+      }
+      if (strict) {
+        for (std::size_t j = 0; j < missing.size(); ++j)
+          if (const auto& h = holders[j])
+            detail::check_key_reuse(tasks[missing[j]], missing[j], h->type, h->payload, fmt::format("task {}", h->id),
+                                    h->id);
+        c.command("COMMIT");
+      }
+    } catch (...) {
+      if (strict && c.ok()) Result(PQexec(c.get(), "ROLLBACK"));
+      throw;
+    }
+    return 0;
+  };
   try {
-    r = pg::with_retry(I.pool, all_keyed ? I.options.transient_retries : 0,
-                       [&](Connection& c) { return c.exec(I.sql.submit_batch, params); });
+    pg::with_retry(I.pool, all_keyed ? I.options.transient_retries : 0, attempt);
   } catch (const TransientError& e) {
     if (all_keyed) throw;
     throw CommitInDoubt(std::string(e.what()) +
                             "; the batch may or may not have been created (give every task a key to make retries safe)",
                         e.sqlstate(), e.statement());
   }
-  std::vector<std::optional<SubmitResult>> out(tasks.size());
-  for (int i = 0; i < r.rows(); ++i) {
-    auto ord = static_cast<std::size_t>(r.i64(i, 0) - 1);
-    out[ord] = SubmitResult{task_from_new(tasks[ord], r, i, 1), false};
-  }
-  std::vector<Param> dq, dt, dk;
-  std::vector<std::size_t> missing;
-  for (std::size_t i = 0; i < tasks.size(); ++i)
-    if (!out[i]) {
-      missing.push_back(i);
-      dq.push_back(tasks[i].queue);
-      dt.push_back(tasks[i].tenant);
-      dk.push_back(tasks[i].key);
+  for (std::size_t j = 0; j < missing.size(); ++j) {
+    if (!holders[j]) {
+      // Pruned in between: submit that one again on its own.
+      out[missing[j]] = submit(tasks[missing[j]]);
+      continue;
     }
-  if (!missing.empty()) {
-    auto found = I.lookup_keys(dq, dt, dk);
-    for (std::size_t j = 0; j < missing.size(); ++j) {
-      if (!found[j]) {
-        // Pruned in between: submit that one again on its own.
-        out[missing[j]] = submit(tasks[missing[j]]);
-        continue;
-      }
-      out[missing[j]] = SubmitResult{std::move(*found[j]), true};
-    }
+    out[missing[j]] = SubmitResult{std::move(*holders[j]), true};
   }
   std::vector<SubmitResult> result;
   result.reserve(tasks.size());
@@ -768,6 +875,7 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
     l.owner = request.owner;
     l.token = l.task.version;
     l.expires_at = l.task.lease_expires_at.value_or(TimePoint{});
+    l.claimed_at = l.task.started_at.value_or(TimePoint{});  // now() of the claim
     leases.push_back(std::move(l));
   }
   std::sort(leases.begin(), leases.end(), [](const Lease& a, const Lease& b) {
@@ -863,6 +971,29 @@ void PostgresStore::release(const Lease& lease) {
     throw LeaseLost(lease.id(), lease.token, "release found the task no longer under this lease");
 }
 
+bool PostgresStore::expire_if_overdue(const Lease& lease) {
+  auto& I = *impl_;
+  bool retried = false;
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.expire_lease, {num(lease.id()), num(lease.token)}); },
+                   &retried);
+  if (r.rows() == 1) return r.boolean(0, 0);
+  // After a retry our first try may have expired it: then the task is on record
+  // as expired by this lease.
+  if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("expired")) return true;
+  throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
+}
+
+void PostgresStore::cancel_running(const Lease& lease, std::string_view reason) {
+  auto& I = *impl_;
+  bool retried = false;
+  Param why = reason.empty() ? Param() : Param(std::string(reason));
+  auto r = I.retry(
+      [&](Connection& c) { return c.exec(I.sql.cancel_lease, {num(lease.id()), num(lease.token), why}); }, &retried);
+  if (r.rows() == 1) return;
+  if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("cancelled")) return;
+  throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
+}
+
 void PostgresStore::progress(const Lease& lease, int percent, std::string_view stage) {
   auto& I = *impl_;
   detail::validate_progress(percent, stage);
@@ -906,7 +1037,10 @@ class PgLeaseTransaction final : public LeaseTransaction {
     require_open();
     Result r;
     try {
-      r = conn_->exec_params(sql, params, false, "handler SQL");
+      std::vector<Param> texts;
+      texts.reserve(params.size());
+      for (const auto& p : params) texts.push_back(p.text());
+      r = conn_->exec_params(sql, texts, false, "handler SQL");
     } catch (...) {
       abandon();
       throw;
@@ -1031,10 +1165,7 @@ CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
   detail::validate_scope(scope);
   for (int round = 0; round < 20; ++round) {
     auto r = I.retry([&](Connection& c) { return c.exec(I.sql.cancel, {num(id), scope.tenant}); });
-    if (r.i64(0, 0) > 0) return CancelOutcome::cancelled;
-    if (r.i64(0, 1) > 0) return CancelOutcome::cancel_requested;
-    if (r.i64(0, 2) > 0) return CancelOutcome::already_finished;
-    if (r.i64(0, 3) == 0) return CancelOutcome::not_found;
+    if (auto out = decode_cancel(r)) return *out;
     // The task changed state under us (claimed or settled meanwhile): look again.
   }
   throw TransientError(fmt::format("cancel: task {} kept changing state", id), "40001", "eoq_cancel");
@@ -1250,6 +1381,12 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
   I.listener_busy = false;
   if (heard) ++I.wake_gen;
   I.listen_cv.notify_all();
+}
+
+TimePoint PostgresStore::now() {
+  auto& I = *impl_;
+  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.clock, {}); });
+  return r.time(0, 0);
 }
 
 void PostgresStore::wake() {

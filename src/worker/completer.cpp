@@ -16,7 +16,13 @@ bool Completer::settle(TaskRun& run, const Verdict& verdict) {
       // A failed handler's writes must not commit: roll back, then record the
       // failure outside the transaction.
       run.drop_transaction();
-      settle_failure(run, verdict.failure);
+      settle_failure(run, verdict.failure, verdict.expected);
+      return true;
+    case Verdict::Kind::cancelled:
+      run.drop_transaction();  // a stopped handler's writes do not commit
+      settle_cancelled(run, verdict.reason);
+      return true;
+    case Verdict::Kind::settled:
       return true;
     case Verdict::Kind::succeeded:
       if (!run.tx) return false;
@@ -26,7 +32,51 @@ bool Completer::settle(TaskRun& run, const Verdict& verdict) {
   return true;
 }
 
-void Completer::settle_failure(TaskRun& run, const Failure& failure) {
+// The store's clock decides: the claim's time plus the steady time since the
+// claim was sent (an overestimate, so a late task is never let through); only a
+// task that looks overdue costs a store call.
+bool Completer::expired_at_handoff(TaskRun& run) {
+  const auto& deadline = run.lease.task.deadline;
+  if (!deadline) return false;
+  auto waited = std::chrono::duration_cast<std::chrono::microseconds>(Steady::now() - run.claim_sent);
+  if (run.lease.claimed_at + waited < *deadline) return false;
+  try {
+    if (!e_.store.expire_if_overdue(run.lease)) return false;
+    e_.log(LogLevel::info, "{}: deadline passed while it waited for a handler; expired, not started",
+           run.describe());
+    e_.finish(run, Outcome::expired);
+  } catch (const LeaseLost& e) {
+    e_.log(LogLevel::warning, "{}: {}", run.describe(), e.what());
+    e_.finish(run, Outcome::lease_lost);
+  } catch (const std::exception& e) {
+    // Unreachable store: the lease runs out and the next claim expires the task.
+    e_.store_error(fmt::format("{}: expiring at its deadline", run.describe()), e);
+    e_.finish(run, Outcome::abandoned);
+  }
+  return true;
+}
+
+// The handler stopped on purpose (Cancelled): the task ends cancelled, quietly.
+// The store retries transient errors itself; if it still cannot be reached the
+// lease runs out and the task runs again (or ends cancelled, if a cancel was
+// requested), so nothing is lost.
+void Completer::settle_cancelled(TaskRun& run, const std::string& reason) {
+  try {
+    e_.store.cancel_running(run.lease, reason);
+    e_.log(LogLevel::info, "{} cancelled by its handler: {}", run.describe(), reason);
+    e_.finish(run, Outcome::cancelled);
+  } catch (const LeaseLost& e) {
+    e_.log(LogLevel::warning, "{}: cancellation not recorded: {}", run.describe(), e.what());
+    e_.finish(run, Outcome::lease_lost);
+  } catch (const std::exception& e) {
+    e_.store_error(fmt::format("{}: recording the cancellation", run.describe()), e);
+    e_.finish(run, Outcome::abandoned);
+  }
+}
+
+// `expected`: a PermanentError the handler threw on purpose, logged at info;
+// other permanent failures (no handler, attempts used up) are warnings.
+void Completer::settle_failure(TaskRun& run, const Failure& failure, bool expected) {
   ErrorBackoff backoff(e_.opt.error_backoff_initial, e_.opt.error_backoff_max);
   for (;;) {
     try {
@@ -39,8 +89,8 @@ void Completer::settle_failure(TaskRun& run, const Failure& failure) {
         e_.log(LogLevel::info, "{} cancelled", run.describe());
         e_.finish(run, Outcome::cancelled);
       } else {
-        e_.log(LogLevel::warning, "{} failed{}: {}", run.describe(), failure.permanent ? " permanently" : "",
-               failure.error);
+        e_.log(expected ? LogLevel::info : LogLevel::warning, "{} failed{}: {}", run.describe(),
+               failure.permanent ? " permanently" : "", failure.error);
         e_.finish(run, Outcome::failed);
       }
       return;

@@ -7,12 +7,14 @@
 //   completer.cpp    settlement, the one path from Verdict to store call to counter;
 //                    plain successes are settled in batches by the completer threads
 //   heartbeat.cpp    keeps every held lease alive and hears cancel requests
-//   maintenance.cpp  store.maintain() now and then, and the periodic scheduler
+//   maintenance.cpp  store.maintain() now and then
 //   worker.cpp       the Worker facade, start, and the ordered shutdown
+// (every() runs an eoq::Scheduler, scheduler.cpp, beside them.)
 //
 // Every claimed lease lives in a TaskRun in `held` until exactly one finish()
 // records its outcome; the heartbeat extends everything in `held`, so buffered
 // leases and leases waiting for the completer stay alive too.
+#include <eoq/scheduler.hpp>
 #include <eoq/worker.hpp>
 
 #include <atomic>
@@ -47,12 +49,16 @@ class ErrorBackoff {
 };
 
 // How a lease ended, as counted in WorkerCounters.
-enum class Outcome { succeeded, failed, retried, cancelled, lease_lost, released, abandoned };
+enum class Outcome { succeeded, failed, retried, cancelled, expired, lease_lost, released, abandoned };
 
 // What running the handler came to. Settlement turns it into a store call.
 struct Verdict {
-  enum class Kind { succeeded, failed, lease_lost } kind = Kind::succeeded;
-  Failure failure{};  // kind == failed
+  // settled: the lease ended before the handler could start (its deadline had
+  // passed); nothing is left to settle.
+  enum class Kind { succeeded, failed, cancelled, lease_lost, settled } kind = Kind::succeeded;
+  Failure failure{};    // failed
+  bool expected = false;  // failed by a PermanentError: the handler's own verdict, logged at info
+  std::string reason{};   // cancelled: why the handler stopped
 };
 
 class Engine;
@@ -61,6 +67,7 @@ struct TaskRun {
   TaskRun(Engine& e, Lease l, Steady::time_point claim_started, Millis lease_length)
       : engine(&e),
         lease(std::move(l)),
+        claim_sent(claim_started),
         last_beat(claim_started.time_since_epoch().count()),
         expires((claim_started + lease_length).time_since_epoch().count()),
         checkpoint_stage(lease.task.checkpoint_stage),
@@ -68,6 +75,8 @@ struct TaskRun {
 
   Engine* engine;
   const Lease lease;  // never changes: heartbeats keep the token, so threads share it read-only
+  // When the claim was sent: the store's clock read lease.claimed_at no earlier.
+  const Steady::time_point claim_sent;
   std::list<std::shared_ptr<TaskRun>>::iterator held_at;  // its place in Engine::held (under mu)
 
   // Steady-clock ticks: when the last heartbeat was sent, and when the lease ends
@@ -164,11 +173,16 @@ class Completer {
   // which the caller queues for a batched completion (it holds Engine::mu
   // anyway to take its next lease); everything else is settled here.
   bool settle(TaskRun& run, const Verdict& verdict);
+  // A lease can wait in the buffer past its task's deadline, and a task is never
+  // started after its deadline. True when the task must not start (settled
+  // expired, lease lost, or the store unreachable).
+  bool expired_at_handoff(TaskRun& run);
   // Pending again at once, the interrupted attempt not counted.
   void give_back(TaskRun& run, std::string_view why);
 
  private:
-  void settle_failure(TaskRun& run, const Failure& failure);
+  void settle_failure(TaskRun& run, const Failure& failure, bool expected);
+  void settle_cancelled(TaskRun& run, const std::string& reason);
   void settle_transaction(TaskRun& run);
   bool flush(std::vector<std::shared_ptr<TaskRun>>& batch);
   void complete_one(TaskRun& run);
@@ -191,7 +205,6 @@ class Maintainer {
  public:
   explicit Maintainer(Engine& e) : e_(e) {}
   void maintain(const std::stop_token& st);
-  void schedule(const std::stop_token& st);
 
  private:
   Engine& e_;
@@ -207,7 +220,7 @@ class Engine {
   std::string id;
   Millis heartbeat_interval{};
   std::map<std::string, Handler, std::less<>> handlers;
-  std::vector<PeriodicTask> periodics;
+  std::unique_ptr<Scheduler> periodic;  // every(): runs beside the claimer, on the worker's logger
 
   // Claims and batched completions in flight at once: while one waits for the
   // database, the other's statement runs.
@@ -232,8 +245,8 @@ class Engine {
   void wake_store() noexcept;
 
   struct Counters {
-    std::atomic<std::uint64_t> claimed{0}, succeeded{0}, failed{0}, retried{0}, cancelled{0}, lease_lost{0},
-        released{0}, abandoned{0}, in_flight{0}, store_errors{0}, handler_runs{0};
+    std::atomic<std::uint64_t> claimed{0}, succeeded{0}, failed{0}, retried{0}, cancelled{0}, expired{0},
+        lease_lost{0}, released{0}, abandoned{0}, in_flight{0}, store_errors{0}, handler_runs{0};
     std::atomic<std::int64_t> handler_us_total{0}, handler_us_max{0};
     std::array<std::atomic<std::uint64_t>, WorkerCounters::duration_bounds.size() + 1> buckets{};
   } counters;
@@ -283,8 +296,9 @@ class Engine {
 
  private:
   void validate_options() const;
+  SchedulerOptions scheduler_options();
   mutable std::mutex log_mu;
-  std::jthread heartbeat_thread, scheduler_thread, maintenance_thread;
+  std::jthread heartbeat_thread, maintenance_thread;
   std::vector<std::jthread> claimer_threads, handler_threads, completer_threads;
 };
 

@@ -55,6 +55,7 @@ Verdict Executor::execute(TaskRun& run) {
     e_.log(LogLevel::warning, "{}: lease lost before the handler started; skipped", run.describe());
     return {Verdict::Kind::lease_lost};
   }
+  if (e_.completer.expired_at_handoff(run)) return {Verdict::Kind::settled};
   auto handler = e_.handlers.find(run.lease.task.type);
   if (handler == e_.handlers.end())
     return {Verdict::Kind::failed,
@@ -62,13 +63,18 @@ Verdict Executor::execute(TaskRun& run) {
                     true}};
 
   std::optional<Failure> failure;
+  std::optional<std::string> stopped;  // the handler threw Cancelled
+  bool expected = false;                // a PermanentError: the handler's own verdict, not a fault
   auto started = Steady::now();
   run.in_handler = true;
   try {
     TaskContext ctx(run);
     handler->second(ctx);
+  } catch (const Cancelled& e) {
+    stopped = e.what();
   } catch (const PermanentError& e) {
     failure = Failure{e.what(), true};
+    expected = true;
   } catch (const LeaseLost& e) {
     run.lost = true;
     e_.log(LogLevel::warning, "{}: {}", run.describe(), e.what());
@@ -85,7 +91,8 @@ Verdict Executor::execute(TaskRun& run) {
       e_.log(LogLevel::warning, "{}: lease lost while the handler ran; its outcome is discarded", run.describe());
     return {Verdict::Kind::lease_lost};
   }
-  if (failure) return {Verdict::Kind::failed, std::move(*failure)};
+  if (failure) return {Verdict::Kind::failed, std::move(*failure), expected};
+  if (stopped) return {Verdict::Kind::cancelled, {}, false, std::move(*stopped)};
   return {Verdict::Kind::succeeded};
 }
 

@@ -1,5 +1,5 @@
-// Housekeeping threads: store.maintain() now and then (expire overdue tasks,
-// reap dead leases, retention), and the periodic scheduler.
+// Housekeeping: store.maintain() now and then (expire overdue tasks, reap dead
+// leases, retention in slices).
 #include "worker/engine.hpp"
 
 #include <algorithm>
@@ -31,39 +31,6 @@ void Maintainer::maintain(const std::stop_token& st) {
     } catch (const std::exception& e) {
       e_.store_error("maintenance", e);
     }
-  }
-}
-
-void Maintainer::schedule(const std::stop_token& st) {
-  ErrorBackoff backoff(e_.opt.error_backoff_initial, e_.opt.error_backoff_max);
-  std::vector<std::int64_t> done(e_.periodics.size(), -1);
-  while (!st.stop_requested()) {
-    bool failed = false;
-    auto now = Clock::now();
-    auto now_s = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
-    auto next = now + std::chrono::hours(24);
-    for (std::size_t i = 0; i < e_.periodics.size(); ++i) {
-      const auto& p = e_.periodics[i];
-      auto period = p.period.count();
-      auto bucket = now_s - now_s % period;
-      next = std::min(next, Clock::time_point(std::chrono::seconds(bucket + period)));
-      if (bucket == done[i]) continue;
-      NewTask task = p.task;
-      task.key = fmt::format("periodic:{}:{}", p.name, bucket);
-      try {
-        auto r = e_.store.submit(task);
-        done[i] = bucket;
-        e_.log(LogLevel::debug, "periodic {}: bucket {} {} task {}", p.name, bucket,
-               r.duplicate ? "already has" : "submitted", r.task.id);
-      } catch (const std::exception& e) {
-        e_.store_error(fmt::format("periodic {}: submitting bucket {}", p.name, bucket), e);
-        failed = true;
-      }
-    }
-    Millis wait = failed ? backoff.next() : std::chrono::ceil<Millis>(next - Clock::now()) + Millis(1);
-    if (!failed) backoff.reset();
-    std::unique_lock lk(e_.mu);
-    e_.cv_sleep.wait_for(lk, st, std::max(wait, Millis(1)), [] { return false; });
   }
 }
 

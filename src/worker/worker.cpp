@@ -61,6 +61,19 @@ Engine::Engine(TaskStore& s, WorkerOptions o) : store(s), opt(std::move(o)) {
   id = opt.worker_id.empty() ? default_worker_id() : opt.worker_id;
   heartbeat_interval = opt.heartbeat_interval.count() > 0 ? opt.heartbeat_interval : opt.lease / 3;
   heartbeat_interval = std::max(heartbeat_interval, Millis(1));
+  periodic = std::make_unique<Scheduler>(store, scheduler_options());
+}
+
+SchedulerOptions Engine::scheduler_options() {
+  SchedulerOptions so;
+  so.error_backoff_initial = opt.error_backoff_initial;
+  so.error_backoff_max = opt.error_backoff_max;
+  so.log_level = opt.log_level;
+  // Through emit(), so the host's logger still hears one call at a time.
+  so.logger = [this](LogLevel level, std::string_view message) {
+    if (opt.logger || level >= LogLevel::warning) emit(level, message);
+  };
+  return so;
 }
 
 void Engine::emit(LogLevel level, std::string_view message) const noexcept {
@@ -96,6 +109,7 @@ WorkerCounters Engine::snapshot() const noexcept {
   c.failed = counters.failed.load();
   c.retried = counters.retried.load();
   c.cancelled = counters.cancelled.load();
+  c.expired = counters.expired.load();
   c.lease_lost = counters.lease_lost.load();
   c.released = counters.released.load();
   c.abandoned = counters.abandoned.load();
@@ -144,6 +158,7 @@ void Engine::finish(std::span<TaskRun* const> runs, Outcome outcome) {
     case Outcome::failed: counters.failed.fetch_add(n); break;
     case Outcome::retried: counters.retried.fetch_add(n); break;
     case Outcome::cancelled: counters.cancelled.fetch_add(n); break;
+    case Outcome::expired: counters.expired.fetch_add(n); break;
     case Outcome::lease_lost: counters.lease_lost.fetch_add(n); break;
     case Outcome::released: counters.released.fetch_add(n); break;
     case Outcome::abandoned: counters.abandoned.fetch_add(n); break;
@@ -159,7 +174,7 @@ void Engine::nap(Millis d, const std::stop_token& st) {
 void Engine::start() {
   std::lock_guard life(life_mu);
   if (state.load() != State::idle) throw UsageError("a Worker runs once: start() after stop() or a second start()");
-  if (handlers.empty() && periodics.empty())
+  if (handlers.empty() && periodic->empty())
     log(LogLevel::warning, "no handlers registered: every task claimed from [{}] will fail",
         fmt::join(opt.queues, ", "));
   log(LogLevel::info, "worker {} starting on queues [{}] with {} handler threads, lease {} ms", id,
@@ -173,7 +188,7 @@ void Engine::start() {
   claimers_running = kClaimers;
   for (int i = 0; i < kClaimers; ++i)
     claimer_threads.emplace_back([this](std::stop_token st) { claimer.run(st); });
-  if (!periodics.empty()) scheduler_thread = std::jthread([this](std::stop_token st) { maintainer.schedule(st); });
+  if (!periodic->empty()) periodic->start();
   if (opt.maintenance_interval.count() > 0)
     maintenance_thread = std::jthread([this](std::stop_token st) { maintainer.maintain(st); });
   state = State::running;
@@ -218,7 +233,7 @@ void Engine::stop() {
   // 1. No more claims. wake() may reach the store before the claimer enters
   // wait_for_tasks, so repeat it until the claimer has left.
   for (auto& t : claimer_threads) t.request_stop();
-  scheduler_thread.request_stop();
+  periodic->request_stop();
   maintenance_thread.request_stop();
   {
     std::unique_lock lk(mu);
@@ -230,7 +245,7 @@ void Engine::stop() {
     }
   }
   for (auto& t : claimer_threads) t.join();
-  if (scheduler_thread.joinable()) scheduler_thread.join();
+  periodic->stop();
   if (maintenance_thread.joinable()) maintenance_thread.join();
 
   // 2. Leases claimed but not started go back at once: nobody will run them here.
@@ -349,21 +364,7 @@ Worker& Worker::every(PeriodicTask p) {
   std::lock_guard life(impl_->life_mu);
   if (impl_->state.load() != Impl::State::idle)
     throw UsageError("Worker::every: register periodic tasks before start()");
-  if (p.name.empty() || p.name.size() > 128) throw InvalidArgument("name", "must be 1 to 128 characters");
-  for (char c : p.name) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
-              c == '.';
-    if (!ok) throw InvalidArgument("name", "may contain only letters, digits, '_', '-' and '.'");
-  }
-  if (p.period.count() < 1) throw InvalidArgument("period", "must be at least one second");
-  if (p.task.key) throw InvalidArgument("key", "is set by the scheduler for periodic tasks; leave it empty");
-  if (p.task.deadline) throw InvalidArgument("deadline", "cannot be a fixed time on a periodic task");
-  for (const auto& other : impl_->periodics)
-    if (other.name == p.name) throw InvalidArgument("name", "'" + p.name + "' is already registered");
-  NewTask probe = p.task;
-  probe.key = "periodic:" + p.name + ":0";
-  detail::validate_new_task(probe, static_cast<std::size_t>(-1), detail::now());
-  impl_->periodics.push_back(std::move(p));
+  impl_->periodic->every(std::move(p));
   return *this;
 }
 
