@@ -426,6 +426,44 @@ STORE_CASE("a batch of a thousand tasks is created in order", "[submit][batch]")
   }
 }
 
+STORE_CASE("a large batch keeps every byte of its payloads and the key rules of a small one", "[submit][batch]") {
+  // Postgres COPYs batches of this size: its text format's escapes (backslash,
+  // tab, newline, \N for NULL) must not leak into what is stored.
+  const std::vector<std::string> payloads = {"{\t\"s\":\n\"a\\\\b\\tc\"\r}", R"({"q": "\"quoted\"", "u": "\u00e9\u00e9"})",
+                                             "[1, 2.5e3, null, true]", R"("\\N")"};
+  std::vector<NewTask> batch;
+  for (int i = 0; i < 2500; ++i) {
+    NewTask t = task(i % 7 == 0 ? "\\N" : fmt::format("t\\{}", i));
+    t.payload = payloads[static_cast<std::size_t>(i) % payloads.size()];
+    if (i % 5 == 0) t.key = fmt::format("big{}", i);
+    batch.push_back(std::move(t));
+  }
+  auto r = store.submit_batch(batch);
+  REQUIRE(r.size() == 2500);
+  std::map<eoq::TaskId, Task> stored;
+  eoq::ListQuery q;
+  q.limit = 1000;
+  for (;;) {
+    auto page = store.list(q);
+    for (auto& t : page.tasks) stored[t.id] = t;
+    if (!page.next_after) break;
+    q.after = page.next_after;
+  }
+  REQUIRE(stored.size() == 2500);
+  int same = 0;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const auto& t = stored.at(r[i].task.id);
+    same += t.payload == batch[i].payload && t.type == batch[i].type && t.key == batch[i].key && !t.tenant ? 1 : 0;
+  }
+  CHECK(same == 2500);
+
+  // A taken key with another payload at the end of a large batch: nothing of it is written.
+  std::vector<NewTask> more(1500, task());
+  more.back() = keyed("big0", "default", R"({"other": 1})");
+  CHECK_THROWS_AS(store.submit_batch(more), eoq::KeyConflict);
+  CHECK(list_all(store).size() == 2500);
+}
+
 STORE_CASE("a key repeated within a batch returns the first one's task for the later ones", "[submit][batch][key]") {
   auto existing = store.submit(keyed("k0"));
   NewTask k1_again = keyed("k1", "default", R"({"a": 2})");

@@ -151,6 +151,21 @@ void Connection::command(const char* sql) {
   if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), sql);
 }
 
+void Connection::copy_in(const char* sql, std::string_view data) {
+  Result start(PQexec(c_.get(), sql));
+  if (PQresultStatus(start.get()) != PGRES_COPY_IN) throw_error(c_.get(), start.get(), sql);
+  // PQputCopyData takes an int length: large inputs go in slices.
+  constexpr std::size_t kSlice = 1 << 20;
+  for (std::size_t at = 0; at < data.size(); at += kSlice) {
+    auto n = std::min(kSlice, data.size() - at);
+    if (PQputCopyData(c_.get(), data.data() + at, static_cast<int>(n)) != 1) throw_error(c_.get(), nullptr, sql);
+  }
+  if (PQputCopyEnd(c_.get(), nullptr) != 1) throw_error(c_.get(), nullptr, sql);
+  Result end(PQgetResult(c_.get()));
+  if (PQresultStatus(end.get()) != PGRES_COMMAND_OK) throw_error(c_.get(), end.get(), sql);
+  while (PGresult* rest = PQgetResult(c_.get())) PQclear(rest);
+}
+
 Pool::Pool(std::string conninfo, std::string application_name, int size)
     : conninfo_(std::move(conninfo)), application_name_(std::move(application_name)), size_(size) {}
 

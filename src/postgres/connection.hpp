@@ -85,6 +85,8 @@ class Connection {
                      std::string_view label);
   // Simple query, no parameters, no result rows expected (BEGIN, COMMIT, SET ...).
   void command(const char* sql);
+  // COPY ... FROM STDIN with `data` in COPY's text format.
+  void copy_in(const char* sql, std::string_view data);
 
  private:
   ConnPtr c_;
