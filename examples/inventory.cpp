@@ -124,7 +124,6 @@ int main(int argc, char** argv) try {
     eoq::WorkerOptions wo;
     wo.queues = {"shop"};
     wo.concurrency = opt.concurrency;
-    wo.prefetch = 200;  // many short tasks: claim in large batches
     wo.worker_id = "worker-" + std::to_string(w + 1);
     // "sold out" is an expected outcome, logged as a warning per task: keep errors only.
     wo.logger = [](eoq::LogLevel level, std::string_view message) {

@@ -9,7 +9,7 @@
 //   zombie  inserts (task id, attempt, owner, lease token) into effects, touches
 //           <dir>/started-<attempt>, then sleeps `sleep_ms` before returning (the
 //           test freezes it there)
-// keys: id, concurrency, lease_ms, sleep_ms, prefetch, idle_timeout_ms, history
+// keys: id, concurrency, lease_ms, sleep_ms, prefetch (absent: measured), idle_timeout_ms, history
 // (a file the client side of the history goes to as it happens; see history.hpp)
 #include "history.hpp"
 
@@ -74,7 +74,8 @@ int main(int argc, char** argv) try {
 
   eoq::WorkerOptions wo;
   wo.concurrency = static_cast<int>(get(kv, "concurrency", 4));
-  wo.prefetch = static_cast<int>(get(kv, "prefetch", 4));
+  // Without a prefetch key the worker measures its look-ahead, as by default.
+  if (kv.count("prefetch")) wo.prefetch = static_cast<int>(get(kv, "prefetch", 0));
   wo.lease = eoq::Millis(get(kv, "lease_ms", 1000));
   wo.poll_interval = eoq::Millis(200);
   wo.shutdown_timeout = eoq::Millis(2000);

@@ -1504,7 +1504,8 @@ TEST_CASE("worker processes killed at random lose no task and repeat no effect",
     client.submit_batch(std::span<const eoq::NewTask>(batch).subspan(at, std::min<std::size_t>(1000, batch.size() - at)));
 
   auto dir = eoq::test::scratch_dir("worker-crash");
-  const std::vector<std::string> opts{"lease_ms=1000", "concurrency=4", "prefetch=8"};
+  // No prefetch: the look-ahead is measured, as with WorkerOptions defaults.
+  const std::vector<std::string> opts{"lease_ms=1000", "concurrency=4"};
   std::vector<ChildWorker> children;
   std::vector<int> generation(workers, 0);
   for (int i = 0; i < workers; ++i)

@@ -204,7 +204,10 @@ CROSS JOIN LATERAL (SELECT {0} FROM @s@.tasks WHERE id = k.task_id
     // record lost attempts, and lease the rest. The leases come back unordered
     // (claim() sorts them): a final ORDER BY cost a tenth of the statement.
     // Each candidate's fate (`final`, NULL: lease it) is decided once, in
-    // `cand`: an anti-join of `upd` against `ends` cost a quarter.
+    // `cand`: an anti-join of `upd` against `ends` cost a quarter. Rows are
+    // found again by `id = ANY(ARRAY(...))`, never by a join alone: on a table
+    // of tens of thousands of rows the planner priced a join's thousand index
+    // probes above a sequential scan, and scanned the whole table per batch.
     const char* cand_cols =
         "t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority, "
         "t.run_at, CASE WHEN t.deadline <= now() THEN 'expired' "
@@ -219,13 +222,14 @@ lost AS (
   INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
   SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired'
   FROM cand WHERE status = 'running'),
-gone AS (DELETE FROM @s@.tasks t USING ends e WHERE t.id = e.id RETURNING t.*, e.final),
+gone AS (DELETE FROM @s@.tasks t USING ends e WHERE t.id = ANY(ARRAY(SELECT id FROM ends)) AND t.id = e.id
+         RETURNING t.*, e.final),
 fin AS ({1}),
 upd AS (
   UPDATE @s@.tasks t SET status = 'running', attempts = t.attempts + 1, version = t.version + 1,
          lease_owner = $3, lease_expires_at = now() + {2}, started_at = now(), updated_at = now(),
          progress = 0, stage = ''
-  FROM cand c WHERE t.id = c.id AND c.final IS NULL
+  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL))
   RETURNING t.*)
 SELECT {3} FROM upd t)",
                                  cand,
@@ -254,21 +258,31 @@ SELECT {3} FROM upd t)",
   ORDER BY c.priority, c.run_at, c.id LIMIT $2)",
                                                     cand_cols, cand_where));
 
+    // The rows are found through the primary key by `id = ANY(ARRAY(...))` and
+    // fenced by a hashed (id, version) lookup, never by a join with the input:
+    // on a table of tens of thousands of rows the planner priced a join's
+    // thousand index probes above a sequential scan and read the whole table
+    // per batch (`id = ANY($1)` likewise, knowing the array's length). Each
+    // settled row meets its result afterwards, once even when a lease came twice.
     complete = S("eoq_complete", fmt::format(R"(
 WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS f(id, v, result)),
 gone AS (
-  DELETE FROM @s@.tasks t USING f WHERE t.id = f.id AND t.version = f.v AND t.status = 'running'
-  RETURNING t.*, f.result AS new_result),
-fin AS ({} RETURNING id)
+  DELETE FROM @s@.tasks t
+  WHERE t.id = ANY(ARRAY(SELECT id FROM f)) AND t.status = 'running'
+    AND ((t.id, t.version) IN (SELECT id, v FROM f) OR t.id IS NULL)
+  RETURNING t.*),
+fin AS (INSERT INTO @s@.finished ({}) SELECT {} FROM (
+          SELECT gone.*, r.result AS new_result FROM gone JOIN (SELECT DISTINCT ON (id) id, result FROM f) r USING (id)) g
+        RETURNING id)
 SELECT id FROM fin)",
-                                             finish_insert({{"status", "'succeeded'"},
-                                                            {"version", "gone.version + 1"},
-                                                            {"lease_expires_at", "NULL"},
-                                                            {"result", "gone.new_result::json"},
-                                                            {"progress", "100"},
-                                                            {"updated_at", "now()"},
-                                                            {"finished_at", "now()"}},
-                                                           "gone")));
+                                             column_list(),
+                                             select_from("g", {{"status", "'succeeded'"},
+                                                               {"version", "g.version + 1"},
+                                                               {"lease_expires_at", "NULL"},
+                                                               {"result", "g.new_result::json"},
+                                                               {"progress", "100"},
+                                                               {"updated_at", "now()"},
+                                                               {"finished_at", "now()"}})));
 
     fail = S("eoq_fail", fmt::format(R"(
 WITH t AS (
