@@ -447,19 +447,19 @@ int main(int argc, char** argv) try {
   double single = singles / seconds_since(t0);
 
   StatementClock statements(url);
-  statements.start();
-  auto empty = drain(store, a, "drain", a.tasks);
-  Profile profile;
-  profile.client_us = empty.client_us_per_task;
-  statements.read(po.schema, a.tasks, profile);
+  auto profiled_drain = [&](const std::string& queue, Profile& profile) {
+    statements.start();
+    auto d = drain(store, a, queue, a.tasks);
+    profile.client_us = d.client_us_per_task;
+    statements.read(po.schema, a.tasks, profile);
+    return d;
+  };
+  Profile profile, profile_again;
+  auto empty = profiled_drain("drain", profile);
   // The same drain again at once, on the same (still small) tables: tells the
   // run's first drain apart from a first drain on an empty table.
   submit_bulk(store, a.tasks, "again", a.bulk_batch);
-  statements.start();
-  auto again = drain(store, a, "again", a.tasks);
-  Profile profile_again;
-  profile_again.client_us = again.client_us_per_task;
-  statements.read(po.schema, a.tasks, profile_again);
+  auto again = profiled_drain("again", profile_again);
   submit_bulk(store, a.tasks, "bare", a.bulk_batch);
   double bare = bare_loop(store, "bare", a.tasks);
   drain(store, a, "single", singles);  // the single submits, out of the way

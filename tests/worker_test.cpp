@@ -229,8 +229,8 @@ struct Gate {
 };
 
 void check_counters_add_up(const eoq::WorkerCounters& c) {
-  CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.lease_lost + c.released + c.abandoned +
-                         c.in_flight);
+  CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +
+                         c.abandoned + c.in_flight);
   std::uint64_t histogram = 0;
   for (auto n : c.handler_duration_buckets) histogram += n;
   CHECK(histogram == c.handler_runs);
