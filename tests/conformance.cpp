@@ -1249,6 +1249,21 @@ STORE_CASE("completing stores the result and finishes the task", "[complete]") {
   CHECK_FALSE(h[0].error);
 }
 
+STORE_CASE("complete_batch with a stale and the current lease of one task settles the current one with its result",
+           "[complete]") {
+  auto id = store.submit(task()).task.id;
+  auto stale = claim(store, {"default"}, "w1", 1, 1ms).at(0);
+  std::this_thread::sleep_for(20ms);  // the lease runs out; the next claim takes the task over
+  auto current = claim_one(store, "w2");
+  REQUIRE(current.id() == id);
+  REQUIRE(current.token > stale.token);
+  std::vector<eoq::Completion> both{{&stale, R"("stale")"}, {&current, R"("current")"}};
+  CHECK(store.complete_batch(both) == std::vector<bool>{false, true});
+  auto done = must_get(store, id);
+  CHECK(done.status == TaskStatus::succeeded);
+  CHECK(done.result == std::optional<std::string>(R"("current")"));
+}
+
 STORE_CASE("complete_batch applies the valid leases and reports the stale ones", "[complete]") {
   for (int i = 0; i < 5; ++i) store.submit(task());
   auto ls = claim(store, {"default"}, "w", 5);

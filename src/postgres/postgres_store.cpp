@@ -263,7 +263,9 @@ SELECT {3} FROM upd t)",
     // on a table of tens of thousands of rows the planner priced a join's
     // thousand index probes above a sequential scan and read the whole table
     // per batch (`id = ANY($1)` likewise, knowing the array's length). Each
-    // settled row meets its result afterwards, once even when a lease came twice.
+    // settled row meets its lease's result afterwards (by id and version, so a
+    // stale lease of the same task in the batch lends it nothing), once even
+    // when the lease came twice.
     complete = S("eoq_complete", fmt::format(R"(
 WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS f(id, v, result)),
 gone AS (
@@ -272,9 +274,10 @@ gone AS (
     AND ((t.id, t.version) IN (SELECT id, v FROM f) OR t.id IS NULL)
   RETURNING t.*),
 fin AS (INSERT INTO @s@.finished ({}) SELECT {} FROM (
-          SELECT gone.*, r.result AS new_result FROM gone JOIN (SELECT DISTINCT ON (id) id, result FROM f) r USING (id)) g
-        RETURNING id)
-SELECT id FROM fin)",
+          SELECT gone.*, r.result AS new_result
+          FROM gone JOIN (SELECT DISTINCT ON (id, v) id, v, result FROM f) r ON r.id = gone.id AND r.v = gone.version) g
+        RETURNING id, version)
+SELECT id, version - 1 FROM fin)",
                                              column_list(),
                                              select_from("g", {{"status", "'succeeded'"},
                                                                {"version", "g.version + 1"},
@@ -1011,13 +1014,13 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
         return c.exec(I.sql.complete, {pg::text_array(ids), pg::text_array(versions), pg::text_array(results)});
       },
       &retried);
-  std::unordered_map<TaskId, bool> done;
-  for (int i = 0; i < r.rows(); ++i) done[r.i64(i, 0)] = true;
+  std::map<std::pair<TaskId, std::int64_t>, bool> done;  // (id, token) settled now
+  for (int i = 0; i < r.rows(); ++i) done[{r.i64(i, 0), r.i64(i, 1)}] = true;
   std::vector<bool> out(completions.size());
   for (std::size_t i = 0; i < completions.size(); ++i) {
     const auto& l = *completions[i].lease;
     // The same lease twice in one batch settles once: only the first says so.
-    auto it = done.find(l.id());
+    auto it = done.find({l.id(), l.token});
     out[i] = it != done.end() && std::exchange(it->second, false);
     if (!out[i] && retried) out[i] = I.settled(l.id(), l.token) == std::optional<std::string>("succeeded");
   }
