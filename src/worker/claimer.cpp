@@ -1,11 +1,9 @@
-// The claimer: takes leases into the buffer the handlers drain. Two threads
-// claim, so one claim's round trip overlaps the other's: a single claimer,
-// however large its batches, capped a drain at what one statement at a time
-// could lease.
+// The claimer: takes leases into the buffer the handlers drain (Engine::kClaimers
+// threads run it; the accounting below lets several claims be in flight).
 //
 // How many to hold is measured, not configured (unless WorkerOptions::prefetch
 // fixes it): beyond one lease per handler thread, the claimer keeps as many as
-// the handlers take from the buffer during two claim round trips. Many short
+// the handlers finish during two claim round trips. Many short
 // tasks therefore make it claim in large batches (each claim returns while the
 // previous batch still runs), and slow tasks keep it at about one spare lease,
 // so that a worker does not hoard work that idle workers elsewhere could start.
@@ -50,7 +48,8 @@ void Claimer::adapt(Steady::time_point claim_started, int asked) {
   rtt_ = rtt_ == 0 ? rtt : 0.7 * rtt_ + 0.3 * rtt;
   if (e_.opt.prefetch) return;
   if (runs > runs_mark_) {
-    // A run's own time plus what dispatching it costs, at least a microsecond.
+    // The handlers' mean run time since the last claim; at least a microsecond,
+    // since the counters count whole microseconds.
     double mean = std::max(1e-6, static_cast<double>(total_us - us_mark_) / 1e6 / static_cast<double>(runs - runs_mark_));
     run_time_ = run_time_ == 0 ? mean : 0.5 * run_time_ + 0.5 * mean;
     runs_mark_ = runs;
