@@ -2254,7 +2254,7 @@ TEST_CASE("PostgresStore: a server that is not there is an eoq error", "[conform
 }
 
 // ---------------------------------------------------------------------------
-// Issue 12: deadlines behind a worker's buffer, cancel from a handler, strict keys
+// Deadlines behind a worker's buffer, cancel from a handler, strict keys
 
 STORE_CASE("a claim tells the store's time of the claim in the lease", "[deadline]") {
   store.submit(task());

@@ -1774,7 +1774,7 @@ TEST_CASE("Worker: with default options slow tasks are not hoarded in the buffer
 }
 
 // ---------------------------------------------------------------------------
-// Issue 12
+// Deadlines behind the buffer, Cancelled, the Scheduler
 
 TEST_CASE("a task whose deadline passes while it waits in the prefetch buffer ends expired and never starts",
           "[worker][deadline]") {

@@ -313,6 +313,13 @@ SELECT t.outcome, (SELECT run_at FROM up) FROM t)",
                                                    "gone"),
                                      MS("$5")));
 
+    // A running task ended cancelled (released with a cancel request, or
+    // stopped by its handler): the row as it leaves the live table.
+    const std::map<std::string, std::string> cancelled_under_lease{{"status", "'cancelled'"},
+                                                                   {"version", "gone.version + 1"},
+                                                                   {"lease_expires_at", "NULL"},
+                                                                   {"updated_at", "now()"},
+                                                                   {"finished_at", "now()"}};
     release = S("eoq_release", fmt::format(R"(
 WITH t AS (SELECT id, cancel_requested, attempts, version, lease_owner, started_at FROM @s@.tasks
            WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
@@ -326,12 +333,7 @@ up AS (
          lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
   FROM t WHERE x.id = t.id AND NOT t.cancel_requested RETURNING x.id)
 SELECT t.id, (SELECT pg_notify($3, queue) FROM @s@.tasks WHERE id = $1) FROM t)",
-                                           finish_insert({{"status", "'cancelled'"},
-                                                          {"version", "gone.version + 1"},
-                                                          {"lease_expires_at", "NULL"},
-                                                          {"updated_at", "now()"},
-                                                          {"finished_at", "now()"}},
-                                                         "gone")));
+                                           finish_insert(cancelled_under_lease, "gone")));
 
     // The deadline is judged by now() here, not by the worker that asks: the
     // answer is the same whatever its clock says.
@@ -362,12 +364,7 @@ h AS (
 gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id RETURNING x.*),
 fin AS ({} RETURNING id)
 SELECT id FROM fin)",
-                                                     finish_insert({{"status", "'cancelled'"},
-                                                                    {"version", "gone.version + 1"},
-                                                                    {"lease_expires_at", "NULL"},
-                                                                    {"updated_at", "now()"},
-                                                                    {"finished_at", "now()"}},
-                                                                   "gone")));
+                                                     finish_insert(cancelled_under_lease, "gone")));
 
     heartbeat = S("eoq_heartbeat", "UPDATE @s@.tasks SET lease_expires_at = now() + " MS("$3") R"(
 WHERE id = $1 AND version = $2 AND status = 'running' RETURNING lease_expires_at, cancel_requested)");
