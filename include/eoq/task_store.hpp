@@ -245,6 +245,11 @@ class TaskStore {
   // the interrupted attempt does not count. A task with a cancel request ends
   // cancelled instead.
   virtual void release(const Lease& lease) = 0;
+  // release() for many leases in one round trip (a worker shutting down with a
+  // full buffer). Returns, per input, whether that lease was still held and its
+  // task given back (or ended cancelled); false: stale, task untouched. The
+  // default calls release() once per lease.
+  virtual std::vector<bool> release_batch(std::span<const Lease> leases);
   // For a lease that waited (in a worker's buffer) before its handler starts: a
   // task is never started after its deadline. When the deadline has passed by
   // the store's clock, ends the task `expired` (the attempt recorded as

@@ -66,6 +66,20 @@ Millis RetryPolicy::delay_after(int failed_attempts, double unit_random) const n
   return Millis(static_cast<Millis::rep>(delay));
 }
 
+std::vector<bool> TaskStore::release_batch(std::span<const Lease> leases) {
+  std::vector<bool> out;
+  out.reserve(leases.size());
+  for (const auto& lease : leases) {
+    try {
+      release(lease);
+      out.push_back(true);
+    } catch (const LeaseLost&) {
+      out.push_back(false);
+    }
+  }
+  return out;
+}
+
 const std::vector<std::optional<std::string>>& Rows::one_row() const {
   if (rows.size() != 1)
     throw UsageError(fmt::format("expected exactly one row, got {}", rows.size()));

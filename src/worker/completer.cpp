@@ -164,6 +164,32 @@ void Completer::give_back(TaskRun& run, std::string_view why) {
   run.notify();
 }
 
+void Completer::give_back(std::span<const std::shared_ptr<TaskRun>> runs, std::string_view why) {
+  if (runs.empty()) return;
+  if (runs.size() == 1) return give_back(*runs.front(), why);
+  std::vector<Lease> leases;
+  leases.reserve(runs.size());
+  for (const auto& run : runs) {
+    run->heartbeats_off = true;
+    run->lost = true;
+    leases.push_back(run->lease);
+  }
+  std::vector<TaskRun*> given, lost;
+  try {
+    auto applied = e_.store.release_batch(leases);
+    for (std::size_t i = 0; i < runs.size(); ++i) (i < applied.size() && applied[i] ? given : lost).push_back(runs[i].get());
+    e_.log(LogLevel::info, "{} lease(s) given back ({})", given.size(), why);
+    e_.finish(given, Outcome::released);
+    e_.finish(lost, Outcome::lease_lost);
+  } catch (const std::exception& e) {
+    e_.store_error(fmt::format("giving {} lease(s) back", runs.size()), e);
+    std::vector<TaskRun*> all;
+    for (const auto& run : runs) all.push_back(run.get());
+    e_.finish(all, Outcome::abandoned);  // the leases run out on their own
+  }
+  for (const auto& run : runs) run->notify();
+}
+
 // After a COMMIT in doubt: did our settlement land? It did if the row moved
 // exactly one version past our token and left `running` (a new owner would
 // have moved it at least one version by its claim, and another by settling).

@@ -179,6 +179,8 @@ class Completer {
   bool expired_at_handoff(TaskRun& run);
   // Pending again at once, the interrupted attempt not counted.
   void give_back(TaskRun& run, std::string_view why);
+  // The same for many leases in one store round trip (shutdown).
+  void give_back(std::span<const std::shared_ptr<TaskRun>> runs, std::string_view why);
 
  private:
   void settle_failure(TaskRun& run, const Failure& failure, bool expected);

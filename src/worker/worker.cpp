@@ -249,12 +249,13 @@ void Engine::stop() {
   if (maintenance_thread.joinable()) maintenance_thread.join();
 
   // 2. Leases claimed but not started go back at once: nobody will run them here.
-  std::deque<std::shared_ptr<TaskRun>> unstarted;
+  std::vector<std::shared_ptr<TaskRun>> unstarted;
   {
     std::lock_guard lk(mu);
-    unstarted.swap(buffer);
+    unstarted.assign(std::make_move_iterator(buffer.begin()), std::make_move_iterator(buffer.end()));
+    buffer.clear();
   }
-  for (auto& run : unstarted) completer.give_back(*run, "worker shutting down before the task started");
+  completer.give_back(unstarted, "worker shutting down before the task started");
 
   // 3. Running handlers get until the deadline.
   {
@@ -272,7 +273,7 @@ void Engine::stop() {
           late.size(), opt.shutdown_timeout.count());
       // The host is about to go (its own kill timer is running): another worker
       // should get these tasks now rather than after their leases lapse.
-      for (auto& run : late) completer.give_back(*run, "handler still running at the shutdown deadline");
+      completer.give_back(late, "handler still running at the shutdown deadline");
       lk.lock();
       cv_state.wait(lk, [&] { return busy_handlers == 0; });
     }
