@@ -115,6 +115,7 @@ void Claimer::run(const std::stop_token& st) {
       else e_.cv_work.notify_all();
       e_.log(LogLevel::debug, "claimed {} task(s)", runs.size());
     }
+    queue_deep_.store(static_cast<int>(leases.size()) == request.limit, std::memory_order_relaxed);
     adapt(started, request.limit);
     if (static_cast<int>(leases.size()) < request.limit && !st.stop_requested() && !e_.stop_requested) {
       // The queues look drained: sleep until a notification, wake() or the poll interval.

@@ -133,6 +133,9 @@ class Claimer {
   bool should_wake() const { return waiting_ > 0 && should_claim(); }
   // A retry this worker scheduled comes due at `at` (store time).
   void note_retry(TimePoint at);
+  // The last claim came back full: the queue is deeper than one claim, so
+  // background work (retention) should yield to it.
+  bool queue_deep() const noexcept { return queue_deep_.load(std::memory_order_relaxed); }
 
  private:
   int room() const;
@@ -153,6 +156,7 @@ class Claimer {
   // the epoch). A retry becoming due sends no notification, so the idle claimer
   // wakes for it instead of waiting out the poll interval.
   std::priority_queue<std::int64_t, std::vector<std::int64_t>, std::greater<>> retries_due_;
+  std::atomic<bool> queue_deep_{false};
 };
 
 class Executor {
