@@ -3,6 +3,7 @@
 // load, transactional enqueue on the host's connection, the frozen-worker
 // rule, and TempPostgres itself.
 #include "history.hpp"
+#include "postgres/queries.hpp"
 #include "support.hpp"
 
 #include <eoq/testing.hpp>
@@ -12,6 +13,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -127,6 +129,51 @@ std::vector<eoq::Task> list_all(eoq::TaskStore& store, eoq::ListQuery q = {}) {
 }
 
 }  // namespace
+
+TEST_CASE("every statement of queries.sql prepares and returns the columns, in order and type, its decoder reads",
+          "[postgres][sql]") {
+  TestStore store(StoreKind::postgres);
+  Admin admin(store.conninfo());
+  const std::string quoted = "\"" + store.schema() + "\"";
+  const auto& shapes = eoq::pg::result_shapes();
+  auto shape_of = [&](const std::string& name) {
+    return std::find_if(shapes.begin(), shapes.end(), [&](const auto& s) { return name == s.query; });
+  };
+  for (const auto& s : shapes) {
+    INFO("result_shapes() names " << s.query);
+    CHECK(std::any_of(eoq::pg::queries().begin(), eoq::pg::queries().end(),
+                      [&](const auto& q) { return q.name == s.query; }));
+  }
+  // The staged submits read the stage, which exists only inside a transaction.
+  admin.exec("BEGIN");
+  admin.exec(eoq::pg::query("create_stage", quoted).sql);
+  for (const auto& q : eoq::pg::queries()) {
+    INFO("query " << q.name);
+    auto st = eoq::pg::query(q.name, quoted);
+    CHECK(st.sql.find("eoq.") == std::string::npos);
+    auto shape = shape_of(q.name);
+    REQUIRE(shape != shapes.end());  // every statement declares what its decoder reads
+    if (!shape->columns) continue;   // a command: nothing to decode
+    PGresult* prepared = PQprepare(admin.get(), "", st.sql.c_str(), 0, nullptr);
+    INFO(PQresultErrorMessage(prepared));
+    REQUIRE(PQresultStatus(prepared) == PGRES_COMMAND_OK);
+    PQclear(prepared);
+    PGresult* d = PQdescribePrepared(admin.get(), "");
+    REQUIRE(PQresultStatus(d) == PGRES_COMMAND_OK);
+    // "name:type oid" for each column; a column the decoder does not read counts by name only.
+    std::string got, want;
+    const auto& cols = *shape->columns;
+    for (int i = 0; i < PQnfields(d); ++i) {
+      auto at = static_cast<std::size_t>(i);
+      bool read = at < cols.size() && cols[at].type != 0;
+      got += fmt::format("{}:{} ", PQfname(d, i), read ? PQftype(d, i) : 0);
+    }
+    for (const auto& c : cols) want += fmt::format("{}:{} ", c.name, c.type);
+    PQclear(d);
+    CHECK(got == want);
+  }
+  admin.exec("ROLLBACK");
+}
 
 TEST_CASE("a schema from before keys were per tenant is upgraded with its keys intact", "[postgres][migrate]") {
   auto url = eoq::test::test_database_url();

@@ -1,10 +1,13 @@
-// The Postgres store: every SQL statement eoq runs lives in this file (and the
-// migrations). Each state change is one statement, fenced in SQL.
+// The Postgres store: its statements are the named queries of queries.sql
+// (and the schema the migrations). Each state change is one statement, fenced
+// in SQL; a method here binds parameters, runs one statement, maps a missing
+// row to the error it means, and decodes.
 #include <eoq/postgres_store.hpp>
 
 #include "common/validate.hpp"
 #include "postgres/connection.hpp"
 #include "postgres/migrations.hpp"
+#include "postgres/queries.hpp"
 
 #include <fmt/format.h>
 #include <poll.h>
@@ -21,6 +24,7 @@
 
 namespace eoq {
 
+using pg::Column;
 using pg::Connection;
 using pg::Param;
 using pg::Result;
@@ -28,47 +32,22 @@ using pg::Statement;
 
 namespace {
 
-// The columns of both task tables, in table order; decode_task reads them by position.
-const char* const kColumns[] = {
-    "id", "queue", "type", "key", "tenant", "payload", "status", "priority", "run_at", "deadline",
-    "attempts", "max_attempts", "backoff", "backoff_initial_ms", "backoff_max_ms", "backoff_jitter",
-    "version", "lease_owner", "lease_expires_at", "started_at", "cancel_requested", "progress", "stage",
-    "checkpoint_stage", "checkpoint", "result", "last_error", "created_at", "updated_at", "finished_at"};
-constexpr int kColumnCount = static_cast<int>(std::size(kColumns));
+// pg_type oids of the columns the decoders read in binary.
+constexpr unsigned kBool = 16, kInt8 = 20, kInt4 = 23, kText = 25, kJson = 114, kFloat8 = 701, kTimestamptz = 1184;
 
-std::string column_list(std::string_view prefix = "") {
-  std::string out;
-  for (int i = 0; i < kColumnCount; ++i) {
-    if (i) out += ", ";
-    out += prefix;
-    out += kColumns[i];
-  }
-  return out;
-}
-
-// Every column in table order, copied from the source row unless `set` gives
-// an expression for it.
-std::string select_from(std::string_view source, const std::map<std::string, std::string>& set) {
-  std::string exprs;
-  for (int i = 0; i < kColumnCount; ++i) {
-    if (i) exprs += ", ";
-    auto it = set.find(kColumns[i]);
-    exprs += it != set.end() ? it->second : fmt::format("{}.{}", source, kColumns[i]);
-  }
-  return exprs;
-}
-
-// "INSERT INTO finished (...) SELECT ... FROM <source>".
-std::string finish_insert(const std::map<std::string, std::string>& set, std::string_view source) {
-  return fmt::format("INSERT INTO @s@.finished ({}) SELECT {} FROM {}", column_list(), select_from(source, set),
-                     source);
-}
-
-std::string replace_all(std::string s, std::string_view from, std::string_view to) {
-  for (std::size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size()))
-    s.replace(at, from.size(), to);
-  return s;
-}
+// A task row as claim, get, list and by_keys return it: both task tables'
+// columns in table order. decode_task reads them by position.
+const std::vector<Column> kTaskColumns = {
+    {"id", kInt8},           {"queue", kText},           {"type", kText},
+    {"key", kText},          {"tenant", kText},          {"payload", kJson},
+    {"status", kText},       {"priority", kInt4},        {"run_at", kTimestamptz},
+    {"deadline", kTimestamptz}, {"attempts", kInt4},     {"max_attempts", kInt4},
+    {"backoff", kText},      {"backoff_initial_ms", kInt8}, {"backoff_max_ms", kInt8},
+    {"backoff_jitter", kFloat8}, {"version", kInt8},     {"lease_owner", kText},
+    {"lease_expires_at", kTimestamptz}, {"started_at", kTimestamptz}, {"cancel_requested", kBool},
+    {"progress", kInt4},     {"stage", kText},           {"checkpoint_stage", kText},
+    {"checkpoint", kJson},   {"result", kJson},          {"last_error", kText},
+    {"created_at", kTimestamptz}, {"updated_at", kTimestamptz}, {"finished_at", kTimestamptz}};
 
 Task decode_task(const Result& r, int row, int off = 0) {
   Task t;
@@ -106,6 +85,13 @@ Task decode_task(const Result& r, int row, int off = 0) {
   return t;
 }
 
+// A row of by_keys: its position in the input, then the task.
+std::vector<Column> ordinal_then_task() {
+  std::vector<Column> cols{{"ord", kInt8}};
+  cols.insert(cols.end(), kTaskColumns.begin(), kTaskColumns.end());
+  return cols;
+}
+
 void validate_schema(const std::string& s) {
   bool ok = !s.empty() && s.size() <= 48 && ((s[0] >= 'a' && s[0] <= 'z') || s[0] == '_');
   for (char ch : s) ok = ok && ((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_');
@@ -113,413 +99,93 @@ void validate_schema(const std::string& s) {
     throw InvalidArgument("schema", fmt::format("'{}' must match [a-z_][a-z0-9_]* and be at most 48 characters", s));
 }
 
-#define TS(p) "('epoch'::timestamptz + " p "::bigint * interval '1 microsecond')"
-#define MS(p) "(" p "::bigint * interval '1 millisecond')"
+std::string quote_ident(const std::string& s) { return "\"" + s + "\""; }
 
-// The SQL of one schema. Built once per store; @s@ is the quoted schema name.
-struct Sql {
-  Statement submit, submit_batch, submit_staged, submit_staged_unkeyed, by_keys, claim, claim_one, complete, fail, release, expire_lease, cancel_lease,
-      heartbeat, progress, checkpoint, cancel, retry, get, list, list_desc, stats, history, prune, prunable, expire,
-      reap, settled, clock;
+// The statements of one schema, the schema put in once per store.
+struct Statements {
+  explicit Statements(const std::string& quoted_schema) : schema(quoted_schema) {}
+  Statement q(const char* name) const { return pg::query(name, schema); }
 
-  explicit Sql(const std::string& quoted_schema) {
-    const std::string cols = column_list(), tcols = column_list("t.");
-    // $2 of get, cancel and retry: the scope's tenant, or NULL for every tenant.
-    const char* in_scope = "($2::text IS NULL OR tenant = $2)";
-    auto S = [&](const char* name, const std::string& text) {
-      return Statement{name, replace_all(text, "@s@", quoted_schema)};
-    };
-    const char* insert_cols =
-        "id, queue, type, key, tenant, payload, status, priority, run_at, deadline, max_attempts, backoff, "
-        "backoff_initial_ms, backoff_max_ms, backoff_jitter";
-
-    // A key is taken by inserting it; ON CONFLICT DO NOTHING makes the unique
-    // constraint the judge of a race, and a concurrent submitter of the same key
-    // waits for ours to commit or roll back. No key row, no task row.
-    submit = S("eoq_submit", fmt::format(R"(
-WITH k AS (
-  INSERT INTO @s@.keys (queue, tenant, key, task_id)
-  SELECT $1, coalesce($4, ''), $3, nextval('@s@.task_ids') WHERE $3::text IS NOT NULL
-  ON CONFLICT DO NOTHING RETURNING task_id),
-ids AS (SELECT task_id AS id FROM k UNION ALL SELECT nextval('@s@.task_ids') WHERE $3::text IS NULL),
-ins AS (
-  INSERT INTO @s@.tasks ({})
-  SELECT id, $1, $2, $3, $4, $5::json, 'pending', $6, coalesce({}, now()), {}, $9, $10, $11, $12, $13 FROM ids
-  RETURNING id, run_at, created_at, version)
-SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins)",
-                                         insert_cols, TS("$7"), TS("$8")));
-
-    // The batch arrives as parallel arrays (one statement, one round trip), or
-    // for large batches COPYed into a stage table in the same transaction:
-    // parsing thirteen arrays of ten thousand elements cost the server more
-    // than COPY's text format does.
-    auto batch_sql = [&](const char* name, const char* source, const char* channel) {
-      return S(name, fmt::format(R"(
-WITH src AS MATERIALIZED (SELECT nextval('@s@.task_ids') AS id, s.* FROM {} s),
-k AS (
-  INSERT INTO @s@.keys (queue, tenant, key, task_id)
-  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
-  ON CONFLICT DO NOTHING RETURNING task_id),
-ins AS (
-  INSERT INTO @s@.tasks ({})
-  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority, coalesce({}, now()), {},
-         max_attempts, backoff, initial_ms, max_ms, jitter
-  FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)
-  RETURNING id, run_at, created_at, version)
-SELECT src.ord, ins.id, ins.run_at, ins.created_at, ins.version,
-       (SELECT count(pg_notify({}, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
-FROM ins JOIN src USING (id))",
-                                 source, insert_cols, TS("src.run_at"), TS("src.deadline"), channel));
-    };
-    submit_batch = batch_sql("eoq_submit_batch", R"((SELECT * FROM unnest($1::text[], $2::text[], $3::text[],
-  $4::text[], $5::text[], $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[], $12::bigint[],
-  $13::float8[]) WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
-                                      backoff, initial_ms, max_ms, jitter, ord)))", "$14");
-    submit_staged = batch_sql("eoq_submit_staged", "(SELECT * FROM pg_temp.eoq_stage ORDER BY ord)", "$1");
-    // A staged batch without keys inserts every row, with ids drawn in the
-    // batch's order: sorting by id gives the results in input order, without
-    // the key step and the join back to the stage.
-    submit_staged_unkeyed = S("eoq_submit_staged_unkeyed", fmt::format(R"(
-WITH ins AS (
-  INSERT INTO @s@.tasks ({})
-  SELECT nextval('@s@.task_ids'), queue, type, NULL, tenant, payload::json, 'pending', priority,
-         coalesce({}, now()), {}, max_attempts, backoff, initial_ms, max_ms, jitter
-  FROM (SELECT * FROM pg_temp.eoq_stage ORDER BY ord) src
-  RETURNING id, run_at, created_at, version)
-SELECT row_number() OVER (ORDER BY id), id, run_at, created_at, version,
-       (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM pg_temp.eoq_stage) q)
-FROM ins)",
-                                                               insert_cols, TS("src.run_at"), TS("src.deadline")));
-
-    by_keys = S("eoq_by_keys", fmt::format(R"(
-SELECT q.ord, t.* FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS q(queue, tenant, key, ord)
-JOIN @s@.keys k ON k.queue = q.queue AND k.tenant = coalesce(q.tenant, '') AND k.key = q.key
-CROSS JOIN LATERAL (SELECT {0} FROM @s@.tasks WHERE id = k.task_id
-                    UNION ALL SELECT {0} FROM @s@.finished WHERE id = k.task_id) t)",
-                                           cols));
-
-    // One statement: pick candidates in claim order through the claim index
-    // (so the scan stops after `limit` rows), settle the ones that may not run
-    // (deadline passed, lost lease with no attempts left or a cancel request),
-    // record lost attempts, and lease the rest. The leases come back unordered
-    // (claim() sorts them): a final ORDER BY cost a tenth of the statement.
-    // Each candidate's fate (`final`, NULL: lease it) is decided once, in
-    // `cand`: an anti-join of `upd` against `ends` cost a quarter. Rows are
-    // found again by `id = ANY(ARRAY(...))`, never by a join alone: on a table
-    // of tens of thousands of rows the planner priced a join's thousand index
-    // probes above a sequential scan, and scanned the whole table per batch.
-    const char* cand_cols =
-        "t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority, "
-        "t.run_at, CASE WHEN t.deadline <= now() THEN 'expired' "
-        "WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled' "
-        "WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final";
-    const char* cand_where = "t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())";
-    auto claim_sql = [&](const char* name, const std::string& cand) {
-      return S(name, fmt::format(R"(
-WITH cand AS ({0}),
-ends AS (SELECT id, final FROM cand WHERE final IS NOT NULL),
-lost AS (
-  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired'
-  FROM cand WHERE status = 'running'),
-gone AS (DELETE FROM @s@.tasks t USING ends e WHERE t.id = ANY(ARRAY(SELECT id FROM ends)) AND t.id = e.id
-         RETURNING t.*, e.final),
-fin AS ({1}),
-upd AS (
-  UPDATE @s@.tasks t SET status = 'running', attempts = t.attempts + 1, version = t.version + 1,
-         lease_owner = $3, lease_expires_at = now() + {2}, started_at = now(), updated_at = now(),
-         progress = 0, stage = ''
-  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL))
-  RETURNING t.*)
-SELECT {3} FROM upd t)",
-                                 cand,
-                                 finish_insert({{"status", "gone.final"},
-                                                {"version", "gone.version + 1"},
-                                                {"lease_expires_at", "NULL"},
-                                                {"last_error",
-                                                 "CASE gone.final WHEN 'expired' THEN 'deadline passed' "
-                                                 "WHEN 'failed' THEN 'lease expired' ELSE gone.last_error END"},
-                                                {"updated_at", "now()"},
-                                                {"finished_at", "now()"}},
-                                               "gone"),
-                                 MS("$4"), tcols));
-    };
-    // One queue (the common case) walks the claim index directly; several
-    // queues walk it once per queue and merge, since one scan cannot return
-    // (queue, priority, ...) entries in (priority, ...) order.
-    claim_one = claim_sql("eoq_claim_one", fmt::format(R"(
-  SELECT {} FROM @s@.tasks t WHERE t.queue = $1 AND {}
-  ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                                                        cand_cols, cand_where));
-    claim = claim_sql("eoq_claim", fmt::format(R"(
-  SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL (
-    SELECT {} FROM @s@.tasks t WHERE t.queue = q.name AND {}
-    ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
-  ORDER BY c.priority, c.run_at, c.id LIMIT $2)",
-                                                    cand_cols, cand_where));
-
-    // The rows are found through the primary key by `id = ANY(ARRAY(...))` and
-    // fenced by a hashed (id, version) lookup, never by a join with the input:
-    // on a table of tens of thousands of rows the planner priced a join's
-    // thousand index probes above a sequential scan and read the whole table
-    // per batch (`id = ANY($1)` likewise, knowing the array's length). Each
-    // settled row meets its lease's result afterwards (by id and version, so a
-    // stale lease of the same task in the batch lends it nothing), once even
-    // when the lease came twice.
-    complete = S("eoq_complete", fmt::format(R"(
-WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS f(id, v, result)),
-gone AS (
-  DELETE FROM @s@.tasks t
-  WHERE t.id = ANY(ARRAY(SELECT id FROM f)) AND t.status = 'running'
-    AND ((t.id, t.version) IN (SELECT id, v FROM f) OR t.id IS NULL)
-  RETURNING t.*),
-fin AS (INSERT INTO @s@.finished ({}) SELECT {} FROM (
-          SELECT gone.*, r.result AS new_result
-          FROM gone JOIN (SELECT DISTINCT ON (id, v) id, v, result FROM f) r ON r.id = gone.id AND r.v = gone.version) g
-        RETURNING id, version)
-SELECT id, version - 1 FROM fin)",
-                                             column_list(),
-                                             select_from("g", {{"status", "'succeeded'"},
-                                                               {"version", "g.version + 1"},
-                                                               {"lease_expires_at", "NULL"},
-                                                               {"result", "g.new_result::json"},
-                                                               {"progress", "100"},
-                                                               {"updated_at", "now()"},
-                                                               {"finished_at", "now()"}})));
-
-    fail = S("eoq_fail", fmt::format(R"(
-WITH t AS (
-  SELECT id, attempts, version, lease_owner, started_at,
-         CASE WHEN cancel_requested THEN 'cancelled'
-              WHEN $4::boolean OR attempts >= max_attempts THEN 'failed' ELSE 'retry' END AS outcome
-  FROM @s@.tasks WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
-h AS (
-  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, now(), outcome, $3 FROM t),
-gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id AND t.outcome <> 'retry' RETURNING x.*, t.outcome),
-fin AS ({}),
-up AS (
-  UPDATE @s@.tasks x SET status = 'pending', version = x.version + 1, run_at = now() + {}, last_error = $3,
-         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-  FROM t WHERE x.id = t.id AND t.outcome = 'retry'
-  RETURNING x.run_at)
-SELECT t.outcome, (SELECT run_at FROM up) FROM t)",
-                                     finish_insert({{"status", "gone.outcome"},
-                                                    {"version", "gone.version + 1"},
-                                                    {"lease_expires_at", "NULL"},
-                                                    {"last_error", "$3"},
-                                                    {"updated_at", "now()"},
-                                                    {"finished_at", "now()"}},
-                                                   "gone"),
-                                     MS("$5")));
-
-    // A running task ended cancelled (released with a cancel request, or
-    // stopped by its handler): the row as it leaves the live table.
-    const std::map<std::string, std::string> cancelled_under_lease{{"status", "'cancelled'"},
-                                                                   {"version", "gone.version + 1"},
-                                                                   {"lease_expires_at", "NULL"},
-                                                                   {"updated_at", "now()"},
-                                                                   {"finished_at", "now()"}};
-    release = S("eoq_release", fmt::format(R"(
-WITH t AS (SELECT id, cancel_requested, attempts, version, lease_owner, started_at FROM @s@.tasks
-           WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
-h AS (
-  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', NULL FROM t WHERE cancel_requested),
-gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id AND t.cancel_requested RETURNING x.*),
-fin AS ({}),
-up AS (
-  UPDATE @s@.tasks x SET status = 'pending', version = x.version + 1, attempts = x.attempts - 1, run_at = now(),
-         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-  FROM t WHERE x.id = t.id AND NOT t.cancel_requested RETURNING x.id)
-SELECT t.id, (SELECT pg_notify($3, queue) FROM @s@.tasks WHERE id = $1) FROM t)",
-                                           finish_insert(cancelled_under_lease, "gone")));
-
-    // The deadline is judged by now() here, not by the worker that asks: the
-    // answer is the same whatever its clock says.
-    expire_lease = S("eoq_expire_lease", fmt::format(R"(
-WITH t AS (SELECT id, attempts, version, lease_owner, started_at, coalesce(deadline <= now(), false) AS overdue
-           FROM @s@.tasks WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
-h AS (
-  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, now(), 'expired', 'deadline passed before the task started'
-  FROM t WHERE overdue),
-gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id AND t.overdue RETURNING x.*),
-fin AS ({})
-SELECT overdue FROM t)",
-                                                     finish_insert({{"status", "'expired'"},
-                                                                    {"version", "gone.version + 1"},
-                                                                    {"lease_expires_at", "NULL"},
-                                                                    {"last_error", "'deadline passed'"},
-                                                                    {"updated_at", "now()"},
-                                                                    {"finished_at", "now()"}},
-                                                                   "gone")));
-
-    cancel_lease = S("eoq_cancel_lease", fmt::format(R"(
-WITH t AS (SELECT id, attempts, version, lease_owner, started_at FROM @s@.tasks
-           WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
-h AS (
-  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', $3 FROM t),
-gone AS (DELETE FROM @s@.tasks x USING t WHERE x.id = t.id RETURNING x.*),
-fin AS ({} RETURNING id)
-SELECT id FROM fin)",
-                                                     finish_insert(cancelled_under_lease, "gone")));
-
-    heartbeat = S("eoq_heartbeat", "UPDATE @s@.tasks SET lease_expires_at = now() + " MS("$3") R"(
-WHERE id = $1 AND version = $2 AND status = 'running' RETURNING lease_expires_at, cancel_requested)");
-    progress = S("eoq_progress", R"(UPDATE @s@.tasks SET progress = $3, stage = $4, updated_at = now()
-WHERE id = $1 AND version = $2 AND status = 'running' RETURNING id)");
-    checkpoint = S("eoq_checkpoint", R"(
-UPDATE @s@.tasks SET checkpoint_stage = $3, checkpoint = $4::json, updated_at = now()
-WHERE id = $1 AND version = $2 AND status = 'running' RETURNING id)");
-
-    cancel = S("eoq_cancel", fmt::format(R"(
-WITH gone AS (DELETE FROM @s@.tasks WHERE id = $1 AND status = 'pending' AND {1} RETURNING *),
-fin AS ({0} RETURNING id),
-req AS (UPDATE @s@.tasks SET cancel_requested = true, updated_at = now()
-        WHERE id = $1 AND status = 'running' AND {1} RETURNING id)
-SELECT (SELECT count(*) FROM fin), (SELECT count(*) FROM req),
-       (SELECT count(*) FROM @s@.finished WHERE id = $1 AND {1}),
-       (SELECT count(*) FROM @s@.tasks WHERE id = $1 AND {1}))",
-                                         finish_insert({{"status", "'cancelled'"},
-                                                        {"version", "gone.version + 1"},
-                                                        {"updated_at", "now()"},
-                                                        {"finished_at", "now()"}},
-                                                       "gone"),
-                                         in_scope));
-
-    // A task settled other than in success goes back to the live table as it
-    // was, pending now, with one attempt more than it has used if it has none
-    // left; its history rows stay. A deadline that has passed is dropped, or the
-    // task would only expire again.
-    retry = S("eoq_retry", fmt::format(R"(
-WITH gone AS (DELETE FROM @s@.finished WHERE id = $1 AND status IN ('failed', 'cancelled', 'expired') AND {0}
-              RETURNING *),
-back AS (INSERT INTO @s@.tasks ({1}) SELECT {2} FROM gone RETURNING queue)
-SELECT (SELECT count(pg_notify($3, queue)) FROM back),
-       (SELECT count(*) FROM @s@.finished WHERE id = $1 AND {0}),
-       (SELECT count(*) FROM @s@.tasks WHERE id = $1 AND {0}))",
-                                       in_scope, cols,
-                                       select_from("gone", {{"status", "'pending'"},
-                                                            {"run_at", "now()"},
-                                                            {"deadline", "CASE WHEN gone.deadline > now() "
-                                                                         "THEN gone.deadline END"},
-                                                            {"max_attempts", "greatest(gone.max_attempts, "
-                                                                             "gone.attempts + 1)"},
-                                                            {"version", "gone.version + 1"},
-                                                            {"lease_owner", "NULL"},
-                                                            {"lease_expires_at", "NULL"},
-                                                            {"started_at", "NULL"},
-                                                            {"cancel_requested", "false"},
-                                                            {"progress", "0"},
-                                                            {"stage", "''"},
-                                                            {"result", "NULL"},
-                                                            {"updated_at", "now()"},
-                                                            {"finished_at", "NULL"}})));
-
-    get = S("eoq_get", fmt::format("SELECT {0} FROM @s@.tasks WHERE id = $1 AND {1} UNION ALL "
-                                   "SELECT {0} FROM @s@.finished WHERE id = $1 AND {1}",
-                                   cols, in_scope));
-
-    // A status filter names one table only; the other side is cut by a
-    // parameter-only condition the executor evaluates once.
-    const char* filter =
-        "($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2) AND "
-        "($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)";
-    // Two statements rather than a parameterised ORDER BY, so each keeps a
-    // plan that walks the primary key in its own direction.
-    auto list_sql = [&](const char* name, const char* after, const char* order) {
-      return S(name, fmt::format(R"(
-SELECT * FROM (
-  (SELECT {0} FROM @s@.tasks WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running')) AND {1} AND {2}
-   ORDER BY id {3} LIMIT $6)
-  UNION ALL
-  (SELECT {0} FROM @s@.finished WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running')) AND {1} AND {2}
-   ORDER BY id {3} LIMIT $6)) x
-ORDER BY id {3} LIMIT $6)",
-                                 cols, filter, after, order));
-    };
-    list = list_sql("eoq_list", "id > $5", "ASC");
-    list_desc = list_sql("eoq_list_desc", "id < $5", "DESC");
-
-    stats = S("eoq_stats", R"(
-SELECT queue, status, count(*)::bigint,
-       (extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now())) * 1000)::bigint,
-       0::bigint
-FROM @s@.tasks WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
-UNION ALL
-SELECT queue, status, count(*)::bigint, NULL::bigint,
-       count(*) FILTER (WHERE finished_at > now() - interval '1 minute')
-FROM @s@.finished WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status)");
-
-    history = S("eoq_history", R"(
-SELECT attempt, owner, started_at, finished_at, outcome, error FROM @s@.attempts WHERE task_id = $1
-UNION ALL
-SELECT attempts, lease_owner, started_at, NULL::timestamptz, 'running', NULL FROM @s@.tasks
-WHERE id = $1 AND status = 'running'
-UNION ALL
-SELECT attempts, lease_owner, started_at, finished_at, 'succeeded', NULL FROM @s@.finished
-WHERE id = $1 AND status = 'succeeded'
-ORDER BY 1)");
-
-    prune = S("eoq_prune", R"(
-WITH v AS (SELECT id, queue, tenant, key FROM @s@.finished WHERE finished_at < now() - )" MS("$1") R"(
-           LIMIT $2 FOR UPDATE SKIP LOCKED),
-dk AS (DELETE FROM @s@.keys k USING v
-       WHERE k.queue = v.queue AND k.tenant = coalesce(v.tenant, '') AND k.key = v.key AND k.task_id = v.id),
-da AS (DELETE FROM @s@.attempts a USING v WHERE a.task_id = v.id),
-df AS (DELETE FROM @s@.finished f USING v WHERE f.id = v.id RETURNING 1)
-SELECT count(*) FROM df)");
-
-    prunable = S("eoq_prunable", "SELECT count(*) FROM @s@.finished WHERE finished_at < now() - " MS("$1"));
-
-    expire = S("eoq_expire", fmt::format(R"(
-WITH v AS (SELECT id FROM @s@.tasks WHERE status = 'pending' AND deadline <= now() LIMIT $1 FOR UPDATE SKIP LOCKED),
-gone AS (DELETE FROM @s@.tasks t USING v WHERE t.id = v.id RETURNING t.*),
-fin AS ({} RETURNING 1)
-SELECT count(*) FROM fin)",
-                                         finish_insert({{"status", "'expired'"},
-                                                        {"version", "gone.version + 1"},
-                                                        {"last_error", "'deadline passed'"},
-                                                        {"updated_at", "now()"},
-                                                        {"finished_at", "now()"}},
-                                                       "gone")));
-
-    reap = S("eoq_reap", fmt::format(R"(
-WITH v AS (
-  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, cancel_requested FROM @s@.tasks
-  WHERE status = 'running' AND lease_expires_at <= now() AND (attempts >= max_attempts OR cancel_requested)
-  LIMIT $1 FOR UPDATE SKIP LOCKED),
-h AS (
-  INSERT INTO @s@.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired' FROM v),
-gone AS (DELETE FROM @s@.tasks t USING v WHERE t.id = v.id RETURNING t.*),
-fin AS ({} RETURNING 1)
-SELECT count(*) FROM fin)",
-                                     finish_insert({{"status", "CASE WHEN gone.cancel_requested THEN 'cancelled' "
-                                                               "ELSE 'failed' END"},
-                                                    {"version", "gone.version + 1"},
-                                                    {"lease_expires_at", "NULL"},
-                                                    {"last_error", "CASE WHEN gone.cancel_requested THEN "
-                                                                   "gone.last_error ELSE 'lease expired' END"},
-                                                    {"updated_at", "now()"},
-                                                    {"finished_at", "now()"}},
-                                                   "gone")));
-
-    clock = S("eoq_now", "SELECT now()");
-
-    // After a lost connection: did my settlement commit? The settled row (or
-    // the attempt row of a failure) carries the version the lease saw.
-    settled = S("eoq_settled", R"(
-SELECT status FROM @s@.finished WHERE id = $1 AND version = $2 + 1
-UNION ALL
-SELECT outcome FROM @s@.attempts WHERE task_id = $1 AND version = $2 AND outcome <> 'lease_expired')");
-  }
+  std::string schema;
+  Statement submit = q("submit"), submit_batch = q("submit_batch"), create_stage = q("create_stage"),
+            copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
+            submit_staged_unkeyed = q("submit_staged_unkeyed"), by_keys = q("by_keys");
+  Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
+            release = q("release"), expire_lease = q("expire_lease"), cancel_lease = q("cancel_lease"),
+            heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
+  Statement cancel = q("cancel"), retry = q("retry"), get = q("get"), list = q("list"), list_desc = q("list_desc"),
+            stats = q("stats"), history = q("history"), settled = q("settled"), now = q("now");
+  Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
+            table_stats = q("table_stats"), analyze = q("analyze");
+  Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
+            migrations_applied = q("migrations_applied"), migration_applied = q("migration_applied");
 };
 
-#undef TS
-#undef MS
+}  // namespace
+
+namespace pg {
+const std::vector<ResultShape>& result_shapes() {
+  // The first columns of submit's answer, decoded by task_from_new; batches put the input position first.
+  const std::vector<Column> inserted = {
+      {"id", kInt8}, {"run_at", kTimestamptz}, {"created_at", kTimestamptz}, {"version", kInt8}};
+  auto after_ord = [&](std::vector<Column> tail) {
+    std::vector<Column> cols{{"ord", kInt8}};
+    cols.insert(cols.end(), inserted.begin(), inserted.end());
+    cols.insert(cols.end(), tail.begin(), tail.end());
+    return cols;
+  };
+  auto with = [&](std::vector<Column> tail) {
+    auto cols = inserted;
+    cols.insert(cols.end(), tail.begin(), tail.end());
+    return cols;
+  };
+  const std::vector<Column> count = {{"count", kInt8}};
+  static const std::vector<ResultShape> shapes = {
+      {"submit", with({{"pg_notify", 0}})},
+      {"submit_batch", after_ord({{"count", 0}})},
+      {"create_stage", std::nullopt},
+      {"copy_stage", std::nullopt},
+      {"submit_staged", after_ord({{"count", 0}})},
+      {"submit_staged_unkeyed", after_ord({{"count", 0}})},
+      {"by_keys", ordinal_then_task()},
+      {"claim_one", kTaskColumns},
+      {"claim", kTaskColumns},
+      {"complete", std::vector<Column>{{"id", kInt8}, {"version", kInt8}}},
+      {"fail", std::vector<Column>{{"outcome", kText}, {"run_at", kTimestamptz}}},
+      {"release", std::vector<Column>{{"id", 0}, {"pg_notify", 0}}},
+      {"expire_lease", std::vector<Column>{{"overdue", kBool}}},
+      {"cancel_lease", std::vector<Column>{{"id", 0}}},
+      {"heartbeat", std::vector<Column>{{"lease_expires_at", kTimestamptz}, {"cancel_requested", kBool}}},
+      {"progress", std::vector<Column>{{"id", 0}}},
+      {"checkpoint", std::vector<Column>{{"id", 0}}},
+      {"cancel", std::vector<Column>{{"cancelled", kInt8}, {"requested", kInt8}, {"finished", kInt8},
+                                     {"live", kInt8}}},
+      {"retry", std::vector<Column>{{"retried", kInt8}, {"finished", kInt8}, {"live", kInt8}}},
+      {"get", kTaskColumns},
+      {"list", kTaskColumns},
+      {"list_desc", kTaskColumns},
+      {"stats", std::vector<Column>{{"queue", kText}, {"status", kText}, {"count", kInt8},
+                                    {"oldest_pending_ms", kInt8}, {"last_minute", kInt8}}},
+      {"history", std::vector<Column>{{"attempt", kInt4}, {"owner", kText}, {"started_at", kTimestamptz},
+                                      {"finished_at", kTimestamptz}, {"outcome", kText}, {"error", kText}}},
+      {"settled", std::vector<Column>{{"status", kText}}},
+      {"now", std::vector<Column>{{"now", kTimestamptz}}},
+      {"expire", count},
+      {"reap", count},
+      {"prune", count},
+      {"prunable", count},
+      {"table_stats", std::vector<Column>{{"reltuples", kFloat8}, {"never_analyzed", kBool}}},
+      {"analyze", std::nullopt},
+      {"migrate_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
+      {"migrations_table", std::nullopt},
+      {"migrations_applied", std::vector<Column>{{"name", kText}}},
+      {"migration_applied", std::vector<Column>{}},
+  };
+  return shapes;
+}
+}  // namespace pg
+
+namespace {
 
 // One random source for backoff jitter, shared by every store in the process.
 double unit_random() {
@@ -555,14 +221,6 @@ std::vector<Param> submit_params(const NewTask& t, const std::string& channel) {
 // Batches from this size on go through COPY (submit_batch).
 constexpr std::size_t kStageFrom = 1000;
 
-// The stage a large batch is COPYed into: the columns of submit_params, then
-// its position. Dropped at COMMIT, so it holds no state between transactions
-// (nothing for a transaction-pooling proxy to lose).
-constexpr const char* kCreateStage =
-    "CREATE TEMP TABLE eoq_stage (queue text, type text, key text, tenant text, payload text, priority int, "
-    "run_at bigint, deadline bigint, max_attempts int, backoff text, initial_ms bigint, max_ms bigint, "
-    "jitter float8, ord bigint) ON COMMIT DROP";
-
 // One value in COPY's text format.
 void copy_field(std::string& out, const Param& v) {
   if (!v) {
@@ -597,7 +255,16 @@ Task task_from_new(const NewTask& n, const Result& r, int row, int off) {
   return t;
 }
 
-std::string quote_ident(const std::string& s) { return "\"" + s + "\""; }
+// The migrations name the schema @schema@.
+std::string replace_all(std::string s, std::string_view from, std::string_view to) {
+  for (std::size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size()))
+    s.replace(at, from.size(), to);
+  return s;
+}
+
+[[noreturn]] void lease_lost(const Lease& lease, std::string_view verb) {
+  throw LeaseLost(lease.id(), lease.token, fmt::format("{} found the task no longer running under this lease", verb));
+}
 
 }  // namespace
 
@@ -605,7 +272,7 @@ struct PostgresStore::Impl {
   PostgresOptions options;
   std::string quoted;
   std::string channel;
-  Sql sql;
+  Statements sql;
   pg::Pool pool;     // short statements
   pg::Pool tx_pool;  // handler transactions, held for a handler's whole run
 
@@ -633,16 +300,21 @@ struct PostgresStore::Impl {
     if (wake_fd >= 0) close(wake_fd);
   }
 
+  // One statement on a pooled connection, retried on transient errors.
+  // `retried` is set when a retry happened: the first try may have applied.
+  Result run(const Statement& st, const std::vector<Param>& params, bool* retried = nullptr) {
+    return pg::with_retry(
+        pool, options.transient_retries, [&](Connection& c) { return c.exec(st, params); }, retried);
+  }
+  // Several statements on one connection (a transaction), retried as a whole.
   template <class F>
-  auto retry(F&& f, bool* retried = nullptr) {
+  auto run_on_connection(F&& f, bool* retried = nullptr) {
     return pg::with_retry(pool, options.transient_retries, std::forward<F>(f), retried);
   }
 
   std::vector<std::optional<Task>> lookup_keys(const std::vector<Param>& queues, const std::vector<Param>& tenants,
                                                const std::vector<Param>& keys) {
-    auto r = retry([&](Connection& c) {
-      return c.exec(sql.by_keys, {pg::text_array(queues), pg::text_array(tenants), pg::text_array(keys)});
-    });
+    auto r = run(sql.by_keys, {pg::text_array(queues), pg::text_array(tenants), pg::text_array(keys)});
     std::vector<std::optional<Task>> out(queues.size());
     for (int i = 0; i < r.rows(); ++i) out[static_cast<std::size_t>(r.i64(i, 0) - 1)] = decode_task(r, i, 1);
     return out;
@@ -651,7 +323,7 @@ struct PostgresStore::Impl {
   // Whether the settlement of (id, token) is on record; used after a retry,
   // when our first try may have committed before the connection dropped.
   std::optional<std::string> settled(TaskId id, std::int64_t token) {
-    auto r = retry([&](Connection& c) { return c.exec(sql.settled, {num(id), num(token)}); });
+    auto r = run(sql.settled, {num(id), num(token)});
     if (r.rows() == 0) return std::nullopt;
     return r.text(0, 0);
   }
@@ -672,15 +344,10 @@ struct PostgresStore::Impl {
     if (!stats_refreshed.compare_exchange_strong(last, now)) return;
     try {
       auto c = pool.acquire();
-      auto r = c->exec_params(fmt::format("SELECT c.reltuples, s.last_analyze IS NULL AND s.last_autoanalyze IS NULL "
-                                          "FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid "
-                                          "WHERE c.oid = '{}.tasks'::regclass",
-                                          quoted),
-                              {}, false, "refresh_stats");
+      auto r = c->exec(sql.table_stats, {});
       if (r.rows() != 1) return;
-      const double tuples = std::max(0.0, std::stod(r.text(0, 0)));
-      if (r.text(0, 1) == "t" || static_cast<double>(batch_rows) * 10 >= tuples)
-        c->command(fmt::format("ANALYZE {}.tasks", quoted).c_str());
+      const double tuples = std::max(0.0, r.f64(0, 0));
+      if (r.boolean(0, 1) || static_cast<double>(batch_rows) * 10 >= tuples) c->command(sql.analyze.sql.c_str());
     } catch (const std::exception&) {
       // Only an optimisation: autovacuum gets there too.
     }
@@ -741,26 +408,28 @@ const PostgresOptions& PostgresStore::options() const noexcept { return impl_->o
 
 void PostgresStore::migrate() {
   auto& I = *impl_;
-  I.retry([&](Connection& c) {
+  // Unnamed statements: the schema may not exist yet when a connection
+  // would otherwise prepare them.
+  auto exec = [&](Connection& c, const Statement& st, const std::vector<Param>& params) {
+    return c.exec_params(st.sql, params, true, st.name);
+  };
+  I.run_on_connection([&](Connection& c) {
     c.command("BEGIN");
     try {
-      // Serialises concurrent migrate() calls for this schema across processes.
-      c.exec_params("SELECT pg_advisory_xact_lock(hashtextextended('eoq.migrate.' || $1, 0))",
-                    {I.options.schema}, false, "migrate lock");
-      c.command(fmt::format("SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {0}; "
-                            "CREATE TABLE IF NOT EXISTS {0}.migrations (name text PRIMARY KEY, "
-                            "applied_at timestamptz NOT NULL DEFAULT now())",
-                            I.quoted)
+      exec(c, I.sql.migrate_lock, {"eoq.migrate." + I.options.schema});
+      // CREATE SCHEMA names the schema itself, not an object in it, so it is
+      // the one statement not in queries.sql.
+      c.command(fmt::format("SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {}", I.quoted)
                     .c_str());
-      auto done = c.exec_params(fmt::format("SELECT name FROM {}.migrations", I.quoted), {}, false, "migrate");
+      c.command(I.sql.migrations_table.sql.c_str());
+      auto done = exec(c, I.sql.migrations_applied, {});
       std::vector<std::string> applied;
       for (int i = 0; i < done.rows(); ++i) applied.push_back(done.text(i, 0));
       for (std::size_t m = 0; m < detail::kMigrationCount; ++m) {
         const auto& mig = detail::kMigrations[m];
         if (std::find(applied.begin(), applied.end(), mig.name) != applied.end()) continue;
         c.command(replace_all(mig.sql, "@schema@", I.quoted).c_str());
-        c.exec_params(fmt::format("INSERT INTO {}.migrations (name) VALUES ($1)", I.quoted), {std::string(mig.name)},
-                      false, "migrate");
+        exec(c, I.sql.migration_applied, {std::string(mig.name)});
       }
       c.command("COMMIT");
     } catch (...) {
@@ -803,13 +472,13 @@ SubmitResult PostgresStore::submit(const NewTask& task) {
 namespace {
 // One statement on a host's connection, inside whatever transaction it has
 // open; binary results, as on the store's own connections.
-Result exec_on(pg_conn* connection, const std::string& text, const std::vector<Param>& ps, const char* label) {
+Result exec_on(pg_conn* connection, const Statement& st, const std::vector<Param>& ps) {
   std::vector<const char*> values(ps.size());
   for (std::size_t i = 0; i < ps.size(); ++i) values[i] = ps[i] ? ps[i]->c_str() : nullptr;
-  Result r(PQexecParams(connection, text.c_str(), static_cast<int>(ps.size()), nullptr, values.data(), nullptr,
+  Result r(PQexecParams(connection, st.sql.c_str(), static_cast<int>(ps.size()), nullptr, values.data(), nullptr,
                         nullptr, 1));
-  auto st = PQresultStatus(r.get());
-  if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) pg::throw_error(connection, r.get(), label);
+  auto status = PQresultStatus(r.get());
+  if (status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK) pg::throw_error(connection, r.get(), st.name);
   return r;
 }
 
@@ -830,15 +499,11 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
   std::string s(schema);
   validate_schema(s);
   detail::validate_new_task(task, max_payload_bytes, detail::now());
-  Sql sql(quote_ident(s));
-  auto params = submit_params(task, "eoq_" + s);
-  auto run = [&](const std::string& text, const std::vector<Param>& ps) {
-    return exec_on(connection, text, ps, "submit_on");
-  };
-  auto r = run(sql.submit.sql, params);
+  const auto quoted = quote_ident(s);
+  auto r = exec_on(connection, pg::query("submit", quoted), submit_params(task, "eoq_" + s));
   if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
-  auto e = run(sql.by_keys.sql,
-               {pg::text_array({task.queue}), pg::text_array({task.tenant}), pg::text_array({task.key})});
+  auto e = exec_on(connection, pg::query("by_keys", quoted),
+                   {pg::text_array({task.queue}), pg::text_array({task.tenant}), pg::text_array({task.key})});
   if (e.rows() == 1) {
     auto holder = decode_task(e, 0, 1);
     detail::check_key_reuse(task, std::nullopt, holder.type, holder.payload, fmt::format("task {}", holder.id),
@@ -853,11 +518,11 @@ CancelOutcome PostgresStore::cancel_on(pg_conn* connection, TaskId id, const Sco
   std::string s(schema);
   validate_schema(s);
   detail::validate_scope(scope);
-  Sql sql(quote_ident(s));
+  const auto cancel = pg::query("cancel", quote_ident(s));
   // Each statement of a READ COMMITTED transaction sees the rows committed
   // before it, so running the statement again sees the new state.
   for (int round = 0; round < 20; ++round) {
-    auto r = exec_on(connection, sql.cancel.sql, {num(id), scope.tenant}, "cancel_on");
+    auto r = exec_on(connection, cancel, {num(id), scope.tenant});
     if (auto out = decode_cancel(r)) return *out;
   }
   throw TransientError(fmt::format("cancel_on: task {} kept changing state", id), "40001", "cancel_on");
@@ -916,8 +581,8 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     try {
       Result r;
       if (staged) {
-        c.command(kCreateStage);
-        c.copy_in("COPY pg_temp.eoq_stage FROM STDIN", rows);
+        c.command(I.sql.create_stage.sql.c_str());
+        c.copy_in(I.sql.copy_stage.sql.c_str(), rows);
         r = c.exec(any_keyed ? I.sql.submit_staged : I.sql.submit_staged_unkeyed, params);
       } else {
         r = c.exec(I.sql.submit_batch, params);
@@ -981,11 +646,9 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
   // A repeat after a lost connection is safe: leases granted by a try whose
   // answer never arrived simply expire and the tasks are claimed again.
   const bool one = queues.size() == 1;
-  auto r = I.retry([&](Connection& c) {
-    return c.exec(one ? I.sql.claim_one : I.sql.claim, {one ? queues[0] : pg::text_array(queues),
-                                                         num(request.limit), request.owner,
-                                                         num(request.lease.count())});
-  });
+  auto r = I.run(one ? I.sql.claim_one : I.sql.claim,
+                 {one ? queues[0] : pg::text_array(queues), num(request.limit), request.owner,
+                  num(request.lease.count())});
   std::vector<Lease> leases;
   leases.reserve(static_cast<std::size_t>(r.rows()));
   for (int i = 0; i < r.rows(); ++i) {
@@ -1016,11 +679,7 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
   }
   if (completions.empty()) return {};
   bool retried = false;
-  auto r = I.retry(
-      [&](Connection& c) {
-        return c.exec(I.sql.complete, {pg::text_array(ids), pg::text_array(versions), pg::text_array(results)});
-      },
-      &retried);
+  auto r = I.run(I.sql.complete, {pg::text_array(ids), pg::text_array(versions), pg::text_array(results)}, &retried);
   std::map<std::pair<TaskId, std::int64_t>, bool> done;  // (id, token) settled now
   for (int i = 0; i < r.rows(); ++i) done[{r.i64(i, 0), r.i64(i, 1)}] = true;
   std::vector<bool> out(completions.size());
@@ -1036,8 +695,7 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
 
 void PostgresStore::complete(const Lease& lease, std::string_view result_json) {
   Completion c{&lease, std::string(result_json)};
-  if (!complete_batch(std::span<const Completion>(&c, 1))[0])
-    throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
+  if (!complete_batch(std::span<const Completion>(&c, 1))[0]) lease_lost(lease, "complete");
 }
 
 namespace {
@@ -1055,8 +713,7 @@ std::vector<Param> fail_params(const Lease& lease, const Failure& f) {
 FailOutcome PostgresStore::fail(const Lease& lease, const Failure& failure) {
   auto& I = *impl_;
   bool retried = false;
-  auto params = fail_params(lease, failure);
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.fail, params); }, &retried);
+  auto r = I.run(I.sql.fail, fail_params(lease, failure), &retried);
   if (r.rows() == 1) return decode_fail(r);
   if (retried) {
     if (auto s = I.settled(lease.id(), lease.token)) {
@@ -1067,71 +724,59 @@ FailOutcome PostgresStore::fail(const Lease& lease, const Failure& failure) {
       if (*s == "failed" || *s == "cancelled") return {parse_status(*s), std::nullopt};
     }
   }
-  throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
+  lease_lost(lease, "fail");
 }
 
 HeartbeatResult PostgresStore::heartbeat(const Lease& lease, Millis extension) {
   auto& I = *impl_;
   detail::validate_positive("extension", extension);
-  auto r = I.retry([&](Connection& c) {
-    return c.exec(I.sql.heartbeat, {num(lease.id()), num(lease.token), num(extension.count())});
-  });
-  if (r.rows() != 1) throw LeaseLost(lease.id(), lease.token, "heartbeat found the task no longer under this lease");
+  auto r = I.run(I.sql.heartbeat, {num(lease.id()), num(lease.token), num(extension.count())});
+  if (r.rows() != 1) lease_lost(lease, "heartbeat");
   return {r.time(0, 0), r.boolean(0, 1)};
 }
 
 void PostgresStore::release(const Lease& lease) {
   auto& I = *impl_;
   bool retried = false;
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.release, {num(lease.id()), num(lease.token), I.channel}); },
-                   &retried);
+  auto r = I.run(I.sql.release, {num(lease.id()), num(lease.token), I.channel}, &retried);
   // After a retry the first try may have applied; the version moved on either way.
-  if (r.rows() != 1 && !retried)
-    throw LeaseLost(lease.id(), lease.token, "release found the task no longer under this lease");
+  if (r.rows() != 1 && !retried) lease_lost(lease, "release");
 }
 
 bool PostgresStore::expire_if_overdue(const Lease& lease) {
   auto& I = *impl_;
   bool retried = false;
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.expire_lease, {num(lease.id()), num(lease.token)}); },
-                   &retried);
+  auto r = I.run(I.sql.expire_lease, {num(lease.id()), num(lease.token)}, &retried);
   if (r.rows() == 1) return r.boolean(0, 0);
   // After a retry our first try may have expired it: then the task is on record
   // as expired by this lease.
   if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("expired")) return true;
-  throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
+  lease_lost(lease, "expire_if_overdue");
 }
 
 void PostgresStore::cancel_running(const Lease& lease, std::string_view reason) {
   auto& I = *impl_;
   bool retried = false;
   Param why = reason.empty() ? Param() : Param(std::string(reason));
-  auto r = I.retry(
-      [&](Connection& c) { return c.exec(I.sql.cancel_lease, {num(lease.id()), num(lease.token), why}); }, &retried);
+  auto r = I.run(I.sql.cancel_lease, {num(lease.id()), num(lease.token), why}, &retried);
   if (r.rows() == 1) return;
   if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("cancelled")) return;
-  throw LeaseLost(lease.id(), lease.token, "the task is no longer running under this lease");
+  lease_lost(lease, "cancel_running");
 }
 
 void PostgresStore::progress(const Lease& lease, int percent, std::string_view stage) {
   auto& I = *impl_;
   detail::validate_progress(percent, stage);
-  auto r = I.retry([&](Connection& c) {
-    return c.exec(I.sql.progress, {num(lease.id()), num(lease.token), num(percent), std::string(stage)});
-  });
-  if (r.rows() != 1) throw LeaseLost(lease.id(), lease.token, "progress found the task no longer under this lease");
+  auto r = I.run(I.sql.progress, {num(lease.id()), num(lease.token), num(percent), std::string(stage)});
+  if (r.rows() != 1) lease_lost(lease, "progress");
 }
 
 void PostgresStore::checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) {
   auto& I = *impl_;
   detail::validate_progress(0, stage);
   detail::validate_json("checkpoint", state_json, I.options.max_payload_bytes);
-  auto r = I.retry([&](Connection& c) {
-    return c.exec(I.sql.checkpoint,
-                  {num(lease.id()), num(lease.token), std::string(stage), std::string(state_json)});
-  });
-  if (r.rows() != 1)
-    throw LeaseLost(lease.id(), lease.token, "checkpoint found the task no longer under this lease");
+  auto r = I.run(I.sql.checkpoint, {num(lease.id()), num(lease.token), std::string(stage), std::string(state_json)});
+  if (r.rows() != 1) lease_lost(lease, "checkpoint");
 }
 
 namespace {
@@ -1181,14 +826,14 @@ class PgLeaseTransaction final : public LeaseTransaction {
     detail::validate_json("result", result_json, store_.options.max_payload_bytes);
     Result r = run(store_.sql.complete, {pg::text_array({num(lease_.id())}), pg::text_array({num(lease_.token)}),
                                         pg::text_array({std::string(result_json)})});
-    if (r.rows() != 1) lost("the task is no longer running under this lease");
+    if (r.rows() != 1) lost("complete");
     commit("succeeded");
   }
 
   FailOutcome fail(const Failure& failure) override {
     require_open();
     Result r = run(store_.sql.fail, fail_params(lease_, failure));
-    if (r.rows() != 1) lost("the task is no longer running under this lease");
+    if (r.rows() != 1) lost("fail");
     auto outcome = decode_fail(r);
     commit(nullptr);
     return outcome;
@@ -1200,7 +845,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     detail::validate_json("checkpoint", state_json, store_.options.max_payload_bytes);
     Result r = run(store_.sql.checkpoint,
                    {num(lease_.id()), num(lease_.token), std::string(stage), std::string(state_json)});
-    if (r.rows() != 1) lost("checkpoint found the task no longer under this lease");
+    if (r.rows() != 1) lost("checkpoint");
     commit(nullptr);
     start();
   }
@@ -1235,9 +880,9 @@ class PgLeaseTransaction final : public LeaseTransaction {
     }
     conn_.discard();
   }
-  [[noreturn]] void lost(const char* why) {
+  [[noreturn]] void lost(const char* verb) {
     abandon();
-    throw LeaseLost(lease_.id(), lease_.token, why);
+    lease_lost(lease_, verb);
   }
   // COMMIT; when the connection drops during it, ask the server (on another
   // connection) whether the settlement is on record before answering.
@@ -1283,7 +928,7 @@ CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
   auto& I = *impl_;
   detail::validate_scope(scope);
   for (int round = 0; round < 20; ++round) {
-    auto r = I.retry([&](Connection& c) { return c.exec(I.sql.cancel, {num(id), scope.tenant}); });
+    auto r = I.run(I.sql.cancel, {num(id), scope.tenant});
     if (auto out = decode_cancel(r)) return *out;
     // The task changed state under us (claimed or settled meanwhile): look again.
   }
@@ -1296,8 +941,7 @@ RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
   // Safe to repeat: a second run finds the task live and answers not_retryable,
   // which after a lost reply is checked below.
   bool retried = false;
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.retry, {num(id), scope.tenant, I.channel}); },
-                   &retried);
+  auto r = I.run(I.sql.retry, {num(id), scope.tenant, I.channel}, &retried);
   if (r.i64(0, 0) > 0) return RetryOutcome::retried;
   if (r.i64(0, 1) > 0) return RetryOutcome::not_retryable;
   if (r.i64(0, 2) > 0) return retried ? RetryOutcome::retried : RetryOutcome::not_retryable;
@@ -1307,7 +951,7 @@ RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
 std::optional<Task> PostgresStore::get(TaskId id, const Scope& scope) {
   auto& I = *impl_;
   detail::validate_scope(scope);
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.get, {num(id), scope.tenant}); });
+  auto r = I.run(I.sql.get, {num(id), scope.tenant});
   if (r.rows() == 0) return std::nullopt;
   return decode_task(r, 0);
 }
@@ -1326,12 +970,9 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   if (scope.tenant && q.tenant && *scope.tenant != *q.tenant) return {};
   Param tenant = scope.tenant ? scope.tenant : q.tenant;
   Param status = q.status ? Param(std::string(to_string(*q.status))) : std::nullopt;
-  auto r = I.retry([&](Connection& c) {
-    if (q.newest_first)
-      return c.exec(I.sql.list_desc, {q.queue, status, q.type, tenant,
-                                      num(q.after.value_or(std::numeric_limits<TaskId>::max())), num(q.limit + 1)});
-    return c.exec(I.sql.list, {q.queue, status, q.type, tenant, num(q.after.value_or(0)), num(q.limit + 1)});
-  });
+  auto after = q.newest_first ? q.after.value_or(std::numeric_limits<TaskId>::max()) : q.after.value_or(0);
+  auto r = I.run(q.newest_first ? I.sql.list_desc : I.sql.list,
+                 {q.queue, status, q.type, tenant, num(after), num(q.limit + 1)});
   TaskPage page;
   for (int i = 0; i < r.rows(); ++i) page.tasks.push_back(decode_task(r, i));
   // The statement reads one row past the page to say whether another follows.
@@ -1345,7 +986,7 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
 std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
   auto& I = *impl_;
   detail::validate_scope(scope);
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.stats, {scope.tenant}); });
+  auto r = I.run(I.sql.stats, {scope.tenant});
   std::map<std::string, QueueStats> by_queue;
   for (int i = 0; i < r.rows(); ++i) {
     auto& s = by_queue[r.text(i, 0)];
@@ -1370,7 +1011,7 @@ std::vector<Attempt> PostgresStore::history(TaskId id, const Scope& scope) {
   auto& I = *impl_;
   // A task's tenant never changes, so checking it first is as good as joining.
   if (scope.tenant && !get(id, scope)) return {};
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.history, {num(id)}); });
+  auto r = I.run(I.sql.history, {num(id)});
   std::vector<Attempt> out;
   for (int i = 0; i < r.rows(); ++i) {
     Attempt a;
@@ -1390,7 +1031,7 @@ std::int64_t PostgresStore::prune(Millis older_than, int batch_size) {
   detail::validate_prune(older_than, batch_size);
   std::int64_t total = 0;
   for (;;) {
-    auto r = I.retry([&](Connection& c) { return c.exec(I.sql.prune, {num(older_than.count()), num(batch_size)}); });
+    auto r = I.run(I.sql.prune, {num(older_than.count()), num(batch_size)});
     auto n = r.i64(0, 0);
     total += n;
     if (n < batch_size) return total;
@@ -1400,7 +1041,7 @@ std::int64_t PostgresStore::prune(Millis older_than, int batch_size) {
 std::int64_t PostgresStore::prunable(Millis older_than) {
   auto& I = *impl_;
   detail::validate_prune(older_than, 1);
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.prunable, {num(older_than.count())}); });
+  auto r = I.run(I.sql.prunable, {num(older_than.count())});
   return r.i64(0, 0);
 }
 
@@ -1411,7 +1052,7 @@ MaintenanceReport PostgresStore::maintain() {
   auto drain = [&](const Statement& st) {
     std::int64_t total = 0;
     for (;;) {
-      auto r = I.retry([&](Connection& c) { return c.exec(st, {num(batch)}); });
+      auto r = I.run(st, {num(batch)});
       total += r.i64(0, 0);
       if (r.i64(0, 0) < batch) return total;
     }
@@ -1425,7 +1066,7 @@ MaintenanceReport PostgresStore::maintain() {
     const auto until = std::chrono::steady_clock::now() + I.options.prune_budget;
     const auto older = std::to_string(I.options.retention->count());
     for (;;) {
-      auto r = I.retry([&](Connection& c) { return c.exec(I.sql.prune, {older, num(batch)}); });
+      auto r = I.run(I.sql.prune, {older, num(batch)});
       rep.pruned += r.i64(0, 0);
       if (r.i64(0, 0) < batch) break;
       if (std::chrono::steady_clock::now() >= until) {
@@ -1504,7 +1145,7 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
 
 TimePoint PostgresStore::now() {
   auto& I = *impl_;
-  auto r = I.retry([&](Connection& c) { return c.exec(I.sql.clock, {}); });
+  auto r = I.run(I.sql.now, {});
   return r.time(0, 0);
 }
 

@@ -1,0 +1,80 @@
+#include "postgres/queries.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+namespace eoq::pg {
+
+namespace {
+
+bool ident_char(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '$' ||
+         c == '"' || c == '.';
+}
+
+std::string trim(std::string s) {
+  auto space = [](char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; };
+  while (!s.empty() && (space(s.back()) || s.back() == ';')) s.pop_back();
+  std::size_t b = 0;
+  while (b < s.size() && space(s[b])) ++b;
+  return s.substr(b);
+}
+
+std::vector<Query> parse(std::string_view file) {
+  constexpr std::string_view kMarker = "-- name: ";
+  std::vector<Query> out;
+  std::string body;
+  auto flush = [&] {
+    if (!out.empty()) out.back().sql = trim(std::move(body));
+    body.clear();
+  };
+  while (!file.empty()) {
+    auto eol = file.find('\n');
+    auto line = file.substr(0, eol);
+    file.remove_prefix(eol == std::string_view::npos ? file.size() : eol + 1);
+    if (line.starts_with(kMarker)) {
+      flush();
+      std::string name(line.substr(kMarker.size()));
+      while (!name.empty() && name.back() == ' ') name.pop_back();
+      out.push_back({name, "eoq_" + name, {}});
+      continue;
+    }
+    // Full-line comments stay in the file; the server need not read them.
+    auto first = line.find_first_not_of(' ');
+    if (first != std::string_view::npos && line.substr(first).starts_with("--")) continue;
+    body.append(line).push_back('\n');
+  }
+  flush();
+  return out;
+}
+
+}  // namespace
+
+const std::vector<Query>& queries() {
+  static const std::vector<Query> all = parse(queries_file());
+  return all;
+}
+
+Statement query(std::string_view name, std::string_view quoted_schema) {
+  const auto& all = queries();
+  auto it = std::find_if(all.begin(), all.end(), [&](const Query& q) { return q.name == name; });
+  if (it == all.end()) throw Error(fmt::format("eoq internal: src/postgres/queries.sql has no query '{}'", name));
+  // `eoq.` names the schema wherever it starts a qualified name, in a string
+  // literal too ('eoq.task_ids'); `x.eoq.` or `eoq_stage` is something else.
+  constexpr std::string_view kSchema = "eoq.";
+  std::string sql;
+  sql.reserve(it->sql.size() + 64);
+  const std::string& in = it->sql;
+  for (std::size_t at = 0; at < in.size();) {
+    if (in.compare(at, kSchema.size(), kSchema) == 0 && (at == 0 || !ident_char(in[at - 1]))) {
+      sql.append(quoted_schema).push_back('.');
+      at += kSchema.size();
+    } else {
+      sql.push_back(in[at++]);
+    }
+  }
+  return Statement{it->prepared.c_str(), std::move(sql)};
+}
+
+}  // namespace eoq::pg

@@ -1,0 +1,700 @@
+-- Every statement the Postgres store runs, by name (src/postgres/queries.hpp).
+-- Embedded into the library at build time, like the migrations.
+--
+-- The schema is written `eoq`, the default, so any statement pastes into psql
+-- or EXPLAIN as it stands. The store puts the configured schema's quoted name
+-- in place of every `eoq.` (also inside string literals: 'eoq.task_ids'), so
+-- write `eoq.` for nothing but the schema.
+--
+-- A statement runs from its `-- name:` line to the next one; full-line
+-- comments are dropped before it is sent. What each statement's result must
+-- look like (names and types, by position) is declared beside its decoder in
+-- postgres_store.cpp, and postgres_test prepares every statement here against
+-- a real server to check the two agree.
+--
+-- Times arrive as microseconds since the Unix epoch and durations as
+-- milliseconds, both bigint: ('epoch'::timestamptz + $n::bigint * interval
+-- '1 microsecond') and ($n::bigint * interval '1 millisecond').
+--
+-- A task leaves the live table (tasks) for the append-only one (finished) in
+-- the statement that settles it: `gone` deletes it and `fin` inserts it, every
+-- column in table order, four lines for four lines; a column given an
+-- expression says which with AS.
+
+
+-- name: submit
+-- A key is taken by inserting it; ON CONFLICT DO NOTHING makes the unique
+-- constraint the judge of a race, and a concurrent submitter of the same key
+-- waits for ours to commit or roll back. No key row, no task row.
+WITH k AS (
+  INSERT INTO eoq.keys (queue, tenant, key, task_id)
+  SELECT $1, coalesce($4, ''), $3, nextval('eoq.task_ids') WHERE $3::text IS NOT NULL
+  ON CONFLICT DO NOTHING RETURNING task_id),
+ids AS (SELECT task_id AS id FROM k UNION ALL SELECT nextval('eoq.task_ids') WHERE $3::text IS NULL),
+ins AS (
+  INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+  SELECT id, $1, $2, $3, $4, $5::json, 'pending', $6,
+         coalesce(('epoch'::timestamptz + $7::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + $8::bigint * interval '1 microsecond'),
+         $9, $10, $11, $12, $13
+  FROM ids
+  RETURNING id, run_at, created_at, version)
+SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
+
+
+-- name: submit_batch
+-- The batch arrives as parallel arrays: one statement, one round trip.
+WITH src AS MATERIALIZED (
+  SELECT nextval('eoq.task_ids') AS id, s.*
+  FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                             $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[],
+                             $12::bigint[], $13::float8[])
+          WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
+                               backoff, initial_ms, max_ms, jitter, ord)) s),
+k AS (
+  INSERT INTO eoq.keys (queue, tenant, key, task_id)
+  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
+  ON CONFLICT DO NOTHING RETURNING task_id),
+ins AS (
+  INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
+         coalesce(('epoch'::timestamptz + src.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + src.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter
+  FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)
+  RETURNING id, run_at, created_at, version)
+SELECT src.ord, ins.id, ins.run_at, ins.created_at, ins.version,
+       (SELECT count(pg_notify($14, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
+FROM ins JOIN src USING (id);
+
+
+-- name: create_stage
+-- A large batch is COPYed into this stage in its transaction: parsing thirteen
+-- arrays of ten thousand elements cost the server more than COPY's text
+-- format does. The columns of submit_batch's arrays, then the position.
+-- Dropped at COMMIT, so it holds no state between transactions (nothing for a
+-- transaction-pooling proxy to lose).
+CREATE TEMP TABLE eoq_stage (queue text, type text, key text, tenant text, payload text, priority int,
+                             run_at bigint, deadline bigint, max_attempts int, backoff text, initial_ms bigint,
+                             max_ms bigint, jitter float8, ord bigint) ON COMMIT DROP;
+
+
+-- name: copy_stage
+COPY pg_temp.eoq_stage FROM STDIN;
+
+
+-- name: submit_staged
+-- submit_batch, reading the stage.
+WITH src AS MATERIALIZED (
+  SELECT nextval('eoq.task_ids') AS id, s.* FROM (SELECT * FROM pg_temp.eoq_stage ORDER BY ord) s),
+k AS (
+  INSERT INTO eoq.keys (queue, tenant, key, task_id)
+  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
+  ON CONFLICT DO NOTHING RETURNING task_id),
+ins AS (
+  INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
+         coalesce(('epoch'::timestamptz + src.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + src.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter
+  FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)
+  RETURNING id, run_at, created_at, version)
+SELECT src.ord, ins.id, ins.run_at, ins.created_at, ins.version,
+       (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
+FROM ins JOIN src USING (id);
+
+
+-- name: submit_staged_unkeyed
+-- A staged batch without keys inserts every row, with ids drawn in the
+-- batch's order: sorting by id gives the results in input order, without the
+-- key step and the join back to the stage.
+WITH ins AS (
+  INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+  SELECT nextval('eoq.task_ids'), queue, type, NULL, tenant, payload::json, 'pending', priority,
+         coalesce(('epoch'::timestamptz + src.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + src.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter
+  FROM (SELECT * FROM pg_temp.eoq_stage ORDER BY ord) src
+  RETURNING id, run_at, created_at, version)
+SELECT row_number() OVER (ORDER BY id) AS ord, id, run_at, created_at, version,
+       (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM pg_temp.eoq_stage) q)
+FROM ins;
+
+
+-- name: by_keys
+-- The tasks holding keys ($1 queues, $2 tenants, $3 keys), live or finished,
+-- each with its position in the input.
+SELECT q.ord, t.*
+FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS q(queue, tenant, key, ord)
+JOIN eoq.keys k ON k.queue = q.queue AND k.tenant = coalesce(q.tenant, '') AND k.key = q.key
+CROSS JOIN LATERAL (
+  SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+         attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+         version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+  FROM eoq.tasks WHERE id = k.task_id
+  UNION ALL
+  SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+         attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+         version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+  FROM eoq.finished WHERE id = k.task_id) t;
+
+
+-- name: claim_one
+-- One statement: pick candidates in claim order through the claim index (so
+-- the scan stops after `limit` rows), settle the ones that may not run
+-- (deadline passed, lost lease with no attempts left or a cancel request),
+-- record lost attempts, and lease the rest. The leases come back unordered
+-- (claim() sorts them): a final ORDER BY cost a tenth of the statement.
+-- Each candidate's fate (`final`, NULL: lease it) is decided once, in `cand`:
+-- an anti-join of `upd` against `ends` cost a quarter. Rows are found again by
+-- `id = ANY(ARRAY(...))`, never by a join alone: on a table of tens of
+-- thousands of rows the planner priced a join's thousand index probes above a
+-- sequential scan, and scanned the whole table per batch.
+-- This is the one-queue form (the common case), which walks the claim index
+-- directly; `claim` below differs only in `cand`.
+-- $1 queue, $2 limit, $3 owner, $4 lease in ms.
+WITH cand AS (
+  SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
+         t.run_at,
+         CASE WHEN t.deadline <= now() THEN 'expired'
+              WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
+              WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
+  FROM eoq.tasks t
+  WHERE t.queue = $1 AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
+  ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED),
+ends AS (SELECT id, final FROM cand WHERE final IS NOT NULL),
+lost AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired'
+  FROM cand WHERE status = 'running'),
+gone AS (
+  DELETE FROM eoq.tasks t USING ends e WHERE t.id = ANY(ARRAY(SELECT id FROM ends)) AND t.id = e.id
+  RETURNING t.*, e.final),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, final AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result,
+    CASE final WHEN 'expired' THEN 'deadline passed' WHEN 'failed' THEN 'lease expired'
+               ELSE last_error END AS last_error,
+    created_at, now() AS updated_at, now() AS finished_at
+  FROM gone),
+upd AS (
+  UPDATE eoq.tasks t
+  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
+      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
+      progress = 0, stage = ''
+  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL))
+  RETURNING t.*)
+SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
+       t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
+       t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
+       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at
+FROM upd t;
+
+
+-- name: claim
+-- claim_one over several queues ($1 an array): the claim index is walked once
+-- per queue and the candidates merged, since one scan cannot return (queue,
+-- priority, ...) entries in (priority, ...) order.
+WITH cand AS (
+  SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL (
+    SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
+           t.run_at,
+           CASE WHEN t.deadline <= now() THEN 'expired'
+                WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
+                WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
+    FROM eoq.tasks t
+    WHERE t.queue = q.name AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
+    ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
+  ORDER BY c.priority, c.run_at, c.id LIMIT $2),
+ends AS (SELECT id, final FROM cand WHERE final IS NOT NULL),
+lost AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired'
+  FROM cand WHERE status = 'running'),
+gone AS (
+  DELETE FROM eoq.tasks t USING ends e WHERE t.id = ANY(ARRAY(SELECT id FROM ends)) AND t.id = e.id
+  RETURNING t.*, e.final),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, final AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result,
+    CASE final WHEN 'expired' THEN 'deadline passed' WHEN 'failed' THEN 'lease expired'
+               ELSE last_error END AS last_error,
+    created_at, now() AS updated_at, now() AS finished_at
+  FROM gone),
+upd AS (
+  UPDATE eoq.tasks t
+  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
+      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
+      progress = 0, stage = ''
+  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL))
+  RETURNING t.*)
+SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
+       t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
+       t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
+       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at
+FROM upd t;
+
+
+-- name: complete
+-- $1 ids, $2 lease versions, $3 results (arrays, one entry per lease).
+-- The rows are found through the primary key by `id = ANY(ARRAY(...))` and
+-- fenced by a hashed (id, version) lookup, never by a join with the input: on
+-- a table of tens of thousands of rows the planner priced a join's thousand
+-- index probes above a sequential scan and read the whole table per batch
+-- (`id = ANY($1)` likewise, knowing the array's length). Each settled row
+-- meets its lease's result afterwards (by id and version, so a stale lease of
+-- the same task in the batch lends it nothing), once even when the lease came
+-- twice. Answers the (id, lease version) of each task settled.
+WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS f(id, v, result)),
+gone AS (
+  DELETE FROM eoq.tasks t
+  WHERE t.id = ANY(ARRAY(SELECT id FROM f)) AND t.status = 'running'
+    AND ((t.id, t.version) IN (SELECT id, v FROM f) OR t.id IS NULL)
+  RETURNING t.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'succeeded' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested,
+    100 AS progress, stage,
+    checkpoint_stage, checkpoint, new_result::json AS result, last_error, created_at, now() AS updated_at,
+    now() AS finished_at
+  FROM (SELECT gone.*, r.result AS new_result
+        FROM gone JOIN (SELECT DISTINCT ON (id, v) id, v, result FROM f) r
+                  ON r.id = gone.id AND r.v = gone.version) g
+  RETURNING id, version)
+SELECT id, version - 1 AS version FROM fin;
+
+
+-- name: fail
+-- $1 id, $2 lease version, $3 error, $4 permanent, $5 retry delay in ms.
+-- Answers the outcome ('retry', 'failed' or 'cancelled') and, for a retry,
+-- when the task runs again; no row: the lease is gone.
+WITH t AS (
+  SELECT id, attempts, version, lease_owner, started_at,
+         CASE WHEN cancel_requested THEN 'cancelled'
+              WHEN $4::boolean OR attempts >= max_attempts THEN 'failed' ELSE 'retry' END AS outcome
+  FROM eoq.tasks WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), outcome, $3 FROM t),
+gone AS (DELETE FROM eoq.tasks x USING t WHERE x.id = t.id AND t.outcome <> 'retry' RETURNING x.*, t.outcome),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, outcome AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, $3 AS last_error, created_at, now() AS updated_at, now() AS finished_at
+  FROM gone),
+up AS (
+  UPDATE eoq.tasks x
+  SET status = 'pending', version = x.version + 1, run_at = now() + ($5::bigint * interval '1 millisecond'),
+      last_error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM t WHERE x.id = t.id AND t.outcome = 'retry'
+  RETURNING x.run_at)
+SELECT t.outcome, (SELECT run_at FROM up) AS run_at FROM t;
+
+
+-- name: release
+-- Gives a running task back unrun ($1 id, $2 lease version, $3 channel): the
+-- attempt does not count. A task with a cancel request ends cancelled instead.
+WITH t AS (
+  SELECT id, cancel_requested, attempts, version, lease_owner, started_at FROM eoq.tasks
+  WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', NULL FROM t WHERE cancel_requested),
+gone AS (DELETE FROM eoq.tasks x USING t WHERE x.id = t.id AND t.cancel_requested RETURNING x.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+  FROM gone),
+up AS (
+  UPDATE eoq.tasks x
+  SET status = 'pending', version = x.version + 1, attempts = x.attempts - 1, run_at = now(),
+      lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM t WHERE x.id = t.id AND NOT t.cancel_requested RETURNING x.id)
+SELECT t.id, (SELECT pg_notify($3, queue) FROM eoq.tasks WHERE id = $1) FROM t;
+
+
+-- name: expire_lease
+-- Ends a just-claimed task expired if its deadline has passed ($1 id, $2
+-- lease version). The deadline is judged by now() here, not by the worker
+-- that asks: the answer is the same whatever its clock says.
+WITH t AS (
+  SELECT id, attempts, version, lease_owner, started_at, coalesce(deadline <= now(), false) AS overdue
+  FROM eoq.tasks WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'expired', 'deadline passed before the task started'
+  FROM t WHERE overdue),
+gone AS (DELETE FROM eoq.tasks x USING t WHERE x.id = t.id AND t.overdue RETURNING x.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'expired' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, 'deadline passed' AS last_error, created_at, now() AS updated_at,
+    now() AS finished_at
+  FROM gone)
+SELECT overdue FROM t;
+
+
+-- name: cancel_lease
+-- A running task stopped by its handler ends cancelled ($1 id, $2 lease
+-- version, $3 reason).
+WITH t AS (
+  SELECT id, attempts, version, lease_owner, started_at FROM eoq.tasks
+  WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', $3 FROM t),
+gone AS (DELETE FROM eoq.tasks x USING t WHERE x.id = t.id RETURNING x.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+  FROM gone
+  RETURNING id)
+SELECT id FROM fin;
+
+
+-- name: heartbeat
+-- $1 id, $2 lease version, $3 extension in ms.
+UPDATE eoq.tasks SET lease_expires_at = now() + ($3::bigint * interval '1 millisecond')
+WHERE id = $1 AND version = $2 AND status = 'running'
+RETURNING lease_expires_at, cancel_requested;
+
+
+-- name: progress
+UPDATE eoq.tasks SET progress = $3, stage = $4, updated_at = now()
+WHERE id = $1 AND version = $2 AND status = 'running'
+RETURNING id;
+
+
+-- name: checkpoint
+UPDATE eoq.tasks SET checkpoint_stage = $3, checkpoint = $4::json, updated_at = now()
+WHERE id = $1 AND version = $2 AND status = 'running'
+RETURNING id;
+
+
+-- name: cancel
+-- $1 id, $2 the scope's tenant (NULL: every tenant). A pending task ends
+-- cancelled; a running one gets a cancel request its worker sees at the next
+-- heartbeat. The counts say which happened, or whether the task is finished or
+-- unknown; all zero but `live`: it changed state under us, run it again.
+WITH gone AS (
+  DELETE FROM eoq.tasks WHERE id = $1 AND status = 'pending' AND ($2::text IS NULL OR tenant = $2)
+  RETURNING *),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+  FROM gone
+  RETURNING id),
+req AS (
+  UPDATE eoq.tasks SET cancel_requested = true, updated_at = now()
+  WHERE id = $1 AND status = 'running' AND ($2::text IS NULL OR tenant = $2)
+  RETURNING id)
+SELECT (SELECT count(*) FROM fin) AS cancelled,
+       (SELECT count(*) FROM req) AS requested,
+       (SELECT count(*) FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS finished,
+       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
+
+
+-- name: retry
+-- $1 id, $2 the scope's tenant (NULL: every tenant), $3 channel.
+-- A task settled other than in success goes back to the live table as it was,
+-- pending now, with one attempt more than it has used if it has none left; its
+-- history rows stay. A deadline that has passed is dropped, or the task would
+-- only expire again.
+WITH gone AS (
+  DELETE FROM eoq.finished
+  WHERE id = $1 AND status IN ('failed', 'cancelled', 'expired') AND ($2::text IS NULL OR tenant = $2)
+  RETURNING *),
+back AS (
+  INSERT INTO eoq.tasks (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'pending' AS status, priority, now() AS run_at,
+    CASE WHEN deadline > now() THEN deadline END AS deadline,
+    attempts, greatest(max_attempts, attempts + 1) AS max_attempts, backoff, backoff_initial_ms, backoff_max_ms,
+    backoff_jitter,
+    version + 1 AS version, NULL AS lease_owner, NULL AS lease_expires_at, NULL AS started_at,
+    false AS cancel_requested, 0 AS progress, '' AS stage,
+    checkpoint_stage, checkpoint, NULL AS result, last_error, created_at, now() AS updated_at,
+    NULL AS finished_at
+  FROM gone
+  RETURNING queue)
+SELECT (SELECT count(pg_notify($3, queue)) FROM back) AS retried,
+       (SELECT count(*) FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS finished,
+       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
+
+
+-- name: get
+-- $1 id, $2 the scope's tenant (NULL: every tenant).
+SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+       attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+       version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+UNION ALL
+SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+       attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+       version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2);
+
+
+-- name: list
+-- $1 queue, $2 status, $3 type, $4 tenant (each NULL: any), $5 the last id of
+-- the previous page, $6 the page size. A status filter names one table only;
+-- the other side is cut by a parameter-only condition the executor evaluates
+-- once. Oldest first; list_desc is the same newest first: two statements
+-- rather than a parameterised ORDER BY, so each keeps a plan that walks the
+-- primary key in its own direction.
+SELECT * FROM (
+  (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+   FROM eoq.tasks
+   WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
+     AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5
+   ORDER BY id ASC LIMIT $6)
+  UNION ALL
+  (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+   FROM eoq.finished
+   WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running'))
+     AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5
+   ORDER BY id ASC LIMIT $6)) x
+ORDER BY id ASC LIMIT $6;
+
+
+-- name: list_desc
+SELECT * FROM (
+  (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+   FROM eoq.tasks
+   WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
+     AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id < $5
+   ORDER BY id DESC LIMIT $6)
+  UNION ALL
+  (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+   FROM eoq.finished
+   WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running'))
+     AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id < $5
+   ORDER BY id DESC LIMIT $6)) x
+ORDER BY id DESC LIMIT $6;
+
+
+-- name: stats
+-- $1 the scope's tenant (NULL: every tenant).
+SELECT queue, status, count(*)::bigint AS count,
+       (extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now())) * 1000)::bigint
+         AS oldest_pending_ms,
+       0::bigint AS last_minute
+FROM eoq.tasks WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
+UNION ALL
+SELECT queue, status, count(*)::bigint, NULL::bigint,
+       count(*) FILTER (WHERE finished_at > now() - interval '1 minute')
+FROM eoq.finished WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status;
+
+
+-- name: history
+-- A task's attempts: those that ended other than in success from the attempts
+-- table, the running or succeeded one from the task's own row.
+SELECT attempt, owner, started_at, finished_at, outcome, error FROM eoq.attempts WHERE task_id = $1
+UNION ALL
+SELECT attempts, lease_owner, started_at, NULL::timestamptz, 'running', NULL FROM eoq.tasks
+WHERE id = $1 AND status = 'running'
+UNION ALL
+SELECT attempts, lease_owner, started_at, finished_at, 'succeeded', NULL FROM eoq.finished
+WHERE id = $1 AND status = 'succeeded'
+ORDER BY 1;
+
+
+-- name: settled
+-- After a lost connection: did my settlement commit? The settled row (or the
+-- attempt row of a failure) carries the version the lease saw ($2).
+SELECT status FROM eoq.finished WHERE id = $1 AND version = $2 + 1
+UNION ALL
+SELECT outcome FROM eoq.attempts WHERE task_id = $1 AND version = $2 AND outcome <> 'lease_expired';
+
+
+-- name: now
+SELECT now();
+
+
+-- name: expire
+-- Pending tasks whose deadline passed end expired, $1 at a time.
+WITH v AS (SELECT id FROM eoq.tasks WHERE status = 'pending' AND deadline <= now() LIMIT $1 FOR UPDATE SKIP LOCKED),
+gone AS (DELETE FROM eoq.tasks t USING v WHERE t.id = v.id RETURNING t.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'expired' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, 'deadline passed' AS last_error, created_at, now() AS updated_at,
+    now() AS finished_at
+  FROM gone
+  RETURNING 1)
+SELECT count(*) FROM fin;
+
+
+-- name: reap
+-- Running tasks whose lease ran out and that may not run again (no attempts
+-- left, or a cancel request) end failed or cancelled, $1 at a time. The rest
+-- are claimed again by claim, which settles these too; reaping serves queues
+-- no worker claims from.
+WITH v AS (
+  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, cancel_requested FROM eoq.tasks
+  WHERE status = 'running' AND lease_expires_at <= now() AND (attempts >= max_attempts OR cancel_requested)
+  LIMIT $1 FOR UPDATE SKIP LOCKED),
+h AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired' FROM v),
+gone AS (DELETE FROM eoq.tasks t USING v WHERE t.id = v.id RETURNING t.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload,
+    CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result,
+    CASE WHEN cancel_requested THEN last_error ELSE 'lease expired' END AS last_error,
+    created_at, now() AS updated_at, now() AS finished_at
+  FROM gone
+  RETURNING 1)
+SELECT count(*) FROM fin;
+
+
+-- name: prune
+-- Finished tasks older than $1 ms go, with their key and attempts, $2 at a time.
+WITH v AS (
+  SELECT id, queue, tenant, key FROM eoq.finished
+  WHERE finished_at < now() - ($1::bigint * interval '1 millisecond')
+  LIMIT $2 FOR UPDATE SKIP LOCKED),
+dk AS (DELETE FROM eoq.keys k USING v
+       WHERE k.queue = v.queue AND k.tenant = coalesce(v.tenant, '') AND k.key = v.key AND k.task_id = v.id),
+da AS (DELETE FROM eoq.attempts a USING v WHERE a.task_id = v.id),
+df AS (DELETE FROM eoq.finished f USING v WHERE f.id = v.id RETURNING 1)
+SELECT count(*) FROM df;
+
+
+-- name: prunable
+SELECT count(*) FROM eoq.finished WHERE finished_at < now() - ($1::bigint * interval '1 millisecond');
+
+
+-- name: table_stats
+-- How many rows the planner believes the live table holds, and whether it was
+-- never analyzed (see refresh_stats in postgres_store.cpp).
+SELECT c.reltuples::float8 AS reltuples, s.last_analyze IS NULL AND s.last_autoanalyze IS NULL AS never_analyzed
+FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = 'eoq.tasks'::regclass;
+
+
+-- name: analyze
+ANALYZE eoq.tasks;
+
+
+-- name: migrate_lock
+-- Serialises concurrent migrate() calls for one schema across processes; $1
+-- is 'eoq.migrate.' and the schema's name, bound rather than written here.
+SELECT pg_advisory_xact_lock(hashtextextended($1, 0));
+
+
+-- name: migrations_table
+CREATE TABLE IF NOT EXISTS eoq.migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+
+
+-- name: migrations_applied
+SELECT name FROM eoq.migrations;
+
+
+-- name: migration_applied
+INSERT INTO eoq.migrations (name) VALUES ($1);
