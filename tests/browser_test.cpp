@@ -521,6 +521,7 @@ TEST_CASE("browser: with tokens the page asks for one, keeps it for the tab, and
 TEST_CASE("browser: the exactly-once simulator served live: submit from the form, a failed attempt's error, success",
           "[browser]") {
   require_browser();
+  fs::create_directories(EOQ_BROWSER_ARTIFACTS);
   eoq::test::TestStore store(eoq::test::StoreKind::postgres);  // for its database; the example makes its own schemas
   const auto scratch = eoq::test::scratch_dir("browser-simulator");
   DashboardProcess sim(store.conninfo(),
