@@ -50,7 +50,6 @@ using example::Child;  // a worker in its own process, so it can be killed for r
 using example::elapsed;
 using example::flag;
 using example::flags;
-using example::Row;
 using example::started;
 const char* const kSchema = "reminders_eoq";  // eoq's tables; ours are in "reminders"
 
