@@ -309,12 +309,15 @@ int main(int argc, char** argv) try {
 
   std::vector<std::unique_ptr<eoq::PostgresStore>> stores;
   std::vector<std::unique_ptr<eoq::Worker>> workers;
-  for (int w = 0; w < opt.workers; ++w) {
+  // One more worker for the probe's queue: the storm's workers hold up to
+  // thousands of claimed purchases each, and a buyer's purchase is not behind them.
+  for (int w = 0; w <= opt.workers; ++w) {
+    const bool probe_worker = w == opt.workers;
     stores.push_back(std::make_unique<eoq::PostgresStore>(store_options(opt.concurrency)));
     eoq::WorkerOptions wo;
-    wo.queues = {"shop", "shop-probe"};
-    wo.concurrency = opt.concurrency;
-    wo.worker_id = "worker-" + std::to_string(w + 1);
+    wo.queues = {probe_worker ? "shop-probe" : "shop"};
+    wo.concurrency = probe_worker ? 1 : opt.concurrency;
+    wo.worker_id = probe_worker ? "probe-worker" : "worker-" + std::to_string(w + 1);
     // "sold out" is an expected outcome, logged as a warning per task: keep errors only.
     wo.logger = [](eoq::LogLevel level, std::string_view message) {
       if (level == eoq::LogLevel::error)
@@ -357,7 +360,6 @@ int main(int argc, char** argv) try {
         eoq::NewTask p;
         p.queue = "shop-probe";
         p.type = "purchase";
-        p.priority = 10;  // the buyer's own purchase, not the storm's: it is not kept waiting
         p.key = "probe-" + std::to_string(n);
         p.payload = R"({"sku":"probe"})";
         auto id = store.submit(p).task.id;
