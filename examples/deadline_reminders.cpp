@@ -8,12 +8,18 @@
 //    with a clear error, and the same reminder twice is one task (its idempotency key
 //    is the to-do and the reminder time).
 //  - a to-do and its reminders are created in one transaction of our own
-//    (PostgresStore::submit_on), and cancelling a to-do cancels it, every reminder not
-//    yet sent and their eoq tasks in one transaction (PostgresStore::cancel_on).
+//    (PostgresStore::submit_on), and deleting a to-do removes it and its reminders
+//    and cancels their eoq tasks in one transaction (PostgresStore::cancel_on).
+//  - reminders belong to a user (eoq's tenant): alice can neither see nor cancel
+//    bob's, neither through eoq (Scope::only) nor through the app's own delete.
+//  - one send fails (the mail server refuses it once, injected); the others are
+//    sent regardless, and that one is sent on its retry.
 //  - several workers send at once; each reminder is sent exactly once, because the
 //    send is a row written in the transaction that completes its task.
 //  - a worker killed (SIGKILL) in the middle of sending loses nothing: its half-done
 //    sends roll back, its leases run out after 1.5 s, and the other workers send them.
+//  - checked by counting the store's own tasks by key (one per reminder, none
+//    extra), the app's rows, and the sends.
 //
 //   deadline_reminders [--todos 4] [--workers 3]
 //   deadline_reminders worker --id NAME [--stall-ms 0] [--lease-ms 1500]   (one worker)
@@ -44,7 +50,6 @@ using example::Child;  // a worker in its own process, so it can be killed for r
 using example::elapsed;
 using example::flag;
 using example::flags;
-using example::Row;
 using example::started;
 const char* const kSchema = "reminders_eoq";  // eoq's tables; ours are in "reminders"
 
@@ -84,13 +89,18 @@ std::string micros(eoq::TimePoint t) { return std::to_string(t.time_since_epoch(
 
 // Schedules one reminder inside the caller's open transaction. The task and its
 // row in reminders.reminders commit together, or neither does.
-eoq::SubmitResult schedule_in(Db& db, const std::string& todo_id, eoq::TimePoint due, eoq::TimePoint at) {
+// The task belongs to the to-do's owner (its tenant), so eoq's reads and cancels
+// scoped to another user never see it. `fail_first_send` injects one refusal by
+// the mail server.
+eoq::SubmitResult schedule_in(Db& db, const std::string& owner, const std::string& todo_id, eoq::TimePoint due,
+                              eoq::TimePoint at, bool fail_first_send = false) {
   if (at <= now()) throw Rejected("remind_at: is in the past");
   eoq::NewTask t;
   t.queue = "reminders";
   t.type = "remind";
+  t.tenant = owner;
   t.key = "todo:" + todo_id + ":at:" + micros(at);
-  t.payload = R"({"todo":)" + todo_id + "}";
+  t.payload = R"({"todo":)" + todo_id + (fail_first_send ? R"(,"fail_first_send":true})" : "}");
   t.run_at = at;
   t.deadline = due;
   t.retry = {
@@ -108,11 +118,13 @@ eoq::SubmitResult schedule_in(Db& db, const std::string& todo_id, eoq::TimePoint
   return r;
 }
 
-std::string add_todo(Db& db, const std::string& title, eoq::TimePoint due, const std::vector<eoq::TimePoint>& times) {
+std::string add_todo(Db& db, const std::string& owner, const std::string& title, eoq::TimePoint due,
+                     const std::vector<eoq::TimePoint>& times, int fail_first_send_of = -1) {
   Transaction tx(db);
-  auto id = db.query("INSERT INTO reminders.todos (title, due) VALUES ($1, reminders.at($2)) RETURNING id",
-                     {title, micros(due)})[0][0];
-  for (auto at : times) schedule_in(db, id, due, at);
+  auto id = db.query("INSERT INTO reminders.todos (owner, title, due) VALUES ($1, $2, reminders.at($3)) RETURNING id",
+                     {owner, title, micros(due)})[0][0];
+  for (std::size_t i = 0; i < times.size(); ++i)
+    schedule_in(db, owner, id, due, times[i], static_cast<int>(i) == fail_first_send_of);
   tx.commit();
   return id;
 }
@@ -124,11 +136,11 @@ void schedule_reminder(Db& db, const std::string& todo_id, eoq::TimePoint at, co
   try {
     Transaction tx(db);
     auto row = db.query(
-        "SELECT (extract(epoch FROM due) * 1000000)::bigint, status FROM reminders.todos"
+        "SELECT (extract(epoch FROM due) * 1000000)::bigint, owner FROM reminders.todos"
         " WHERE id = $1 FOR SHARE",
         {todo_id});
-    if (row.empty() || row[0][1] != "open") throw Rejected("to-do " + todo_id + " is not open");
-    auto r = schedule_in(db, todo_id, eoq::TimePoint(std::chrono::microseconds(std::stoll(row[0][0]))), at);
+    if (row.empty()) throw Rejected("to-do " + todo_id + " does not exist");
+    auto r = schedule_in(db, row[0][1], todo_id, eoq::TimePoint(std::chrono::microseconds(std::stoll(row[0][0]))), at);
     tx.commit();
     std::printf(r.duplicate ? "already scheduled as task %lld; nothing new\n" : "scheduled as task %lld\n",
                 static_cast<long long>(r.task.id));
@@ -137,27 +149,31 @@ void schedule_reminder(Db& db, const std::string& todo_id, eoq::TimePoint at, co
   }
 }
 
-// Cancels a to-do, every reminder of it not yet sent and their eoq tasks, in one
-// transaction: all of it commits or none of it does, so no crash can leave a
-// cancelled to-do with a reminder still queued. The send handler flips a reminder
-// from 'scheduled' to 'sent' under a row lock and we take the reminders' row locks
+// `user` deletes a to-do for good: the to-do, its reminders and their eoq tasks
+// (cancelled) go in one transaction, so no crash can leave a deleted to-do with
+// a reminder still queued. Only the owner's delete matches a row; anyone else's
+// deletes nothing, and cancel_on is scoped to the owner as well. The send handler
+// flips a reminder to 'sent' under its row lock, and we take the reminders' locks
 // before the tasks', so a reminder being sent right now is either sent before
-// this commits or finds itself cancelled (its running task is asked to stop, and
-// its handler ends it cancelled).
-void cancel_todo(Db& db, const std::string& todo_id) {
-  std::vector<Row> cancelled;
-  {
-    Transaction tx(db);
-    db.query("UPDATE reminders.todos SET status = 'cancelled' WHERE id = $1", {todo_id});
-    cancelled = db.query(
-        "UPDATE reminders.reminders SET status = 'cancelled'"
-        " WHERE todo_id = $1 AND status = 'scheduled' RETURNING task_id",
-        {todo_id});
-    for (const auto& r : cancelled) eoq::PostgresStore::cancel_on(db.get(), std::stoll(r[0]), {}, kSchema);
-    tx.commit();
+// this commits or finds itself gone (its running task is asked to stop, and its
+// handler ends it cancelled). Returns the ids of the cancelled tasks.
+std::vector<std::string> delete_todo(Db& db, const std::string& user, const std::string& todo_id) {
+  std::vector<std::string> tasks;
+  Transaction tx(db);
+  if (db.query("SELECT 1 FROM reminders.todos WHERE id = $1 AND owner = $2 FOR UPDATE", {todo_id, user}).empty()) {
+    std::printf("[%4.1fs] %s may not delete to-do %s: no such to-do of theirs; nothing changed\n", elapsed(),
+                user.c_str(), todo_id.c_str());
+    return tasks;
   }
-  std::printf("[%4.1fs] cancelled to-do %s and its %zu pending reminder(s) in one transaction\n", elapsed(),
-              todo_id.c_str(), cancelled.size());
+  for (const auto& r : db.query("DELETE FROM reminders.reminders WHERE todo_id = $1 RETURNING task_id", {todo_id})) {
+    eoq::PostgresStore::cancel_on(db.get(), std::stoll(r[0]), eoq::Scope::only(user), kSchema);
+    tasks.push_back(r[0]);
+  }
+  db.query("DELETE FROM reminders.todos WHERE id = $1", {todo_id});
+  tx.commit();
+  std::printf("[%4.1fs] %s deleted to-do %s: its %zu reminder(s) removed, their tasks cancelled, one transaction\n",
+              elapsed(), user.c_str(), todo_id.c_str(), tasks.size());
+  return tasks;
 }
 
 // Sends one reminder. `stall` keeps the transaction open after the send is written:
@@ -171,13 +187,15 @@ void send_reminder(eoq::TaskContext& ctx, eoq::Millis stall) {
       {task});
   if (marked.empty()) {
     auto why = ctx.exec("SELECT status FROM reminders.reminders WHERE task_id = $1", {task});
-    if (why.empty()) throw eoq::PermanentError("no reminder belongs to this task");
-    // Nothing to send, nothing to retry: the task ends cancelled, like its reminder.
-    if (why.rows[0][0] == "cancelled") throw eoq::Cancelled("the to-do was cancelled");
+    // Nothing to send, nothing to retry: the task ends cancelled, like its deleted to-do.
+    if (why.empty()) throw eoq::Cancelled("the to-do was deleted");
     throw eoq::PermanentError("the deadline passed before the reminder could be sent");
   }
   ctx.exec("INSERT INTO reminders.sends (reminder_id, worker) VALUES ($1, $2)",
            {*marked.rows[0][0], ctx.lease().owner});
+  // After the send row is written, so the refusal shows that it rolls back too.
+  if (ctx.attempt() == 1 && ctx.payload().find(R"("fail_first_send":true)") != std::string::npos)
+    throw std::runtime_error("mail server refused the message (injected failure)");
   if (stall.count() > 0) {
     std::printf("[%4.1fs] %s: sending reminder %s (task %s), stalling before commit\n", elapsed(),
                 ctx.lease().owner.c_str(), marked.rows[0][0]->c_str(), task.c_str());
@@ -232,8 +250,8 @@ int main(int argc, char** argv) try {
       "CREATE FUNCTION reminders.at(micros bigint) RETURNS timestamptz IMMUTABLE LANGUAGE sql"
       " AS $$ SELECT 'epoch'::timestamptz + micros * interval '1 microsecond' $$");
   db.query(
-      "CREATE TABLE reminders.todos (id bigserial PRIMARY KEY, title text NOT NULL,"
-      " due timestamptz NOT NULL, status text NOT NULL DEFAULT 'open')");
+      "CREATE TABLE reminders.todos (id bigserial PRIMARY KEY, owner text NOT NULL, title text NOT NULL,"
+      " due timestamptz NOT NULL)");
   db.query(
       "CREATE TABLE reminders.reminders (id bigserial PRIMARY KEY, todo_id bigint NOT NULL"
       " REFERENCES reminders.todos, remind_at timestamptz NOT NULL, task_id bigint NOT NULL,"
@@ -245,19 +263,53 @@ int main(int argc, char** argv) try {
   eoq::PostgresStore store(store_options());
   store.migrate();
 
-  // Every to-do is due in 25 s, with reminders spread over the first seconds.
+  // Every to-do is due in 25 s, with reminders spread over the first seconds;
+  // alice and bob own every other one. To-do 2's last reminder meets a mail
+  // server that refuses it once (late enough that the doomed worker never has it).
   const auto t = now(), due = t + 25s;
+  const std::string users[] = {"alice", "bob"};
   std::vector<std::string> ids;
   for (int i = 0; i < todos; ++i) {
     auto step = eoq::Millis(250 * i);
-    ids.push_back(add_todo(db, "to-do " + std::to_string(i + 1), due, {t + 1s + step, t + 3s + step, t + 5s + step}));
+    ids.push_back(add_todo(db, users[i % 2], "to-do " + std::to_string(i + 1), due,
+                           {t + 1s + step, t + 3s + step, t + 5s + step}, i == 1 ? 2 : -1));
   }
-  const auto doomed_todo = add_todo(db, "to be cancelled", due, {t + 5s, t + 6s, t + 7s});
-  std::printf("created %d to-dos with 3 reminders each, plus to-do %s to cancel; all due in 25 s\n", todos,
-              doomed_todo.c_str());
+  const auto doomed_todo = add_todo(db, "bob", "to be deleted", due, {t + 5s, t + 6s, t + 7s});
+  std::printf("created %d to-dos with 3 reminders each for alice and bob, plus bob's to-do %s to delete;"
+              " all due in 25 s\n", todos, doomed_todo.c_str());
   schedule_reminder(db, ids[0], now() - 5s, "5 s ago");
   schedule_reminder(db, ids[0], due + 5s, "5 s after its deadline");
   schedule_reminder(db, ids[0], t + 1s, "at the time of its first reminder, again");
+
+  // Ownership, through eoq and through the app: alice lists only her reminders,
+  // and neither eoq's cancel nor the app's delete lets her touch bob's.
+  auto reminder_tasks = [&](const eoq::Scope& scope) {
+    eoq::ListQuery q;
+    q.queue = "reminders";
+    return example::all_tasks(store, q, scope);
+  };
+  example::Checks check;
+  {
+    auto alice_sees = reminder_tasks(eoq::Scope::only("alice"));
+    bool only_hers = !alice_sees.empty();
+    for (const auto& task : alice_sees) only_hers = only_hers && task.tenant == "alice";
+    auto alice_owns = db.one("SELECT count(*) FROM reminders.reminders r JOIN reminders.todos t ON t.id = r.todo_id"
+                             " WHERE t.owner = 'alice'");
+    check(only_hers && std::to_string(alice_sees.size()) == alice_owns,
+          "alice's scope lists " + std::to_string(alice_sees.size()) + " reminder tasks: exactly her " + alice_owns +
+              ", none of bob's");
+    auto bobs = db.query("SELECT task_id FROM reminders.reminders WHERE todo_id = $1", {doomed_todo});
+    auto bob_task = std::stoll(bobs.at(0)[0]);
+    auto outcome = store.cancel(bob_task, eoq::Scope::only("alice"));
+    auto seen = store.get(bob_task, eoq::Scope::only("alice"));
+    check(outcome == eoq::CancelOutcome::not_found && !seen &&
+              store.get(bob_task)->status == eoq::TaskStatus::pending,
+          "alice cancelling bob's reminder task " + std::to_string(bob_task) + " through eoq: " +
+              std::string(eoq::to_string(outcome)) + ", it stays pending, and she cannot read it");
+    auto removed = delete_todo(db, "alice", doomed_todo);
+    check(removed.empty() && db.one("SELECT count(*) FROM reminders.reminders WHERE todo_id = $1", {doomed_todo}) == "3",
+          "alice deleting bob's to-do " + doomed_todo + ": refused, its 3 reminders still there");
+  }
 
   // A worker that stalls in the middle of every send; kill it once it holds one.
   std::vector<std::string> held;
@@ -284,7 +336,7 @@ int main(int argc, char** argv) try {
     std::printf("[%4.1fs] killed worker 'doomed' (SIGKILL) while it held %zu reminder task(s)\n", elapsed(),
                 held.size());
   }
-  cancel_todo(db, doomed_todo);
+  const auto deleted_tasks = delete_todo(db, "bob", doomed_todo);
 
   std::vector<std::unique_ptr<eoq::PostgresStore>> stores;
   std::vector<std::unique_ptr<eoq::Worker>> running;
@@ -306,33 +358,48 @@ int main(int argc, char** argv) try {
   for (auto& w : running) w->stop();
   std::printf("[%4.1fs] all reminders settled\n\n", elapsed());
 
-  bool ok = true;
-  auto check = [&](bool good, const std::string& what) {
-    std::printf("%s %s\n", good ? "ok  " : "FAIL", what.c_str());
-    ok = ok && good;
-  };
-  auto one = [&](const std::string& sql, const std::vector<std::string>& params = {}) {
-    return db.query(sql, params)[0][0];
-  };
+  auto one = [&](const std::string& sql, const std::vector<std::string>& params = {}) { return db.one(sql, params); };
   auto sent = one("SELECT count(*) FROM reminders.reminders WHERE status = 'sent'");
   check(sent == std::to_string(3 * todos) &&
             one("SELECT count(*) FROM reminders.reminders WHERE status = 'scheduled'") == "0",
-        sent + " reminders sent: every one of the to-dos not cancelled");
+        sent + " reminders sent: every one of the to-dos not deleted");
   check(one("SELECT count(*) FROM (SELECT r.id FROM reminders.reminders r LEFT JOIN reminders.sends s"
-            " ON s.reminder_id = r.id GROUP BY r.id, r.status"
-            " HAVING count(s.*) <> CASE r.status WHEN 'sent' THEN 1 ELSE 0 END) x") == "0",
-        "each sent reminder has exactly one send row, each cancelled one none");
+            " ON s.reminder_id = r.id GROUP BY r.id HAVING count(s.*) <> 1) x") == "0",
+        "each sent reminder has exactly one send row");
   check(one("SELECT count(*) FROM reminders.sends s JOIN reminders.reminders r ON r.id = s.reminder_id"
             " JOIN reminders.todos t ON t.id = r.todo_id WHERE s.sent_at >= t.due OR s.sent_at < r.remind_at") == "0",
         "every send happened at or after its reminder time and before the deadline");
-  check(one("SELECT count(*) FROM reminders.reminders") == std::to_string(3 * todos + 3),
-        "the repeated reminder was not scheduled twice");
-  bool all_cancelled = true;
-  for (const auto& r : db.query("SELECT task_id FROM reminders.reminders WHERE todo_id = $1", {doomed_todo}))
-    all_cancelled = all_cancelled && store.get(std::stoll(r[0]))->status == eoq::TaskStatus::cancelled;
-  check(all_cancelled && one("SELECT count(*) FROM reminders.reminders WHERE todo_id = $1 AND status = 'cancelled'",
-                             {doomed_todo}) == "3",
-        "the cancelled to-do's 3 reminders: cancelled in our table and in eoq, none sent");
+
+  // The store's own count: one task per reminder key, none without a reminder.
+  // The app's table could not show a second task for a key (its unique
+  // constraint would hide it); the store can.
+  const auto tasks = reminder_tasks({});
+  std::set<std::string> task_ids, expected_ids(deleted_tasks.begin(), deleted_tasks.end());
+  for (const auto& task : tasks) task_ids.insert(std::to_string(task.id));
+  for (const auto& r : db.query("SELECT task_id FROM reminders.reminders")) expected_ids.insert(r[0]);
+  int keys_twice = 0;
+  for (const auto& [key, n] : example::tasks_per_key(tasks)) keys_twice += n != 1;
+  check(tasks.size() == static_cast<std::size_t>(3 * todos + 3) && keys_twice == 0 && task_ids == expected_ids,
+        std::to_string(tasks.size()) + " reminder tasks in eoq, one per key, each behind a reminder (or a deleted"
+        " one): the repeated reminder was not scheduled twice");
+
+  bool all_cancelled = deleted_tasks.size() == 3;
+  for (const auto& id : deleted_tasks)
+    all_cancelled = all_cancelled && store.get(std::stoll(id))->status == eoq::TaskStatus::cancelled;
+  check(all_cancelled && one("SELECT count(*) FROM reminders.todos WHERE id = $1", {doomed_todo}) == "0" &&
+            one("SELECT count(*) FROM reminders.reminders WHERE todo_id = $1", {doomed_todo}) == "0",
+        "bob's deleted to-do: gone with its reminders, their 3 tasks cancelled in eoq, none sent");
+
+  auto injected = db.query("SELECT task_id FROM reminders.reminders WHERE todo_id = $1 ORDER BY remind_at DESC LIMIT 1",
+                           {ids.at(1)});
+  auto injected_task = store.get(std::stoll(injected.at(0)[0]));
+  auto injected_history = store.history(injected_task->id);
+  check(injected_task->status == eoq::TaskStatus::succeeded && injected_history.size() == 2 &&
+            injected_history[0].error.value_or("").find("injected") != std::string::npos,
+        "the send the mail server refused (task " + std::to_string(injected_task->id) + "): attempt 1 " +
+            injected_history[0].error.value_or("?") + ", sent on attempt " +
+            std::to_string(injected_task->attempts) + "; the other sends went on");
+
   auto senders = one("SELECT count(DISTINCT worker) FROM reminders.sends");
   check(one("SELECT count(*) FROM reminders.sends WHERE worker = 'doomed'") == "0",
         "the killed worker's half-done sends rolled back; " + senders + " workers shared the sends");
@@ -345,7 +412,7 @@ int main(int argc, char** argv) try {
                          ", then sent by " + task->lease_owner.value_or("?") + " on attempt " +
                          std::to_string(task->attempts));
   }
-  return ok ? 0 : 1;
+  return check.exit_code();
 } catch (const std::exception& e) {
   std::fprintf(stderr, "deadline_reminders: %s\n", e.what());
   return 1;

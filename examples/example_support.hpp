@@ -134,4 +134,48 @@ inline void start_at_t0(const Flags& f) {
   if (f.count("--t0")) started = std::chrono::system_clock::time_point(eoq::Millis(std::stoll(f.at("--t0"))));
 }
 
+// Every task the query matches, all pages of it: the examples' verdicts count
+// what the store holds, not what they believe they submitted.
+inline std::vector<eoq::Task> all_tasks(eoq::TaskStore& store, eoq::ListQuery q, const eoq::Scope& scope = {}) {
+  std::vector<eoq::Task> out;
+  q.limit = 1000;
+  for (;;) {
+    auto page = store.list(q, scope);
+    out.insert(out.end(), page.tasks.begin(), page.tasks.end());
+    if (!page.next_after) return out;
+    q.after = page.next_after;
+  }
+}
+
+inline std::vector<eoq::Task> tasks_of(eoq::TaskStore& store, std::string queue, std::string type) {
+  eoq::ListQuery q;
+  q.queue = std::move(queue);
+  q.type = std::move(type);
+  return all_tasks(store, q);
+}
+
+// Tasks per (tenant, key) as the store holds them; a key held by two tasks, or a
+// task without the key it was meant to carry, shows up here.
+inline std::map<std::string, int> tasks_per_key(const std::vector<eoq::Task>& tasks) {
+  std::map<std::string, int> n;
+  for (const auto& t : tasks) ++n[t.tenant.value_or("") + "/" + t.key.value_or("(no key)")];
+  return n;
+}
+
+// A verdict line per check; the example exits 0 only when every one held.
+class Checks {
+ public:
+  bool operator()(bool good, const std::string& what) {
+    std::printf("%s %s\n", good ? "ok  " : "FAIL", what.c_str());
+    std::fflush(stdout);
+    ok_ = ok_ && good;
+    return good;
+  }
+  bool ok() const noexcept { return ok_; }
+  int exit_code() const noexcept { return ok_ ? 0 : 1; }
+
+ private:
+  bool ok_ = true;
+};
+
 }  // namespace example

@@ -5,7 +5,9 @@
 //  - the producer submits typed jobs with the client's own idempotency keys, so
 //    running it again (a retry, a second copy) adds nothing;
 //  - consumers come and go: while none runs, jobs wait; a consumer stopped with
-//    SIGTERM gives its unfinished jobs back at once;
+//    SIGTERM gives its unfinished jobs back at once; one killed with SIGKILL in the
+//    middle of its jobs loses none of them: its leases run out (2 s) and the next
+//    consumer does them, each exactly once;
 //  - a failing job retries with a fixed backoff, and ends "failed": a terminal
 //    state that stays queryable (`status <id>`), never silently dropped;
 //  - the scheduler submits a periodic job with a time-bucketed key, so two
@@ -133,6 +135,7 @@ int consume(eoq::PostgresStore& store, const std::map<std::string, std::string>&
   o.prefetch = 0;
   o.worker_id = f.at("--id");
   o.logger = prefixed(o.worker_id);
+  o.lease = 2s;  // a killed consumer's jobs run again 2 s later
   eoq::Worker worker(store, o);
   for (const char* type : {"thumbnail", "invoice", "email", "flaky", "report"}) worker.on(type, do_job);
   worker.start();
@@ -242,36 +245,86 @@ int demo(eoq::PostgresStore& store) {
   waited = waited && done_then == done_later;
 
   std::printf("== consumer c2 starts\n");
-  Child c2(step({"consume", "--id", "c2"}));
+  auto c2 = std::make_unique<Child>(step({"consume", "--id", "c2"}));
   wait_until([&] { return count(eoq::TaskStatus::pending) + count(eoq::TaskStatus::running) == 0; },
              "the producer's jobs to settle");
-  std::this_thread::sleep_for(1s);  // one more periodic job, for c2 to run
+
+  std::printf("== batch b2 arrives; c2 is killed (SIGKILL) in the middle of it, and c3 takes over\n");
+  Child(step({"produce", "--jobs", std::to_string(jobs), "--batch", "b2"})).stop();
+  auto running_on = [&](const std::string& consumer) {
+    eoq::ListQuery q;
+    q.queue = kQueue;
+    q.status = eoq::TaskStatus::running;
+    std::vector<eoq::TaskId> ids;
+    for (const auto& t : store.list(q).tasks)
+      if (t.lease_owner == consumer && t.type != "report") ids.push_back(t.id);
+    return ids;
+  };
+  std::vector<eoq::TaskId> held;
+  wait_until([&] { return !(held = running_on("c2")).empty(); }, "c2 to hold a job of batch b2");
+  c2->stop(SIGKILL);
+  std::printf("[demo] killed c2 while it ran %zu job(s)\n", held.size());
+  Child c3(step({"consume", "--id", "c3"}));
+  auto b2_open = [&] {
+    int n = 0;
+    for (int i = 1; i <= jobs; ++i) {
+      auto s = store.find(kQueue, "b2-job-" + std::to_string(i))->status;
+      n += s == eoq::TaskStatus::pending || s == eoq::TaskStatus::running;
+    }
+    return n;
+  };
+  wait_until([&] { return b2_open() == 0; }, "batch b2 to settle after the kill");
+  std::this_thread::sleep_for(1s);  // one more periodic job, for c3 to run
   s1->stop(SIGTERM);
   s2.stop(SIGTERM);
-  c2.stop(SIGTERM);
+  c3.stop(SIGTERM);
 
   std::printf("== checks\n");
-  bool ok = true;
-  auto check = [&](bool good, const std::string& what) {
-    std::printf("%s %s\n", good ? "ok  " : "FAIL", what.c_str());
-    ok = ok && good;
-  };
+  example::Checks check;
   check(waited, "jobs waited while no consumer ran");
   Db db(url());
   std::map<std::string, int> done_rows;
   for (const auto& r : db.query("SELECT task_id, count(*) FROM jobs.done GROUP BY task_id"))
     done_rows[r[0]] = std::stoi(r[1]);
-  bool once = true;
-  std::set<eoq::TaskId> ids;
-  eoq::Task flaky, invoice;
-  for (const auto& t : producer_jobs()) {
-    ids.insert(t.id);
-    once = once && done_rows[std::to_string(t.id)] == (t.status == eoq::TaskStatus::succeeded ? 1 : 0);
-    if (t.type == "flaky") flaky = t;
-    if (t.key == "b1-job-" + std::to_string(jobs)) invoice = t;
+
+  // Counted in the store, by key: every job the producers meant, once, and nothing else.
+  eoq::ListQuery all;
+  all.queue = kQueue;
+  auto tasks = example::all_tasks(store, all);
+  std::map<std::string, int> per_key;
+  int extra = 0, wrong_done = 0, produced = 0;
+  for (const auto& t : tasks) {
+    wrong_done += done_rows[std::to_string(t.id)] != (t.status == eoq::TaskStatus::succeeded ? 1 : 0);
+    if (t.type == "report") continue;
+    ++produced;
+    if (!t.key || !(t.key->starts_with("b1-job-") || t.key->starts_with("b2-job-"))) ++extra;
+    ++per_key[t.key.value_or("")];
   }
-  check(ids.size() == jobs && once, std::to_string(jobs) + " keys, " + std::to_string(jobs) +
-                                        " jobs (the second producer added none); each done exactly once");
+  bool each_once = per_key.size() == 2 * jobs;
+  for (const auto& [key, n] : per_key) each_once = each_once && n == 1;
+  check(produced == 2 * jobs && extra == 0 && each_once,
+        std::to_string(produced) + " jobs in the store for 3 producer runs of 2 batches of " + std::to_string(jobs) +
+            " keys: one per key (the second b1 run added none), nothing else");
+  check(wrong_done == 0 && static_cast<int>(done_rows.size()) <= static_cast<int>(tasks.size()),
+        "each succeeded job done exactly once, no failed or unfinished one done at all (" +
+            std::to_string(tasks.size()) + " tasks, periodic ones included)");
+  bool recovered = !held.empty();
+  std::string how;
+  for (auto id : held) {
+    auto t = *store.get(id);
+    auto h = store.history(id);
+    recovered = recovered && h.size() >= 2 && h.front().outcome == "lease_expired" && h.front().owner == "c2" &&
+                t.status != eoq::TaskStatus::pending && t.status != eoq::TaskStatus::running;
+    how += " " + std::to_string(id) + ":" + std::string(eoq::to_string(t.status));
+  }
+  check(recovered, "the jobs c2 held when killed ran again after their leases expired, none lost:" + how);
+
+  eoq::Task flaky, invoice;
+  for (int i = 1; i <= jobs; ++i) {
+    auto t = *store.find(kQueue, "b1-job-" + std::to_string(i));
+    if (t.type == "flaky") flaky = t;
+    if (i == jobs) invoice = t;
+  }
   auto h = store.history(flaky.id);
   std::string gaps;
   bool fixed = h.size() == 3;
@@ -286,25 +339,21 @@ int demo(eoq::PostgresStore& store) {
         "the bad invoice failed at once: " + invoice.last_error.value_or("?"));
 
   // Periodic jobs: one per bucket, and no bucket skipped, across restarts and two schedulers.
-  eoq::ListQuery q;
-  q.queue = kQueue;
-  q.type = "report";
   std::set<long long> buckets;
   int reports = 0;
-  bool reports_once = true;
-  for (const auto& t : store.list(q).tasks) {
+  for (const auto& t : tasks) {
+    if (t.type != "report") continue;
     ++reports;
     buckets.insert(std::stoll(t.key->substr(t.key->rfind(':') + 1)));
-    reports_once = reports_once && done_rows[std::to_string(t.id)] == (t.status == eoq::TaskStatus::succeeded ? 1 : 0);
   }
   bool contiguous = !buckets.empty() && *buckets.rbegin() - *buckets.begin() + 1 == reports;
-  check(reports == static_cast<int>(buckets.size()) && contiguous && reports_once,
+  check(reports == static_cast<int>(buckets.size()) && contiguous,
         std::to_string(reports) + " periodic jobs for " + std::to_string(buckets.size()) +
             " consecutive 1 s buckets: one each, from 2 schedulers and a restart");
 
   std::printf("== status %lld\n", static_cast<long long>(flaky.id));
   check(Child(step({"status", std::to_string(flaky.id)})).stop(), "the failed job stays queryable");
-  return ok ? 0 : 1;
+  return check.exit_code();
 }
 
 }  // namespace

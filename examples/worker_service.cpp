@@ -8,12 +8,15 @@
 // and the signal can only be delivered to sigwait.
 //
 //   worker_service            runs until SIGTERM / SIGINT
-//   worker_service --demo     sends itself SIGTERM after a few seconds
+//   worker_service --demo     sends itself SIGTERM after a few seconds, then checks
+//                             what the store and the greetings table hold
 //
 // Runs on EOQ_DATABASE_URL, or on a throwaway PostgreSQL it starts and stops itself.
 #include <eoq/eoq.hpp>
 #include <eoq/testing.hpp>
 #include <eoq/worker.hpp>
+
+#include "example_support.hpp"
 
 #include <signal.h>
 #include <unistd.h>
@@ -31,7 +34,8 @@ int main(int argc, char** argv) try {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  eoq::PostgresStore store(eoq::testing::database_url_or_temp("EOQ_DATABASE_URL"));
+  const std::string url = eoq::testing::database_url_or_temp("EOQ_DATABASE_URL");
+  eoq::PostgresStore store(url);
   store.migrate();
 
   eoq::WorkerOptions options;
@@ -91,8 +95,9 @@ int main(int argc, char** argv) try {
   worker.start();
   std::cout << "worker " << worker.id() << " running; send SIGTERM or press Ctrl-C to stop" << std::endl;
 
+  const bool demo_mode = argc > 1 && std::strcmp(argv[1], "--demo") == 0;
   std::jthread demo;
-  if (argc > 1 && std::strcmp(argv[1], "--demo") == 0)
+  if (demo_mode)
     demo = std::jthread([] {
       std::this_thread::sleep_for(std::chrono::seconds(3));
       kill(getpid(), SIGTERM);
@@ -106,7 +111,29 @@ int main(int argc, char** argv) try {
   auto c = worker.counters();
   std::cout << "claimed " << c.claimed << ", succeeded " << c.succeeded << ", failed " << c.failed << ", retried "
             << c.retried << ", released " << c.released << "\n";
-  return 0;
+  if (!demo_mode) return 0;
+
+  // The demo's verdict, from the store and the table, not from what we meant to do:
+  // each greeting one task (its key, once), succeeded, with one row naming that task.
+  example::Checks check;
+  example::Db db(url);
+  auto greets = example::tasks_of(store, "default", "greet");
+  bool greeted = greets.size() == 3;
+  for (const auto& [key, n] : example::tasks_per_key(greets)) greeted = greeted && n == 1;
+  for (const auto& t : greets)
+    greeted = greeted && t.status == eoq::TaskStatus::succeeded &&
+              db.one("SELECT count(*) FROM public.eoq_example_greetings WHERE task_id = $1 AND name = $2",
+                     {std::to_string(t.id), t.key->substr(t.key->find(':') + 1)}) == "1";
+  check(greeted && db.one("SELECT count(*) FROM public.eoq_example_greetings") == "3",
+        "3 greet tasks in the store, one per key, each succeeded with exactly one greeting row");
+  auto reports = example::tasks_of(store, "default", "report");
+  bool one_per_period = !reports.empty();
+  for (const auto& [key, n] : example::tasks_per_key(reports)) one_per_period = one_per_period && n == 1;
+  check(one_per_period, std::to_string(reports.size()) + " periodic report task(s), one per 10 s period");
+  auto setup_task = store.find("default", "setup:greetings-table");
+  check(setup_task && setup_task->status == eoq::TaskStatus::succeeded && c.failed == 0,
+        "the setup task succeeded, and nothing this worker ran failed");
+  return check.exit_code();
 } catch (const std::exception& e) {
   std::cerr << "worker_service: " << e.what() << "\n";
   return 1;

@@ -103,37 +103,19 @@ void wait_until(const std::string& what, const std::function<bool()>& ready,
 
 // `eoq dashboard` as an operator starts it. It prints one line,
 // "eoq dashboard listening on http://HOST:PORT/" (flushed), then serves until
-// SIGTERM.
+// SIGTERM. Or another program that serves the dashboard and says where in a
+// line that `listening` matches (an example's --serve).
 class DashboardProcess {
  public:
   // `access`: "--no-auth", or "--tokens", FILE.
   DashboardProcess(const std::string& conninfo, const std::string& schema, const std::vector<std::string>& access) {
-    ::setenv("EOQ_DATABASE_URL", conninfo.c_str(), 1);
     std::vector<std::string> argv{EOQ_CLI, "dashboard", "--listen", "127.0.0.1:0", "--schema", schema};
     argv.insert(argv.end(), access.begin(), access.end());
-    child_ = eoq::test::spawn_child(argv, eoq::test::scratch_dir("browser-eoq") + "/eoq.log");
-    const std::regex line(R"(eoq dashboard listening on (http://[^\s/]+:\d+/))");
-    auto deadline = Clock::now() + 30s;
-    for (;;) {
-      std::smatch m;
-      std::string log = eoq::test::read_file(child_.log);
-      if (std::regex_search(log, m, line)) {
-        url_ = m[1];
-        return;
-      }
-      if (int status = 0; ::waitpid(child_.pid, &status, WNOHANG) == child_.pid) {
-        child_.pid = -1;
-        FAIL("`eoq dashboard` exited before listening ("
-             << (WIFEXITED(status) ? fmt::format("exit code {}", WEXITSTATUS(status))
-                                   : fmt::format("signal {}", WTERMSIG(status)))
-             << "):\n" << log);
-      }
-      if (Clock::now() > deadline) {
-        terminate();  // the destructor does not run for a constructor that fails
-        FAIL("`eoq dashboard` printed no \"listening on\" line within 30 s (is it flushed?):\n" << log);
-      }
-      std::this_thread::sleep_for(50ms);
-    }
+    start(conninfo, argv, std::regex(R"(eoq dashboard listening on (http://[^\s/]+:\d+/))"), "browser-eoq");
+  }
+  DashboardProcess(const std::string& conninfo, const std::vector<std::string>& argv, const std::regex& listening,
+                   const std::string& scratch) {
+    start(conninfo, argv, listening, scratch);
   }
   ~DashboardProcess() {
     if (child_.pid > 0) {
@@ -144,6 +126,7 @@ class DashboardProcess {
   DashboardProcess(const DashboardProcess&) = delete;
   DashboardProcess& operator=(const DashboardProcess&) = delete;
   const std::string& url() const { return url_; }
+  std::string output() const { return eoq::test::read_file(child_.log); }
   // Stops it the way an operator does; returns the exit status.
   int terminate() {
     if (child_.pid <= 0) return -1;
@@ -152,6 +135,33 @@ class DashboardProcess {
   }
 
  private:
+  void start(const std::string& conninfo, const std::vector<std::string>& argv, const std::regex& line,
+             const std::string& scratch) {
+    ::setenv("EOQ_DATABASE_URL", conninfo.c_str(), 1);
+    child_ = eoq::test::spawn_child(argv, eoq::test::scratch_dir(scratch) + "/out.log");
+    auto deadline = Clock::now() + 30s;
+    for (;;) {
+      std::smatch m;
+      std::string log = eoq::test::read_file(child_.log);
+      if (std::regex_search(log, m, line)) {
+        url_ = m[1];
+        return;
+      }
+      if (int status = 0; ::waitpid(child_.pid, &status, WNOHANG) == child_.pid) {
+        child_.pid = -1;
+        FAIL("`" << argv[0] << "` exited before listening ("
+             << (WIFEXITED(status) ? fmt::format("exit code {}", WEXITSTATUS(status))
+                                   : fmt::format("signal {}", WTERMSIG(status)))
+             << "):\n" << log);
+      }
+      if (Clock::now() > deadline) {
+        terminate();  // the destructor does not run for a constructor that fails
+        FAIL("`" << argv[0] << "` printed no \"listening\" line within 30 s (is it flushed?):\n" << log);
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+  }
+
   eoq::test::Child child_;
   std::string url_;
 };
@@ -506,3 +516,55 @@ TEST_CASE("browser: with tokens the page asks for one, keeps it for the tab, and
   CHECK_FALSE(asking());
   CHECK(dashboard.terminate() == 0);
 }
+
+#ifdef EOQ_SIMULATOR
+TEST_CASE("browser: the exactly-once simulator served live: submit from the form, a failed attempt's error, success",
+          "[browser]") {
+  require_browser();
+  fs::create_directories(EOQ_BROWSER_ARTIFACTS);
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);  // for its database; the example makes its own schemas
+  const auto scratch = eoq::test::scratch_dir("browser-simulator");
+  DashboardProcess sim(store.conninfo(),
+                       {EOQ_SIMULATOR, "--serve", "127.0.0.1:0", "--tasks", "4", "--unkeyed", "1", "--repeats", "2",
+                        "--min-delay-ms", "20", "--max-delay-ms", "100", "--failure-rate", "0", "--log",
+                        scratch + "/actions.log"},
+                       std::regex(R"(serving the dashboard on (http://[^\s/]+:\d+/))"), "browser-simulator");
+  // The scripted run first (a stampede, a worker killed): the page serves all along.
+  wait_until("the simulator's own verdict, then serving on", [&] {
+    return sim.output().find("the workers keep running") != std::string::npos;
+  }, [&] { return sim.output(); }, 120s);
+  CHECK(sim.output().find("FAIL") == std::string::npos);
+
+  Browser b;
+  auto table = [&] { return "table:\n" + b.text("#tasks") + "\nsubmit result:\n" + b.text("#submit-result"); };
+  b.go(sim.url());
+  wait_until("the page to go live", [&] { return b.text("#live-text").starts_with("live"); }, table);
+  b.type("#s-queue", "simulator");
+  b.type("#s-type", "charge");
+  b.type("#s-key", "browser-1");
+  b.type("#s-payload", R"({"caller_id": "browser-1", "amount_cents": 500, "fail_attempts": 1})");
+  b.click("#s-submit");
+  wait_until("the created message", [&] { return b.text("#submit-result").find("Created task #") != std::string::npos; },
+             table);
+  eoq::PostgresOptions o;
+  o.conninfo = store.conninfo();
+  o.schema = "simulator_eoq";
+  eoq::PostgresStore sim_store(o);
+  auto task = sim_store.find("simulator", "browser-1");
+  REQUIRE(task);
+  const auto id = task->id;
+
+  // Its first attempt fails (the payload asks for it), the retry succeeds: both seen live.
+  wait_until("the task succeeded in the table", [&] { return row_status(b, id) == "succeeded"; }, table, 60s);
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", id));
+  wait_until("both attempts in the detail view, the first with its error", [&] {
+    return b.script("return document.querySelectorAll('#d-attempts tbody tr').length;") == 2 &&
+           b.text("#d-attempts").find("simulated failure after writing the effect") != std::string::npos;
+  }, [&] { return b.text("#detail"); });
+  b.screenshot(std::string(EOQ_BROWSER_ARTIFACTS) + "/simulator-serve.png");
+  CHECK(sim_store.get(id)->attempts == 2);
+  CHECK(eoq::test::read_file(scratch + "/actions.log").find(fmt::format("failure    task={} attempt=1", id)) !=
+        std::string::npos);
+  CHECK(sim.terminate() == 0);  // the example's exit code: its scripted run's verdict
+}
+#endif
