@@ -1,0 +1,238 @@
+// Conformance: Claiming: order, limits, queues, exclusivity; the store's clock; waiting for tasks.
+#include "conformance/conformance.hpp"
+
+// ---------------------------------------------------------------------------
+// claim
+
+STORE_CASE("claims hand out tasks by priority then run_at then id", "[claim]") {
+  auto base = now();
+  auto sub = [&](int priority, std::optional<TimePoint> run_at) {
+    NewTask t = task();
+    t.priority = priority;
+    t.run_at = run_at;
+    return store.submit(t).task.id;
+  };
+  auto t1 = sub(5, std::nullopt);
+  auto t2 = sub(-1, std::nullopt);
+  auto t3 = sub(0, base - 10s);
+  auto t4 = sub(0, base - 20s);
+  auto t5 = sub(0, base - 20s);
+  auto t6 = sub(0, std::nullopt);
+  std::vector<eoq::TaskId> expected = {t2, t4, t5, t3, t6, t1};
+  std::vector<eoq::TaskId> got;
+  SECTION("in one claim") {
+    for (auto& l : claim(store, {"default"}, "w", 10)) {
+      CHECK(l.task.status == TaskStatus::running);
+      got.push_back(l.id());
+    }
+  }
+  SECTION("one at a time") {
+    for (int i = 0; i < 6; ++i) got.push_back(claim_one(store).id());
+    CHECK(claim(store, {"default"}, "w", 1).empty());
+  }
+  CHECK(got == expected);
+}
+
+STORE_CASE("a claim takes at most limit tasks", "[claim]") {
+  for (int i = 0; i < 5; ++i) store.submit(task());
+  CHECK(claim(store, {"default"}, "w", 2).size() == 2);
+  CHECK(claim(store, {"default"}, "w", 2).size() == 2);
+  CHECK(claim(store, {"default"}, "w", 2).size() == 1);
+  CHECK(claim(store, {"default"}, "w", 2).empty());
+}
+
+STORE_CASE("a claim takes tasks from every queue it names and from no other", "[claim]") {
+  auto a = store.submit(task("t", "a")).task.id;
+  auto b = store.submit(task("t", "b")).task.id;
+  auto c = store.submit(task("t", "c")).task.id;
+  CHECK(claim(store, {"nothing-here"}, "w", 10).empty());
+  auto got = claim(store, {"a", "b"}, "w", 10);
+  std::set<eoq::TaskId> ids;
+  for (auto& l : got) ids.insert(l.id());
+  CHECK(ids == std::set<eoq::TaskId>{a, b});
+  CHECK(must_get(store, c).status == TaskStatus::pending);
+  auto gc = claim(store, {"c"}, "w", 10);
+  REQUIRE(gc.size() == 1);
+  CHECK(gc[0].id() == c);
+}
+
+STORE_CASE("a task whose run_at is in the future is not claimed until then", "[claim]") {
+  NewTask t = task();
+  t.run_at = now() + 1s;
+  auto id = store.submit(t).task.id;
+  CHECK(claim(store, {"default"}, "w", 10).empty());
+  CHECK(must_get(store, id).status == TaskStatus::pending);
+  std::this_thread::sleep_until(*t.run_at + 50ms);
+  auto got = claim(store, {"default"}, "w", 10);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].id() == id);
+}
+
+STORE_CASE("a claim makes the task running with a new version, an owner and a lease expiry", "[claim]") {
+  auto submitted = store.submit(task()).task;
+  auto before = now();
+  auto l = claim_one(store, "worker-1", 10s);
+  auto after = now();
+  CHECK(l.owner == "worker-1");
+  CHECK(l.task.id == submitted.id);
+  CHECK(l.task.status == TaskStatus::running);
+  CHECK(l.task.attempts == 1);
+  CHECK(l.attempt() == 1);
+  CHECK(l.task.version == submitted.version + 1);
+  CHECK(l.token == l.task.version);
+  CHECK(l.task.lease_owner == std::optional<std::string>("worker-1"));
+  REQUIRE(l.task.lease_expires_at);
+  CHECK(*l.task.lease_expires_at == l.expires_at);
+  CHECK(l.expires_at >= before + 10s - kSlack);
+  CHECK(l.expires_at <= after + 10s + kSlack);
+  auto got = must_get(store, l.id());
+  CHECK(describe(got) == describe(l.task));
+  auto h = store.history(l.id());
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].number == 1);
+  CHECK(h[0].owner == "worker-1");
+  CHECK(h[0].outcome == "running");
+  CHECK_FALSE(h[0].finished_at);
+  CHECK(h[0].started_at >= before - 1s);
+  CHECK(h[0].started_at <= after + 1s);
+}
+
+STORE_CASE("eight threads claiming at once hand out every task exactly once", "[claim][concurrency]") {
+  constexpr int kTasks = 400, kThreads = 8;
+  std::vector<NewTask> batch(kTasks, task());
+  store.submit_batch(batch);
+  std::vector<std::vector<Lease>> got(kThreads);
+  std::vector<std::string> errors(kThreads);
+  std::latch go(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&, i] {
+      auto& mine = got[static_cast<std::size_t>(i)];
+      go.arrive_and_wait();
+      try {
+        for (;;) {
+          auto ls = claim(store, {"default"}, fmt::format("w{}", i), 7);
+          if (ls.empty()) break;
+          for (auto& l : ls) mine.push_back(std::move(l));
+        }
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(i)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& e : errors) CHECK(e.empty());
+  std::map<eoq::TaskId, int> times;
+  std::vector<eoq::Completion> completions;
+  for (auto& per : got)
+    for (auto& l : per) {
+      ++times[l.id()];
+      completions.push_back({&l, "1"});
+    }
+  CHECK(times.size() == kTasks);
+  CHECK(completions.size() == kTasks);
+  int twice = 0;
+  for (auto& [id, n] : times) twice += n > 1 ? 1 : 0;
+  CHECK(twice == 0);
+  CHECK(stats_of(store, "default").running == kTasks);
+  auto applied = store.complete_batch(completions);
+  CHECK(std::count(applied.begin(), applied.end(), true) == kTasks);
+  CHECK(stats_of(store, "default").succeeded == kTasks);
+}
+
+// ---------------------------------------------------------------------------
+// the store's time in a lease
+
+STORE_CASE("a claim tells the store's time of the claim in the lease", "[deadline]") {
+  store.submit(task());
+  auto before = now();
+  auto l = claim_one(store);
+  auto after = now();
+  CHECK(l.claimed_at == l.task.started_at.value_or(TimePoint{}));
+  CHECK(l.claimed_at >= before - kSlack);
+  CHECK(l.claimed_at <= after + kSlack);
+}
+
+// ---------------------------------------------------------------------------
+// waiting
+
+STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the timeout", "[wait]") {
+  // Each section bounds the wait from both sides: it does not return before its
+  // cause (a wait that returns at once fails here), and it returns well before
+  // the timeout it would otherwise sit out. A first wait of 0 ms makes the store
+  // listen (Postgres: LISTEN), so a submit made before the second wait is heard.
+  using Steady = std::chrono::steady_clock;
+  SECTION("a submit wakes a waiter, not before it is made") {
+    store.wait_for_tasks({"woken"}, 0ms);
+    std::atomic<bool> submitting{false};
+    auto t0 = Steady::now();
+    std::thread submitter([&] {
+      std::this_thread::sleep_for(200ms);
+      submitting = true;
+      store.submit(task("t", "woken"));
+    });
+    store.wait_for_tasks({"woken"}, 60s);
+    auto waited = Steady::now() - t0;
+    const bool after_submit = submitting;  // read before the join, which waits for the submit
+    submitter.join();
+    CHECK(after_submit);
+    CHECK(waited < 30s);  // the timeout would take 60 s
+  }
+  SECTION("wake ends a wait, not before it is called") {
+    store.wait_for_tasks({"quiet"}, 0ms);
+    std::atomic<bool> waking{false};
+    auto t0 = Steady::now();
+    std::thread waker([&] {
+      std::this_thread::sleep_for(200ms);
+      waking = true;
+      store.wake();
+    });
+    store.wait_for_tasks({"quiet"}, 60s);
+    auto waited = Steady::now() - t0;
+    const bool after_wake = waking;  // read before the join, which waits for the wake
+    waker.join();
+    CHECK(after_wake);
+    CHECK(waited < 30s);  // the timeout would take 60 s
+  }
+  SECTION("the timeout ends a wait, and is waited") {
+    store.wait_for_tasks({"quiet"}, 0ms);
+    auto t0 = Steady::now();
+    store.wait_for_tasks({"quiet"}, 300ms);
+    auto waited = Steady::now() - t0;
+    CHECK(waited >= 295ms);  // (a whole millisecond may be lost to rounding)
+    CHECK(waited < 30s);
+  }
+  SECTION("a submit to another queue does not end a wait") {
+    store.wait_for_tasks({"quiet"}, 0ms);
+    std::atomic<bool> entered{false}, returned{false};
+    Steady::duration waited{};
+    std::thread waiter([&] {
+      entered = true;
+      auto t0 = Steady::now();
+      store.wait_for_tasks({"quiet"}, 3000ms);
+      waited = Steady::now() - t0;
+      returned = true;
+    });
+    while (!entered) std::this_thread::sleep_for(1ms);
+    int submitted_while_waiting = 0;
+    for (int i = 0; i < 5; ++i) {
+      store.submit(task("t", "other"));
+      if (!returned) ++submitted_while_waiting;
+      std::this_thread::sleep_for(20ms);
+    }
+    waiter.join();
+    CHECK(submitted_while_waiting >= 1);
+    CHECK(waited >= 2995ms);  // the whole timeout: no submit to "other" ended it
+  }
+}
+
+STORE_CASE("now() is the store's clock", "[clock]") {
+  auto before = now();
+  auto t = store.now();
+  auto after = now();
+  // The test server runs on this host, so its clock and ours agree to within rounding.
+  CHECK(t >= before - kSlack);
+  CHECK(t <= after + kSlack);
+  // The clock leases are measured by: a claim right after reads no earlier time.
+  store.submit(task());
+  CHECK(claim_one(store).claimed_at >= t);
+}

@@ -1,0 +1,445 @@
+// Conformance: Submitting: fields, ids, keys and their reuse rules, batches.
+#include "conformance/conformance.hpp"
+
+// ---------------------------------------------------------------------------
+// submit
+
+STORE_CASE("a submitted task comes back with every field it was given", "[submit]") {
+  auto before = now();
+  NewTask t;
+  t.queue = "emails.v2:eu-1";
+  t.type = "send-email";
+  t.payload = R"({"n": [1, 2, 3], "to": "ada@example.com", "nested": {"v": null, "ok": true}})";
+  t.key = "order-42";
+  t.priority = -7;
+  t.run_at = before + 1h;
+  t.deadline = before + 2h;
+  t.retry.max_attempts = 7;
+  t.retry.backoff = eoq::Backoff::fixed;
+  t.retry.initial_delay = 250ms;
+  t.retry.max_delay = 5s;
+  t.retry.jitter = 0.25;
+  t.tenant = "acme";
+  auto r = store.submit(t);
+  auto after = now();
+  CHECK_FALSE(r.duplicate);
+
+  auto check = [&](const Task& got) {
+    CHECK(got.id > 0);
+    CHECK(got.queue == t.queue);
+    CHECK(got.type == t.type);
+    CHECK(got.payload == t.payload);
+    CHECK(got.key == t.key);
+    CHECK(got.tenant == t.tenant);
+    CHECK(got.status == TaskStatus::pending);
+    CHECK(got.priority == -7);
+    CHECK(got.run_at == *t.run_at);
+    CHECK(got.deadline == t.deadline);
+    CHECK(got.attempts == 0);
+    CHECK(got.retry == t.retry);
+    CHECK(got.version == 1);
+    CHECK_FALSE(got.lease_owner);
+    CHECK_FALSE(got.lease_expires_at);
+    CHECK_FALSE(got.cancel_requested);
+    CHECK(got.progress == 0);
+    CHECK(got.stage.empty());
+    CHECK_FALSE(got.checkpoint_stage);
+    CHECK_FALSE(got.checkpoint);
+    CHECK_FALSE(got.result);
+    CHECK_FALSE(got.last_error);
+    CHECK(got.created_at >= before - 1s);
+    CHECK(got.created_at <= after + 1s);
+    CHECK_FALSE(got.finished_at);
+  };
+  check(r.task);
+  auto got = must_get(store, r.task.id);
+  check(got);
+  CHECK(describe(got) == describe(r.task));
+  auto found = store.find(t.queue, *t.key, eoq::Scope::only(*t.tenant));  // keys are per tenant
+  REQUIRE(found);
+  CHECK(found->id == r.task.id);
+  CHECK_FALSE(store.find(t.queue, *t.key));
+}
+
+STORE_CASE("a task submitted without run_at may run now and has no key, tenant or deadline", "[submit]") {
+  auto before = now();
+  auto r = store.submit(task("plain"));
+  auto after = now();
+  CHECK(r.task.run_at >= before - 1s);
+  CHECK(r.task.run_at <= after + 1s);
+  CHECK_FALSE(r.task.key);
+  CHECK_FALSE(r.task.tenant);
+  CHECK_FALSE(r.task.deadline);
+  CHECK(r.task.payload == "{}");
+  CHECK(r.task.queue == "default");
+  CHECK(r.task.retry == eoq::RetryPolicy{});
+  auto l = claim_one(store);
+  CHECK(l.id() == r.task.id);
+}
+
+STORE_CASE("ids are positive and increase with submit order", "[submit]") {
+  eoq::TaskId last = 0;
+  for (int i = 0; i < 20; ++i) {
+    auto r = store.submit(task(fmt::format("t{}", i), i % 2 ? "a" : "b"));
+    CHECK(r.task.id > last);
+    last = r.task.id;
+  }
+}
+
+STORE_CASE("a second submit with the same key returns the existing task and changes nothing", "[submit][key]") {
+  auto first = store.submit(keyed("k", "default", R"({"v": 1})"));
+  REQUIRE_FALSE(first.duplicate);
+  NewTask again = keyed("k", "default", R"({"v": 2})");
+  again.type = "other-type";
+  again.priority = 99;
+  again.key_reuse = eoq::KeyReuse::lenient;  // strict would refuse the other type and payload
+  auto second = store.submit(again);
+  CHECK(second.duplicate);
+  CHECK(second.task.id == first.task.id);
+  CHECK(second.task.payload == R"({"v": 1})");
+  CHECK(second.task.type == "t");
+  CHECK(describe(must_get(store, first.task.id)) == describe(first.task));
+  CHECK(list_all(store).size() == 1);
+  CHECK(stats_of(store, "default").pending == 1);
+}
+
+STORE_CASE("a key stays taken after its task finishes", "[submit][key]") {
+  auto first = store.submit(keyed("k"));
+  auto l = claim_one(store);
+  store.complete(l, R"({"done": true})");
+  auto again = store.submit(keyed("k"));
+  CHECK(again.duplicate);
+  CHECK(again.task.id == first.task.id);
+  CHECK(again.task.status == TaskStatus::succeeded);
+  CHECK(again.task.result == std::optional<std::string>(R"({"done": true})"));
+  CHECK(again.task.attempts == 1);
+  CHECK(list_all(store).size() == 1);
+  CHECK(claim(store, {"default"}, "w", 10).empty());
+
+  SECTION("also when the task failed or was cancelled") {
+    store.submit(keyed("f"));
+    auto lf = claim_one(store);
+    eoq::Failure fail{"bad", true};
+    store.fail(lf, fail);
+    auto c = store.submit(keyed("c"));
+    CHECK(store.cancel(c.task.id) == eoq::CancelOutcome::cancelled);
+    auto df = store.submit(keyed("f"));
+    auto dc = store.submit(keyed("c"));
+    CHECK(df.duplicate);
+    CHECK(df.task.status == TaskStatus::failed);
+    CHECK(dc.duplicate);
+    CHECK(dc.task.status == TaskStatus::cancelled);
+    CHECK(list_all(store).size() == 3);
+  }
+}
+
+STORE_CASE("the same key in two queues makes two tasks", "[submit][key]") {
+  auto a = store.submit(keyed("k", "qa"));
+  auto b = store.submit(keyed("k", "qb"));
+  CHECK_FALSE(a.duplicate);
+  CHECK_FALSE(b.duplicate);
+  CHECK(a.task.id != b.task.id);
+  CHECK(store.find("qa", "k")->id == a.task.id);
+  CHECK(store.find("qb", "k")->id == b.task.id);
+  CHECK(list_all(store).size() == 2);
+}
+
+STORE_CASE("tasks without a key are never duplicates", "[submit][key]") {
+  auto a = store.submit(task());
+  auto b = store.submit(task());
+  CHECK_FALSE(b.duplicate);
+  CHECK(a.task.id != b.task.id);
+  CHECK(list_all(store).size() == 2);
+}
+
+STORE_CASE("a hundred and twenty eight threads submitting one key at once create exactly one task",
+           "[submit][key][concurrency]") {
+  constexpr int kThreads = 128;
+  std::vector<eoq::SubmitResult> results(kThreads);
+  std::vector<std::string> errors(kThreads);
+  std::latch go(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&, i] {
+      go.arrive_and_wait();
+      try {
+        NewTask t = keyed("the-key", "default", fmt::format(R"({{"n": {}}})", i));
+        t.key_reuse = eoq::KeyReuse::lenient;  // each thread its own payload: the winner's is kept
+        results[static_cast<std::size_t>(i)] = store.submit(t);
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(i)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& e : errors) CHECK(e.empty());
+  int created = 0;
+  std::string winner_payload;
+  std::set<eoq::TaskId> ids;
+  for (const auto& r : results) {
+    ids.insert(r.task.id);
+    if (!r.duplicate) {
+      ++created;
+      winner_payload = r.task.payload;
+    }
+  }
+  CHECK(created == 1);
+  CHECK(ids.size() == 1);
+  auto all = list_all(store);
+  REQUIRE(all.size() == 1);
+  CHECK(all[0].payload == winner_payload);
+  CHECK(stats_of(store, "default").pending == 1);
+}
+
+STORE_CASE("a batch of a thousand tasks is created in order", "[submit][batch]") {
+  std::vector<NewTask> batch;
+  for (int i = 0; i < 1000; ++i) {
+    NewTask t = task(fmt::format("t{}", i), i % 3 ? "a" : "b");
+    if (i % 2 == 0) t.key = fmt::format("k{}", i);
+    t.payload = fmt::format(R"({{"i": {}}})", i);
+    batch.push_back(std::move(t));
+  }
+  auto results = store.submit_batch(batch);
+  REQUIRE(results.size() == 1000);
+  eoq::TaskId last = 0;
+  bool types_in_order = true, ids_increase = true, none_duplicate = true;
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    types_in_order = types_in_order && results[i].task.type == batch[i].type &&
+                     results[i].task.payload == batch[i].payload && results[i].task.queue == batch[i].queue;
+    ids_increase = ids_increase && results[i].task.id > last;
+    none_duplicate = none_duplicate && !results[i].duplicate;
+    last = results[i].task.id;
+  }
+  CHECK(types_in_order);
+  CHECK(ids_increase);
+  CHECK(none_duplicate);
+  CHECK(list_all(store).size() == 1000);
+  CHECK(stats_of(store, "a").pending + stats_of(store, "b").pending == 1000);
+
+  SECTION("submitting it again creates nothing") {
+    auto again = store.submit_batch(batch);
+    REQUIRE(again.size() == 1000);
+    int dup = 0;
+    for (std::size_t i = 0; i < again.size(); ++i)
+      if (batch[i].key) {
+        dup += again[i].duplicate ? 1 : 0;
+        CHECK(again[i].task.id == results[i].task.id);
+      }
+    CHECK(dup == 500);
+    CHECK(list_all(store).size() == 1500);  // the 500 without a key are new
+  }
+}
+
+STORE_CASE("a large batch keeps every byte of its payloads and the key rules of a small one", "[submit][batch]") {
+  // Postgres COPYs batches of this size: its text format's escapes (backslash,
+  // tab, newline, \N for NULL) must not leak into what is stored.
+  const std::vector<std::string> payloads = {"{\t\"s\":\n\"a\\\\b\\tc\"\r}", R"({"q": "\"quoted\"", "u": "\u00e9\u00e9"})",
+                                             "[1, 2.5e3, null, true]", R"("\\N")"};
+  std::vector<NewTask> batch;
+  for (int i = 0; i < 2500; ++i) {
+    NewTask t = task(i % 7 == 0 ? "\\N" : fmt::format("t\\{}", i));
+    t.payload = payloads[static_cast<std::size_t>(i) % payloads.size()];
+    if (i % 5 == 0) t.key = fmt::format("big{}", i);
+    batch.push_back(std::move(t));
+  }
+  auto r = store.submit_batch(batch);
+  REQUIRE(r.size() == 2500);
+  std::map<eoq::TaskId, Task> stored;
+  eoq::ListQuery q;
+  q.limit = 1000;
+  for (;;) {
+    auto page = store.list(q);
+    for (auto& t : page.tasks) stored[t.id] = t;
+    if (!page.next_after) break;
+    q.after = page.next_after;
+  }
+  REQUIRE(stored.size() == 2500);
+  int same = 0;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const auto& t = stored.at(r[i].task.id);
+    same += t.payload == batch[i].payload && t.type == batch[i].type && t.key == batch[i].key && !t.tenant ? 1 : 0;
+  }
+  CHECK(same == 2500);
+
+  // A taken key with another payload at the end of a large batch: nothing of it is written.
+  std::vector<NewTask> more(1500, task());
+  more.back() = keyed("big0", "default", R"({"other": 1})");
+  CHECK_THROWS_AS(store.submit_batch(more), eoq::KeyConflict);
+  CHECK(list_all(store).size() == 2500);
+}
+
+STORE_CASE("a key repeated within a batch returns the first one's task for the later ones", "[submit][batch][key]") {
+  auto existing = store.submit(keyed("k0"));
+  NewTask k1_again = keyed("k1", "default", R"({"a": 2})");
+  k1_again.key_reuse = eoq::KeyReuse::lenient;
+  std::vector<NewTask> batch = {keyed("k1", "default", R"({"a": 1})"), keyed("k2"), k1_again, task(), keyed("k2"),
+                                keyed("k0")};
+  auto r = store.submit_batch(batch);
+  REQUIRE(r.size() == 6);
+  CHECK_FALSE(r[0].duplicate);
+  CHECK_FALSE(r[1].duplicate);
+  CHECK(r[2].duplicate);
+  CHECK(r[2].task.id == r[0].task.id);
+  CHECK(r[2].task.payload == R"({"a": 1})");
+  CHECK_FALSE(r[3].duplicate);
+  CHECK(r[4].duplicate);
+  CHECK(r[4].task.id == r[1].task.id);
+  CHECK(r[5].duplicate);
+  CHECK(r[5].task.id == existing.task.id);
+  CHECK(list_all(store).size() == 4);
+  CHECK(store.find("default", "k1")->payload == R"({"a": 1})");
+}
+
+STORE_CASE("an invalid task anywhere in a batch rejects the whole batch and writes nothing",
+           "[submit][batch][validation]") {
+  std::vector<NewTask> batch;
+  for (int i = 0; i < 10; ++i) batch.push_back(keyed(fmt::format("k{}", i)));
+  SECTION("bad payload") {
+    batch[7].payload = "{not json";
+    CHECK(field_of([&] { store.submit_batch(batch); }) == "tasks[7].payload");
+  }
+  SECTION("bad queue on the first") {
+    batch[0].queue = "q;drop";
+    CHECK(field_of([&] { store.submit_batch(batch); }) == "tasks[0].queue");
+  }
+  SECTION("deadline in the past on the last") {
+    batch[9].deadline = now() - 1s;
+    CHECK(field_of([&] { store.submit_batch(batch); }) == "tasks[9].deadline");
+  }
+  require_nothing_written(store);
+  CHECK_FALSE(store.find("default", "k0"));
+}
+
+namespace {
+// The KeyConflict a call throws, or empty (with what happened in `other`).
+template <class F>
+std::optional<eoq::KeyConflict> conflict_of(F&& f, std::string& other) {
+  try {
+    f();
+    other = "no exception";
+  } catch (const eoq::KeyConflict& e) {
+    return e;
+  } catch (const std::exception& e) {
+    other = std::string("not KeyConflict: ") + e.what();
+  }
+  return std::nullopt;
+}
+}  // namespace
+
+STORE_CASE("a key reused with another type or payload is a KeyConflict that writes nothing", "[keys]") {
+  auto first = store.submit(keyed("k1", "default", R"({"a":1})")).task;
+  auto before = describe(first);
+
+  auto same = store.submit(keyed("k1", "default", R"({"a":1})"));
+  CHECK(same.duplicate);
+  CHECK(same.task.id == first.id);
+
+  std::string other;
+  auto payload = conflict_of([&] { store.submit(keyed("k1", "default", R"({"a":2})")); }, other);
+  INFO(other);
+  REQUIRE(payload);
+  CHECK(payload->field() == "key");
+  CHECK(payload->key() == "k1");
+  CHECK(payload->differs() == "payload");
+  CHECK(payload->existing_task_id() == first.id);
+  CHECK(std::string(payload->what()).find("'k1' is already used by task " + std::to_string(first.id)) !=
+        std::string::npos);
+
+  NewTask retyped = keyed("k1", "default", R"({"a":1})");
+  retyped.type = "other";
+  auto type = conflict_of([&] { store.submit(retyped); }, other);
+  REQUIRE(type);
+  CHECK(type->differs() == "type");
+  retyped.payload = "{}";
+  auto both = conflict_of([&] { store.submit(retyped); }, other);
+  REQUIRE(both);
+  CHECK(both->differs() == "type and payload");
+
+  // Payloads compare as stored text: equal JSON spelled differently is another payload.
+  auto spaced = conflict_of([&] { store.submit(keyed("k1", "default", R"({"a": 1})")); }, other);
+  REQUIRE(spaced);
+  CHECK(spaced->differs() == "payload");
+
+  // A KeyConflict is an InvalidArgument: code that handles bad input handles it.
+  CHECK(field_of([&] { store.submit(keyed("k1", "default", "[]")); }) == "key");
+
+  CHECK(describe(must_get(store, first.id)) == before);
+  CHECK(list_all(store).size() == 1);
+
+  SECTION("lenient returns the existing task, as before strict keys") {
+    NewTask t = keyed("k1", "default", R"({"a":2})");
+    t.key_reuse = eoq::KeyReuse::lenient;
+    auto r = store.submit(t);
+    CHECK(r.duplicate);
+    CHECK(r.task.id == first.id);
+    CHECK(r.task.payload == R"({"a":1})");
+  }
+  SECTION("also after the task finished") {
+    store.complete(claim_one(store));
+    CHECK(conflict_of([&] { store.submit(keyed("k1", "default", "{}")); }, other).has_value());
+    CHECK(store.submit(keyed("k1", "default", R"({"a":1})")).duplicate);
+  }
+  SECTION("the same key elsewhere is another key") {
+    CHECK_FALSE(store.submit(keyed("k1", "other-queue", "{}")).duplicate);
+    NewTask t = keyed("k1", "default", "{}");
+    t.tenant = "acme";
+    CHECK_FALSE(store.submit(t).duplicate);
+  }
+}
+
+STORE_CASE("a batch with a conflicting key writes nothing, within itself or against a taken key", "[keys][batch]") {
+  auto held = store.submit(keyed("held", "default", R"({"v":1})")).task;
+  std::string other;
+
+  std::vector<NewTask> inside{keyed("a", "default", R"({"v":1})"), keyed("b"), keyed("a", "default", R"({"v":2})")};
+  auto e = conflict_of([&] { store.submit_batch(inside); }, other);
+  INFO(other);
+  REQUIRE(e);
+  CHECK(e->field() == "tasks[2].key");
+  CHECK(e->existing_task_id() == 0);
+  CHECK(std::string(e->what()).find("tasks[0] of this batch") != std::string::npos);
+  CHECK(list_all(store).size() == 1);
+
+  std::vector<NewTask> against{keyed("c"), task(), keyed("held", "default", R"({"v":9})")};
+  auto f = conflict_of([&] { store.submit_batch(against); }, other);
+  REQUIRE(f);
+  CHECK(f->field() == "tasks[2].key");
+  CHECK(f->existing_task_id() == held.id);
+  CHECK(list_all(store).size() == 1);
+  CHECK_FALSE(store.find("default", "c").has_value());
+
+  // Equal repeats are duplicates; a lenient one takes whatever holds the key.
+  NewTask loose = keyed("held", "default", R"({"v":9})");
+  loose.key_reuse = eoq::KeyReuse::lenient;
+  std::vector<NewTask> fine{keyed("d", "default", R"({"v":1})"), keyed("d", "default", R"({"v":1})"),
+                            keyed("held", "default", R"({"v":1})"), loose};
+  auto r = store.submit_batch(fine);
+  REQUIRE(r.size() == 4);
+  CHECK_FALSE(r[0].duplicate);
+  CHECK(r[1].duplicate);
+  CHECK(r[1].task.id == r[0].task.id);
+  CHECK(r[2].duplicate);
+  CHECK(r[2].task.id == held.id);
+  CHECK(r[3].duplicate);
+  CHECK(r[3].task.id == held.id);
+  CHECK(list_all(store).size() == 2);
+}
+
+TEST_CASE("PostgresStore: submit_on refuses a key reused with another payload and writes nothing",
+          "[conformance][postgres][keys]") {
+  TestStore S(StoreKind::postgres);
+  auto& store = *S;
+  eoq::test::Admin host(S.conninfo());
+  auto held = store.submit(keyed("k", "default", R"({"v":1})")).task;
+  host.exec("BEGIN");
+  std::string other;
+  auto e = conflict_of(
+      [&] { eoq::PostgresStore::submit_on(host.get(), keyed("k", "default", R"({"v":2})"), S.schema()); }, other);
+  INFO(other);
+  REQUIRE(e);
+  CHECK(e->existing_task_id() == held.id);
+  // The host's transaction is still usable: the conflict was found without an SQL error.
+  auto dup = eoq::PostgresStore::submit_on(host.get(), keyed("k", "default", R"({"v":1})"), S.schema());
+  CHECK(dup.duplicate);
+  host.exec("COMMIT");
+  CHECK(list_all(store).size() == 1);
+}
