@@ -270,7 +270,7 @@ int main(int argc, char** argv) try {
   if (serve_on) serve.emplace(store, *serve_on);
 
   // The workers, each its own process, started before the submits so that
-  // processing overlaps the storm. worker-1 is the one to be killed.
+  // processing overlaps the storm. The first seen running a task is killed.
   std::vector<std::unique_ptr<example::Child>> workers;
   for (int w = 1; w <= opt.workers; ++w)
     workers.push_back(std::make_unique<example::Child>(worker_args(argv[0], opt, "worker-" + std::to_string(w))));
@@ -310,25 +310,31 @@ int main(int argc, char** argv) try {
   std::printf("then %d caller ids were submitted %d times each and %d tasks without a caller id once each\n", opt.tasks,
               opt.repeats, opt.unkeyed);
 
-  // Kill worker-1 while it runs tasks: they are stuck "running" until their
-  // leases run out, then the other workers take them.
+  // Kill the first worker seen running tasks (whichever claimed first; one
+  // worker may take every task of a small run): they are stuck "running" until
+  // their leases run out, then the other workers take them.
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(opt.timeout_s);
   std::set<eoq::TaskId> held;
+  std::string victim;  // "worker-N"
   for (;;) {
     eoq::ListQuery q;
     q.queue = "simulator";
     q.status = eoq::TaskStatus::running;
     for (const auto& t : example::all_tasks(store, q))
-      if (t.lease_owner == "worker-1") held.insert(t.id);
+      if (t.lease_owner && (victim.empty() || *t.lease_owner == victim)) {
+        victim = *t.lease_owner;
+        held.insert(t.id);
+      }
     if (!held.empty()) break;
-    if (std::chrono::steady_clock::now() > give_up) throw std::runtime_error("worker-1 never ran a task");
+    if (std::chrono::steady_clock::now() > give_up) throw std::runtime_error("no worker was seen running a task");
     std::this_thread::sleep_for(20ms);
   }
-  workers.front()->kill_now();
+  workers.at(static_cast<std::size_t>(std::stoi(victim.substr(victim.find('-') + 1)) - 1))->kill_now();
   std::string held_list;
   for (auto id : held) held_list += (held_list.empty() ? "" : " ") + std::to_string(id);
-  log.write("main", "killed", 0, "worker-1 (SIGKILL) while it ran tasks " + held_list);
-  std::printf("[%4.1fs] killed worker-1 (SIGKILL) while it ran task(s) %s\n", example::elapsed(), held_list.c_str());
+  log.write("main", "killed", 0, victim + " (SIGKILL) while it ran tasks " + held_list);
+  std::printf("[%4.1fs] killed %s (SIGKILL) while it ran task(s) %s\n", example::elapsed(), victim.c_str(),
+              held_list.c_str());
 
   if (!drained(store, give_up)) return 1;
 
@@ -356,7 +362,7 @@ int main(int argc, char** argv) try {
               "errors");
   example::Checks check;
   bool each_ok = true, log_ok = true, recovered = true;
-  // The tasks the kill left stuck "running": an attempt of worker-1 that ended by
+  // The tasks the kill left stuck "running": an attempt of the victim that ended by
   // its lease running out. (A task listed as running at the kill may still have
   // committed in the instant before it.)
   std::string stuck;
@@ -380,7 +386,7 @@ int main(int argc, char** argv) try {
     int killed_attempts = 0;
     const auto history = store.history(t.id);
     for (const auto& a : history) {
-      killed_attempts += a.owner == "worker-1" && a.outcome == "lease_expired";
+      killed_attempts += a.owner == victim && a.outcome == "lease_expired";
       if (!a.error) continue;
       alike = alike && (last.empty() || *a.error == last);
       last = *a.error;
@@ -388,13 +394,13 @@ int main(int argc, char** argv) try {
       errors += (errors.empty() ? "" : "; ") + std::to_string(a.number) + ": " + *a.error;
     }
     if (alike && !last.empty()) errors = "attempt " + numbers + ": " + last;
-    // Every attempt is in the log, but for one worker-1 may have claimed in the
+    // Every attempt is in the log, but for one the victim may have claimed in the
     // instant before it was killed, before its handler could write a line.
     log_ok = log_ok && logged_submits[t.id] == submits[t.id] && logged_attempts[t.id] <= t.attempts &&
              logged_attempts[t.id] >= t.attempts - killed_attempts;
     if (killed_attempts > 0) {
       stuck += (stuck.empty() ? "" : " ") + std::to_string(t.id);
-      recovered = recovered && done && history.back().owner != "worker-1";
+      recovered = recovered && done && history.back().owner != victim;
     }
     log.write("main", "settled", t.id,
               std::string(eoq::to_string(t.status)) + " after " + std::to_string(t.attempts) + " attempt(s), " +

@@ -67,6 +67,7 @@ class PostgresStore final : public TaskStore {
   FailOutcome fail(const Lease& lease, const Failure& failure) override;
   HeartbeatResult heartbeat(const Lease& lease, Millis extension) override;
   void release(const Lease& lease) override;
+  std::vector<bool> release_batch(std::span<const Lease> leases) override;
   bool expire_if_overdue(const Lease& lease) override;
   void cancel_running(const Lease& lease, std::string_view reason = {}) override;
   void progress(const Lease& lease, int percent, std::string_view stage) override;

@@ -111,7 +111,7 @@ struct Statements {
             copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
             submit_staged_unkeyed = q("submit_staged_unkeyed"), by_keys = q("by_keys");
   Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
-            release = q("release"), expire_lease = q("expire_lease"), cancel_lease = q("cancel_lease"),
+            release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"), cancel_lease = q("cancel_lease"),
             heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), retry = q("retry"), get = q("get"), list = q("list"), list_desc = q("list_desc"),
             stats = q("stats"), history = q("history"), settled = q("settled"), now = q("now");
@@ -153,6 +153,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"complete", std::vector<Column>{{"id", kInt8}, {"version", kInt8}}},
       {"fail", std::vector<Column>{{"outcome", kText}, {"run_at", kTimestamptz}}},
       {"release", std::vector<Column>{{"id", 0}, {"pg_notify", 0}}},
+      {"release_batch", std::vector<Column>{{"id", kInt8}, {"version", kInt8}, {"count", 0}}},
       {"expire_lease", std::vector<Column>{{"overdue", kBool}}},
       {"cancel_lease", std::vector<Column>{{"id", 0}}},
       {"heartbeat", std::vector<Column>{{"lease_expires_at", kTimestamptz}, {"cancel_requested", kBool}}},
@@ -741,6 +742,29 @@ void PostgresStore::release(const Lease& lease) {
   auto r = I.run(I.sql.release, {num(lease.id()), num(lease.token), I.channel}, &retried);
   // After a retry the first try may have applied; the version moved on either way.
   if (r.rows() != 1 && !retried) lease_lost(lease, "release");
+}
+
+std::vector<bool> PostgresStore::release_batch(std::span<const Lease> leases) {
+  auto& I = *impl_;
+  if (leases.empty()) return {};
+  std::vector<Param> ids, versions;
+  for (const auto& l : leases) {
+    ids.push_back(num(l.id()));
+    versions.push_back(num(l.token));
+  }
+  bool retried = false;
+  auto r = I.run(I.sql.release_batch, {pg::text_array(ids), pg::text_array(versions), I.channel}, &retried);
+  std::map<std::pair<TaskId, std::int64_t>, bool> given;  // (id, token) given back now
+  for (int i = 0; i < r.rows(); ++i) given[{r.i64(i, 0), r.i64(i, 1)}] = true;
+  std::vector<bool> out(leases.size());
+  for (std::size_t i = 0; i < leases.size(); ++i) {
+    // The same lease twice gives its task back once: only the first says so.
+    auto it = given.find({leases[i].id(), leases[i].token});
+    out[i] = it != given.end() && std::exchange(it->second, false);
+    // As in release(): after a retry the first try may have applied.
+    if (!out[i] && retried && it == given.end()) out[i] = true;
+  }
+  return out;
 }
 
 bool PostgresStore::expire_if_overdue(const Lease& lease) {

@@ -45,29 +45,38 @@ SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
 
 -- name: submit_batch
 -- The batch arrives as parallel arrays: one statement, one round trip.
+-- Each row draws its id in `src`; the answer is read from `src` too (ord, id
+-- and the values the insert wrote: run_at, created_at = now(), version 1), so
+-- no join of the inserted rows back to their input and no sort but the keys'.
+-- A key goes to the first row that names it (ORDER BY ord); a row whose key
+-- was taken is left out of the answer.
 WITH src AS MATERIALIZED (
-  SELECT nextval('eoq.task_ids') AS id, s.*
-  FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-                             $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[],
-                             $12::bigint[], $13::float8[])
-          WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
-                               backoff, initial_ms, max_ms, jitter, ord)) s),
+  SELECT nextval('eoq.task_ids') AS id, u.*
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+              $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[],
+              $12::bigint[], $13::float8[])
+       WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
+                            backoff, initial_ms, max_ms, jitter, ord)),
 k AS (
   INSERT INTO eoq.keys (queue, tenant, key, task_id)
   SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
   ON CONFLICT DO NOTHING RETURNING task_id),
+won AS MATERIALIZED (
+  SELECT id, queue, type, key, tenant, payload, priority,
+         coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()) AS run_at,
+         ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond') AS deadline,
+         max_attempts, backoff, initial_ms, max_ms, jitter, ord
+  FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)),
 ins AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
-  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
-         coalesce(('epoch'::timestamptz + src.run_at::bigint * interval '1 microsecond'), now()),
-         ('epoch'::timestamptz + src.deadline::bigint * interval '1 microsecond'),
-         max_attempts, backoff, initial_ms, max_ms, jitter
-  FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)
-  RETURNING id, run_at, created_at, version)
-SELECT src.ord, ins.id, ins.run_at, ins.created_at, ins.version,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+                         version, created_at, updated_at)
+  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority, run_at, deadline,
+         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
+  FROM won)
+SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
        (SELECT count(pg_notify($14, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
-FROM ins JOIN src USING (id);
+FROM won;
 
 
 -- name: create_stage
@@ -87,42 +96,48 @@ COPY pg_temp.eoq_stage FROM STDIN;
 
 -- name: submit_staged
 -- submit_batch, reading the stage.
-WITH src AS MATERIALIZED (
-  SELECT nextval('eoq.task_ids') AS id, s.* FROM (SELECT * FROM pg_temp.eoq_stage ORDER BY ord) s),
+WITH src AS MATERIALIZED (SELECT nextval('eoq.task_ids') AS id, s.* FROM pg_temp.eoq_stage s),
 k AS (
   INSERT INTO eoq.keys (queue, tenant, key, task_id)
   SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
   ON CONFLICT DO NOTHING RETURNING task_id),
+won AS MATERIALIZED (
+  SELECT id, queue, type, key, tenant, payload, priority,
+         coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()) AS run_at,
+         ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond') AS deadline,
+         max_attempts, backoff, initial_ms, max_ms, jitter, ord
+  FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)),
 ins AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
-  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
-         coalesce(('epoch'::timestamptz + src.run_at::bigint * interval '1 microsecond'), now()),
-         ('epoch'::timestamptz + src.deadline::bigint * interval '1 microsecond'),
-         max_attempts, backoff, initial_ms, max_ms, jitter
-  FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)
-  RETURNING id, run_at, created_at, version)
-SELECT src.ord, ins.id, ins.run_at, ins.created_at, ins.version,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+                         version, created_at, updated_at)
+  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority, run_at, deadline,
+         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
+  FROM won)
+SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
        (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
-FROM ins JOIN src USING (id);
+FROM won;
 
 
 -- name: submit_staged_unkeyed
--- A staged batch without keys inserts every row, with ids drawn in the
--- batch's order: sorting by id gives the results in input order, without the
--- key step and the join back to the stage.
-WITH ins AS (
+-- A staged batch without keys inserts every row: no key step, and the answer
+-- read from `src` as in submit_batch.
+WITH src AS MATERIALIZED (
+  SELECT nextval('eoq.task_ids') AS id, queue, type, tenant, payload, priority,
+         coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()) AS run_at,
+         ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond') AS deadline,
+         max_attempts, backoff, initial_ms, max_ms, jitter, ord
+  FROM pg_temp.eoq_stage),
+ins AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
-  SELECT nextval('eoq.task_ids'), queue, type, NULL, tenant, payload::json, 'pending', priority,
-         coalesce(('epoch'::timestamptz + src.run_at::bigint * interval '1 microsecond'), now()),
-         ('epoch'::timestamptz + src.deadline::bigint * interval '1 microsecond'),
-         max_attempts, backoff, initial_ms, max_ms, jitter
-  FROM (SELECT * FROM pg_temp.eoq_stage ORDER BY ord) src
-  RETURNING id, run_at, created_at, version)
-SELECT row_number() OVER (ORDER BY id) AS ord, id, run_at, created_at, version,
-       (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM pg_temp.eoq_stage) q)
-FROM ins;
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+                         version, created_at, updated_at)
+  SELECT id, queue, type, NULL, tenant, payload::json, 'pending', priority, run_at, deadline,
+         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
+  FROM src)
+SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
+       (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
+FROM src;
 
 
 -- name: by_keys
@@ -355,6 +370,41 @@ up AS (
       lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
   FROM t WHERE x.id = t.id AND NOT t.cancel_requested RETURNING x.id)
 SELECT t.id, (SELECT pg_notify($3, queue) FROM eoq.tasks WHERE id = $1) FROM t;
+
+
+-- name: release_batch
+-- release for many leases in one statement ($1 ids, $2 lease versions, $3
+-- channel), each fenced by its (id, version); answers the pairs given back.
+-- Rows are found and fenced as in complete, and locked in id order.
+WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS f(id, v)),
+t AS (
+  SELECT id, queue, cancel_requested, attempts, version, lease_owner, started_at FROM eoq.tasks
+  WHERE id = ANY(ARRAY(SELECT id FROM f)) AND status = 'running'
+    AND ((id, version) IN (SELECT id, v FROM f) OR id IS NULL)
+  ORDER BY id FOR UPDATE),
+h AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(), 'cancelled', NULL FROM t WHERE cancel_requested),
+gone AS (
+  DELETE FROM eoq.tasks x WHERE x.id = ANY(ARRAY(SELECT id FROM t WHERE cancel_requested)) RETURNING x.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+  FROM gone),
+up AS (
+  UPDATE eoq.tasks x
+  SET status = 'pending', version = x.version + 1, attempts = x.attempts - 1, run_at = now(),
+      lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+  WHERE x.id = ANY(ARRAY(SELECT id FROM t WHERE NOT cancel_requested)) RETURNING x.id)
+SELECT id, version, (SELECT count(pg_notify($3, q.queue)) FROM (SELECT DISTINCT queue FROM t) q) FROM t;
 
 
 -- name: expire_lease

@@ -241,6 +241,50 @@ STORE_CASE("release gives the task back at once without counting the attempt", "
   CHECK(again.attempt() == 1);
 }
 
+STORE_CASE("release_batch gives many leases back in one call, leaves stale ones alone, ends a cancel-requested one cancelled",
+           "[release]") {
+  std::vector<eoq::TaskId> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(store.submit(task()).task.id);
+  auto leases = claim(store, {"default"}, "w", 5);
+  REQUIRE(leases.size() == 5);
+  std::sort(leases.begin(), leases.end(), [](const Lease& a, const Lease& b) { return a.id() < b.id(); });
+  // leases[1] is given back first, so the batch's copy of it is stale; leases[2] has a cancel request.
+  store.release(leases[1]);
+  auto again = claim_one(store, "w2");
+  REQUIRE(again.id() == leases[1].id());
+  CHECK(store.cancel(leases[2].id()) == eoq::CancelOutcome::cancel_requested);
+  std::vector<Lease> batch = {leases[0], leases[1], leases[2], leases[3], leases[3], stale_copy(leases[4])};
+  auto applied = store.release_batch(batch);
+  CHECK(applied == std::vector<bool>{true, false, true, true, false, false});
+  auto p0 = must_get(store, leases[0].id());
+  CHECK(p0.status == TaskStatus::pending);
+  CHECK(p0.attempts == 0);
+  CHECK(p0.version == leases[0].token + 1);
+  CHECK_FALSE(p0.lease_owner);
+  CHECK(must_get(store, leases[3].id()).status == TaskStatus::pending);
+  // The rival's lease on leases[1]'s task is untouched.
+  auto r1 = must_get(store, leases[1].id());
+  CHECK(r1.status == TaskStatus::running);
+  CHECK(r1.lease_owner == std::optional<std::string>("w2"));
+  CHECK(r1.version == again.token);
+  auto c2 = must_get(store, leases[2].id());
+  CHECK(c2.status == TaskStatus::cancelled);
+  CHECK(c2.version == leases[2].token + 1);
+  check_terminal_lease_fields(c2, "w");
+  auto h = store.history(leases[2].id());
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].outcome == "cancelled");
+  // A stale token: the task is still held by the batch's owner, untouched.
+  auto r4 = must_get(store, leases[4].id());
+  CHECK(r4.status == TaskStatus::running);
+  CHECK(r4.version == leases[4].token);
+  CHECK(store.release_batch(std::vector<Lease>{}).empty());
+  // The released ones are claimable again, their attempt not counted.
+  auto next = claim(store, {"default"}, "w3", 10);
+  REQUIRE(next.size() == 2);
+  for (const auto& l : next) CHECK(l.attempt() == 1);
+}
+
 // ---------------------------------------------------------------------------
 // complete and complete_batch
 
