@@ -165,7 +165,8 @@ void check_key_reuse(const NewTask& submitted, std::optional<std::size_t> batch_
                     std::move(differs), holder_name, holder_id);
 }
 
-void check_batch_keys(std::span<const NewTask> tasks) {
+bool check_batch_keys(std::span<const NewTask> tasks) {
+  bool repeated = false;
   // queue, tenant ("" for none), key -> the first task with it
   std::map<std::tuple<std::string_view, std::string_view, std::string_view>, std::size_t> first;
   for (std::size_t i = 0; i < tasks.size(); ++i) {
@@ -175,9 +176,11 @@ void check_batch_keys(std::span<const NewTask> tasks) {
                                                 std::string_view(*t.key)},
                                      i);
     if (fresh) continue;
+    repeated = true;
     const NewTask& holder = tasks[it->second];
     check_key_reuse(t, i, holder.type, holder.payload, fmt::format("tasks[{}] of this batch", it->second), 0);
   }
+  return repeated;
 }
 
 namespace {

@@ -38,7 +38,8 @@ std::string key_difference(const NewTask& submitted, std::string_view type, std:
 void check_key_reuse(const NewTask& submitted, std::optional<std::size_t> batch_index, std::string_view type,
                      std::string_view payload, const std::string& holder_name, TaskId holder_id);
 // The same keys twice in one batch must agree (strict tasks only); throws
-// KeyConflict naming the later one. Before anything is written.
-void check_batch_keys(std::span<const NewTask> tasks);
+// KeyConflict naming the later one. Before anything is written. Returns
+// whether any key appears twice.
+bool check_batch_keys(std::span<const NewTask> tasks);
 
 }  // namespace eoq::detail

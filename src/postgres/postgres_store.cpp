@@ -109,7 +109,7 @@ struct Statements {
   std::string schema;
   Statement submit = q("submit"), submit_batch = q("submit_batch"), create_stage = q("create_stage"),
             copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
-            submit_staged_unkeyed = q("submit_staged_unkeyed"), by_keys = q("by_keys");
+            submit_staged_fresh = q("submit_staged_fresh"), by_keys = q("by_keys");
   Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"), cancel_lease = q("cancel_lease"),
             heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
@@ -146,7 +146,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"create_stage", std::nullopt},
       {"copy_stage", std::nullopt},
       {"submit_staged", after_ord({{"count", 0}})},
-      {"submit_staged_unkeyed", after_ord({{"count", 0}})},
+      {"submit_staged_fresh", after_ord({{"count", 0}})},
       {"by_keys", ordinal_then_task()},
       {"claim_one", kTaskColumns},
       {"claim", kTaskColumns},
@@ -539,7 +539,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     all_keyed = all_keyed && tasks[i].key.has_value();
     any_keyed = any_keyed || tasks[i].key.has_value();
   }
-  detail::check_batch_keys(tasks);
+  const bool repeats_a_key = detail::check_batch_keys(tasks);
   const bool staged = tasks.size() >= kStageFrom;
   std::vector<Param> params;
   std::string rows;  // staged: the batch in COPY's text format
@@ -584,7 +584,22 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
       if (staged) {
         c.command(I.sql.create_stage.sql.c_str());
         c.copy_in(I.sql.copy_stage.sql.c_str(), rows);
-        r = c.exec(any_keyed ? I.sql.submit_staged : I.sql.submit_staged_unkeyed, params);
+        if (!any_keyed) {
+          r = c.exec(I.sql.submit_staged_fresh, params);
+        } else if (repeats_a_key) {
+          r = c.exec(I.sql.submit_staged, params);
+        } else {
+          // New keys, most likely: the plain insert, and ON CONFLICT only when
+          // one turns out to be taken (its unique violation undone by the savepoint).
+          c.command("SAVEPOINT eoq_fresh_keys");
+          try {
+            r = c.exec(I.sql.submit_staged_fresh, params);
+          } catch (const DatabaseError& e) {
+            if (e.sqlstate() != "23505" || !c.ok()) throw;
+            c.command("ROLLBACK TO SAVEPOINT eoq_fresh_keys");
+            r = c.exec(I.sql.submit_staged, params);
+          }
+        }
       } else {
         r = c.exec(I.sql.submit_batch, params);
       }

@@ -119,20 +119,27 @@ SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
 FROM won;
 
 
--- name: submit_staged_unkeyed
--- A staged batch without keys inserts every row: no key step, and the answer
--- read from `src` as in submit_batch.
+-- name: submit_staged_fresh
+-- submit_staged for a batch whose keys are all new (as most are): the keys go
+-- in by a plain INSERT, half the cost of ON CONFLICT's speculative one. A key
+-- already taken, or taken by a concurrent submit meanwhile, fails it with a
+-- unique violation; the store then rolls back to a savepoint and runs
+-- submit_staged. Also the statement for a batch without keys, which cannot
+-- conflict.
 WITH src AS MATERIALIZED (
-  SELECT nextval('eoq.task_ids') AS id, queue, type, tenant, payload, priority,
+  SELECT nextval('eoq.task_ids') AS id, queue, type, key, tenant, payload, priority,
          coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()) AS run_at,
          ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond') AS deadline,
          max_attempts, backoff, initial_ms, max_ms, jitter, ord
   FROM pg_temp.eoq_stage),
+k AS (
+  INSERT INTO eoq.keys (queue, tenant, key, task_id)
+  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL),
 ins AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
                          max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
                          version, created_at, updated_at)
-  SELECT id, queue, type, NULL, tenant, payload::json, 'pending', priority, run_at, deadline,
+  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority, run_at, deadline,
          max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
   FROM src)
 SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
@@ -729,7 +736,9 @@ WHERE c.oid = 'eoq.tasks'::regclass;
 
 
 -- name: analyze
-ANALYZE eoq.tasks;
+-- Only the columns the claim's plan depends on: a third of the whole table's
+-- cost, and paid by the submit_batch that asks for it.
+ANALYZE eoq.tasks (queue, status, priority, run_at, lease_expires_at, deadline);
 
 
 -- name: migrate_lock

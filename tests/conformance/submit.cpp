@@ -267,6 +267,55 @@ STORE_CASE("a large batch keeps every byte of its payloads and the key rules of 
   CHECK(list_all(store).size() == 2500);
 }
 
+STORE_CASE("a large batch repeating taken keys returns their tasks, and racing large batches create each key once",
+           "[submit][batch][key]") {
+  // Postgres inserts a large batch's keys by a plain INSERT and falls back to
+  // ON CONFLICT when one is taken: both ways must answer alike.
+  std::vector<NewTask> first, second;
+  for (int i = 0; i < 2000; ++i) (i < 1500 ? first : second).push_back(keyed(fmt::format("r{}", i)));
+  auto a = store.submit_batch(first);
+  second.insert(second.begin(), first.begin(), first.end());  // taken keys first, then 500 new ones
+  auto b = store.submit_batch(second);
+  REQUIRE(b.size() == 2000);
+  int same = 0, fresh = 0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    if (i < 1500) same += b[i].duplicate && b[i].task.id == a[i].task.id;
+    else fresh += !b[i].duplicate && b[i].task.key == second[i].key;
+  }
+  CHECK(same == 1500);
+  CHECK(fresh == 500);
+
+  // Four submitters, one batch of the same 1,200 new keys each, at once: every
+  // key is created by exactly one of them and all four agree on its task.
+  std::vector<NewTask> race;
+  for (int i = 0; i < 1200; ++i) race.push_back(keyed(fmt::format("race{}", i)));
+  std::vector<std::vector<eoq::SubmitResult>> got(4);
+  std::latch go(4);
+  {
+    std::vector<std::jthread> threads;
+    for (std::size_t t = 0; t < 4; ++t)
+      threads.emplace_back([&, t] {
+        go.arrive_and_wait();
+        got[t] = store.submit_batch(race);
+      });
+  }
+  int created = 0, agree = 0;
+  for (std::size_t i = 0; i < race.size(); ++i) {
+    int made = 0;
+    bool one_id = true;
+    for (std::size_t t = 0; t < 4; ++t) {
+      REQUIRE(got[t].size() == race.size());
+      made += !got[t][i].duplicate;
+      one_id = one_id && got[t][i].task.id == got[0][i].task.id;
+    }
+    created += made;
+    agree += one_id;
+  }
+  CHECK(created == 1200);
+  CHECK(agree == 1200);
+  CHECK(list_all(store).size() == 2000 + 1200);
+}
+
 STORE_CASE("a key repeated within a batch returns the first one's task for the later ones", "[submit][batch][key]") {
   auto existing = store.submit(keyed("k0"));
   NewTask k1_again = keyed("k1", "default", R"({"a": 2})");
