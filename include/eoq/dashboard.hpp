@@ -29,6 +29,8 @@
 //   POST /api/tasks/{id}/cancel 200 {"outcome", "task"}; 409 when already finished
 //   POST /api/tasks/{id}/retry  200 {"outcome", "task"}; 409 when not failed, expired or cancelled
 //   GET  /api/stats             ?tenant= -> {"queues", "now"}
+//   GET  /metrics               the token's queues in the Prometheus text format (eoq/metrics.hpp);
+//                               a scrape sends the token as `authorization: {credentials: ...}`
 // Errors: {"error": message, "field": ..., "rule": ...}; 400 bad input (nothing
 // written), 401 no or unknown token, 403 no rights, 404 no such task or route
 // (another tenant's task answers exactly like a missing one), 405 wrong method,

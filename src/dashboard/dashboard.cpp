@@ -6,6 +6,7 @@
 #include <eoq/errors.hpp>
 
 #include "common/validate.hpp"
+#include "dashboard/metrics.hpp"
 #include "dashboard/page.hpp"
 #include "dashboard/task_json.hpp"
 
@@ -194,7 +195,7 @@ bool is_json_type(const std::string* content_type) {
 
 // --- routes -----------------------------------------------------------------
 
-enum class Route { page, healthz, me, tasks, task, cancel, retry, stats };
+enum class Route { page, healthz, me, tasks, task, cancel, retry, stats, metrics };
 
 struct Match {
   Route route;
@@ -206,6 +207,7 @@ std::optional<Match> match(std::string_view rest) {
   if (rest == "/healthz") return Match{Route::healthz, {}};
   if (rest == "/api/me") return Match{Route::me, {}};
   if (rest == "/api/stats") return Match{Route::stats, {}};
+  if (rest == "/metrics") return Match{Route::metrics, {}};
   if (rest == "/api/tasks") return Match{Route::tasks, {}};
   constexpr std::string_view tasks = "/api/tasks/";
   if (!rest.starts_with(tasks)) return std::nullopt;
@@ -363,6 +365,7 @@ struct Dashboard::Impl {
       case Route::cancel: return cancel(*id, *who);
       case Route::retry: return retry(*id, *who);
       case Route::stats: return stats(req, *who);
+      case Route::metrics: return detail::metrics_response(store, who->scope());
       default: return not_found();
     }
   }

@@ -1,0 +1,48 @@
+#pragma once
+// eoq's numbers in the Prometheus text exposition format (version 0.0.4), for a
+// host that serves its own /metrics: what its workers did, and how deep its
+// queues are. The dashboard serves the queue part at /metrics itself.
+//
+//   std::string body = eoq::prometheus_text(worker);          // one worker
+//   body += eoq::prometheus_text(store.stats());              // its queues
+//   // serve `body` as "text/plain; version=0.0.4; charset=utf-8"
+//
+// Each call writes whole metric families (HELP, TYPE, samples), so the texts of
+// calls for different things (workers, queues) may be concatenated; two calls
+// for workers may not (a family must appear once): pass all workers to one call.
+#include <eoq/task.hpp>
+#include <eoq/worker.hpp>
+
+#include <span>
+#include <string>
+#include <vector>
+
+namespace eoq {
+
+// The content type a scrape expects for these texts.
+inline constexpr const char* prometheus_content_type = "text/plain; version=0.0.4; charset=utf-8";
+
+struct WorkerMetrics {
+  std::string worker{};  // the value of the `worker` label (Worker::id())
+  WorkerCounters counters{};
+};
+
+// Per worker: eoq_worker_claimed_total, eoq_worker_outcomes_total{outcome=...}
+// (succeeded, failed, retried, cancelled, expired, lease_lost, released,
+// abandoned), eoq_worker_in_flight, eoq_worker_store_errors_total and the
+// histogram eoq_worker_handler_duration_seconds (buckets from
+// WorkerCounters::duration_bounds).
+std::string prometheus_text(std::span<const WorkerMetrics> workers);
+std::string prometheus_text(const Worker& worker);
+
+// Per queue: eoq_queue_tasks{queue, status} (every status, zeros included),
+// eoq_queue_oldest_pending_age_seconds (0 when nothing is due), and
+// eoq_queue_finished_last_minute{queue, outcome} (throughput: succeeded and
+// failed in the last 60 s). Gauges, not counters: retention deletes finished
+// tasks, so totals taken from the store can go down.
+std::string prometheus_text(std::span<const QueueStats> queues);
+inline std::string prometheus_text(const std::vector<QueueStats>& queues) {
+  return prometheus_text(std::span<const QueueStats>(queues));
+}
+
+}  // namespace eoq
