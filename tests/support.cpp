@@ -24,6 +24,9 @@ extern char** environ;
 #ifndef EOQ_TEST_CLUSTER_FILE
 #define EOQ_TEST_CLUSTER_FILE ""
 #endif
+#ifndef EOQ_TEST_PGBOUNCER_FILE
+#define EOQ_TEST_PGBOUNCER_FILE ""
+#endif
 #ifndef EOQ_TEST_SCRATCH_DIR
 #define EOQ_TEST_SCRATCH_DIR "/tmp"
 #endif
@@ -53,6 +56,21 @@ std::string env(const char* name) {
   return v ? v : "";
 }
 
+// The tests labelled pgbouncer run with EOQ_TEST_PGBOUNCER=1: their stores go
+// through the PgBouncer (transaction pooling) the ctest fixture started.
+bool pooled() { return !env("EOQ_TEST_PGBOUNCER").empty(); }
+
+std::string compute_url();
+
+std::string pgbouncer_url() {
+  std::string file = EOQ_TEST_PGBOUNCER_FILE;
+  std::string url = trim(read_file(file));
+  if (url.empty())
+    throw Error("EOQ_TEST_PGBOUNCER is set, but the pgbouncer fixture wrote no " + file +
+                " (run through ctest, which starts it: ctest -L pgbouncer)");
+  return url;
+}
+
 std::string compute_url() {
   if (auto url = env("EOQ_TEST_DATABASE_URL"); !url.empty()) return url;
   std::string file = EOQ_TEST_CLUSTER_FILE;
@@ -71,12 +89,26 @@ std::string compute_url() {
 
 }  // namespace
 
-std::string test_database_url() {
+std::string direct_database_url() {
   static std::mutex m;
   static std::string url;
   std::lock_guard lock(m);
   if (url.empty()) url = compute_url();
   return url;
+}
+
+std::string test_database_url() {
+  if (pooled()) {
+    static const std::string url = pgbouncer_url();
+    return url;
+  }
+  return direct_database_url();
+}
+
+void use_test_pooling(PostgresOptions& options) {
+  if (!pooled()) return;
+  options.transaction_pooling = true;
+  options.listen_conninfo = direct_database_url();
 }
 
 std::string fresh_schema(std::string_view hint) {
@@ -157,6 +189,7 @@ std::unique_ptr<TaskStore> TestStore::another() const {
   o.transient_retries = options_.transient_retries;
   o.prune_batch = options_.prune_batch;
   o.prune_budget = options_.prune_budget;
+  use_test_pooling(o);
   return std::make_unique<PostgresStore>(o);
 }
 

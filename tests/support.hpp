@@ -22,6 +22,13 @@ namespace eoq::test {
 // The connection string of the test database (see above). Starts the
 // per-process fallback server on first use when neither is available.
 std::string test_database_url();
+// The server itself, never through PgBouncer (the same as test_database_url()
+// except in the runs labelled pgbouncer).
+std::string direct_database_url();
+// In the runs labelled pgbouncer (EOQ_TEST_PGBOUNCER set), a store's options
+// for a transaction pooler: transaction_pooling on, LISTEN on the direct
+// connection. Otherwise nothing. TestStore applies it; child processes must too.
+void use_test_pooling(PostgresOptions& options);
 
 // A schema name unique to this call: [a-z_][a-z0-9_]*, at most 48 characters,
 // made of `hint`, the process id and a counter. Each Postgres test uses its own.

@@ -110,15 +110,75 @@ int start(const fs::path& state) {
   return 0;
 }
 
+// PgBouncer (transaction pooling) in front of the cluster, for the tests
+// labelled pgbouncer: <state>/pgbouncer-conninfo, <state>/pgbouncer (pid, dir).
+eoq::testing::TempPgBouncer* g_bouncer = nullptr;
+
+int stop_pgbouncer(const fs::path& state) {
+  std::error_code ec;
+  fs::remove(state / "pgbouncer-conninfo", ec);
+  std::ifstream in(state / "pgbouncer");
+  long pid = 0;
+  std::string dir;
+  if (!(in >> pid) || !(in >> dir)) return 0;
+  in.close();
+  // Only a pgbouncer running our own config file.
+  std::ifstream cmd("/proc/" + std::to_string(pid) + "/cmdline");
+  std::string all((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+  if (pid > 0 && all.find("pgbouncer") != std::string::npos && all.find(dir) != std::string::npos) {
+    ::kill(static_cast<pid_t>(pid), SIGTERM);
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (!gone(static_cast<pid_t>(pid)) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(10ms);
+    if (!gone(static_cast<pid_t>(pid))) ::kill(static_cast<pid_t>(pid), SIGKILL);
+  }
+  if (fs::path(dir).filename().string().rfind("eoqpgb-", 0) == 0) fs::remove_all(dir, ec);
+  fs::remove(state / "pgbouncer", ec);
+  std::printf("eoq_test_cluster: stopped pgbouncer %ld\n", pid);
+  return 0;
+}
+
+int start_pgbouncer(const fs::path& state) {
+  stop_pgbouncer(state);
+  std::string server;
+  if (const char* url = std::getenv("EOQ_TEST_DATABASE_URL"); url && *url) {
+    server = url;
+  } else {
+    std::ifstream in(state / "conninfo");
+    std::getline(in, server);
+  }
+  if (server.empty()) throw std::runtime_error("no cluster to put pgbouncer in front of (start it first)");
+  eoq::testing::TempPgBouncerOptions o;
+  o.pool_size = 20;
+  g_bouncer = new eoq::testing::TempPgBouncer(server, o);
+  {
+    std::ofstream out(state / "pgbouncer");
+    out << g_bouncer->pid() << "\n" << g_bouncer->directory() << "\n";
+    if (!out) throw std::runtime_error("cannot write " + (state / "pgbouncer").string());
+  }
+  {
+    std::ofstream out(state / "pgbouncer-conninfo.tmp");
+    out << g_bouncer->conninfo() << "\n";
+    if (!out) throw std::runtime_error("cannot write " + (state / "pgbouncer-conninfo.tmp").string());
+  }
+  fs::rename(state / "pgbouncer-conninfo.tmp", state / "pgbouncer-conninfo");
+  std::printf("eoq_test_cluster: pgbouncer %d at %s\n", g_bouncer->pid(), g_bouncer->conninfo().c_str());
+  std::fflush(stdout);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3 || (std::string(argv[1]) != "start" && std::string(argv[1]) != "stop")) {
-    std::fprintf(stderr, "usage: eoq_test_cluster start|stop <state dir>\n");
+  const std::string cmd = argc == 3 ? argv[1] : "";
+  if (cmd != "start" && cmd != "stop" && cmd != "pgbouncer-start" && cmd != "pgbouncer-stop") {
+    std::fprintf(stderr, "usage: eoq_test_cluster start|stop|pgbouncer-start|pgbouncer-stop <state dir>\n");
     return 2;
   }
   try {
-    return std::string(argv[1]) == "start" ? start(argv[2]) : stop(argv[2]);
+    if (cmd == "pgbouncer-start") return start_pgbouncer(argv[2]);
+    if (cmd == "pgbouncer-stop") return stop_pgbouncer(argv[2]);
+    return cmd == "start" ? start(argv[2]) : stop(argv[2]);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "eoq_test_cluster %s: %s\n", argv[1], e.what());
     return 1;

@@ -12,6 +12,7 @@
 // keys: id, concurrency, lease_ms, sleep_ms, prefetch (absent: measured), idle_timeout_ms, history
 // (a file the client side of the history goes to as it happens; see history.hpp)
 #include "history.hpp"
+#include "support.hpp"
 
 #include <eoq/eoq.hpp>
 #include <eoq/worker.hpp>
@@ -66,6 +67,7 @@ int main(int argc, char** argv) try {
   po.schema = schema;
   po.pool_size = 4;
   po.handler_idle_timeout = eoq::Millis(get(kv, "idle_timeout_ms", 30000));
+  eoq::test::use_test_pooling(po);
   eoq::PostgresStore pg(po);
   namespace h = eoq::test::history;
   std::unique_ptr<h::Recorder> recorder =

@@ -30,6 +30,28 @@ struct PostgresOptions {
   // A handler transaction idle (waiting for its client) longer than this is
   // ended by the server, so a frozen worker cannot hold row locks for long.
   Millis handler_idle_timeout{30000};
+
+  // conninfo leads to a transaction-pooling proxy (PgBouncer with pool_mode =
+  // transaction), which hands each transaction to any server connection: then
+  // statements go unnamed (parsed on every call, a named prepared statement
+  // would be missing on the next server connection) and the store does not
+  // LISTEN through it (the proxy would not keep the session). The rest of
+  // eoq's session use is transaction-scoped already: SET LOCAL, temporary
+  // tables dropped at commit, transaction-level advisory locks.
+  bool transaction_pooling = false;
+  // A direct connection (not through the proxy) on which an idle worker LISTENs
+  // for new tasks: one per store. Empty: conninfo, or with transaction_pooling
+  // no LISTEN at all, and an idle worker polls every WorkerOptions::poll_interval.
+  std::string listen_conninfo{};
+  // A hot standby (or a pooler in front of standbys) for get, list, stats and
+  // history, the reads of the dashboard and the CLI: they see the primary as of
+  // the standby's replay, usually milliseconds behind and more under load or
+  // after a network fault (pg_stat_replication.replay_lag), so a task just
+  // submitted may be missing and a finished one shown running. Claims,
+  // settlements, submits, find, cancel, retry and maintenance stay on conninfo.
+  // Give it to the store of a dashboard or a report, not to a worker's store:
+  // a worker reads its own writes back (after a commit in doubt). Empty: conninfo.
+  std::string read_conninfo{};
 };
 
 class PostgresStore final : public TaskStore {

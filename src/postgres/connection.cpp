@@ -86,7 +86,8 @@ void throw_error(PGconn* conn, const PGresult* result, std::string_view statemen
   throw DatabaseError(what, sqlstate, std::string(statement));
 }
 
-Connection::Connection(const std::string& conninfo, const std::string& application_name) {
+Connection::Connection(const std::string& conninfo, const std::string& application_name, bool prepare)
+    : prepare_(prepare) {
   // Parse first so a malformed string is reported as bad input, not as an outage.
   char* err = nullptr;
   PQconninfoOption* opts = PQconninfoParse(conninfo.c_str(), &err);
@@ -120,6 +121,7 @@ Connection::Connection(const std::string& conninfo, const std::string& applicati
 }
 
 Result Connection::exec(const Statement& st, const std::vector<Param>& params) {
+  if (!prepare_) return exec_params(st.sql, params, true, st.name);
   if (!prepared_.contains(st.name)) {
     Result r(PQprepare(c_.get(), st.name, st.sql.c_str(), 0, nullptr));
     if (PQresultStatus(r.get()) != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
@@ -166,8 +168,8 @@ void Connection::copy_in(const char* sql, std::string_view data) {
   while (PGresult* rest = PQgetResult(c_.get())) PQclear(rest);
 }
 
-Pool::Pool(std::string conninfo, std::string application_name, int size)
-    : conninfo_(std::move(conninfo)), application_name_(std::move(application_name)), size_(size) {}
+Pool::Pool(std::string conninfo, std::string application_name, int size, bool prepare)
+    : conninfo_(std::move(conninfo)), application_name_(std::move(application_name)), size_(size), prepare_(prepare) {}
 
 Pool::~Pool() = default;
 
@@ -182,7 +184,7 @@ Pool::Lease Pool::acquire() {
   ++open_;
   lk.unlock();
   try {
-    return Lease(this, std::make_unique<Connection>(conninfo_, application_name_));
+    return Lease(this, std::make_unique<Connection>(conninfo_, application_name_, prepare_));
   } catch (...) {
     lk.lock();
     --open_;

@@ -74,7 +74,9 @@ bool is_transient_sqlstate(std::string_view sqlstate) noexcept;
 
 class Connection {
  public:
-  Connection(const std::string& conninfo, const std::string& application_name);
+  // prepare: statements are prepared once under their names; otherwise each
+  // call sends its text unnamed (for transaction-pooling proxies).
+  Connection(const std::string& conninfo, const std::string& application_name, bool prepare = true);
   PGconn* get() const noexcept { return c_.get(); }
   bool ok() const noexcept { return PQstatus(c_.get()) == CONNECTION_OK; }
 
@@ -90,6 +92,7 @@ class Connection {
 
  private:
   ConnPtr c_;
+  bool prepare_ = true;
   std::unordered_set<std::string> prepared_;
 };
 
@@ -97,7 +100,7 @@ class Connection {
 // that broke is dropped instead of returned.
 class Pool {
  public:
-  Pool(std::string conninfo, std::string application_name, int size);
+  Pool(std::string conninfo, std::string application_name, int size, bool prepare = true);
   ~Pool();
 
   class Lease {
@@ -127,6 +130,7 @@ class Pool {
   void put(std::unique_ptr<Connection> c);
   std::string conninfo_, application_name_;
   int size_;
+  bool prepare_;
   std::mutex m_;
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Connection>> idle_;

@@ -276,6 +276,7 @@ struct PostgresStore::Impl {
   Statements sql;
   pg::Pool pool;     // short statements
   pg::Pool tx_pool;  // handler transactions, held for a handler's whole run
+  std::optional<pg::Pool> read_pool;  // read_conninfo: get, list, stats, history
 
   // LISTEN connection: one thread polls it; others wait on listen_cv.
   std::mutex listen_m;
@@ -292,8 +293,11 @@ struct PostgresStore::Impl {
         quoted(quote_ident(options.schema)),
         channel("eoq_" + options.schema),
         sql(quoted),
-        pool(options.conninfo, "eoq", options.pool_size),
-        tx_pool(options.conninfo, "eoq-handler", options.pool_size) {
+        pool(options.conninfo, "eoq", options.pool_size, !options.transaction_pooling),
+        tx_pool(options.conninfo, "eoq-handler", options.pool_size, !options.transaction_pooling) {
+    // A standby's own pooler may pool by transaction too: no named statements there either.
+    if (!options.read_conninfo.empty())
+      read_pool.emplace(options.read_conninfo, "eoq-read", options.pool_size, !options.transaction_pooling);
     wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_fd < 0) throw Error("eventfd failed");
   }
@@ -311,6 +315,17 @@ struct PostgresStore::Impl {
   template <class F>
   auto run_on_connection(F&& f, bool* retried = nullptr) {
     return pg::with_retry(pool, options.transient_retries, std::forward<F>(f), retried);
+  }
+  // run() for the reads that may be stale: on read_conninfo when there is one.
+  Result read(const Statement& st, const std::vector<Param>& params) {
+    return pg::with_retry(read_pool ? *read_pool : pool, options.transient_retries,
+                          [&](Connection& c) { return c.exec(st, params); });
+  }
+  // Where LISTEN runs; empty: nowhere (behind a transaction pooler), poll.
+  const std::string& listen_conninfo() const {
+    static const std::string none;
+    if (!options.listen_conninfo.empty()) return options.listen_conninfo;
+    return options.transaction_pooling ? none : options.conninfo;
   }
 
   std::vector<std::optional<Task>> lookup_keys(const std::vector<Param>& queues, const std::vector<Param>& tenants,
@@ -388,15 +403,18 @@ PostgresStore::PostgresStore(PostgresOptions options) {
   detail::validate_positive("prune_budget", options.prune_budget);
   detail::validate_positive("handler_idle_timeout", options.handler_idle_timeout);
   if (options.retention && options.retention->count() < 0) throw InvalidArgument("retention", "must not be negative");
-  {
-    // Parse the connection string now so a malformed one fails here, not later.
+  // Parse the connection strings now so a malformed one fails here, not later.
+  for (auto [field, text] : {std::pair<const char*, const std::string*>{"conninfo", &options.conninfo},
+                             {"listen_conninfo", &options.listen_conninfo},
+                             {"read_conninfo", &options.read_conninfo}}) {
+    if (text->empty()) continue;
     char* err = nullptr;
-    PQconninfoOption* opts = PQconninfoParse(options.conninfo.c_str(), &err);
+    PQconninfoOption* opts = PQconninfoParse(text->c_str(), &err);
     if (!opts) {
       std::string why = err ? err : "cannot be parsed";
       if (err) PQfreemem(err);
       while (!why.empty() && why.back() == '\n') why.pop_back();
-      throw InvalidArgument("conninfo", why);
+      throw InvalidArgument(field, why);
     }
     PQconninfoFree(opts);
   }
@@ -990,7 +1008,7 @@ RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
 std::optional<Task> PostgresStore::get(TaskId id, const Scope& scope) {
   auto& I = *impl_;
   detail::validate_scope(scope);
-  auto r = I.run(I.sql.get, {num(id), scope.tenant});
+  auto r = I.read(I.sql.get, {num(id), scope.tenant});
   if (r.rows() == 0) return std::nullopt;
   return decode_task(r, 0);
 }
@@ -1010,8 +1028,8 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   Param tenant = scope.tenant ? scope.tenant : q.tenant;
   Param status = q.status ? Param(std::string(to_string(*q.status))) : std::nullopt;
   auto after = q.newest_first ? q.after.value_or(std::numeric_limits<TaskId>::max()) : q.after.value_or(0);
-  auto r = I.run(q.newest_first ? I.sql.list_desc : I.sql.list,
-                 {q.queue, status, q.type, tenant, num(after), num(q.limit + 1)});
+  auto r = I.read(q.newest_first ? I.sql.list_desc : I.sql.list,
+                  {q.queue, status, q.type, tenant, num(after), num(q.limit + 1)});
   TaskPage page;
   for (int i = 0; i < r.rows(); ++i) page.tasks.push_back(decode_task(r, i));
   // The statement reads one row past the page to say whether another follows.
@@ -1025,7 +1043,7 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
 std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
   auto& I = *impl_;
   detail::validate_scope(scope);
-  auto r = I.run(I.sql.stats, {scope.tenant});
+  auto r = I.read(I.sql.stats, {scope.tenant});
   std::map<std::string, QueueStats> by_queue;
   for (int i = 0; i < r.rows(); ++i) {
     auto& s = by_queue[r.text(i, 0)];
@@ -1050,7 +1068,7 @@ std::vector<Attempt> PostgresStore::history(TaskId id, const Scope& scope) {
   auto& I = *impl_;
   // A task's tenant never changes, so checking it first is as good as joining.
   if (scope.tenant && !get(id, scope)) return {};
-  auto r = I.run(I.sql.history, {num(id)});
+  auto r = I.read(I.sql.history, {num(id)});
   std::vector<Attempt> out;
   for (int i = 0; i < r.rows(); ++i) {
     Attempt a;
@@ -1123,6 +1141,11 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
   auto deadline = SteadyClock::now() + timeout;
   std::unique_lock lk(I.listen_m);
   auto gen = I.wake_gen;
+  if (I.listen_conninfo().empty()) {
+    // Nowhere to LISTEN: only wake() ends the wait early.
+    I.listen_cv.wait_until(lk, deadline, [&] { return I.wake_gen != gen; });
+    return;
+  }
   if (I.listener_busy) {
     // Another thread is polling the LISTEN connection; it tells us what it hears.
     I.listen_cv.wait_until(lk, deadline, [&] { return I.wake_gen != gen; });
@@ -1134,7 +1157,7 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
   try {
     if (!I.listener || !I.listener->ok()) {
       I.listener.reset();
-      auto c = std::make_unique<Connection>(I.options.conninfo, "eoq-listen");
+      auto c = std::make_unique<Connection>(I.listen_conninfo(), "eoq-listen");
       c->command(fmt::format("LISTEN {}", quote_ident(I.channel)).c_str());
       I.listener = std::move(c);
     }

@@ -389,9 +389,19 @@ struct TempPostgres::Impl {
 
   void init_cluster() {
     fs::path log = dir / "initdb.log";
-    run_to_completion({(bin_dir / "initdb").string(), "-D", data.string(), "-U", "postgres", "--auth=trust",
-                       "--no-locale", "-E", "UTF8", "--no-sync", "--no-instructions"},
-                      log, as);
+    if (options.standby_of.empty()) {
+      run_to_completion({(bin_dir / "initdb").string(), "-D", data.string(), "-U", "postgres", "--auth=trust",
+                         "--no-locale", "-E", "UTF8", "--no-sync", "--no-instructions"},
+                        log, as);
+    } else {
+      // The primary's files and configuration, then ours on top (later lines win).
+      run_to_completion({(bin_dir / "pg_basebackup").string(), "-D", data.string(), "-X", "stream", "-c", "fast",
+                         "--no-sync", "-d", options.standby_of},
+                        log, as);
+      std::ofstream signal(data / "standby.signal");
+      signal.close();
+      chown_tree(data / "standby.signal", as);
+    }
     std::ofstream conf(data / "postgresql.conf", std::ios::app);
     conf << "\n# eoq::testing::TempPostgres\n"
          << "listen_addresses = '" << (options.listen_tcp ? "127.0.0.1" : "") << "'\n"
@@ -404,6 +414,14 @@ struct TempPostgres::Impl {
          << "log_min_messages = warning\n"
          << "shared_buffers = 64MB\n"
          << "dynamic_shared_memory_type = posix\n";
+    if (!options.standby_of.empty()) {
+      // Doubled quotes: the connection string is a quoted value in the config file.
+      std::string primary = options.standby_of + " application_name=" + options.standby_name, quoted;
+      for (char c : primary) quoted += c == '\'' ? std::string("''") : std::string(1, c);
+      // The primary's list of synchronous standbys must not come along: once
+      // promoted, this server would wait for a standby it does not have.
+      conf << "primary_conninfo = '" << quoted << "'\nhot_standby = on\nsynchronous_standby_names = ''\n";
+    }
     if (!options.extra_config.empty()) conf << options.extra_config << "\n";
     conf.close();
     if (!conf) throw Error(fmt::format("TempPostgres: cannot write {}", (data / "postgresql.conf").string()));
@@ -527,9 +545,172 @@ void TempPostgres::restart() {
 
 void TempPostgres::stop() { impl_->stop_server(); }
 
+void TempPostgres::stop_immediate() {
+  auto& I = *impl_;
+  if (I.pid <= 0) return;
+  ::kill(I.pid, SIGQUIT);
+  auto give_up = std::chrono::steady_clock::now() + kStopTimeout;
+  while (!process_gone(I.pid) && std::chrono::steady_clock::now() < give_up) {
+    if (I.child > 0) ::waitpid(I.child, nullptr, WNOHANG);
+    std::this_thread::sleep_for(10ms);
+  }
+  I.stop_server();  // SIGKILL if it is somehow still there; reaps our child
+}
+
+void TempPostgres::promote() {
+  auto& I = *impl_;
+  std::unique_ptr<PGconn, ConnCloser> conn(PQconnectdb(I.conninfo.c_str()));
+  if (PQstatus(conn.get()) != CONNECTION_OK)
+    throw Error(fmt::format("TempPostgres: cannot connect to promote: {}", PQerrorMessage(conn.get())));
+  std::unique_ptr<PGresult, ResultCloser> res(PQexec(conn.get(), "SELECT pg_promote(true, 60)"));
+  if (PQresultStatus(res.get()) != PGRES_TUPLES_OK || std::string(PQgetvalue(res.get(), 0, 0)) != "t")
+    throw Error(fmt::format("TempPostgres: pg_promote failed: {}; {}", PQresultErrorMessage(res.get()),
+                            tail_of(I.dir / "server.log")));
+}
+
+int TempPostgres::port() const noexcept { return impl_->port; }
+
 int TempPostgres::pid() const noexcept { return impl_->pid; }
 
 const std::string& TempPostgres::data_dir() const noexcept { return impl_->data_str; }
+
+// --- TempPgBouncer ---------------------------------------------------------------
+
+std::string TempPgBouncer::find_binary() {
+  if (const char* path = std::getenv("PATH")) {
+    std::stringstream ss(path);
+    std::string item;
+    while (std::getline(ss, item, ':'))
+      if (!item.empty() && executable(fs::path(item) / "pgbouncer")) return (fs::path(item) / "pgbouncer").string();
+  }
+  if (executable("/usr/sbin/pgbouncer")) return "/usr/sbin/pgbouncer";
+  return {};
+}
+
+struct TempPgBouncer::Impl {
+  TempPgBouncerOptions options;
+  RunAs as;
+  fs::path dir;
+  std::string dir_str;
+  std::string conninfo;
+  pid_t pid = -1;
+
+  // SIGTERM is PgBouncer's immediate shutdown (SIGINT would wait for clients).
+  void stop() noexcept {
+    if (pid <= 0) return;
+    ::kill(pid, SIGTERM);
+    auto deadline = std::chrono::steady_clock::now() + kStopTimeout;
+    int status = 0;
+    while (::waitpid(pid, &status, WNOHANG) != pid) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+        break;
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+    pid = -1;
+  }
+  void remove_dir() noexcept {
+    std::error_code ec;
+    if (!dir.empty()) fs::remove_all(dir, ec);
+    dir.clear();
+  }
+};
+
+TempPgBouncer::TempPgBouncer(const std::string& server_conninfo, TempPgBouncerOptions options)
+    : impl_(std::make_unique<Impl>()) {
+  auto& I = *impl_;
+  I.options = std::move(options);
+  std::string binary = I.options.binary.empty() ? find_binary() : I.options.binary;
+  if (binary.empty() || !executable(binary))
+    throw Error("TempPgBouncer: pgbouncer is not installed (apt-get install pgbouncer)");
+  if (I.options.pool_size < 1) throw InvalidArgument("pool_size", "must be at least 1");
+  // The server's address and user, and the rest of its connection string.
+  std::string host, port = "5432", user = "postgres";
+  std::string rest;
+  {
+    char* err = nullptr;
+    PQconninfoOption* opts = PQconninfoParse(server_conninfo.c_str(), &err);
+    if (!opts) {
+      std::string why = err ? err : "cannot be parsed";
+      if (err) PQfreemem(err);
+      throw InvalidArgument("server_conninfo", why);
+    }
+    for (PQconninfoOption* o = opts; o->keyword; ++o) {
+      if (!o->val) continue;
+      std::string key = o->keyword;
+      if (key == "host") host = o->val;
+      else if (key == "port") port = o->val;
+      else if (key == "user") user = o->val;
+      if (key != "host" && key != "port" && key != "hostaddr") rest += fmt::format("{}={} ", key, conn_value(o->val));
+    }
+    PQconninfoFree(opts);
+  }
+  I.as = run_as();
+  fs::path parent = I.options.parent_dir;
+  if (parent.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    parent = tmp && *tmp ? tmp : "/tmp";
+  }
+  std::string pattern = (parent / "eoqpgb-XXXXXX").string();
+  if (!::mkdtemp(pattern.data()))
+    throw Error(fmt::format("TempPgBouncer: cannot create a directory in {}: {}", parent.string(),
+                            std::strerror(errno)));
+  I.dir = pattern;
+  I.dir_str = pattern;
+  try {
+    chown_tree(I.dir, I.as);
+    int listen_port = free_tcp_port();
+    {
+      std::ofstream users(I.dir / "users.txt");
+      users << "\"" << user << "\" \"\"\n";
+      std::ofstream ini(I.dir / "pgbouncer.ini");
+      ini << "[databases]\n* = host=" << host << " port=" << port << "\n"
+          << "[pgbouncer]\n"
+          << "listen_addr = 127.0.0.1\nlisten_port = " << listen_port << "\nunix_socket_dir =\n"
+          << "auth_type = trust\nauth_file = " << (I.dir / "users.txt").string() << "\n"
+          << "pool_mode = " << I.options.pool_mode << "\n"
+          << "default_pool_size = " << I.options.pool_size << "\nmax_db_connections = " << I.options.pool_size
+          << "\nmax_client_conn = " << I.options.max_client_conn << "\n"
+          // libpq sends it, and PgBouncer 1.18 refuses unknown startup parameters.
+          << "ignore_startup_parameters = extra_float_digits\n"
+          << "logfile = " << (I.dir / "pgbouncer.log").string() << "\n"
+          << "log_connections = 0\nlog_disconnections = 0\n";
+      if (!users || !ini) throw Error(fmt::format("TempPgBouncer: cannot write in {}", I.dir.string()));
+    }
+    I.pid = spawn({binary, (I.dir / "pgbouncer.ini").string()}, I.dir / "stderr.log", I.as, true);
+    I.conninfo = rest + fmt::format("host=127.0.0.1 port={}", listen_port);
+    auto give_up = std::chrono::steady_clock::now() + kStartTimeout;
+    while (PQping(I.conninfo.c_str()) != PQPING_OK) {
+      int status = 0;
+      if (::waitpid(I.pid, &status, WNOHANG) == I.pid) {
+        I.pid = -1;
+        throw Error(fmt::format("TempPgBouncer: pgbouncer {} during startup; {}", describe_status(status),
+                                tail_of(I.dir / "stderr.log")));
+      }
+      if (std::chrono::steady_clock::now() > give_up)
+        throw Error(fmt::format("TempPgBouncer: pgbouncer did not accept connections within {} s; {}",
+                                kStartTimeout.count(), tail_of(I.dir / "pgbouncer.log")));
+      std::this_thread::sleep_for(20ms);
+    }
+  } catch (...) {
+    I.stop();
+    I.remove_dir();
+    throw;
+  }
+}
+
+TempPgBouncer::~TempPgBouncer() {
+  if (!impl_) return;
+  impl_->stop();
+  impl_->remove_dir();
+}
+
+const std::string& TempPgBouncer::conninfo() const noexcept { return impl_->conninfo; }
+int TempPgBouncer::pid() const noexcept { return impl_->pid; }
+const std::string& TempPgBouncer::directory() const noexcept { return impl_->dir_str; }
+void TempPgBouncer::stop() { impl_->stop(); }
 
 std::string database_url_or_temp(const char* env_var) {
   if (env_var) {
