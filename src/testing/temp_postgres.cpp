@@ -550,11 +550,20 @@ void TempPostgres::stop_immediate() {
   if (I.pid <= 0) return;
   ::kill(I.pid, SIGQUIT);
   auto give_up = std::chrono::steady_clock::now() + kStopTimeout;
-  while (!process_gone(I.pid) && std::chrono::steady_clock::now() < give_up) {
-    if (I.child > 0) ::waitpid(I.child, nullptr, WNOHANG);
+  for (;;) {
+    if (I.child > 0 && ::waitpid(I.child, nullptr, WNOHANG) == I.child) {
+      if (I.child == I.pid) break;
+      I.child = -1;
+    }
+    if (process_gone(I.pid)) break;
+    if (std::chrono::steady_clock::now() > give_up) {
+      I.stop_server();  // SIGINT, then SIGKILL
+      return;
+    }
     std::this_thread::sleep_for(10ms);
   }
-  I.stop_server();  // SIGKILL if it is somehow still there; reaps our child
+  // Gone (and reaped, when it was our child): its pid may be anyone's now.
+  I.child = I.pid = -1;
 }
 
 void TempPostgres::promote() {
