@@ -86,8 +86,7 @@ void throw_error(PGconn* conn, const PGresult* result, std::string_view statemen
   throw DatabaseError(what, sqlstate, std::string(statement));
 }
 
-Connection::Connection(const std::string& conninfo, const std::string& application_name) {
-  // Parse first so a malformed string is reported as bad input, not as an outage.
+void check_conninfo(const std::string& conninfo) {
   char* err = nullptr;
   PQconninfoOption* opts = PQconninfoParse(conninfo.c_str(), &err);
   if (!opts) {
@@ -97,6 +96,9 @@ Connection::Connection(const std::string& conninfo, const std::string& applicati
     throw InvalidArgument("conninfo", why);
   }
   PQconninfoFree(opts);
+}
+
+Connection::Connection(const std::string& conninfo, const std::string& application_name) {
   const char* keys[] = {"dbname", "application_name", "fallback_application_name", nullptr};
   const char* values[] = {conninfo.c_str(), nullptr, application_name.c_str(), nullptr};
   // expand_dbname=1: the first dbname is the whole connection string.
@@ -171,18 +173,18 @@ Pool::Pool(std::string conninfo, std::string application_name, int size)
 
 Pool::~Pool() = default;
 
-Pool::Lease Pool::acquire() {
+Pool::Borrowed Pool::acquire() {
   std::unique_lock lk(m_);
   cv_.wait(lk, [&] { return !idle_.empty() || open_ < size_; });
   if (!idle_.empty()) {
     auto c = std::move(idle_.back());
     idle_.pop_back();
-    return Lease(this, std::move(c));
+    return Borrowed(this, std::move(c));
   }
   ++open_;
   lk.unlock();
   try {
-    return Lease(this, std::make_unique<Connection>(conninfo_, application_name_));
+    return Borrowed(this, std::make_unique<Connection>(conninfo_, application_name_));
   } catch (...) {
     lk.lock();
     --open_;
