@@ -111,8 +111,8 @@ struct Statements {
             copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
             submit_staged_unkeyed = q("submit_staged_unkeyed"), by_keys = q("by_keys");
   Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
-            release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"), cancel_lease = q("cancel_lease"),
-            heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
+            release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
+            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
             list = q("list"), list_desc = q("list_desc"), stats = q("stats"), history = q("history"),
             settled = q("settled"), now = q("now");
@@ -764,7 +764,7 @@ void PostgresStore::release(const Lease& lease) {
 }
 
 std::vector<bool> PostgresStore::release_batch(std::span<const Lease> leases) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   if (leases.empty()) return {};
   std::vector<Param> ids, versions;
   for (const auto& l : leases) {
@@ -772,7 +772,7 @@ std::vector<bool> PostgresStore::release_batch(std::span<const Lease> leases) {
     versions.push_back(num(l.token));
   }
   bool retried = false;
-  auto r = I.run(I.sql.release_batch, {pg::text_array(ids), pg::text_array(versions), I.channel}, &retried);
+  auto r = impl.run(impl.sql.release_batch, {pg::text_array(ids), pg::text_array(versions), impl.channel}, &retried);
   std::map<std::pair<TaskId, std::int64_t>, bool> given;  // (id, token) given back now
   for (int i = 0; i < r.rows(); ++i) given[{r.i64(i, 0), r.i64(i, 1)}] = true;
   std::vector<bool> out(leases.size());
