@@ -5,7 +5,7 @@
 #include "support.hpp"
 
 #include "cli/text.hpp"
-#include "dashboard/task_json.hpp"
+#include "json/task_json.hpp"
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>

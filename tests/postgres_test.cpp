@@ -590,6 +590,40 @@ TEST_CASE("connections killed while operations run either retry transparently or
   CHECK(stats_of(store, "doubt").succeeded == 1);
 }
 
+TEST_CASE("cancel of a task claimed while the cancel statement waited for its row answers cancel_requested",
+          "[postgres][cancel]") {
+  TestStore store(StoreKind::postgres);
+  const auto id = store->submit(task()).task.id;
+  // A claim in flight: the row is running in a transaction that has not
+  // committed, so the cancel statement waits on the row, then finds it neither
+  // pending (its DELETE) nor running (its UPDATE, in its older snapshot).
+  Admin claimer(store.conninfo());
+  claimer.exec("BEGIN");
+  claimer.exec(fmt::format("UPDATE \"{}\".tasks SET status = 'running', version = version + 1, attempts = 1, "
+                           "lease_owner = 'other', lease_expires_at = now() + interval '1 hour', started_at = now() "
+                           "WHERE id = $1",
+                           store.schema()),
+               {std::to_string(id)});
+  std::optional<eoq::CancelOutcome> outcome;
+  std::thread canceller([&] { outcome = store->cancel(id); });
+  Admin watcher(store.conninfo());
+  // Not a timing assertion: waits (up to a minute) until the cancel is blocked on the row.
+  bool blocked = false;
+  for (int i = 0; i < 6000 && !blocked; ++i) {
+    blocked = watcher.count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                            {"%\"" + store.schema() + "\".tasks%"}) > 0;
+    if (!blocked) std::this_thread::sleep_for(10ms);
+  }
+  claimer.exec("COMMIT");
+  canceller.join();
+  REQUIRE(blocked);
+  CHECK(outcome == eoq::CancelOutcome::cancel_requested);
+  auto t = store->get(id);
+  REQUIRE(t);
+  CHECK(t->status == TaskStatus::running);
+  CHECK(t->cancel_requested);
+}
+
 TEST_CASE("a task submitted on the host's own connection exists only if the host's transaction commits",
           "[postgres][submit_on]") {
   TestStore s(StoreKind::postgres);

@@ -24,7 +24,7 @@
 //   GET  /api/me                who the token is: {"auth", "tenant", "write"}
 //   GET  /api/tasks             ?queue=&status=&type=&tenant=&after=&limit=&view=summary
 //                               -> {"tasks", "next_after", "now"}; summary: without payload, result, checkpoint
-//   POST /api/tasks             submit (task_json.hpp's shape) -> 201 {"duplicate": false, "task"} | 200 duplicate
+//   POST /api/tasks             submit (src/json/task_json.hpp's shape) -> 201 {"duplicate": false, "task"} | 200 duplicate
 //   GET  /api/tasks/{id}        {"task", "attempts"}
 //   POST /api/tasks/{id}/cancel 200 {"outcome", "task"}; 409 when already finished
 //   POST /api/tasks/{id}/retry  200 {"outcome", "task"}; 409 when not failed, expired or cancelled

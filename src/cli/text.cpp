@@ -1,6 +1,6 @@
 #include "cli/text.hpp"
 
-#include "dashboard/task_json.hpp"
+#include "json/task_json.hpp"
 
 #include <eoq/errors.hpp>
 

@@ -429,5 +429,14 @@ void validate_prune(Millis older_than, int batch_size) {
   if (batch_size < 1 || batch_size > 100000) throw InvalidArgument("batch_size", "must be between 1 and 100000");
 }
 
+void validate_list(const ListQuery& q) {
+  if (q.limit < 1 || q.limit > 1000) throw InvalidArgument("limit", "must be between 1 and 1000");
+  if (q.queue) validate_queue("queue", *q.queue);
+}
+
+void validate_batch_size(std::size_t tasks) {
+  if (tasks > kMaxBatch) throw InvalidArgument("tasks", fmt::format("at most {} tasks per batch", kMaxBatch));
+}
+
 }  // namespace detail
 }  // namespace eoq

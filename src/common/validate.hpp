@@ -1,8 +1,11 @@
 #pragma once
-// Input rules shared by every store, so both reject the same input with the
-// same words (the conformance suite checks that they do).
+// Rules shared by every store: input they reject with the same words (the
+// conformance suite checks that they do), and the batches retention works in.
 #include <eoq/task.hpp>
+#include <eoq/task_store.hpp>
 
+#include <chrono>
+#include <cstdint>
 #include <optional>
 #include <span>
 #include <string>
@@ -27,6 +30,31 @@ void validate_scope(const Scope& scope);
 void validate_positive(std::string_view field, Millis value);
 void validate_progress(int percent, std::string_view stage);
 void validate_prune(Millis older_than, int batch_size);
+void validate_list(const ListQuery& query);
+// At most kMaxBatch tasks in one submit_batch.
+inline constexpr std::size_t kMaxBatch = 100000;
+void validate_batch_size(std::size_t tasks);
+
+struct Batches {
+  std::int64_t total = 0;  // rows handled
+  bool more = false;       // stopped at `until` with work left
+};
+// Runs one_batch(size), which handles at most `size` rows and says how many,
+// until a batch comes back short, or `until` passes with work left. Batches
+// let claims and completions in between instead of one long lock or statement.
+template <class F>
+Batches in_batches(int size, F&& one_batch, std::optional<std::chrono::steady_clock::time_point> until = {}) {
+  Batches out;
+  for (;;) {
+    const std::int64_t n = one_batch(size);
+    out.total += n;
+    if (n < size) return out;
+    if (until && std::chrono::steady_clock::now() >= *until) {
+      out.more = true;
+      return out;
+    }
+  }
+}
 
 TimePoint now() noexcept;
 

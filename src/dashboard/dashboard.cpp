@@ -8,7 +8,7 @@
 #include "common/validate.hpp"
 #include "dashboard/metrics.hpp"
 #include "dashboard/page.hpp"
-#include "dashboard/task_json.hpp"
+#include "json/task_json.hpp"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>

@@ -22,7 +22,6 @@ namespace eoq {
 
 namespace {
 
-constexpr std::size_t kMaxSubmitBatch = 100000;  // the Postgres store's limit, kept alike
 constexpr int kRetentionBatch = 1000;
 constexpr TaskId kMinId = std::numeric_limits<TaskId>::min();
 
@@ -387,58 +386,58 @@ MemoryStore::MemoryStore(MemoryStoreOptions options) {
 MemoryStore::~MemoryStore() = default;
 
 SubmitResult MemoryStore::submit(const NewTask& task) {
-  auto& S = *state_;
-  detail::validate_new_task(task, S.options.max_payload_bytes, detail::now());
-  std::lock_guard lk(S.mu);
-  S.check_reuse(std::span<const NewTask>(&task, 1), false);
-  auto result = S.insert(task, detail::now());
-  if (!result.duplicate) S.signal(task.queue);
+  auto& state = *state_;
+  detail::validate_new_task(task, state.options.max_payload_bytes, detail::now());
+  std::lock_guard lk(state.mu);
+  state.check_reuse(std::span<const NewTask>(&task, 1), false);
+  auto result = state.insert(task, detail::now());
+  if (!result.duplicate) state.signal(task.queue);
   return result;
 }
 
 std::vector<SubmitResult> MemoryStore::submit_batch(std::span<const NewTask> tasks) {
-  auto& S = *state_;
-  if (tasks.size() > kMaxSubmitBatch) throw InvalidArgument("tasks", "at most 100000 tasks per batch");
+  auto& state = *state_;
+  detail::validate_batch_size(tasks.size());
   const TimePoint checked_at = detail::now();
   for (std::size_t i = 0; i < tasks.size(); ++i) {
     try {
-      detail::validate_new_task(tasks[i], S.options.max_payload_bytes, checked_at);
+      detail::validate_new_task(tasks[i], state.options.max_payload_bytes, checked_at);
     } catch (const InvalidArgument& e) {
       throw InvalidArgument(fmt::format("tasks[{}].{}", i, e.field()), e.rule());
     }
   }
   std::vector<SubmitResult> results;
   results.reserve(tasks.size());
-  std::lock_guard lk(S.mu);
-  S.check_reuse(tasks, true);
+  std::lock_guard lk(state.mu);
+  state.check_reuse(tasks, true);
   const TimePoint now = detail::now();
   // A key repeated later in the batch finds the key the earlier one just took.
-  for (const auto& t : tasks) results.push_back(S.insert(t, now));
+  for (const auto& t : tasks) results.push_back(state.insert(t, now));
   std::set<std::string_view> created;
   for (std::size_t i = 0; i < tasks.size(); ++i)
-    if (!results[i].duplicate && created.insert(tasks[i].queue).second) S.signal(tasks[i].queue);
+    if (!results[i].duplicate && created.insert(tasks[i].queue).second) state.signal(tasks[i].queue);
   return results;
 }
 
 std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_claim(request);
   std::vector<std::string> queues = request.queues;
   std::sort(queues.begin(), queues.end());
   queues.erase(std::unique(queues.begin(), queues.end()), queues.end());
   const auto limit = static_cast<std::size_t>(request.limit);
 
-  std::lock_guard lk(S.mu);
+  std::lock_guard lk(state.mu);
   const TimePoint now = detail::now();
 
   // Up to `limit` ready tasks per queue, plus every lost lease (ordered by
   // expiry, not claim order, so all are needed), then the best `limit` overall.
   std::vector<ClaimKey> candidates;
   for (const auto& q : queues) {
-    S.ready_pending(q, now, limit, candidates);
-    for (auto it = S.leases.lower_bound(LeaseKey{q, TimePoint::min(), kMinId});
-         it != S.leases.end() && std::get<0>(*it) == q && std::get<1>(*it) <= now; ++it) {
-      const Task& t = S.tasks.at(std::get<2>(*it)).task;
+    state.ready_pending(q, now, limit, candidates);
+    for (auto it = state.leases.lower_bound(LeaseKey{q, TimePoint::min(), kMinId});
+         it != state.leases.end() && std::get<0>(*it) == q && std::get<1>(*it) <= now; ++it) {
+      const Task& t = state.tasks.at(std::get<2>(*it)).task;
       if (t.run_at <= now) candidates.emplace_back(t.priority, t.run_at, t.id);
     }
   }
@@ -449,22 +448,22 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
   std::vector<Lease> leases;
   leases.reserve(taken);
   for (const auto& [priority, run_at, id] : candidates) {
-    Entry& e = S.tasks.at(id);
+    Entry& e = state.tasks.at(id);
     const bool lost = e.task.status == TaskStatus::running;
-    if (lost) S.end_lost_attempt(e);
+    if (lost) state.end_lost_attempt(e);
     if (e.task.deadline && *e.task.deadline <= now) {
-      S.finish(e, TaskStatus::expired, now, "deadline passed");
+      state.finish(e, TaskStatus::expired, now, "deadline passed");
       continue;
     }
     if (lost && e.task.cancel_requested) {
-      S.finish(e, TaskStatus::cancelled, now);
+      state.finish(e, TaskStatus::cancelled, now);
       continue;
     }
     if (lost && e.task.attempts >= e.task.retry.max_attempts) {
-      S.finish(e, TaskStatus::failed, now, "lease expired");
+      state.finish(e, TaskStatus::failed, now, "lease expired");
       continue;
     }
-    S.update(e, [&](Task& t) {
+    state.update(e, [&](Task& t) {
       t.status = TaskStatus::running;
       ++t.attempts;
       ++t.version;
@@ -483,26 +482,26 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
 }
 
 void MemoryStore::complete(const Lease& lease, std::string_view result_json) {
-  auto& S = *state_;
-  detail::validate_json("result", result_json, S.options.max_payload_bytes);
-  std::lock_guard lk(S.mu);
-  S.complete(S.fenced(lease), result_json, detail::now());
+  auto& state = *state_;
+  detail::validate_json("result", result_json, state.options.max_payload_bytes);
+  std::lock_guard lk(state.mu);
+  state.complete(state.fenced(lease), result_json, detail::now());
 }
 
 std::vector<bool> MemoryStore::complete_batch(std::span<const Completion> completions) {
-  auto& S = *state_;
+  auto& state = *state_;
   // Field names as the Postgres store gives them: a batch of one reads like complete().
   for (std::size_t i = 0; i < completions.size(); ++i) {
     if (!completions[i].lease) throw InvalidArgument(fmt::format("completions[{}].lease", i), "must not be null");
     detail::validate_json(completions.size() == 1 ? "result" : fmt::format("completions[{}].result", i),
-                          completions[i].result, S.options.max_payload_bytes);
+                          completions[i].result, state.options.max_payload_bytes);
   }
   std::vector<bool> applied(completions.size(), false);
-  std::lock_guard lk(S.mu);
+  std::lock_guard lk(state.mu);
   const TimePoint now = detail::now();
   for (std::size_t i = 0; i < completions.size(); ++i) {
-    if (Entry* e = S.live(*completions[i].lease)) {
-      S.complete(*e, completions[i].result, now);
+    if (Entry* e = state.live(*completions[i].lease)) {
+      state.complete(*e, completions[i].result, now);
       applied[i] = true;
     }
   }
@@ -510,23 +509,23 @@ std::vector<bool> MemoryStore::complete_batch(std::span<const Completion> comple
 }
 
 FailOutcome MemoryStore::fail(const Lease& lease, const Failure& failure) {
-  auto& S = *state_;
-  std::lock_guard lk(S.mu);
-  Entry& e = S.fenced(lease);
+  auto& state = *state_;
+  std::lock_guard lk(state.mu);
+  Entry& e = state.fenced(lease);
   const TimePoint now = detail::now();
   const Task& t = e.task;
   const TaskStatus final_status = t.cancel_requested ? TaskStatus::cancelled
                                   : failure.permanent || t.attempts >= t.retry.max_attempts ? TaskStatus::failed
                                                                                              : TaskStatus::pending;
   if (final_status != TaskStatus::pending) {
-    S.end_attempt(e, now, std::string(to_string(final_status)), failure.error);
-    S.finish(e, final_status, now, failure.error);
+    state.end_attempt(e, now, std::string(to_string(final_status)), failure.error);
+    state.finish(e, final_status, now, failure.error);
     return {final_status, std::nullopt};
   }
-  S.end_attempt(e, now, "retry", failure.error);
-  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(S.rng);
+  state.end_attempt(e, now, "retry", failure.error);
+  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(state.rng);
   const TimePoint retry_at = plus(now, t.retry.delay_after(t.attempts, u));
-  S.update(e, [&](Task& task) {
+  state.update(e, [&](Task& task) {
     task.status = TaskStatus::pending;
     task.run_at = retry_at;
     task.last_error = failure.error;
@@ -535,33 +534,33 @@ FailOutcome MemoryStore::fail(const Lease& lease, const Failure& failure) {
     task.lease_expires_at.reset();
     task.updated_at = now;
   });
-  S.signal(e.task.queue);
+  state.signal(e.task.queue);
   return {TaskStatus::pending, retry_at};
 }
 
 HeartbeatResult MemoryStore::heartbeat(const Lease& lease, Millis extension) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_positive("extension", extension);
-  std::lock_guard lk(S.mu);
-  Entry& e = S.fenced(lease);
+  std::lock_guard lk(state.mu);
+  Entry& e = state.fenced(lease);
   const TimePoint expires = plus(detail::now(), extension);
-  S.update(e, [&](Task& t) { t.lease_expires_at = expires; });
+  state.update(e, [&](Task& t) { t.lease_expires_at = expires; });
   return {expires, e.task.cancel_requested};
 }
 
 void MemoryStore::release(const Lease& lease) {
-  auto& S = *state_;
-  std::lock_guard lk(S.mu);
-  Entry& e = S.fenced(lease);
+  auto& state = *state_;
+  std::lock_guard lk(state.mu);
+  Entry& e = state.fenced(lease);
   const TimePoint now = detail::now();
   if (e.task.cancel_requested) {
-    S.end_attempt(e, now, "cancelled", std::nullopt);
-    S.finish(e, TaskStatus::cancelled, now);
+    state.end_attempt(e, now, "cancelled", std::nullopt);
+    state.finish(e, TaskStatus::cancelled, now);
     return;
   }
   // The interrupted attempt does not count and leaves no history: the next
   // claim starts the same attempt number again.
-  S.update(e, [&](Task& t) {
+  state.update(e, [&](Task& t) {
     t.status = TaskStatus::pending;
     t.run_at = now;
     --t.attempts;
@@ -570,45 +569,45 @@ void MemoryStore::release(const Lease& lease) {
     t.lease_expires_at.reset();
     t.updated_at = now;
   });
-  S.signal(e.task.queue);
+  state.signal(e.task.queue);
 }
 
 bool MemoryStore::expire_if_overdue(const Lease& lease) {
-  auto& S = *state_;
-  std::lock_guard lk(S.mu);
-  Entry& e = S.fenced(lease);
+  auto& state = *state_;
+  std::lock_guard lk(state.mu);
+  Entry& e = state.fenced(lease);
   const TimePoint now = detail::now();
   if (!e.task.deadline || *e.task.deadline > now) return false;
-  S.end_attempt(e, now, "expired", "deadline passed before the task started");
-  S.finish(e, TaskStatus::expired, now, "deadline passed");
+  state.end_attempt(e, now, "expired", "deadline passed before the task started");
+  state.finish(e, TaskStatus::expired, now, "deadline passed");
   return true;
 }
 
 void MemoryStore::cancel_running(const Lease& lease, std::string_view reason) {
-  auto& S = *state_;
-  std::lock_guard lk(S.mu);
-  Entry& e = S.fenced(lease);
+  auto& state = *state_;
+  std::lock_guard lk(state.mu);
+  Entry& e = state.fenced(lease);
   const TimePoint now = detail::now();
-  S.end_attempt(e, now, "cancelled", reason.empty() ? std::nullopt : std::optional<std::string>(reason));
-  S.finish(e, TaskStatus::cancelled, now);
+  state.end_attempt(e, now, "cancelled", reason.empty() ? std::nullopt : std::optional<std::string>(reason));
+  state.finish(e, TaskStatus::cancelled, now);
 }
 
 void MemoryStore::progress(const Lease& lease, int percent, std::string_view stage) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_progress(percent, stage);
-  std::lock_guard lk(S.mu);
-  Task& t = S.fenced(lease).task;  // no indexed field changes: no update() needed
+  std::lock_guard lk(state.mu);
+  Task& t = state.fenced(lease).task;  // no indexed field changes: no update() needed
   t.progress = percent;
   t.stage = std::string(stage);
   t.updated_at = detail::now();
 }
 
 void MemoryStore::checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_progress(0, stage);
-  detail::validate_json("checkpoint", state_json, S.options.max_payload_bytes);
-  std::lock_guard lk(S.mu);
-  Task& t = S.fenced(lease).task;
+  detail::validate_json("checkpoint", state_json, state.options.max_payload_bytes);
+  std::lock_guard lk(state.mu);
+  Task& t = state.fenced(lease).task;
   t.checkpoint_stage = std::string(stage);
   t.checkpoint = std::string(state_json);
   t.updated_at = detail::now();
@@ -619,14 +618,14 @@ std::unique_ptr<LeaseTransaction> MemoryStore::begin(const Lease& lease) {
 }
 
 CancelOutcome MemoryStore::cancel(TaskId id, const Scope& scope) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_scope(scope);
-  std::lock_guard lk(S.mu);
-  auto it = S.tasks.find(id);
-  if (it == S.tasks.end() || !visible(it->second.task, scope)) return CancelOutcome::not_found;
+  std::lock_guard lk(state.mu);
+  auto it = state.tasks.find(id);
+  if (it == state.tasks.end() || !visible(it->second.task, scope)) return CancelOutcome::not_found;
   Entry& e = it->second;
   switch (e.task.status) {
-    case TaskStatus::pending: S.finish(e, TaskStatus::cancelled, detail::now()); return CancelOutcome::cancelled;
+    case TaskStatus::pending: state.finish(e, TaskStatus::cancelled, detail::now()); return CancelOutcome::cancelled;
     case TaskStatus::running:
       // The holder settles it; its lease stays valid, so the version stays.
       e.task.cancel_requested = true;
@@ -637,17 +636,17 @@ CancelOutcome MemoryStore::cancel(TaskId id, const Scope& scope) {
 }
 
 RetryOutcome MemoryStore::retry(TaskId id, const Scope& scope) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_scope(scope);
-  std::lock_guard lk(S.mu);
-  auto it = S.tasks.find(id);
-  if (it == S.tasks.end() || !visible(it->second.task, scope)) return RetryOutcome::not_found;
+  std::lock_guard lk(state.mu);
+  auto it = state.tasks.find(id);
+  if (it == state.tasks.end() || !visible(it->second.task, scope)) return RetryOutcome::not_found;
   Entry& e = it->second;
   const auto status = e.task.status;
   if (status != TaskStatus::failed && status != TaskStatus::cancelled && status != TaskStatus::expired)
     return RetryOutcome::not_retryable;
   const TimePoint now = detail::now();
-  S.update(e, [&](Task& t) {
+  state.update(e, [&](Task& t) {
     t.status = TaskStatus::pending;
     ++t.version;
     t.run_at = now;
@@ -662,37 +661,36 @@ RetryOutcome MemoryStore::retry(TaskId id, const Scope& scope) {
     t.finished_at.reset();
     t.updated_at = now;
   });
-  S.signal(e.task.queue);
+  state.signal(e.task.queue);
   return RetryOutcome::retried;
 }
 
 std::optional<Task> MemoryStore::get(TaskId id, const Scope& scope) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_scope(scope);
-  std::lock_guard lk(S.mu);
-  auto it = S.tasks.find(id);
-  if (it == S.tasks.end() || !visible(it->second.task, scope)) return std::nullopt;
+  std::lock_guard lk(state.mu);
+  auto it = state.tasks.find(id);
+  if (it == state.tasks.end() || !visible(it->second.task, scope)) return std::nullopt;
   return it->second.task;
 }
 
 std::optional<Task> MemoryStore::find(std::string_view queue, std::string_view key, const Scope& scope) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_queue("queue", queue);
   detail::validate_scope(scope);
-  std::lock_guard lk(S.mu);
-  auto k = S.keys.find(key_of(std::string(queue), scope.tenant, std::string(key)));
-  if (k == S.keys.end()) return std::nullopt;
-  return S.tasks.at(k->second).task;
+  std::lock_guard lk(state.mu);
+  auto k = state.keys.find(key_of(std::string(queue), scope.tenant, std::string(key)));
+  if (k == state.keys.end()) return std::nullopt;
+  return state.tasks.at(k->second).task;
 }
 
 TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_scope(scope);
-  if (q.limit < 1 || q.limit > 1000) throw InvalidArgument("limit", "must be between 1 and 1000");
-  if (q.queue) detail::validate_queue("queue", *q.queue);
+  detail::validate_list(q);
   const auto limit = static_cast<std::size_t>(q.limit);
   TaskPage page;
-  std::lock_guard lk(S.mu);
+  std::lock_guard lk(state.mu);
   auto take = [&](const Task& t) {
     if ((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
         (q.tenant && t.tenant != *q.tenant) || !visible(t, scope))
@@ -700,11 +698,11 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
     page.tasks.push_back(t);
   };
   if (q.newest_first) {
-    auto end = q.after ? S.tasks.lower_bound(*q.after) : S.tasks.end();
-    for (auto it = std::make_reverse_iterator(end); it != S.tasks.rend() && page.tasks.size() <= limit; ++it)
+    auto end = q.after ? state.tasks.lower_bound(*q.after) : state.tasks.end();
+    for (auto it = std::make_reverse_iterator(end); it != state.tasks.rend() && page.tasks.size() <= limit; ++it)
       take(it->second.task);
   } else {
-    for (auto it = S.tasks.upper_bound(q.after.value_or(0)); it != S.tasks.end() && page.tasks.size() <= limit; ++it)
+    for (auto it = state.tasks.upper_bound(q.after.value_or(0)); it != state.tasks.end() && page.tasks.size() <= limit; ++it)
       take(it->second.task);
   }
   // One row past the page says whether another page follows.
@@ -716,16 +714,16 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
 }
 
 std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_scope(scope);
-  std::lock_guard lk(S.mu);
+  std::lock_guard lk(state.mu);
   const TimePoint now = detail::now();
   const TimePoint minute_ago = now - std::chrono::minutes(1);
   std::vector<QueueStats> out;
   auto count_recent = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
-    for (auto it = S.finished.upper_bound(TimeKey{minute_ago, std::numeric_limits<TaskId>::max()});
-         it != S.finished.end(); ++it) {
-      const Task& t = S.tasks.at(it->second).task;
+    for (auto it = state.finished.upper_bound(TimeKey{minute_ago, std::numeric_limits<TaskId>::max()});
+         it != state.finished.end(); ++it) {
+      const Task& t = state.tasks.at(it->second).task;
       if (!visible(t, scope)) continue;
       auto q = by_queue.find(t.queue);
       if (q == by_queue.end()) continue;
@@ -734,12 +732,12 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
     }
   };
   if (!scope.tenant) {
-    auto counts = S.counts;
+    auto counts = state.counts;
     count_recent(counts);
     out.reserve(counts.size());
     for (auto& [queue, c] : counts) {
       out.push_back(c);
-      if (auto oldest = S.oldest_ready(queue, now))
+      if (auto oldest = state.oldest_ready(queue, now))
         out.back().oldest_pending_age = std::chrono::duration_cast<Millis>(now - *oldest);
     }
     return out;
@@ -747,7 +745,7 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
   // The per-queue counts are kept for everyone; one tenant's are counted here.
   std::map<std::string, QueueStats, std::less<>> counts;
   std::map<std::string, TimePoint, std::less<>> oldest;
-  for (const auto& [id, e] : S.tasks) {
+  for (const auto& [id, e] : state.tasks) {
     const Task& t = e.task;
     if (!visible(t, scope)) continue;
     auto& c = counts[t.queue];
@@ -768,11 +766,11 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
 }
 
 std::vector<Attempt> MemoryStore::history(TaskId id, const Scope& scope) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_scope(scope);
-  std::lock_guard lk(S.mu);
-  auto it = S.tasks.find(id);
-  if (it == S.tasks.end() || !visible(it->second.task, scope)) return {};
+  std::lock_guard lk(state.mu);
+  auto it = state.tasks.find(id);
+  if (it == state.tasks.end() || !visible(it->second.task, scope)) return {};
   const Entry& e = it->second;
   std::vector<Attempt> out = e.history;
   if (e.task.status == TaskStatus::running)
@@ -782,91 +780,88 @@ std::vector<Attempt> MemoryStore::history(TaskId id, const Scope& scope) {
 }
 
 std::int64_t MemoryStore::prune(Millis older_than, int batch_size) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_prune(older_than, batch_size);
-  // Batches let claims and completions in between, as the Postgres store's
-  // separate statements do, instead of holding the lock through a huge prune.
-  std::int64_t total = 0;
-  for (;;) {
-    std::lock_guard lk(S.mu);
-    const TimePoint now = detail::now();
-    // A window reaching back before 1970 keeps everything (and must not overflow).
-    const TimePoint cutoff = older_than >= std::chrono::duration_cast<Millis>(now.time_since_epoch())
-                                 ? TimePoint{}
-                                 : now - older_than;
-    int removed = 0;
-    while (removed < batch_size && !S.finished.empty() && S.finished.begin()->first < cutoff) {
-      S.erase_finished(S.finished.begin()->second);
-      ++removed;
-    }
-    total += removed;
-    if (removed < batch_size) return total;
-  }
+  return detail::in_batches(batch_size, [&](int size) {
+           std::lock_guard lk(state.mu);
+           const TimePoint now = detail::now();
+           // A window reaching back before 1970 keeps everything (and must not overflow).
+           const TimePoint cutoff = older_than >= std::chrono::duration_cast<Millis>(now.time_since_epoch())
+                                        ? TimePoint{}
+                                        : now - older_than;
+           int removed = 0;
+           while (removed < size && !state.finished.empty() && state.finished.begin()->first < cutoff) {
+             state.erase_finished(state.finished.begin()->second);
+             ++removed;
+           }
+           return removed;
+         })
+      .total;
 }
 
 std::int64_t MemoryStore::prunable(Millis older_than) {
-  auto& S = *state_;
+  auto& state = *state_;
   detail::validate_prune(older_than, 1);
-  std::lock_guard lk(S.mu);
+  std::lock_guard lk(state.mu);
   const TimePoint now = detail::now();
   if (older_than >= std::chrono::duration_cast<Millis>(now.time_since_epoch())) return 0;
-  auto end = S.finished.lower_bound(TimeKey{now - older_than, kMinId});
-  return static_cast<std::int64_t>(std::distance(S.finished.begin(), end));
+  auto end = state.finished.lower_bound(TimeKey{now - older_than, kMinId});
+  return static_cast<std::int64_t>(std::distance(state.finished.begin(), end));
 }
 
 MaintenanceReport MemoryStore::maintain() {
-  auto& S = *state_;
+  auto& state = *state_;
   MaintenanceReport report;
   {
-    std::lock_guard lk(S.mu);
+    std::lock_guard lk(state.mu);
     const TimePoint now = detail::now();
-    while (!S.deadlines.empty() && S.deadlines.begin()->first <= now) {
-      S.finish(S.tasks.at(S.deadlines.begin()->second), TaskStatus::expired, now, "deadline passed");
+    while (!state.deadlines.empty() && state.deadlines.begin()->first <= now) {
+      state.finish(state.tasks.at(state.deadlines.begin()->second), TaskStatus::expired, now, "deadline passed");
       ++report.expired;
     }
     // Lost leases with attempts left are not touched: the next claim takes them
     // over (and counts the attempt) in the same step.
     std::vector<TaskId> dead;
-    for (const auto& [queue, expires, id] : S.leases) {
+    for (const auto& [queue, expires, id] : state.leases) {
       if (expires > now) continue;
-      const Task& t = S.tasks.at(id).task;
+      const Task& t = state.tasks.at(id).task;
       if (t.cancel_requested || t.attempts >= t.retry.max_attempts) dead.push_back(id);
     }
     for (TaskId id : dead) {
-      Entry& e = S.tasks.at(id);
-      S.end_lost_attempt(e);
+      Entry& e = state.tasks.at(id);
+      state.end_lost_attempt(e);
       if (e.task.cancel_requested)
-        S.finish(e, TaskStatus::cancelled, now);
+        state.finish(e, TaskStatus::cancelled, now);
       else
-        S.finish(e, TaskStatus::failed, now, "lease expired");
+        state.finish(e, TaskStatus::failed, now, "lease expired");
       ++report.reaped;
     }
   }
-  if (S.options.retention) report.pruned = prune(*S.options.retention, kRetentionBatch);
+  if (state.options.retention) report.pruned = prune(*state.options.retention, kRetentionBatch);
   return report;
 }
 
 void MemoryStore::wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) {
-  auto& S = *state_;
+  auto& state = *state_;
   // Returning early is allowed; capping keeps steady_clock::now() + timeout
   // from overflowing for "forever".
   timeout = std::min<Millis>(timeout, std::chrono::hours(24));
-  std::unique_lock lk(S.mu);
-  if (!S.missed(queues)) {
+  std::unique_lock lk(state.mu);
+  if (!state.missed(queues)) {
     // Every waiter present when a signal comes returns, as every listener hears a NOTIFY.
-    const auto start = S.generation(queues);
-    S.cv.wait_for(lk, timeout, [&] { return S.generation(queues) != start; });
+    const auto start = state.generation(queues);
+    state.cv.wait_for(lk, timeout, [&] { return state.generation(queues) != start; });
   }
-  S.mark_seen(queues);
+  state.mark_seen(queues);
 }
 
 TimePoint MemoryStore::now() { return detail::now(); }
 
 void MemoryStore::wake() {
-  auto& S = *state_;
-  std::lock_guard lk(S.mu);
-  ++S.wake_signal.sent;
-  S.cv.notify_all();
+  auto& state = *state_;
+  std::lock_guard lk(state.mu);
+  ++state.wake_signal.sent;
+  state.cv.notify_all();
 }
 
 }  // namespace eoq

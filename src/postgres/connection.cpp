@@ -86,18 +86,20 @@ void throw_error(PGconn* conn, const PGresult* result, std::string_view statemen
   throw DatabaseError(what, sqlstate, std::string(statement));
 }
 
-Connection::Connection(const std::string& conninfo, const std::string& application_name, bool prepare)
-    : prepare_(prepare) {
-  // Parse first so a malformed string is reported as bad input, not as an outage.
+void check_conninfo(const std::string& conninfo, const char* field) {
   char* err = nullptr;
   PQconninfoOption* opts = PQconninfoParse(conninfo.c_str(), &err);
   if (!opts) {
     std::string why = err ? err : "cannot be parsed";
     if (err) PQfreemem(err);
     while (!why.empty() && why.back() == '\n') why.pop_back();
-    throw InvalidArgument("conninfo", why);
+    throw InvalidArgument(field, why);
   }
   PQconninfoFree(opts);
+}
+
+Connection::Connection(const std::string& conninfo, const std::string& application_name, bool prepare)
+    : prepare_(prepare) {
   const char* keys[] = {"dbname", "application_name", "fallback_application_name", nullptr};
   const char* values[] = {conninfo.c_str(), nullptr, application_name.c_str(), nullptr};
   // expand_dbname=1: the first dbname is the whole connection string.
@@ -173,18 +175,18 @@ Pool::Pool(std::string conninfo, std::string application_name, int size, bool pr
 
 Pool::~Pool() = default;
 
-Pool::Lease Pool::acquire() {
+Pool::Borrowed Pool::acquire() {
   std::unique_lock lk(m_);
   cv_.wait(lk, [&] { return !idle_.empty() || open_ < size_; });
   if (!idle_.empty()) {
     auto c = std::move(idle_.back());
     idle_.pop_back();
-    return Lease(this, std::move(c));
+    return Borrowed(this, std::move(c));
   }
   ++open_;
   lk.unlock();
   try {
-    return Lease(this, std::make_unique<Connection>(conninfo_, application_name_, prepare_));
+    return Borrowed(this, std::make_unique<Connection>(conninfo_, application_name_, prepare_));
   } catch (...) {
     lk.lock();
     --open_;

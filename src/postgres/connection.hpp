@@ -72,10 +72,16 @@ bool is_transient_sqlstate(std::string_view sqlstate) noexcept;
 // Throws the matching eoq error for a failed result (or a dead connection).
 [[noreturn]] void throw_error(PGconn* conn, const PGresult* result, std::string_view statement);
 
+// Throws InvalidArgument(field, libpq's reason) for a string libpq cannot
+// parse, so it is reported as bad input when the store is made, not later as
+// an outage.
+void check_conninfo(const std::string& conninfo, const char* field = "conninfo");
+
 class Connection {
  public:
-  // prepare: statements are prepared once under their names; otherwise each
-  // call sends its text unnamed (for transaction-pooling proxies).
+  // `conninfo` as passed by check_conninfo. prepare: statements are prepared
+  // once under their names; otherwise each call sends its text unnamed (for
+  // transaction-pooling proxies).
   Connection(const std::string& conninfo, const std::string& application_name, bool prepare = true);
   PGconn* get() const noexcept { return c_.get(); }
   bool ok() const noexcept { return PQstatus(c_.get()) == CONNECTION_OK; }
@@ -103,13 +109,13 @@ class Pool {
   Pool(std::string conninfo, std::string application_name, int size, bool prepare = true);
   ~Pool();
 
-  class Lease {
+  class Borrowed {
    public:
-    Lease(Pool* pool, std::unique_ptr<Connection> c) : pool_(pool), c_(std::move(c)) {}
-    Lease(Lease&& o) noexcept : pool_(std::exchange(o.pool_, nullptr)), c_(std::move(o.c_)) {}
-    Lease& operator=(Lease&&) = delete;
+    Borrowed(Pool* pool, std::unique_ptr<Connection> c) : pool_(pool), c_(std::move(c)) {}
+    Borrowed(Borrowed&& o) noexcept : pool_(std::exchange(o.pool_, nullptr)), c_(std::move(o.c_)) {}
+    Borrowed& operator=(Borrowed&&) = delete;
     // Returns the connection, or after discard() frees its slot.
-    ~Lease() {
+    ~Borrowed() {
       if (pool_) pool_->put(std::move(c_));
     }
     Connection& operator*() const noexcept { return *c_; }
@@ -123,7 +129,7 @@ class Pool {
     std::unique_ptr<Connection> c_;
   };
 
-  Lease acquire();
+  Borrowed acquire();
   const std::string& conninfo() const noexcept { return conninfo_; }
 
  private:

@@ -111,10 +111,11 @@ struct Statements {
             copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
             submit_staged_fresh = q("submit_staged_fresh"), by_keys = q("by_keys");
   Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
-            release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"), cancel_lease = q("cancel_lease"),
-            heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
-  Statement cancel = q("cancel"), retry = q("retry"), get = q("get"), list = q("list"), list_desc = q("list_desc"),
-            stats = q("stats"), history = q("history"), settled = q("settled"), now = q("now");
+            release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
+            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
+  Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
+            list = q("list"), list_desc = q("list_desc"), stats = q("stats"), history = q("history"),
+            settled = q("settled"), now = q("now");
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
@@ -161,6 +162,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"checkpoint", std::vector<Column>{{"id", 0}}},
       {"cancel", std::vector<Column>{{"cancelled", kInt8}, {"requested", kInt8}, {"finished", kInt8},
                                      {"live", kInt8}}},
+      {"lock_task", std::vector<Column>{{"id", 0}}},
       {"retry", std::vector<Column>{{"retried", kInt8}, {"finished", kInt8}, {"live", kInt8}}},
       {"get", kTaskColumns},
       {"list", kTaskColumns},
@@ -263,6 +265,21 @@ std::string replace_all(std::string s, std::string_view from, std::string_view t
   return s;
 }
 
+// f() between BEGIN and COMMIT; a throw rolls back (or leaves a broken
+// connection to its pool, which drops it).
+template <class F>
+auto in_transaction(Connection& c, F&& f) {
+  c.command("BEGIN");
+  try {
+    auto out = f();
+    c.command("COMMIT");
+    return out;
+  } catch (...) {
+    if (c.ok()) Result(PQexec(c.get(), "ROLLBACK"));
+    throw;
+  }
+}
+
 [[noreturn]] void lease_lost(const Lease& lease, std::string_view verb) {
   throw LeaseLost(lease.id(), lease.token, fmt::format("{} found the task no longer running under this lease", verb));
 }
@@ -310,6 +327,20 @@ struct PostgresStore::Impl {
   Result run(const Statement& st, const std::vector<Param>& params, bool* retried = nullptr) {
     return pg::with_retry(
         pool, options.transient_retries, [&](Connection& c) { return c.exec(st, params); }, retried);
+  }
+  // A statement that handles at most its last parameter's rows and answers
+  // how many, run until a batch comes back short (or `until` passes).
+  detail::Batches in_batches(const Statement& st, int size, std::optional<Param> first = std::nullopt,
+                             std::optional<std::chrono::steady_clock::time_point> until = std::nullopt) {
+    return detail::in_batches(
+        size,
+        [&](int n) {
+          std::vector<Param> params;
+          if (first) params.push_back(*first);
+          params.push_back(num(n));
+          return run(st, params).i64(0, 0);
+        },
+        until);
   }
   // Several statements on one connection (a transaction), retried as a whole.
   template <class F>
@@ -406,18 +437,8 @@ PostgresStore::PostgresStore(PostgresOptions options) {
   // Parse the connection strings now so a malformed one fails here, not later.
   for (auto [field, text] : {std::pair<const char*, const std::string*>{"conninfo", &options.conninfo},
                              {"listen_conninfo", &options.listen_conninfo},
-                             {"read_conninfo", &options.read_conninfo}}) {
-    if (text->empty()) continue;
-    char* err = nullptr;
-    PQconninfoOption* opts = PQconninfoParse(text->c_str(), &err);
-    if (!opts) {
-      std::string why = err ? err : "cannot be parsed";
-      if (err) PQfreemem(err);
-      while (!why.empty() && why.back() == '\n') why.pop_back();
-      throw InvalidArgument(field, why);
-    }
-    PQconninfoFree(opts);
-  }
+                             {"read_conninfo", &options.read_conninfo}})
+    if (!text->empty()) pg::check_conninfo(*text, field);
   impl_ = std::make_unique<Impl>(std::move(options));
 }
 
@@ -426,50 +447,45 @@ PostgresStore::~PostgresStore() = default;
 const PostgresOptions& PostgresStore::options() const noexcept { return impl_->options; }
 
 void PostgresStore::migrate() {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   // Unnamed statements: the schema may not exist yet when a connection
   // would otherwise prepare them.
   auto exec = [&](Connection& c, const Statement& st, const std::vector<Param>& params) {
     return c.exec_params(st.sql, params, true, st.name);
   };
-  I.run_on_connection([&](Connection& c) {
-    c.command("BEGIN");
-    try {
-      exec(c, I.sql.migrate_lock, {"eoq.migrate." + I.options.schema});
+  impl.run_on_connection([&](Connection& c) {
+    return in_transaction(c, [&] {
+      exec(c, impl.sql.migrate_lock, {"eoq.migrate." + impl.options.schema});
       // CREATE SCHEMA names the schema itself, not an object in it, so it is
       // the one statement not in queries.sql.
-      c.command(fmt::format("SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {}", I.quoted)
+      c.command(fmt::format("SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {}", impl.quoted)
                     .c_str());
-      c.command(I.sql.migrations_table.sql.c_str());
-      auto done = exec(c, I.sql.migrations_applied, {});
+      c.command(impl.sql.migrations_table.sql.c_str());
+      auto done = exec(c, impl.sql.migrations_applied, {});
       std::vector<std::string> applied;
       for (int i = 0; i < done.rows(); ++i) applied.push_back(done.text(i, 0));
       for (std::size_t m = 0; m < detail::kMigrationCount; ++m) {
         const auto& mig = detail::kMigrations[m];
         if (std::find(applied.begin(), applied.end(), mig.name) != applied.end()) continue;
-        c.command(replace_all(mig.sql, "@schema@", I.quoted).c_str());
-        exec(c, I.sql.migration_applied, {std::string(mig.name)});
+        c.command(replace_all(mig.sql, "@schema@", impl.quoted).c_str());
+        exec(c, impl.sql.migration_applied, {std::string(mig.name)});
       }
-      c.command("COMMIT");
-    } catch (...) {
-      if (c.ok()) Result(PQexec(c.get(), "ROLLBACK"));
-      throw;
-    }
-    return 0;
+      return 0;
+    });
   });
 }
 
 SubmitResult PostgresStore::submit(const NewTask& task) {
-  auto& I = *impl_;
-  I.check_payload(task, 0, false);
-  auto params = submit_params(task, I.channel);
+  auto& impl = *impl_;
+  impl.check_payload(task, 0, false);
+  auto params = submit_params(task, impl.channel);
   // Without a key a repeat after a lost connection could create a second task,
   // so only keyed submits are retried.
-  int retries = task.key ? I.options.transient_retries : 0;
+  int retries = task.key ? impl.options.transient_retries : 0;
   for (int round = 0;; ++round) {
     Result r;
     try {
-      r = pg::with_retry(I.pool, retries, [&](Connection& c) { return c.exec(I.sql.submit, params); });
+      r = pg::with_retry(impl.pool, retries, [&](Connection& c) { return c.exec(impl.sql.submit, params); });
     } catch (const TransientError& e) {
       if (task.key) throw;
       throw CommitInDoubt(std::string(e.what()) +
@@ -477,7 +493,7 @@ SubmitResult PostgresStore::submit(const NewTask& task) {
                           e.sqlstate(), e.statement());
     }
     if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
-    auto existing = I.lookup_keys({task.queue}, {task.tenant}, {task.key});
+    auto existing = impl.lookup_keys({task.queue}, {task.tenant}, {task.key});
     if (existing[0]) {
       const Task& h = *existing[0];
       detail::check_key_reuse(task, std::nullopt, h.type, h.payload, fmt::format("task {}", h.id), h.id);
@@ -537,23 +553,26 @@ CancelOutcome PostgresStore::cancel_on(pg_conn* connection, TaskId id, const Sco
   std::string s(schema);
   validate_schema(s);
   detail::validate_scope(scope);
-  const auto cancel = pg::query("cancel", quote_ident(s));
-  // Each statement of a READ COMMITTED transaction sees the rows committed
-  // before it, so running the statement again sees the new state.
-  for (int round = 0; round < 20; ++round) {
-    auto r = exec_on(connection, cancel, {num(id), scope.tenant});
-    if (auto out = decode_cancel(r)) return *out;
+  const auto quoted = quote_ident(s);
+  const auto cancel = pg::query("cancel", quoted), lock = pg::query("lock_task", quoted);
+  const std::vector<Param> params{num(id), scope.tenant};
+  // As cancel(): when the task changed under the statement, lock its row and
+  // run it again. In the host's transaction the lock holds until that ends (in
+  // autocommit it ends at once and the next round looks again); each statement
+  // of a READ COMMITTED transaction sees the rows committed before it.
+  for (;;) {
+    if (auto out = decode_cancel(exec_on(connection, cancel, params))) return *out;
+    exec_on(connection, lock, params);
   }
-  throw TransientError(fmt::format("cancel_on: task {} kept changing state", id), "40001", "cancel_on");
 }
 
 std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> tasks) {
-  auto& I = *impl_;
-  if (tasks.size() > 100000) throw InvalidArgument("tasks", "at most 100000 tasks per batch");
+  auto& impl = *impl_;
+  detail::validate_batch_size(tasks.size());
   if (tasks.empty()) return {};
   bool all_keyed = true, any_keyed = false;
   for (std::size_t i = 0; i < tasks.size(); ++i) {
-    I.check_payload(tasks[i], i, true);
+    impl.check_payload(tasks[i], i, true);
     all_keyed = all_keyed && tasks[i].key.has_value();
     any_keyed = any_keyed || tasks[i].key.has_value();
   }
@@ -572,7 +591,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
       rows += std::to_string(i + 1);
       rows += '\n';
     }
-    params.push_back(I.channel);
+    params.push_back(impl.channel);
   } else {
     std::vector<std::vector<Param>> cols(13);
     for (auto& c : cols) c.reserve(tasks.size());
@@ -581,7 +600,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
       for (std::size_t k = 0; k < 13; ++k) cols[k].push_back(std::move(p[k]));
     }
     for (auto& c : cols) params.push_back(pg::text_array(c));
-    params.push_back(I.channel);
+    params.push_back(impl.channel);
   }
   const bool strict = std::any_of(tasks.begin(), tasks.end(),
                                   [](const NewTask& t) { return t.key && t.key_reuse == KeyReuse::strict; });
@@ -600,26 +619,26 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     try {
       Result r;
       if (staged) {
-        c.command(I.sql.create_stage.sql.c_str());
-        c.copy_in(I.sql.copy_stage.sql.c_str(), rows);
+        c.command(impl.sql.create_stage.sql.c_str());
+        c.copy_in(impl.sql.copy_stage.sql.c_str(), rows);
         if (!any_keyed) {
-          r = c.exec(I.sql.submit_staged_fresh, params);
+          r = c.exec(impl.sql.submit_staged_fresh, params);
         } else if (repeats_a_key) {
-          r = c.exec(I.sql.submit_staged, params);
+          r = c.exec(impl.sql.submit_staged, params);
         } else {
           // New keys, most likely: the plain insert, and ON CONFLICT only when
           // one turns out to be taken (its unique violation undone by the savepoint).
           c.command("SAVEPOINT eoq_fresh_keys");
           try {
-            r = c.exec(I.sql.submit_staged_fresh, params);
+            r = c.exec(impl.sql.submit_staged_fresh, params);
           } catch (const DatabaseError& e) {
             if (e.sqlstate() != "23505" || !c.ok()) throw;
             c.command("ROLLBACK TO SAVEPOINT eoq_fresh_keys");
-            r = c.exec(I.sql.submit_staged, params);
+            r = c.exec(impl.sql.submit_staged, params);
           }
         }
       } else {
-        r = c.exec(I.sql.submit_batch, params);
+        r = c.exec(impl.sql.submit_batch, params);
       }
       for (int i = 0; i < r.rows(); ++i) {
         auto ord = static_cast<std::size_t>(r.i64(i, 0) - 1);
@@ -635,7 +654,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
         }
       if (!missing.empty()) {
         holders.resize(missing.size());
-        auto f = c.exec(I.sql.by_keys, {pg::text_array(dq), pg::text_array(dt), pg::text_array(dk)});
+        auto f = c.exec(impl.sql.by_keys, {pg::text_array(dq), pg::text_array(dt), pg::text_array(dk)});
         for (int i = 0; i < f.rows(); ++i) holders[static_cast<std::size_t>(f.i64(i, 0) - 1)] = decode_task(f, i, 1);
       }
       if (strict)
@@ -651,7 +670,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     return 0;
   };
   try {
-    pg::with_retry(I.pool, all_keyed ? I.options.transient_retries : 0, attempt);
+    pg::with_retry(impl.pool, all_keyed ? impl.options.transient_retries : 0, attempt);
   } catch (const TransientError& e) {
     if (all_keyed) throw;
     throw CommitInDoubt(std::string(e.what()) +
@@ -666,7 +685,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     }
     out[missing[j]] = SubmitResult{std::move(*holders[j]), true};
   }
-  if (staged) I.refresh_stats(tasks.size());
+  if (staged) impl.refresh_stats(tasks.size());
   std::vector<SubmitResult> result;
   result.reserve(tasks.size());
   for (auto& o : out) result.push_back(std::move(*o));
@@ -674,13 +693,13 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
 }
 
 std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_claim(request);
   std::vector<Param> queues(request.queues.begin(), request.queues.end());
   // A repeat after a lost connection is safe: leases granted by a try whose
   // answer never arrived simply expire and the tasks are claimed again.
   const bool one = queues.size() == 1;
-  auto r = I.run(one ? I.sql.claim_one : I.sql.claim,
+  auto r = impl.run(one ? impl.sql.claim_one : impl.sql.claim,
                  {one ? queues[0] : pg::text_array(queues), num(request.limit), request.owner,
                   num(request.lease.count())});
   std::vector<Lease> leases;
@@ -701,19 +720,20 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
 }
 
 std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> completions) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   std::vector<Param> ids, versions, results;
   for (std::size_t i = 0; i < completions.size(); ++i) {
     if (!completions[i].lease) throw InvalidArgument(fmt::format("completions[{}].lease", i), "must not be null");
     detail::validate_json(completions.size() == 1 ? "result" : fmt::format("completions[{}].result", i),
-                          completions[i].result, I.options.max_payload_bytes);
+                          completions[i].result, impl.options.max_payload_bytes);
     ids.push_back(num(completions[i].lease->id()));
     versions.push_back(num(completions[i].lease->token));
     results.push_back(completions[i].result);
   }
   if (completions.empty()) return {};
   bool retried = false;
-  auto r = I.run(I.sql.complete, {pg::text_array(ids), pg::text_array(versions), pg::text_array(results)}, &retried);
+  auto r = impl.run(impl.sql.complete, {pg::text_array(ids), pg::text_array(versions), pg::text_array(results)},
+                    &retried);
   std::map<std::pair<TaskId, std::int64_t>, bool> done;  // (id, token) settled now
   for (int i = 0; i < r.rows(); ++i) done[{r.i64(i, 0), r.i64(i, 1)}] = true;
   std::vector<bool> out(completions.size());
@@ -722,7 +742,7 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
     // The same lease twice in one batch settles once: only the first says so.
     auto it = done.find({l.id(), l.token});
     out[i] = it != done.end() && std::exchange(it->second, false);
-    if (!out[i] && retried) out[i] = I.settled(l.id(), l.token) == std::optional<std::string>("succeeded");
+    if (!out[i] && retried) out[i] = impl.settled(l.id(), l.token) == std::optional<std::string>("succeeded");
   }
   return out;
 }
@@ -745,12 +765,12 @@ std::vector<Param> fail_params(const Lease& lease, const Failure& f) {
 }  // namespace
 
 FailOutcome PostgresStore::fail(const Lease& lease, const Failure& failure) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   bool retried = false;
-  auto r = I.run(I.sql.fail, fail_params(lease, failure), &retried);
+  auto r = impl.run(impl.sql.fail, fail_params(lease, failure), &retried);
   if (r.rows() == 1) return decode_fail(r);
   if (retried) {
-    if (auto s = I.settled(lease.id(), lease.token)) {
+    if (auto s = impl.settled(lease.id(), lease.token)) {
       if (*s == "retry") {
         auto t = get(lease.id());
         return {TaskStatus::pending, t ? std::optional(t->run_at) : std::nullopt};
@@ -762,23 +782,23 @@ FailOutcome PostgresStore::fail(const Lease& lease, const Failure& failure) {
 }
 
 HeartbeatResult PostgresStore::heartbeat(const Lease& lease, Millis extension) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_positive("extension", extension);
-  auto r = I.run(I.sql.heartbeat, {num(lease.id()), num(lease.token), num(extension.count())});
+  auto r = impl.run(impl.sql.heartbeat, {num(lease.id()), num(lease.token), num(extension.count())});
   if (r.rows() != 1) lease_lost(lease, "heartbeat");
   return {r.time(0, 0), r.boolean(0, 1)};
 }
 
 void PostgresStore::release(const Lease& lease) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   bool retried = false;
-  auto r = I.run(I.sql.release, {num(lease.id()), num(lease.token), I.channel}, &retried);
+  auto r = impl.run(impl.sql.release, {num(lease.id()), num(lease.token), impl.channel}, &retried);
   // After a retry the first try may have applied; the version moved on either way.
   if (r.rows() != 1 && !retried) lease_lost(lease, "release");
 }
 
 std::vector<bool> PostgresStore::release_batch(std::span<const Lease> leases) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   if (leases.empty()) return {};
   std::vector<Param> ids, versions;
   for (const auto& l : leases) {
@@ -786,7 +806,7 @@ std::vector<bool> PostgresStore::release_batch(std::span<const Lease> leases) {
     versions.push_back(num(l.token));
   }
   bool retried = false;
-  auto r = I.run(I.sql.release_batch, {pg::text_array(ids), pg::text_array(versions), I.channel}, &retried);
+  auto r = impl.run(impl.sql.release_batch, {pg::text_array(ids), pg::text_array(versions), impl.channel}, &retried);
   std::map<std::pair<TaskId, std::int64_t>, bool> given;  // (id, token) given back now
   for (int i = 0; i < r.rows(); ++i) given[{r.i64(i, 0), r.i64(i, 1)}] = true;
   std::vector<bool> out(leases.size());
@@ -801,38 +821,39 @@ std::vector<bool> PostgresStore::release_batch(std::span<const Lease> leases) {
 }
 
 bool PostgresStore::expire_if_overdue(const Lease& lease) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   bool retried = false;
-  auto r = I.run(I.sql.expire_lease, {num(lease.id()), num(lease.token)}, &retried);
+  auto r = impl.run(impl.sql.expire_lease, {num(lease.id()), num(lease.token)}, &retried);
   if (r.rows() == 1) return r.boolean(0, 0);
   // After a retry our first try may have expired it: then the task is on record
   // as expired by this lease.
-  if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("expired")) return true;
+  if (retried && impl.settled(lease.id(), lease.token) == std::optional<std::string>("expired")) return true;
   lease_lost(lease, "expire_if_overdue");
 }
 
 void PostgresStore::cancel_running(const Lease& lease, std::string_view reason) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   bool retried = false;
   Param why = reason.empty() ? Param() : Param(std::string(reason));
-  auto r = I.run(I.sql.cancel_lease, {num(lease.id()), num(lease.token), why}, &retried);
+  auto r = impl.run(impl.sql.cancel_lease, {num(lease.id()), num(lease.token), why}, &retried);
   if (r.rows() == 1) return;
-  if (retried && I.settled(lease.id(), lease.token) == std::optional<std::string>("cancelled")) return;
+  if (retried && impl.settled(lease.id(), lease.token) == std::optional<std::string>("cancelled")) return;
   lease_lost(lease, "cancel_running");
 }
 
 void PostgresStore::progress(const Lease& lease, int percent, std::string_view stage) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_progress(percent, stage);
-  auto r = I.run(I.sql.progress, {num(lease.id()), num(lease.token), num(percent), std::string(stage)});
+  auto r = impl.run(impl.sql.progress, {num(lease.id()), num(lease.token), num(percent), std::string(stage)});
   if (r.rows() != 1) lease_lost(lease, "progress");
 }
 
 void PostgresStore::checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_progress(0, stage);
-  detail::validate_json("checkpoint", state_json, I.options.max_payload_bytes);
-  auto r = I.run(I.sql.checkpoint, {num(lease.id()), num(lease.token), std::string(stage), std::string(state_json)});
+  detail::validate_json("checkpoint", state_json, impl.options.max_payload_bytes);
+  auto r =
+      impl.run(impl.sql.checkpoint, {num(lease.id()), num(lease.token), std::string(stage), std::string(state_json)});
   if (r.rows() != 1) lease_lost(lease, "checkpoint");
 }
 
@@ -843,7 +864,7 @@ namespace {
 // timeout, so a frozen worker cannot keep its row locks.
 class PgLeaseTransaction final : public LeaseTransaction {
  public:
-  PgLeaseTransaction(PostgresStore::Impl& store, const Lease& lease, pg::Pool::Lease conn)
+  PgLeaseTransaction(PostgresStore::Impl& store, const Lease& lease, pg::Pool::Borrowed conn)
       : store_(store), lease_(lease), conn_(std::move(conn)) {
     start();
   }
@@ -963,42 +984,52 @@ class PgLeaseTransaction final : public LeaseTransaction {
 
   PostgresStore::Impl& store_;
   Lease lease_;
-  pg::Pool::Lease conn_;
+  pg::Pool::Borrowed conn_;
   bool open_ = false;
 };
 
 }  // namespace
 
 std::unique_ptr<LeaseTransaction> PostgresStore::begin(const Lease& lease) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   for (int attempt = 0;; ++attempt) {
     try {
-      return std::make_unique<PgLeaseTransaction>(I, lease, I.tx_pool.acquire());
+      return std::make_unique<PgLeaseTransaction>(impl, lease, impl.tx_pool.acquire());
     } catch (const TransientError&) {
-      if (attempt >= I.options.transient_retries) throw;
+      if (attempt >= impl.options.transient_retries) throw;
       pg::sleep_backoff(attempt);
     }
   }
 }
 
 CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_scope(scope);
-  for (int round = 0; round < 20; ++round) {
-    auto r = I.run(I.sql.cancel, {num(id), scope.tenant});
-    if (auto out = decode_cancel(r)) return *out;
-    // The task changed state under us (claimed or settled meanwhile): look again.
+  const std::vector<Param> params{num(id), scope.tenant};
+  if (auto out = decode_cancel(impl.run(impl.sql.cancel, params))) return *out;
+  // The task changed state under the statement (claimed or settled
+  // meanwhile). Run it again with the task's live row locked: then nothing
+  // can move the task until the answer is in. Only a task that was not live
+  // when the lock was taken and came back (retry) and was claimed before the
+  // statement ran can slip past the lock, and the next round catches that.
+  for (;;) {
+    auto out = impl.run_on_connection([&](Connection& c) {
+      return in_transaction(c, [&] {
+        c.exec(impl.sql.lock_task, params);
+        return decode_cancel(c.exec(impl.sql.cancel, params));
+      });
+    });
+    if (out) return *out;
   }
-  throw TransientError(fmt::format("cancel: task {} kept changing state", id), "40001", "eoq_cancel");
 }
 
 RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_scope(scope);
   // Safe to repeat: a second run finds the task live and answers not_retryable,
   // which after a lost reply is checked below.
   bool retried = false;
-  auto r = I.run(I.sql.retry, {num(id), scope.tenant, I.channel}, &retried);
+  auto r = impl.run(impl.sql.retry, {num(id), scope.tenant, impl.channel}, &retried);
   if (r.i64(0, 0) > 0) return RetryOutcome::retried;
   if (r.i64(0, 1) > 0) return RetryOutcome::not_retryable;
   if (r.i64(0, 2) > 0) return retried ? RetryOutcome::retried : RetryOutcome::not_retryable;
@@ -1006,9 +1037,9 @@ RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
 }
 
 std::optional<Task> PostgresStore::get(TaskId id, const Scope& scope) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_scope(scope);
-  auto r = I.read(I.sql.get, {num(id), scope.tenant});
+  auto r = impl.read(impl.sql.get, {num(id), scope.tenant});
   if (r.rows() == 0) return std::nullopt;
   return decode_task(r, 0);
 }
@@ -1020,15 +1051,14 @@ std::optional<Task> PostgresStore::find(std::string_view queue, std::string_view
 }
 
 TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
-  auto& I = *impl_;
-  if (q.limit < 1 || q.limit > 1000) throw InvalidArgument("limit", "must be between 1 and 1000");
-  if (q.queue) detail::validate_queue("queue", *q.queue);
+  auto& impl = *impl_;
+  detail::validate_list(q);
   detail::validate_scope(scope);
   if (scope.tenant && q.tenant && *scope.tenant != *q.tenant) return {};
   Param tenant = scope.tenant ? scope.tenant : q.tenant;
   Param status = q.status ? Param(std::string(to_string(*q.status))) : std::nullopt;
   auto after = q.newest_first ? q.after.value_or(std::numeric_limits<TaskId>::max()) : q.after.value_or(0);
-  auto r = I.read(q.newest_first ? I.sql.list_desc : I.sql.list,
+  auto r = impl.read(q.newest_first ? impl.sql.list_desc : impl.sql.list,
                   {q.queue, status, q.type, tenant, num(after), num(q.limit + 1)});
   TaskPage page;
   for (int i = 0; i < r.rows(); ++i) page.tasks.push_back(decode_task(r, i));
@@ -1041,9 +1071,9 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
 }
 
 std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_scope(scope);
-  auto r = I.read(I.sql.stats, {scope.tenant});
+  auto r = impl.read(impl.sql.stats, {scope.tenant});
   std::map<std::string, QueueStats> by_queue;
   for (int i = 0; i < r.rows(); ++i) {
     auto& s = by_queue[r.text(i, 0)];
@@ -1065,10 +1095,10 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
 }
 
 std::vector<Attempt> PostgresStore::history(TaskId id, const Scope& scope) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   // A task's tenant never changes, so checking it first is as good as joining.
   if (scope.tenant && !get(id, scope)) return {};
-  auto r = I.read(I.sql.history, {num(id)});
+  auto r = impl.read(impl.sql.history, {num(id)});
   std::vector<Attempt> out;
   for (int i = 0; i < r.rows(); ++i) {
     Attempt a;
@@ -1084,84 +1114,62 @@ std::vector<Attempt> PostgresStore::history(TaskId id, const Scope& scope) {
 }
 
 std::int64_t PostgresStore::prune(Millis older_than, int batch_size) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_prune(older_than, batch_size);
-  std::int64_t total = 0;
-  for (;;) {
-    auto r = I.run(I.sql.prune, {num(older_than.count()), num(batch_size)});
-    auto n = r.i64(0, 0);
-    total += n;
-    if (n < batch_size) return total;
-  }
+  return impl.in_batches(impl.sql.prune, batch_size, num(older_than.count())).total;
 }
 
 std::int64_t PostgresStore::prunable(Millis older_than) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   detail::validate_prune(older_than, 1);
-  auto r = I.run(I.sql.prunable, {num(older_than.count())});
-  return r.i64(0, 0);
+  return impl.run(impl.sql.prunable, {num(older_than.count())}).i64(0, 0);
 }
 
 MaintenanceReport PostgresStore::maintain() {
-  auto& I = *impl_;
-  MaintenanceReport rep;
-  const int batch = I.options.prune_batch;
-  auto drain = [&](const Statement& st) {
-    std::int64_t total = 0;
-    for (;;) {
-      auto r = I.run(st, {num(batch)});
-      total += r.i64(0, 0);
-      if (r.i64(0, 0) < batch) return total;
-    }
-  };
-  rep.expired = drain(I.sql.expire);
-  rep.reaped = drain(I.sql.reap);
-  if (I.options.retention) {
+  auto& impl = *impl_;
+  MaintenanceReport report;
+  const int batch = impl.options.prune_batch;
+  report.expired = impl.in_batches(impl.sql.expire, batch).total;
+  report.reaped = impl.in_batches(impl.sql.reap, batch).total;
+  if (impl.options.retention) {
     // Pruning a backlog of a million rows deletes as much as a drain of a
     // million tasks writes: in slices of prune_budget, with the worker's pause
     // between them, it never takes the database from the running tasks.
-    const auto until = std::chrono::steady_clock::now() + I.options.prune_budget;
-    const auto older = std::to_string(I.options.retention->count());
-    for (;;) {
-      auto r = I.run(I.sql.prune, {older, num(batch)});
-      rep.pruned += r.i64(0, 0);
-      if (r.i64(0, 0) < batch) break;
-      if (std::chrono::steady_clock::now() >= until) {
-        rep.more = true;
-        break;
-      }
-    }
+    auto pruned = impl.in_batches(impl.sql.prune, batch, num(impl.options.retention->count()),
+                                  std::chrono::steady_clock::now() + impl.options.prune_budget);
+    report.pruned = pruned.total;
+    report.more = pruned.more;
   }
-  return rep;
+  return report;
 }
 
 void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   using SteadyClock = std::chrono::steady_clock;
   auto deadline = SteadyClock::now() + timeout;
-  std::unique_lock lk(I.listen_m);
-  auto gen = I.wake_gen;
-  if (I.listen_conninfo().empty()) {
+  std::unique_lock lk(impl.listen_m);
+  auto gen = impl.wake_gen;
+  if (impl.listen_conninfo().empty()) {
     // Nowhere to LISTEN: only wake() ends the wait early.
-    I.listen_cv.wait_until(lk, deadline, [&] { return I.wake_gen != gen; });
+    impl.listen_cv.wait_until(lk, deadline, [&] { return impl.wake_gen != gen; });
     return;
   }
-  if (I.listener_busy) {
+  if (impl.listener_busy) {
     // Another thread is polling the LISTEN connection; it tells us what it hears.
-    I.listen_cv.wait_until(lk, deadline, [&] { return I.wake_gen != gen; });
+    impl.listen_cv.wait_until(lk, deadline, [&] { return impl.wake_gen != gen; });
     return;
   }
-  I.listener_busy = true;
+  impl.listener_busy = true;
   lk.unlock();
   bool heard = false;
   try {
-    if (!I.listener || !I.listener->ok()) {
-      I.listener.reset();
-      auto c = std::make_unique<Connection>(I.listen_conninfo(), "eoq-listen");
-      c->command(fmt::format("LISTEN {}", quote_ident(I.channel)).c_str());
-      I.listener = std::move(c);
+    if (!impl.listener || !impl.listener->ok()) {
+      impl.listener.reset();
+      auto c = std::make_unique<Connection>(impl.listen_conninfo(), "eoq-listen");
+      c->command(fmt::format("LISTEN {}", quote_ident(impl.channel)).c_str());
+      impl.listener = std::move(c);
     }
-    PGconn* c = I.listener->get();
+    PGconn* c = impl.listener->get();
     while (!heard) {
       PQconsumeInput(c);
       while (PGnotify* n = PQnotifies(c)) {
@@ -1172,54 +1180,54 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
       if (heard) break;
       auto left = std::chrono::duration_cast<Millis>(deadline - SteadyClock::now()).count();
       if (left <= 0) break;
-      pollfd fds[2] = {{PQsocket(c), POLLIN, 0}, {I.wake_fd, POLLIN, 0}};
+      pollfd fds[2] = {{PQsocket(c), POLLIN, 0}, {impl.wake_fd, POLLIN, 0}};
       int rc = ::poll(fds, 2, static_cast<int>(std::min<std::int64_t>(left, 1000000)));
       if (rc < 0 && errno != EINTR) break;
       if (fds[1].revents & POLLIN) {
         std::uint64_t v;
-        [[maybe_unused]] auto got = ::read(I.wake_fd, &v, sizeof v);
+        [[maybe_unused]] auto got = ::read(impl.wake_fd, &v, sizeof v);
         heard = true;
       }
       if (fds[0].revents & (POLLERR | POLLHUP)) {
-        I.listener.reset();
+        impl.listener.reset();
         break;
       }
       if (PQconsumeInput(c) == 0) {
         // The LISTEN connection broke (server restart): reconnect on the next wait.
-        I.listener.reset();
+        impl.listener.reset();
         break;
       }
     }
   } catch (const Error&) {
     // Cannot listen now (server down): sleep a little so callers fall back to polling.
     lk.lock();
-    I.listener_busy = false;
-    I.listen_cv.wait_until(lk, std::min(deadline, SteadyClock::now() + Millis(200)),
-                           [&] { return I.wake_gen != gen; });
-    I.listen_cv.notify_all();
+    impl.listener_busy = false;
+    impl.listen_cv.wait_until(lk, std::min(deadline, SteadyClock::now() + Millis(200)),
+                           [&] { return impl.wake_gen != gen; });
+    impl.listen_cv.notify_all();
     return;
   }
   lk.lock();
-  I.listener_busy = false;
-  if (heard) ++I.wake_gen;
-  I.listen_cv.notify_all();
+  impl.listener_busy = false;
+  if (heard) ++impl.wake_gen;
+  impl.listen_cv.notify_all();
 }
 
 TimePoint PostgresStore::now() {
-  auto& I = *impl_;
-  auto r = I.run(I.sql.now, {});
+  auto& impl = *impl_;
+  auto r = impl.run(impl.sql.now, {});
   return r.time(0, 0);
 }
 
 void PostgresStore::wake() {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   {
-    std::lock_guard lk(I.listen_m);
-    ++I.wake_gen;
+    std::lock_guard lk(impl.listen_m);
+    ++impl.wake_gen;
   }
-  I.listen_cv.notify_all();
+  impl.listen_cv.notify_all();
   std::uint64_t one = 1;
-  [[maybe_unused]] auto n = ::write(I.wake_fd, &one, sizeof one);
+  [[maybe_unused]] auto n = ::write(impl.wake_fd, &one, sizeof one);
 }
 
 }  // namespace eoq

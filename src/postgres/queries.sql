@@ -491,7 +491,8 @@ RETURNING id;
 -- $1 id, $2 the scope's tenant (NULL: every tenant). A pending task ends
 -- cancelled; a running one gets a cancel request its worker sees at the next
 -- heartbeat. The counts say which happened, or whether the task is finished or
--- unknown; all zero but `live`: it changed state under us, run it again.
+-- unknown; all zero but `live`: it changed state under us (claimed or settled
+-- meanwhile), so the caller locks it (lock_task) and runs this again.
 WITH gone AS (
   DELETE FROM eoq.tasks WHERE id = $1 AND status = 'pending' AND ($2::text IS NULL OR tenant = $2)
   RETURNING *),
@@ -516,6 +517,13 @@ SELECT (SELECT count(*) FROM fin) AS cancelled,
        (SELECT count(*) FROM req) AS requested,
        (SELECT count(*) FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS finished,
        (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
+
+
+-- name: lock_task
+-- Holds the task's live row until the transaction ends, so cancel, run next,
+-- sees it in a state that cannot change under it (claims skip locked rows;
+-- settling waits).
+SELECT id FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR UPDATE;
 
 
 -- name: retry

@@ -1,4 +1,4 @@
-// Conformance: Retries and backoff, deadlines, cancellation, and retrying a finished task.
+// Conformance: retries and backoff, deadlines, cancellation, and retrying a finished task.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

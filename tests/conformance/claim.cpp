@@ -1,4 +1,4 @@
-// Conformance: Claiming: order, limits, queues, exclusivity; the store's clock; waiting for tasks.
+// Conformance: claiming: order, limits, queues, exclusivity; the store's clock; waiting for tasks.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// Conformance: Reads: get, find, list and its paging, stats, history.
+// Conformance: reads: get, find, list and its paging, stats, history.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

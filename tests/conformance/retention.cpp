@@ -1,4 +1,4 @@
-// Conformance: Retention: prune, prunable, and maintain's slices.
+// Conformance: retention: prune, prunable, and maintain's slices.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

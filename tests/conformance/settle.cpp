@@ -1,4 +1,5 @@
-// Conformance: Settling under a lease: fencing, heartbeats, progress, checkpoints, release, completion, terminal states, expiry of a held lease.
+// Conformance: settling under a lease. Fencing, heartbeats, progress,
+// checkpoints, release, completion, terminal states, expiry of a held lease.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// Conformance: Submitting: fields, ids, keys and their reuse rules, batches.
+// Conformance: submitting: fields, ids, keys and their reuse rules, batches.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

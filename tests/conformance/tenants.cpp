@@ -1,4 +1,4 @@
-// Conformance: Tenants: keys per tenant, and a scope that never reaches another tenant.
+// Conformance: tenants: keys per tenant, and a scope that never reaches another tenant.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-// Conformance: Lease transactions: the handler's SQL commits with the settlement (Postgres), its typed parameters and reads, and what the memory store does instead.
+// Conformance: lease transactions. The handler's SQL commits with the
+// settlement (Postgres), its typed parameters and reads, and what the memory
+// store does instead.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

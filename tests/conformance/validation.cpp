@@ -1,4 +1,4 @@
-// Conformance: Bad input: rejected naming the field and the rule, and nothing written; Postgres configuration errors.
+// Conformance: bad input: rejected naming the field and the rule, and nothing written; Postgres configuration errors.
 #include "conformance/conformance.hpp"
 
 // ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-#include "task_json.hpp"
+#include "json/task_json.hpp"
 
 #include <eoq/errors.hpp>
 

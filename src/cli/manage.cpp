@@ -1,0 +1,167 @@
+// eoq migrate, submit, cancel, retry and prune: the commands that change something.
+#include "cli/cli.hpp"
+
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <sstream>
+
+namespace eoq::cli {
+
+// ---------------------------------------------------------------- migrate
+
+int cmd_migrate(Context& ctx) {
+  ctx.store().migrate();
+  if (ctx.opt.json) {
+    print_json({{"schema", ctx.opt.schema}, {"migrated", true}});
+  } else {
+    fmt::print("schema \"{}\" is up to date\n", ctx.opt.schema);
+  }
+  return kOk;
+}
+
+// ---------------------------------------------------------------- submit
+
+namespace {
+
+std::string read_payload(const std::string& arg) {
+  if (arg == "-") return std::string(std::istreambuf_iterator<char>(std::cin), {});
+  if (!arg.empty() && arg[0] == '@') {
+    std::ifstream in(arg.substr(1), std::ios::binary);
+    if (!in) throw InvalidArgument("payload", fmt::format("cannot read the file '{}'", arg.substr(1)));
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  return arg;
+}
+
+}  // namespace
+
+int cmd_submit(Context& ctx, const SubmitArgs& a) {
+  NewTask t;
+  t.queue = a.queue;
+  t.type = a.type;
+  t.payload = read_payload(a.payload);
+  // nlohmann says where the text goes wrong; the store would only say that it does.
+  try {
+    auto parsed = Json::parse(t.payload);
+    (void)parsed;
+  } catch (const Json::parse_error& e) {
+    std::string why = e.what();
+    if (auto p = why.find("] "); p != std::string::npos) why = why.substr(p + 2);
+    throw InvalidArgument("payload", "must be valid JSON text: " + why);
+  }
+  if (a.key_opt->count()) t.key = a.key;
+  t.priority = a.priority;
+  t.retry.max_attempts = a.max_attempts;
+  auto at = now();
+  if (a.run_at_opt->count()) t.run_at = parse_when("run_at", a.run_at, at);
+  if (a.deadline_opt->count()) t.deadline = parse_when("deadline", a.deadline, at);
+  if (ctx.scoped()) t.tenant = ctx.opt.tenant;
+
+  auto result = ctx.store().submit(t);
+  const Task& task = result.task;
+  if (ctx.opt.json) {
+    print_json({{"duplicate", result.duplicate}, {"task", json::to_json(task)}});
+    return kOk;
+  }
+  if (!result.duplicate) {
+    fmt::print("submitted task {} (queue {}, type {}): pending, runs {}\n", task.id, clean(task.queue),
+               clean(task.type), task.run_at <= now() ? "now" : when(task.run_at, at));
+    return kOk;
+  }
+  std::string state = fmt::format("{}, {} of {} attempts used", to_string(task.status), task.attempts,
+                                  task.retry.max_attempts);
+  if (task.finished_at) state += ", finished " + relative(*task.finished_at, now());
+  fmt::print("duplicate: key \"{}\" in queue {} already belongs to task {} ({}); nothing new was submitted\n",
+             clean(task.key.value_or("")), clean(task.queue), task.id, state);
+  return kOk;
+}
+
+// ---------------------------------------------------------------- cancel / retry
+
+int cmd_cancel(Context& ctx, TaskId id) {
+  auto& store = ctx.store();
+  auto outcome = store.cancel(id, ctx.scope());
+  std::optional<Task> task;
+  if (outcome != CancelOutcome::not_found) task = store.get(id, ctx.scope());
+  if (ctx.opt.json) print_json({{"outcome", to_string(outcome)}, {"task", task_or_null(task)}});
+  switch (outcome) {
+    case CancelOutcome::not_found: not_found(ctx, id);
+    case CancelOutcome::cancelled:
+      if (!ctx.opt.json) fmt::print("cancelled task {}: it will not run\n", id);
+      return kOk;
+    case CancelOutcome::cancel_requested:
+      if (!ctx.opt.json)
+        fmt::print("task {} is running: cancel requested; its worker stops it at the next heartbeat "
+                   "('eoq show {}' to follow)\n",
+                   id, id);
+      return kOk;
+    case CancelOutcome::already_finished:
+      // The point of a cancel, that the task not run (any further), holds: a
+      // script cancelling a batch should not stop at the ones that finished.
+      if (!ctx.opt.json)
+        fmt::print("task {} already finished ({}): nothing to cancel\n", id,
+                   task ? to_string(task->status) : std::string_view("finished"));
+      return kOk;
+  }
+  return kOk;
+}
+
+int cmd_retry(Context& ctx, TaskId id) {
+  auto& store = ctx.store();
+  auto outcome = store.retry(id, ctx.scope());
+  std::optional<Task> task;
+  if (outcome != RetryOutcome::not_found) task = store.get(id, ctx.scope());
+  if (ctx.opt.json) print_json({{"outcome", to_string(outcome)}, {"task", task_or_null(task)}});
+  switch (outcome) {
+    case RetryOutcome::not_found: not_found(ctx, id);
+    case RetryOutcome::retried:
+      if (!ctx.opt.json) {
+        if (task)
+          fmt::print("task {} will run again: pending now, attempt {} of at most {}\n", id, task->attempts + 1,
+                     task->retry.max_attempts);
+        else
+          fmt::print("task {} will run again\n", id);
+      }
+      return kOk;
+    case RetryOutcome::not_retryable: {
+      // Unlike cancel, the point (the task runs again) does not hold, so a
+      // script must not mistake this for success.
+      std::string status = task ? std::string(to_string(task->status)) : "not finished";
+      std::string why = task && task->status == TaskStatus::succeeded
+                            ? "it succeeded; submit a new task to run it again"
+                            : "it has not finished, so it runs anyway";
+      throw Failure(kBadInput, fmt::format("task {} is {}: only failed, expired or cancelled tasks can be "
+                                           "retried ({})",
+                                           id, status, why));
+    }
+  }
+  return kOk;
+}
+
+// ---------------------------------------------------------------- prune
+
+int cmd_prune(Context& ctx, const PruneArgs& a) {
+  if (ctx.scoped())
+    throw Failure(kBadInput, "prune cannot be limited to one tenant: it deletes every tenant's old finished "
+                             "tasks; run it without --tenant");
+  auto age = parse_duration("older_than", a.older_than);
+  auto& store = ctx.store();
+  if (a.dry_run) {
+    auto n = store.prunable(age);
+    if (ctx.opt.json)
+      print_json({{"would_delete", n}});
+    else
+      fmt::print("would delete {} task{} that finished more than {} ago (dry run: nothing was deleted)\n", n,
+                 n == 1 ? "" : "s", a.older_than);
+    return kOk;
+  }
+  auto n = store.prune(age);
+  if (ctx.opt.json)
+    print_json({{"deleted", n}});
+  else
+    fmt::print("deleted {} task{} that finished more than {} ago\n", n, n == 1 ? "" : "s", a.older_than);
+  return kOk;
+}
+
+}  // namespace eoq::cli
