@@ -3,6 +3,7 @@
 // same words (the conformance suite checks that they do).
 #include <eoq/task.hpp>
 
+#include <cstdint>
 #include <optional>
 #include <span>
 #include <string>
@@ -27,6 +28,9 @@ void validate_scope(const Scope& scope);
 void validate_positive(std::string_view field, Millis value);
 void validate_progress(int percent, std::string_view stage);
 void validate_prune(Millis older_than, int batch_size);
+// limit 1..1000, count_up_to 0..kMaxCountUpTo, a valid queue name.
+inline constexpr std::int64_t kMaxCountUpTo = 1'000'000;
+void validate_list(const ListQuery& query);
 
 TimePoint now() noexcept;
 
