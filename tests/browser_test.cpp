@@ -517,6 +517,109 @@ TEST_CASE("browser: with tokens the page asks for one, keeps it for the tab, and
   CHECK(dashboard.terminate() == 0);
 }
 
+TEST_CASE("browser: a drain drawn in the throughput and depth charts, the total, results and created dates",
+          "[browser]") {
+  require_browser();
+  fs::create_directories(EOQ_BROWSER_ARTIFACTS);
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);
+  // 60 tasks waiting before the page opens (40 on "drain", 20 on "other"): a backlog to watch drain.
+  std::vector<eoq::NewTask> batch;
+  for (int i = 0; i < 60; ++i) {
+    eoq::NewTask t;
+    t.queue = i % 3 ? "drain" : "other";
+    t.type = "square";
+    t.key = fmt::format("n-{}", i);
+    t.payload = fmt::format(R"({{"n": {}}})", i);
+    batch.push_back(t);
+  }
+  store->submit_batch(batch);
+
+  DashboardProcess dashboard(store.conninfo(), store.schema(), {"--no-auth"});
+  Browser b;
+  auto num = [&](const std::string& js) {
+    auto v = b.script(js);
+    return v.is_number() ? v.get<double>() : -1.0;
+  };
+  auto attr = [](const std::string& css, const std::string& name) {
+    return fmt::format("const e = document.querySelector({}); return e ? Number(e.dataset.{}) : null;", Json(css).dump(),
+                       name);
+  };
+  auto page = [&] {
+    return "count: " + b.text("#count") + "\nrate: " + b.text("#c-rate-legend") + "\ndepth: " + b.text("#c-depth-legend") +
+           "\nchart: " + b.script("return document.querySelector('#charts svg').outerHTML.slice(0, 1500);").dump() +
+           "\ntable:\n" + b.text("#tasks");
+  };
+  b.go(dashboard.url());
+  wait_until("the page to go live", [&] { return b.text("#live-text").starts_with("live"); }, page);
+  b.script("window.eoqErrors = [];"
+           "addEventListener('error', (e) => eoqErrors.push(e.message));"
+           "addEventListener('unhandledrejection', (e) => eoqErrors.push(String(e.reason))); return null;");
+
+  // The filter's total, counted by the server.
+  wait_until("the total", [&] { return b.text("#count").find("1–50 of 60") != std::string::npos; }, page);
+  // The backlog in the depth chart before anything runs: two samples at least, 60 pending at the peak.
+  wait_until("the depth chart with the backlog", [&] {
+    return num(attr("#chart-depth path[data-series=pending]", "points")) >= 2 &&
+           num(attr("#chart-depth path[data-series=pending]", "peak")) == 60;
+  }, page);
+  CHECK(num(attr("#chart-rate path[data-series=succeeded]", "peak")) == 0);
+
+  // A worker drains it: a result per task, the last stage "squared".
+  auto worker_store = store.another();
+  eoq::WorkerOptions wo;
+  wo.queues = {"drain", "other"};
+  wo.concurrency = 2;
+  wo.poll_interval = 200ms;
+  wo.logger = [](eoq::LogLevel, std::string_view) {};
+  eoq::Worker worker(*worker_store, wo);
+  worker.on("square", [](eoq::TaskContext& ctx) {
+    auto n = Json::parse(ctx.task().payload)["n"].get<int>();
+    ctx.progress(50, "squaring");
+    ctx.sleep_for(20ms);
+    ctx.progress(100, "squared");
+    ctx.set_result(Json{{"square", n * n}}.dump());
+  });
+  worker.start();
+
+  // Its shape in the charts: throughput above zero, then nothing pending.
+  wait_until("throughput in the chart and the queue drained", [&] {
+    return num(attr("#chart-rate path[data-series=succeeded]", "peak")) > 0 &&
+           num(attr("#chart-rate path[data-series=succeeded]", "points")) >= 1 &&
+           b.text("#c-depth-legend").find("pending 0") != std::string::npos && store->stats().size() == 2 &&
+           store->stats()[0].succeeded + store->stats()[1].succeeded == 60;
+  }, page, 60s);
+  CHECK(num(attr("#chart-rate path[data-series=failed]", "peak")) == 0);
+  CHECK(b.script("return document.querySelector('#chart-rate path[data-series=succeeded]').getAttribute('d').length > 10;") ==
+        true);
+
+  // The table: results, created dates, the stage as a coloured chip.
+  auto done = store->find("drain", "n-59");  // among the newest 50
+  REQUIRE(done);
+  const auto row = fmt::format("#tasks tr[data-id=\"{}\"]", done->id);
+  wait_until("the result in the table", [&] {
+    return b.text(row + " td.res").find(R"({"square":3481})") != std::string::npos;
+  }, page);
+  CHECK_FALSE(b.text(row + " td.created").empty());
+  CHECK(b.text(row + " td.created").find("ago") != std::string::npos);
+  CHECK(b.script(fmt::format("const c = document.querySelector('{} td.progress .stage');"
+                             "return c && !c.hidden && /\\bst-[0-7]\\b/.test(c.className) ? c.textContent : null;",
+                             row)) == "squared");
+
+  // One queue's chart: 40 pending at its peak.
+  b.click("#c-queue option[value=drain]");
+  wait_until("the drain queue's chart", [&] {
+    return num(attr("#chart-depth path[data-series=pending]", "peak")) == 40 &&
+           num(attr("#chart-rate path[data-series=succeeded]", "peak")) > 0;
+  }, page);
+  // The total follows the table's filter.
+  b.click("#f-queue option[value=other]");
+  wait_until("the other queue's total", [&] { return b.text("#count").find("1–20 of 20") != std::string::npos; }, page);
+  b.screenshot(std::string(EOQ_BROWSER_ARTIFACTS) + "/dashboard-chart.png");
+  worker.stop();
+  CHECK(b.script("return window.eoqErrors;") == Json::array());
+  CHECK(dashboard.terminate() == 0);
+}
+
 #ifdef EOQ_SIMULATOR
 TEST_CASE("browser: the exactly-once simulator served live: submit from the form, a failed attempt's error, success",
           "[browser]") {

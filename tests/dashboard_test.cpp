@@ -289,6 +289,59 @@ TEST_CASE("dashboard: submit, list, get, stats, cancel and retry", "[dashboard]"
   }
 }
 
+TEST_CASE("dashboard: the list's total for its filter says whether it is exact", "[dashboard]") {
+  Served s(with_tokens());
+  s.token = kAdmin;
+  std::vector<eoq::NewTask> batch;
+  for (int i = 0; i < 12; ++i) {
+    eoq::NewTask t;
+    t.queue = i < 8 ? "bulk" : "other";
+    t.type = i % 2 ? "odd" : "even";
+    t.tenant = i < 10 ? "a" : "b";
+    batch.push_back(t);
+  }
+  s.store->submit_batch(batch);
+
+  auto plain = s.get("/api/tasks?queue=bulk");
+  REQUIRE(plain.status == 200);
+  CHECK_FALSE(plain.json.contains("total"));  // not asked: not counted
+  CHECK_FALSE(plain.json.contains("total_kind"));
+
+  auto exact = s.get("/api/tasks?queue=bulk&count=100");
+  REQUIRE(exact.status == 200);
+  CHECK(exact.json["total"] == 8);
+  CHECK(exact.json["total_kind"] == "exact");
+  // The filter's total, whatever the page holds.
+  auto page = s.get("/api/tasks?queue=bulk&type=odd&limit=3&view=summary&order=newest&count=100");
+  CHECK(page.json["tasks"].size() == 3);
+  CHECK(page.json["total"] == 4);
+  CHECK(page.json["total_kind"] == "exact");
+  CHECK(s.get("/api/tasks?queue=nothing&count=100").json["total"] == 0);
+
+  auto bounded = s.get("/api/tasks?queue=bulk&count=5");
+  CHECK(bounded.json["total"] == 5);
+  CHECK(bounded.json["total_kind"] == "at_least");
+  // No filter, past the cap: at least the cap or the planner's estimate above it.
+  auto all = s.get("/api/tasks?count=3");
+  if (all.json["total_kind"] == "estimate") CHECK(all.json["total"].get<std::int64_t>() > 3);
+  else {
+    CHECK(all.json["total_kind"] == "at_least");
+    CHECK(all.json["total"] == 3);
+  }
+
+  // A tenant's token counts its own tasks only.
+  auto a = s.get("/api/tasks?count=100", kTenantA);
+  CHECK(a.json["total"] == 10);
+  CHECK(s.get("/api/tasks?queue=other&count=100", kTenantB).json["total"] == 2);
+  CHECK(s.get("/api/tasks?tenant=a&count=100", kTenantB).json["total"] == 0);
+
+  for (const char* bad : {"count=0", "count=1000001", "count=many", "count=-1"}) {
+    auto r = s.get(std::string("/api/tasks?") + bad);
+    CHECK(r.status == 400);
+    CHECK(r.json["field"] == "count");
+  }
+}
+
 TEST_CASE("dashboard: 50 concurrent identical submits make one task", "[dashboard]") {
   Served s;
   constexpr int kClients = 50;

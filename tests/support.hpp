@@ -134,6 +134,7 @@ struct Q {
   Q& after(eoq::TaskId v) { q.after = v; return *this; }
   Q& limit(int v) { q.limit = v; return *this; }
   Q& newest_first() { q.newest_first = true; return *this; }
+  Q& count_up_to(std::int64_t v) { q.count_up_to = v; return *this; }
   operator eoq::ListQuery() const { return q; }
 };
 

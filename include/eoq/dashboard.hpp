@@ -22,8 +22,11 @@
 //   GET  /                      the page (no token needed; it asks for one)
 //   GET  /healthz               200 when the store answers, else 503 (no token needed)
 //   GET  /api/me                who the token is: {"auth", "tenant", "write"}
-//   GET  /api/tasks             ?queue=&status=&type=&tenant=&after=&limit=&view=summary
+//   GET  /api/tasks             ?queue=&status=&type=&tenant=&after=&limit=&view=summary&count=
 //                               -> {"tasks", "next_after", "now"}; summary: without payload, result, checkpoint
+//                               but with "result_preview" (the result's JSON text, at most 160 bytes and "…");
+//                               count=N (1..1000000) adds "total" and "total_kind" for the filter (not
+//                               `after`): "exact", "at_least" (more than N; total is N) or "estimate"
 //   POST /api/tasks             submit (src/json/task_json.hpp's shape) -> 201 {"duplicate": false, "task"} | 200 duplicate
 //   GET  /api/tasks/{id}        {"task", "attempts"}
 //   POST /api/tasks/{id}/cancel 200 {"outcome", "task"}; 409 when already finished

@@ -172,11 +172,30 @@ struct ListQuery {
   std::optional<TaskId> after{};  // keyset cursor: ids past this one in the listing order
   int limit = 100;
   bool newest_first = false;  // ids descending (a live view); ascending otherwise
+  // Opt in to TaskPage::total: how many tasks match the filters (queue, status,
+  // type, tenant and the scope; not `after`), counted up to this many
+  // (0..1,000,000). 0, the default: no count, and list() costs what it did.
+  std::int64_t count_up_to = 0;
+};
+
+// How far to trust TaskPage::total's count.
+//   exact     the number of matching tasks (it was at most count_up_to)
+//   at_least  more than count_up_to match; count is count_up_to
+//   estimate  more than count_up_to match and the store estimated how many
+//             (PostgresStore: from the planner's statistics, for a list with
+//             no filter at all); count is above count_up_to
+enum class TotalKind { exact, at_least, estimate };
+std::string_view to_string(TotalKind k) noexcept;
+
+struct ListTotal {
+  std::int64_t count = 0;
+  TotalKind kind = TotalKind::exact;
 };
 
 struct TaskPage {
   std::vector<Task> tasks{};          // ordered by id (descending when newest_first)
   std::optional<TaskId> next_after{};  // pass as `after` for the next page; empty when none follows
+  std::optional<ListTotal> total{};    // only when the query's count_up_to > 0
 };
 
 struct QueueStats {

@@ -43,6 +43,15 @@ std::string_view to_string(RetryOutcome o) noexcept {
   return "unknown";
 }
 
+std::string_view to_string(TotalKind k) noexcept {
+  switch (k) {
+    case TotalKind::exact: return "exact";
+    case TotalKind::at_least: return "at_least";
+    case TotalKind::estimate: return "estimate";
+  }
+  return "unknown";
+}
+
 TaskStatus parse_status(std::string_view name) {
   for (auto s : {TaskStatus::pending, TaskStatus::running, TaskStatus::succeeded, TaskStatus::failed,
                  TaskStatus::cancelled, TaskStatus::expired})
@@ -431,6 +440,8 @@ void validate_prune(Millis older_than, int batch_size) {
 
 void validate_list(const ListQuery& q) {
   if (q.limit < 1 || q.limit > 1000) throw InvalidArgument("limit", "must be between 1 and 1000");
+  if (q.count_up_to < 0 || q.count_up_to > kMaxCountUpTo)
+    throw InvalidArgument("count_up_to", "must be between 0 and 1000000");
   if (q.queue) validate_queue("queue", *q.queue);
 }
 

@@ -30,6 +30,8 @@ void validate_scope(const Scope& scope);
 void validate_positive(std::string_view field, Millis value);
 void validate_progress(int percent, std::string_view stage);
 void validate_prune(Millis older_than, int batch_size);
+// limit 1..1000, count_up_to 0..kMaxCountUpTo, a valid queue name.
+inline constexpr std::int64_t kMaxCountUpTo = 1'000'000;
 void validate_list(const ListQuery& query);
 // At most kMaxBatch tasks in one submit_batch.
 inline constexpr std::size_t kMaxBatch = 100000;

@@ -84,6 +84,17 @@ std::string now_text() {
   return json::format_time(std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()));
 }
 
+// The first kPreviewBytes of `text`, cut at a character boundary, with "…"
+// when something was cut.
+constexpr std::size_t kPreviewBytes = 160;
+std::string preview(std::string text) {
+  if (text.size() <= kPreviewBytes) return text;
+  std::size_t end = kPreviewBytes;
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+  text.resize(end);
+  return text + "\u2026";
+}
+
 // --- tokens ---------------------------------------------------------------
 
 // Time independent of where (or whether) the two differ, and of the secret's
@@ -400,7 +411,7 @@ struct Dashboard::Impl {
   }
 
   HttpResponse list(const HttpRequest& req, const Principal& who) const {
-    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit", "view", "order"});
+    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit", "view", "order", "count"});
     bool summary = false;
     if (p.count("view")) {
       if (p["view"] != "full" && p["view"] != "summary") throw InvalidArgument("view", "must be \"full\" or \"summary\"");
@@ -418,11 +429,20 @@ struct Dashboard::Impl {
         throw InvalidArgument("order", "must be \"oldest\" or \"newest\"");
       q.newest_first = p["order"] == "newest";
     }
-    auto body = json::to_json(store.list(q, who.scope()));
-    // A table polled twice a second has no use for payloads of up to a megabyte each.
+    if (p.count("count")) q.count_up_to = parse_integer("count", p["count"], 1, 1'000'000);
+    auto page = store.list(q, who.scope());
+    auto body = json::to_json(page);
+    if (page.total) {
+      body["total"] = page.total->count;
+      body["total_kind"] = to_string(page.total->kind);
+    }
+    // A table polled twice a second has no use for payloads of up to a megabyte
+    // each; the result's first characters are enough for its column.
     if (summary)
-      for (auto& t : body["tasks"])
+      for (auto& t : body["tasks"]) {
+        if (t.contains("result") && !t["result"].is_null()) t["result_preview"] = preview(dump(t["result"]));
         for (const char* big : {"payload", "result", "checkpoint"}) t.erase(big);
+      }
     body["now"] = now_text();
     return json_response(200, body);
   }

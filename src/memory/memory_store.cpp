@@ -691,12 +691,21 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
   const auto limit = static_cast<std::size_t>(q.limit);
   TaskPage page;
   std::lock_guard lk(state.mu);
-  auto take = [&](const Task& t) {
-    if ((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
-        (q.tenant && t.tenant != *q.tenant) || !visible(t, scope))
-      return;
-    page.tasks.push_back(t);
+  auto matches = [&](const Task& t) {
+    return !((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
+             (q.tenant && t.tenant != *q.tenant) || !visible(t, scope));
   };
+  auto take = [&](const Task& t) {
+    if (matches(t)) page.tasks.push_back(t);
+  };
+  if (q.count_up_to > 0) {
+    // Counted as Postgres counts: up to one past the cap, then "at least". No
+    // estimate here (nothing to take it from), so at_least past the cap.
+    std::int64_t n = 0;
+    for (auto it = state.tasks.begin(); it != state.tasks.end() && n <= q.count_up_to; ++it)
+      if (matches(it->second.task)) ++n;
+    page.total = n <= q.count_up_to ? ListTotal{n, TotalKind::exact} : ListTotal{q.count_up_to, TotalKind::at_least};
+  }
   if (q.newest_first) {
     auto end = q.after ? state.tasks.lower_bound(*q.after) : state.tasks.end();
     for (auto it = std::make_reverse_iterator(end); it != state.tasks.rend() && page.tasks.size() <= limit; ++it)

@@ -114,7 +114,8 @@ struct Statements {
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
             cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
-            list = q("list"), list_desc = q("list_desc"), stats = q("stats"), history = q("history"),
+            list = q("list"), list_desc = q("list_desc"), list_count = q("list_count"),
+            count_estimate = q("count_estimate"), stats = q("stats"), history = q("history"),
             settled = q("settled"), now = q("now");
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze");
@@ -167,6 +168,8 @@ const std::vector<ResultShape>& result_shapes() {
       {"get", kTaskColumns},
       {"list", kTaskColumns},
       {"list_desc", kTaskColumns},
+      {"list_count", count},
+      {"count_estimate", std::vector<Column>{{"estimate", kInt8}}},
       {"stats", std::vector<Column>{{"queue", kText}, {"status", kText}, {"count", kInt8},
                                     {"oldest_pending_ms", kInt8}, {"last_minute", kInt8}}},
       {"history", std::vector<Column>{{"attempt", kInt4}, {"owner", kText}, {"started_at", kTimestamptz},
@@ -1054,9 +1057,28 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   auto& impl = *impl_;
   detail::validate_list(q);
   detail::validate_scope(scope);
-  if (scope.tenant && q.tenant && *scope.tenant != *q.tenant) return {};
+  if (scope.tenant && q.tenant && *scope.tenant != *q.tenant) {
+    TaskPage none;
+    if (q.count_up_to > 0) none.total = ListTotal{0, TotalKind::exact};
+    return none;
+  }
   Param tenant = scope.tenant ? scope.tenant : q.tenant;
   Param status = q.status ? Param(std::string(to_string(*q.status))) : std::nullopt;
+  std::optional<ListTotal> total;
+  if (q.count_up_to > 0) {
+    const auto n = impl.read(impl.sql.list_count, {q.queue, status, q.type, tenant, num(q.count_up_to + 1)}).i64(0, 0);
+    if (n <= q.count_up_to) {
+      total = ListTotal{n, TotalKind::exact};
+    } else {
+      total = ListTotal{q.count_up_to, TotalKind::at_least};
+      // With no filter at all the planner's statistics tell how big both
+      // tables are, at no cost; trusted only where they agree with the count.
+      if (!q.queue && !q.status && !q.type && !tenant) {
+        auto e = impl.read(impl.sql.count_estimate, {});
+        if (!e.null(0, 0) && e.i64(0, 0) > q.count_up_to) total = ListTotal{e.i64(0, 0), TotalKind::estimate};
+      }
+    }
+  }
   auto after = q.newest_first ? q.after.value_or(std::numeric_limits<TaskId>::max()) : q.after.value_or(0);
   auto r = impl.read(q.newest_first ? impl.sql.list_desc : impl.sql.list,
                   {q.queue, status, q.type, tenant, num(after), num(q.limit + 1)});
@@ -1067,6 +1089,7 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
     page.tasks.pop_back();
     page.next_after = page.tasks.back().id;
   }
+  page.total = total;
   return page;
 }
 

@@ -627,6 +627,36 @@ SELECT * FROM (
 ORDER BY id DESC LIMIT $6;
 
 
+-- name: list_count
+-- list's filters ($1 queue, $2 status, $3 type, $4 tenant), counted up to $5
+-- rows per table (the caller's count_up_to + 1): a large table costs a bounded
+-- count, and more than count_up_to in all means "at least".
+SELECT (SELECT count(*) FROM (
+          SELECT 1 FROM eoq.tasks
+          WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
+            AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
+            AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+          LIMIT $5) a)
+     + (SELECT count(*) FROM (
+          SELECT 1 FROM eoq.finished
+          WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running'))
+            AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
+            AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+          LIMIT $5) b) AS count;
+
+
+-- name: count_estimate
+-- Both task tables' rows as the planner would estimate them: its tuple density
+-- (reltuples / relpages) times the pages there are now. NULL while either
+-- table was never vacuumed or analyzed (reltuples -1): nothing to go on.
+SELECT CASE WHEN bool_or(c.reltuples < 0) THEN NULL
+            ELSE sum(CASE WHEN c.relpages > 0
+                          THEN c.reltuples / c.relpages
+                               * (pg_relation_size(c.oid) / current_setting('block_size')::bigint)
+                          ELSE c.reltuples END)::bigint END AS estimate
+FROM pg_class c WHERE c.oid IN ('eoq.tasks'::regclass, 'eoq.finished'::regclass);
+
+
 -- name: stats
 -- $1 the scope's tenant (NULL: every tenant).
 SELECT queue, status, count(*)::bigint AS count,
