@@ -398,25 +398,46 @@ class RecordingTransaction final : public LeaseTransaction {
   RecordingTransaction(std::unique_ptr<LeaseTransaction> inner, const eoq::Lease& lease, Recorder& rec)
       : inner_(std::move(inner)), lease_(lease), rec_(rec) {}
   Rows exec(std::string_view sql, const Params& params) override { return inner_->exec(sql, params); }
+  // What a handler submits exists only once its transaction commits: recorded then.
+  SubmitResult submit(const NewTask& task) override {
+    auto r = inner_->submit(task);
+    submitted_.push_back(r);
+    return r;
+  }
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override {
+    auto rs = inner_->submit_batch(tasks);
+    submitted_.insert(submitted_.end(), rs.begin(), rs.end());
+    return rs;
+  }
   void complete(std::string_view result_json) override {
     recorded(rec_, client_event(Kind::complete, lease_), [&](Event&) { inner_->complete(result_json); });
+    record_submitted();
   }
   FailOutcome fail(const Failure& failure) override {
-    return recorded(rec_, client_event(Kind::fail, lease_), [&](Event& e) {
+    auto outcome = recorded(rec_, client_event(Kind::fail, lease_), [&](Event& e) {
       auto out = inner_->fail(failure);
       e.status = fail_status(out.status);
       return out;
     });
+    record_submitted();
+    return outcome;
   }
   void checkpoint(std::string_view stage, std::string_view state_json) override {
     inner_->checkpoint(stage, state_json);
+    record_submitted();
   }
   bool open() const noexcept override { return inner_->open(); }
 
  private:
+  void record_submitted() {
+    for (const auto& r : submitted_) record_submit(rec_, r);
+    submitted_.clear();
+  }
+
   std::unique_ptr<LeaseTransaction> inner_;
   eoq::Lease lease_;
   Recorder& rec_;
+  std::vector<SubmitResult> submitted_;
 };
 
 }  // namespace

@@ -130,6 +130,7 @@ class FaultyStore final : public eoq::TaskStore {
   std::vector<eoq::Attempt> history(eoq::TaskId id, const eoq::Scope& s = {}) override {
     return inner_.history(id, s);
   }
+  eoq::Relatives relatives(eoq::TaskId id, const eoq::Scope& s = {}) override { return inner_.relatives(id, s); }
   std::int64_t prune(Millis o, int b) override { check(); return inner_.prune(o, b); }
   std::int64_t prunable(Millis o) override { return inner_.prunable(o); }
   eoq::MaintenanceReport maintain() override { check(); return inner_.maintain(); }

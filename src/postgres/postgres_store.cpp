@@ -117,6 +117,9 @@ struct Statements {
             stats = q("stats"), history = q("history"), settled = q("settled"), now = q("now");
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze");
+  Statement submit_waiting = q("submit_waiting"), submit_cancelled = q("submit_cancelled"),
+            lock_parents = q("lock_parents"), parent_states = q("parent_states"), add_edges = q("add_edges"),
+            relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
             migrations_applied = q("migrations_applied"), migration_applied = q("migration_applied");
 };
@@ -142,6 +145,13 @@ const std::vector<ResultShape>& result_shapes() {
   const std::vector<Column> count = {{"count", kInt8}};
   static const std::vector<ResultShape> shapes = {
       {"submit", with({{"pg_notify", 0}})},
+      {"submit_waiting", with({{"pg_notify", 0}})},
+      {"submit_cancelled", with({{"pg_notify", 0}})},
+      {"lock_parents", std::vector<Column>{{"id", 0}}},
+      {"parent_states", std::vector<Column>{{"id", kInt8}, {"status", kText}, {"tenant", kText}}},
+      {"add_edges", std::vector<Column>{}},
+      {"relatives", std::vector<Column>{{"kind", kInt4}, {"id", kInt8}, {"type", kText}, {"status", kText},
+                                        {"result", kText}}},
       {"submit_batch", after_ord({{"count", 0}})},
       {"create_stage", std::nullopt},
       {"copy_stage", std::nullopt},
@@ -261,6 +271,109 @@ std::string replace_all(std::string s, std::string_view from, std::string_view t
   for (std::size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size()))
     s.replace(at, from.size(), to);
   return s;
+}
+
+bool has_parents(const NewTask& t) { return !t.parents.empty() || !t.parent_keys.empty(); }
+
+// Submits one task on `c`, inside a transaction the caller opened and ends (the
+// store's own, or a handler's). A task with parents waits for them (or is born
+// cancelled when one already failed); its edges are written with it.
+SubmitResult submit_in(Connection& c, const Statements& sql, const NewTask& t, std::optional<std::size_t> index,
+                       const std::string& channel) {
+  auto field = [&](const std::string& f) { return index ? fmt::format("tasks[{}].{}", *index, f) : f; };
+  // Each named parent once, with the field that named it first (for errors).
+  std::vector<std::pair<TaskId, std::string>> named;
+  auto name = [&](TaskId id, std::string f) {
+    if (std::none_of(named.begin(), named.end(), [&](const auto& p) { return p.first == id; }))
+      named.emplace_back(id, std::move(f));
+  };
+  for (std::size_t i = 0; i < t.parents.size(); ++i) name(t.parents[i], field(fmt::format("parents[{}]", i)));
+  if (!t.parent_keys.empty()) {
+    const auto n = t.parent_keys.size();
+    std::vector<Param> keys(t.parent_keys.begin(), t.parent_keys.end());
+    auto r = c.exec(sql.by_keys, {pg::text_array(std::vector<Param>(n, t.queue)),
+                                  pg::text_array(std::vector<Param>(n, t.tenant)), pg::text_array(keys)});
+    std::vector<TaskId> found(n, 0);
+    for (int i = 0; i < r.rows(); ++i) found[static_cast<std::size_t>(r.i64(i, 0) - 1)] = r.i64(i, 1);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (found[i] == 0)
+        throw InvalidArgument(field(fmt::format("parent_keys[{}]", i)),
+                              fmt::format("no task holds the key '{}' in queue '{}'", t.parent_keys[i], t.queue));
+      name(found[i], field(fmt::format("parent_keys[{}]", i)));
+    }
+  }
+  auto params = submit_params(t, channel);
+  const Statement* st = &sql.submit;
+  std::vector<Param> parent_ids, done;
+  TaskStatus status = TaskStatus::pending;
+  std::optional<std::string> why;
+  if (!named.empty()) {
+    for (const auto& [id, f] : named) parent_ids.push_back(num(id));
+    const auto ids = pg::text_array(parent_ids);
+    std::map<TaskId, TaskStatus> state;
+    // A parent can move between tables while we look (released from waiting,
+    // retried out of finished): look until every parent that has not ended is
+    // one we hold locked.
+    for (int round = 0;; ++round) {
+      auto locked = c.exec(sql.lock_parents, {ids});
+      auto r = c.exec(sql.parent_states, {ids});
+      state.clear();
+      for (int i = 0; i < r.rows(); ++i)
+        if (r.opt_text(i, 2) == t.tenant) state[r.i64(i, 0)] = parse_status(r.text(i, 1));
+      for (const auto& [id, f] : named)
+        if (!state.count(id)) throw InvalidArgument(f, fmt::format("task {} does not exist", id));
+      std::size_t live = 0;
+      for (const auto& [id, s] : state) live += is_terminal(s) ? 0 : 1;
+      if (static_cast<int>(live) <= locked.rows()) break;
+      if (round > 20) throw TransientError("submit: the parents kept changing state", "40001", "eoq_lock_parents");
+    }
+    int left = 0;
+    for (const auto& [id, f] : named) {
+      const TaskStatus s = state.at(id);
+      done.push_back(is_terminal(s) ? "t" : "f");
+      if (!is_terminal(s)) ++left;
+      else if (s != TaskStatus::succeeded && !why && t.on_parent_failure == ParentFailure::cancel)
+        why = fmt::format("parent {} ended {}", id, to_string(s));
+    }
+    if (why) {
+      st = &sql.submit_cancelled;
+      status = TaskStatus::cancelled;
+      params.push_back(*why);
+    } else if (left > 0) {
+      st = &sql.submit_waiting;
+      status = TaskStatus::waiting;
+      params.push_back(num(left));
+      params.push_back(t.on_parent_failure == ParentFailure::run ? "true" : "false");
+    }
+  }
+  auto r = c.exec(*st, params);
+  if (r.rows() == 1) {
+    auto task = task_from_new(t, r, 0, 0);
+    task.status = status;
+    task.last_error = why;
+    if (status == TaskStatus::cancelled) task.finished_at = task.created_at;
+    if (!named.empty()) c.exec(sql.add_edges, {pg::text_array(parent_ids), num(task.id), pg::text_array(done)});
+    return {std::move(task), false};
+  }
+  auto e = c.exec(sql.by_keys, {pg::text_array({t.queue}), pg::text_array({t.tenant}), pg::text_array({t.key})});
+  if (e.rows() != 1) throw TransientError("submit: the key's task was deleted meanwhile", "40001", "eoq_submit");
+  auto holder = decode_task(e, 0, 1);
+  detail::check_key_reuse(t, index, holder.type, holder.payload, fmt::format("task {}", holder.id), holder.id);
+  return {std::move(holder), true};
+}
+
+// Runs f in BEGIN ... COMMIT on c (ROLLBACK if it throws).
+template <class F>
+auto in_transaction(Connection& c, F&& f) {
+  c.command("BEGIN");
+  try {
+    auto out = f();
+    c.command("COMMIT");
+    return out;
+  } catch (...) {
+    if (c.ok()) Result(PQexec(c.get(), "ROLLBACK"));
+    throw;
+  }
 }
 
 [[noreturn]] void lease_lost(const Lease& lease, std::string_view verb) {
@@ -441,9 +554,34 @@ void PostgresStore::migrate() {
   });
 }
 
+namespace {
+// Tasks with parents are submitted one by one in a transaction: each needs
+// its parents locked and read in a snapshot of its own.
+std::vector<SubmitResult> submit_with_parents(PostgresStore::Impl& I, std::span<const NewTask> tasks, bool is_batch) {
+  const bool all_keyed = std::all_of(tasks.begin(), tasks.end(), [](const NewTask& t) { return t.key.has_value(); });
+  try {
+    return pg::with_retry(I.pool, all_keyed ? I.options.transient_retries : 0, [&](Connection& c) {
+      return in_transaction(c, [&] {
+        std::vector<SubmitResult> out;
+        for (std::size_t i = 0; i < tasks.size(); ++i)
+          out.push_back(submit_in(c, I.sql, tasks[i], is_batch ? std::optional(i) : std::nullopt, I.channel));
+        return out;
+      });
+    });
+  } catch (const TransientError& e) {
+    if (all_keyed) throw;
+    throw CommitInDoubt(std::string(e.what()) +
+                            "; the tasks may or may not have been created (give every task a key to make retries safe)",
+                        e.sqlstate(), e.statement());
+  }
+}
+
+}  // namespace
+
 SubmitResult PostgresStore::submit(const NewTask& task) {
   auto& I = *impl_;
   I.check_payload(task, 0, false);
+  if (has_parents(task)) return submit_with_parents(I, std::span<const NewTask>(&task, 1), false)[0];
   auto params = submit_params(task, I.channel);
   // Without a key a repeat after a lost connection could create a second task,
   // so only keyed submits are retried.
@@ -500,6 +638,8 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
   std::string s(schema);
   validate_schema(s);
   detail::validate_new_task(task, max_payload_bytes, detail::now());
+  if (has_parents(task))
+    throw InvalidArgument("parents", "submit_on does not take parents: use submit, submit_batch or ctx.submit");
   const auto quoted = quote_ident(s);
   auto r = exec_on(connection, pg::query("submit", quoted), submit_params(task, "eoq_" + s));
   if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
@@ -540,6 +680,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     any_keyed = any_keyed || tasks[i].key.has_value();
   }
   const bool repeats_a_key = detail::check_batch_keys(tasks);
+  if (std::any_of(tasks.begin(), tasks.end(), has_parents)) return submit_with_parents(I, tasks, true);
   const bool staged = tasks.size() >= kStageFrom;
   std::vector<Param> params;
   std::string rows;  // staged: the batch in COPY's text format
@@ -860,6 +1001,9 @@ class PgLeaseTransaction final : public LeaseTransaction {
     return out;
   }
 
+  SubmitResult submit(const NewTask& task) override { return submit_batch(std::span<const NewTask>(&task, 1), false)[0]; }
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override { return submit_batch(tasks, true); }
+
   void complete(std::string_view result_json) override {
     require_open();
     detail::validate_json("result", result_json, store_.options.max_payload_bytes);
@@ -892,6 +1036,36 @@ class PgLeaseTransaction final : public LeaseTransaction {
   bool open() const noexcept override { return open_; }
 
  private:
+  // Under a savepoint, so that a batch refused part way (a key conflict, a
+  // parent that does not exist) writes nothing and the handler's transaction
+  // goes on; any other error ends the transaction.
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks, bool is_batch) {
+    require_open();
+    if (tasks.size() > 100000) throw InvalidArgument("tasks", "at most 100000 tasks per batch");
+    detail::validate_new_tasks(tasks, is_batch, store_.options.max_payload_bytes);
+    if (is_batch) detail::check_batch_keys(tasks);
+    try {
+      conn_->command("SAVEPOINT eoq_submit");
+      std::vector<SubmitResult> out;
+      out.reserve(tasks.size());
+      try {
+        for (std::size_t i = 0; i < tasks.size(); ++i)
+          out.push_back(submit_in(*conn_, store_.sql, tasks[i], is_batch ? std::optional(i) : std::nullopt,
+                                  store_.channel));
+      } catch (const InvalidArgument&) {
+        conn_->command("ROLLBACK TO SAVEPOINT eoq_submit; RELEASE SAVEPOINT eoq_submit");
+        throw;
+      }
+      conn_->command("RELEASE SAVEPOINT eoq_submit");
+      return out;
+    } catch (const InvalidArgument&) {
+      throw;
+    } catch (...) {
+      abandon();
+      throw;
+    }
+  }
+
   void start() {
     conn_->command("BEGIN");
     auto ms = store_.options.handler_idle_timeout.count();
@@ -1038,6 +1212,7 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
       case TaskStatus::failed: s.failed += n; s.failed_last_minute += r.i64(i, 4); break;
       case TaskStatus::cancelled: s.cancelled += n; break;
       case TaskStatus::expired: s.expired += n; break;
+      case TaskStatus::waiting: s.waiting += n; break;
     }
     if (!r.null(i, 3)) s.oldest_pending_age = Millis(std::max<std::int64_t>(0, r.i64(i, 3)));
   }
@@ -1061,6 +1236,19 @@ std::vector<Attempt> PostgresStore::history(TaskId id, const Scope& scope) {
     a.outcome = r.text(i, 4);
     a.error = r.opt_text(i, 5);
     out.push_back(std::move(a));
+  }
+  return out;
+}
+
+Relatives PostgresStore::relatives(TaskId id, const Scope& scope) {
+  auto& I = *impl_;
+  // Parents and children share the task's tenant (submit checks it).
+  if (!get(id, scope)) return {};
+  auto r = I.run(I.sql.relatives, {num(id)});
+  Relatives out;
+  for (int i = 0; i < r.rows(); ++i) {
+    Relative rel{r.i64(i, 1), r.text(i, 2), parse_status(r.text(i, 3)), r.opt_text(i, 4)};
+    (r.i32(i, 0) == 0 ? out.parents : out.children).push_back(std::move(rel));
   }
   return out;
 }
