@@ -5,11 +5,14 @@
 // one ends otherwise.
 #include "support.hpp"
 
+#include <eoq/worker.hpp>
+
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 
 #include <atomic>
 #include <latch>
+#include <mutex>
 #include <thread>
 
 using namespace std::chrono_literals;
@@ -202,18 +205,21 @@ STORE_CASE("a parent that fails cancels its waiting dependents and theirs; a run
   NewTask anyway = task("r", {p});
   anyway.on_parent_failure = eoq::ParentFailure::run;
   auto r = store.submit(anyway).task.id;
-  store.fail(claim_id(store, p), {"bad input", true});
+  auto leases = claim(store);
+  REQUIRE(leases.size() == 2);  // p and ok; c, g and r wait
+  store.fail(leases[0], {"bad input", true});
   auto ct = store.get(c);
   CHECK(ct->status == TaskStatus::cancelled);
   CHECK(ct->last_error == std::optional<std::string>(fmt::format("parent {} ended failed", p)));
   CHECK(store.get(g)->last_error == std::optional<std::string>(fmt::format("parent {} ended cancelled", c)));
   CHECK(status_of(store, r) == TaskStatus::pending);
   // The other parent ending later changes nothing for the cancelled child.
-  store.complete(claim_id(store, ok));
+  store.complete(leases[1]);
+  CHECK(leases[1].id() == ok);
   CHECK(status_of(store, c) == TaskStatus::cancelled);
   // Retrying the failed parent does not revive its dependents, and it counts once.
   CHECK(store.retry(p) == eoq::RetryOutcome::retried);
-  store.complete(claim_id(store, p));
+  for (auto& l : claim(store)) store.complete(l);  // r and p again
   CHECK(status_of(store, c) == TaskStatus::cancelled);
 }
 
@@ -313,4 +319,71 @@ STORE_CASE("a dependent submitted while its parent settles is never left waiting
     CHECK(status_of(store, child) == (fails ? TaskStatus::cancelled : TaskStatus::pending));
     if (!fails) store.complete(claim_id(store, child));
   }
+}
+
+namespace {
+
+eoq::WorkerOptions quiet_options() {
+  eoq::WorkerOptions o;
+  o.concurrency = 2;
+  o.lease = 5000ms;
+  o.poll_interval = 50ms;
+  o.maintenance_interval = 0ms;
+  o.logger = [](eoq::LogLevel, std::string_view) {};
+  return o;
+}
+
+template <class Pred>
+bool eventually(Pred pred, eoq::Millis timeout = 20s) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(5ms);
+  }
+  return pred();
+}
+
+}  // namespace
+
+STORE_CASE("Worker: a handler's submits exist only if its task completes; a child reads its parents' results", "[worker]") {
+  std::atomic<int> parent_runs{0}, child_runs{0};
+  std::mutex mu;
+  std::vector<eoq::Relative> seen;
+  eoq::Worker worker(store, quiet_options());
+  worker.on("order", [&](eoq::TaskContext& ctx) {
+    NewTask receipt = task("receipt");
+    receipt.key = fmt::format("receipt-of-{}", ctx.id());
+    ctx.submit(receipt);
+    // The first attempt fails after its submit: the submit rolls back with it.
+    if (++parent_runs == 1) throw std::runtime_error("card declined");
+    ctx.set_result(R"({"charged":true})");
+  });
+  worker.on("receipt", [&](eoq::TaskContext&) { ++child_runs; });
+  worker.on("part", [&](eoq::TaskContext& ctx) { ctx.set_result(ctx.payload()); });
+  worker.on("report", [&](eoq::TaskContext& ctx) {
+    std::lock_guard lk(mu);
+    seen = ctx.parent_results();
+  });
+  NewTask order = task("order");
+  order.retry.initial_delay = 0ms;
+  auto id = store.submit(order).task.id;
+  NewTask p1 = task("part"), p2 = task("part");
+  p1.payload = "[1]";
+  p2.payload = "[2]";
+  auto a = store.submit(p1).task.id, b = store.submit(p2).task.id;
+  auto report = store.submit(task("report", {a, b})).task.id;
+  worker.start();
+  REQUIRE(eventually([&] {
+    auto r = store.find("default", fmt::format("receipt-of-{}", id));
+    return r && r->status == TaskStatus::succeeded && status_of(store, report) == TaskStatus::succeeded;
+  }));
+  worker.stop();
+  CHECK(parent_runs == 2);
+  CHECK(child_runs == 1);
+  CHECK(store.history(id).size() == 2);
+  std::lock_guard lk(mu);
+  REQUIRE(seen.size() == 2);
+  CHECK(seen[0].id == a);
+  CHECK(seen[0].result == std::optional<std::string>("[1]"));
+  CHECK(seen[1].result == std::optional<std::string>("[2]"));
 }
