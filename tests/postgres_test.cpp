@@ -213,6 +213,11 @@ TEST_CASE("a schema from before keys were per tenant is upgraded with its keys i
   CHECK(dup.task.id == 1);
   again.tenant = "other";
   CHECK_FALSE(store.submit(again).duplicate);
+  // 0003 (workflows) on a schema that had tasks: one of them can be a parent.
+  eoq::NewTask child;
+  child.type = "t";
+  child.parents = {2};
+  CHECK(store.submit(child).task.status == eoq::TaskStatus::waiting);
   admin.exec(fmt::format("DROP SCHEMA \"{}\" CASCADE", schema));
 }
 
@@ -253,8 +258,8 @@ TEST_CASE("several processes migrating one fresh schema at once all succeed and 
   Admin admin(url);
   auto tables = admin.count(
       "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name = ANY($2::text[])",
-      {schema, "{tasks,finished,keys,attempts,migrations}"});
-  CHECK(tables == 5);
+      {schema, "{tasks,finished,keys,attempts,migrations,waiting,edges}"});
+  CHECK(tables == 7);
   // Every migration file applied once: the names (a primary key) are exactly the files'.
   auto applied = admin.count(fmt::format("SELECT count(*) FROM \"{}\".migrations", schema));
   CHECK(admin.scalar(fmt::format("SELECT string_agg(name, ',' ORDER BY name) FROM \"{}\".migrations", schema))

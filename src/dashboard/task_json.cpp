@@ -177,6 +177,7 @@ json to_json(const QueueStats& s) {
               {"failed", s.failed},
               {"cancelled", s.cancelled},
               {"expired", s.expired},
+              {"waiting", s.waiting},
               {"oldest_pending_age_ms", s.oldest_pending_age ? json(s.oldest_pending_age->count()) : json(nullptr)},
               {"succeeded_last_minute", s.succeeded_last_minute},
               {"failed_last_minute", s.failed_last_minute}};
