@@ -186,7 +186,9 @@ TEST_CASE("a schema from before keys were per tenant is upgraded with its keys i
     // What 0.1's migrate() left: 0001 only, keys unique per (queue, key).
     eoq::PostgresStore store(o);
     store.migrate();
-    admin.exec(fmt::format("DROP TABLE \"{0}\".keys; DELETE FROM \"{0}\".migrations WHERE name <> '0001_tasks'", schema));
+    admin.exec(fmt::format("DROP TABLE \"{0}\".keys, \"{0}\".waiting, \"{0}\".edges; "
+                           "DROP FUNCTION \"{0}\".release_children CASCADE; "
+                           "DELETE FROM \"{0}\".migrations WHERE name <> '0001_tasks'", schema));
     admin.exec(fmt::format("CREATE TABLE \"{0}\".keys (queue text NOT NULL, key text NOT NULL, task_id bigint NOT NULL, "
                            "PRIMARY KEY (queue, key))", schema));
     admin.exec(fmt::format("INSERT INTO \"{0}\".tasks (id, queue, type, key, tenant, payload, status, priority, run_at, "
