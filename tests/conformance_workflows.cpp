@@ -278,6 +278,31 @@ STORE_CASE("parents that do not exist, or belong to another tenant, are refused 
   auto ok = store.submit_batch(std::vector<NewTask>{keyed("first"), second});
   CHECK(ok[1].task.status == TaskStatus::waiting);
   CHECK(ids_of(store.relatives(ok[1].task.id).parents) == std::vector<TaskId>{ok[0].task.id});
+  // A chain in one batch whose head names a failed task: each is born
+  // cancelled, naming the one before it.
+  auto failed = store.submit(task("f")).task.id;
+  store.fail(claim_id(store, failed), {"no", true});
+  NewTask head = keyed("head");
+  head.parents = {failed};
+  NewTask mid = keyed("mid");
+  mid.parent_keys = {"head"};
+  NewTask tail = task("tail");
+  tail.parent_keys = {"mid"};
+  auto chain = store.submit_batch(std::vector<NewTask>{head, mid, tail});
+  TaskId before = failed;
+  std::string how = "failed";
+  for (const auto& r : chain) {
+    CHECK(r.task.status == TaskStatus::cancelled);
+    CHECK(store.get(r.task.id)->status == TaskStatus::cancelled);
+    CHECK(store.get(r.task.id)->last_error == std::optional<std::string>(fmt::format("parent {} ended {}", before, how)));
+    before = r.task.id;
+    how = "cancelled";
+  }
+  // Only an earlier task of the batch counts: a key a later one takes is refused.
+  NewTask early = task("early");
+  early.parent_keys = {"later"};
+  CHECK(field_of([&] { store.submit_batch(std::vector<NewTask>{early, keyed("later")}); }) == "tasks[0].parent_keys[0]");
+  CHECK_FALSE(store.find("default", "later"));
 }
 
 STORE_CASE("many parents ending at the same instant release their child exactly once", "[concurrency]") {

@@ -117,8 +117,7 @@ struct Statements {
             stats = q("stats"), history = q("history"), settled = q("settled"), now = q("now");
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze");
-  Statement submit_waiting = q("submit_waiting"), submit_cancelled = q("submit_cancelled"),
-            lock_parents = q("lock_parents"), parent_states = q("parent_states"), add_edges = q("add_edges"),
+  Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
             relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
             migrations_applied = q("migrations_applied"), migration_applied = q("migration_applied");
@@ -145,11 +144,9 @@ const std::vector<ResultShape>& result_shapes() {
   const std::vector<Column> count = {{"count", kInt8}};
   static const std::vector<ResultShape> shapes = {
       {"submit", with({{"pg_notify", 0}})},
-      {"submit_waiting", with({{"pg_notify", 0}})},
-      {"submit_cancelled", with({{"pg_notify", 0}})},
+      {"submit_flow", after_ord({{"count", 0}})},
       {"lock_parents", std::vector<Column>{{"id", 0}}},
       {"parent_states", std::vector<Column>{{"id", kInt8}, {"status", kText}, {"tenant", kText}}},
-      {"add_edges", std::vector<Column>{}},
       {"relatives", std::vector<Column>{{"kind", kInt4}, {"id", kInt8}, {"type", kText}, {"status", kText},
                                         {"result", kText}}},
       {"submit_batch", after_ord({{"count", 0}})},
@@ -275,91 +272,190 @@ std::string replace_all(std::string s, std::string_view from, std::string_view t
 
 bool has_parents(const NewTask& t) { return !t.parents.empty() || !t.parent_keys.empty(); }
 
-// Submits one task on `c`, inside a transaction the caller opened and ends (the
-// store's own, or a handler's). A task with parents waits for them (or is born
-// cancelled when one already failed); its edges are written with it.
-SubmitResult submit_in(Connection& c, const Statements& sql, const NewTask& t, std::optional<std::size_t> index,
-                       const std::string& channel) {
-  auto field = [&](const std::string& f) { return index ? fmt::format("tasks[{}].{}", *index, f) : f; };
-  // Each named parent once, with the field that named it first (for errors).
-  std::vector<std::pair<TaskId, std::string>> named;
-  auto name = [&](TaskId id, std::string f) {
-    if (std::none_of(named.begin(), named.end(), [&](const auto& p) { return p.first == id; }))
-      named.emplace_back(id, std::move(f));
+// Submits tasks that may name parents on `c`, inside a transaction the caller
+// opened and ends (the store's own, or a handler's). A task with a parent that
+// has not ended waits for it; one whose parent already failed is born
+// cancelled. The parents in the store are locked first (lock_parents), so none
+// ends unseen before this commits; a parent named by a key that an earlier
+// task of the batch takes is that task. One statement per wave: the tasks
+// whose parents in the batch were placed by earlier waves (a batch without
+// such parents is one wave).
+std::vector<SubmitResult> submit_flow(Connection& c, const Statements& sql, std::span<const NewTask> tasks,
+                                      bool is_batch, const std::string& channel) {
+  const std::size_t n = tasks.size();
+  auto field = [&](std::size_t i, const std::string& f) { return is_batch ? fmt::format("tasks[{}].{}", i, f) : f; };
+  // Each task's parents once, with the field that named it first (for errors).
+  struct Named {
+    TaskId id = 0;            // in the store
+    std::size_t in_batch = 0;  // else: 1 + the position of the batch's task that takes its key
+    std::string field;
   };
-  for (std::size_t i = 0; i < t.parents.size(); ++i) name(t.parents[i], field(fmt::format("parents[{}]", i)));
-  if (!t.parent_keys.empty()) {
-    const auto n = t.parent_keys.size();
-    std::vector<Param> keys(t.parent_keys.begin(), t.parent_keys.end());
-    auto r = c.exec(sql.by_keys, {pg::text_array(std::vector<Param>(n, t.queue)),
-                                  pg::text_array(std::vector<Param>(n, t.tenant)), pg::text_array(keys)});
-    std::vector<TaskId> found(n, 0);
-    for (int i = 0; i < r.rows(); ++i) found[static_cast<std::size_t>(r.i64(i, 0) - 1)] = r.i64(i, 1);
-    for (std::size_t i = 0; i < n; ++i) {
-      if (found[i] == 0)
-        throw InvalidArgument(field(fmt::format("parent_keys[{}]", i)),
-                              fmt::format("no task holds the key '{}' in queue '{}'", t.parent_keys[i], t.queue));
-      name(found[i], field(fmt::format("parent_keys[{}]", i)));
+  std::vector<std::vector<Named>> named(n);
+  auto add = [&](std::size_t i, Named p) {
+    auto& v = named[i];
+    if (std::none_of(v.begin(), v.end(), [&](const Named& q) { return q.id == p.id && q.in_batch == p.in_batch; }))
+      v.push_back(std::move(p));
+  };
+  std::vector<Param> kq, kt, kk;
+  std::vector<std::pair<std::size_t, std::size_t>> key_at;  // (task, index in its parent_keys)
+  for (std::size_t i = 0; i < n; ++i) {
+    for (std::size_t j = 0; j < tasks[i].parents.size(); ++j)
+      add(i, {tasks[i].parents[j], 0, field(i, fmt::format("parents[{}]", j))});
+    for (std::size_t j = 0; j < tasks[i].parent_keys.size(); ++j) {
+      kq.push_back(tasks[i].queue);
+      kt.push_back(tasks[i].tenant);
+      kk.push_back(tasks[i].parent_keys[j]);
+      key_at.emplace_back(i, j);
     }
   }
-  auto params = submit_params(t, channel);
-  const Statement* st = &sql.submit;
-  std::vector<Param> parent_ids, done;
-  TaskStatus status = TaskStatus::pending;
-  std::optional<std::string> why;
-  if (!named.empty()) {
-    for (const auto& [id, f] : named) parent_ids.push_back(num(id));
-    const auto ids = pg::text_array(parent_ids);
-    std::map<TaskId, TaskStatus> state;
+  if (!kk.empty()) {
+    auto r = c.exec(sql.by_keys, {pg::text_array(kq), pg::text_array(kt), pg::text_array(kk)});
+    std::vector<TaskId> found(kk.size(), 0);
+    for (int i = 0; i < r.rows(); ++i) found[static_cast<std::size_t>(r.i64(i, 0) - 1)] = r.i64(i, 1);
+    std::map<std::tuple<std::string, std::string, std::string>, std::size_t> first_holder;
+    for (std::size_t i = 0; i < n; ++i)
+      if (tasks[i].key) first_holder.emplace(std::make_tuple(tasks[i].queue, tasks[i].tenant.value_or(""), *tasks[i].key), i);
+    for (std::size_t x = 0; x < kk.size(); ++x) {
+      auto [i, j] = key_at[x];
+      const auto& t = tasks[i];
+      auto f = field(i, fmt::format("parent_keys[{}]", j));
+      if (found[x]) {
+        add(i, {found[x], 0, f});
+        continue;
+      }
+      auto h = first_holder.find(std::make_tuple(t.queue, t.tenant.value_or(""), t.parent_keys[j]));
+      if (h == first_holder.end() || h->second >= i)
+        throw InvalidArgument(f, fmt::format("no task holds the key '{}' in queue '{}'", t.parent_keys[j], t.queue));
+      add(i, {0, h->second + 1, f});
+    }
+  }
+
+  struct State {
+    TaskStatus status;
+    std::optional<std::string> tenant;
+  };
+  std::unordered_map<TaskId, State> state;
+  std::vector<Param> ids;
+  {
+    std::unordered_map<TaskId, bool> seen;
+    for (const auto& v : named)
+      for (const auto& p : v)
+        if (p.id && seen.emplace(p.id, true).second) ids.push_back(num(p.id));
+  }
+  if (!ids.empty()) {
+    const auto arr = pg::text_array(ids);
     // A parent can move between tables while we look (released from waiting,
     // retried out of finished): look until every parent that has not ended is
     // one we hold locked.
     for (int round = 0;; ++round) {
-      auto locked = c.exec(sql.lock_parents, {ids});
-      auto r = c.exec(sql.parent_states, {ids});
+      auto locked = c.exec(sql.lock_parents, {arr});
+      auto r = c.exec(sql.parent_states, {arr});
       state.clear();
-      for (int i = 0; i < r.rows(); ++i)
-        if (r.opt_text(i, 2) == t.tenant) state[r.i64(i, 0)] = parse_status(r.text(i, 1));
-      for (const auto& [id, f] : named)
-        if (!state.count(id)) throw InvalidArgument(f, fmt::format("task {} does not exist", id));
-      std::size_t live = 0;
-      for (const auto& [id, s] : state) live += is_terminal(s) ? 0 : 1;
-      if (static_cast<int>(live) <= locked.rows()) break;
+      int live = 0;
+      for (int i = 0; i < r.rows(); ++i) {
+        auto s = parse_status(r.text(i, 1));
+        state[r.i64(i, 0)] = {s, r.opt_text(i, 2)};
+        live += is_terminal(s) ? 0 : 1;
+      }
+      if (live <= locked.rows()) break;
       if (round > 20) throw TransientError("submit: the parents kept changing state", "40001", "eoq_lock_parents");
     }
-    int left = 0;
-    for (const auto& [id, f] : named) {
-      const TaskStatus s = state.at(id);
-      done.push_back(is_terminal(s) ? "t" : "f");
-      if (!is_terminal(s)) ++left;
-      else if (s != TaskStatus::succeeded && !why && t.on_parent_failure == ParentFailure::cancel)
-        why = fmt::format("parent {} ended {}", id, to_string(s));
-    }
-    if (why) {
-      st = &sql.submit_cancelled;
-      status = TaskStatus::cancelled;
-      params.push_back(*why);
-    } else if (left > 0) {
-      st = &sql.submit_waiting;
-      status = TaskStatus::waiting;
-      params.push_back(num(left));
-      params.push_back(t.on_parent_failure == ParentFailure::run ? "true" : "false");
-    }
   }
-  auto r = c.exec(*st, params);
-  if (r.rows() == 1) {
-    auto task = task_from_new(t, r, 0, 0);
-    task.status = status;
-    task.last_error = why;
-    if (status == TaskStatus::cancelled) task.finished_at = task.created_at;
-    if (!named.empty()) c.exec(sql.add_edges, {pg::text_array(parent_ids), num(task.id), pg::text_array(done)});
-    return {std::move(task), false};
+  // Parents share their child's tenant; one of another is as good as absent.
+  for (std::size_t i = 0; i < n; ++i)
+    for (const auto& p : named[i]) {
+      if (!p.id) continue;
+      auto it = state.find(p.id);
+      if (it == state.end() || it->second.tenant != tasks[i].tenant)
+        throw InvalidArgument(p.field, fmt::format("task {} does not exist", p.id));
+    }
+
+  std::vector<std::optional<SubmitResult>> out(n);
+  for (std::size_t placed = 0; placed < n;) {
+    std::vector<std::size_t> wave;
+    for (std::size_t i = 0; i < n; ++i)
+      if (!out[i] && std::all_of(named[i].begin(), named[i].end(),
+                                 [&](const Named& p) { return !p.in_batch || out[p.in_batch - 1]; }))
+        wave.push_back(i);
+    std::vector<std::vector<Param>> cols(13);
+    std::vector<Param> status, left, anyway, why, e_child, e_parent, e_done;
+    std::vector<std::optional<std::string>> whys;
+    std::vector<TaskStatus> statuses;
+    for (std::size_t k = 0; k < wave.size(); ++k) {
+      const auto& t = tasks[wave[k]];
+      auto sp = submit_params(t, "");
+      for (std::size_t col = 0; col < 13; ++col) cols[col].push_back(std::move(sp[col]));
+      int waiting_for = 0;
+      std::optional<std::string> reason;
+      for (const auto& p : named[wave[k]]) {
+        TaskId pid = p.id;
+        TaskStatus s{};
+        if (p.in_batch) {
+          const auto& r = *out[p.in_batch - 1];
+          // Its key was taken after by_keys looked: by a task we hold no lock
+          // on. Rare (a concurrent submit of the same key); run it again.
+          if (r.duplicate) throw TransientError("submit: a parent's key was taken meanwhile", "40001", "eoq_submit_flow");
+          pid = r.task.id;
+          s = r.task.status;
+        } else {
+          s = state.at(p.id).status;
+        }
+        const bool done = is_terminal(s);
+        if (!done) ++waiting_for;
+        else if (s != TaskStatus::succeeded && !reason && t.on_parent_failure == ParentFailure::cancel)
+          reason = fmt::format("parent {} ended {}", pid, to_string(s));
+        e_child.push_back(num(static_cast<std::int64_t>(k + 1)));
+        e_parent.push_back(num(pid));
+        e_done.push_back(done ? "t" : "f");
+      }
+      const TaskStatus st = reason ? TaskStatus::cancelled : waiting_for > 0 ? TaskStatus::waiting : TaskStatus::pending;
+      statuses.push_back(st);
+      whys.push_back(reason);
+      status.push_back(std::string(to_string(st)));
+      left.push_back(num(waiting_for));
+      anyway.push_back(t.on_parent_failure == ParentFailure::run ? "t" : "f");
+      why.push_back(reason);
+    }
+    std::vector<Param> params;
+    for (auto& col : cols) params.push_back(pg::text_array(col));
+    params.push_back(channel);
+    for (auto* a : {&status, &left, &anyway, &why, &e_child, &e_parent, &e_done}) params.push_back(pg::text_array(*a));
+    auto r = c.exec(sql.submit_flow, params);
+    for (int row = 0; row < r.rows(); ++row) {
+      auto k = static_cast<std::size_t>(r.i64(row, 0) - 1);
+      auto task = task_from_new(tasks[wave[k]], r, row, 1);
+      task.status = statuses[k];
+      task.last_error = whys[k];
+      if (task.status == TaskStatus::cancelled) task.finished_at = task.created_at;
+      out[wave[k]] = SubmitResult{std::move(task), false};
+    }
+    std::vector<Param> dq, dt, dk;
+    std::vector<std::size_t> taken;
+    for (auto i : wave)
+      if (!out[i]) {
+        taken.push_back(i);
+        dq.push_back(tasks[i].queue);
+        dt.push_back(tasks[i].tenant);
+        dk.push_back(tasks[i].key);
+      }
+    if (!taken.empty()) {
+      auto e = c.exec(sql.by_keys, {pg::text_array(dq), pg::text_array(dt), pg::text_array(dk)});
+      for (int row = 0; row < e.rows(); ++row) {
+        auto i = taken[static_cast<std::size_t>(e.i64(row, 0) - 1)];
+        auto holder = decode_task(e, row, 1);
+        detail::check_key_reuse(tasks[i], is_batch ? std::optional(i) : std::nullopt, holder.type, holder.payload,
+                                fmt::format("task {}", holder.id), holder.id);
+        out[i] = SubmitResult{std::move(holder), true};
+      }
+      for (auto i : taken)
+        if (!out[i]) throw TransientError("submit: the key's task was deleted meanwhile", "40001", "eoq_submit_flow");
+    }
+    placed += wave.size();
   }
-  auto e = c.exec(sql.by_keys, {pg::text_array({t.queue}), pg::text_array({t.tenant}), pg::text_array({t.key})});
-  if (e.rows() != 1) throw TransientError("submit: the key's task was deleted meanwhile", "40001", "eoq_submit");
-  auto holder = decode_task(e, 0, 1);
-  detail::check_key_reuse(t, index, holder.type, holder.payload, fmt::format("task {}", holder.id), holder.id);
-  return {std::move(holder), true};
+  std::vector<SubmitResult> result;
+  result.reserve(n);
+  for (auto& o : out) result.push_back(std::move(*o));
+  return result;
 }
 
 // Runs f in BEGIN ... COMMIT on c (ROLLBACK if it throws).
@@ -555,18 +651,13 @@ void PostgresStore::migrate() {
 }
 
 namespace {
-// Tasks with parents are submitted one by one in a transaction: each needs
-// its parents locked and read in a snapshot of its own.
+// Tasks with parents are submitted in a transaction of their own: their
+// parents are locked and read before they are inserted.
 std::vector<SubmitResult> submit_with_parents(PostgresStore::Impl& I, std::span<const NewTask> tasks, bool is_batch) {
   const bool all_keyed = std::all_of(tasks.begin(), tasks.end(), [](const NewTask& t) { return t.key.has_value(); });
   try {
     return pg::with_retry(I.pool, all_keyed ? I.options.transient_retries : 0, [&](Connection& c) {
-      return in_transaction(c, [&] {
-        std::vector<SubmitResult> out;
-        for (std::size_t i = 0; i < tasks.size(); ++i)
-          out.push_back(submit_in(c, I.sql, tasks[i], is_batch ? std::optional(i) : std::nullopt, I.channel));
-        return out;
-      });
+      return in_transaction(c, [&] { return submit_flow(c, I.sql, tasks, is_batch, I.channel); });
     });
   } catch (const TransientError& e) {
     if (all_keyed) throw;
@@ -1047,11 +1138,8 @@ class PgLeaseTransaction final : public LeaseTransaction {
     try {
       conn_->command("SAVEPOINT eoq_submit");
       std::vector<SubmitResult> out;
-      out.reserve(tasks.size());
       try {
-        for (std::size_t i = 0; i < tasks.size(); ++i)
-          out.push_back(submit_in(*conn_, store_.sql, tasks[i], is_batch ? std::optional(i) : std::nullopt,
-                                  store_.channel));
+        out = submit_flow(*conn_, store_.sql, tasks, is_batch, store_.channel);
       } catch (const InvalidArgument&) {
         conn_->command("ROLLBACK TO SAVEPOINT eoq_submit; RELEASE SAVEPOINT eoq_submit");
         throw;

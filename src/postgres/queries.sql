@@ -43,47 +43,64 @@ ins AS (
 SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
 
 
--- name: submit_waiting
--- submit for a task with a parent that has not ended: it waits, out of the
--- live table, until release_children (migration 0003) moves it. $15 how many
--- parents have not ended, $16 whether it runs whatever they did.
-WITH k AS (
+-- name: submit_flow
+-- submit_batch for tasks that name parents, in the caller's transaction after
+-- lock_parents and parent_states: the host decided each task's fate, and this
+-- puts it where it belongs ($15 status: pending into tasks; waiting into
+-- waiting with $16 how many parents have not ended and $17 whether it runs
+-- whatever they did; cancelled into finished, $18 saying why) and writes its
+-- edges ($19 the child's position, $20 the parent, $21 whether that parent's
+-- end is already counted). A task whose key was taken gets no edges.
+WITH src AS MATERIALIZED (
+  SELECT nextval('eoq.task_ids') AS id, s.*
+  FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                             $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[],
+                             $12::bigint[], $13::float8[], $15::text[], $16::int[], $17::boolean[], $18::text[])
+          WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
+                               backoff, initial_ms, max_ms, jitter, status, parents_left, run_anyway, why, ord)) s),
+k AS (
   INSERT INTO eoq.keys (queue, tenant, key, task_id)
-  SELECT $1, coalesce($4, ''), $3, nextval('eoq.task_ids') WHERE $3::text IS NOT NULL
+  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
   ON CONFLICT DO NOTHING RETURNING task_id),
-ids AS (SELECT task_id AS id FROM k UNION ALL SELECT nextval('eoq.task_ids') WHERE $3::text IS NULL),
-ins AS (
+new AS MATERIALIZED (SELECT * FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)),
+p AS (
+  INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
+         coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter
+  FROM new WHERE status = 'pending'
+  RETURNING id, run_at, created_at, version),
+w AS (
   INSERT INTO eoq.waiting (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
                            max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
                            parents_left, run_anyway)
-  SELECT id, $1, $2, $3, $4, $5::json, 'waiting', $6,
-         coalesce(('epoch'::timestamptz + $7::bigint * interval '1 microsecond'), now()),
-         ('epoch'::timestamptz + $8::bigint * interval '1 microsecond'),
-         $9, $10, $11, $12, $13, $15::int, $16::boolean
-  FROM ids
-  RETURNING id, run_at, created_at, version)
-SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
-
-
--- name: submit_cancelled
--- submit for a task born cancelled, a parent having already ended other than
--- succeeded; $15 says which.
-WITH k AS (
-  INSERT INTO eoq.keys (queue, tenant, key, task_id)
-  SELECT $1, coalesce($4, ''), $3, nextval('eoq.task_ids') WHERE $3::text IS NOT NULL
-  ON CONFLICT DO NOTHING RETURNING task_id),
-ids AS (SELECT task_id AS id FROM k UNION ALL SELECT nextval('eoq.task_ids') WHERE $3::text IS NULL),
-ins AS (
+  SELECT id, queue, type, key, tenant, payload::json, 'waiting', priority,
+         coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter, parents_left, run_anyway
+  FROM new WHERE status = 'waiting'
+  RETURNING id, run_at, created_at, version),
+c AS (
   INSERT INTO eoq.finished (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
                             max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
                             last_error, finished_at)
-  SELECT id, $1, $2, $3, $4, $5::json, 'cancelled', $6,
-         coalesce(('epoch'::timestamptz + $7::bigint * interval '1 microsecond'), now()),
-         ('epoch'::timestamptz + $8::bigint * interval '1 microsecond'),
-         $9, $10, $11, $12, $13, $15, now()
-  FROM ids
-  RETURNING id, run_at, created_at, version)
-SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
+  SELECT id, queue, type, key, tenant, payload::json, 'cancelled', priority,
+         coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter, why, now()
+  FROM new WHERE status = 'cancelled'
+  RETURNING id, run_at, created_at, version),
+e AS (
+  INSERT INTO eoq.edges (parent_id, child_id, done)
+  SELECT u.parent_id, new.id, u.done
+  FROM unnest($19::bigint[], $20::bigint[], $21::boolean[]) AS u(child_ord, parent_id, done)
+  JOIN new ON new.ord = u.child_ord),
+ins AS (SELECT * FROM p UNION ALL SELECT * FROM w UNION ALL SELECT * FROM c)
+SELECT src.ord, ins.id, ins.run_at, ins.created_at, ins.version,
+       (SELECT count(pg_notify($14, q.queue)) FROM (SELECT DISTINCT queue FROM new WHERE status = 'pending') q)
+FROM ins JOIN src USING (id);
 
 
 -- name: lock_parents
@@ -101,12 +118,6 @@ SELECT id FROM a UNION ALL SELECT id FROM b;
 SELECT id, status, tenant FROM eoq.tasks WHERE id = ANY($1::bigint[])
 UNION ALL SELECT id, status, tenant FROM eoq.waiting WHERE id = ANY($1::bigint[])
 UNION ALL SELECT id, status, tenant FROM eoq.finished WHERE id = ANY($1::bigint[]);
-
-
--- name: add_edges
--- $1 parent ids, $2 the child, $3 per parent: its end was already counted.
-INSERT INTO eoq.edges (parent_id, child_id, done)
-SELECT p, $2, d FROM unnest($1::bigint[], $3::boolean[]) AS u(p, d);
 
 
 -- name: relatives
