@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <map>
 #include <random>
+#include <set>
 #include <tuple>
 #include <unordered_map>
 
@@ -291,10 +292,9 @@ std::vector<SubmitResult> submit_flow(Connection& c, const Statements& sql, std:
     std::string field;
   };
   std::vector<std::vector<Named>> named(n);
+  std::set<std::tuple<std::size_t, TaskId, std::size_t>> seen_parent;  // (task, id, in_batch)
   auto add = [&](std::size_t i, Named p) {
-    auto& v = named[i];
-    if (std::none_of(v.begin(), v.end(), [&](const Named& q) { return q.id == p.id && q.in_batch == p.in_batch; }))
-      v.push_back(std::move(p));
+    if (seen_parent.emplace(i, p.id, p.in_batch).second) named[i].push_back(std::move(p));
   };
   std::vector<Param> kq, kt, kk;
   std::vector<std::pair<std::size_t, std::size_t>> key_at;  // (task, index in its parent_keys)
