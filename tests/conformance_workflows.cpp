@@ -205,7 +205,7 @@ STORE_CASE("a task waits until every parent succeeded, and is released once", ""
   CHECK(store.retry(p1) == eoq::RetryOutcome::not_retryable);
 }
 
-STORE_CASE("a parent that fails cancels its waiting dependents and theirs; a run-anyway dependent runs", "") {
+STORE_CASE("a parent that fails cancels its waiting dependents and theirs, but a run-anyway dependent runs", "") {
   auto p = store.submit(task("p")).task.id;
   auto ok = store.submit(task("p")).task.id;
   auto c = store.submit(task("c", {p, ok})).task.id;
@@ -378,7 +378,7 @@ bool eventually(Pred pred, eoq::Millis timeout = 20s) {
 
 }  // namespace
 
-STORE_CASE("Worker: a handler's submits exist only if its task completes; a child reads its parents' results", "[worker]") {
+STORE_CASE("Worker: a handler's submits exist only if its task completes, and a child reads its parents' results", "[worker]") {
   std::atomic<int> parent_runs{0}, child_runs{0};
   std::mutex mu;
   std::vector<eoq::Relative> seen;

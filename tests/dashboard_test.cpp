@@ -774,7 +774,7 @@ TEST_CASE("dashboard: cancel and retry take a POST with no body and no Content-L
   CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
 }
 
-TEST_CASE("dashboard: a task's JSON carries its parents and children; waiting tasks are filtered and counted",
+TEST_CASE("dashboard: a task's JSON carries its parents and children, and waiting tasks are filtered and counted",
           "[dashboard][workflows]") {
   Served s;
   eoq::NewTask p;
