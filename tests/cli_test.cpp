@@ -530,6 +530,54 @@ TEST_CASE("cli: show gives the task, its checkpoint, result, last error and ever
   }
 }
 
+TEST_CASE("cli: show lists a task's parents and children with where each stands", "[cli][workflows]") {
+  TestStore S(StoreKind::postgres);
+  Eoq eoq_cli(S);
+  auto done = S->submit(task("fetch")).task.id;
+  S->complete(claim_one(*S), R"({"rows": 3})");
+  auto open = S->submit(task("load")).task.id;
+  auto both = task("merge");
+  both.parents = {open, done};
+  auto child = S->submit(both).task.id;
+  auto after = task("publish");
+  after.parents = {child};
+  auto grandchild = S->submit(after).task.id;
+
+  auto j = eoq_cli.json({"show", std::to_string(child)});
+  CHECK(j.at("task").at("status") == "waiting");
+  CHECK(j.at("parents") == Json::array({Json{{"id", done}, {"type", "fetch"}, {"status", "succeeded"},
+                                             {"result", Json{{"rows", 3}}}},
+                                        Json{{"id", open}, {"type", "load"}, {"status", "pending"},
+                                             {"result", nullptr}}}));
+  CHECK(j.at("children") == Json::array({Json{{"id", grandchild}, {"type", "publish"}, {"status", "waiting"},
+                                              {"result", nullptr}}}));
+
+  auto human = eoq_cli({"show", std::to_string(child)});
+  CHECK(human.code == 0);
+  CHECK(human.out.starts_with(fmt::format("task {}  waiting\n", child)));
+  CHECK(contains(human.out, fmt::format("  parents      {} fetch (succeeded)\n               {} load (pending)\n",
+                                        done, open)));
+  CHECK(contains(human.out, fmt::format("  children     {} publish (waiting)\n", grandchild)));
+  // A task outside any workflow shows neither line; its JSON has empty lists.
+  auto plain = eoq_cli({"show", std::to_string(grandchild)});
+  CHECK_FALSE(contains(plain.out, "  children"));
+  CHECK(contains(plain.out, fmt::format("  parents      {} merge (waiting)\n", child)));
+  auto alone = eoq_cli.json({"show", std::to_string(open)});
+  CHECK(alone.at("parents") == Json::array());
+  CHECK(alone.at("children").size() == 1);
+
+  // The waiting tasks are found by status and counted by stats.
+  auto waiting = eoq_cli.json({"list", "--status", "waiting"});
+  REQUIRE(waiting.at("tasks").size() == 2);
+  CHECK(waiting.at("tasks")[0].at("id") == child);
+  CHECK(waiting.at("tasks")[1].at("id") == grandchild);
+
+  // Settling the last parent moves the child on; show says so.
+  S->complete(claim_one(*S));
+  CHECK(eoq_cli.json({"show", std::to_string(child)}).at("task").at("status") == "pending");
+  CHECK(eoq_cli.json({"show", std::to_string(grandchild)}).at("parents")[0].at("status") == "pending");
+}
+
 // ---------------------------------------------------------------- cancel and retry
 
 TEST_CASE("cli: cancel reports each outcome with its exit code", "[cli]") {

@@ -826,3 +826,50 @@ TEST_CASE("dashboard: cancel and retry take a POST with no body and no Content-L
   CHECK(retried.starts_with("HTTP/1.1 200"));
   CHECK(s.store->get(id)->status == eoq::TaskStatus::pending);
 }
+
+TEST_CASE("dashboard: a task's JSON carries its parents and children, and waiting tasks are filtered and counted",
+          "[dashboard][workflows]") {
+  Served s;
+  eoq::NewTask p;
+  p.type = "fetch";
+  auto parent = s.store->submit(p).task.id;
+  eoq::NewTask c;
+  c.type = "publish";
+  c.parents = {parent};
+  auto child = s.store->submit(c).task.id;
+
+  auto got = s.get(fmt::format("/api/tasks/{}", child));
+  REQUIRE(got.status == 200);
+  CHECK(got.json["task"]["status"] == "waiting");
+  CHECK(got.json["parents"] == Json::array({Json{{"id", parent}, {"type", "fetch"}, {"status", "pending"},
+                                                 {"result", nullptr}}}));
+  CHECK(got.json["children"] == Json::array());
+  auto up = s.get(fmt::format("/api/tasks/{}", parent));
+  CHECK(up.json["parents"] == Json::array());
+  REQUIRE(up.json["children"].size() == 1);
+  CHECK(up.json["children"][0]["id"] == child);
+  CHECK(up.json["children"][0]["status"] == "waiting");
+
+  auto waiting = s.get("/api/tasks?status=waiting");
+  REQUIRE(waiting.json["tasks"].size() == 1);
+  CHECK(waiting.json["tasks"][0]["id"] == child);
+  auto stats = s.get("/api/stats").json["queues"];
+  REQUIRE(stats.size() == 1);
+  CHECK(stats[0]["waiting"] == 1);
+  CHECK(stats[0]["pending"] == 1);
+
+  // Once the parent succeeded the child is pending and its parent's result shows.
+  eoq::ClaimRequest r;
+  r.owner = "w";
+  auto leases = s.store->claim(r);
+  REQUIRE(leases.size() == 1);
+  s.store->complete(leases[0], R"({"rows": 2})");
+  auto after = s.get(fmt::format("/api/tasks/{}", child));
+  CHECK(after.json["task"]["status"] == "pending");
+  CHECK(after.json["parents"][0]["status"] == "succeeded");
+  CHECK(after.json["parents"][0]["result"] == Json{{"rows", 2}});
+  // The page draws the graph from these fields.
+  auto page = s.get("/");
+  CHECK(page.body.find("parents") != std::string::npos);
+  CHECK(page.body.find("children") != std::string::npos);
+}

@@ -29,7 +29,7 @@ namespace {
 constexpr std::pair<Kind, std::string_view> kKinds[] = {
     {Kind::submit, "submit"},   {Kind::claim, "claim"},   {Kind::heartbeat, "heartbeat"}, {Kind::effect, "effect"},
     {Kind::complete, "complete"}, {Kind::fail, "fail"},   {Kind::release, "release"},     {Kind::expire, "expire"},
-    {Kind::cancel, "cancel"},   {Kind::final, "final"},   {Kind::start, "start"},
+    {Kind::cancel, "cancel"},   {Kind::final, "final"},   {Kind::start, "start"},       {Kind::parent, "parent"},
 };
 
 constexpr std::pair<ViolationKind, std::string_view> kViolations[] = {
@@ -46,6 +46,8 @@ constexpr std::pair<ViolationKind, std::string_view> kViolations[] = {
     {ViolationKind::attempts_exceeded, "attempts_exceeded"},
     {ViolationKind::duplicate_key, "duplicate_key"},
     {ViolationKind::started_after_deadline, "started_after_deadline"},
+    {ViolationKind::dependent_started_early, "dependent_started_early"},
+    {ViolationKind::dependent_ran_after_failed_parent, "dependent_ran_after_failed_parent"},
 };
 
 // ------------------------------------------------------------ line format
@@ -145,6 +147,8 @@ Event parse_line(std::string_view text, std::size_t line) {
       e.max_attempts = parse_int<int>(value, name, line);
     } else if (name == "deadline") {
       e.deadline_us = parse_int<std::int64_t>(value, name, line);
+    } else if (name == "parent") {
+      e.parent = parse_int<TaskId>(value, name, line);
     } else {
       throw std::runtime_error(fmt::format("line {}: unknown field '{}'", line, name));
     }
@@ -242,6 +246,7 @@ std::string to_line(const Event& e) {
   if (e.attempt) s += fmt::format(" attempt={}", e.attempt);
   if (e.max_attempts) s += fmt::format(" max_attempts={}", e.max_attempts);
   if (e.deadline_us) s += fmt::format(" deadline={}", *e.deadline_us);
+  if (e.parent) s += fmt::format(" parent={}", e.parent);
   return s;
 }
 
@@ -398,40 +403,79 @@ class RecordingTransaction final : public LeaseTransaction {
   RecordingTransaction(std::unique_ptr<LeaseTransaction> inner, const eoq::Lease& lease, Recorder& rec)
       : inner_(std::move(inner)), lease_(lease), rec_(rec) {}
   Rows exec(std::string_view sql, const Params& params) override { return inner_->exec(sql, params); }
+  // What a handler submits exists only once its transaction commits: recorded then.
+  SubmitResult submit(const NewTask& task) override {
+    auto r = inner_->submit(task);
+    submitted_.push_back(r);
+    return r;
+  }
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override {
+    auto rs = inner_->submit_batch(tasks);
+    submitted_.insert(submitted_.end(), rs.begin(), rs.end());
+    return rs;
+  }
   void complete(std::string_view result_json) override {
     recorded(rec_, client_event(Kind::complete, lease_), [&](Event&) { inner_->complete(result_json); });
+    record_submitted();
   }
   FailOutcome fail(const Failure& failure) override {
-    return recorded(rec_, client_event(Kind::fail, lease_), [&](Event& e) {
+    auto outcome = recorded(rec_, client_event(Kind::fail, lease_), [&](Event& e) {
       auto out = inner_->fail(failure);
       e.status = fail_status(out.status);
       return out;
     });
+    record_submitted();
+    return outcome;
   }
   void checkpoint(std::string_view stage, std::string_view state_json) override {
     inner_->checkpoint(stage, state_json);
+    record_submitted();
   }
   bool open() const noexcept override { return inner_->open(); }
 
  private:
+  void record_submitted() {
+    for (const auto& r : submitted_) record_submit(rec_, r);
+    submitted_.clear();
+  }
+
   std::unique_ptr<LeaseTransaction> inner_;
   eoq::Lease lease_;
   Recorder& rec_;
+  std::vector<SubmitResult> submitted_;
 };
 
 }  // namespace
 
 Event effect_of(const eoq::Lease& lease) { return client_event(Kind::effect, lease); }
 
+// The parents a new task names by id (those named by key come from the
+// database's edges), with its on_parent_failure.
+void record_parents(Recorder& rec, const NewTask& task, const SubmitResult& r) {
+  if (r.duplicate) return;
+  for (TaskId p : task.parents) {
+    Event e;
+    e.kind = Kind::parent;
+    e.task = r.task.id;
+    e.parent = p;
+    if (task.on_parent_failure == eoq::ParentFailure::run) e.status = "run";
+    rec.add(std::move(e));
+  }
+}
+
 SubmitResult RecordingStore::submit(const NewTask& task) {
   auto r = inner_.submit(task);
   record_submit(rec_, r);
+  record_parents(rec_, task, r);
   return r;
 }
 
 std::vector<SubmitResult> RecordingStore::submit_batch(std::span<const NewTask> tasks) {
   auto rs = inner_.submit_batch(tasks);
-  for (const auto& r : rs) record_submit(rec_, r);
+  for (std::size_t i = 0; i < rs.size(); ++i) {
+    record_submit(rec_, rs[i]);
+    record_parents(rec_, tasks[i], rs[i]);
+  }
   return rs;
 }
 
@@ -558,8 +602,21 @@ std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const 
 
   const std::string cols = "id, queue, key, max_attempts, status, attempts, version, lease_owner, " US("started_at") ", "
                            US("finished_at") ", " US("lease_expires_at") ", " US("created_at") ", " US("deadline");
-  auto tasks = query(conn, fmt::format("SELECT {0} FROM \"{1}\".tasks UNION ALL SELECT {0} FROM \"{1}\".finished",
-                                       cols, schema));
+  // Migration 0003 added the tables of workflows.
+  auto flows = query(conn, fmt::format("SELECT to_regclass('\"{}\".edges') IS NOT NULL", schema));
+  const bool workflows = flows->text(0, 0) == "t";
+  auto tasks = query(conn, fmt::format("SELECT {0} FROM \"{1}\".tasks UNION ALL SELECT {0} FROM \"{1}\".finished{2}",
+                                       cols, schema,
+                                       workflows ? fmt::format(" UNION ALL SELECT {} FROM \"{}\".waiting", cols, schema)
+                                                 : std::string()));
+  if (workflows) {
+    auto edges = query(conn, fmt::format("SELECT child_id, parent_id FROM \"{}\".edges", schema));
+    for (int i = 0; i < edges->rows(); ++i) {
+      auto e = db(Kind::parent, edges->i64(i, 0));
+      e.parent = edges->i64(i, 1);
+      out.push_back(e);
+    }
+  }
   for (int i = 0; i < tasks->rows(); ++i) {
     TaskId id = tasks->i64(i, 0);
     auto status = tasks->text(i, 4);
@@ -645,9 +702,10 @@ std::int64_t Verdict::count(ViolationKind k) const noexcept {
 std::string Verdict::format(std::size_t max_listed) const {
   std::string s = fmt::format(
       "history: {} tasks ({} succeeded, {} failed, {} cancelled, {} expired, {} not terminal), {} events, "
-      "{} claims, {} completions, {} effects, {} lease handovers checked ({} without times): ",
+      "{} claims, {} completions, {} effects, {} lease handovers checked ({} without times), "
+      "{} parent-dependent pairs checked: ",
       tasks, succeeded, failed, cancelled, expired, tasks - terminal, events, claims, completions, effects,
-      handovers_checked, handovers_unchecked);
+      handovers_checked, handovers_unchecked, edges_checked);
   if (ok()) return s + "OK";
   s += fmt::format("{} VIOLATION{}", violations.size(), violations.size() == 1 ? "" : "S");
   for (std::size_t i = 0; i < violations.size() && i < max_listed; ++i)
@@ -666,7 +724,22 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
 
   std::map<TaskId, std::vector<const Event*>> by_task;
   std::map<std::string, std::set<TaskId>> by_key;
+  // Dependents: child -> its parents; whether it runs whatever they did.
+  std::map<TaskId, std::set<TaskId>> parents_of;
+  std::set<TaskId> run_anyway;
+  // What the dependents' check needs of every task: how it ended, when it
+  // first ended (database time) and when it was first claimed.
+  struct Outcome {
+    std::string status;
+    std::optional<std::int64_t> ended, first_claim;
+  };
+  std::map<TaskId, Outcome> outcomes;
   for (const auto& e : events) {
+    if (e.kind == Kind::parent) {
+      parents_of[e.task].insert(e.parent);
+      if (e.status == "run") run_anyway.insert(e.task);
+      continue;
+    }
     by_task[e.task].push_back(&e);
     if (e.kind == Kind::submit && !e.key.empty()) by_key[e.key].insert(e.task);
   }
@@ -774,6 +847,18 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
       }
     }
 
+    {
+      auto& o = outcomes[id];
+      o.status = status;
+      auto earliest = [](std::optional<std::int64_t>& at, std::optional<std::int64_t> t) {
+        if (t && (!at || *t < *at)) at = t;
+      };
+      for (const auto& [_, c] : completions) earliest(o.ended, c);
+      for (const Event* e : evs)
+        if (e->kind == Kind::final && e->origin == Origin::db && is_terminal_status(e->status)) earliest(o.ended, e->db_us);
+      for (const auto& [_, l] : leases) earliest(o.first_claim, l.start);
+    }
+
     v.claims += static_cast<std::int64_t>(leases.size());
     v.completions += static_cast<std::int64_t>(completions.size());
     v.effects += static_cast<std::int64_t>(effects.size());
@@ -848,6 +933,36 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
                             ms(*end - *b.start), it->first,
                             a.ended ? fmt::format("by {}", a.ended_by) : std::string("its lease expiry, as last extended")));
     }
+  }
+
+  // Dependents wait for their parents: never claimed before every parent
+  // succeeded (a run-anyway dependent: ended), and one whose parent ended
+  // otherwise never runs and ends cancelled. A parent the history does not
+  // know the end of (retention deleted it) leaves its pair unchecked.
+  for (const auto& [child, parents] : parents_of) {
+    const auto& c = outcomes[child];
+    const bool anyway = run_anyway.count(child) > 0;
+    bool doomed = false;
+    for (TaskId p : parents) {
+      const auto& po = outcomes[p];
+      if (po.status.empty()) continue;
+      if (!is_terminal_status(po.status)) {
+        if (c.first_claim)
+          violate(ViolationKind::dependent_started_early, child,
+                  fmt::format("claimed while parent {} had not ended ({})", p, po.status));
+        continue;
+      }
+      ++v.edges_checked;
+      const bool counts = anyway || po.status == "succeeded";
+      if (!counts) doomed = true;
+      if (c.first_claim && counts && po.ended && *c.first_claim + slack < *po.ended)
+        violate(ViolationKind::dependent_started_early, child,
+                fmt::format("claimed {} before parent {} ended {}", ms(*po.ended - *c.first_claim), p, po.status));
+    }
+    if (doomed && (c.first_claim || (is_terminal_status(c.status) && c.status != "cancelled")))
+      violate(ViolationKind::dependent_ran_after_failed_parent, child,
+              fmt::format("a parent ended other than succeeded, yet the task {}",
+                          c.first_claim ? "was claimed" : "ended " + c.status));
   }
   return v;
 }

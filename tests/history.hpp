@@ -15,7 +15,10 @@
 //     operation of a lease commits after a newer lease was handed out;
 //   - no claim starts an attempt beyond max_attempts;
 //   - no task is claimed or started at or after its deadline;
-//   - one key names one task.
+//   - one key names one task;
+//   - a dependent (a task with parents) is never claimed before every parent
+//     succeeded, and one whose parent ended otherwise never runs and ends
+//     cancelled (a run-anyway dependent: never claimed before every parent ended).
 //
 // Histories come from the chaos tests' Recorder, from a file in the line format
 // below, or from the database itself (load_postgres), or any mix of them: an
@@ -30,7 +33,7 @@
 // except task: task, version, owner, key, origin (client|db, default client),
 // ok (1|0|true|false, default 1), client, db, until (microseconds since the
 // epoch), deadline (submit: microseconds since the epoch), status, attempt,
-// max_attempts. Values are percent-encoded (%20 for a
+// max_attempts, parent. Values are percent-encoded (%20 for a
 // space, %25 for '%').
 #include <eoq/task.hpp>
 #include <eoq/task_store.hpp>
@@ -60,6 +63,7 @@ enum class Kind {
   final,      // the task's state at the end of the test: status, attempt = attempts
   start,      // a handler started on a lease: version, db = the store's time then (claim time plus
               // what the worker waited), else client = the client's clock
+  parent,     // the task waits for `parent`; status = "run" when it runs whatever its parents did
 };
 
 enum class Origin {
@@ -82,6 +86,7 @@ struct Event {
   int attempt = 0;                          // claim: attempts after the claim; final: attempts
   int max_attempts = 0;                     // submit: the task's max_attempts (0 = unknown)
   std::optional<std::int64_t> deadline_us{};  // submit: the task's deadline, if it has one
+  TaskId parent = 0;                           // parent: the task waited for
 
   // Committed as far as this history knows: read from the database, or a client
   // call that reported success.
@@ -166,6 +171,7 @@ class RecordingStore final : public TaskStore {
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override { return inner_.list(query, scope); }
   std::vector<QueueStats> stats(const Scope& scope = {}) override { return inner_.stats(scope); }
   std::vector<Attempt> history(TaskId id, const Scope& scope = {}) override { return inner_.history(id, scope); }
+  Relatives relatives(TaskId id, const Scope& scope = {}) override { return inner_.relatives(id, scope); }
   std::int64_t prune(Millis older_than, int batch_size = 1000) override { return inner_.prune(older_than, batch_size); }
   std::int64_t prunable(Millis older_than) override { return inner_.prunable(older_than); }
   MaintenanceReport maintain() override { return inner_.maintain(); }
@@ -192,6 +198,9 @@ Event effect_of(const Lease& lease);
 // and the last attempt of a running or succeeded task) with the event that
 // ended it (complete, fail, expire); an effect per effects row. Released
 // attempts leave no trace in the database (release takes the attempt back).
+// A schema with workflow tables (migration 0003) also gives a parent event per
+// edge (without the run-anyway flag, which the database drops at release: a
+// client's submit records it) and counts its waiting tasks as not terminal.
 // `schema` and `effects_table` must be plain identifiers ([a-z_][a-z0-9_]*);
 // `effects_table` lives in `effects_schema` (default: `schema`). An empty
 // `effects_table` reads no effects (a test whose tasks write none: check it with
@@ -213,6 +222,8 @@ enum class ViolationKind {
   attempts_exceeded,        // a claim started attempt n > max_attempts
   duplicate_key,            // one key, two tasks
   started_after_deadline,   // a claim or a handler start at or after the task's deadline
+  dependent_started_early,  // a dependent claimed before a parent succeeded (run-anyway: ended)
+  dependent_ran_after_failed_parent,  // a parent ended other than succeeded, the dependent did not end cancelled
 };
 std::string_view to_string(ViolationKind k) noexcept;
 
@@ -236,6 +247,7 @@ struct Verdict {
   std::int64_t succeeded = 0, failed = 0, cancelled = 0, expired = 0;
   std::int64_t claims = 0, completions = 0, effects = 0;
   std::int64_t handovers_checked = 0, handovers_unchecked = 0;  // consecutive leases compared in time
+  std::int64_t edges_checked = 0;  // (parent, dependent) pairs whose order was checked
   std::vector<Violation> violations{};
 
   bool ok() const noexcept { return violations.empty(); }

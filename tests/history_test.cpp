@@ -436,3 +436,100 @@ fail task=1 version=2 status=expired
     CHECK(h::to_line(events[0]).find("deadline=1000000") != std::string::npos);
   }
 }
+
+namespace {
+
+// A pipeline: 10 -> (11, 12) -> 13, and 14 -> 15 where 14 fails; 16 runs
+// whatever 14 did. Times are database microseconds.
+const char* const kFlow = R"(
+submit task=10
+claim task=10 version=2 owner=w1 db=1000 until=9000 attempt=1
+complete task=10 version=2 owner=w1 db=2000
+effect task=10 version=2 origin=db
+final task=10 status=succeeded attempt=1 origin=db db=2000
+submit task=11
+parent task=11 parent=10
+claim task=11 version=2 owner=w1 db=2100 until=9000 attempt=1
+complete task=11 version=2 owner=w1 db=3000
+effect task=11 version=2 origin=db
+final task=11 status=succeeded attempt=1 origin=db db=3000
+submit task=12
+parent task=12 parent=10
+claim task=12 version=2 owner=w2 db=2200 until=9000 attempt=1
+complete task=12 version=2 owner=w2 db=3500
+effect task=12 version=2 origin=db
+final task=12 status=succeeded attempt=1 origin=db db=3500
+submit task=13
+parent task=13 parent=11
+parent task=13 parent=12
+claim task=13 version=2 owner=w1 db=3600 until=9000 attempt=1
+complete task=13 version=2 owner=w1 db=4000
+effect task=13 version=2 origin=db
+final task=13 status=succeeded attempt=1 origin=db db=4000
+submit task=14 max_attempts=1
+claim task=14 version=2 owner=w1 db=1000 until=9000 attempt=1
+fail task=14 version=2 owner=w1 status=failed db=1500
+final task=14 status=failed attempt=1 origin=db db=1500
+submit task=15
+parent task=15 parent=14
+final task=15 status=cancelled origin=db db=1500
+submit task=16
+parent task=16 parent=14 status=run
+claim task=16 version=2 owner=w2 db=1600 until=9000 attempt=1
+complete task=16 version=2 owner=w2 db=1700
+effect task=16 version=2 origin=db
+final task=16 status=succeeded attempt=1 origin=db db=1700
+)";
+
+std::string replaced(std::string text, const std::string& from, const std::string& to) {
+  auto at = text.find(from);
+  REQUIRE(at != std::string::npos);
+  return text.replace(at, from.size(), to);
+}
+
+}  // namespace
+
+TEST_CASE("history: dependents claimed after their parents are accepted, early or doomed ones are rejected",
+          "[history][workflows]") {
+  auto good = check(kFlow);
+  INFO(good.format());
+  CHECK(good.ok());
+  CHECK(good.edges_checked == 6);
+
+  // Task 13 claimed while parent 12 was still running.
+  auto early =
+      check(replaced(kFlow, "claim task=13 version=2 owner=w1 db=3600", "claim task=13 version=2 owner=w1 db=3400"));
+  CHECK(early.violations.size() == 1);
+  CHECK(early.count(ViolationKind::dependent_started_early) == 1);
+  // Released on the first parent: claimed before the second (12) succeeded.
+  auto first = check(replaced(replaced(kFlow, "complete task=12 version=2 owner=w2 db=3500",
+                                       "complete task=12 version=2 owner=w2 db=3900"),
+                              "final task=12 status=succeeded attempt=1 origin=db db=3500",
+                              "final task=12 status=succeeded attempt=1 origin=db db=3900"));
+  CHECK(first.count(ViolationKind::dependent_started_early) >= 1);
+  // Task 15 ran although its parent failed.
+  auto doomed = check(replaced(kFlow, "final task=15 status=cancelled origin=db db=1500",
+                               "claim task=15 version=2 owner=w1 db=1600 until=9000 attempt=1\n"
+                               "complete task=15 version=2 owner=w1 db=1700\neffect task=15 version=2 origin=db\n"
+                               "final task=15 status=succeeded attempt=1 origin=db db=1700"));
+  CHECK(doomed.violations.size() == 1);
+  CHECK(doomed.count(ViolationKind::dependent_ran_after_failed_parent) == 1);
+  // Without the run-anyway flag, task 16 running after 14 failed is the same fault.
+  auto strict = check(replaced(kFlow, "parent task=16 parent=14 status=run", "parent task=16 parent=14"));
+  CHECK(strict.count(ViolationKind::dependent_ran_after_failed_parent) == 1);
+  // A dependent left waiting is a lost task.
+  auto waiting =
+      check(replaced(kFlow, "final task=15 status=cancelled origin=db db=1500", "final task=15 status=waiting origin=db"));
+  CHECK(waiting.count(ViolationKind::lost_task) == 1);
+
+  // The parent field round-trips through the line format.
+  auto events = h::parse(kFlow);
+  std::string lines;
+  for (const auto& e : events) lines += h::to_line(e) + "\n";
+  auto again = h::parse(lines);
+  REQUIRE(again.size() == events.size());
+  for (std::size_t i = 0; i < events.size(); ++i) {
+    CHECK(again[i].parent == events[i].parent);
+    CHECK(again[i].status == events[i].status);
+  }
+}

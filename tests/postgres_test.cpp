@@ -186,7 +186,9 @@ TEST_CASE("a schema from before keys were per tenant is upgraded with its keys i
     // What 0.1's migrate() left: 0001 only, keys unique per (queue, key).
     eoq::PostgresStore store(o);
     store.migrate();
-    admin.exec(fmt::format("DROP TABLE \"{0}\".keys; DELETE FROM \"{0}\".migrations WHERE name <> '0001_tasks'", schema));
+    admin.exec(fmt::format("DROP TABLE \"{0}\".keys, \"{0}\".waiting, \"{0}\".edges; "
+                           "DROP FUNCTION \"{0}\".release_children CASCADE; "
+                           "DELETE FROM \"{0}\".migrations WHERE name <> '0001_tasks'", schema));
     admin.exec(fmt::format("CREATE TABLE \"{0}\".keys (queue text NOT NULL, key text NOT NULL, task_id bigint NOT NULL, "
                            "PRIMARY KEY (queue, key))", schema));
     admin.exec(fmt::format("INSERT INTO \"{0}\".tasks (id, queue, type, key, tenant, payload, status, priority, run_at, "
@@ -213,6 +215,11 @@ TEST_CASE("a schema from before keys were per tenant is upgraded with its keys i
   CHECK(dup.task.id == 1);
   again.tenant = "other";
   CHECK_FALSE(store.submit(again).duplicate);
+  // 0003 (workflows) on a schema that had tasks: one of them can be a parent.
+  eoq::NewTask child;
+  child.type = "t";
+  child.parents = {2};
+  CHECK(store.submit(child).task.status == eoq::TaskStatus::waiting);
   admin.exec(fmt::format("DROP SCHEMA \"{}\" CASCADE", schema));
 }
 
@@ -253,8 +260,8 @@ TEST_CASE("several processes migrating one fresh schema at once all succeed and 
   Admin admin(url);
   auto tables = admin.count(
       "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name = ANY($2::text[])",
-      {schema, "{tasks,finished,keys,attempts,migrations}"});
-  CHECK(tables == 5);
+      {schema, "{tasks,finished,keys,attempts,migrations,waiting,edges}"});
+  CHECK(tables == 7);
   // Every migration file applied once: the names (a primary key) are exactly the files'.
   auto applied = admin.count(fmt::format("SELECT count(*) FROM \"{}\".migrations", schema));
   CHECK(admin.scalar(fmt::format("SELECT string_agg(name, ',' ORDER BY name) FROM \"{}\".migrations", schema))

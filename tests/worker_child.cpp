@@ -5,7 +5,8 @@
 //   worker_child <mode> <conninfo> <schema> <dir> [key=value ...]
 //
 // modes (the handler for task type "effect"):
-//   crash   inside ctx.transaction(): counter row + 1, (task id, lease token) into effects
+//   crash   inside ctx.transaction(): counter row + 1, (task id, lease token) into effects, then
+//           `sleep_ms` with the transaction open; a payload with "fail" fails for good instead
 //   zombie  inserts (task id, attempt, owner, lease token) into effects, touches
 //           <dir>/started-<attempt>, then sleeps `sleep_ms` before returning (the
 //           test freezes it there)
@@ -94,12 +95,17 @@ int main(int argc, char** argv) try {
   const std::string effects = "\"" + schema + "\".effects";
   const std::string counter = "\"" + schema + "\".counter";
   if (mode == "crash") {
-    worker.on("effect", [&](eoq::TaskContext& ctx) {
+    const long sleep_ms = get(kv, "sleep_ms", 0);
+    worker.on("effect", [&, sleep_ms](eoq::TaskContext& ctx) {
+      // The workflow chaos test's parents that fail for good.
+      if (ctx.payload().find("\"fail\"") != std::string::npos) throw eoq::PermanentError("injected failure");
       auto& tx = ctx.transaction();
       tx.exec("UPDATE " + counter + " SET n = n + 1");
       tx.exec("INSERT INTO " + effects + " (task_id, version) VALUES ($1, $2)",
               {std::to_string(ctx.id()), std::to_string(ctx.lease().token)});
       store.recorder().add(h::effect_of(ctx.lease()));
+      // Held open, so that kills and restarts land inside handler transactions.
+      if (sleep_ms > 0) ctx.sleep_for(eoq::Millis(sleep_ms));
     });
   } else if (mode == "zombie") {
     long sleep_ms = get(kv, "sleep_ms", 0);

@@ -46,9 +46,12 @@ class MemoryStore final : public TaskStore {
   void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) override;
   void wake() override;
   TimePoint now() override;
+  Relatives relatives(TaskId id, const Scope& scope = {}) override;
 
  private:
   struct State;
+  class Transaction;  // begin(): settles and submits in one critical section
+  friend class Transaction;
   std::unique_ptr<State> state_;
 };
 

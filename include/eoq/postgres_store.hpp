@@ -103,6 +103,7 @@ class PostgresStore final : public TaskStore {
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override;
   std::vector<QueueStats> stats(const Scope& scope = {}) override;
   std::vector<Attempt> history(TaskId id, const Scope& scope = {}) override;
+  Relatives relatives(TaskId id, const Scope& scope = {}) override;
   std::int64_t prune(Millis older_than, int batch_size = 1000) override;
   std::int64_t prunable(Millis older_than) override;
   MaintenanceReport maintain() override;

@@ -15,13 +15,16 @@ using TimePoint = std::chrono::time_point<Clock, std::chrono::microseconds>;
 using Millis = std::chrono::milliseconds;
 using TaskId = std::int64_t;
 
-enum class TaskStatus { pending, running, succeeded, failed, cancelled, expired };
+// `waiting`: named parents that have not all succeeded yet; never claimed until
+// the last of them succeeds (then `pending`), or one ends otherwise (then
+// `cancelled`, unless the task runs whatever its parents did).
+enum class TaskStatus { pending, running, succeeded, failed, cancelled, expired, waiting };
 
 std::string_view to_string(TaskStatus s) noexcept;
 // Throws InvalidArgument("status", ...) for an unknown name.
 TaskStatus parse_status(std::string_view name);
 inline bool is_terminal(TaskStatus s) noexcept {
-  return s != TaskStatus::pending && s != TaskStatus::running;
+  return s != TaskStatus::pending && s != TaskStatus::running && s != TaskStatus::waiting;
 }
 
 enum class Backoff { fixed, exponential };
@@ -51,6 +54,12 @@ struct RetryPolicy {
   bool operator==(const RetryPolicy&) const = default;
 };
 
+// What a dependent does when one of its parents ends failed, cancelled or expired.
+enum class ParentFailure {
+  cancel,  // the dependent ends `cancelled`, its last_error naming the parent
+  run,     // the dependent runs once every parent has ended, whatever the outcome
+};
+
 // What a caller submits. Only `type` is required.
 struct NewTask {
   std::string queue = "default";
@@ -65,6 +74,12 @@ struct NewTask {
   // never see each other's task through a shared key.
   std::optional<std::string> tenant{};
   KeyReuse key_reuse = KeyReuse::strict;
+  // Tasks this one waits for: ids, and keys in this task's queue (and tenant).
+  // Each must exist and belong to the same tenant. The task is not claimed
+  // until every parent has succeeded.
+  std::vector<TaskId> parents{};
+  std::vector<std::string> parent_keys{};
+  ParentFailure on_parent_failure = ParentFailure::cancel;
 };
 
 struct Task {
@@ -201,6 +216,7 @@ struct TaskPage {
 struct QueueStats {
   std::string queue{};
   std::int64_t pending = 0, running = 0, succeeded = 0, failed = 0, cancelled = 0, expired = 0;
+  std::int64_t waiting = 0;  // for parents
   std::optional<Millis> oldest_pending_age{};  // of pending tasks whose run_at has come
   // Throughput: tasks that finished in the last 60 seconds, by outcome.
   std::int64_t succeeded_last_minute = 0, failed_last_minute = 0;
@@ -216,6 +232,20 @@ struct Attempt {
   // deadline passed while the lease waited in a worker's buffer: never started)
   std::string outcome{};
   std::optional<std::string> error{};
+};
+
+// A parent or child of a task, as it stands now.
+struct Relative {
+  TaskId id = 0;
+  std::string type{};
+  TaskStatus status = TaskStatus::pending;
+  std::optional<std::string> result{};  // JSON text, once succeeded
+};
+
+// The tasks a task waits for and the tasks that wait for it, each ordered by id.
+struct Relatives {
+  std::vector<Relative> parents{};
+  std::vector<Relative> children{};
 };
 
 }  // namespace eoq

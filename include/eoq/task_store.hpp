@@ -205,6 +205,12 @@ class LeaseTransaction {
   // Runs one parameterised statement ($1, $2, ...) inside the transaction.
   // Throws UsageError on a store that has no SQL (MemoryStore).
   virtual Rows exec(std::string_view sql, const Params& params = {}) = 0;
+  // Submits in this transaction: the tasks exist if and only if it commits (with
+  // the task's settlement or a checkpoint). Validation, keys and duplicates as
+  // TaskStore::submit / submit_batch; a KeyConflict writes nothing and leaves
+  // the transaction usable.
+  virtual SubmitResult submit(const NewTask& task) = 0;
+  virtual std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) = 0;
   // Fenced completion, then COMMIT. Throws LeaseLost (and rolls back) when stale.
   virtual void complete(std::string_view result_json = "null") = 0;
   // Fenced failure, then COMMIT, keeping the handler's writes made so far.
@@ -286,6 +292,8 @@ class TaskStore {
   virtual TaskPage list(const ListQuery& query, const Scope& scope = {}) = 0;
   virtual std::vector<QueueStats> stats(const Scope& scope = {}) = 0;
   virtual std::vector<Attempt> history(TaskId id, const Scope& scope = {}) = 0;
+  // The task's parents and children (empty for an unknown or invisible id).
+  virtual Relatives relatives(TaskId id, const Scope& scope = {}) = 0;
 
   // Deletes finished tasks (with their keys and history) that finished more than
   // `older_than` ago, `batch_size` rows per statement. Returns how many.

@@ -26,6 +26,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -183,6 +184,17 @@ class TaskContext {
   // Shorthand for transaction().exec(sql, params).
   Rows exec(std::string_view sql, const Params& params = {});
   bool in_transaction() const noexcept;
+
+  // Submits in the task's transaction (opening it): the tasks exist if and only
+  // if it commits, with the task's completion or a checkpoint. A handler that
+  // throws, loses its lease or dies leaves none behind. Validation, keys and
+  // duplicates as TaskStore::submit; a KeyConflict leaves the transaction usable.
+  // Works on both stores.
+  SubmitResult submit(const NewTask& task);
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks);
+  // The parents this task waited for, by id, with their results (JSON text;
+  // empty for a parent that did not succeed, or one retention has deleted).
+  std::vector<Relative> parent_results() const;
 
   // cancel() was called on this task. Seen at the next heartbeat. Returning
   // completes the task as usual; `throw eoq::Cancelled{}` ends it cancelled.

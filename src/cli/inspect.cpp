@@ -146,10 +146,15 @@ int cmd_show(Context& ctx, TaskId id) {
   auto task = store.get(id, ctx.scope());
   if (!task) not_found(ctx, id);
   auto attempts = store.history(id, ctx.scope());
+  auto family = store.relatives(id, ctx.scope());
   if (ctx.opt.json) {
     auto list = Json::array();
     for (const auto& a : attempts) list.push_back(json::to_json(a));
-    print_json({{"task", json::to_json(*task)}, {"attempts", std::move(list)}});
+    auto rel = json::to_json(family);
+    print_json({{"task", json::to_json(*task)},
+                {"attempts", std::move(list)},
+                {"parents", std::move(rel["parents"])},
+                {"children", std::move(rel["children"])}});
     return kOk;
   }
   const Task& t = *task;
@@ -183,6 +188,16 @@ int cmd_show(Context& ctx, TaskId id) {
   if (t.result) field("result", compact(*t.result));
   if (t.last_error) field("last error", *t.last_error);
   field("payload", compact(t.payload));
+  // A workflow's neighbours, with where each stands: enough to follow it with `eoq show`.
+  auto relatives = [&](std::string_view label, const std::vector<Relative>& rs) {
+    if (rs.empty()) return;
+    std::string text;
+    for (const auto& r : rs)
+      text += fmt::format("{}{} {} ({})", text.empty() ? "" : "\n", r.id, r.type, to_string(r.status));
+    field(label, text);
+  };
+  relatives("parents", family.parents);
+  relatives("children", family.children);
 
   fmt::print("\n");
   if (attempts.empty()) {

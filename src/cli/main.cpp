@@ -268,7 +268,7 @@ int run(int argc, char** argv) {
   list_args.status_opt =
       list->add_option("--status", list_args.status, "Only tasks in this status")
           ->type_name("STATUS")
-          ->check(CLI::IsMember({"pending", "running", "succeeded", "failed", "cancelled", "expired"}));
+          ->check(CLI::IsMember({"pending", "running", "succeeded", "failed", "cancelled", "expired", "waiting"}));
   list_args.type_opt = list->add_option("--type", list_args.type, "Only tasks of this type")->type_name("TYPE");
   list_args.after_opt = list->add_option("--after", list_args.after, "Only ids greater than this: the cursor\nthe previous page printed")
                             ->type_name("ID")

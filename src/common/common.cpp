@@ -20,6 +20,7 @@ std::string_view to_string(TaskStatus s) noexcept {
     case TaskStatus::failed: return "failed";
     case TaskStatus::cancelled: return "cancelled";
     case TaskStatus::expired: return "expired";
+    case TaskStatus::waiting: return "waiting";
   }
   return "unknown";
 }
@@ -54,10 +55,10 @@ std::string_view to_string(TotalKind k) noexcept {
 
 TaskStatus parse_status(std::string_view name) {
   for (auto s : {TaskStatus::pending, TaskStatus::running, TaskStatus::succeeded, TaskStatus::failed,
-                 TaskStatus::cancelled, TaskStatus::expired})
+                 TaskStatus::cancelled, TaskStatus::expired, TaskStatus::waiting})
     if (to_string(s) == name) return s;
   throw InvalidArgument("status", fmt::format("'{}' is not one of pending, running, succeeded, failed, "
-                                              "cancelled, expired", name));
+                                              "cancelled, expired, waiting", name));
 }
 
 Millis RetryPolicy::delay_after(int failed_attempts, double unit_random) const noexcept {
@@ -379,6 +380,7 @@ namespace {
 // runs longer than a week keeps its lease by heartbeats, not by one long lease.
 constexpr Millis kMaxLease = std::chrono::hours(24 * 7);
 constexpr Millis kMaxDelay = std::chrono::hours(24 * 365);
+constexpr std::size_t kMaxParents = 10000;  // a fan-in of ten thousand, as measured in bench/
 
 void validate_text(std::string_view field, std::string_view value, std::size_t max) {
   if (value.empty()) throw InvalidArgument(std::string(field), "must not be empty");
@@ -407,6 +409,24 @@ void validate_new_task(const NewTask& t, std::size_t max_payload_bytes, TimePoin
   if (r.max_delay < r.initial_delay)
     throw InvalidArgument("retry.max_delay", "must not be less than retry.initial_delay");
   if (!(r.jitter >= 0.0 && r.jitter <= 1.0)) throw InvalidArgument("retry.jitter", "must be between 0 and 1");
+  if (t.parents.size() + t.parent_keys.size() > kMaxParents)
+    throw InvalidArgument("parents", fmt::format("at most {} parents (ids and keys together)", kMaxParents));
+  for (std::size_t i = 0; i < t.parents.size(); ++i)
+    if (t.parents[i] <= 0) throw InvalidArgument(fmt::format("parents[{}]", i), "must be a positive task id");
+  for (std::size_t i = 0; i < t.parent_keys.size(); ++i)
+    validate_text(fmt::format("parent_keys[{}]", i), t.parent_keys[i], 512);
+}
+
+void validate_new_tasks(std::span<const NewTask> tasks, bool is_batch, std::size_t max_payload_bytes) {
+  const TimePoint checked_at = now();
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    try {
+      validate_new_task(tasks[i], max_payload_bytes, checked_at);
+    } catch (const InvalidArgument& e) {
+      if (!is_batch) throw;
+      throw InvalidArgument(fmt::format("tasks[{}].{}", i, e.field()), e.rule());
+    }
+  }
 }
 
 void validate_owner(std::string_view owner) { validate_text("owner", owner, 256); }

@@ -24,6 +24,8 @@ std::size_t utf8_sequence(std::string_view s, std::size_t i) noexcept;
 void validate_queue(std::string_view field, std::string_view queue);
 void validate_json(std::string_view field, std::string_view text, std::size_t max_bytes);
 void validate_new_task(const NewTask& task, std::size_t max_payload_bytes, TimePoint now);
+// Every task of a submit; in a batch the field names its index ("tasks[3].payload").
+void validate_new_tasks(std::span<const NewTask> tasks, bool is_batch, std::size_t max_payload_bytes);
 void validate_claim(const ClaimRequest& request);
 void validate_owner(std::string_view owner);
 void validate_scope(const Scope& scope);

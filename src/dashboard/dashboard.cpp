@@ -465,7 +465,11 @@ struct Dashboard::Impl {
     if (!task) return task_not_found();
     Json attempts = Json::array();
     for (const auto& a : store.history(id, who.scope())) attempts.push_back(json::to_json(a));
-    return json_response(200, {{"task", json::to_json(*task)}, {"attempts", std::move(attempts)}});
+    auto family = json::to_json(store.relatives(id, who.scope()));
+    return json_response(200, {{"task", json::to_json(*task)},
+                               {"attempts", std::move(attempts)},
+                               {"parents", std::move(family["parents"])},
+                               {"children", std::move(family["children"])}});
   }
 
   HttpResponse submit(const HttpRequest& req, const Principal& who) const {

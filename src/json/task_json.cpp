@@ -150,6 +150,16 @@ json to_json(const Task& t) {
   };
 }
 
+json to_json(const Relatives& r) {
+  auto list = [](const std::vector<Relative>& rs) {
+    json out = json::array();
+    for (const auto& x : rs)
+      out.push_back({{"id", x.id}, {"type", x.type}, {"status", to_string(x.status)}, {"result", embedded(x.result)}});
+    return out;
+  };
+  return json{{"parents", list(r.parents)}, {"children", list(r.children)}};
+}
+
 json to_json(const Attempt& a) {
   return json{{"number", a.number},
               {"owner", a.owner},
@@ -167,6 +177,7 @@ json to_json(const QueueStats& s) {
               {"failed", s.failed},
               {"cancelled", s.cancelled},
               {"expired", s.expired},
+              {"waiting", s.waiting},
               {"oldest_pending_age_ms", s.oldest_pending_age ? json(s.oldest_pending_age->count()) : json(nullptr)},
               {"succeeded_last_minute", s.succeeded_last_minute},
               {"failed_last_minute", s.failed_last_minute}};

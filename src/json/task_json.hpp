@@ -18,6 +18,8 @@ TimePoint parse_time(std::string_view field, std::string_view text);
 
 nlohmann::json to_json(const Task& task);
 nlohmann::json to_json(const Attempt& attempt);
+// {"parents": [...], "children": [...]}, each {id, type, status, result}.
+nlohmann::json to_json(const Relatives& relatives);
 nlohmann::json to_json(const QueueStats& stats);
 nlohmann::json to_json(const TaskPage& page);
 

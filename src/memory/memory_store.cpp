@@ -32,11 +32,29 @@ TimePoint plus(TimePoint t, Millis d) {
   return t + d;
 }
 
-// One task and what history() needs beyond the task row.
+// One task and what history() and workflows need beyond the task row.
 struct Entry {
   Task task;
   TimePoint started_at{};        // of the attempt in progress
   std::vector<Attempt> history;  // attempts that have ended, oldest first
+  std::vector<TaskId> parents;   // as named at submit
+  std::vector<TaskId> children;  // tasks that named this one as a parent
+  // Parents that have not ended yet. Each leaves this set once, when it first
+  // ends, so a parent retried after it failed is never counted twice.
+  std::set<TaskId> waiting_on;
+  ParentFailure on_parent_failure = ParentFailure::cancel;
+};
+
+// A task accepted by a submit but not yet created: a batch being checked, or
+// the tasks a handler submitted in its transaction, created when it commits.
+struct Staged {
+  NewTask n;
+  TaskId id = 0;  // reserved when staged
+  std::vector<TaskId> parents;
+};
+struct Staging {
+  std::vector<Staged> tasks;
+  std::map<std::tuple<std::string, std::string, std::string>, std::size_t> keys;  // index into tasks
 };
 
 // Indexes over the tasks, each holding only the tasks it serves, so that claim,
@@ -64,12 +82,13 @@ std::int64_t& count_of(QueueStats& s, TaskStatus status) {
     case TaskStatus::failed: return s.failed;
     case TaskStatus::cancelled: return s.cancelled;
     case TaskStatus::expired: return s.expired;
+    case TaskStatus::waiting: return s.waiting;
   }
   return s.expired;  // unreachable: every status is handled above
 }
 
 bool has_tasks(const QueueStats& s) {
-  return s.pending + s.running + s.succeeded + s.failed + s.cancelled + s.expired > 0;
+  return s.pending + s.running + s.succeeded + s.failed + s.cancelled + s.expired + s.waiting > 0;
 }
 
 }  // namespace
@@ -115,6 +134,7 @@ struct MemoryStore::State {
         if (t.deadline) deadlines.emplace(*t.deadline, t.id);
         break;
       case TaskStatus::running: leases.emplace(t.queue, *t.lease_expires_at, t.id); break;
+      case TaskStatus::waiting: break;  // claimed by nobody: its last parent releases it
       default: finished.emplace(*t.finished_at, t.id); break;
     }
     auto& c = counts[t.queue];
@@ -130,6 +150,7 @@ struct MemoryStore::State {
         if (t.deadline) deadlines.erase(TimeKey{*t.deadline, t.id});
         break;
       case TaskStatus::running: leases.erase(LeaseKey{t.queue, *t.lease_expires_at, t.id}); break;
+      case TaskStatus::waiting: break;
       default: finished.erase(TimeKey{*t.finished_at, t.id}); break;
     }
     auto it = counts.find(t.queue);
@@ -167,6 +188,32 @@ struct MemoryStore::State {
       t.updated_at = now;
       t.finished_at = now;
     });
+    settle_children(e, now);
+  }
+
+  // A task just ended: each child still waiting for it counts it once. A child
+  // whose last parent ended is released (pending); one whose parent ended other
+  // than succeeded is cancelled at once unless it runs whatever its parents did.
+  // In the same critical section as the parent's settlement, as on Postgres in
+  // the same transaction.
+  void settle_children(const Entry& parent, TimePoint now) {
+    const Task& p = parent.task;
+    for (TaskId c : std::vector<TaskId>(parent.children)) {
+      auto it = tasks.find(c);
+      if (it == tasks.end()) continue;
+      Entry& child = it->second;
+      if (child.task.status != TaskStatus::waiting || child.waiting_on.erase(p.id) == 0) continue;
+      if (p.status != TaskStatus::succeeded && child.on_parent_failure == ParentFailure::cancel) {
+        finish(child, TaskStatus::cancelled, now, fmt::format("parent {} ended {}", p.id, to_string(p.status)));
+        continue;
+      }
+      if (!child.waiting_on.empty()) continue;
+      update(child, [&](Task& t) {
+        t.status = TaskStatus::pending;
+        t.updated_at = now;
+      });
+      signal(child.task.queue);
+    }
   }
 
   // A lost lease is ended in history at the moment it ran out, not when
@@ -175,29 +222,10 @@ struct MemoryStore::State {
     end_attempt(e, *e.task.lease_expires_at, "lease_expired", "lease expired");
   }
 
-  // Strict keys are checked for a whole submit (or batch) before any of it is
-  // written, as the Postgres store rolls back a batch with a conflict.
-  void check_reuse(std::span<const NewTask> batch, bool is_batch) const {
-    if (is_batch) detail::check_batch_keys(batch);
-    for (std::size_t i = 0; i < batch.size(); ++i) {
-      const NewTask& n = batch[i];
-      if (!n.key || n.key_reuse != KeyReuse::strict) continue;
-      auto k = keys.find(key_of(n.queue, n.tenant, *n.key));
-      if (k == keys.end()) continue;
-      const Task& holder = tasks.at(k->second).task;
-      detail::check_key_reuse(n, is_batch ? std::optional(i) : std::nullopt, holder.type, holder.payload,
-                              fmt::format("task {}", holder.id), holder.id);
-    }
-  }
-
-  SubmitResult insert(const NewTask& n, TimePoint now) {
-    if (n.key) {
-      auto k = keys.find(key_of(n.queue, n.tenant, *n.key));
-      if (k != keys.end()) return {tasks.at(k->second).task, true};
-    }
-    Entry e;
-    Task& t = e.task;
-    t.id = next_id++;
+  // A task as a submit returns it before it is stored: what insert() will store.
+  static Task provisional(const NewTask& n, TaskId id, TimePoint now) {
+    Task t;
+    t.id = id;
     t.queue = n.queue;
     t.type = n.type;
     t.payload = n.payload;
@@ -209,10 +237,138 @@ struct MemoryStore::State {
     t.retry = n.retry;
     t.version = 1;
     t.created_at = t.updated_at = now;
+    return t;
+  }
+
+  // A parent named by id: a task of the same tenant, stored or staged before it.
+  bool parent_exists(TaskId id, const NewTask& n, const Staging& staging) const {
+    auto it = tasks.find(id);
+    if (it != tasks.end()) return it->second.task.tenant == n.tenant;
+    return std::any_of(staging.tasks.begin(), staging.tasks.end(),
+                       [&](const Staged& s) { return s.id == id && s.n.tenant == n.tenant; });
+  }
+
+  // Checks one task of a submit against what is stored and what is staged
+  // before it, and stages it (reserving its id) or answers with the task that
+  // holds its key. Throws, staging nothing, when a key conflicts or a parent
+  // does not exist. `index`: its position in a batch.
+  SubmitResult stage(Staging& staging, const NewTask& n, std::optional<std::size_t> index, TimePoint now) {
+    auto field = [&](std::string f) { return index ? fmt::format("tasks[{}].{}", *index, f) : f; };
+    if (n.key) {
+      auto k = keys.find(key_of(n.queue, n.tenant, *n.key));
+      if (k != keys.end()) {
+        const Task& holder = tasks.at(k->second).task;
+        if (n.key_reuse == KeyReuse::strict)
+          detail::check_key_reuse(n, index, holder.type, holder.payload, fmt::format("task {}", holder.id), holder.id);
+        return {holder, true};
+      }
+      auto sk = staging.keys.find(key_of(n.queue, n.tenant, *n.key));
+      if (sk != staging.keys.end()) {
+        const Staged& first = staging.tasks[sk->second];
+        if (n.key_reuse == KeyReuse::strict)
+          detail::check_key_reuse(n, index, first.n.type, first.n.payload, fmt::format("task {}", first.id), first.id);
+        return {provisional(first.n, first.id, now), true};
+      }
+    }
+    Staged st{n, 0, {}};
+    for (std::size_t i = 0; i < n.parents.size(); ++i) {
+      if (!parent_exists(n.parents[i], n, staging))
+        throw InvalidArgument(field(fmt::format("parents[{}]", i)), fmt::format("task {} does not exist", n.parents[i]));
+      st.parents.push_back(n.parents[i]);
+    }
+    for (std::size_t i = 0; i < n.parent_keys.size(); ++i) {
+      const auto ko = key_of(n.queue, n.tenant, n.parent_keys[i]);
+      if (auto k = keys.find(ko); k != keys.end()) {
+        st.parents.push_back(k->second);
+      } else if (auto sk = staging.keys.find(ko); sk != staging.keys.end()) {
+        st.parents.push_back(staging.tasks[sk->second].id);
+      } else {
+        throw InvalidArgument(field(fmt::format("parent_keys[{}]", i)),
+                              fmt::format("no task holds the key '{}' in queue '{}'", n.parent_keys[i], n.queue));
+      }
+    }
+    std::sort(st.parents.begin(), st.parents.end());
+    st.parents.erase(std::unique(st.parents.begin(), st.parents.end()), st.parents.end());
+    st.id = next_id++;
+    if (n.key) staging.keys.emplace(key_of(n.queue, n.tenant, *n.key), staging.tasks.size());
+    staging.tasks.push_back(std::move(st));
+    return {provisional(n, staging.tasks.back().id, now), false};
+  }
+
+  // Stages a whole batch or nothing.
+  std::vector<SubmitResult> stage_all(Staging& staging, std::span<const NewTask> batch, bool is_batch, TimePoint now) {
+    if (is_batch) detail::check_batch_keys(batch);
+    Staging next = staging;
+    std::vector<SubmitResult> out;
+    out.reserve(batch.size());
+    for (std::size_t i = 0; i < batch.size(); ++i)
+      out.push_back(stage(next, batch[i], is_batch ? std::optional(i) : std::nullopt, now));
+    staging = std::move(next);
+    return out;
+  }
+
+  // Creates what was staged, in order. A key a plain submit took while a
+  // handler's transaction held it staged is the one case where memory differs
+  // from Postgres (whose second submit waits for the first to commit): the
+  // staged task is then not created.
+  void store_staged(Staging& staging, TimePoint now) {
+    std::set<std::string> queues;
+    for (auto& st : staging.tasks) {
+      if (st.n.key && keys.count(key_of(st.n.queue, st.n.tenant, *st.n.key))) continue;
+      insert(st, now);
+      queues.insert(st.n.queue);
+    }
+    for (const auto& q : queues) signal(q);
+    staging = {};
+  }
+
+  std::vector<SubmitResult> submit(std::span<const NewTask> batch, bool is_batch) {
+    detail::validate_new_tasks(batch, is_batch, options.max_payload_bytes);
+    std::lock_guard lk(mu);
+    const TimePoint now = detail::now();
+    // A key repeated later in the batch finds the key the earlier one just took.
+    Staging staging;
+    auto results = stage_all(staging, batch, is_batch, now);
+    store_staged(staging, now);
+    // Each created task as stored (one born waiting or cancelled says so).
+    for (auto& r : results)
+      if (!r.duplicate) r.task = tasks.at(r.task.id).task;
+    return results;
+  }
+
+  void insert(Staged& st, TimePoint now) {
+    const NewTask& n = st.n;
+    Entry e;
+    e.task = provisional(n, st.id, now);
+    e.parents = st.parents;
+    e.on_parent_failure = n.on_parent_failure;
+    std::optional<std::string> parent_failed;
+    for (TaskId p : st.parents) {
+      auto it = tasks.find(p);
+      if (it == tasks.end()) continue;  // pruned since it was named: it had ended
+      Entry& parent = it->second;
+      parent.children.push_back(st.id);
+      const TaskStatus ps = parent.task.status;
+      if (ps == TaskStatus::succeeded) continue;
+      if (is_terminal(ps)) {
+        if (!parent_failed && n.on_parent_failure == ParentFailure::cancel)
+          parent_failed = fmt::format("parent {} ended {}", p, to_string(ps));
+        continue;
+      }
+      e.waiting_on.insert(p);
+    }
+    Task& t = e.task;
+    if (parent_failed) {
+      t.status = TaskStatus::cancelled;
+      t.last_error = std::move(parent_failed);
+      t.finished_at = now;
+      e.waiting_on.clear();
+    } else if (!e.waiting_on.empty()) {
+      t.status = TaskStatus::waiting;
+    }
     if (n.key) keys.emplace(key_of(n.queue, n.tenant, *n.key), t.id);
     auto& stored = tasks.emplace(t.id, std::move(e)).first->second;
     index(stored);
-    return {stored.task, false};
   }
 
   // The entry a lease still governs, or null when the lease is stale.
@@ -232,6 +388,39 @@ struct MemoryStore::State {
                           ? fmt::format("the task is {}", to_string(it->second.task.status))
                           : fmt::format("the task was claimed again (now version {})", it->second.task.version);
     throw LeaseLost(lease.id(), lease.token, why);
+  }
+
+  FailOutcome fail(Entry& e, const Failure& failure, TimePoint now) {
+    const Task& t = e.task;
+    const TaskStatus final_status = t.cancel_requested ? TaskStatus::cancelled
+                                    : failure.permanent || t.attempts >= t.retry.max_attempts ? TaskStatus::failed
+                                                                                               : TaskStatus::pending;
+    if (final_status != TaskStatus::pending) {
+      end_attempt(e, now, std::string(to_string(final_status)), failure.error);
+      finish(e, final_status, now, failure.error);
+      return {final_status, std::nullopt};
+    }
+    end_attempt(e, now, "retry", failure.error);
+    const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+    const TimePoint retry_at = plus(now, t.retry.delay_after(t.attempts, u));
+    update(e, [&](Task& task) {
+      task.status = TaskStatus::pending;
+      task.run_at = retry_at;
+      task.last_error = failure.error;
+      ++task.version;
+      task.lease_owner.reset();
+      task.lease_expires_at.reset();
+      task.updated_at = now;
+    });
+    signal(e.task.queue);
+    return {TaskStatus::pending, retry_at};
+  }
+
+  void checkpoint(Entry& e, std::string_view stage, std::string_view state_json, TimePoint now) {
+    Task& t = e.task;  // no indexed field changes: no update() needed
+    t.checkpoint_stage = std::string(stage);
+    t.checkpoint = std::string(state_json);
+    t.updated_at = now;
   }
 
   void complete(Entry& e, std::string_view result, TimePoint now) {
@@ -327,55 +516,79 @@ struct MemoryStore::State {
   }
 };
 
-namespace {
-
 // On memory there is no SQL to share a transaction with: settling through the
-// transaction is the plain fenced call. A LeaseLost ends it, as a rollback would.
-class MemoryLeaseTransaction final : public LeaseTransaction {
+// transaction is the plain fenced call, and the tasks submitted in it are
+// created in the same critical section (staged until then, their ids
+// reserved). A LeaseLost ends it, as a rollback would, and drops them.
+class MemoryStore::Transaction final : public LeaseTransaction {
  public:
-  MemoryLeaseTransaction(MemoryStore& store, const Lease& lease) : store_(store), lease_(lease) {}
+  Transaction(MemoryStore::State& state, const Lease& lease) : state_(state), lease_(lease) {}
 
   Rows exec(std::string_view, const Params&) override {
     throw UsageError("MemoryStore has no SQL: handlers that run SQL in their task's transaction need PostgresStore");
   }
 
+  SubmitResult submit(const NewTask& task) override {
+    return submit_batch(std::span<const NewTask>(&task, 1), false)[0];
+  }
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override {
+    return submit_batch(tasks, true);
+  }
+
   void complete(std::string_view result_json) override {
-    settle([&] { store_.complete(lease_, result_json); });
+    detail::validate_json("result", result_json, state_.options.max_payload_bytes);
+    settle([&](Entry& e, TimePoint now) { state_.complete(e, result_json, now); });
     open_ = false;
   }
 
   FailOutcome fail(const Failure& failure) override {
     FailOutcome outcome;
-    settle([&] { outcome = store_.fail(lease_, failure); });
+    settle([&](Entry& e, TimePoint now) { outcome = state_.fail(e, failure, now); });
     open_ = false;
     return outcome;
   }
 
   // Stays open: on Postgres a new transaction starts for what follows.
   void checkpoint(std::string_view stage, std::string_view state_json) override {
-    settle([&] { store_.checkpoint(lease_, stage, state_json); });
+    detail::validate_progress(0, stage);
+    detail::validate_json("checkpoint", state_json, state_.options.max_payload_bytes);
+    settle([&](Entry& e, TimePoint now) { state_.checkpoint(e, stage, state_json, now); });
   }
 
   bool open() const noexcept override { return open_; }
 
  private:
-  template <class F>
-  void settle(F&& f) {
-    if (!open_) throw UsageError("this lease transaction is already settled or broken");
-    try {
-      f();
-    } catch (const LeaseLost&) {
-      open_ = false;
-      throw;
-    }
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks, bool is_batch) {
+    require_open();
+    detail::validate_new_tasks(tasks, is_batch, state_.options.max_payload_bytes);
+    std::lock_guard lk(state_.mu);
+    return state_.stage_all(staged_, tasks, is_batch, detail::now());
   }
 
-  MemoryStore& store_;
+  // The staged tasks are created only if the lease still holds, with the settlement.
+  template <class F>
+  void settle(F&& f) {
+    require_open();
+    std::lock_guard lk(state_.mu);
+    Entry* e = state_.live(lease_);
+    if (!e) {
+      open_ = false;
+      staged_ = {};
+      state_.fenced(lease_);  // throws LeaseLost with the reason
+    }
+    const TimePoint now = detail::now();
+    state_.store_staged(staged_, now);
+    f(*e, now);
+  }
+  void require_open() const {
+    if (!open_) throw UsageError("this lease transaction is already settled or broken");
+  }
+
+  MemoryStore::State& state_;
   Lease lease_;
+  Staging staged_;
   bool open_ = true;
 };
-
-}  // namespace
 
 MemoryStore::MemoryStore(MemoryStoreOptions options) {
   if (options.retention && options.retention->count() < 0)
@@ -386,37 +599,12 @@ MemoryStore::MemoryStore(MemoryStoreOptions options) {
 MemoryStore::~MemoryStore() = default;
 
 SubmitResult MemoryStore::submit(const NewTask& task) {
-  auto& state = *state_;
-  detail::validate_new_task(task, state.options.max_payload_bytes, detail::now());
-  std::lock_guard lk(state.mu);
-  state.check_reuse(std::span<const NewTask>(&task, 1), false);
-  auto result = state.insert(task, detail::now());
-  if (!result.duplicate) state.signal(task.queue);
-  return result;
+  return state_->submit(std::span<const NewTask>(&task, 1), false)[0];
 }
 
 std::vector<SubmitResult> MemoryStore::submit_batch(std::span<const NewTask> tasks) {
-  auto& state = *state_;
   detail::validate_batch_size(tasks.size());
-  const TimePoint checked_at = detail::now();
-  for (std::size_t i = 0; i < tasks.size(); ++i) {
-    try {
-      detail::validate_new_task(tasks[i], state.options.max_payload_bytes, checked_at);
-    } catch (const InvalidArgument& e) {
-      throw InvalidArgument(fmt::format("tasks[{}].{}", i, e.field()), e.rule());
-    }
-  }
-  std::vector<SubmitResult> results;
-  results.reserve(tasks.size());
-  std::lock_guard lk(state.mu);
-  state.check_reuse(tasks, true);
-  const TimePoint now = detail::now();
-  // A key repeated later in the batch finds the key the earlier one just took.
-  for (const auto& t : tasks) results.push_back(state.insert(t, now));
-  std::set<std::string_view> created;
-  for (std::size_t i = 0; i < tasks.size(); ++i)
-    if (!results[i].duplicate && created.insert(tasks[i].queue).second) state.signal(tasks[i].queue);
-  return results;
+  return state_->submit(tasks, true);
 }
 
 std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
@@ -511,31 +699,7 @@ std::vector<bool> MemoryStore::complete_batch(std::span<const Completion> comple
 FailOutcome MemoryStore::fail(const Lease& lease, const Failure& failure) {
   auto& state = *state_;
   std::lock_guard lk(state.mu);
-  Entry& e = state.fenced(lease);
-  const TimePoint now = detail::now();
-  const Task& t = e.task;
-  const TaskStatus final_status = t.cancel_requested ? TaskStatus::cancelled
-                                  : failure.permanent || t.attempts >= t.retry.max_attempts ? TaskStatus::failed
-                                                                                             : TaskStatus::pending;
-  if (final_status != TaskStatus::pending) {
-    state.end_attempt(e, now, std::string(to_string(final_status)), failure.error);
-    state.finish(e, final_status, now, failure.error);
-    return {final_status, std::nullopt};
-  }
-  state.end_attempt(e, now, "retry", failure.error);
-  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(state.rng);
-  const TimePoint retry_at = plus(now, t.retry.delay_after(t.attempts, u));
-  state.update(e, [&](Task& task) {
-    task.status = TaskStatus::pending;
-    task.run_at = retry_at;
-    task.last_error = failure.error;
-    ++task.version;
-    task.lease_owner.reset();
-    task.lease_expires_at.reset();
-    task.updated_at = now;
-  });
-  state.signal(e.task.queue);
-  return {TaskStatus::pending, retry_at};
+  return state.fail(state.fenced(lease), failure, detail::now());
 }
 
 HeartbeatResult MemoryStore::heartbeat(const Lease& lease, Millis extension) {
@@ -607,14 +771,11 @@ void MemoryStore::checkpoint(const Lease& lease, std::string_view stage, std::st
   detail::validate_progress(0, stage);
   detail::validate_json("checkpoint", state_json, state.options.max_payload_bytes);
   std::lock_guard lk(state.mu);
-  Task& t = state.fenced(lease).task;
-  t.checkpoint_stage = std::string(stage);
-  t.checkpoint = std::string(state_json);
-  t.updated_at = detail::now();
+  state.checkpoint(state.fenced(lease), stage, state_json, detail::now());
 }
 
 std::unique_ptr<LeaseTransaction> MemoryStore::begin(const Lease& lease) {
-  return std::make_unique<MemoryLeaseTransaction>(*this, lease);
+  return std::make_unique<Transaction>(*state_, lease);
 }
 
 CancelOutcome MemoryStore::cancel(TaskId id, const Scope& scope) {
@@ -625,7 +786,8 @@ CancelOutcome MemoryStore::cancel(TaskId id, const Scope& scope) {
   if (it == state.tasks.end() || !visible(it->second.task, scope)) return CancelOutcome::not_found;
   Entry& e = it->second;
   switch (e.task.status) {
-    case TaskStatus::pending: state.finish(e, TaskStatus::cancelled, detail::now()); return CancelOutcome::cancelled;
+    case TaskStatus::pending:
+    case TaskStatus::waiting: state.finish(e, TaskStatus::cancelled, detail::now()); return CancelOutcome::cancelled;
     case TaskStatus::running:
       // The holder settles it; its lease stays valid, so the version stays.
       e.task.cancel_requested = true;
@@ -865,6 +1027,27 @@ void MemoryStore::wait_for_tasks(const std::vector<std::string>& queues, Millis 
 }
 
 TimePoint MemoryStore::now() { return detail::now(); }
+
+Relatives MemoryStore::relatives(TaskId id, const Scope& scope) {
+  auto& state = *state_;
+  detail::validate_scope(scope);
+  std::lock_guard lk(state.mu);
+  auto it = state.tasks.find(id);
+  if (it == state.tasks.end() || !visible(it->second.task, scope)) return {};
+  auto list = [&](std::vector<TaskId> ids) {
+    std::sort(ids.begin(), ids.end());
+    std::vector<Relative> out;
+    for (TaskId r : ids) {
+      auto t = state.tasks.find(r);
+      // A relative pruned by retention is gone; parents and children share a tenant.
+      if (t == state.tasks.end()) continue;
+      const Task& task = t->second.task;
+      out.push_back(Relative{task.id, task.type, task.status, task.result});
+    }
+    return out;
+  };
+  return {list(it->second.parents), list(it->second.children)};
+}
 
 void MemoryStore::wake() {
   auto& state = *state_;

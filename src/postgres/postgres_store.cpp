@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <map>
 #include <random>
+#include <set>
 #include <tuple>
 #include <unordered_map>
 
@@ -119,6 +120,8 @@ struct Statements {
             settled = q("settled"), now = q("now");
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze");
+  Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
+            relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
             migrations_applied = q("migrations_applied"), migration_applied = q("migration_applied");
 };
@@ -144,6 +147,11 @@ const std::vector<ResultShape>& result_shapes() {
   const std::vector<Column> count = {{"count", kInt8}};
   static const std::vector<ResultShape> shapes = {
       {"submit", with({{"pg_notify", 0}})},
+      {"submit_flow", after_ord({{"count", 0}})},
+      {"lock_parents", std::vector<Column>{{"id", 0}}},
+      {"parent_states", std::vector<Column>{{"id", kInt8}, {"status", kText}, {"tenant", kText}}},
+      {"relatives", std::vector<Column>{{"kind", kInt4}, {"id", kInt8}, {"type", kText}, {"status", kText},
+                                        {"result", kText}}},
       {"submit_batch", after_ord({{"count", 0}})},
       {"create_stage", std::nullopt},
       {"copy_stage", std::nullopt},
@@ -266,6 +274,193 @@ std::string replace_all(std::string s, std::string_view from, std::string_view t
   for (std::size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size()))
     s.replace(at, from.size(), to);
   return s;
+}
+
+bool has_parents(const NewTask& t) { return !t.parents.empty() || !t.parent_keys.empty(); }
+
+// Submits tasks that may name parents on `c`, inside a transaction the caller
+// opened and ends (the store's own, or a handler's). A task with a parent that
+// has not ended waits for it; one whose parent already failed is born
+// cancelled. The parents in the store are locked first (lock_parents), so none
+// ends unseen before this commits; a parent named by a key that an earlier
+// task of the batch takes is that task. One statement per wave: the tasks
+// whose parents in the batch were placed by earlier waves (a batch without
+// such parents is one wave).
+std::vector<SubmitResult> submit_flow(Connection& c, const Statements& sql, std::span<const NewTask> tasks,
+                                      bool is_batch, const std::string& channel) {
+  const std::size_t n = tasks.size();
+  auto field = [&](std::size_t i, const std::string& f) { return is_batch ? fmt::format("tasks[{}].{}", i, f) : f; };
+  // Each task's parents once, with the field that named it first (for errors).
+  struct Named {
+    TaskId id = 0;            // in the store
+    std::size_t in_batch = 0;  // else: 1 + the position of the batch's task that takes its key
+    std::string field;
+  };
+  std::vector<std::vector<Named>> named(n);
+  std::set<std::tuple<std::size_t, TaskId, std::size_t>> seen_parent;  // (task, id, in_batch)
+  auto add = [&](std::size_t i, Named p) {
+    if (seen_parent.emplace(i, p.id, p.in_batch).second) named[i].push_back(std::move(p));
+  };
+  std::vector<Param> kq, kt, kk;
+  std::vector<std::pair<std::size_t, std::size_t>> key_at;  // (task, index in its parent_keys)
+  for (std::size_t i = 0; i < n; ++i) {
+    for (std::size_t j = 0; j < tasks[i].parents.size(); ++j)
+      add(i, {tasks[i].parents[j], 0, field(i, fmt::format("parents[{}]", j))});
+    for (std::size_t j = 0; j < tasks[i].parent_keys.size(); ++j) {
+      kq.push_back(tasks[i].queue);
+      kt.push_back(tasks[i].tenant);
+      kk.push_back(tasks[i].parent_keys[j]);
+      key_at.emplace_back(i, j);
+    }
+  }
+  if (!kk.empty()) {
+    auto r = c.exec(sql.by_keys, {pg::text_array(kq), pg::text_array(kt), pg::text_array(kk)});
+    std::vector<TaskId> found(kk.size(), 0);
+    for (int i = 0; i < r.rows(); ++i) found[static_cast<std::size_t>(r.i64(i, 0) - 1)] = r.i64(i, 1);
+    std::map<std::tuple<std::string, std::string, std::string>, std::size_t> first_holder;
+    for (std::size_t i = 0; i < n; ++i)
+      if (tasks[i].key) first_holder.emplace(std::make_tuple(tasks[i].queue, tasks[i].tenant.value_or(""), *tasks[i].key), i);
+    for (std::size_t x = 0; x < kk.size(); ++x) {
+      auto [i, j] = key_at[x];
+      const auto& t = tasks[i];
+      auto f = field(i, fmt::format("parent_keys[{}]", j));
+      if (found[x]) {
+        add(i, {found[x], 0, f});
+        continue;
+      }
+      auto h = first_holder.find(std::make_tuple(t.queue, t.tenant.value_or(""), t.parent_keys[j]));
+      if (h == first_holder.end() || h->second >= i)
+        throw InvalidArgument(f, fmt::format("no task holds the key '{}' in queue '{}'", t.parent_keys[j], t.queue));
+      add(i, {0, h->second + 1, f});
+    }
+  }
+
+  struct State {
+    TaskStatus status;
+    std::optional<std::string> tenant;
+  };
+  std::unordered_map<TaskId, State> state;
+  std::vector<Param> ids;
+  {
+    std::unordered_map<TaskId, bool> seen;
+    for (const auto& v : named)
+      for (const auto& p : v)
+        if (p.id && seen.emplace(p.id, true).second) ids.push_back(num(p.id));
+  }
+  if (!ids.empty()) {
+    const auto arr = pg::text_array(ids);
+    // A parent can move between tables while we look (released from waiting,
+    // retried out of finished): look until every parent that has not ended is
+    // one we hold locked.
+    for (int round = 0;; ++round) {
+      auto locked = c.exec(sql.lock_parents, {arr});
+      auto r = c.exec(sql.parent_states, {arr});
+      state.clear();
+      int live = 0;
+      for (int i = 0; i < r.rows(); ++i) {
+        auto s = parse_status(r.text(i, 1));
+        state[r.i64(i, 0)] = {s, r.opt_text(i, 2)};
+        live += is_terminal(s) ? 0 : 1;
+      }
+      if (live <= locked.rows()) break;
+      if (round > 20) throw TransientError("submit: the parents kept changing state", "40001", "eoq_lock_parents");
+    }
+  }
+  // Parents share their child's tenant; one of another is as good as absent.
+  for (std::size_t i = 0; i < n; ++i)
+    for (const auto& p : named[i]) {
+      if (!p.id) continue;
+      auto it = state.find(p.id);
+      if (it == state.end() || it->second.tenant != tasks[i].tenant)
+        throw InvalidArgument(p.field, fmt::format("task {} does not exist", p.id));
+    }
+
+  std::vector<std::optional<SubmitResult>> out(n);
+  for (std::size_t placed = 0; placed < n;) {
+    std::vector<std::size_t> wave;
+    for (std::size_t i = 0; i < n; ++i)
+      if (!out[i] && std::all_of(named[i].begin(), named[i].end(),
+                                 [&](const Named& p) { return !p.in_batch || out[p.in_batch - 1]; }))
+        wave.push_back(i);
+    std::vector<std::vector<Param>> cols(13);
+    std::vector<Param> status, left, anyway, why, e_child, e_parent, e_done;
+    std::vector<std::optional<std::string>> whys;
+    std::vector<TaskStatus> statuses;
+    for (std::size_t k = 0; k < wave.size(); ++k) {
+      const auto& t = tasks[wave[k]];
+      auto sp = submit_params(t, "");
+      for (std::size_t col = 0; col < 13; ++col) cols[col].push_back(std::move(sp[col]));
+      int waiting_for = 0;
+      std::optional<std::string> reason;
+      for (const auto& p : named[wave[k]]) {
+        TaskId pid = p.id;
+        TaskStatus s{};
+        if (p.in_batch) {
+          const auto& r = *out[p.in_batch - 1];
+          // Its key was taken after by_keys looked: by a task we hold no lock
+          // on. Rare (a concurrent submit of the same key); run it again.
+          if (r.duplicate) throw TransientError("submit: a parent's key was taken meanwhile", "40001", "eoq_submit_flow");
+          pid = r.task.id;
+          s = r.task.status;
+        } else {
+          s = state.at(p.id).status;
+        }
+        const bool done = is_terminal(s);
+        if (!done) ++waiting_for;
+        else if (s != TaskStatus::succeeded && !reason && t.on_parent_failure == ParentFailure::cancel)
+          reason = fmt::format("parent {} ended {}", pid, to_string(s));
+        e_child.push_back(num(static_cast<std::int64_t>(k + 1)));
+        e_parent.push_back(num(pid));
+        e_done.push_back(done ? "t" : "f");
+      }
+      const TaskStatus st = reason ? TaskStatus::cancelled : waiting_for > 0 ? TaskStatus::waiting : TaskStatus::pending;
+      statuses.push_back(st);
+      whys.push_back(reason);
+      status.push_back(std::string(to_string(st)));
+      left.push_back(num(waiting_for));
+      anyway.push_back(t.on_parent_failure == ParentFailure::run ? "t" : "f");
+      why.push_back(reason);
+    }
+    std::vector<Param> params;
+    for (auto& col : cols) params.push_back(pg::text_array(col));
+    params.push_back(channel);
+    for (auto* a : {&status, &left, &anyway, &why, &e_child, &e_parent, &e_done}) params.push_back(pg::text_array(*a));
+    auto r = c.exec(sql.submit_flow, params);
+    for (int row = 0; row < r.rows(); ++row) {
+      auto k = static_cast<std::size_t>(r.i64(row, 0) - 1);
+      auto task = task_from_new(tasks[wave[k]], r, row, 1);
+      task.status = statuses[k];
+      task.last_error = whys[k];
+      if (task.status == TaskStatus::cancelled) task.finished_at = task.created_at;
+      out[wave[k]] = SubmitResult{std::move(task), false};
+    }
+    std::vector<Param> dq, dt, dk;
+    std::vector<std::size_t> taken;
+    for (auto i : wave)
+      if (!out[i]) {
+        taken.push_back(i);
+        dq.push_back(tasks[i].queue);
+        dt.push_back(tasks[i].tenant);
+        dk.push_back(tasks[i].key);
+      }
+    if (!taken.empty()) {
+      auto e = c.exec(sql.by_keys, {pg::text_array(dq), pg::text_array(dt), pg::text_array(dk)});
+      for (int row = 0; row < e.rows(); ++row) {
+        auto i = taken[static_cast<std::size_t>(e.i64(row, 0) - 1)];
+        auto holder = decode_task(e, row, 1);
+        detail::check_key_reuse(tasks[i], is_batch ? std::optional(i) : std::nullopt, holder.type, holder.payload,
+                                fmt::format("task {}", holder.id), holder.id);
+        out[i] = SubmitResult{std::move(holder), true};
+      }
+      for (auto i : taken)
+        if (!out[i]) throw TransientError("submit: the key's task was deleted meanwhile", "40001", "eoq_submit_flow");
+    }
+    placed += wave.size();
+  }
+  std::vector<SubmitResult> result;
+  result.reserve(n);
+  for (auto& o : out) result.push_back(std::move(*o));
+  return result;
 }
 
 // f() between BEGIN and COMMIT; a throw rolls back (or leaves a broken
@@ -478,9 +673,29 @@ void PostgresStore::migrate() {
   });
 }
 
+namespace {
+// Tasks with parents are submitted in a transaction of their own: their
+// parents are locked and read before they are inserted.
+std::vector<SubmitResult> submit_with_parents(PostgresStore::Impl& impl, std::span<const NewTask> tasks, bool is_batch) {
+  const bool all_keyed = std::all_of(tasks.begin(), tasks.end(), [](const NewTask& t) { return t.key.has_value(); });
+  try {
+    return pg::with_retry(impl.pool, all_keyed ? impl.options.transient_retries : 0, [&](Connection& c) {
+      return in_transaction(c, [&] { return submit_flow(c, impl.sql, tasks, is_batch, impl.channel); });
+    });
+  } catch (const TransientError& e) {
+    if (all_keyed) throw;
+    throw CommitInDoubt(std::string(e.what()) +
+                            "; the tasks may or may not have been created (give every task a key to make retries safe)",
+                        e.sqlstate(), e.statement());
+  }
+}
+
+}  // namespace
+
 SubmitResult PostgresStore::submit(const NewTask& task) {
   auto& impl = *impl_;
   impl.check_payload(task, 0, false);
+  if (has_parents(task)) return submit_with_parents(impl, std::span<const NewTask>(&task, 1), false)[0];
   auto params = submit_params(task, impl.channel);
   // Without a key a repeat after a lost connection could create a second task,
   // so only keyed submits are retried.
@@ -537,6 +752,8 @@ SubmitResult PostgresStore::submit_on(pg_conn* connection, const NewTask& task, 
   std::string s(schema);
   validate_schema(s);
   detail::validate_new_task(task, max_payload_bytes, detail::now());
+  if (has_parents(task))
+    throw InvalidArgument("parents", "submit_on does not take parents: use submit, submit_batch or ctx.submit");
   const auto quoted = quote_ident(s);
   auto r = exec_on(connection, pg::query("submit", quoted), submit_params(task, "eoq_" + s));
   if (r.rows() == 1) return {task_from_new(task, r, 0, 0), false};
@@ -580,6 +797,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     any_keyed = any_keyed || tasks[i].key.has_value();
   }
   const bool repeats_a_key = detail::check_batch_keys(tasks);
+  if (std::any_of(tasks.begin(), tasks.end(), has_parents)) return submit_with_parents(impl, tasks, true);
   const bool staged = tasks.size() >= kStageFrom;
   std::vector<Param> params;
   std::string rows;  // staged: the batch in COPY's text format
@@ -902,6 +1120,9 @@ class PgLeaseTransaction final : public LeaseTransaction {
     return out;
   }
 
+  SubmitResult submit(const NewTask& task) override { return submit_batch(std::span<const NewTask>(&task, 1), false)[0]; }
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override { return submit_batch(tasks, true); }
+
   void complete(std::string_view result_json) override {
     require_open();
     detail::validate_json("result", result_json, store_.options.max_payload_bytes);
@@ -934,6 +1155,33 @@ class PgLeaseTransaction final : public LeaseTransaction {
   bool open() const noexcept override { return open_; }
 
  private:
+  // Under a savepoint, so that a batch refused part way (a key conflict, a
+  // parent that does not exist) writes nothing and the handler's transaction
+  // goes on; any other error ends the transaction.
+  std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks, bool is_batch) {
+    require_open();
+    if (tasks.size() > 100000) throw InvalidArgument("tasks", "at most 100000 tasks per batch");
+    detail::validate_new_tasks(tasks, is_batch, store_.options.max_payload_bytes);
+    if (is_batch) detail::check_batch_keys(tasks);
+    try {
+      conn_->command("SAVEPOINT eoq_submit");
+      std::vector<SubmitResult> out;
+      try {
+        out = submit_flow(*conn_, store_.sql, tasks, is_batch, store_.channel);
+      } catch (const InvalidArgument&) {
+        conn_->command("ROLLBACK TO SAVEPOINT eoq_submit; RELEASE SAVEPOINT eoq_submit");
+        throw;
+      }
+      conn_->command("RELEASE SAVEPOINT eoq_submit");
+      return out;
+    } catch (const InvalidArgument&) {
+      throw;
+    } catch (...) {
+      abandon();
+      throw;
+    }
+  }
+
   void start() {
     conn_->command("BEGIN");
     auto ms = store_.options.handler_idle_timeout.count();
@@ -1109,6 +1357,7 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
       case TaskStatus::failed: s.failed += n; s.failed_last_minute += r.i64(i, 4); break;
       case TaskStatus::cancelled: s.cancelled += n; break;
       case TaskStatus::expired: s.expired += n; break;
+      case TaskStatus::waiting: s.waiting += n; break;
     }
     if (!r.null(i, 3)) s.oldest_pending_age = Millis(std::max<std::int64_t>(0, r.i64(i, 3)));
   }
@@ -1132,6 +1381,19 @@ std::vector<Attempt> PostgresStore::history(TaskId id, const Scope& scope) {
     a.outcome = r.text(i, 4);
     a.error = r.opt_text(i, 5);
     out.push_back(std::move(a));
+  }
+  return out;
+}
+
+Relatives PostgresStore::relatives(TaskId id, const Scope& scope) {
+  auto& impl = *impl_;
+  // Parents and children share the task's tenant (submit checks it).
+  if (!get(id, scope)) return {};
+  auto r = impl.read(impl.sql.relatives, {num(id)});
+  Relatives out;
+  for (int i = 0; i < r.rows(); ++i) {
+    Relative rel{r.i64(i, 1), r.text(i, 2), parse_status(r.text(i, 3)), r.opt_text(i, 4)};
+    (r.i32(i, 0) == 0 ? out.parents : out.children).push_back(std::move(rel));
   }
   return out;
 }

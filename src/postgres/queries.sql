@@ -43,6 +43,95 @@ ins AS (
 SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
 
 
+-- name: submit_flow
+-- submit_batch for tasks that name parents, in the caller's transaction after
+-- lock_parents and parent_states: the host decided each task's fate, and this
+-- puts it where it belongs ($15 status: pending into tasks; waiting into
+-- waiting with $16 how many parents have not ended and $17 whether it runs
+-- whatever they did; cancelled into finished, $18 saying why) and writes its
+-- edges ($19 the child's position, $20 the parent, $21 whether that parent's
+-- end is already counted). A task whose key was taken gets no edges.
+WITH src AS MATERIALIZED (
+  SELECT nextval('eoq.task_ids') AS id, s.*
+  FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                             $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[],
+                             $12::bigint[], $13::float8[], $15::text[], $16::int[], $17::boolean[], $18::text[])
+          WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
+                               backoff, initial_ms, max_ms, jitter, status, parents_left, run_anyway, why, ord)) s),
+k AS (
+  INSERT INTO eoq.keys (queue, tenant, key, task_id)
+  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
+  ON CONFLICT DO NOTHING RETURNING task_id),
+new AS MATERIALIZED (SELECT * FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)),
+p AS (
+  INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
+         coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter
+  FROM new WHERE status = 'pending'
+  RETURNING id, run_at, created_at, version),
+w AS (
+  INSERT INTO eoq.waiting (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                           max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+                           parents_left, run_anyway)
+  SELECT id, queue, type, key, tenant, payload::json, 'waiting', priority,
+         coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter, parents_left, run_anyway
+  FROM new WHERE status = 'waiting'
+  RETURNING id, run_at, created_at, version),
+c AS (
+  INSERT INTO eoq.finished (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+                            max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+                            last_error, finished_at)
+  SELECT id, queue, type, key, tenant, payload::json, 'cancelled', priority,
+         coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
+         ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
+         max_attempts, backoff, initial_ms, max_ms, jitter, why, now()
+  FROM new WHERE status = 'cancelled'
+  RETURNING id, run_at, created_at, version),
+e AS (
+  INSERT INTO eoq.edges (parent_id, child_id, done)
+  SELECT u.parent_id, new.id, u.done
+  FROM unnest($19::bigint[], $20::bigint[], $21::boolean[]) AS u(child_ord, parent_id, done)
+  JOIN new ON new.ord = u.child_ord),
+ins AS (SELECT * FROM p UNION ALL SELECT * FROM w UNION ALL SELECT * FROM c)
+SELECT src.ord, ins.id, ins.run_at, ins.created_at, ins.version,
+       (SELECT count(pg_notify($14, q.queue)) FROM (SELECT DISTINCT queue FROM new WHERE status = 'pending') q)
+FROM ins JOIN src USING (id);
+
+
+-- name: lock_parents
+-- A submit naming parents first locks those that have not ended (KEY SHARE:
+-- claims skip them for that moment, heartbeats and progress do not wait), so
+-- none can end before the submit commits unless its settlement sees the new
+-- edges (release_children, migration 0003). $1 the parents' ids.
+WITH a AS (SELECT id FROM eoq.tasks WHERE id = ANY($1::bigint[]) FOR KEY SHARE),
+b AS (SELECT id FROM eoq.waiting WHERE id = ANY($1::bigint[]) FOR KEY SHARE)
+SELECT id FROM a UNION ALL SELECT id FROM b;
+
+
+-- name: parent_states
+-- Where each parent stands, read after lock_parents in a snapshot of its own.
+SELECT id, status, tenant FROM eoq.tasks WHERE id = ANY($1::bigint[])
+UNION ALL SELECT id, status, tenant FROM eoq.waiting WHERE id = ANY($1::bigint[])
+UNION ALL SELECT id, status, tenant FROM eoq.finished WHERE id = ANY($1::bigint[]);
+
+
+-- name: relatives
+-- A task's parents (kind 0) and children (kind 1), wherever each stands.
+SELECT e.kind, t.id, t.type, t.status, t.result FROM (
+  SELECT 0 AS kind, parent_id AS id FROM eoq.edges WHERE child_id = $1
+  UNION ALL SELECT 1, child_id FROM eoq.edges WHERE parent_id = $1) e
+CROSS JOIN LATERAL (
+  SELECT id, type, status, result::text FROM eoq.tasks WHERE id = e.id
+  UNION ALL SELECT id, type, status, result::text FROM eoq.waiting WHERE id = e.id
+  UNION ALL SELECT id, type, status, result::text FROM eoq.finished WHERE id = e.id) t
+ORDER BY 1, 2;
+
+
 -- name: submit_batch
 -- The batch arrives as parallel arrays: one statement, one round trip.
 -- Each row draws its id in `src`; the answer is read from `src` too (ord, id
@@ -148,7 +237,7 @@ FROM src;
 
 
 -- name: by_keys
--- The tasks holding keys ($1 queues, $2 tenants, $3 keys), live or finished,
+-- The tasks holding keys ($1 queues, $2 tenants, $3 keys), live, waiting or finished,
 -- each with its position in the input.
 SELECT q.ord, t.*
 FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS q(queue, tenant, key, ord)
@@ -159,6 +248,12 @@ CROSS JOIN LATERAL (
          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
   FROM eoq.tasks WHERE id = k.task_id
+  UNION ALL
+  SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+         attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+         version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+  FROM eoq.waiting WHERE id = k.task_id
   UNION ALL
   SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
@@ -492,10 +587,19 @@ RETURNING id;
 -- cancelled; a running one gets a cancel request its worker sees at the next
 -- heartbeat. The counts say which happened, or whether the task is finished or
 -- unknown; all zero but `live`: it changed state under us (claimed or settled
--- meanwhile), so the caller locks it (lock_task) and runs this again.
-WITH gone AS (
+-- meanwhile), so the caller locks it (lock_task) and runs this again. A
+-- waiting task is cancelled like a pending one; its own waiting children
+-- follow it (release_children).
+WITH gp AS (
   DELETE FROM eoq.tasks WHERE id = $1 AND status = 'pending' AND ($2::text IS NULL OR tenant = $2)
   RETURNING *),
+gw AS (
+  DELETE FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+  RETURNING id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+            attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+            version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+            checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at),
+gone AS (SELECT * FROM gp UNION ALL SELECT * FROM gw),
 fin AS (
   INSERT INTO eoq.finished (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
@@ -516,7 +620,8 @@ req AS (
 SELECT (SELECT count(*) FROM fin) AS cancelled,
        (SELECT count(*) FROM req) AS requested,
        (SELECT count(*) FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS finished,
-       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
+       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2))
+         + (SELECT count(*) FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
 
 
 -- name: lock_task
@@ -555,7 +660,8 @@ back AS (
   RETURNING queue)
 SELECT (SELECT count(pg_notify($3, queue)) FROM back) AS retried,
        (SELECT count(*) FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS finished,
-       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
+       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2))
+         + (SELECT count(*) FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
 
 
 -- name: get
@@ -565,6 +671,12 @@ SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline
        version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
        checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
 FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+UNION ALL
+SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+       attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+       version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
 UNION ALL
 SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
        attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
@@ -595,8 +707,18 @@ SELECT * FROM (
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
           checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+   FROM eoq.waiting
+   WHERE ($2::text IS NULL OR $2::text = 'waiting')
+     AND ($1::text IS NULL OR queue = $1)
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5
+   ORDER BY id ASC LIMIT $6)
+  UNION ALL
+  (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
    FROM eoq.finished
-   WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running'))
+   WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running', 'waiting'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
      AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5
    ORDER BY id ASC LIMIT $6)) x
@@ -619,8 +741,18 @@ SELECT * FROM (
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
           checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+   FROM eoq.waiting
+   WHERE ($2::text IS NULL OR $2::text = 'waiting')
+     AND ($1::text IS NULL OR queue = $1)
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id < $5
+   ORDER BY id DESC LIMIT $6)
+  UNION ALL
+  (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
    FROM eoq.finished
-   WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running'))
+   WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running', 'waiting'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
      AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id < $5
    ORDER BY id DESC LIMIT $6)) x
@@ -664,6 +796,9 @@ SELECT queue, status, count(*)::bigint AS count,
          AS oldest_pending_ms,
        0::bigint AS last_minute
 FROM eoq.tasks WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
+UNION ALL
+SELECT queue, status, count(*)::bigint, NULL::bigint, 0::bigint
+FROM eoq.waiting WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
 UNION ALL
 SELECT queue, status, count(*)::bigint, NULL::bigint,
        count(*) FILTER (WHERE finished_at > now() - interval '1 minute')
@@ -749,7 +884,8 @@ SELECT count(*) FROM fin;
 
 
 -- name: prune
--- Finished tasks older than $1 ms go, with their key and attempts, $2 at a time.
+-- Finished tasks older than $1 ms go, with their key, attempts and the edges
+-- to their parents, $2 at a time.
 WITH v AS (
   SELECT id, queue, tenant, key FROM eoq.finished
   WHERE finished_at < now() - ($1::bigint * interval '1 millisecond')
@@ -757,6 +893,7 @@ WITH v AS (
 dk AS (DELETE FROM eoq.keys k USING v
        WHERE k.queue = v.queue AND k.tenant = coalesce(v.tenant, '') AND k.key = v.key AND k.task_id = v.id),
 da AS (DELETE FROM eoq.attempts a USING v WHERE a.task_id = v.id),
+de AS (DELETE FROM eoq.edges e USING v WHERE e.child_id = v.id),
 df AS (DELETE FROM eoq.finished f USING v WHERE f.id = v.id RETURNING 1)
 SELECT count(*) FROM df;
 

@@ -159,6 +159,20 @@ TaskTransaction& TaskContext::transaction() {
 
 Rows TaskContext::exec(std::string_view sql, const Params& params) { return transaction().exec(sql, params); }
 bool TaskContext::in_transaction() const noexcept { return run_->tx != nullptr; }
+
+SubmitResult TaskContext::submit(const NewTask& task) {
+  transaction();
+  return run_->tx->submit(task);
+}
+
+std::vector<SubmitResult> TaskContext::submit_batch(std::span<const NewTask> tasks) {
+  transaction();
+  return run_->tx->submit_batch(tasks);
+}
+
+std::vector<Relative> TaskContext::parent_results() const {
+  return run_->engine->store.relatives(run_->lease.task.id).parents;
+}
 bool TaskContext::cancelled() const noexcept { return run_->cancel.load(); }
 bool TaskContext::stopping() const noexcept { return run_->engine->stopping.load(); }
 bool TaskContext::lease_lost() const noexcept { return run_->lost.load(); }
