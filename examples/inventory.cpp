@@ -6,7 +6,7 @@
 //    and writes an audit row, both in the transaction that completes its task: a
 //    purchase succeeds with its audit row, or fails "sold out" with nothing written.
 //  - restock tasks, interleaved with the purchases, add items the same way.
-//  - checked by counting rows: succeeded purchases == min(demand, stock + restocked),
+//  - checked by counting rows: succeeded purchases == min(demand, stock) without restocks (with them, never more than stock + restocked, the rest still on the shelf),
 //    the stock never went below 0 (every audit row carries the balance it left), and
 //    every succeeded task has exactly one audit row and no other task has one.
 //  - resubmitting every purchase with its client key buys nothing more.
