@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fmt/format.h>
 #include <map>
+#include <random>
 #include <tuple>
 
 namespace eoq {
@@ -173,6 +174,11 @@ void check_key_reuse(const NewTask& submitted, std::optional<std::size_t> batch_
   if (differs.empty()) return;
   throw KeyConflict(batch_index ? fmt::format("tasks[{}].key", *batch_index) : std::string("key"), *submitted.key,
                     std::move(differs), holder_name, holder_id);
+}
+
+double unit_random() {
+  thread_local std::mt19937_64 gen{std::random_device{}()};
+  return std::uniform_real_distribution<double>(0.0, 1.0)(gen);
 }
 
 bool check_batch_keys(std::span<const NewTask> tasks) {

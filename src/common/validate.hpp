@@ -74,4 +74,8 @@ void check_key_reuse(const NewTask& submitted, std::optional<std::size_t> batch_
 // whether any key appears twice.
 bool check_batch_keys(std::span<const NewTask> tasks);
 
+// A uniform draw in [0, 1) from a generator of the calling thread's own: retry
+// and backoff jitter, for the stores and the worker alike.
+double unit_random();
+
 }  // namespace eoq::detail

@@ -201,12 +201,6 @@ const std::vector<ResultShape>& result_shapes() {
 
 namespace {
 
-// One random source for backoff jitter, shared by every store in the process.
-double unit_random() {
-  thread_local std::mt19937_64 rng{std::random_device{}()};
-  return std::uniform_real_distribution<double>(0.0, 1.0)(rng);
-}
-
 Param str(std::string_view s) { return std::string(s); }
 Param num(std::int64_t v) { return std::to_string(v); }
 Param opt(const std::optional<std::string>& s) { return s; }
@@ -980,7 +974,7 @@ FailOutcome decode_fail(const Result& r) {
   return {outcome == "cancelled" ? TaskStatus::cancelled : TaskStatus::failed, std::nullopt};
 }
 std::vector<Param> fail_params(const Lease& lease, const Failure& f) {
-  auto delay = lease.task.retry.delay_after(lease.task.attempts, unit_random());
+  auto delay = lease.task.retry.delay_after(lease.task.attempts, detail::unit_random());
   return {num(lease.id()), num(lease.token), f.error, f.permanent ? "true" : "false", num(delay.count())};
 }
 }  // namespace

@@ -14,6 +14,8 @@
 // Every claimed lease lives in a TaskRun in `held` until exactly one finish()
 // records its outcome; the heartbeat extends everything in `held`, so buffered
 // leases and leases waiting for the completer stay alive too.
+#include "common/validate.hpp"
+
 #include <eoq/scheduler.hpp>
 #include <eoq/worker.hpp>
 
@@ -33,7 +35,6 @@ namespace eoq::detail {
 
 using Steady = std::chrono::steady_clock;
 
-double unit_random();
 bool is_transient(const std::exception& e) noexcept;
 
 // Waits after consecutive transient errors: doubling, capped, +-20% jitter so a

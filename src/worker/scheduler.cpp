@@ -43,10 +43,6 @@ std::optional<std::int64_t> bucket_of(const std::optional<std::string>& key, con
   return b;
 }
 
-double unit_random() {
-  thread_local std::mt19937_64 gen{std::random_device{}()};
-  return std::uniform_real_distribution<double>(0.0, 1.0)(gen);
-}
 
 }  // namespace
 
@@ -175,7 +171,7 @@ struct Scheduler::Impl {
         wait = tick() + Millis(1);
         backoff = opt.error_backoff_initial;
       } catch (const std::exception&) {
-        auto jittered = static_cast<Millis::rep>(static_cast<double>(backoff.count()) * (0.8 + 0.4 * unit_random()));
+        auto jittered = static_cast<Millis::rep>(static_cast<double>(backoff.count()) * (0.8 + 0.4 * detail::unit_random()));
         wait = Millis(std::max<Millis::rep>(1, jittered));
         backoff = std::min(opt.error_backoff_max, backoff * 2);
       }

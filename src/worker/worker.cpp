@@ -42,8 +42,6 @@ std::string default_worker_id() {
 
 }  // namespace
 
-double unit_random() { return std::uniform_real_distribution<double>(0.0, 1.0)(rng()); }
-
 bool is_transient(const std::exception& e) noexcept {
   const auto* db = dynamic_cast<const DatabaseError*>(&e);
   return db != nullptr && db->transient();
