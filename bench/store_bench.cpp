@@ -54,7 +54,7 @@ void SubmitWithKey(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations() * state.range(0));
 }
-BENCHMARK(SubmitWithKey)->Arg(1)->Arg(1000)->UseRealTime();
+BENCHMARK(SubmitWithKey)->Arg(1)->Arg(1000)->Arg(10000)->UseRealTime();
 
 // Claim N then complete them (complete_batch, or one by one for N = 1).
 void ClaimComplete(benchmark::State& state) {

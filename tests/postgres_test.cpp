@@ -175,6 +175,38 @@ TEST_CASE("every statement of queries.sql prepares and returns the columns, in o
   admin.exec("ROLLBACK");
 }
 
+TEST_CASE("a generic claim plan built on a table analyzed while empty still walks the claim index once it fills",
+          "[postgres][sql]") {
+  TestStore store(StoreKind::postgres);
+  Admin admin(store.conninfo());
+  const std::string quoted = "\"" + store.schema() + "\"";
+  admin.exec(fmt::format("ANALYZE {}.tasks", quoted));
+  eoq::pg::Connection c(store.conninfo(), "eoq-test", true, true);
+  auto claim = eoq::pg::query("claim_one", quoted);
+  REQUIRE(claim.generic);
+  CHECK(c.exec(claim, {"q", "10", "test", "30000"}).rows() == 0);  // plans it on the empty table
+  // 20,000 tasks arrive and nothing analyzes the table since.
+  admin.exec(fmt::format(
+      "INSERT INTO {0}.tasks (id, queue, type, payload, status, priority, run_at, max_attempts, backoff, "
+      "backoff_initial_ms, backoff_max_ms, backoff_jitter) "
+      "SELECT nextval('{0}.task_ids'), 'q', 'noop', '{{}}', 'pending', 0, now(), 3, 'exponential', 1000, 60000, 0.1 "
+      "FROM generate_series(1, 20000)",
+      quoted));
+  auto explain = c.exec_params("EXPLAIN EXECUTE eoq_claim_one('q', 10, 'test', 30000)", {}, false, "explain");
+  std::string plan;
+  for (int i = 0; i < explain.rows(); ++i) plan += std::string(PQgetvalue(explain.get(), i, 0)) + "\n";
+  INFO(plan);
+  CHECK(plan.find("$1") != std::string::npos);  // the generic plan, not one made for these values
+  CHECK(plan.find("Index Scan using tasks_claim") != std::string::npos);
+  CHECK(plan.find("Seq Scan") == std::string::npos);
+  CHECK(plan.find("JIT") == std::string::npos);
+  CHECK(c.exec(claim, {"q", "10", "test", "30000"}).rows() == 10);
+  // A statement not marked generic runs under the session's own settings again.
+  c.exec(eoq::pg::query("stats", quoted), {std::nullopt});
+  auto mode = c.exec_params("SHOW plan_cache_mode", {}, false, "show");
+  CHECK(std::string(PQgetvalue(mode.get(), 0, 0)) == "auto");
+}
+
 TEST_CASE("a schema from before keys were per tenant is upgraded with its keys intact", "[postgres][migrate]") {
   auto url = eoq::test::test_database_url();
   auto schema = eoq::test::fresh_schema("upgrade");

@@ -29,10 +29,13 @@ struct ResultDeleter {
 };
 using ConnPtr = std::unique_ptr<PGconn, ConnDeleter>;
 
-// A statement prepared once per connection under its name.
+// A statement prepared once per connection under its name. `generic`: its
+// plan does not depend on its parameters' values (queries.sql says `-- plan:
+// generic`), so on a connection that allows it the server may skip planning it.
 struct Statement {
   const char* name;
   std::string sql;
+  bool generic = false;
 };
 
 // Text-format parameters; an empty optional is SQL NULL.
@@ -81,8 +84,12 @@ class Connection {
  public:
   // `conninfo` as passed by check_conninfo. prepare: statements are prepared
   // once under their names; otherwise each call sends its text unnamed (for
-  // transaction-pooling proxies).
-  Connection(const std::string& conninfo, const std::string& application_name, bool prepare = true);
+  // transaction-pooling proxies). generic_plans: run Statement::generic ones
+  // under plan_cache_mode = force_generic_plan, with sequential scans and sorts
+  // off (the others under the session's defaults); only for connections that
+  // never carry a caller's SQL.
+  Connection(const std::string& conninfo, const std::string& application_name, bool prepare = true,
+             bool generic_plans = false);
   PGconn* get() const noexcept { return c_.get(); }
   bool ok() const noexcept { return PQstatus(c_.get()) == CONNECTION_OK; }
 
@@ -97,8 +104,11 @@ class Connection {
   void copy_in(const char* sql, std::string_view data);
 
  private:
+  void plan_for(const Statement& st);
   ConnPtr c_;
   bool prepare_ = true;
+  bool generic_plans_ = false;
+  bool generic_now_ = false;  // the session runs under plan_for's generic settings
   std::unordered_set<std::string> prepared_;
 };
 
@@ -106,7 +116,7 @@ class Connection {
 // that broke is dropped instead of returned.
 class Pool {
  public:
-  Pool(std::string conninfo, std::string application_name, int size, bool prepare = true);
+  Pool(std::string conninfo, std::string application_name, int size, bool prepare = true, bool generic_plans = false);
   ~Pool();
 
   class Borrowed {
@@ -136,7 +146,7 @@ class Pool {
   void put(std::unique_ptr<Connection> c);
   std::string conninfo_, application_name_;
   int size_;
-  bool prepare_;
+  bool prepare_, generic_plans_;
   std::mutex m_;
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Connection>> idle_;

@@ -502,7 +502,7 @@ struct PostgresStore::Impl {
         quoted(quote_ident(options.schema)),
         channel("eoq_" + options.schema),
         sql(quoted),
-        pool(options.conninfo, "eoq", options.pool_size, !options.transaction_pooling),
+        pool(options.conninfo, "eoq", options.pool_size, !options.transaction_pooling, true),
         tx_pool(options.conninfo, "eoq-handler", options.pool_size, !options.transaction_pooling) {
     // A standby's own pooler may pool by transaction too: no named statements there either.
     if (!options.read_conninfo.empty())

@@ -23,6 +23,7 @@ std::string trim(std::string s) {
 
 std::vector<Query> parse(std::string_view file) {
   constexpr std::string_view kMarker = "-- name: ";
+  constexpr std::string_view kGeneric = "-- plan: generic";
   std::vector<Query> out;
   std::string body;
   auto flush = [&] {
@@ -37,7 +38,11 @@ std::vector<Query> parse(std::string_view file) {
       flush();
       std::string name(line.substr(kMarker.size()));
       while (!name.empty() && name.back() == ' ') name.pop_back();
-      out.push_back({name, "eoq_" + name, {}});
+      out.push_back({name, "eoq_" + name, {}, false});
+      continue;
+    }
+    if (line.starts_with(kGeneric) && !out.empty() && body.empty()) {
+      out.back().generic = true;
       continue;
     }
     // Full-line comments stay in the file; the server need not read them.
@@ -74,7 +79,7 @@ Statement query(std::string_view name, std::string_view quoted_schema) {
       sql.push_back(in[at++]);
     }
   }
-  return Statement{it->prepared.c_str(), std::move(sql)};
+  return Statement{it->prepared.c_str(), std::move(sql), it->generic};
 }
 
 }  // namespace eoq::pg

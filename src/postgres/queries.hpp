@@ -16,6 +16,7 @@ struct Query {
   std::string name;       // as after `-- name:`
   std::string prepared;   // "eoq_" + name: the name it is prepared under
   std::string sql;        // the schema still written `eoq`
+  bool generic = false;   // `-- plan: generic` under its name: see Statement
 };
 
 // Every query of the file, in file order; parsed once.

@@ -12,6 +12,11 @@
 -- postgres_store.cpp, and postgres_test prepares every statement here against
 -- a real server to check the two agree.
 --
+-- `-- plan: generic` under a name marks a statement whose plan must not depend
+-- on its parameters (it reaches rows by id or walks the claim index): the
+-- store's own connections run it on a generic plan, never planned again, with
+-- sequential scans and sorts off (pg::Connection::plan_for says why).
+--
 -- Times arrive as microseconds since the Unix epoch and durations as
 -- milliseconds, both bigint: ('epoch'::timestamptz + $n::bigint * interval
 -- '1 microsecond') and ($n::bigint * interval '1 millisecond').
@@ -23,6 +28,7 @@
 
 
 -- name: submit
+-- plan: generic
 -- A key is taken by inserting it; ON CONFLICT DO NOTHING makes the unique
 -- constraint the judge of a race, and a concurrent submitter of the same key
 -- waits for ours to commit or roll back. No key row, no task row.
@@ -263,6 +269,7 @@ CROSS JOIN LATERAL (
 
 
 -- name: claim_one
+-- plan: generic
 -- One statement: pick candidates in claim order through the claim index (so
 -- the scan stops after `limit` rows), settle the ones that may not run
 -- (deadline passed, lost lease with no attempts left or a cancel request),
@@ -323,6 +330,7 @@ FROM upd t;
 
 
 -- name: claim
+-- plan: generic
 -- claim_one over several queues ($1 an array): the claim index is walked once
 -- per queue and the candidates merged, since one scan cannot return (queue,
 -- priority, ...) entries in (priority, ...) order.
@@ -375,6 +383,7 @@ FROM upd t;
 
 
 -- name: complete
+-- plan: generic
 -- $1 ids, $2 lease versions, $3 results (arrays, one entry per lease).
 -- The rows are found through the primary key by `id = ANY(ARRAY(...))` and
 -- fenced by a hashed (id, version) lookup, never by a join with the input: on
@@ -411,6 +420,7 @@ SELECT id, version - 1 AS version FROM fin;
 
 
 -- name: fail
+-- plan: generic
 -- $1 id, $2 lease version, $3 error, $4 permanent, $5 retry delay in ms.
 -- Answers the outcome ('retry', 'failed' or 'cancelled') and, for a retry,
 -- when the task runs again; no row: the lease is gone.
@@ -445,6 +455,7 @@ SELECT t.outcome, (SELECT run_at FROM up) AS run_at FROM t;
 
 
 -- name: release
+-- plan: generic
 -- Gives a running task back unrun ($1 id, $2 lease version, $3 channel): the
 -- attempt does not count. A task with a cancel request ends cancelled instead.
 WITH t AS (
@@ -475,6 +486,7 @@ SELECT t.id, (SELECT pg_notify($3, queue) FROM eoq.tasks WHERE id = $1) FROM t;
 
 
 -- name: release_batch
+-- plan: generic
 -- release for many leases in one statement ($1 ids, $2 lease versions, $3
 -- channel), each fenced by its (id, version); answers the pairs given back.
 -- Rows are found and fenced as in complete, and locked in id order.
@@ -510,6 +522,7 @@ SELECT id, version, (SELECT count(pg_notify($3, q.queue)) FROM (SELECT DISTINCT 
 
 
 -- name: expire_lease
+-- plan: generic
 -- Ends a just-claimed task expired if its deadline has passed ($1 id, $2
 -- lease version). The deadline is judged by now() here, not by the worker
 -- that asks: the answer is the same whatever its clock says.
@@ -538,6 +551,7 @@ SELECT overdue FROM t;
 
 
 -- name: cancel_lease
+-- plan: generic
 -- A running task stopped by its handler ends cancelled ($1 id, $2 lease
 -- version, $3 reason).
 WITH t AS (
@@ -564,6 +578,7 @@ SELECT id FROM fin;
 
 
 -- name: heartbeat
+-- plan: generic
 -- $1 id, $2 lease version, $3 extension in ms.
 UPDATE eoq.tasks SET lease_expires_at = now() + ($3::bigint * interval '1 millisecond')
 WHERE id = $1 AND version = $2 AND status = 'running'
@@ -571,12 +586,14 @@ RETURNING lease_expires_at, cancel_requested;
 
 
 -- name: progress
+-- plan: generic
 UPDATE eoq.tasks SET progress = $3, stage = $4, updated_at = now()
 WHERE id = $1 AND version = $2 AND status = 'running'
 RETURNING id;
 
 
 -- name: checkpoint
+-- plan: generic
 UPDATE eoq.tasks SET checkpoint_stage = $3, checkpoint = $4::json, updated_at = now()
 WHERE id = $1 AND version = $2 AND status = 'running'
 RETURNING id;
