@@ -201,6 +201,19 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   CHECK(plan.find("Seq Scan") == std::string::npos);
   CHECK(plan.find("JIT") == std::string::npos);
   CHECK(c.exec(claim, {"q", "10", "test", "30000"}).rows() == 10);
+  // The completion's generic plan meets each settled row with its result by a
+  // merge join, not a nested loop (quadratic in the batch).
+  auto complete = eoq::pg::query("complete", quoted);
+  REQUIRE(complete.generic);
+  CHECK(c.exec(complete, {"{}", "{}", "{}"}).rows() == 0);
+  auto explain_complete =
+      c.exec_params("EXPLAIN EXECUTE eoq_complete('{1}', '{1}', '{null}')", {}, false, "explain");
+  std::string complete_plan;
+  for (int i = 0; i < explain_complete.rows(); ++i)
+    complete_plan += std::string(PQgetvalue(explain_complete.get(), i, 0)) + "\n";
+  INFO(complete_plan);
+  CHECK(complete_plan.find("Nested Loop") == std::string::npos);
+  CHECK(complete_plan.find("Seq Scan") == std::string::npos);
   // A statement not marked generic runs under the session's own settings again.
   c.exec(eoq::pg::query("stats", quoted), {std::nullopt});
   auto mode = c.exec_params("SHOW plan_cache_mode", {}, false, "show");

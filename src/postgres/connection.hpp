@@ -85,7 +85,7 @@ class Connection {
   // `conninfo` as passed by check_conninfo. prepare: statements are prepared
   // once under their names; otherwise each call sends its text unnamed (for
   // transaction-pooling proxies). generic_plans: run Statement::generic ones
-  // under plan_cache_mode = force_generic_plan, with sequential scans and sorts
+  // under plan_cache_mode = force_generic_plan, with sequential scans and JIT
   // off (the others under the session's defaults); only for connections that
   // never carry a caller's SQL.
   Connection(const std::string& conninfo, const std::string& application_name, bool prepare = true,

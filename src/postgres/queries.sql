@@ -15,7 +15,7 @@
 -- `-- plan: generic` under a name marks a statement whose plan must not depend
 -- on its parameters (it reaches rows by id or walks the claim index): the
 -- store's own connections run it on a generic plan, never planned again, with
--- sequential scans and sorts off (pg::Connection::plan_for says why).
+-- sequential scans and JIT off (pg::Connection::plan_for says why).
 --
 -- Times arrive as microseconds since the Unix epoch and durations as
 -- milliseconds, both bigint: ('epoch'::timestamptz + $n::bigint * interval
