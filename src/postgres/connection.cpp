@@ -179,14 +179,19 @@ void Connection::command(const char* sql) {
   if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), sql);
 }
 
-void Connection::copy_in(const char* sql, std::string_view data) {
+void Connection::copy_in(const char* sql, const std::function<bool(std::string&)>& next) {
   Result start(PQexec(c_.get(), sql));
   if (PQresultStatus(start.get()) != PGRES_COPY_IN) throw_error(c_.get(), start.get(), sql);
-  // PQputCopyData takes an int length: large inputs go in slices.
-  constexpr std::size_t kSlice = 1 << 20;
-  for (std::size_t at = 0; at < data.size(); at += kSlice) {
-    auto n = std::min(kSlice, data.size() - at);
-    if (PQputCopyData(c_.get(), data.data() + at, static_cast<int>(n)) != 1) throw_error(c_.get(), nullptr, sql);
+  std::string slice;
+  for (bool more = true; more;) {
+    slice.clear();
+    more = next(slice);
+    // PQputCopyData takes an int length: a large slice goes in parts.
+    constexpr std::size_t kPart = 1 << 20;
+    for (std::size_t at = 0; at < slice.size(); at += kPart) {
+      auto n = std::min(kPart, slice.size() - at);
+      if (PQputCopyData(c_.get(), slice.data() + at, static_cast<int>(n)) != 1) throw_error(c_.get(), nullptr, sql);
+    }
   }
   if (PQputCopyEnd(c_.get(), nullptr) != 1) throw_error(c_.get(), nullptr, sql);
   Result end(PQgetResult(c_.get()));

@@ -100,8 +100,11 @@ class Connection {
                      std::string_view label);
   // Simple query, no parameters, no result rows expected (BEGIN, COMMIT, SET ...).
   void command(const char* sql);
-  // COPY ... FROM STDIN with `data` in COPY's text format.
-  void copy_in(const char* sql, std::string_view data);
+  // COPY ... FROM STDIN; `next` appends the next slice of the data, in COPY's
+  // text format, to the (empty) string it is given and answers whether more
+  // follows. Each slice is sent as it is made, so the server parses one while
+  // the caller makes the next.
+  void copy_in(const char* sql, const std::function<bool(std::string&)>& next);
 
  private:
   void plan_for(const Statement& st);
