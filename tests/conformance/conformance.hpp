@@ -2,8 +2,9 @@
 // The TaskStore conformance suite: every rule of docs/contract.md, written once
 // and run against MemoryStore and PostgresStore. Each case gets a fresh store
 // (Postgres: a fresh schema), so cases run in parallel under ctest. The cases
-// live beside this header, a file per topic; all of them make one binary,
-// conformance_test.
+// live beside this header, a file per topic; all but workflows.cpp make one
+// binary, conformance_test (workflows.cpp is workflow_test: see
+// tests/CMakeLists.txt).
 //
 //   STORE_CASE("sentence", "[tags]") { ... S is the TestStore, store the TaskStore ... }
 //

@@ -1,101 +1,33 @@
-// Workflows in the TaskStore contract (docs/contract.md, "Workflows"), run
-// against MemoryStore and PostgresStore: tasks submitted in a lease's
-// transaction exist if and only if it commits; a task that names parents waits
-// until all of them succeeded, is released exactly once, and is cancelled when
-// one ends otherwise.
-#include "support.hpp"
+// Conformance: workflows (docs/contract.md, "Workflows"): tasks submitted in a
+// lease's transaction exist if and only if it commits; a task that names
+// parents waits until all of them succeeded, is released exactly once, and is
+// cancelled when one ends otherwise.
+#include "conformance/conformance.hpp"
 
 #include <eoq/worker.hpp>
 
-#include <catch2/catch.hpp>
-#include <fmt/format.h>
-
-#include <atomic>
-#include <latch>
 #include <mutex>
-#include <thread>
 
-using namespace std::chrono_literals;
-using eoq::Lease;
-using eoq::NewTask;
 using eoq::TaskId;
-using eoq::TaskStatus;
-using eoq::test::StoreKind;
-using eoq::test::TestStore;
-
-#define EOQ_CAT2(a, b) a##b
-#define EOQ_CAT(a, b) EOQ_CAT2(a, b)
-#define STORE_CASE_IMPL(NAME, TAGS, FN)                                                              \
-  static void FN(TestStore& S, eoq::TaskStore& store);                                                \
-  TEST_CASE("MemoryStore: " NAME, "[conformance][memory][workflows]" TAGS) {                         \
-    TestStore s(StoreKind::memory);                                                                   \
-    FN(s, *s);                                                                                        \
-  }                                                                                                   \
-  TEST_CASE("PostgresStore: " NAME, "[conformance][postgres][workflows]" TAGS) {                     \
-    TestStore s(StoreKind::postgres);                                                                 \
-    FN(s, *s);                                                                                        \
-  }                                                                                                   \
-  static void FN([[maybe_unused]] TestStore& S, [[maybe_unused]] eoq::TaskStore& store)
-#define STORE_CASE(NAME, TAGS) STORE_CASE_IMPL(NAME, TAGS, EOQ_CAT(store_case_, __LINE__))
-
-namespace Catch {
-template <>
-struct StringMaker<TaskStatus> {
-  static std::string convert(TaskStatus s) { return std::string(eoq::to_string(s)); }
-};
-}  // namespace Catch
 
 namespace {
 
-NewTask task(std::string type = "t", std::vector<TaskId> parents = {}) {
-  NewTask t;
-  t.type = std::move(type);
+NewTask with_parents(std::string type, std::vector<TaskId> parents) {
+  NewTask t = task(std::move(type));
   t.parents = std::move(parents);
   return t;
-}
-
-NewTask keyed(std::string key, std::string payload = "{}") {
-  NewTask t = task();
-  t.key = std::move(key);
-  t.payload = std::move(payload);
-  return t;
-}
-
-std::vector<Lease> claim(eoq::TaskStore& store, int limit = 100) {
-  eoq::ClaimRequest r;
-  r.owner = "w1";
-  r.limit = limit;
-  return store.claim(r);
 }
 
 // The lease of `id`; the other tasks claimed with it are given back unrun, so a
 // later claim_id finds them.
 Lease claim_id(eoq::TaskStore& store, TaskId id) {
   std::optional<Lease> found;
-  for (auto& l : claim(store)) {
+  for (auto& l : claim(store, {"default"}, "w1", 100)) {
     if (l.id() == id) found = l;
     else store.release(l);
   }
   if (!found) FAIL("task " << id << " was not claimable");
   return *found;
-}
-
-TaskStatus status_of(eoq::TaskStore& store, TaskId id) {
-  auto t = store.get(id);
-  REQUIRE(t);
-  return t->status;
-}
-
-template <class F>
-std::string field_of(F&& f) {
-  try {
-    f();
-  } catch (const eoq::InvalidArgument& e) {
-    return e.field();
-  } catch (const std::exception& e) {
-    return std::string("not InvalidArgument: ") + e.what();
-  }
-  return "no exception";
 }
 
 std::vector<TaskId> ids_of(const std::vector<eoq::Relative>& rs) {
@@ -106,7 +38,7 @@ std::vector<TaskId> ids_of(const std::vector<eoq::Relative>& rs) {
 
 }  // namespace
 
-STORE_CASE("tasks submitted in a lease's transaction exist only once it commits", "") {
+STORE_CASE("tasks submitted in a lease's transaction exist only once it commits", "[workflows]") {
   auto parent = store.submit(task("parent")).task.id;
   {
     auto tx = store.begin(claim_id(store, parent));
@@ -117,7 +49,7 @@ STORE_CASE("tasks submitted in a lease's transaction exist only once it commits"
     CHECK_FALSE(store.get(child.task.id));
     CHECK_FALSE(store.get(batch[1].task.id));
     tx->complete("1");
-    CHECK(status_of(store, child.task.id) == TaskStatus::pending);
+    CHECK(must_get(store, child.task.id).status == TaskStatus::pending);
     CHECK(store.get(batch[0].task.id)->type == "b1");
     CHECK(store.get(batch[1].task.id)->type == "b2");
   }
@@ -135,7 +67,7 @@ STORE_CASE("tasks submitted in a lease's transaction exist only once it commits"
     CHECK_THROWS_AS(stale->complete(), eoq::LeaseLost);
     CHECK_FALSE(store.get(dropped));
     CHECK_FALSE(store.get(lost));
-    for (const auto& l : claim(store)) {
+    for (const auto& l : claim(store, {"default"}, "w1", 100)) {
       CHECK(l.id() != dropped);
       CHECK(l.id() != lost);
     }
@@ -145,14 +77,14 @@ STORE_CASE("tasks submitted in a lease's transaction exist only once it commits"
     auto tx = store.begin(claim_id(store, p2));
     auto a = tx->submit(task("a")).task.id;
     tx->checkpoint("one", "{}");
-    CHECK(status_of(store, a) == TaskStatus::pending);
+    CHECK(must_get(store, a).status == TaskStatus::pending);
     auto b = tx->submit(task("b")).task.id;
     tx->fail({"boom", false});
-    CHECK(status_of(store, b) == TaskStatus::pending);
+    CHECK(must_get(store, b).status == TaskStatus::pending);
   }
 }
 
-STORE_CASE("keys, duplicates and validation in a lease's transaction are those of submit", "") {
+STORE_CASE("keys, duplicates and validation in a lease's transaction are those of submit", "[workflows]") {
   auto held = store.submit(keyed("held")).task.id;
   auto p = store.submit(task("parent")).task.id;
   auto tx = store.begin(claim_id(store, p));
@@ -163,9 +95,9 @@ STORE_CASE("keys, duplicates and validation in a lease's transaction are those o
   auto old = tx->submit(keyed("held"));
   CHECK(old.duplicate);
   CHECK(old.task.id == held);
-  CHECK_THROWS_AS(tx->submit(keyed("held", R"({"other":1})")), eoq::KeyConflict);
+  CHECK_THROWS_AS(tx->submit(keyed("held", "default", R"({"other":1})")), eoq::KeyConflict);
   // A batch refused part way writes nothing of itself, and the transaction goes on.
-  std::vector<NewTask> bad{keyed("fresh"), keyed("held", "[1]")};
+  std::vector<NewTask> bad{keyed("fresh"), keyed("held", "default", "[1]")};
   CHECK(field_of([&] { tx->submit_batch(bad); }) == "tasks[1].key");
   NewTask empty = task("");
   CHECK(field_of([&] { tx->submit(empty); }) == "type");
@@ -174,12 +106,12 @@ STORE_CASE("keys, duplicates and validation in a lease's transaction are those o
   CHECK_FALSE(store.find("default", "fresh"));
 }
 
-STORE_CASE("a task waits until every parent succeeded, and is released once", "") {
+STORE_CASE("a task waits until every parent succeeded, and is released once", "[workflows]") {
   auto p1 = store.submit(task("p")).task.id;
   auto p2 = store.submit(task("p")).task.id;
-  auto child = store.submit(task("child", {p1, p2, p1})).task;
+  auto child = store.submit(with_parents("child", {p1, p2, p1})).task;
   CHECK(child.status == TaskStatus::waiting);
-  CHECK(status_of(store, child.id) == TaskStatus::waiting);
+  CHECK(must_get(store, child.id).status == TaskStatus::waiting);
   auto rel = store.relatives(child.id);
   CHECK(ids_of(rel.parents) == std::vector<TaskId>{p1, p2});
   CHECK(ids_of(store.relatives(p1).children) == std::vector<TaskId>{child.id});
@@ -188,13 +120,13 @@ STORE_CASE("a task waits until every parent succeeded, and is released once", ""
   CHECK(st[0].waiting == 1);
   CHECK(st[0].pending == 2);
 
-  auto leases = claim(store);
+  auto leases = claim(store, {"default"}, "w1", 100);
   REQUIRE(leases.size() == 2);  // the child is not claimable
   store.complete(leases[0], R"({"part":1})");
-  CHECK(status_of(store, child.id) == TaskStatus::waiting);
+  CHECK(must_get(store, child.id).status == TaskStatus::waiting);
   store.complete(leases[1], R"({"part":2})");
-  CHECK(status_of(store, child.id) == TaskStatus::pending);
-  auto next = claim(store);
+  CHECK(must_get(store, child.id).status == TaskStatus::pending);
+  auto next = claim(store, {"default"}, "w1", 100);
   REQUIRE(next.size() == 1);
   CHECK(next[0].id() == child.id);
   rel = store.relatives(child.id);
@@ -205,33 +137,34 @@ STORE_CASE("a task waits until every parent succeeded, and is released once", ""
   CHECK(store.retry(p1) == eoq::RetryOutcome::not_retryable);
 }
 
-STORE_CASE("a parent that fails cancels its waiting dependents and theirs, but a run-anyway dependent runs", "") {
+STORE_CASE("a parent that fails cancels its waiting dependents and theirs, but a run-anyway dependent runs",
+           "[workflows]") {
   auto p = store.submit(task("p")).task.id;
   auto ok = store.submit(task("p")).task.id;
-  auto c = store.submit(task("c", {p, ok})).task.id;
-  auto g = store.submit(task("g", {c})).task.id;
-  NewTask anyway = task("r", {p});
+  auto c = store.submit(with_parents("c", {p, ok})).task.id;
+  auto g = store.submit(with_parents("g", {c})).task.id;
+  NewTask anyway = with_parents("r", {p});
   anyway.on_parent_failure = eoq::ParentFailure::run;
   auto r = store.submit(anyway).task.id;
-  auto leases = claim(store);
+  auto leases = claim(store, {"default"}, "w1", 100);
   REQUIRE(leases.size() == 2);  // p and ok; c, g and r wait
   store.fail(leases[0], {"bad input", true});
   auto ct = store.get(c);
   CHECK(ct->status == TaskStatus::cancelled);
   CHECK(ct->last_error == std::optional<std::string>(fmt::format("parent {} ended failed", p)));
   CHECK(store.get(g)->last_error == std::optional<std::string>(fmt::format("parent {} ended cancelled", c)));
-  CHECK(status_of(store, r) == TaskStatus::pending);
+  CHECK(must_get(store, r).status == TaskStatus::pending);
   // The other parent ending later changes nothing for the cancelled child.
   store.complete(leases[1]);
   CHECK(leases[1].id() == ok);
-  CHECK(status_of(store, c) == TaskStatus::cancelled);
+  CHECK(must_get(store, c).status == TaskStatus::cancelled);
   // Retrying the failed parent does not revive its dependents, and it counts once.
   CHECK(store.retry(p) == eoq::RetryOutcome::retried);
-  for (auto& l : claim(store)) store.complete(l);  // r and p again
-  CHECK(status_of(store, c) == TaskStatus::cancelled);
+  for (auto& l : claim(store, {"default"}, "w1", 100)) store.complete(l);  // r and p again
+  CHECK(must_get(store, c).status == TaskStatus::cancelled);
 }
 
-STORE_CASE("parents that already ended, parents by key, cancel of a waiting task", "") {
+STORE_CASE("parents that already ended, parents by key, cancel of a waiting task", "[workflows]") {
   auto done = store.submit(keyed("done")).task.id;
   store.complete(claim_id(store, done));
   auto failed = store.submit(task("f")).task.id;
@@ -243,33 +176,34 @@ STORE_CASE("parents that already ended, parents by key, cancel of a waiting task
   CHECK(ready.status == TaskStatus::pending);
   CHECK(ids_of(store.relatives(ready.id).parents) == std::vector<TaskId>{done});
 
-  auto born = store.submit(task("child", {done, failed})).task;
+  auto born = store.submit(with_parents("child", {done, failed})).task;
   CHECK(born.status == TaskStatus::cancelled);
-  CHECK(status_of(store, born.id) == TaskStatus::cancelled);
+  CHECK(must_get(store, born.id).status == TaskStatus::cancelled);
   CHECK(store.get(born.id)->last_error == std::optional<std::string>(fmt::format("parent {} ended failed", failed)));
 
   auto live = store.submit(task("p")).task.id;
-  auto w = store.submit(task("w", {live})).task.id;
-  auto ww = store.submit(task("ww", {w})).task.id;
+  auto w = store.submit(with_parents("w", {live})).task.id;
+  auto ww = store.submit(with_parents("ww", {w})).task.id;
   CHECK(store.cancel(w) == eoq::CancelOutcome::cancelled);
-  CHECK(status_of(store, ww) == TaskStatus::cancelled);
+  CHECK(must_get(store, ww).status == TaskStatus::cancelled);
   CHECK(store.cancel(w) == eoq::CancelOutcome::already_finished);
 }
 
-STORE_CASE("parents that do not exist, or belong to another tenant, are refused and nothing is written", "") {
+STORE_CASE("parents that do not exist, or belong to another tenant, are refused and nothing is written",
+           "[workflows]") {
   NewTask other;
   other.type = "t";
   other.tenant = "acme";
   auto theirs = store.submit(other).task.id;
   auto mine = store.submit(task()).task.id;
-  CHECK(field_of([&] { store.submit(task("c", {mine, theirs})); }) == "parents[1]");
-  CHECK(field_of([&] { store.submit(task("c", {mine + 1000})); }) == "parents[0]");
+  CHECK(field_of([&] { store.submit(with_parents("c", {mine, theirs})); }) == "parents[1]");
+  CHECK(field_of([&] { store.submit(with_parents("c", {mine + 1000})); }) == "parents[0]");
   NewTask by_key = task("c");
   by_key.parent_keys = {"nobody"};
   CHECK(field_of([&] { store.submit(by_key); }) == "parent_keys[0]");
-  NewTask zero = task("c", {0});
+  NewTask zero = with_parents("c", {0});
   CHECK(field_of([&] { store.submit(zero); }) == "parents[0]");
-  std::vector<NewTask> batch{keyed("first"), task("c", {mine + 1000})};
+  std::vector<NewTask> batch{keyed("first"), with_parents("c", {mine + 1000})};
   CHECK(field_of([&] { store.submit_batch(batch); }) == "tasks[1].parents[0]");
   CHECK_FALSE(store.find("default", "first"));
   // Within a batch a task may name an earlier one by key.
@@ -305,13 +239,13 @@ STORE_CASE("parents that do not exist, or belong to another tenant, are refused 
   CHECK_FALSE(store.find("default", "later"));
 }
 
-STORE_CASE("many parents ending at the same instant release their child exactly once", "[concurrency]") {
+STORE_CASE("many parents ending at the same instant release their child exactly once", "[workflows][concurrency]") {
   constexpr int kParents = 40;
   std::vector<NewTask> parents(kParents, task("p"));
   std::vector<TaskId> ids;
   for (auto& r : store.submit_batch(parents)) ids.push_back(r.task.id);
-  auto child = store.submit(task("child", ids)).task.id;
-  auto leases = claim(store, kParents);
+  auto child = store.submit(with_parents("child", ids)).task.id;
+  auto leases = claim(store, {"default"}, "w1", kParents);
   REQUIRE(leases.size() == kParents);
   std::vector<std::unique_ptr<eoq::TaskStore>> stores;
   constexpr int kThreads = 4;
@@ -325,13 +259,13 @@ STORE_CASE("many parents ending at the same instant release their child exactly 
       for (int j = i; j < kParents; j += kThreads) s.complete(leases[static_cast<std::size_t>(j)]);
     });
   for (auto& t : threads) t.join();
-  CHECK(status_of(store, child) == TaskStatus::pending);
-  auto next = claim(store);
+  CHECK(must_get(store, child).status == TaskStatus::pending);
+  auto next = claim(store, {"default"}, "w1", 100);
   REQUIRE(next.size() == 1);
   CHECK(next[0].id() == child);
 }
 
-STORE_CASE("a dependent submitted while its parent settles is never left waiting", "[concurrency]") {
+STORE_CASE("a dependent submitted while its parent settles is never left waiting", "[workflows][concurrency]") {
   auto other = S.another();
   eoq::TaskStore& submitter = other ? *other : store;
   for (int round = 0; round < 30; ++round) {
@@ -342,14 +276,14 @@ STORE_CASE("a dependent submitted while its parent settles is never left waiting
     TaskId child = 0;
     std::thread t([&] {
       go.arrive_and_wait();
-      child = submitter.submit(task("c", {p})).task.id;
+      child = submitter.submit(with_parents("c", {p})).task.id;
     });
     go.arrive_and_wait();
     if (fails) store.fail(lease, {"no", true});
     else store.complete(lease);
     t.join();
     INFO("round " << round);
-    CHECK(status_of(store, child) == (fails ? TaskStatus::cancelled : TaskStatus::pending));
+    CHECK(must_get(store, child).status == (fails ? TaskStatus::cancelled : TaskStatus::pending));
     if (!fails) store.complete(claim_id(store, child));
   }
 }
@@ -378,7 +312,8 @@ bool eventually(Pred pred, eoq::Millis timeout = 20s) {
 
 }  // namespace
 
-STORE_CASE("Worker: a handler's submits exist only if its task completes, and a child reads its parents' results", "[worker]") {
+STORE_CASE("Worker: a handler's submits exist only if its task completes, and a child reads its parents' results",
+           "[workflows][worker]") {
   std::atomic<int> parent_runs{0}, child_runs{0};
   std::mutex mu;
   std::vector<eoq::Relative> seen;
@@ -404,11 +339,11 @@ STORE_CASE("Worker: a handler's submits exist only if its task completes, and a 
   p1.payload = "[1]";
   p2.payload = "[2]";
   auto a = store.submit(p1).task.id, b = store.submit(p2).task.id;
-  auto report = store.submit(task("report", {a, b})).task.id;
+  auto report = store.submit(with_parents("report", {a, b})).task.id;
   worker.start();
   REQUIRE(eventually([&] {
     auto r = store.find("default", fmt::format("receipt-of-{}", id));
-    return r && r->status == TaskStatus::succeeded && status_of(store, report) == TaskStatus::succeeded;
+    return r && r->status == TaskStatus::succeeded && must_get(store, report).status == TaskStatus::succeeded;
   }));
   worker.stop();
   CHECK(parent_runs == 2);
