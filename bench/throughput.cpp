@@ -367,39 +367,49 @@ double sharing(eoq::PostgresStore& s, const std::string& url, const std::string&
     t.queue = queue;
     t.type = "slow";
   }
-  // Done when the queue has no live task left, read through the claim index:
-  // stats() counts the whole finished table, which by now holds hundreds of
-  // thousands of rows, and its 100+ ms per call showed in the makespan.
-  PGconn* c = PQconnectdb(url.c_str());
-  const auto live = fmt::format("SELECT count(*) FROM \"{}\".tasks WHERE queue = '{}'", schema, queue);
-  auto t0 = SteadyClock::now();
-  s.submit_batch(batch);
-  for (;;) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    PGresult* r = PQexec(c, live.c_str());
-    if (PQresultStatus(r) != PGRES_TUPLES_OK) throw std::runtime_error(PQerrorMessage(c));
-    bool empty = std::string(PQgetvalue(r, 0, 0)) == "0";
-    PQclear(r);
-    if (empty) break;
+  // Done when the queue has no live task left, counted in the live table (the
+  // claim index serves it): stats() counts the whole finished table, which by
+  // now holds hundreds of thousands of rows, and its 100+ ms per call showed
+  // in the makespan.
+  auto stop_kids = [&] {
+    for (pid_t k : kids) kill(k, SIGTERM);
+    for (pid_t k : kids) waitpid(k, nullptr, 0);
+  };
+  double secs = 0;
+  try {
+    PGconn* c = PQconnectdb(url.c_str());
+    if (PQstatus(c) != CONNECTION_OK) {
+      std::string why = PQerrorMessage(c);
+      PQfinish(c);
+      throw std::runtime_error("sharing: cannot connect: " + why);
+    }
+    const auto live = fmt::format("SELECT count(*) FROM \"{}\".tasks WHERE queue = '{}'", schema, queue);
+    auto t0 = SteadyClock::now();
+    s.submit_batch(batch);
+    for (bool empty = false; !empty;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      PGresult* r = PQexec(c, live.c_str());
+      const bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+      empty = ok && std::string(PQgetvalue(r, 0, 0)) == "0";
+      PQclear(r);
+      if (!ok) {
+        std::string why = PQerrorMessage(c);
+        PQfinish(c);
+        throw std::runtime_error("sharing: " + why);
+      }
+    }
+    secs = seconds_since(t0);
+    PQfinish(c);
+    std::int64_t succeeded = -1;
+    for (const auto& q : s.stats())
+      if (q.queue == queue) succeeded = q.succeeded;
+    if (succeeded != tasks) throw std::runtime_error("sharing: not every slow task succeeded");
+  } catch (...) {
+    stop_kids();
+    throw;
   }
-  double secs = seconds_since(t0);
-  PQfinish(c);
-  for (const auto& q : s.stats())
-    if (q.queue == queue && q.succeeded != tasks) throw std::runtime_error("sharing: not every slow task succeeded");
-  for (pid_t k : kids) kill(k, SIGTERM);
-  for (pid_t k : kids) waitpid(k, nullptr, 0);
+  stop_kids();
   return secs / (tasks * 0.050 / 8);
-}
-
-// VACUUM ANALYZE of the schema's tables, then a CHECKPOINT.
-void settle_server(const std::string& url, const std::string& schema) {
-  PGconn* c = PQconnectdb(url.c_str());
-  for (const char* table : {"tasks", "finished", "keys", "attempts"}) {
-    auto sql = fmt::format("VACUUM ANALYZE \"{}\".{}", schema, table);
-    must(c, PQexec(c, sql.c_str()));
-  }
-  must(c, PQexec(c, "CHECKPOINT"));
-  PQfinish(c);
 }
 
 // Submit-to-start on an idle worker: tasks one at a time with random gaps; the
@@ -489,10 +499,6 @@ int main(int argc, char** argv) try {
   submit_bulk(store, a.tasks, "bare", a.bulk_batch);
   double bare = bare_loop(store, "bare", a.tasks);
   drain(store, a, "single", singles);  // the single submits, out of the way
-  // Idle means idle: the drains above leave autovacuum and the checkpointer
-  // busy for seconds, so settle their aftermath first (the peers' harnesses
-  // likewise vacuum and checkpoint before they measure).
-  settle_server(url, po.schema);
   auto lat = latency(store, a.latency_tasks, "latency");
   double shared = a.sharing > 0 ? sharing(store, url, po.schema, a.sharing) : 0;
 

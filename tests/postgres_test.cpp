@@ -201,8 +201,8 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   CHECK(plan.find("Seq Scan") == std::string::npos);
   CHECK(plan.find("JIT") == std::string::npos);
   CHECK(c.exec(claim, {"q", "10", "test", "30000"}).rows() == 10);
-  // The completion's generic plan meets each settled row with its result by a
-  // merge join, not a nested loop (quadratic in the batch).
+  // The completion's generic plan does not meet each settled row with its
+  // result by a nested loop (quadratic in the batch).
   auto complete = eoq::pg::query("complete", quoted);
   REQUIRE(complete.generic);
   CHECK(c.exec(complete, {"{}", "{}", "{}"}).rows() == 0);
@@ -216,8 +216,21 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   CHECK(complete_plan.find("Seq Scan") == std::string::npos);
   // A statement not marked generic runs under the session's own settings again.
   c.exec(eoq::pg::query("stats", quoted), {std::nullopt});
-  auto mode = c.exec_params("SHOW plan_cache_mode", {}, false, "show");
-  CHECK(std::string(PQgetvalue(mode.get(), 0, 0)) == "auto");
+  auto show = [&] {
+    auto r = c.exec_params("SHOW plan_cache_mode", {}, false, "show");
+    return std::string(PQgetvalue(r.get(), 0, 0));
+  };
+  CHECK(show() == "auto");
+  c.exec(claim, {"q", "1", "test", "30000"});
+  CHECK(show() == "force_generic_plan");
+  // A transaction runs under the session's own settings, and a rollback does
+  // not bring the generic ones back.
+  c.begin();
+  CHECK(show() == "auto");
+  c.command("ROLLBACK");
+  CHECK(show() == "auto");
+  c.exec(claim, {"q", "1", "test", "30000"});
+  CHECK(show() == "force_generic_plan");
 }
 
 TEST_CASE("a schema from before keys were per tenant is upgraded with its keys intact", "[postgres][migrate]") {

@@ -8,8 +8,8 @@
 #include <cstdlib>
 #include <fmt/format.h>
 #include <random>
+#include <map>
 #include <tuple>
-#include <unordered_map>
 
 namespace eoq {
 
@@ -183,22 +183,15 @@ double unit_random() {
 
 bool check_batch_keys(std::span<const NewTask> tasks) {
   bool repeated = false;
-  // queue, tenant ("" for none), key -> the first task with it. Hashed: a
-  // batch of 10,000 keys spent a tenth of its client time in an ordered map.
-  using Key = std::tuple<std::string_view, std::string_view, std::string_view>;
-  struct Hash {
-    std::size_t operator()(const Key& k) const noexcept {
-      std::hash<std::string_view> h;
-      return h(std::get<2>(k)) ^ (h(std::get<0>(k)) * 31) ^ (h(std::get<1>(k)) * 1000003);
-    }
-  };
-  std::unordered_map<Key, std::size_t, Hash> first;
-  first.reserve(tasks.size());
+  // queue, tenant ("" for none), key -> the first task with it. Ordered, not
+  // hashed: keys come from clients, and a batch of colliding keys must not
+  // cost quadratic time.
+  std::map<std::tuple<std::string_view, std::string_view, std::string_view>, std::size_t> first;
   for (std::size_t i = 0; i < tasks.size(); ++i) {
     const NewTask& t = tasks[i];
     if (!t.key) continue;
-    auto [it, fresh] = first.emplace(Key{std::string_view(t.queue), std::string_view(t.tenant ? *t.tenant : ""),
-                                         std::string_view(*t.key)},
+    auto [it, fresh] = first.emplace(std::tuple{std::string_view(t.queue), std::string_view(t.tenant ? *t.tenant : ""),
+                                                std::string_view(*t.key)},
                                      i);
     if (fresh) continue;
     repeated = true;

@@ -128,21 +128,39 @@ Connection::Connection(const std::string& conninfo, const std::string& applicati
 // every call once the server's plan cache prefers custom plans, and it does
 // for the claim: a generic LIMIT $2 is priced at a tenth of the table. That
 // planning cost 0.4-0.8 ms of an idle claim's 1 ms. A generic plan is built
-// once, though, from the statistics of that moment: built on a table analyzed
-// while empty it would scan and sort the whole table for every claim until
-// the next ANALYZE. With sequential scans off it walks the indexes whatever
-// the statistics said. Sorts stay allowed: with them off the completion's
-// generic plan joined its thousand rows by a nested loop (a batch then took
-// 60 ms instead of 10). JIT is off, since a plan that must scan anyway is
-// priced above 10^10 and would be compiled on every call (650 ms).
+// from the statistics of its moment, though, and kept until they change:
+// built on a table analyzed while empty it would scan and sort the whole table
+// for every claim until the next ANALYZE. With sequential and bitmap scans
+// off it can only walk the indexes in order, whatever the statistics said.
+// Sorts stay allowed: with them off the completion's generic plan joined its
+// thousand rows by a nested loop (a batch then took 60 ms instead of 10). JIT
+// is off, since a plan priced with a disabled node passes 10^10 and would be
+// compiled on every call (650 ms).
 // The session settings change only between statements of different kinds and
 // outside a transaction (a SET in one would be undone by its rollback), so a
 // worker's connections, running claims and settlements, switch about never.
+namespace {
+constexpr const char* kGenericPlans =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET enable_bitmapscan = off; "
+    "SET jit = off";
+constexpr const char* kDefaultPlans = "RESET plan_cache_mode; RESET enable_seqscan; RESET enable_bitmapscan; RESET jit";
+}  // namespace
+
 void Connection::plan_for(const Statement& st) {
   if (!generic_plans_ || st.generic == generic_now_ || PQtransactionStatus(c_.get()) != PQTRANS_IDLE) return;
-  command(st.generic ? "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off"
-                     : "RESET plan_cache_mode; RESET enable_seqscan; RESET jit");
+  command(st.generic ? kGenericPlans : kDefaultPlans);
   generic_now_ = st.generic;
+}
+
+// Two round trips when the session was in generic mode: a BEGIN sent in the
+// same query string would take the RESETs into its transaction, and a
+// rollback would then undo them behind generic_now_'s back.
+void Connection::begin() {
+  if (generic_now_ && PQtransactionStatus(c_.get()) == PQTRANS_IDLE) {
+    command(kDefaultPlans);
+    generic_now_ = false;
+  }
+  command("BEGIN");
 }
 
 Result Connection::exec(const Statement& st, const std::vector<Param>& params) {
@@ -182,16 +200,24 @@ void Connection::command(const char* sql) {
 void Connection::copy_in(const char* sql, const std::function<bool(std::string&)>& next) {
   Result start(PQexec(c_.get(), sql));
   if (PQresultStatus(start.get()) != PGRES_COPY_IN) throw_error(c_.get(), start.get(), sql);
-  std::string slice;
-  for (bool more = true; more;) {
-    slice.clear();
-    more = next(slice);
-    // PQputCopyData takes an int length: a large slice goes in parts.
-    constexpr std::size_t kPart = 1 << 20;
-    for (std::size_t at = 0; at < slice.size(); at += kPart) {
-      auto n = std::min(kPart, slice.size() - at);
-      if (PQputCopyData(c_.get(), slice.data() + at, static_cast<int>(n)) != 1) throw_error(c_.get(), nullptr, sql);
+  try {
+    std::string slice;
+    for (bool more = true; more;) {
+      slice.clear();
+      more = next(slice);
+      // PQputCopyData takes an int length: a large slice goes in parts.
+      constexpr std::size_t kPart = 1 << 20;
+      for (std::size_t at = 0; at < slice.size(); at += kPart) {
+        auto n = std::min(kPart, slice.size() - at);
+        if (PQputCopyData(c_.get(), slice.data() + at, static_cast<int>(n)) != 1) throw_error(c_.get(), nullptr, sql);
+      }
     }
+  } catch (...) {
+    // Leave COPY IN, so the connection is not stuck in it: the server fails the
+    // COPY (and its transaction), which the caller rolls back or drops.
+    if (PQputCopyEnd(c_.get(), "eoq: the client stopped sending rows") == 1)
+      while (PGresult* rest = PQgetResult(c_.get())) PQclear(rest);
+    throw;
   }
   if (PQputCopyEnd(c_.get(), nullptr) != 1) throw_error(c_.get(), nullptr, sql);
   Result end(PQgetResult(c_.get()));

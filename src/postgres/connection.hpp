@@ -84,10 +84,11 @@ class Connection {
  public:
   // `conninfo` as passed by check_conninfo. prepare: statements are prepared
   // once under their names; otherwise each call sends its text unnamed (for
-  // transaction-pooling proxies). generic_plans: run Statement::generic ones
-  // under plan_cache_mode = force_generic_plan, with sequential scans and JIT
-  // off (the others under the session's defaults); only for connections that
-  // never carry a caller's SQL.
+  // transaction-pooling proxies). generic_plans: outside transactions, run
+  // Statement::generic ones under plan_cache_mode = force_generic_plan with
+  // sequential and bitmap scans and JIT off, the others and every transaction
+  // (begin()) under the session's defaults; only for connections that never
+  // carry a caller's SQL.
   Connection(const std::string& conninfo, const std::string& application_name, bool prepare = true,
              bool generic_plans = false);
   PGconn* get() const noexcept { return c_.get(); }
@@ -98,8 +99,12 @@ class Connection {
   // Unnamed statement; `binary` selects the result format.
   Result exec_params(std::string_view sql, const std::vector<Param>& params, bool binary,
                      std::string_view label);
-  // Simple query, no parameters, no result rows expected (BEGIN, COMMIT, SET ...).
+  // Simple query, no parameters, no result rows expected (COMMIT, SET ...).
   void command(const char* sql);
+  // BEGIN, with the session's own plan settings back first: plan_for cannot
+  // switch inside a transaction, and a transaction may run statements of
+  // either kind.
+  void begin();
   // COPY ... FROM STDIN; `next` appends the next slice of the data, in COPY's
   // text format, to the (empty) string it is given and answers whether more
   // follows. Each slice is sent as it is made, so the server parses one while

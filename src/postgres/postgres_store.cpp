@@ -492,7 +492,7 @@ std::vector<SubmitResult> submit_flow(Connection& c, const Statements& sql, std:
 // connection to its pool, which drops it).
 template <class F>
 auto in_transaction(Connection& c, F&& f) {
-  c.command("BEGIN");
+  c.begin();
   try {
     auto out = f();
     c.command("COMMIT");
@@ -850,7 +850,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     out.assign(tasks.size(), std::nullopt);
     missing.clear();
     holders.clear();
-    if (in_tx) c.command("BEGIN");
+    if (in_tx) c.begin();
     try {
       Result r;
       if (staged) {

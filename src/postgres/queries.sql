@@ -13,9 +13,10 @@
 -- a real server to check the two agree.
 --
 -- `-- plan: generic` under a name marks a statement whose plan must not depend
--- on its parameters (it reaches rows by id or walks the claim index): the
--- store's own connections run it on a generic plan, never planned again, with
--- sequential scans and JIT off (pg::Connection::plan_for says why).
+-- on its parameters (it reaches rows by id or key, or walks the claim index):
+-- outside a transaction the store's own connections run it on a generic plan,
+-- planned again only when its tables' statistics or definitions change, with
+-- sequential and bitmap scans and JIT off (pg::Connection::plan_for says why).
 --
 -- Times arrive as microseconds since the Unix epoch and durations as
 -- milliseconds, both bigint: ('epoch'::timestamptz + $n::bigint * interval
@@ -110,6 +111,7 @@ FROM ins JOIN src USING (id);
 
 
 -- name: lock_parents
+-- plan: generic
 -- A submit naming parents first locks those that have not ended (KEY SHARE:
 -- claims skip them for that moment, heartbeats and progress do not wait), so
 -- none can end before the submit commits unless its settlement sees the new
@@ -120,6 +122,7 @@ SELECT id FROM a UNION ALL SELECT id FROM b;
 
 
 -- name: parent_states
+-- plan: generic
 -- Where each parent stands, read after lock_parents in a snapshot of its own.
 SELECT id, status, tenant FROM eoq.tasks WHERE id = ANY($1::bigint[])
 UNION ALL SELECT id, status, tenant FROM eoq.waiting WHERE id = ANY($1::bigint[])
@@ -127,6 +130,7 @@ UNION ALL SELECT id, status, tenant FROM eoq.finished WHERE id = ANY($1::bigint[
 
 
 -- name: relatives
+-- plan: generic
 -- A task's parents (kind 0) and children (kind 1), wherever each stands.
 SELECT e.kind, t.id, t.type, t.status, t.result FROM (
   SELECT 0 AS kind, parent_id AS id FROM eoq.edges WHERE child_id = $1
@@ -139,6 +143,7 @@ ORDER BY 1, 2;
 
 
 -- name: submit_batch
+-- plan: generic
 -- The batch arrives as parallel arrays: one statement, one round trip.
 -- Each row draws its id in `src`; the answer is read from `src` too (ord, id
 -- and the values the insert wrote: run_at, created_at = now(), version 1), so
@@ -244,6 +249,7 @@ FROM pg_temp.eoq_stage;
 
 
 -- name: by_keys
+-- plan: generic
 -- The tasks holding keys ($1 queues, $2 tenants, $3 keys), live, waiting or finished,
 -- each with its position in the input.
 SELECT q.ord, t.*
@@ -601,6 +607,7 @@ RETURNING id;
 
 
 -- name: cancel
+-- plan: generic
 -- $1 id, $2 the scope's tenant (NULL: every tenant). A pending task ends
 -- cancelled; a running one gets a cancel request its worker sees at the next
 -- heartbeat. The counts say which happened, or whether the task is finished or
@@ -643,6 +650,7 @@ SELECT (SELECT count(*) FROM fin) AS cancelled,
 
 
 -- name: lock_task
+-- plan: generic
 -- Holds the task's live row until the transaction ends, so cancel, run next,
 -- sees it in a state that cannot change under it (claims skip locked rows;
 -- settling waits).
@@ -650,6 +658,7 @@ SELECT id FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR
 
 
 -- name: retry
+-- plan: generic
 -- $1 id, $2 the scope's tenant (NULL: every tenant), $3 channel.
 -- A task settled other than in success goes back to the live table as it was,
 -- pending now, with one attempt more than it has used if it has none left; its
@@ -683,6 +692,7 @@ SELECT (SELECT count(pg_notify($3, queue)) FROM back) AS retried,
 
 
 -- name: get
+-- plan: generic
 -- $1 id, $2 the scope's tenant (NULL: every tenant).
 SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
        attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
@@ -837,6 +847,7 @@ ORDER BY 1;
 
 
 -- name: settled
+-- plan: generic
 -- After a lost connection: did my settlement commit? The settled row (or the
 -- attempt row of a failure) carries the version the lease saw ($2).
 SELECT status FROM eoq.finished WHERE id = $1 AND version = $2 + 1
@@ -845,6 +856,7 @@ SELECT outcome FROM eoq.attempts WHERE task_id = $1 AND version = $2 AND outcome
 
 
 -- name: now
+-- plan: generic
 SELECT now();
 
 

@@ -267,6 +267,49 @@ STORE_CASE("a large batch keeps every byte of its payloads and the key rules of 
   CHECK(list_all(store).size() == 2500);
 }
 
+STORE_CASE("a large batch stores every field of its tasks as given", "[submit][batch]") {
+  // Postgres writes a batch of this size as COPY text, field by field: each
+  // field must come back as it went in, NULLs and all.
+  const auto base = std::chrono::time_point_cast<std::chrono::microseconds>(now()) + std::chrono::hours(1);
+  std::vector<NewTask> batch;
+  for (int i = 0; i < 1200; ++i) {
+    NewTask t = task(fmt::format("type{}", i % 3));
+    t.payload = fmt::format(R"({{"i": {}}})", i);
+    if (i % 2 == 0) t.key = fmt::format("field{}", i);
+    if (i % 3 == 0) t.tenant = fmt::format("tenant\\{}", i % 4);  // a backslash: escaped in COPY text
+    t.priority = i % 5 - 2;
+    if (i % 4 != 0) t.run_at = base + std::chrono::microseconds(i * 1001);
+    if (i % 6 == 0) t.deadline = base + std::chrono::hours(2) + std::chrono::microseconds(i);
+    t.retry.max_attempts = 1 + i % 9;
+    t.retry.backoff = i % 2 ? eoq::Backoff::fixed : eoq::Backoff::exponential;
+    t.retry.initial_delay = eoq::Millis(10 + i);
+    t.retry.max_delay = eoq::Millis(100000 + i);
+    t.retry.jitter = (i % 10) / 8.0 > 1 ? 1 : (i % 10) / 8.0;
+    batch.push_back(std::move(t));
+  }
+  auto r = store.submit_batch(batch);
+  REQUIRE(r.size() == batch.size());
+  int same = 0;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const auto& in = batch[i];
+    auto got = store.get(r[i].task.id);
+    REQUIRE(got);
+    INFO("tasks[" << i << "]");
+    CHECK(got->type == in.type);
+    CHECK(got->payload == in.payload);
+    CHECK(got->key == in.key);
+    CHECK(got->tenant == in.tenant);
+    CHECK(got->priority == in.priority);
+    if (in.run_at) CHECK(got->run_at == *in.run_at);
+    CHECK(got->run_at == r[i].task.run_at);
+    CHECK(got->deadline == in.deadline);
+    CHECK(got->retry == in.retry);
+    same += got->type == in.type && got->payload == in.payload && got->key == in.key && got->tenant == in.tenant &&
+            got->priority == in.priority && got->deadline == in.deadline && got->retry == in.retry;
+  }
+  CHECK(same == 1200);
+}
+
 STORE_CASE("a large batch repeating taken keys returns their tasks, and racing large batches create each key once",
            "[submit][batch][key]") {
   // Postgres inserts a large batch's keys by a plain INSERT and falls back to
