@@ -185,8 +185,14 @@ TEST_CASE("behind PgBouncer an idle store hears submits on listen_conninfo, and 
     submitter.submit(task("t"));
     CHECK(submitter.stats().at(0).pending == 1);  // the NOTIFY went out, and nobody heard it
     CHECK_FALSE(woke.load());
-    waiter.wake();
-    REQUIRE(eventually([&] { return woke.load(); }, 120s));
+    // wake() ends the wait under way; one that comes before the thread has
+    // begun to wait is not kept, so wake until it has.
+    REQUIRE(eventually(
+        [&] {
+          waiter.wake();
+          return woke.load();
+        },
+        120s));
     t.join();
   }
   eoq::test::drop_schema(eoq::test::direct_database_url(), schema);
