@@ -522,7 +522,8 @@ struct PostgresStore::Impl {
   std::mutex listen_m;
   std::condition_variable listen_cv;
   bool listener_busy = false;
-  std::uint64_t wake_gen = 0;
+  std::uint64_t wake_gen = 0;   // wake() calls and notifications heard
+  std::uint64_t wake_seen = 0;  // wake_gen as of the last wait that returned
   std::unique_ptr<Connection> listener;
   // Steady-clock ticks of the last statistics check (see refresh_stats); 0: never.
   std::atomic<std::chrono::steady_clock::rep> stats_refreshed{0};
@@ -1454,18 +1455,34 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
   using SteadyClock = std::chrono::steady_clock;
   auto deadline = SteadyClock::now() + timeout;
   std::unique_lock lk(impl.listen_m);
+  // A wake() since the last wait returned ends this one at once, as on
+  // MemoryStore: a worker wakes its store when a retry comes due sooner than
+  // its claimer's wait, and that wake can land a moment before the wait
+  // begins. The wait still goes through (a zero-length one), so the LISTEN
+  // connection is set up all the same.
+  const bool woken = impl.wake_gen != impl.wake_seen;
+  if (woken) deadline = SteadyClock::now();
   auto gen = impl.wake_gen;
+  auto seen = [&] { impl.wake_seen = impl.wake_gen; };  // with listen_m held
   if (impl.listen_conninfo().empty()) {
     // Nowhere to LISTEN: only wake() ends the wait early.
     impl.listen_cv.wait_until(lk, deadline, [&] { return impl.wake_gen != gen; });
+    seen();
     return;
   }
   if (impl.listener_busy) {
     // Another thread is polling the LISTEN connection; it tells us what it hears.
     impl.listen_cv.wait_until(lk, deadline, [&] { return impl.wake_gen != gen; });
+    seen();
     return;
   }
   impl.listener_busy = true;
+  if (woken) {
+    // That wake's write to wake_fd is still there for the poll: take it now,
+    // or it would end the next wait too.
+    std::uint64_t v;
+    [[maybe_unused]] auto got = ::read(impl.wake_fd, &v, sizeof v);
+  }
   lk.unlock();
   bool heard = false;
   try {
@@ -1510,12 +1527,14 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
     impl.listener_busy = false;
     impl.listen_cv.wait_until(lk, std::min(deadline, SteadyClock::now() + Millis(200)),
                            [&] { return impl.wake_gen != gen; });
+    seen();
     impl.listen_cv.notify_all();
     return;
   }
   lk.lock();
   impl.listener_busy = false;
   if (heard) ++impl.wake_gen;
+  seen();
   impl.listen_cv.notify_all();
 }
 

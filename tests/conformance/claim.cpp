@@ -193,6 +193,18 @@ STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the 
     CHECK(after_wake);
     CHECK(waited < 30s);  // the timeout would take 60 s
   }
+  SECTION("a wake just before a wait ends that wait at once, and only that one") {
+    // A worker wakes its store when a retry comes due sooner than its
+    // claimer's wait; that wake can come a moment before the wait begins.
+    store.wait_for_tasks({"quiet"}, 0ms);
+    store.wake();
+    auto t0 = Steady::now();
+    store.wait_for_tasks({"quiet"}, 60s);
+    CHECK(Steady::now() - t0 < 30s);  // the timeout would take 60 s
+    auto t1 = Steady::now();
+    store.wait_for_tasks({"quiet"}, 300ms);
+    CHECK(Steady::now() - t1 >= 295ms);  // the wake was used up
+  }
   SECTION("the timeout ends a wait, and is waited") {
     store.wait_for_tasks({"quiet"}, 0ms);
     auto t0 = Steady::now();
