@@ -305,7 +305,8 @@ class TaskStore {
   virtual MaintenanceReport maintain() = 0;
 
   // Blocks until tasks may be ready on one of `queues`, wake() is called, or the
-  // timeout passes. May return early; callers claim and wait again.
+  // timeout passes. May return early; callers claim and wait again. A wake()
+  // while nobody waits ends the next wait at once.
   virtual void wait_for_tasks(const std::vector<std::string>& queues, Millis timeout) = 0;
   virtual void wake() = 0;
 
