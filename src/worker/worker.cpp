@@ -177,6 +177,9 @@ void Engine::start() {
         fmt::join(opt.queues, ", "));
   log(LogLevel::info, "worker {} starting on queues [{}] with {} handler threads, lease {} ms", id,
       fmt::join(opt.queues, ", "), opt.concurrency, opt.lease.count());
+  // Running before the first thread starts: a task can be claimed and settled
+  // before start() returns, and running() must not read false meanwhile.
+  state = State::running;
   heartbeat_thread = std::jthread([this](std::stop_token st) { heartbeater.run(st); });
   completers_running = kCompleters;
   for (int i = 0; i < kCompleters; ++i)
@@ -189,7 +192,6 @@ void Engine::start() {
   if (!periodic->empty()) periodic->start();
   if (opt.maintenance_interval.count() > 0)
     maintenance_thread = std::jthread([this](std::stop_token st) { maintainer.maintain(st); });
-  state = State::running;
 }
 
 void Engine::request_stop() noexcept {
