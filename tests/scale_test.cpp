@@ -20,36 +20,11 @@
 
 using namespace std::chrono_literals;
 using eoq::Millis;
+using eoq::test::eventually;
+using eoq::test::Gate;
 namespace h = eoq::test::history;
 
 namespace {
-
-template <class Pred>
-bool eventually(Pred pred, Millis timeout) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return pred();
-}
-
-struct Gate {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool open = false;
-  void release() {
-    {
-      std::lock_guard lk(mu);
-      open = true;
-    }
-    cv.notify_all();
-  }
-  void wait(Millis timeout) {
-    std::unique_lock lk(mu);
-    cv.wait_for(lk, timeout, [&] { return open; });
-  }
-};
 
 eoq::NewTask task(std::string type) {
   eoq::NewTask t;

@@ -11,10 +11,13 @@
 #include <libpq-fe.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace eoq::test {
@@ -123,6 +126,35 @@ std::string scratch_dir(std::string_view hint);
 inline TimePoint now() {
   return std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now());
 }
+
+// Polls `pred` until it holds or `timeout` passes; true if it held.
+template <class Pred>
+bool eventually(Pred pred, Millis timeout = std::chrono::seconds(10)) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return pred();
+}
+
+// A gate a handler waits on until the test opens it.
+struct Gate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool open = false;
+  void release() {
+    {
+      std::lock_guard lk(mu);
+      open = true;
+    }
+    cv.notify_all();
+  }
+  bool wait(Millis timeout = std::chrono::seconds(10)) {
+    std::unique_lock lk(mu);
+    return cv.wait_for(lk, timeout, [&] { return open; });
+  }
+};
 
 // A ListQuery built field by field, so a test reads like the filter it sets.
 struct Q {

@@ -38,6 +38,8 @@
 using namespace std::chrono_literals;
 using eoq::Millis;
 using eoq::test::StoreKind;
+using eoq::test::eventually;
+using eoq::test::Gate;
 namespace h = eoq::test::history;
 
 // Runs the rest of the test case once per store; `store` is a TaskStore& on a
@@ -178,16 +180,6 @@ struct LogSink {
   }
 };
 
-template <class Pred>
-bool eventually(Pred pred, Millis timeout = 10s) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(2ms);
-  }
-  return pred();
-}
-
 eoq::TaskStatus status_of(eoq::TaskStore& store, eoq::TaskId id) { return store.get(id).value().status; }
 
 bool is_done(eoq::TaskStore& store, eoq::TaskId id) { return eoq::is_terminal(status_of(store, id)); }
@@ -212,24 +204,6 @@ eoq::WorkerOptions fast_options(LogSink& sink) {
   o.log_level = eoq::LogLevel::debug;
   return o;
 }
-
-// A gate a handler waits on until the test opens it.
-struct Gate {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool open = false;
-  void release() {
-    {
-      std::lock_guard lk(mu);
-      open = true;
-    }
-    cv.notify_all();
-  }
-  bool wait(Millis timeout = 10s) {
-    std::unique_lock lk(mu);
-    return cv.wait_for(lk, timeout, [&] { return open; });
-  }
-};
 
 void check_counters_add_up(const eoq::WorkerCounters& c) {
   CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +

@@ -9,6 +9,7 @@
 #include <mutex>
 
 using eoq::TaskId;
+using eoq::test::eventually;
 
 namespace {
 
@@ -300,16 +301,6 @@ eoq::WorkerOptions quiet_options() {
   return o;
 }
 
-template <class Pred>
-bool eventually(Pred pred, eoq::Millis timeout = 20s) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return pred();
-}
-
 }  // namespace
 
 STORE_CASE("Worker: a handler's submits exist only if its task completes, and a child reads its parents' results",
@@ -344,7 +335,7 @@ STORE_CASE("Worker: a handler's submits exist only if its task completes, and a 
   REQUIRE(eventually([&] {
     auto r = store.find("default", fmt::format("receipt-of-{}", id));
     return r && r->status == TaskStatus::succeeded && must_get(store, report).status == TaskStatus::succeeded;
-  }));
+  }, 20s));
   worker.stop();
   CHECK(parent_runs == 2);
   CHECK(child_runs == 1);
