@@ -175,6 +175,57 @@ TEST_CASE("every statement of queries.sql prepares and returns the columns, in o
   admin.exec("ROLLBACK");
 }
 
+TEST_CASE("the bulk-submit stage lives per session and per schema, and is empty after every transaction",
+          "[postgres][sql]") {
+  // Two stores' schemas in one session, as a transaction-pooling proxy may
+  // arrange: each stage draws ids from its own schema's sequence.
+  TestStore a(StoreKind::postgres), b(StoreKind::postgres);
+  Admin admin(a.conninfo());
+  auto create = [&](const TestStore& s) { return eoq::pg::query("create_stage", "\"" + s.schema() + "\"").sql; };
+  auto copy_one = [&](const TestStore& s) {
+    // Only the columns a stage row needs here; COPY's other columns stay NULL.
+    admin.exec(fmt::format("INSERT INTO pg_temp.\"eoq_stage_{}\" (queue, ord) VALUES ('q', 1)", s.schema()));
+  };
+  for (int round = 0; round < 2; ++round) {
+    admin.exec("BEGIN");
+    admin.exec(create(a));
+    admin.exec(create(a));  // again in the same transaction: no error, no notice
+    admin.exec(create(b));
+    copy_one(a);
+    copy_one(b);
+    CHECK(admin.count(fmt::format("SELECT count(*) FROM pg_temp.\"eoq_stage_{}\"", a.schema())) == 1);
+    CHECK(admin.scalar(fmt::format("SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
+                                   "WHERE adrelid = 'pg_temp.\"eoq_stage_{}\"'::regclass",
+                                   b.schema()))
+              .value_or("")
+              .find(b.schema()) != std::string::npos);
+    admin.exec("COMMIT");
+    CHECK(admin.count(fmt::format("SELECT count(*) FROM pg_temp.\"eoq_stage_{}\"", a.schema())) == 0);
+    CHECK(admin.count(fmt::format("SELECT count(*) FROM pg_temp.\"eoq_stage_{}\"", b.schema())) == 0);
+  }
+  // The stores themselves, batch after batch on their own pooled sessions.
+  for (auto* s : {&a, &b}) {
+    for (int batch = 0; batch < 3; ++batch) {
+      std::vector<eoq::NewTask> tasks(1000);
+      for (std::size_t i = 0; i < tasks.size(); ++i) {
+        tasks[i].queue = "q";
+        tasks[i].type = "t";
+        tasks[i].key = fmt::format("{}-{}", batch, i);
+      }
+      auto r = s->get().submit_batch(tasks);
+      REQUIRE(r.size() == tasks.size());
+      for (std::size_t i = 0; i < r.size(); ++i) {
+        CHECK_FALSE(r[i].duplicate);
+        CHECK(r[i].task.key == tasks[i].key);
+        CHECK(s->get().get(r[i].task.id).value().key == tasks[i].key);
+      }
+    }
+  }
+  Admin check(b.conninfo());
+  CHECK(check.count(fmt::format("SELECT count(*) FROM \"{}\".tasks", a.schema())) == 3000);
+  CHECK(check.count(fmt::format("SELECT count(*) FROM \"{}\".tasks", b.schema())) == 3000);
+}
+
 TEST_CASE("a generic claim plan built on a table analyzed while empty still walks the claim index once it fills",
           "[postgres][sql]") {
   TestStore store(StoreKind::postgres);

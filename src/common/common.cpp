@@ -8,8 +8,8 @@
 #include <cstdlib>
 #include <fmt/format.h>
 #include <random>
-#include <map>
 #include <tuple>
+#include <vector>
 
 namespace eoq {
 
@@ -182,23 +182,34 @@ double unit_random() {
 }
 
 bool check_batch_keys(std::span<const NewTask> tasks) {
-  bool repeated = false;
-  // queue, tenant ("" for none), key -> the first task with it. Ordered, not
-  // hashed: keys come from clients, and a batch of colliding keys must not
-  // cost quadratic time.
-  std::map<std::tuple<std::string_view, std::string_view, std::string_view>, std::size_t> first;
-  for (std::size_t i = 0; i < tasks.size(); ++i) {
+  // The keyed tasks sorted by (queue, tenant, key, position): equal keys end up
+  // side by side, the first of each run being the key's first task. Sorted,
+  // not hashed: keys come from clients, and a batch of colliding keys must
+  // not cost quadratic time; and one array, not a node per key.
+  auto id = [&](std::size_t i) {
     const NewTask& t = tasks[i];
-    if (!t.key) continue;
-    auto [it, fresh] = first.emplace(std::tuple{std::string_view(t.queue), std::string_view(t.tenant ? *t.tenant : ""),
-                                                std::string_view(*t.key)},
-                                     i);
-    if (fresh) continue;
-    repeated = true;
-    const NewTask& holder = tasks[it->second];
-    check_key_reuse(t, i, holder.type, holder.payload, fmt::format("tasks[{}] of this batch", it->second), 0);
+    return std::tuple{std::string_view(t.queue), std::string_view(t.tenant ? *t.tenant : ""), std::string_view(*t.key)};
+  };
+  std::vector<std::size_t> keyed;
+  keyed.reserve(tasks.size());
+  for (std::size_t i = 0; i < tasks.size(); ++i)
+    if (tasks[i].key) keyed.push_back(i);
+  std::sort(keyed.begin(), keyed.end(), [&](std::size_t a, std::size_t b) {
+    const auto ka = id(a), kb = id(b);
+    return ka != kb ? ka < kb : a < b;
+  });
+  // (task, the first task with its key), checked in input order so the error
+  // names the same task whichever order the sort left.
+  std::vector<std::pair<std::size_t, std::size_t>> repeats;
+  for (std::size_t j = 1, first = 0; j < keyed.size(); ++j) {
+    if (id(keyed[j]) != id(keyed[first])) first = j;
+    else repeats.emplace_back(keyed[j], keyed[first]);
   }
-  return repeated;
+  std::sort(repeats.begin(), repeats.end());
+  for (const auto& [i, holder] : repeats)
+    check_key_reuse(tasks[i], i, tasks[holder].type, tasks[holder].payload,
+                    fmt::format("tasks[{}] of this batch", holder), 0);
+  return !repeats.empty();
 }
 
 namespace {

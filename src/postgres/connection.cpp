@@ -50,6 +50,32 @@ double Result::f64(int row, int col) const {
 
 bool Result::boolean(int row, int col) const { return raw(row, col, 1)[0] != 0; }
 
+std::vector<std::int64_t> Result::i64_array(int row, int col) const {
+  // The binary array format: dimensions, a has-NULLs flag, the element type,
+  // (length, lower bound) per dimension, then (byte length, value) per element.
+  const auto len = static_cast<std::size_t>(PQgetlength(r_.get(), row, col));
+  const char* p = PQgetvalue(r_.get(), row, col);
+  auto i32_at = [&](std::size_t at) {
+    std::uint32_t v;
+    std::memcpy(&v, p + at, 4);
+    return static_cast<std::int32_t>(ntohl(v));
+  };
+  auto bad = [&] { return Error(fmt::format("eoq internal: column {} is not a bigint[] of one dimension without NULLs",
+                                            PQfname(r_.get(), col))); };
+  if (len < 12) throw bad();
+  const std::int32_t dims = i32_at(0);
+  if (dims == 0) return {};
+  if (dims != 1 || i32_at(4) != 0 || i32_at(8) != 20 || len < 20) throw bad();
+  const auto n = static_cast<std::size_t>(i32_at(12));
+  if (len != 20 + n * 12) throw bad();
+  std::vector<std::int64_t> out(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i32_at(20 + i * 12) != 8) throw bad();
+    out[i] = static_cast<std::int64_t>(be64(p + 20 + i * 12 + 4));
+  }
+  return out;
+}
+
 std::string Result::text(int row, int col) const {
   return std::string(PQgetvalue(r_.get(), row, col), static_cast<std::size_t>(PQgetlength(r_.get(), row, col)));
 }

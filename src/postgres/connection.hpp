@@ -59,6 +59,7 @@ class Result {
   bool boolean(int row, int col) const;
   std::string text(int row, int col) const;
   TimePoint time(int row, int col) const;     // timestamptz: microseconds since 2000-01-01
+  std::vector<std::int64_t> i64_array(int row, int col) const;  // bigint[] of one dimension, no NULLs
   std::optional<std::string> opt_text(int row, int col) const;
   std::optional<TimePoint> opt_time(int row, int col) const;
 

@@ -66,15 +66,26 @@ Statement query(std::string_view name, std::string_view quoted_schema) {
   auto it = std::find_if(all.begin(), all.end(), [&](const Query& q) { return q.name == name; });
   if (it == all.end()) throw Error(fmt::format("eoq internal: src/postgres/queries.sql has no query '{}'", name));
   // `eoq.` names the schema wherever it starts a qualified name, in a string
-  // literal too ('eoq.task_ids'); `x.eoq.` or `eoq_stage` is something else.
-  constexpr std::string_view kSchema = "eoq.";
+  // literal too ('eoq.task_ids'); `x.eoq.` is something else. `eoq_stage`,
+  // the temporary stage of a bulk submit, gets the schema in its name: it
+  // lives as long as the session, which a transaction-pooling proxy may hand
+  // to another schema's store.
+  constexpr std::string_view kSchema = "eoq.", kStage = "eoq_stage";
+  const std::string_view inner = quoted_schema.size() >= 2 && quoted_schema.front() == '"'
+                                     ? quoted_schema.substr(1, quoted_schema.size() - 2)
+                                     : quoted_schema;
   std::string sql;
   sql.reserve(it->sql.size() + 64);
   const std::string& in = it->sql;
   for (std::size_t at = 0; at < in.size();) {
-    if (in.compare(at, kSchema.size(), kSchema) == 0 && (at == 0 || !ident_char(in[at - 1]))) {
+    const bool starts = at == 0 || !ident_char(in[at - 1]);
+    if (starts && in.compare(at, kSchema.size(), kSchema) == 0) {
       sql.append(quoted_schema).push_back('.');
       at += kSchema.size();
+    } else if ((starts || in[at - 1] == '.') && in.compare(at, kStage.size(), kStage) == 0 &&
+               (at + kStage.size() == in.size() || !ident_char(in[at + kStage.size()]))) {
+      fmt::format_to(std::back_inserter(sql), "\"eoq_stage_{}\"", inner);
+      at += kStage.size();
     } else {
       sql.push_back(in[at++]);
     }
