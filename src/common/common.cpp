@@ -182,7 +182,7 @@ double unit_random() {
 }
 
 bool check_batch_keys(std::span<const NewTask> tasks) {
-  // The keyed tasks sorted by (queue, tenant, key, position): equal keys end up
+  // The keyed tasks sorted by (key, queue, tenant, position): equal keys end up
   // side by side, the first of each run being the key's first task. Sorted,
   // not hashed: keys come from clients, and a batch of colliding keys must
   // not cost quadratic time; and one array, not a node per key.
@@ -195,8 +195,13 @@ bool check_batch_keys(std::span<const NewTask> tasks) {
   for (std::size_t i = 0; i < tasks.size(); ++i)
     if (tasks[i].key) keyed.push_back(i);
   std::sort(keyed.begin(), keyed.end(), [&](std::size_t a, std::size_t b) {
-    const auto ka = id(a), kb = id(b);
-    return ka != kb ? ka < kb : a < b;
+    const auto [qa, ta, ka] = id(a);
+    const auto [qb, tb, kb] = id(b);
+    // The key first: it is the part that differs, where queue and tenant mostly repeat.
+    if (int c = ka.compare(kb)) return c < 0;
+    if (int c = qa.compare(qb)) return c < 0;
+    if (int c = ta.compare(tb)) return c < 0;
+    return a < b;
   });
   // (task, the first task with its key), checked in input order so the error
   // names the same task whichever order the sort left.
