@@ -182,9 +182,17 @@ TEST_CASE("the bulk-submit stage lives per session and per schema, and is empty 
   TestStore a(StoreKind::postgres), b(StoreKind::postgres);
   Admin admin(a.conninfo());
   auto create = [&](const TestStore& s) { return eoq::pg::query("create_stage", "\"" + s.schema() + "\"").sql; };
+  // The stage's name as the COPY statement gives it: the schema and a hash of the stage's definition.
+  auto stage = [&](const TestStore& s) {
+    const auto copy = eoq::pg::query("copy_stage", "\"" + s.schema() + "\"").sql;
+    const auto from = copy.find("pg_temp.");
+    return copy.substr(from, copy.find(' ', from) - from);
+  };
+  REQUIRE(stage(a) != stage(b));
+  CHECK(stage(a).find("\"eoq_stage_" + a.schema() + "_") == std::string("pg_temp.").size());
   auto copy_one = [&](const TestStore& s) {
     // Only the columns a stage row needs here; COPY's other columns stay NULL.
-    admin.exec(fmt::format("INSERT INTO pg_temp.\"eoq_stage_{}\" (queue, ord) VALUES ('q', 1)", s.schema()));
+    admin.exec(fmt::format("INSERT INTO {} (queue, ord) VALUES ('q', 1)", stage(s)));
   };
   for (int round = 0; round < 2; ++round) {
     admin.exec("BEGIN");
@@ -193,15 +201,14 @@ TEST_CASE("the bulk-submit stage lives per session and per schema, and is empty 
     admin.exec(create(b));
     copy_one(a);
     copy_one(b);
-    CHECK(admin.count(fmt::format("SELECT count(*) FROM pg_temp.\"eoq_stage_{}\"", a.schema())) == 1);
-    CHECK(admin.scalar(fmt::format("SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
-                                   "WHERE adrelid = 'pg_temp.\"eoq_stage_{}\"'::regclass",
-                                   b.schema()))
+    CHECK(admin.count(fmt::format("SELECT count(*) FROM {}", stage(a))) == 1);
+    CHECK(admin.scalar(fmt::format("SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = '{}'::regclass",
+                                   stage(b)))
               .value_or("")
               .find(b.schema()) != std::string::npos);
     admin.exec("COMMIT");
-    CHECK(admin.count(fmt::format("SELECT count(*) FROM pg_temp.\"eoq_stage_{}\"", a.schema())) == 0);
-    CHECK(admin.count(fmt::format("SELECT count(*) FROM pg_temp.\"eoq_stage_{}\"", b.schema())) == 0);
+    CHECK(admin.count(fmt::format("SELECT count(*) FROM {}", stage(a))) == 0);
+    CHECK(admin.count(fmt::format("SELECT count(*) FROM {}", stage(b))) == 0);
   }
   // The stores themselves, batch after batch on their own pooled sessions.
   for (auto* s : {&a, &b}) {

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdint>
 
 namespace eoq::pg {
 
@@ -67,10 +68,17 @@ Statement query(std::string_view name, std::string_view quoted_schema) {
   if (it == all.end()) throw Error(fmt::format("eoq internal: src/postgres/queries.sql has no query '{}'", name));
   // `eoq.` names the schema wherever it starts a qualified name, in a string
   // literal too ('eoq.task_ids'); `x.eoq.` is something else. `eoq_stage`,
-  // the temporary stage of a bulk submit, gets the schema in its name: it
-  // lives as long as the session, which a transaction-pooling proxy may hand
-  // to another schema's store.
+  // the temporary stage of a bulk submit, gets the schema and a hash of its
+  // definition in its name: it lives as long as the session, which a
+  // transaction-pooling proxy may hand to another schema's store, or to a
+  // process of another eoq version during a rolling upgrade.
   constexpr std::string_view kSchema = "eoq.", kStage = "eoq_stage";
+  static const unsigned stage_hash = [&] {
+    auto stage = std::find_if(all.begin(), all.end(), [](const Query& q) { return q.name == "create_stage"; });
+    std::uint32_t h = 2166136261u;  // FNV-1a
+    for (char ch : stage == all.end() ? std::string() : stage->sql) h = (h ^ static_cast<unsigned char>(ch)) * 16777619u;
+    return static_cast<unsigned>((h ^ (h >> 16)) & 0xffffu);
+  }();
   const std::string_view inner = quoted_schema.size() >= 2 && quoted_schema.front() == '"'
                                      ? quoted_schema.substr(1, quoted_schema.size() - 2)
                                      : quoted_schema;
@@ -84,7 +92,7 @@ Statement query(std::string_view name, std::string_view quoted_schema) {
       at += kSchema.size();
     } else if ((starts || in[at - 1] == '.') && in.compare(at, kStage.size(), kStage) == 0 &&
                (at + kStage.size() == in.size() || !ident_char(in[at + kStage.size()]))) {
-      fmt::format_to(std::back_inserter(sql), "\"eoq_stage_{}\"", inner);
+      fmt::format_to(std::back_inserter(sql), "\"eoq_stage_{}_{:04x}\"", inner, stage_hash);
       at += kStage.size();
     } else {
       sql.push_back(in[at++]);
