@@ -188,7 +188,8 @@ bool check_batch_keys(std::span<const NewTask> tasks) {
   // not cost quadratic time; and one array, not a node per key.
   auto id = [&](std::size_t i) {
     const NewTask& t = tasks[i];
-    return std::tuple{std::string_view(t.queue), t.tenant ? std::string_view(*t.tenant) : std::string_view(), std::string_view(*t.key)};
+    return std::tuple{std::string_view(t.queue), t.tenant ? std::string_view(*t.tenant) : std::string_view(),
+                      std::string_view(*t.key)};
   };
   std::vector<std::size_t> keyed;
   keyed.reserve(tasks.size());

@@ -76,7 +76,8 @@ Statement query(std::string_view name, std::string_view quoted_schema) {
   static const unsigned stage_hash = [&] {
     auto stage = std::find_if(all.begin(), all.end(), [](const Query& q) { return q.name == "create_stage"; });
     std::uint32_t h = 2166136261u;  // FNV-1a
-    for (char ch : stage == all.end() ? std::string() : stage->sql) h = (h ^ static_cast<unsigned char>(ch)) * 16777619u;
+    if (stage != all.end())
+      for (char ch : stage->sql) h = (h ^ static_cast<unsigned char>(ch)) * 16777619u;
     return static_cast<unsigned>((h ^ (h >> 16)) & 0xffffu);
   }();
   const std::string_view inner = quoted_schema.size() >= 2 && quoted_schema.front() == '"'
