@@ -296,16 +296,11 @@ CROSS JOIN LATERAL (
 -- `id = ANY(ARRAY(...))`, never by a join alone: on a table of tens of
 -- thousands of rows the planner priced a join's thousand index probes above a
 -- sequential scan, and scanned the whole table per batch.
--- The lease itself finds its rows by the ctid the lock saw, a tenth of the
--- statement cheaper than a primary-key lookup apiece. Should a candidate have
--- been updated after this statement's snapshot (the lock then returns the
--- newer version), that ctid is invisible to the update, and the task is
--- simply not leased this time.
 -- This is the one-queue form (the common case), which walks the claim index
 -- directly; `claim` below differs only in `cand`.
 -- $1 queue, $2 limit, $3 owner, $4 lease in ms.
 WITH cand AS (
-  SELECT t.ctid, t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
+  SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
          t.run_at,
          CASE WHEN t.deadline <= now() THEN 'expired'
               WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
@@ -341,7 +336,7 @@ upd AS (
   SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
       lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
       progress = 0, stage = ''
-  WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM cand WHERE final IS NULL))
+  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL))
   RETURNING t.*)
 SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
        t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
@@ -357,7 +352,7 @@ FROM upd t;
 -- priority, ...) entries in (priority, ...) order.
 WITH cand AS (
   SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL (
-    SELECT t.ctid, t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
+    SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
            t.run_at,
            CASE WHEN t.deadline <= now() THEN 'expired'
                 WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
@@ -394,7 +389,7 @@ upd AS (
   SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
       lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
       progress = 0, stage = ''
-  WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM cand WHERE final IS NULL))
+  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL))
   RETURNING t.*)
 SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
        t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
