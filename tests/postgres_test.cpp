@@ -233,6 +233,36 @@ TEST_CASE("the bulk-submit stage lives per session and per schema, and is empty 
   CHECK(check.count(fmt::format("SELECT count(*) FROM \"{}\".tasks", b.schema())) == 3000);
 }
 
+TEST_CASE("a bulk submit still works after its schema was dropped and migrated again while its session lived",
+          "[postgres][sql]") {
+  // DROP SCHEMA ... CASCADE takes the id default off every session's stage
+  // (it draws from the schema's sequence); the stage keeps its name.
+  eoq::test::StoreOptions one;
+  one.pool_size = 1;  // every batch on the same session, and so the same stage
+  TestStore s(StoreKind::postgres, one);
+  auto batch = [](int round) {
+    std::vector<eoq::NewTask> tasks(1000);
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      tasks[i].queue = "q";
+      tasks[i].type = "t";
+      tasks[i].key = fmt::format("{}-{}", round, i);
+    }
+    return tasks;
+  };
+  REQUIRE(s->submit_batch(batch(0)).size() == 1000);
+  {
+    Admin admin(s.conninfo());
+    admin.exec(fmt::format("DROP SCHEMA \"{}\" CASCADE", s.schema()));
+  }
+  s.postgres()->migrate();
+  for (int round = 1; round <= 2; ++round) {
+    auto in = batch(round);
+    auto r = s->submit_batch(in);
+    REQUIRE(r.size() == in.size());
+    for (std::size_t i = 0; i < r.size(); ++i) CHECK(s->get(r[i].task.id).value().key == in[i].key);
+  }
+}
+
 TEST_CASE("a generic claim plan built on a table analyzed while empty still walks the claim index once it fills",
           "[postgres][sql]") {
   TestStore store(StoreKind::postgres);

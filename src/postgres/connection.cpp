@@ -217,10 +217,11 @@ Result Connection::exec_params(std::string_view sql, const std::vector<Param>& p
   return r;
 }
 
-void Connection::command(const char* sql) {
+Result Connection::command(const char* sql) {
   Result r(PQexec(c_.get(), sql));
   auto s = PQresultStatus(r.get());
   if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), sql);
+  return r;
 }
 
 void Connection::copy_in(const char* sql, const std::function<bool(std::string&)>& next) {

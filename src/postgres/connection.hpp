@@ -101,7 +101,7 @@ class Connection {
   Result exec_params(std::string_view sql, const std::vector<Param>& params, bool binary,
                      std::string_view label);
   // Simple query, no parameters, no result rows expected (COMMIT, SET ...).
-  void command(const char* sql);
+  Result command(const char* sql);  // a simple query (several statements allowed): the last one's answer, in text
   // BEGIN, with the session's own plan settings back first: plan_for cannot
   // switch inside a transaction, and a transaction may run statements of
   // either kind.

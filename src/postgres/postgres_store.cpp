@@ -110,7 +110,7 @@ struct Statements {
 
   std::string schema;
   Statement submit = q("submit"), submit_batch = q("submit_batch"), create_stage = q("create_stage"),
-            copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
+            drop_stage = q("drop_stage"), copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
             submit_staged_fresh = q("submit_staged_fresh"), by_keys = q("by_keys");
   Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
@@ -155,6 +155,7 @@ const std::vector<ResultShape>& result_shapes() {
                                         {"result", kText}}},
       {"submit_batch", after_ord({{"count", 0}})},
       {"create_stage", std::nullopt},
+      {"drop_stage", std::nullopt},
       {"copy_stage", std::nullopt},
       {"submit_staged", after_ord({{"count", 0}})},
       {"submit_staged_fresh", std::vector<Column>{{"ids", kInt8Array}, {"created_at", kTimestamptz}, {"count", 0}}},
@@ -877,7 +878,11 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     try {
       Result r;
       if (staged) {
-        c.command(impl.sql.create_stage.sql.c_str());
+        auto made = c.command(impl.sql.create_stage.sql.c_str());
+        if (made.rows() != 1 || made.text(0, 0) != "t") {
+          c.command(impl.sql.drop_stage.sql.c_str());
+          c.command(impl.sql.create_stage.sql.c_str());
+        }
         std::size_t next = 0;
         c.copy_in(impl.sql.copy_stage.sql.c_str(), [&](std::string& slice) {
           constexpr std::size_t kRows = 512;

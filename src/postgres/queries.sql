@@ -191,12 +191,20 @@ FROM won;
 -- in for eoq_stage), since its ids come from that schema's sequence and a
 -- transaction-pooling proxy may hand this session to another schema's store.
 -- Sent as one simple query: the SET keeps "already exists, skipping" notices
--- off the client's stderr, for this transaction only.
+-- off the client's stderr, for this transaction only. The answer says whether
+-- the id default is still there: dropping the schema with CASCADE (to start
+-- it afresh, say) takes the default off every session's stage, and the store
+-- then runs drop_stage and this again.
 SET LOCAL client_min_messages = warning;
 CREATE TEMP TABLE IF NOT EXISTS eoq_stage (id bigint DEFAULT nextval('eoq.task_ids'), queue text, type text,
                                            key text, tenant text, payload text, priority int, run_at bigint,
                                            deadline bigint, max_attempts int, backoff text, initial_ms bigint,
                                            max_ms bigint, jitter float8, ord bigint) ON COMMIT DELETE ROWS;
+SELECT EXISTS (SELECT FROM pg_attrdef WHERE adrelid = 'pg_temp.eoq_stage'::regclass) AS has_default;
+
+
+-- name: drop_stage
+DROP TABLE pg_temp.eoq_stage;
 
 
 -- name: copy_stage
