@@ -1,5 +1,8 @@
 -- release_children returns at once while no edge waits for its parent's end:
--- the open edges get a partial index, which that check reads.
+-- the open edges get a partial index, which that check reads. The price is
+-- paid by workflows: `done` now sits in an index predicate, so marking an edge
+-- done is no longer a HOT update; and while any edge is open anywhere, every
+-- settling statement runs the full function, as before this migration.
 CREATE INDEX edges_open ON @schema@.edges (parent_id) WHERE NOT done;
 
 -- As in 0003, with that check first.
