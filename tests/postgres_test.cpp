@@ -261,6 +261,26 @@ TEST_CASE("a bulk submit still works after its schema was dropped and migrated a
     REQUIRE(r.size() == in.size());
     for (std::size_t i = 0; i < r.size(); ++i) CHECK(s->get(r[i].task.id).value().key == in[i].key);
   }
+  // Renamed away and migrated again: the stage still has a default, but it
+  // draws from the old schema's sequence; the new schema's must hand out the ids.
+  const std::string old_schema = s.schema() + "_old";
+  {
+    Admin admin(s.conninfo());
+    admin.exec(fmt::format("DROP SCHEMA IF EXISTS \"{}\" CASCADE", old_schema));
+    admin.exec(fmt::format("ALTER SCHEMA \"{}\" RENAME TO \"{}\"", s.schema(), old_schema));
+  }
+  s.postgres()->migrate();
+  auto in = batch(3);
+  auto r = s->submit_batch(in);
+  REQUIRE(r.size() == in.size());
+  Admin admin(s.conninfo());
+  const auto last = admin.count(fmt::format("SELECT last_value FROM \"{}\".task_ids", s.schema()));
+  for (std::size_t i = 0; i < r.size(); ++i) {
+    CHECK(r[i].task.id <= last);
+    CHECK(s->get(r[i].task.id).value().key == in[i].key);
+  }
+  CHECK(admin.count(fmt::format("SELECT count(*) FROM \"{}\".tasks", s.schema())) == 1000);
+  admin.exec(fmt::format("DROP SCHEMA \"{}\" CASCADE", old_schema));
 }
 
 TEST_CASE("a generic claim plan built on a table analyzed while empty still walks the claim index once it fills",

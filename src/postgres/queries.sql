@@ -192,15 +192,19 @@ FROM won;
 -- transaction-pooling proxy may hand this session to another schema's store.
 -- Sent as one simple query: the SET keeps "already exists, skipping" notices
 -- off the client's stderr, for this transaction only. The answer says whether
--- the id default is still there: dropping the schema with CASCADE (to start
--- it afresh, say) takes the default off every session's stage, and the store
--- then runs drop_stage and this again.
+-- the id default still draws from this schema's sequence: dropping the schema
+-- with CASCADE (to start it afresh, say) takes the default off every
+-- session's stage, and renaming it away and migrating again leaves the stage
+-- drawing from the old sequence. The store then runs drop_stage and this again.
 SET LOCAL client_min_messages = warning;
 CREATE TEMP TABLE IF NOT EXISTS eoq_stage (id bigint DEFAULT nextval('eoq.task_ids'), queue text, type text,
                                            key text, tenant text, payload text, priority int, run_at bigint,
                                            deadline bigint, max_attempts int, backoff text, initial_ms bigint,
                                            max_ms bigint, jitter float8, ord bigint) ON COMMIT DELETE ROWS;
-SELECT EXISTS (SELECT FROM pg_attrdef WHERE adrelid = 'pg_temp.eoq_stage'::regclass) AS has_default;
+SELECT EXISTS (SELECT FROM pg_catalog.pg_attrdef a
+               JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::regclass AND d.objid = a.oid
+               WHERE a.adrelid = 'pg_temp.eoq_stage'::regclass AND d.refobjid = 'eoq.task_ids'::regclass)
+       AS draws_from_this_schema;
 
 
 -- name: drop_stage
