@@ -187,9 +187,10 @@ FROM won;
 -- Emptied at COMMIT, so it holds no rows between transactions (nothing for a
 -- transaction-pooling proxy to lose), and created once per session: creating
 -- and dropping it with each batch cost a millisecond and left dead rows in
--- the catalogs for every batch. Its name carries the schema (the store puts it
--- in for eoq_stage), since its ids come from that schema's sequence and a
--- transaction-pooling proxy may hand this session to another schema's store.
+-- the catalogs for every batch. Its name carries the schema and a hash of this
+-- definition (pg::query puts them in for eoq_stage): its ids come from that
+-- schema's sequence, and a transaction-pooling proxy may hand this session to
+-- another schema's store, or to a process of another eoq version.
 -- Sent as one simple query: the SET keeps "already exists, skipping" notices
 -- off the client's stderr, for this transaction only. The answer says whether
 -- the id default still draws from this schema's sequence: dropping the schema
