@@ -100,8 +100,9 @@ class Connection {
   // Unnamed statement; `binary` selects the result format.
   Result exec_params(std::string_view sql, const std::vector<Param>& params, bool binary,
                      std::string_view label);
-  // Simple query, no parameters, no result rows expected (COMMIT, SET ...).
-  Result command(const char* sql);  // a simple query (several statements allowed): the last one's answer, in text
+  // Simple query, no parameters (COMMIT, SET ...; several statements allowed):
+  // the last statement's answer, in text format.
+  Result command(const char* sql);
   // BEGIN, with the session's own plan settings back first: plan_for cannot
   // switch inside a transaction, and a transaction may run statements of
   // either kind.
