@@ -445,6 +445,7 @@ Latency latency(eoq::TaskStore& s, int n, const std::string& queue) {
     while (seen.load() <= i) std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
   w.stop();
+  if (lat.empty()) return {};  // --latency-tasks 0
   std::sort(lat.begin(), lat.end());
   auto at = [&](double q) { return lat[std::min(lat.size() - 1, static_cast<std::size_t>(q * lat.size()))]; };
   return {at(0.50), at(0.99), at(0.999), lat.back()};
@@ -516,8 +517,9 @@ int main(int argc, char** argv) try {
              bare, bare / c100);
   fmt::print("| worker RSS during drain ({} handler threads) | {:.1f} MiB | |\n", a.defaults ? 4 : a.concurrency,
              empty.max_rss_kib / 1024.0);
-  fmt::print("| idle submit-to-start p50 / p99 / p99.9 / max ({} tasks) | {:.2f} / {:.2f} / {:.2f} / {:.2f} ms | |\n",
-             a.latency_tasks, lat.p50, lat.p99, lat.p999, lat.max);
+  if (a.latency_tasks > 0)
+    fmt::print("| idle submit-to-start p50 / p99 / p99.9 / max ({} tasks) | {:.2f} / {:.2f} / {:.2f} / {:.2f} ms | |\n",
+               a.latency_tasks, lat.p50, lat.p99, lat.p999, lat.max);
   if (profile.server) {
     fmt::print("| profile of the first drain, per task: server in claim / complete / other statements; client CPU | "
                "{:.1f} / {:.1f} / {:.1f} / {:.1f} us | wall {:.1f} us |\n",

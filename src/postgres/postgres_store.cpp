@@ -1005,6 +1005,7 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
 std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> completions) {
   auto& impl = *impl_;
   std::vector<Param> ids, versions, results;
+  bool all_null = true;  // then results go as NULL, and the statement skips them
   for (std::size_t i = 0; i < completions.size(); ++i) {
     if (!completions[i].lease) throw InvalidArgument(fmt::format("completions[{}].lease", i), "must not be null");
     detail::validate_json(completions.size() == 1 ? "result" : fmt::format("completions[{}].result", i),
@@ -1012,10 +1013,12 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
     ids.push_back(num(completions[i].lease->id()));
     versions.push_back(num(completions[i].lease->token));
     results.push_back(completions[i].result);
+    all_null = all_null && completions[i].result == "null";
   }
   if (completions.empty()) return {};
   bool retried = false;
-  auto r = impl.run(impl.sql.complete, {pg::text_array(ids), pg::text_array(versions), pg::text_array(results)},
+  auto r = impl.run(impl.sql.complete,
+                    {pg::text_array(ids), pg::text_array(versions), all_null ? Param{} : pg::text_array(results)},
                     &retried);
   std::map<std::pair<TaskId, std::int64_t>, bool> done;  // (id, token) settled now
   for (int i = 0; i < r.rows(); ++i) done[{r.i64(i, 0), r.i64(i, 1)}] = true;
@@ -1189,7 +1192,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     require_open();
     detail::validate_json("result", result_json, store_.options.max_payload_bytes);
     Result r = run(store_.sql.complete, {pg::text_array({num(lease_.id())}), pg::text_array({num(lease_.token)}),
-                                        pg::text_array({std::string(result_json)})});
+                                        result_json == "null" ? Param{} : pg::text_array({std::string(result_json)})});
     if (r.rows() != 1) lost("complete");
     commit("succeeded");
   }

@@ -359,6 +359,34 @@ STORE_CASE("complete_batch applies the valid leases and reports the stale ones",
   }
 }
 
+// The Postgres store sends a batch whose results are all JSON null without
+// them; the fence, the stale lease and the duplicate must hold the same way.
+STORE_CASE("complete_batch without results applies the valid leases once and stores null results", "[complete]") {
+  for (int i = 0; i < 4; ++i) store.submit(task());
+  auto ls = claim(store, {"default"}, "w", 4);
+  REQUIRE(ls.size() == 4);
+  auto stale2 = stale_copy(ls[2]);
+  auto snapshot2 = describe(must_get(store, ls[2].id()));
+  std::vector<eoq::Completion> batch = {{&ls[0]}, {&ls[1]}, {&stale2}, {&ls[3]}, {&ls[0]}};
+  CHECK(store.complete_batch(batch) == std::vector<bool>{true, true, false, true, false});
+  for (int i : {0, 1, 3}) {
+    auto done = must_get(store, ls[static_cast<std::size_t>(i)].id());
+    CHECK(done.status == TaskStatus::succeeded);
+    CHECK(done.result == std::optional<std::string>("null"));
+    CHECK(done.version == ls[static_cast<std::size_t>(i)].token + 1);
+    check_terminal_lease_fields(done, "w");
+  }
+  CHECK(describe(must_get(store, ls[2].id())) == snapshot2);
+  // One real result among nulls takes the path with results; the nulls stay null.
+  for (int i = 0; i < 2; ++i) store.submit(task());
+  auto more = claim(store, {"default"}, "w", 2);
+  REQUIRE(more.size() == 2);
+  std::vector<eoq::Completion> mixed = {{&more[0]}, {&more[1], R"({"n": 1})"}};
+  CHECK(store.complete_batch(mixed) == std::vector<bool>{true, true});
+  CHECK(must_get(store, more[0].id()).result == std::optional<std::string>("null"));
+  CHECK(must_get(store, more[1].id()).result == std::optional<std::string>(R"({"n": 1})"));
+}
+
 STORE_CASE("expire_if_overdue ends a held lease expired once its deadline has passed, and not before",
            "[deadline]") {
   NewTask t = task();
