@@ -387,6 +387,30 @@ STORE_CASE("complete_batch without results applies the valid leases once and sto
   CHECK(must_get(store, more[1].id()).result == std::optional<std::string>(R"({"n": 1})"));
 }
 
+// The Postgres store reads a batch's rows by their id range when the ids are
+// close together and by the ids themselves when they are far apart; the tasks
+// between them that the batch does not name must stay untouched either way.
+STORE_CASE("complete_batch settles the named tasks only, whether their ids are close together or far apart",
+           "[complete]") {
+  for (int i = 0; i < 30; ++i) store.submit(task());
+  auto ls = claim(store, {"default"}, "w", 30);
+  REQUIRE(ls.size() == 30);
+  auto untouched = [&](std::size_t i) { return describe(must_get(store, ls[i].id())); };
+  std::vector<std::string> before;
+  for (std::size_t i = 0; i < ls.size(); ++i) before.push_back(untouched(i));
+  // Close: 3 of the 4 ids in [ls[0], ls[3]]; ls[2] in between is not named.
+  std::vector<eoq::Completion> close = {{&ls[0]}, {&ls[1]}, {&ls[3]}};
+  CHECK(store.complete_batch(close) == std::vector<bool>{true, true, true});
+  // Far apart: 2 ids with 24 others between them.
+  std::vector<eoq::Completion> apart = {{&ls[4], R"("first")"}, {&ls[29], R"("last")"}};
+  CHECK(store.complete_batch(apart) == std::vector<bool>{true, true});
+  for (std::size_t i : {0u, 1u, 3u, 4u, 29u}) CHECK(must_get(store, ls[i].id()).status == TaskStatus::succeeded);
+  CHECK(must_get(store, ls[4].id()).result == std::optional<std::string>(R"("first")"));
+  CHECK(must_get(store, ls[29].id()).result == std::optional<std::string>(R"("last")"));
+  for (std::size_t i = 5; i < 29; ++i) CHECK(untouched(i) == before[i]);
+  CHECK(untouched(2) == before[2]);
+}
+
 STORE_CASE("expire_if_overdue ends a held lease expired once its deadline has passed, and not before",
            "[deadline]") {
   NewTask t = task();
