@@ -308,6 +308,7 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   CHECK(plan.find("Index Scan using tasks_claim") != std::string::npos);
   CHECK(plan.find("Seq Scan") == std::string::npos);
   CHECK(plan.find("JIT") == std::string::npos);
+  CHECK(plan.find("Index Cond: ((id >= ") != std::string::npos);  // the leases, by their id range
   CHECK(c.exec(claim, {"q", "10", "test", "30000"}).rows() == 10);
   // The completion's generic plan does not meet each settled row with its
   // result by a nested loop (quadratic in the batch).

@@ -56,6 +56,46 @@ STORE_CASE("a claim takes tasks from every queue it names and from no other", "[
   CHECK(gc[0].id() == c);
 }
 
+// The Postgres store leases a claim's rows by their id range when the ids are
+// close together and by the ids themselves when they are far apart; the other
+// queues' tasks in between must stay as they were either way, through both
+// the one-queue and the several-queue statement.
+STORE_CASE("a claim leases its own tasks only, whether their ids are close together or far apart", "[claim]") {
+  auto mixed = [&](const std::string& queue, int strangers_between) {
+    std::vector<eoq::TaskId> mine, others;
+    for (int i = 0; i < 6; ++i) {
+      mine.push_back(store.submit(task("t", queue)).task.id);
+      for (int j = 0; j < strangers_between; ++j) others.push_back(store.submit(task("t", "strangers")).task.id);
+    }
+    return std::pair{mine, others};
+  };
+  auto check = [&](const std::vector<eoq::Lease>& got, const std::vector<eoq::TaskId>& mine,
+                   const std::vector<eoq::TaskId>& others) {
+    std::vector<eoq::TaskId> ids;
+    for (const auto& l : got) ids.push_back(l.id());
+    CHECK(ids == mine);
+    for (auto id : mine) CHECK(must_get(store, id).status == TaskStatus::running);
+    for (auto id : others) {
+      auto t = must_get(store, id);
+      CHECK(t.status == TaskStatus::pending);
+      CHECK(t.version == 1);
+      CHECK_FALSE(t.lease_owner);
+    }
+  };
+  SECTION("close together") {
+    auto [mine, others] = mixed("near", 1);
+    check(claim(store, {"near"}, "w", 10), mine, others);
+  }
+  SECTION("far apart") {
+    auto [mine, others] = mixed("apart", 8);
+    check(claim(store, {"apart"}, "w", 10), mine, others);
+  }
+  SECTION("far apart, several queues") {
+    auto [mine, others] = mixed("apart", 8);
+    check(claim(store, {"apart", "empty"}, "w", 10), mine, others);
+  }
+}
+
 STORE_CASE("a task whose run_at is in the future is not claimed until then", "[claim]") {
   NewTask t = task();
   t.run_at = now() + 1s;
