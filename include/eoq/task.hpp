@@ -133,11 +133,26 @@ struct Lease {
   int attempt() const noexcept { return task.attempts; }
 };
 
+// A task's place in claim order: priority, then run_at, then id.
+struct ClaimPosition {
+  int priority = 0;
+  TimePoint run_at{};
+  TaskId id = 0;
+  friend auto operator<=>(const ClaimPosition&, const ClaimPosition&) = default;
+};
+
 struct ClaimRequest {
   std::vector<std::string> queues{"default"};
   std::string owner{};
   int limit = 1;
   Millis lease{30000};
+  // Take only tasks after this place in claim order. A Worker passes the last
+  // task of its previous full claim, so that the next claim does not walk
+  // again past the tasks it holds (and, on Postgres, past the index entries
+  // of tasks it finished). Tasks that sort before it (a higher priority
+  // submitted since, a lease given back or run out) are left to a claim
+  // without it, which the Worker makes every few claims.
+  std::optional<ClaimPosition> after{};
 };
 
 struct Failure {

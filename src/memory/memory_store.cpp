@@ -446,9 +446,12 @@ struct MemoryStore::State {
   // up to `limit`. Within one priority run_at ascends, so the first task not yet
   // due ends that priority: jump to the next one instead of walking past every
   // delayed task.
-  void ready_pending(const std::string& queue, TimePoint now, std::size_t limit, std::vector<ClaimKey>& out) const {
+  // With `after`, only tasks past that place in claim order.
+  void ready_pending(const std::string& queue, TimePoint now, std::size_t limit,
+                     const std::optional<ClaimPosition>& after, std::vector<ClaimKey>& out) const {
     std::size_t taken = 0;
-    auto it = pending.lower_bound(PendingKey{queue, std::numeric_limits<int>::min(), TimePoint::min(), kMinId});
+    auto it = after ? pending.upper_bound(PendingKey{queue, after->priority, after->run_at, after->id})
+                    : pending.lower_bound(PendingKey{queue, std::numeric_limits<int>::min(), TimePoint::min(), kMinId});
     while (taken < limit && it != pending.end() && std::get<0>(*it) == queue) {
       const auto& [q, priority, run_at, id] = *it;
       if (run_at <= now) {
@@ -622,12 +625,16 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
   // expiry, not claim order, so all are needed), then the best `limit` overall.
   std::vector<ClaimKey> candidates;
   for (const auto& q : queues) {
-    state.ready_pending(q, now, limit, candidates);
+    state.ready_pending(q, now, limit, request.after, candidates);
     for (auto it = state.leases.lower_bound(LeaseKey{q, TimePoint::min(), kMinId});
          it != state.leases.end() && std::get<0>(*it) == q && std::get<1>(*it) <= now; ++it) {
       const Task& t = state.tasks.at(std::get<2>(*it)).task;
       if (t.run_at <= now) candidates.emplace_back(t.priority, t.run_at, t.id);
     }
+  }
+  if (request.after) {  // the lost leases, which ready_pending did not see
+    const ClaimKey after{request.after->priority, request.after->run_at, request.after->id};
+    std::erase_if(candidates, [&](const ClaimKey& k) { return k <= after; });
   }
   const auto taken = std::min(limit, candidates.size());
   std::partial_sort(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(taken), candidates.end());

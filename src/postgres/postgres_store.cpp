@@ -982,9 +982,11 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
   // A repeat after a lost connection is safe: leases granted by a try whose
   // answer never arrived simply expire and the tasks are claimed again.
   const bool one = queues.size() == 1;
+  const auto& after = request.after;
   auto r = impl.run(one ? impl.sql.claim_one : impl.sql.claim,
-                 {one ? queues[0] : pg::text_array(queues), num(request.limit), request.owner,
-                  num(request.lease.count())});
+                    {one ? queues[0] : pg::text_array(queues), num(request.limit), request.owner,
+                     num(request.lease.count()), after ? num(after->priority) : Param{},
+                     after ? pg::time_param(after->run_at) : Param{}, after ? num(after->id) : Param{}});
   std::vector<Lease> leases;
   leases.reserve(static_cast<std::size_t>(r.rows()));
   for (int i = 0; i < r.rows(); ++i) {

@@ -83,6 +83,7 @@ void Claimer::run(const std::stop_token& st) {
       request.limit = std::min(e_.opt.claim_batch, room());
       claiming_ += request.limit;
     }
+    request.after = since_full_ + 1 < kFullClaimEvery ? after_ : std::nullopt;
     std::vector<Lease> leases;
     auto started = Steady::now();
     auto claim_started_at = std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now());
@@ -97,6 +98,15 @@ void Claimer::run(const std::stop_token& st) {
       e_.store_error("claim", e);
       e_.nap(backoff.next(), st);
       continue;
+    }
+    const bool full = static_cast<int>(leases.size()) == request.limit;
+    since_full_ = request.after ? since_full_ + 1 : 0;
+    after_.reset();
+    if (full) {
+      for (const auto& l : leases) {
+        ClaimPosition p{l.task.priority, l.task.run_at, l.task.id};
+        if (!after_ || *after_ < p) after_ = p;
+      }
     }
     if (!leases.empty()) {
       std::vector<std::shared_ptr<TaskRun>> runs;
@@ -115,9 +125,12 @@ void Claimer::run(const std::stop_token& st) {
       else e_.cv_work.notify_all();
       e_.log(LogLevel::debug, "claimed {} task(s)", runs.size());
     }
-    queue_deep_.store(static_cast<int>(leases.size()) == request.limit, std::memory_order_relaxed);
+    queue_deep_.store(full, std::memory_order_relaxed);
     adapt(started, request.limit);
-    if (static_cast<int>(leases.size()) < request.limit && !st.stop_requested() && !e_.stop_requested) {
+    // A short claim that started past a place may have left tasks before it:
+    // claim again at once from the front rather than wait.
+    if (!full && request.after) continue;
+    if (!full && !st.stop_requested() && !e_.stop_requested) {
       // The queues look drained: sleep until a notification, wake() or the poll interval.
       try {
         e_.store.wait_for_tasks(e_.opt.queues, idle_wait(claim_started_at));

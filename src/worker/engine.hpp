@@ -158,6 +158,14 @@ class Claimer {
   // wakes for it instead of waiting out the poll interval.
   std::priority_queue<std::int64_t, std::vector<std::int64_t>, std::greater<>> retries_due_;
   std::atomic<bool> queue_deep_{false};
+  // Where the next claim may start (ClaimRequest::after): past the last task
+  // of the previous full claim. Every kFullClaimEvery-th claim, and the claim
+  // after a short one, starts from the front, so a task that sorts before
+  // (a higher priority submitted since, a lease given back or run out) waits
+  // a few claims at most. Claiming thread only.
+  static constexpr int kFullClaimEvery = 8;
+  std::optional<ClaimPosition> after_;
+  int since_full_ = 0;
 };
 
 class Executor {

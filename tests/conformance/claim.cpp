@@ -96,6 +96,62 @@ STORE_CASE("a claim leases its own tasks only, whether their ids are close toget
   }
 }
 
+STORE_CASE("a claim with `after` takes only tasks past that place in claim order, and leaves the rest",
+           "[claim]") {
+  auto sub = [&](int priority, const std::string& queue) {
+    NewTask t = task("t", queue);
+    t.priority = priority;
+    return store.submit(t).task;
+  };
+  auto t1 = sub(0, "default"), t2 = sub(0, "other"), t3 = sub(0, "default"), t4 = sub(5, "other");
+  eoq::ClaimRequest r;
+  r.owner = "w";
+  r.limit = 10;
+  r.after = eoq::ClaimPosition{t2.priority, t2.run_at, t2.id};
+  SECTION("one queue") {
+    r.queues = {"default"};
+    auto got = store.claim(r);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0].id() == t3.id);
+    r.after.reset();
+    got = store.claim(r);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0].id() == t1.id);
+  }
+  SECTION("several queues") {
+    r.queues = {"default", "other"};
+    auto got = store.claim(r);
+    REQUIRE(got.size() == 2);
+    CHECK(got[0].id() == t3.id);
+    CHECK(got[1].id() == t4.id);
+    r.after.reset();
+    got = store.claim(r);
+    REQUIRE(got.size() == 2);
+    CHECK(got[0].id() == t1.id);
+    CHECK(got[1].id() == t2.id);
+  }
+  SECTION("a lost lease before the place is left too") {
+    r.queues = {"default", "other"};
+    r.after.reset();
+    r.lease = 1ms;
+    r.limit = 1;
+    REQUIRE(store.claim(r).at(0).id() == t1.id);
+    std::this_thread::sleep_for(20ms);
+    r.lease = 30s;
+    r.limit = 10;
+    r.after = eoq::ClaimPosition{t2.priority, t2.run_at, t2.id};
+    auto got = store.claim(r);
+    REQUIRE(got.size() == 2);
+    CHECK(got[0].id() == t3.id);
+    r.after.reset();
+    got = store.claim(r);
+    REQUIRE(got.size() == 2);
+    CHECK(got[0].id() == t1.id);  // the lost lease, taken over
+    CHECK(got[0].attempt() == 2);
+    CHECK(got[1].id() == t2.id);
+  }
+}
+
 STORE_CASE("a task whose run_at is in the future is not claimed until then", "[claim]") {
   NewTask t = task();
   t.run_at = now() + 1s;
