@@ -110,7 +110,8 @@ struct Statements {
 
   std::string schema;
   Statement submit = q("submit"), submit_batch = q("submit_batch"), create_stage = q("create_stage"),
-            drop_stage = q("drop_stage"), copy_stage = q("copy_stage"), submit_staged = q("submit_staged"),
+            drop_stage = q("drop_stage"), copy_stage = q("copy_stage"), copy_stage_narrow = q("copy_stage_narrow"),
+            submit_staged = q("submit_staged"),
             submit_staged_fresh = q("submit_staged_fresh"), by_keys = q("by_keys");
   Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
@@ -157,6 +158,8 @@ const std::vector<ResultShape>& result_shapes() {
       {"create_stage", std::nullopt},
       {"drop_stage", std::nullopt},
       {"copy_stage", std::nullopt},
+      {"copy_stage_narrow", std::nullopt},
+      {"stage_rows", std::nullopt},  // a part of the two below
       {"submit_staged", after_ord({{"count", 0}})},
       {"submit_staged_fresh", std::vector<Column>{{"ids", kInt8Array}, {"created_at", kTimestamptz}, {"count", 0}}},
       {"by_keys", ordinal_then_task()},
@@ -267,7 +270,17 @@ void copy_time(std::string& out, const std::optional<TimePoint>& t) {
 
 // A task as a row of the stage (create_stage's columns), written straight into
 // the COPY text: the same values as submit_params, without a string apiece.
-void copy_row(std::string& out, const NewTask& t, std::size_t ord) {
+// `narrow`: only copy_stage_narrow's columns.
+void copy_row(std::string& out, const NewTask& t, std::size_t ord, bool narrow) {
+  if (narrow) {
+    copy_nullable(out, t.key);
+    out += '\t';
+    copy_text(out, t.payload);
+    out += '\t';
+    copy_int(out, static_cast<long long>(ord));
+    out += '\n';
+    return;
+  }
   copy_text(out, t.queue);
   out += '\t';
   copy_text(out, t.type);
@@ -847,8 +860,18 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   if (std::any_of(tasks.begin(), tasks.end(), has_parents)) return submit_with_parents(impl, tasks, true);
   const bool staged = tasks.size() >= kStageFrom;
   std::vector<Param> params;
+  bool narrow = false;  // the tasks differ in key and payload only: copy_stage_narrow
   if (staged) {
     params.push_back(impl.channel);
+    const NewTask& first = tasks.front();
+    narrow = std::all_of(tasks.begin() + 1, tasks.end(), [&](const NewTask& t) {
+      return t.queue == first.queue && t.type == first.type && t.tenant == first.tenant &&
+             t.priority == first.priority && t.run_at == first.run_at && t.deadline == first.deadline &&
+             t.retry == first.retry;
+    });
+    // The columns copy_stage_narrow leaves out, in submit_params' order without key and payload.
+    auto p = submit_params(first, "");
+    for (std::size_t k : {0, 1, 3, 5, 6, 7, 8, 9, 10, 11, 12}) params.push_back(narrow ? std::move(p[k]) : Param{});
   } else {
     std::vector<std::vector<Param>> cols(13);
     for (auto& c : cols) c.reserve(tasks.size());
@@ -884,11 +907,11 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           c.command(impl.sql.create_stage.sql.c_str());
         }
         std::size_t next = 0;
-        c.copy_in(impl.sql.copy_stage.sql.c_str(), [&](std::string& slice) {
+        c.copy_in((narrow ? impl.sql.copy_stage_narrow : impl.sql.copy_stage).sql.c_str(), [&](std::string& slice) {
           constexpr std::size_t kRows = 512;
           slice.reserve(kRows * 160);
           for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next)
-            copy_row(slice, tasks[next], next + 1);
+            copy_row(slice, tasks[next], next + 1, narrow);
           return next < tasks.size();
         });
         bool fresh = false;

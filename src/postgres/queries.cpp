@@ -55,10 +55,26 @@ std::vector<Query> parse(std::string_view file) {
   return out;
 }
 
+// `@name@` in a statement stands for the text of the statement `name`: a part
+// that two statements share (stage_rows), written once.
+std::vector<Query> expand(std::vector<Query> all) {
+  for (auto& q : all) {
+    for (std::size_t at; (at = q.sql.find('@')) != std::string::npos;) {
+      const auto end = q.sql.find('@', at + 1);
+      const auto name = q.sql.substr(at + 1, end == std::string::npos ? std::string::npos : end - at - 1);
+      auto part = std::find_if(all.begin(), all.end(), [&](const Query& p) { return p.name == name; });
+      if (end == std::string::npos || part == all.end() || part->sql.find('@') != std::string::npos)
+        throw Error(fmt::format("eoq internal: query '{}' names no part '@{}@'", q.name, name));
+      q.sql.replace(at, end - at + 1, part->sql);
+    }
+  }
+  return all;
+}
+
 }  // namespace
 
 const std::vector<Query>& queries() {
-  static const std::vector<Query> all = parse(queries_file());
+  static const std::vector<Query> all = expand(parse(queries_file()));
   return all;
 }
 

@@ -314,6 +314,63 @@ STORE_CASE("a large batch stores every field of its tasks as given", "[submit][b
   CHECK(same == 1200);
 }
 
+// Postgres COPYs only key and payload when a large batch's tasks share every
+// other field, and takes the shared ones once; NULLs shared or not.
+STORE_CASE("a large batch whose tasks share all but key and payload stores the shared fields as given",
+           "[submit][batch]") {
+  const auto base = std::chrono::time_point_cast<std::chrono::microseconds>(now()) + std::chrono::hours(1);
+  NewTask shared = task("shared\\type", "bulk");
+  shared.tenant = "ten\\ant";
+  shared.priority = -7;
+  shared.run_at = base;
+  shared.deadline = base + std::chrono::hours(2);
+  shared.retry = eoq::RetryPolicy{5, eoq::Backoff::fixed, eoq::Millis(123), eoq::Millis(4567), 0.25};
+  auto make = [&](const NewTask& like, int from, int n) {
+    std::vector<NewTask> batch;
+    for (int i = from; i < from + n; ++i) {
+      NewTask t = like;
+      t.payload = fmt::format(R"({{"i": {}}})", i);
+      if (i % 2 == 0) t.key = fmt::format("s{}", i);
+      batch.push_back(std::move(t));
+    }
+    return batch;
+  };
+  auto check = [&](const std::vector<NewTask>& in, const std::vector<eoq::SubmitResult>& r, std::size_t from) {
+    REQUIRE(r.size() == in.size());
+    int same = 0;
+    for (std::size_t i = from; i < in.size(); ++i) {
+      auto got = store.get(r[i].task.id);
+      REQUIRE(got);
+      const auto& t = in[i];
+      same += !r[i].duplicate && got->queue == t.queue && got->type == t.type && got->tenant == t.tenant &&
+              got->key == t.key && got->payload == t.payload && got->priority == t.priority &&
+              got->run_at == t.run_at.value_or(got->created_at) && got->deadline == t.deadline &&
+              got->retry == t.retry && r[i].task.run_at == got->run_at;
+    }
+    CHECK(same == static_cast<int>(in.size() - from));
+  };
+  auto first = make(shared, 0, 1200);
+  check(first, store.submit_batch(first), 0);
+
+  SECTION("with taken keys among them") {
+    auto second = make(shared, 600, 1200);  // s600..s1198 are taken
+    auto r = store.submit_batch(second);
+    int dup = 0;
+    for (std::size_t i = 0; i < 600; ++i) dup += second[i].key ? r[i].duplicate : !r[i].duplicate;
+    CHECK(dup == 600);
+    check(second, r, 600);
+  }
+  SECTION("one task differing in one field") {
+    auto second = make(shared, 5000, 1200);
+    second.back().priority = 3;
+    check(second, store.submit_batch(second), 0);
+  }
+  SECTION("NULLs shared") {
+    auto second = make(task("plain"), 7000, 1200);
+    check(second, store.submit_batch(second), 0);
+  }
+}
+
 STORE_CASE("a large batch repeating taken keys returns their tasks, and racing large batches create each key once",
            "[submit][batch][key]") {
   // Postgres inserts a large batch's keys by a plain INSERT and falls back to
