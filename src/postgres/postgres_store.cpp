@@ -163,6 +163,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"submit_staged", after_ord({{"count", 0}})},
       {"submit_staged_fresh", std::vector<Column>{{"ids", kInt8Array}, {"created_at", kTimestamptz}, {"count", 0}}},
       {"by_keys", ordinal_then_task()},
+      {"claim_lease", std::nullopt},  // a part of the two below
       {"claim_one", kTaskColumns},
       {"claim", kTaskColumns},
       {"complete", std::vector<Column>{{"id", kInt8}, {"version", kInt8}}},

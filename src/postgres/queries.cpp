@@ -56,7 +56,7 @@ std::vector<Query> parse(std::string_view file) {
 }
 
 // `@name@` in a statement stands for the text of the statement `name`: a part
-// that two statements share (stage_rows), written once.
+// that two statements share (claim_lease, stage_rows), written once.
 std::vector<Query> expand(std::vector<Query> all) {
   for (auto& q : all) {
     for (std::size_t at; (at = q.sql.find('@')) != std::string::npos;) {

@@ -322,6 +322,56 @@ CROSS JOIN LATERAL (
   FROM eoq.finished WHERE id = k.task_id) t;
 
 
+-- name: claim_lease
+-- What claim_one and claim do after `cand` (each as `@claim_lease@`): settle
+-- the candidates that may not run, record lost attempts, lease the rest by
+-- their id range or ids, and answer the leases.
+ends AS (SELECT id, final FROM cand WHERE final IS NOT NULL),
+span AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM cand WHERE final IS NULL),
+lost AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired'
+  FROM cand WHERE status = 'running'),
+gone AS (
+  DELETE FROM eoq.tasks t USING ends e WHERE t.id = ANY(ARRAY(SELECT id FROM ends)) AND t.id = e.id
+  RETURNING t.*, e.final),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, final AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result,
+    CASE final WHEN 'expired' THEN 'deadline passed' WHEN 'failed' THEN 'lease expired'
+               ELSE last_error END AS last_error,
+    created_at, now() AS updated_at, now() AS finished_at
+  FROM gone),
+upd_near AS (
+  UPDATE eoq.tasks t
+  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
+      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
+      progress = 0, stage = ''
+  WHERE t.id BETWEEN (SELECT lo FROM span WHERE hi - lo < 4 * n) AND (SELECT hi FROM span)
+    AND (t.id IN (SELECT id FROM cand WHERE final IS NULL) OR t.id IS NULL)
+  RETURNING t.*),
+upd_apart AS (
+  UPDATE eoq.tasks t
+  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
+      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
+      progress = 0, stage = ''
+  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL AND (SELECT hi - lo >= 4 * n FROM span)))
+  RETURNING t.*)
+SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
+       t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
+       t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
+       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at
+FROM (SELECT * FROM upd_near UNION ALL SELECT * FROM upd_apart) t
+
+
 -- name: claim_one
 -- plan: generic
 -- One statement: pick candidates in claim order through the claim index (so
@@ -355,51 +405,7 @@ WITH cand AS (
                                                  '-infinity'),
                                         coalesce($7::bigint, 0))
   ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED),
-ends AS (SELECT id, final FROM cand WHERE final IS NOT NULL),
-span AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM cand WHERE final IS NULL),
-lost AS (
-  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired'
-  FROM cand WHERE status = 'running'),
-gone AS (
-  DELETE FROM eoq.tasks t USING ends e WHERE t.id = ANY(ARRAY(SELECT id FROM ends)) AND t.id = e.id
-  RETURNING t.*, e.final),
-fin AS (
-  INSERT INTO eoq.finished (
-    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
-  SELECT
-    id, queue, type, key, tenant, payload, final AS status, priority, run_at, deadline,
-    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result,
-    CASE final WHEN 'expired' THEN 'deadline passed' WHEN 'failed' THEN 'lease expired'
-               ELSE last_error END AS last_error,
-    created_at, now() AS updated_at, now() AS finished_at
-  FROM gone),
-upd_near AS (
-  UPDATE eoq.tasks t
-  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
-      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
-      progress = 0, stage = ''
-  WHERE t.id BETWEEN (SELECT lo FROM span WHERE hi - lo < 4 * n) AND (SELECT hi FROM span)
-    AND (t.id IN (SELECT id FROM cand WHERE final IS NULL) OR t.id IS NULL)
-  RETURNING t.*),
-upd_apart AS (
-  UPDATE eoq.tasks t
-  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
-      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
-      progress = 0, stage = ''
-  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL AND (SELECT hi - lo >= 4 * n FROM span)))
-  RETURNING t.*)
-SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
-       t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
-       t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
-       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at
-FROM (SELECT * FROM upd_near UNION ALL SELECT * FROM upd_apart) t;
-
+@claim_lease@;
 
 -- name: claim
 -- plan: generic
@@ -421,51 +427,7 @@ WITH cand AS (
                                           coalesce($7::bigint, 0))
     ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
   ORDER BY c.priority, c.run_at, c.id LIMIT $2),
-ends AS (SELECT id, final FROM cand WHERE final IS NOT NULL),
-span AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM cand WHERE final IS NULL),
-lost AS (
-  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
-  SELECT id, attempts, version, lease_owner, started_at, lease_expires_at, 'lease_expired', 'lease expired'
-  FROM cand WHERE status = 'running'),
-gone AS (
-  DELETE FROM eoq.tasks t USING ends e WHERE t.id = ANY(ARRAY(SELECT id FROM ends)) AND t.id = e.id
-  RETURNING t.*, e.final),
-fin AS (
-  INSERT INTO eoq.finished (
-    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
-  SELECT
-    id, queue, type, key, tenant, payload, final AS status, priority, run_at, deadline,
-    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result,
-    CASE final WHEN 'expired' THEN 'deadline passed' WHEN 'failed' THEN 'lease expired'
-               ELSE last_error END AS last_error,
-    created_at, now() AS updated_at, now() AS finished_at
-  FROM gone),
-upd_near AS (
-  UPDATE eoq.tasks t
-  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
-      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
-      progress = 0, stage = ''
-  WHERE t.id BETWEEN (SELECT lo FROM span WHERE hi - lo < 4 * n) AND (SELECT hi FROM span)
-    AND (t.id IN (SELECT id FROM cand WHERE final IS NULL) OR t.id IS NULL)
-  RETURNING t.*),
-upd_apart AS (
-  UPDATE eoq.tasks t
-  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
-      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
-      progress = 0, stage = ''
-  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL AND (SELECT hi - lo >= 4 * n FROM span)))
-  RETURNING t.*)
-SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
-       t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
-       t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
-       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at
-FROM (SELECT * FROM upd_near UNION ALL SELECT * FROM upd_apart) t;
-
+@claim_lease@;
 
 -- name: complete
 -- plan: generic
