@@ -407,6 +407,7 @@ WITH cand AS (
   ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED),
 @claim_lease@;
 
+
 -- name: claim
 -- plan: generic
 -- claim_one over several queues ($1 an array): the claim index is walked once
@@ -428,6 +429,7 @@ WITH cand AS (
     ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
   ORDER BY c.priority, c.run_at, c.id LIMIT $2),
 @claim_lease@;
+
 
 -- name: complete
 -- plan: generic
