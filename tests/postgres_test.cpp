@@ -283,6 +283,54 @@ TEST_CASE("a bulk submit still works after its schema was dropped and migrated a
   admin.exec(fmt::format("DROP SCHEMA \"{}\" CASCADE", old_schema));
 }
 
+TEST_CASE("a bulk submit answers each task's own id and times, whether its ids run without gaps or not",
+          "[postgres][sql]") {
+  // The stage draws ids as COPY writes its rows, so a batch's ids mostly run
+  // on without a gap and the answer carries only the first. A sequence that
+  // steps by 3 (or another session drawing ids meanwhile) breaks the run: the
+  // answer then carries every id.
+  TestStore s(StoreKind::postgres);
+  Admin admin(s.conninfo());
+  auto batch = [](int round, bool narrow, bool keyed) {
+    std::vector<eoq::NewTask> tasks(1200);
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      tasks[i].queue = narrow || i % 2 ? "q" : "r";
+      tasks[i].type = "t";
+      tasks[i].payload = fmt::format(R"({{"i":{}}})", i);
+      if (keyed) tasks[i].key = fmt::format("{}-{}", round, i);
+      if (!narrow && i % 3 == 0)
+        tasks[i].run_at = std::chrono::time_point_cast<std::chrono::microseconds>(eoq::Clock::now() - std::chrono::hours(1));
+    }
+    return tasks;
+  };
+  int round = 0;
+  for (int step : {1, 3}) {
+    admin.exec(fmt::format("ALTER SEQUENCE \"{}\".task_ids INCREMENT BY {}", s.schema(), step));
+    for (bool narrow : {true, false})
+      for (bool keyed : {true, false}) {
+        INFO("step " << step << ", narrow " << narrow << ", keyed " << keyed);
+        auto in = batch(++round, narrow, keyed);
+        auto r = s->submit_batch(in);
+        REQUIRE(r.size() == in.size());
+        std::set<std::int64_t> ids;
+        for (std::size_t i = 0; i < r.size(); ++i) {
+          const auto& t = r[i].task;
+          ids.insert(t.id);
+          auto stored = s->get(t.id);
+          REQUIRE(stored);
+          CHECK(stored->payload == in[i].payload);
+          CHECK(stored->key == in[i].key);
+          CHECK(stored->queue == in[i].queue);
+          CHECK(t.created_at == stored->created_at);
+          CHECK(t.run_at == stored->run_at);
+          CHECK(t.version == stored->version);
+          if (i > 0) CHECK(t.id - r[i - 1].task.id == step);
+        }
+        CHECK(ids.size() == in.size());
+      }
+  }
+}
+
 TEST_CASE("a generic claim plan built on a table analyzed while empty still walks the claim index once it fills",
           "[postgres][sql]") {
   TestStore store(StoreKind::postgres);

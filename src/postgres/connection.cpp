@@ -189,17 +189,46 @@ void Connection::begin() {
   command("BEGIN");
 }
 
+void Connection::prepare(const Statement& st) {
+  plan_for(st);
+  if (prepared_.contains(st.name)) return;
+  Result r(PQprepare(c_.get(), st.name, st.sql.c_str(), 0, nullptr));
+  if (PQresultStatus(r.get()) != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
+  prepared_.insert(st.name);
+}
+
 Result Connection::exec(const Statement& st, const std::vector<Param>& params) {
   if (!prepare_) return exec_params(st.sql, params, true, st.name);
-  plan_for(st);
-  if (!prepared_.contains(st.name)) {
-    Result r(PQprepare(c_.get(), st.name, st.sql.c_str(), 0, nullptr));
-    if (PQresultStatus(r.get()) != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
-    prepared_.insert(st.name);
-  }
+  prepare(st);
   std::vector<const char*> values(params.size());
   for (std::size_t i = 0; i < params.size(); ++i) values[i] = params[i] ? params[i]->c_str() : nullptr;
   Result r(PQexecPrepared(c_.get(), st.name, static_cast<int>(values.size()), values.data(), nullptr, nullptr, 1));
+  auto s = PQresultStatus(r.get());
+  if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
+  return r;
+}
+
+Result Connection::exec(const Statement& st, const std::vector<Param>& params, const std::function<void()>& meanwhile) {
+  if (prepare_) prepare(st);
+  std::vector<const char*> values(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) values[i] = params[i] ? params[i]->c_str() : nullptr;
+  const int n = static_cast<int>(values.size());
+  const int sent = prepare_ ? PQsendQueryPrepared(c_.get(), st.name, n, values.data(), nullptr, nullptr, 1)
+                            : PQsendQueryParams(c_.get(), st.sql.c_str(), n, nullptr, values.data(), nullptr, nullptr, 1);
+  if (sent != 1) throw_error(c_.get(), nullptr, st.name);
+  // Whatever happens meanwhile, the answer is read to its end: the connection
+  // is then ready for the caller's ROLLBACK.
+  auto drain = [&] {
+    while (PGresult* rest = PQgetResult(c_.get())) PQclear(rest);
+  };
+  try {
+    meanwhile();
+  } catch (...) {
+    drain();
+    throw;
+  }
+  Result r(PQgetResult(c_.get()));
+  drain();
   auto s = PQresultStatus(r.get());
   if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
   return r;

@@ -97,6 +97,9 @@ class Connection {
 
   // Prepared (once per connection) and executed with binary results.
   Result exec(const Statement& st, const std::vector<Param>& params);
+  // The same, running `meanwhile` on this thread while the server works: for
+  // client work that does not need the answer (and must not use this connection).
+  Result exec(const Statement& st, const std::vector<Param>& params, const std::function<void()>& meanwhile);
   // Unnamed statement; `binary` selects the result format.
   Result exec_params(std::string_view sql, const std::vector<Param>& params, bool binary,
                      std::string_view label);
@@ -115,6 +118,7 @@ class Connection {
 
  private:
   void plan_for(const Statement& st);
+  void prepare(const Statement& st);  // plan_for, and PQprepare once per connection
   ConnPtr c_;
   bool prepare_ = true;
   bool generic_plans_ = false;

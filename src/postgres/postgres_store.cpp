@@ -161,7 +161,8 @@ const std::vector<ResultShape>& result_shapes() {
       {"copy_stage_narrow", std::nullopt},
       {"stage_rows", std::nullopt},  // a part of the two below
       {"submit_staged", after_ord({{"count", 0}})},
-      {"submit_staged_fresh", std::vector<Column>{{"ids", kInt8Array}, {"created_at", kTimestamptz}, {"count", 0}}},
+      {"submit_staged_fresh", std::vector<Column>{{"first_id", kInt8}, {"ids", kInt8Array},
+                                                  {"created_at", kTimestamptz}, {"count", 0}}},
       {"by_keys", ordinal_then_task()},
       {"claim_lease", std::nullopt},  // a part of the two below
       {"claim_one", kTaskColumns},
@@ -873,6 +874,14 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     // The columns copy_stage_narrow leaves out, in submit_params' order without key and payload.
     auto p = submit_params(first, "");
     for (std::size_t k : {0, 1, 3, 5, 6, 7, 8, 9, 10, 11, 12}) params.push_back(narrow ? std::move(p[k]) : Param{});
+    // The batch's queues, each once, for the notifications.
+    std::vector<std::string_view> queues{first.queue};
+    if (!narrow) {
+      for (const auto& t : tasks) queues.push_back(t.queue);
+      std::sort(queues.begin(), queues.end());
+      queues.erase(std::unique(queues.begin(), queues.end()), queues.end());
+    }
+    params.push_back(pg::text_array(std::vector<Param>(queues.begin(), queues.end())));
   } else {
     std::vector<std::vector<Param>> cols(13);
     for (auto& c : cols) c.reserve(tasks.size());
@@ -915,9 +924,14 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
             copy_row(slice, tasks[next], next + 1, narrow);
           return next < tasks.size();
         });
+        // While the server inserts, the answer's tasks are made from their
+        // input; the fresh statement's answer then fills in ids and times.
+        auto make_tasks = [&] {
+          for (std::size_t i = 0; i < tasks.size(); ++i) out[i].task = task_from_new(tasks[i], 0, {}, {}, 1);
+        };
         bool fresh = false;
         if (!any_keyed) {
-          r = c.exec(impl.sql.submit_staged_fresh, params);
+          r = c.exec(impl.sql.submit_staged_fresh, params, make_tasks);
           fresh = true;
         } else if (repeats_a_key) {
           r = c.exec(impl.sql.submit_staged, params);
@@ -926,7 +940,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           // one turns out to be taken (its unique violation undone by the savepoint).
           c.command("SAVEPOINT eoq_fresh_keys");
           try {
-            r = c.exec(impl.sql.submit_staged_fresh, params);
+            r = c.exec(impl.sql.submit_staged_fresh, params, make_tasks);
             fresh = true;
           } catch (const DatabaseError& e) {
             if (e.sqlstate() != "23505" || !c.ok()) throw;
@@ -935,14 +949,22 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           }
         }
         if (fresh) {
-          // Every task went in: one row, the ids in input order and the creation time.
-          const auto ids = r.rows() == 1 ? r.i64_array(0, 0) : std::vector<std::int64_t>{};
-          if (ids.size() != tasks.size())
+          // Every task went in: one row, its ids (the first of a gapless run, or
+          // all of them in input order) and the creation time.
+          std::optional<std::int64_t> first_id;
+          std::vector<std::int64_t> ids;
+          if (r.rows() == 1 && !r.null(0, 0)) first_id = r.i64(0, 0);
+          else if (r.rows() == 1 && !r.null(0, 1)) ids = r.i64_array(0, 1);
+          if (!first_id && ids.size() != tasks.size())
             throw Error(fmt::format("eoq internal: submit_staged_fresh answered {} ids for {} tasks", ids.size(),
                                     tasks.size()));
-          const TimePoint created = r.time(0, 1);
-          for (std::size_t i = 0; i < tasks.size(); ++i)
-            out[i].task = task_from_new(tasks[i], ids[i], tasks[i].run_at.value_or(created), created, 1);
+          const TimePoint created = r.time(0, 2);
+          for (std::size_t i = 0; i < tasks.size(); ++i) {
+            Task& t = out[i].task;
+            t.id = first_id ? *first_id + static_cast<std::int64_t>(i) : ids[i];
+            t.run_at = tasks[i].run_at.value_or(created);
+            t.created_at = t.updated_at = created;
+          }
           have.assign(tasks.size(), 1);
           r = Result();
         }

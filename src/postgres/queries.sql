@@ -241,7 +241,8 @@ FROM pg_temp.eoq_stage
 
 -- name: submit_staged
 -- submit_batch, reading the stage (whose rows carry their ids). $1 the
--- notification channel, $2-$12 as stage_rows'.
+-- notification channel, $2-$12 as stage_rows', $13 the batch's queues, each
+-- once (the client knows them: a DISTINCT over the stage cost two percent).
 WITH src AS MATERIALIZED (@stage_rows@),
 k AS (
   INSERT INTO eoq.keys (queue, tenant, key, task_id)
@@ -261,7 +262,7 @@ ins AS (
          max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
   FROM won)
 SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
-       (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
+       (SELECT count(pg_notify($1, q)) FROM unnest($13::text[]) AS q)
 FROM won;
 
 
@@ -273,10 +274,14 @@ FROM won;
 -- submit_staged. Also the statement for a batch without keys, which cannot
 -- conflict. Each part reads the stage itself, where the ids already are:
 -- materializing it as a CTE first cost a sixth of the statement.
--- Every row goes in, so the answer is one row: the ids in input order, and the
--- time they were created (version 1, run_at as given or that time). A row per
--- task cost the server a tenth of the statement, and the client as much.
--- $1-$12 as submit_staged's; `src` is inlined where it is read.
+-- Every row goes in, so the answer is one row: the ids, and the time they
+-- were created (version 1, run_at as given or that time). A row per task cost
+-- the server a tenth of the statement, and the client as much. The stage drew
+-- its ids row by row as COPY wrote them, so they mostly run on from the first
+-- with no gap: `first_id` when every id is its row's position plus one same
+-- number (checked here, not assumed), else `ids` in input order. Sorting ten
+-- thousand ids for the array cost the server four percent of the statement.
+-- $1-$13 as submit_staged's; `src` is inlined where it is read.
 WITH src AS NOT MATERIALIZED (@stage_rows@),
 k AS (
   INSERT INTO eoq.keys (queue, tenant, key, task_id)
@@ -289,10 +294,11 @@ ins AS (
          coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()),
          ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond'),
          max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
-  FROM src)
-SELECT array_agg(id ORDER BY ord) AS ids, now() AS created_at,
-       (SELECT count(pg_notify($1, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
-FROM pg_temp.eoq_stage;
+  FROM src),
+d AS (SELECT min(id - ord) AS lo, max(id - ord) AS hi FROM pg_temp.eoq_stage)
+SELECT (SELECT lo + 1 FROM d WHERE lo = hi) AS first_id,
+       (SELECT array_agg(id ORDER BY ord) FROM pg_temp.eoq_stage WHERE (SELECT lo <> hi FROM d)) AS ids,
+       now() AS created_at, (SELECT count(pg_notify($1, q)) FROM unnest($13::text[]) AS q);
 
 
 -- name: by_keys
