@@ -20,8 +20,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -225,6 +227,12 @@ double bare_loop(eoq::TaskStore& s, const std::string& queue, int n) {
 struct Profile {
   bool server = false;
   double claim_us = 0, complete_us = 0, other_us = 0, client_us = 0;
+  // What else the server did meanwhile: WAL written per task (full-page images
+  // after a checkpoint double it), checkpoints begun, and autovacuum or
+  // autoanalyze runs on the schema's tables (they share the two cores).
+  bool background = false;
+  double wal_bytes = 0, wal_fpi = 0;
+  long checkpoints = 0, autovacuums = 0;
 };
 
 double cpu_seconds() {
@@ -242,11 +250,19 @@ class StatementClock {
     PQclear(r);
   }
   ~StatementClock() { PQfinish(c_); }
-  void start() {
+  void start(const std::string& schema) {
     if (on_) PQclear(PQexec(c_, "SELECT pg_stat_statements_reset()"));
+    mark_ = background(schema);
   }
   // Milliseconds spent in eoq's claim and complete statements and all others of `schema`.
   void read(const std::string& schema, int tasks, Profile& p) {
+    if (auto now = background(schema); now && mark_) {
+      p.background = true;
+      p.wal_bytes = ((*now)[0] - (*mark_)[0]) / tasks;
+      p.wal_fpi = ((*now)[1] - (*mark_)[1]) / tasks;
+      p.checkpoints = std::lround((*now)[2] - (*mark_)[2]);
+      p.autovacuums = std::lround((*now)[3] - (*mark_)[3]);
+    }
     if (!on_) return;
     auto sql = fmt::format("SELECT query, total_exec_time FROM pg_stat_statements WHERE query LIKE '%\"{}\".%'",
                            schema);
@@ -265,8 +281,29 @@ class StatementClock {
   }
 
  private:
+  // WAL bytes, full-page images, checkpoints, autovacuum + autoanalyze runs on
+  // `schema` (pg_stat_wal: PostgreSQL 14 and later). The table counters are
+  // flushed as the server's processes get to it: read them after a short pause.
+  std::optional<std::array<double, 4>> background(const std::string& schema) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    const char* param = schema.c_str();
+    PGresult* r = PQexecParams(
+        c_,
+        "SELECT w.wal_bytes::float8, w.wal_fpi::float8, (b.checkpoints_timed + b.checkpoints_req)::float8, "
+        "(SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)::float8 FROM pg_stat_user_tables "
+        "WHERE schemaname = $1) FROM pg_stat_wal w, pg_stat_bgwriter b",
+        1, nullptr, &param, nullptr, nullptr, 0);
+    std::optional<std::array<double, 4>> out;
+    if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1)
+      out = std::array<double, 4>{std::stod(PQgetvalue(r, 0, 0)), std::stod(PQgetvalue(r, 0, 1)),
+                                  std::stod(PQgetvalue(r, 0, 2)), std::stod(PQgetvalue(r, 0, 3))};
+    PQclear(r);
+    return out;
+  }
+
   PGconn* c_;
   bool on_ = false;
+  std::optional<std::array<double, 4>> mark_;
 };
 
 // `maintain`: run the store's maintenance (and so retention) every second
@@ -485,7 +522,7 @@ int main(int argc, char** argv) try {
 
   StatementClock statements(url);
   auto profiled_drain = [&](const std::string& queue, Profile& profile) {
-    statements.start();
+    statements.start(po.schema);
     auto d = drain(store, a, queue, a.tasks);
     profile.client_us = d.client_us_per_task;
     statements.read(po.schema, a.tasks, profile);
@@ -527,7 +564,16 @@ int main(int argc, char** argv) try {
     fmt::print("| the same for the drain run again at once | {:.1f} / {:.1f} / {:.1f} / {:.1f} us | wall {:.1f} us |\n",
                profile_again.claim_us, profile_again.complete_us, profile_again.other_us, profile_again.client_us,
                1e6 / again.rate);
-  } else
+  }
+  if (profile.background) {
+    auto bg = [](const Profile& p) {
+      return fmt::format("{:.0f} B / {:.3f} / {} / {}", p.wal_bytes, p.wal_fpi, p.checkpoints, p.autovacuums);
+    };
+    fmt::print("| the server meanwhile, first drain: WAL per task / full-page images per task / checkpoints / "
+               "autovacuum+autoanalyze runs on the schema | {} | |\n", bg(profile));
+    fmt::print("| the same for the drain run again at once | {} | |\n", bg(profile_again));
+  }
+  if (!profile.server)
     fmt::print("| profile of that drain, per task: client CPU (server: load pg_stat_statements to see it) | {:.1f} us "
                "| wall {:.1f} us |\n",
                profile.client_us, 1e6 / empty.rate);
