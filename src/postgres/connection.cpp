@@ -321,20 +321,34 @@ void Pool::put(std::unique_ptr<Connection> c) {
   cv_.notify_one();
 }
 
+namespace {
+// One element of a text[] literal: quoted, `"` and `\` escaped; nullptr is NULL.
+// An element can be a megabyte of JSON (a result): plain runs go in whole.
+void append_array_element(std::string& out, const std::string* v) {
+  if (!v) {
+    out += "NULL";
+    return;
+  }
+  out += '"';
+  std::string_view rest(*v);
+  for (;;) {
+    std::size_t plain = 0;
+    while (plain < rest.size() && rest[plain] != '"' && rest[plain] != '\\') ++plain;
+    out.append(rest.substr(0, plain));
+    if (plain == rest.size()) break;
+    out += '\\';
+    out += rest[plain];
+    rest.remove_prefix(plain + 1);
+  }
+  out += '"';
+}
+}  // namespace
+
 std::string text_array(const std::vector<Param>& items) {
   std::string out = "{";
   for (std::size_t i = 0; i < items.size(); ++i) {
     if (i) out += ',';
-    if (!items[i]) {
-      out += "NULL";
-      continue;
-    }
-    out += '"';
-    for (char c : *items[i]) {
-      if (c == '"' || c == '\\') out += '\\';
-      out += c;
-    }
-    out += '"';
+    append_array_element(out, items[i] ? &*items[i] : nullptr);
   }
   out += '}';
   return out;

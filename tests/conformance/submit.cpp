@@ -331,6 +331,10 @@ STORE_CASE("a large batch whose tasks share all but key and payload stores the s
       NewTask t = like;
       t.payload = fmt::format(R"({{"i": {}}})", i);
       if (i % 2 == 0) t.key = fmt::format("s{}", i);
+      // What a text[] literal or COPY's text format must escape, in keys and payloads.
+      if (i % 10 == 0) t.key = fmt::format("s{} \"q\" \\ , {{}} NULL \u00e9", i);
+      if (i % 10 == 1) t.key = "NULL" + std::to_string(i);
+      if (i % 10 == 2) t.payload = fmt::format(R"({{"i": {}, "s": "a \"b\" \\ c, {{d}} NULL\n"}})", i);
       batch.push_back(std::move(t));
     }
     return batch;
