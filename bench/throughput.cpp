@@ -20,7 +20,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -227,12 +226,13 @@ double bare_loop(eoq::TaskStore& s, const std::string& queue, int n) {
 struct Profile {
   bool server = false;
   double claim_us = 0, complete_us = 0, other_us = 0, client_us = 0;
-  // What else the server did meanwhile: WAL written per task (full-page images
-  // after a checkpoint double it), checkpoints begun, and autovacuum or
-  // autoanalyze runs on the schema's tables (they share the two cores).
+  // What else the server did meanwhile (it shares the two cores): WAL written
+  // per task, server-wide (full-page images after a checkpoint's start add to
+  // it, and so does autovacuum), and the share of the drain during which a
+  // checkpoint was writing out or an autovacuum worker was busy, sampled
+  // every 50 ms.
   bool background = false;
-  double wal_bytes = 0, wal_fpi = 0;
-  long checkpoints = 0, autovacuums = 0;
+  double wal_bytes = 0, checkpointing = 0, vacuuming = 0;
 };
 
 double cpu_seconds() {
@@ -244,24 +244,29 @@ double cpu_seconds() {
 
 class StatementClock {
  public:
-  explicit StatementClock(const std::string& url) : c_(PQconnectdb(url.c_str())) {
+  explicit StatementClock(const std::string& url) : url_(url), c_(PQconnectdb(url.c_str())) {
     PGresult* r = PQexec(c_, "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'");
     on_ = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
     PQclear(r);
   }
-  ~StatementClock() { PQfinish(c_); }
-  void start(const std::string& schema) {
+  ~StatementClock() {
+    sampling_ = std::jthread();
+    PQfinish(c_);
+  }
+  void start() {
     if (on_) PQclear(PQexec(c_, "SELECT pg_stat_statements_reset()"));
-    mark_ = background(schema);
+    lsn0_ = lsn();
+    samples_ = checkpointing_ = vacuuming_ = 0;
+    sampling_ = std::jthread([this](const std::stop_token& st) { sample(st); });
   }
   // Milliseconds spent in eoq's claim and complete statements and all others of `schema`.
   void read(const std::string& schema, int tasks, Profile& p) {
-    if (auto now = background(schema); now && mark_) {
+    sampling_ = std::jthread();  // stops and joins the sampler
+    if (auto now = lsn(); now && lsn0_ && samples_ > 0) {
       p.background = true;
-      p.wal_bytes = ((*now)[0] - (*mark_)[0]) / tasks;
-      p.wal_fpi = ((*now)[1] - (*mark_)[1]) / tasks;
-      p.checkpoints = std::lround((*now)[2] - (*mark_)[2]);
-      p.autovacuums = std::lround((*now)[3] - (*mark_)[3]);
+      p.wal_bytes = static_cast<double>(*now - *lsn0_) / tasks;
+      p.checkpointing = static_cast<double>(checkpointing_) / samples_;
+      p.vacuuming = static_cast<double>(vacuuming_) / samples_;
     }
     if (!on_) return;
     auto sql = fmt::format("SELECT query, total_exec_time FROM pg_stat_statements WHERE query LIKE '%\"{}\".%'",
@@ -281,29 +286,41 @@ class StatementClock {
   }
 
  private:
-  // WAL bytes, full-page images, checkpoints, autovacuum + autoanalyze runs on
-  // `schema` (pg_stat_wal: PostgreSQL 14 and later). The table counters are
-  // flushed as the server's processes get to it: read them after a short pause.
-  std::optional<std::array<double, 4>> background(const std::string& schema) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
-    const char* param = schema.c_str();
-    PGresult* r = PQexecParams(
-        c_,
-        "SELECT w.wal_bytes::float8, w.wal_fpi::float8, (b.checkpoints_timed + b.checkpoints_req)::float8, "
-        "(SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)::float8 FROM pg_stat_user_tables "
-        "WHERE schemaname = $1) FROM pg_stat_wal w, pg_stat_bgwriter b",
-        1, nullptr, &param, nullptr, nullptr, 0);
-    std::optional<std::array<double, 4>> out;
-    if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1)
-      out = std::array<double, 4>{std::stod(PQgetvalue(r, 0, 0)), std::stod(PQgetvalue(r, 0, 1)),
-                                  std::stod(PQgetvalue(r, 0, 2)), std::stod(PQgetvalue(r, 0, 3))};
+  // The server's WAL insert position, in bytes.
+  std::optional<long long> lsn() {
+    PGresult* r = PQexec(c_, "SELECT pg_current_wal_insert_lsn() - '0/0'");
+    std::optional<long long> out;
+    if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) out = std::stoll(PQgetvalue(r, 0, 0));
     PQclear(r);
     return out;
   }
 
+  // On a connection of its own: the drain must not wait for it.
+  void sample(const std::stop_token& st) {
+    PGconn* c = PQconnectdb(url_.c_str());
+    while (PQstatus(c) == CONNECTION_OK && !st.stop_requested()) {
+      PGresult* r = PQexec(c,
+                           "SELECT count(*) FILTER (WHERE backend_type = 'checkpointer' "
+                           "                          AND wait_event IS DISTINCT FROM 'CheckpointerMain'), "
+                           "       count(*) FILTER (WHERE backend_type = 'autovacuum worker' AND state = 'active') "
+                           "FROM pg_stat_activity");
+      if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
+        ++samples_;
+        checkpointing_ += std::string_view(PQgetvalue(r, 0, 0)) != "0";
+        vacuuming_ += std::string_view(PQgetvalue(r, 0, 1)) != "0";
+      }
+      PQclear(r);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    PQfinish(c);
+  }
+
+  std::string url_;
   PGconn* c_;
   bool on_ = false;
-  std::optional<std::array<double, 4>> mark_;
+  std::optional<long long> lsn0_;
+  int samples_ = 0, checkpointing_ = 0, vacuuming_ = 0;  // written by the sampler, read after it joined
+  std::jthread sampling_;
 };
 
 // `maintain`: run the store's maintenance (and so retention) every second
@@ -522,11 +539,26 @@ int main(int argc, char** argv) try {
 
   StatementClock statements(url);
   auto profiled_drain = [&](const std::string& queue, Profile& profile) {
-    statements.start(po.schema);
+    statements.start();
     auto d = drain(store, a, queue, a.tasks);
     profile.client_us = d.client_us_per_task;
     statements.read(po.schema, a.tasks, profile);
     return d;
+  };
+  // Two rows per profiled drain: where a task's time went, and what else the
+  // server did meanwhile.
+  auto profile_rows = [](std::string_view which, const Profile& p, double rate) {
+    if (p.server)
+      fmt::print("| {}, per task: server in claim / complete / other statements; client CPU | "
+                 "{:.1f} / {:.1f} / {:.1f} / {:.1f} us | wall {:.1f} us |\n",
+                 which, p.claim_us, p.complete_us, p.other_us, p.client_us, 1e6 / rate);
+    else
+      fmt::print("| {}, per task: client CPU (server: load pg_stat_statements to see it) | {:.1f} us | wall {:.1f} us |\n",
+                 which, p.client_us, 1e6 / rate);
+    if (p.background)
+      fmt::print("| {}, the server meanwhile: WAL per task; share of the drain a checkpoint was writing / autovacuum "
+                 "was busy | {:.0f} B; {:.0f}% / {:.0f}% | |\n",
+                 which, p.wal_bytes, 100 * p.checkpointing, 100 * p.vacuuming);
   };
   Profile profile, profile_again;
   auto empty = profiled_drain("drain", profile);
@@ -557,26 +589,8 @@ int main(int argc, char** argv) try {
   if (a.latency_tasks > 0)
     fmt::print("| idle submit-to-start p50 / p99 / p99.9 / max ({} tasks) | {:.2f} / {:.2f} / {:.2f} / {:.2f} ms | |\n",
                a.latency_tasks, lat.p50, lat.p99, lat.p999, lat.max);
-  if (profile.server) {
-    fmt::print("| profile of the first drain, per task: server in claim / complete / other statements; client CPU | "
-               "{:.1f} / {:.1f} / {:.1f} / {:.1f} us | wall {:.1f} us |\n",
-               profile.claim_us, profile.complete_us, profile.other_us, profile.client_us, 1e6 / empty.rate);
-    fmt::print("| the same for the drain run again at once | {:.1f} / {:.1f} / {:.1f} / {:.1f} us | wall {:.1f} us |\n",
-               profile_again.claim_us, profile_again.complete_us, profile_again.other_us, profile_again.client_us,
-               1e6 / again.rate);
-  }
-  if (profile.background) {
-    auto bg = [](const Profile& p) {
-      return fmt::format("{:.0f} B / {:.3f} / {} / {}", p.wal_bytes, p.wal_fpi, p.checkpoints, p.autovacuums);
-    };
-    fmt::print("| the server meanwhile, first drain: WAL per task / full-page images per task / checkpoints / "
-               "autovacuum+autoanalyze runs on the schema | {} | |\n", bg(profile));
-    fmt::print("| the same for the drain run again at once | {} | |\n", bg(profile_again));
-  }
-  if (!profile.server)
-    fmt::print("| profile of that drain, per task: client CPU (server: load pg_stat_statements to see it) | {:.1f} us "
-               "| wall {:.1f} us |\n",
-               profile.client_us, 1e6 / empty.rate);
+  profile_rows("profile of the first drain", profile, empty.rate);
+  profile_rows("the drain run again at once", profile_again, again.rate);
   if (a.sharing > 0)
     fmt::print("| slow tasks shared: {} of 50 ms, 2 worker processes x 4 threads | {:.2f} x ideal makespan | |\n",
                a.sharing, shared);
@@ -586,9 +600,11 @@ int main(int argc, char** argv) try {
     submit_bulk(store, a.growth, "history", 10000);
     drain(store, a, "history", a.growth);
     submit_bulk(store, a.tasks, "drain");
-    auto grown = drain(store, a, "drain", a.tasks);
+    Profile profile_grown, profile_pruned;
+    auto grown = profiled_drain("drain", profile_grown);
     fmt::print("| eoq drain with {} finished tasks kept (retention off) | {:.0f} tasks/s | {:.2f} of empty |\n",
                a.growth, grown.rate, grown.rate / empty.rate);
+    profile_rows("that drain", profile_grown, grown.rate);
     // What an operator's view costs at this size: stats() counts the finished
     // table, list(newest_first) reads one page by the primary key. The table
     // grew by a million rows in seconds, faster than autovacuum re-analyzes it
@@ -616,9 +632,13 @@ int main(int argc, char** argv) try {
     pr.retention = eoq::Millis(0);
     eoq::PostgresStore pruning(pr);
     submit_bulk(pruning, a.tasks, "drain");
+    statements.start();
     auto pruned = drain(pruning, a, "drain", a.tasks, true);
+    profile_pruned.client_us = pruned.client_us_per_task;
+    statements.read(po.schema, a.tasks, profile_pruned);
     fmt::print("| eoq drain while retention prunes them | {:.0f} tasks/s | {:.2f} of empty |\n", pruned.rate,
                pruned.rate / empty.rate);
+    profile_rows("that drain", profile_pruned, pruned.rate);
   }
   return 0;
 } catch (const std::exception& e) {
