@@ -47,6 +47,7 @@ struct Args {
   int ceiling_clients = 8;
   int growth = 1000000;
   int sharing = 400;
+  std::optional<bool> settle{};  // unset: with the growth drains only
 };
 
 const char* kHelp = R"(throughput: eoq's end-to-end figures on one server, each with a ratio to a baseline of the same run.
@@ -62,6 +63,9 @@ const char* kHelp = R"(throughput: eoq's end-to-end figures on one server, each 
   --ceiling-clients K  clients of the ceiling runs (default 8, as pgbench -c 8)
   --growth G           finished tasks kept for the growth and retention drains (default 1000000; 0: skip)
   --sharing T          slow tasks (50 ms) shared by two worker processes (default 400; 0: skip)
+  --settle 0|1         start each profiled drain after a CHECKPOINT, so that drains compared with one
+                       another (growth, retention, the first and the next) start alike (default: 1 with
+                       the growth drains, 0 without, as in a side-by-side run, whose peers get no such start)
 
 Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself.
 )";
@@ -88,6 +92,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--ceiling-clients") a.ceiling_clients = std::stoi(next());
     else if (k == "--growth") a.growth = std::stoi(next());
     else if (k == "--sharing") a.sharing = std::stoi(next());
+    else if (k == "--settle") a.settle = std::stoi(next()) != 0;
     else throw std::runtime_error("unknown argument " + k);
   }
   return a;
@@ -253,20 +258,22 @@ class StatementClock {
     sampling_ = std::jthread();
     PQfinish(c_);
   }
-  // Each profiled drain starts on a server with nothing left to write: the
+  // `settle`: the drain starts on a server with nothing left to write. The
   // drains are compared with one another (growth, retention, the first against
   // the next), and the phase before each one differs in how much it left dirty
   // (a million-task history: a gigabyte of WAL, and a checkpoint writing it out
-  // through the next drain at up to half its speed, 2026-11-30). Every drain
-  // then meets the same start: a checkpoint just done. CHECKPOINT needs a
+  // through the next drain at up to half its speed, 2026-11-30). Settled, every
+  // drain meets the same start: a checkpoint just done. CHECKPOINT needs a
   // superuser or pg_checkpoint; without either the drains start as they come.
-  void start() {
-    PGresult* settled = PQexec(c_, "CHECKPOINT");
-    if (PQresultStatus(settled) != PGRES_COMMAND_OK && !warned_) {
-      warned_ = true;
-      fmt::print(stderr, "throughput: CHECKPOINT failed, the drains start unsettled: {}", PQerrorMessage(c_));
+  void start(bool settle) {
+    if (settle) {
+      PGresult* settled = PQexec(c_, "CHECKPOINT");
+      if (PQresultStatus(settled) != PGRES_COMMAND_OK && !warned_) {
+        warned_ = true;
+        fmt::print(stderr, "throughput: CHECKPOINT failed, the drains start unsettled: {}", PQerrorMessage(c_));
+      }
+      PQclear(settled);
     }
-    PQclear(settled);
     if (on_) PQclear(PQexec(c_, "SELECT pg_stat_statements_reset()"));
     lsn0_ = lsn();
     samples_ = checkpointing_ = vacuuming_ = 0;
@@ -532,6 +539,8 @@ int main(int argc, char** argv) try {
     fmt::print("eoq throughput harness: {} tasks, concurrency {}, claim batch {}, prefetch {}, {} cores\n", a.tasks,
                a.concurrency, a.claim_batch, a.prefetch ? std::to_string(*a.prefetch) : "adaptive",
                std::thread::hardware_concurrency());
+  const bool settle = a.settle.value_or(a.growth > 0);
+  if (settle) fmt::print("each profiled drain starts after a CHECKPOINT (--settle)\n");
 
   // --ceiling-seconds 0 skips the ceilings (their ratios then read "inf"), e.g.
   // when pgbench measures them in the same run, or to keep the server's WAL cold.
@@ -553,7 +562,7 @@ int main(int argc, char** argv) try {
 
   StatementClock statements(url);
   auto profiled_drain = [&](const std::string& queue, Profile& profile) {
-    statements.start();
+    statements.start(settle);
     auto d = drain(store, a, queue, a.tasks);
     profile.client_us = d.client_us_per_task;
     statements.read(po.schema, a.tasks, profile);
@@ -658,7 +667,7 @@ int main(int argc, char** argv) try {
     pr.retention = eoq::Millis(0);
     eoq::PostgresStore pruning(pr);
     submit_bulk(pruning, a.tasks, "drain");
-    statements.start();
+    statements.start(settle);
     auto pruned = drain(pruning, a, "drain", a.tasks, true);
     profile_pruned.client_us = pruned.client_us_per_task;
     statements.read(po.schema, a.tasks, profile_pruned);
