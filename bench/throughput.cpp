@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -256,6 +257,7 @@ class StatementClock {
   }
   ~StatementClock() {
     sampling_ = std::jthread();
+    if (sampler_) PQfinish(sampler_);
     PQfinish(c_);
   }
   // `settle`: the drain starts on a server with nothing left to write. The
@@ -266,6 +268,7 @@ class StatementClock {
   // drain meets the same start: a checkpoint just done. CHECKPOINT needs a
   // superuser or pg_checkpoint; without either the drains start as they come.
   void start(bool settle) {
+    sampling_ = std::jthread();  // a sampler left running by a start() without read()
     if (settle) {
       PGresult* settled = PQexec(c_, "CHECKPOINT");
       if (PQresultStatus(settled) != PGRES_COMMAND_OK && !warned_) {
@@ -316,8 +319,13 @@ class StatementClock {
   }
 
   // On a connection of its own: the drain must not wait for it.
+  // Opened once, by the first drain: a connection started within each drain
+  // would take its share of the two cores there.
   void sample(const std::stop_token& st) {
-    PGconn* c = PQconnectdb(url_.c_str());
+    if (!sampler_) sampler_ = PQconnectdb(url_.c_str());
+    PGconn* c = sampler_;
+    std::mutex m;
+    std::condition_variable_any cv;
     while (PQstatus(c) == CONNECTION_OK && !st.stop_requested()) {
       PGresult* r = PQexec(c,
                            "SELECT count(*) FILTER (WHERE backend_type = 'checkpointer' "
@@ -330,13 +338,14 @@ class StatementClock {
         vacuuming_ += std::string_view(PQgetvalue(r, 0, 1)) != "0";
       }
       PQclear(r);
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      std::unique_lock lk(m);
+      cv.wait_for(lk, st, std::chrono::milliseconds(50), [] { return false; });  // ends early on stop
     }
-    PQfinish(c);
   }
 
   std::string url_;
   PGconn* c_;
+  PGconn* sampler_ = nullptr;  // the sampler's; used by one sampler thread at a time
   bool on_ = false;
   bool warned_ = false;
   std::optional<long long> lsn0_;

@@ -322,6 +322,8 @@ TEST_CASE("a bulk submit answers each task's own id and times, whether its ids r
           CHECK(stored->key == in[i].key);
           CHECK(stored->queue == in[i].queue);
           CHECK(t.created_at == stored->created_at);
+          CHECK(t.updated_at == stored->updated_at);
+          CHECK(t.status == stored->status);
           CHECK(t.run_at == stored->run_at);
           CHECK(t.version == stored->version);
           if (i > 0) CHECK(t.id - r[i - 1].task.id == step);

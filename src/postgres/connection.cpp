@@ -227,8 +227,13 @@ Result Connection::exec(const Statement& st, const std::vector<Param>& params, c
     drain();
     throw;
   }
+  // As PQexecPrepared: an error that follows the answer (a commit-time one,
+  // outside a transaction) is the outcome.
   Result r(PQgetResult(c_.get()));
-  drain();
+  while (PGresult* rest = PQgetResult(c_.get())) {
+    if (PQresultStatus(rest) == PGRES_FATAL_ERROR) r = Result(rest);
+    else PQclear(rest);
+  }
   auto s = PQresultStatus(r.get());
   if (s != PGRES_TUPLES_OK && s != PGRES_COMMAND_OK) throw_error(c_.get(), r.get(), st.name);
   return r;

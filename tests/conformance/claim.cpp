@@ -273,6 +273,30 @@ STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the 
     CHECK(after_submit);
     CHECK(waited < 30s);  // the timeout would take 60 s
   }
+  SECTION("a large batch wakes a waiter on each of its queues") {
+    // Batches of 1,000 and more notify from the list of their queues, each
+    // once: "second" is neither the first task's queue nor the only one.
+    for (bool narrow : {false, true}) {
+      INFO("narrow " << narrow);
+      const std::string queue = narrow ? "only" : "second";
+      store.wait_for_tasks({queue}, 0ms);
+      std::atomic<bool> submitting{false};
+      auto t0 = Steady::now();
+      std::thread submitter([&] {
+        std::this_thread::sleep_for(200ms);
+        std::vector<NewTask> batch;
+        for (int i = 0; i < 1200; ++i) batch.push_back(task("t", narrow ? "only" : i % 3 == 0 ? "first" : "second"));
+        submitting = true;
+        store.submit_batch(batch);
+      });
+      store.wait_for_tasks({queue}, 60s);
+      auto waited = Steady::now() - t0;
+      const bool after_submit = submitting;
+      submitter.join();
+      CHECK(after_submit);
+      CHECK(waited < 30s);  // the timeout would take 60 s
+    }
+  }
   SECTION("wake ends a wait, not before it is called") {
     store.wait_for_tasks({"quiet"}, 0ms);
     std::atomic<bool> waking{false};
