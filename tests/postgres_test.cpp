@@ -397,6 +397,20 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   // ClaimRequest::after enters the claim index at its place.
   CHECK(plan.find("Index Cond: ((queue = $1) AND (ROW(priority, run_at, id) > ROW(") != std::string::npos);
   CHECK(c.exec(claim, {"q", "10", "test", "30000", none, none, none}).rows() == 10);
+  // So does the claim the store tries first.
+  auto pending = eoq::pg::query("claim_pending_one", quoted);
+  REQUIRE(pending.generic);
+  CHECK(c.exec(pending, {"q", "10", "test", "30000", none, none, none}).rows() == 10);
+  auto explain_pending = c.exec_params("EXPLAIN EXECUTE eoq_claim_pending_one('q', 10, 'test', 30000, NULL, NULL, NULL)",
+                                       {}, false, "explain");
+  std::string pending_plan;
+  for (int i = 0; i < explain_pending.rows(); ++i) pending_plan += std::string(PQgetvalue(explain_pending.get(), i, 0)) + "\n";
+  INFO(pending_plan);
+  CHECK(pending_plan.find("$1") != std::string::npos);
+  CHECK(pending_plan.find("Index Scan using tasks_claim") != std::string::npos);
+  CHECK(pending_plan.find("Seq Scan") == std::string::npos);
+  CHECK(pending_plan.find("Index Cond: ((id >= ") != std::string::npos);
+  CHECK(pending_plan.find("finished") == std::string::npos);  // settles nothing
   // The completion's generic plan does not meet each settled row with its
   // result by a nested loop (quadratic in the batch).
   auto complete = eoq::pg::query("complete", quoted);

@@ -87,6 +87,13 @@ Task decode_task(const Result& r, int row, int off = 0) {
   return t;
 }
 
+// A row of claim_pending: the task, then what the statement says beside it.
+std::vector<Column> task_then(std::initializer_list<Column> more) {
+  std::vector<Column> cols = kTaskColumns;
+  cols.insert(cols.end(), more);
+  return cols;
+}
+
 // A row of by_keys: its position in the input, then the task.
 std::vector<Column> ordinal_then_task() {
   std::vector<Column> cols{{"ord", kInt8}};
@@ -113,7 +120,8 @@ struct Statements {
             drop_stage = q("drop_stage"), copy_stage = q("copy_stage"), copy_stage_narrow = q("copy_stage_narrow"),
             submit_staged = q("submit_staged"),
             submit_staged_fresh = q("submit_staged_fresh"), by_keys = q("by_keys");
-  Statement claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
+  Statement claim_pending_one = q("claim_pending_one"), claim_pending = q("claim_pending"),
+            claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
             cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
@@ -164,7 +172,13 @@ const std::vector<ResultShape>& result_shapes() {
       {"submit_staged_fresh", std::vector<Column>{{"first_id", kInt8}, {"ids", kInt8Array},
                                                   {"created_at", kTimestamptz}, {"count", 0}}},
       {"by_keys", ordinal_then_task()},
-      {"claim_lease", std::nullopt},  // a part of the two below
+      {"claim_cand_one", std::nullopt},  // parts of the four claims below
+      {"claim_cand", std::nullopt},
+      {"claim_set", std::nullopt},
+      {"claim_pending_lease", std::nullopt},
+      {"claim_lease", std::nullopt},
+      {"claim_pending_one", task_then({{"settle", kBool}})},
+      {"claim_pending", task_then({{"settle", kBool}})},
       {"claim_one", kTaskColumns},
       {"claim", kTaskColumns},
       {"complete", std::vector<Column>{{"id", kInt8}, {"version", kInt8}}},
@@ -1029,10 +1043,17 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
   // answer never arrived simply expire and the tasks are claimed again.
   const bool one = queues.size() == 1;
   const auto& after = request.after;
-  auto r = impl.run(one ? impl.sql.claim_one : impl.sql.claim,
-                    {one ? queues[0] : pg::text_array(queues), num(request.limit), request.owner,
-                     num(request.lease.count()), after ? num(after->priority) : Param{},
-                     after ? pg::time_param(after->run_at) : Param{}, after ? num(after->id) : Param{}});
+  const std::vector<Param> params{one ? queues[0] : pg::text_array(queues), num(request.limit), request.owner,
+                                  num(request.lease.count()), after ? num(after->priority) : Param{},
+                                  after ? pg::time_param(after->run_at) : Param{}, after ? num(after->id) : Param{}};
+  // Most claims find only pending tasks to lease: claim_pending does that
+  // alone. When it found one to settle among them, it leased nothing, and the
+  // statement that settles runs in its place.
+  auto r = impl.run(one ? impl.sql.claim_pending_one : impl.sql.claim_pending, params);
+  if (r.rows() == 1 && r.null(0, 0)) {
+    if (!r.boolean(0, static_cast<int>(kTaskColumns.size()))) return {};
+    r = impl.run(one ? impl.sql.claim_one : impl.sql.claim, params);
+  }
   std::vector<Lease> leases;
   leases.reserve(static_cast<std::size_t>(r.rows()));
   for (int i = 0; i < r.rows(); ++i) {

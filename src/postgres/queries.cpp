@@ -56,15 +56,20 @@ std::vector<Query> parse(std::string_view file) {
 }
 
 // `@name@` in a statement stands for the text of the statement `name`: a part
-// that two statements share (claim_lease, stage_rows), written once.
+// that several statements share (claim_lease, stage_rows), written once. A
+// part may name parts of its own (claim_set); a statement that still names
+// one after 32 expansions has a part naming itself, and fails here.
 std::vector<Query> expand(std::vector<Query> all) {
+  const auto parts = all;
   for (auto& q : all) {
+    int expanded = 0;
     for (std::size_t at; (at = q.sql.find('@')) != std::string::npos;) {
       const auto end = q.sql.find('@', at + 1);
       const auto name = q.sql.substr(at + 1, end == std::string::npos ? std::string::npos : end - at - 1);
-      auto part = std::find_if(all.begin(), all.end(), [&](const Query& p) { return p.name == name; });
-      if (end == std::string::npos || part == all.end() || part->sql.find('@') != std::string::npos)
+      auto part = std::find_if(parts.begin(), parts.end(), [&](const Query& p) { return p.name == name; });
+      if (end == std::string::npos || part == parts.end())
         throw Error(fmt::format("eoq internal: query '{}' names no part '@{}@'", q.name, name));
+      if (++expanded > 32) throw Error(fmt::format("eoq internal: query '{}' nests its parts too deep", q.name));
       q.sql.replace(at, end - at + 1, part->sql);
     }
   }

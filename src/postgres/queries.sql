@@ -328,10 +328,93 @@ CROSS JOIN LATERAL (
   FROM eoq.finished WHERE id = k.task_id) t;
 
 
+-- name: claim_cand_one
+-- The candidates of a claim on one queue (as `@claim_cand_one@`): in claim
+-- order through the claim index (so the scan stops after `limit` rows), each
+-- with its fate decided once (`final`, NULL: lease it; an anti-join of the
+-- leases against the ones to settle cost a quarter of the statement).
+-- $5-$7 (priority, run_at in microseconds, id), all NULL for none: only tasks
+-- after this one in claim order are taken (ClaimRequest::after). The index is
+-- entered there, past the tasks the worker holds and the dead entries of the
+-- tasks it finished (until VACUUM removes them, every claim walked those, a
+-- tenth of the statement in a long drain).
+-- $1 queue, $2 limit.
+cand AS (
+  SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
+         t.run_at,
+         CASE WHEN t.deadline <= now() THEN 'expired'
+              WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
+              WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
+  FROM eoq.tasks t
+  WHERE t.queue = $1 AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
+    AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
+                                        coalesce('epoch'::timestamptz + $6::bigint * interval '1 microsecond',
+                                                 '-infinity'),
+                                        coalesce($7::bigint, 0))
+  ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED)
+
+
+-- name: claim_cand
+-- claim_cand_one over several queues ($1 an array): the claim index is walked
+-- once per queue and the candidates merged, since one scan cannot return
+-- (queue, priority, ...) entries in (priority, ...) order.
+cand AS (
+  SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL (
+    SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
+           t.run_at,
+           CASE WHEN t.deadline <= now() THEN 'expired'
+                WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
+                WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
+    FROM eoq.tasks t
+    WHERE t.queue = q.name AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
+      AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
+                                          coalesce('epoch'::timestamptz + $6::bigint * interval '1 microsecond',
+                                                   '-infinity'),
+                                          coalesce($7::bigint, 0))
+    ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
+  ORDER BY c.priority, c.run_at, c.id LIMIT $2)
+
+
+-- name: claim_set
+-- The lease a claim writes (as `@claim_set@`); $3 owner, $4 lease in ms.
+SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
+    lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
+    progress = 0, stage = ''
+
+
+-- name: claim_pending_lease
+-- What claim_pending_one and claim_pending do after `cand`: the common case,
+-- which the store tries first. When every candidate is a pending task to
+-- lease, lease them all, by their id range or ids as claim_lease does; with
+-- one to settle among them (a deadline passed, a lease run out), lease none
+-- and answer `settle` true in a row of NULLs, and the store runs claim_one or
+-- claim, which settle it. No candidates: a row of NULLs, `settle` false.
+-- The settling parts cost even when they settle nothing (three more tables
+-- written, and the trigger on `finished` fires for an empty insert): half of
+-- an idle worker's one-task claim, 0.17 of 0.35 ms.
+settle AS (SELECT coalesce(bool_or(final IS NOT NULL OR status = 'running'), false) AS settle FROM cand),
+span AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM cand WHERE NOT (SELECT settle FROM settle)),
+upd_near AS (
+  UPDATE eoq.tasks t @claim_set@
+  WHERE t.id BETWEEN (SELECT lo FROM span WHERE hi - lo < 4 * n) AND (SELECT hi FROM span)
+    AND (t.id IN (SELECT id FROM cand) OR t.id IS NULL)
+  RETURNING t.*),
+upd_apart AS (
+  UPDATE eoq.tasks t @claim_set@
+  WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE (SELECT hi - lo >= 4 * n FROM span)))
+  RETURNING t.*)
+SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
+       t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
+       t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
+       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at,
+       s.settle
+FROM settle s LEFT JOIN (SELECT * FROM upd_near UNION ALL SELECT * FROM upd_apart) t ON true
+
+
 -- name: claim_lease
--- What claim_one and claim do after `cand` (each as `@claim_lease@`): settle
--- the candidates that may not run, record lost attempts, lease the rest by
--- their id range or ids, and answer the leases.
+-- What claim_one and claim do after `cand`: settle the candidates that may
+-- not run, record lost attempts, lease the rest by their id range or ids, and
+-- answer the leases.
 ends AS (SELECT id, final FROM cand WHERE final IS NOT NULL),
 span AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM cand WHERE final IS NULL),
 lost AS (
@@ -357,18 +440,12 @@ fin AS (
     created_at, now() AS updated_at, now() AS finished_at
   FROM gone),
 upd_near AS (
-  UPDATE eoq.tasks t
-  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
-      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
-      progress = 0, stage = ''
+  UPDATE eoq.tasks t @claim_set@
   WHERE t.id BETWEEN (SELECT lo FROM span WHERE hi - lo < 4 * n) AND (SELECT hi FROM span)
     AND (t.id IN (SELECT id FROM cand WHERE final IS NULL) OR t.id IS NULL)
   RETURNING t.*),
 upd_apart AS (
-  UPDATE eoq.tasks t
-  SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, lease_owner = $3,
-      lease_expires_at = now() + ($4::bigint * interval '1 millisecond'), started_at = now(), updated_at = now(),
-      progress = 0, stage = ''
+  UPDATE eoq.tasks t @claim_set@
   WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE final IS NULL AND (SELECT hi - lo >= 4 * n FROM span)))
   RETURNING t.*)
 SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
@@ -378,62 +455,40 @@ SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, 
 FROM (SELECT * FROM upd_near UNION ALL SELECT * FROM upd_apart) t
 
 
+-- name: claim_pending_one
+-- plan: generic
+-- A claim on one queue, tried first (claim_pending_lease says when it leases).
+-- The leases come back unordered (claim() sorts them): a final ORDER BY cost a
+-- tenth of the statement. The rows to lease are found again as `complete`
+-- finds its rows (`upd_near` by the range of their ids, `upd_apart` by the ids
+-- when the range is sparse, never by a join): the range took 6-8% off the
+-- statement.
+-- $1 queue, $2 limit, $3 owner, $4 lease in ms, $5-$7 ClaimRequest::after.
+WITH @claim_cand_one@,
+@claim_pending_lease@;
+
+
+-- name: claim_pending
+-- plan: generic
+-- claim_pending_one over several queues ($1 an array).
+WITH @claim_cand@,
+@claim_pending_lease@;
+
+
 -- name: claim_one
 -- plan: generic
--- One statement: pick candidates in claim order through the claim index (so
--- the scan stops after `limit` rows), settle the ones that may not run
--- (deadline passed, lost lease with no attempts left or a cancel request),
--- record lost attempts, and lease the rest. The leases come back unordered
--- (claim() sorts them): a final ORDER BY cost a tenth of the statement.
--- Each candidate's fate (`final`, NULL: lease it) is decided once, in `cand`:
--- an anti-join of the leases against `ends` cost a quarter. The rows to lease
--- are found again as `complete` finds its rows (`upd_near` by the range of
--- their ids, `upd_apart` by the ids when the range is sparse, never by a
--- join): the range took 6-8% off the statement.
--- $5-$7 (priority, run_at in microseconds, id), all NULL for none: only tasks
--- after this one in claim order are taken (ClaimRequest::after). The index is
--- entered there, past the tasks the worker holds and the dead entries of the
--- tasks it finished (until VACUUM removes them, every claim walked those, a
--- tenth of the statement in a long drain).
--- This is the one-queue form (the common case), which walks the claim index
--- directly; `claim` below differs only in `cand`.
--- $1 queue, $2 limit, $3 owner, $4 lease in ms.
-WITH cand AS (
-  SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
-         t.run_at,
-         CASE WHEN t.deadline <= now() THEN 'expired'
-              WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
-              WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
-  FROM eoq.tasks t
-  WHERE t.queue = $1 AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
-    AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
-                                        coalesce('epoch'::timestamptz + $6::bigint * interval '1 microsecond',
-                                                 '-infinity'),
-                                        coalesce($7::bigint, 0))
-  ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED),
+-- One statement: pick candidates, settle the ones that may not run (deadline
+-- passed, lost lease with no attempts left or a cancel request), record lost
+-- attempts, and lease the rest. Run after claim_pending_one found one to
+-- settle among its candidates. Parameters as claim_pending_one's.
+WITH @claim_cand_one@,
 @claim_lease@;
 
 
 -- name: claim
 -- plan: generic
--- claim_one over several queues ($1 an array): the claim index is walked once
--- per queue and the candidates merged, since one scan cannot return (queue,
--- priority, ...) entries in (priority, ...) order.
-WITH cand AS (
-  SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL (
-    SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
-           t.run_at,
-           CASE WHEN t.deadline <= now() THEN 'expired'
-                WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
-                WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
-    FROM eoq.tasks t
-    WHERE t.queue = q.name AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
-      AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
-                                          coalesce('epoch'::timestamptz + $6::bigint * interval '1 microsecond',
-                                                   '-infinity'),
-                                          coalesce($7::bigint, 0))
-    ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
-  ORDER BY c.priority, c.run_at, c.id LIMIT $2),
+-- claim_one over several queues ($1 an array).
+WITH @claim_cand@,
 @claim_lease@;
 
 

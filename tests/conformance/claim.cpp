@@ -152,6 +152,60 @@ STORE_CASE("a claim with `after` takes only tasks past that place in claim order
   }
 }
 
+// The Postgres store first tries a claim that only leases pending tasks, and
+// falls back to the one that also settles when a candidate needs it: a lost
+// lease to record (and lease again) or a deadline passed.
+STORE_CASE("a claim that meets tasks to settle among pending ones settles those and leases the rest", "[claim]") {
+  // In claim order: b (its lease runs out), a, c (its deadline passes), d.
+  NewTask lost = task();
+  lost.retry.max_attempts = 5;
+  auto b = store.submit(lost).task.id;
+  REQUIRE(claim_one(store, "w-old", 100ms).id() == b);
+  auto a = store.submit(task()).task.id;
+  NewTask late = task();
+  late.deadline = now() + 150ms;
+  auto c = store.submit(late).task.id;
+  auto d = store.submit(task()).task.id;
+  std::this_thread::sleep_for(300ms);
+  std::vector<std::string> queues{"default"};
+  std::set<eoq::TaskId> got;
+  auto take = [&](int limit) {
+    for (auto& l : claim(store, queues, "w-new", limit)) got.insert(l.id());
+  };
+  SECTION("in one claim") { take(10); }
+  SECTION("in one claim on two queues") {
+    queues.push_back("elsewhere");
+    take(10);
+  }
+  SECTION("in claims of two") {
+    take(2);
+    CHECK(got == std::set<eoq::TaskId>{b, a});
+    take(2);
+  }
+  SECTION("in claims of two on two queues") {
+    queues.push_back("elsewhere");
+    take(2);
+    CHECK(got == std::set<eoq::TaskId>{b, a});
+    take(2);
+  }
+  CHECK(got == std::set<eoq::TaskId>{a, b, d});
+  for (auto id : got) {
+    auto t = must_get(store, id);
+    CHECK(t.status == TaskStatus::running);
+    CHECK(t.lease_owner == std::optional<std::string>("w-new"));
+  }
+  CHECK(must_get(store, b).attempts == 2);
+  auto h = store.history(b);
+  REQUIRE(h.size() == 2);  // the lost attempt, and the one now running
+  CHECK(h[0].owner == "w-old");
+  CHECK(h[0].outcome == "lease_expired");
+  CHECK(h[1].owner == "w-new");
+  auto e = must_get(store, c);
+  CHECK(e.status == TaskStatus::expired);
+  CHECK(e.last_error == std::optional<std::string>("deadline passed"));
+  CHECK(claim(store, queues, "w-new", 10).empty());
+}
+
 STORE_CASE("a task whose run_at is in the future is not claimed until then", "[claim]") {
   NewTask t = task();
   t.run_at = now() + 1s;
