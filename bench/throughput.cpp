@@ -30,6 +30,7 @@
 #include <fstream>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 namespace {
@@ -236,9 +237,10 @@ struct Profile {
   // per task, server-wide (full-page images after a checkpoint's start add to
   // it, and so does autovacuum), and the share of the drain during which a
   // checkpoint was writing out or an autovacuum worker was busy, sampled
-  // every 50 ms.
+  // every 50 ms, with the tables autovacuum worked on.
   bool background = false;
   double wal_bytes = 0, checkpointing = 0, vacuuming = 0;
+  std::string vacuumed;
 };
 
 double cpu_seconds() {
@@ -280,6 +282,7 @@ class StatementClock {
     if (on_) PQclear(PQexec(c_, "SELECT pg_stat_statements_reset()"));
     lsn0_ = lsn();
     samples_ = checkpointing_ = vacuuming_ = 0;
+    vacuumed_.clear();
     sampling_ = std::jthread([this](const std::stop_token& st) { sample(st); });
   }
   // Milliseconds spent in eoq's claim and complete statements and all others of `schema`.
@@ -290,6 +293,8 @@ class StatementClock {
       p.wal_bytes = static_cast<double>(*now - *lsn0_) / tasks;
       p.checkpointing = static_cast<double>(checkpointing_) / samples_;
       p.vacuuming = static_cast<double>(vacuuming_) / samples_;
+      p.vacuumed.clear();
+      for (const auto& t : vacuumed_) p.vacuumed += (p.vacuumed.empty() ? "" : ", ") + t;
     }
     if (!on_) return;
     auto sql = fmt::format("SELECT query, total_exec_time FROM pg_stat_statements WHERE query LIKE '%\"{}\".%'",
@@ -330,12 +335,20 @@ class StatementClock {
       PGresult* r = PQexec(c,
                            "SELECT count(*) FILTER (WHERE backend_type = 'checkpointer' "
                            "                          AND wait_event IS DISTINCT FROM 'CheckpointerMain'), "
-                           "       count(*) FILTER (WHERE backend_type = 'autovacuum worker' AND state = 'active') "
+                           "       count(*) FILTER (WHERE backend_type = 'autovacuum worker' AND state = 'active'), "
+                           "       string_agg(regexp_replace(query, '^autovacuum: ', ''), '|') "
+                           "         FILTER (WHERE backend_type = 'autovacuum worker' AND state = 'active') "
                            "FROM pg_stat_activity");
       if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
         ++samples_;
         checkpointing_ += std::string_view(PQgetvalue(r, 0, 0)) != "0";
         vacuuming_ += std::string_view(PQgetvalue(r, 0, 1)) != "0";
+        std::string_view what = PQgetvalue(r, 0, 2);
+        for (std::size_t at = 0; !what.empty() && at != std::string_view::npos;) {
+          auto bar = what.find('|', at);
+          vacuumed_.emplace(what.substr(at, bar == std::string_view::npos ? bar : bar - at));
+          at = bar == std::string_view::npos ? bar : bar + 1;
+        }
       }
       PQclear(r);
       std::unique_lock lk(m);
@@ -350,6 +363,7 @@ class StatementClock {
   bool warned_ = false;
   std::optional<long long> lsn0_;
   int samples_ = 0, checkpointing_ = 0, vacuuming_ = 0;  // written by the sampler, read after it joined
+  std::set<std::string> vacuumed_;                         // likewise
   std::jthread sampling_;
 };
 
@@ -589,8 +603,9 @@ int main(int argc, char** argv) try {
                  which, p.client_us, 1e6 / rate);
     if (p.background)
       fmt::print("| {}, the server meanwhile: WAL per task; share of the drain a checkpoint was writing / autovacuum "
-                 "was busy | {:.0f} B; {:.0f}% / {:.0f}% | |\n",
-                 which, p.wal_bytes, 100 * p.checkpointing, 100 * p.vacuuming);
+                 "was busy | {:.0f} B; {:.0f}% / {:.0f}%{} | |\n",
+                 which, p.wal_bytes, 100 * p.checkpointing, 100 * p.vacuuming,
+                 p.vacuumed.empty() ? "" : fmt::format(" ({})", p.vacuumed));
   };
   Profile profile, profile_again;
   auto empty = profiled_drain("drain", profile);
