@@ -172,7 +172,9 @@ const std::vector<ResultShape>& result_shapes() {
       {"submit_staged_fresh", std::vector<Column>{{"first_id", kInt8}, {"ids", kInt8Array},
                                                   {"created_at", kTimestamptz}, {"count", 0}}},
       {"by_keys", ordinal_then_task()},
-      {"claim_cand_one", std::nullopt},  // parts of the four claims below
+      {"claim_fate", std::nullopt},  // parts of the four claims below
+      {"claim_ready", std::nullopt},
+      {"claim_cand_one", std::nullopt},
       {"claim_cand", std::nullopt},
       {"claim_set", std::nullopt},
       {"claim_pending_lease", std::nullopt},

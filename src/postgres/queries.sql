@@ -328,29 +328,38 @@ CROSS JOIN LATERAL (
   FROM eoq.finished WHERE id = k.task_id) t;
 
 
+-- name: claim_fate
+-- A candidate's columns for the claim (as `@claim_fate@`), its fate decided
+-- once: `final`, NULL to lease it (an anti-join of the leases against the ones
+-- to settle cost a quarter of the statement).
+t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority, t.run_at,
+CASE WHEN t.deadline <= now() THEN 'expired'
+     WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
+     WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
+
+
+-- name: claim_ready
+-- Which of a queue's tasks a claim may take (as `@claim_ready@`): due, and
+-- pending or with a lease run out. $5-$7 (priority, run_at in microseconds,
+-- id), all NULL for none: only tasks after this one in claim order
+-- (ClaimRequest::after). The index is entered there, past the tasks the
+-- worker holds and the dead entries of the tasks it finished (until VACUUM
+-- removes them, every claim walked those, a tenth of the statement in a long
+-- drain).
+t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
+AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
+                                    coalesce('epoch'::timestamptz + $6::bigint * interval '1 microsecond', '-infinity'),
+                                    coalesce($7::bigint, 0))
+
+
 -- name: claim_cand_one
--- The candidates of a claim on one queue (as `@claim_cand_one@`): in claim
--- order through the claim index (so the scan stops after `limit` rows), each
--- with its fate decided once (`final`, NULL: lease it; an anti-join of the
--- leases against the ones to settle cost a quarter of the statement).
--- $5-$7 (priority, run_at in microseconds, id), all NULL for none: only tasks
--- after this one in claim order are taken (ClaimRequest::after). The index is
--- entered there, past the tasks the worker holds and the dead entries of the
--- tasks it finished (until VACUUM removes them, every claim walked those, a
--- tenth of the statement in a long drain).
+-- The candidates of a claim on one queue (as `@claim_cand_one@`), in claim
+-- order through the claim index, so the scan stops after `limit` rows.
 -- $1 queue, $2 limit.
 cand AS (
-  SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
-         t.run_at,
-         CASE WHEN t.deadline <= now() THEN 'expired'
-              WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
-              WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
+  SELECT @claim_fate@
   FROM eoq.tasks t
-  WHERE t.queue = $1 AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
-    AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
-                                        coalesce('epoch'::timestamptz + $6::bigint * interval '1 microsecond',
-                                                 '-infinity'),
-                                        coalesce($7::bigint, 0))
+  WHERE t.queue = $1 AND @claim_ready@
   ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED)
 
 
@@ -360,17 +369,9 @@ cand AS (
 -- (queue, priority, ...) entries in (priority, ...) order.
 cand AS (
   SELECT c.* FROM unnest($1::text[]) AS q(name) CROSS JOIN LATERAL (
-    SELECT t.id, t.status, t.attempts, t.version, t.lease_owner, t.started_at, t.lease_expires_at, t.priority,
-           t.run_at,
-           CASE WHEN t.deadline <= now() THEN 'expired'
-                WHEN t.status = 'running' AND t.cancel_requested THEN 'cancelled'
-                WHEN t.status = 'running' AND t.attempts >= t.max_attempts THEN 'failed' END AS final
+    SELECT @claim_fate@
     FROM eoq.tasks t
-    WHERE t.queue = q.name AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
-      AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
-                                          coalesce('epoch'::timestamptz + $6::bigint * interval '1 microsecond',
-                                                   '-infinity'),
-                                          coalesce($7::bigint, 0))
+    WHERE t.queue = q.name AND @claim_ready@
     ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
   ORDER BY c.priority, c.run_at, c.id LIMIT $2)
 
@@ -390,8 +391,8 @@ SET status = 'running', attempts = t.attempts + 1, version = t.version + 1, leas
 -- and answer `settle` true in a row of NULLs, and the store runs claim_one or
 -- claim, which settle it. No candidates: a row of NULLs, `settle` false.
 -- The settling parts cost even when they settle nothing (three more tables
--- written, and the trigger on `finished` fires for an empty insert): half of
--- an idle worker's one-task claim, 0.17 of 0.35 ms.
+-- opened for writing, and the trigger on `finished` fires for an empty
+-- insert): 0.07-0.17 ms of an idle worker's one-task claim of 0.2-0.35 ms.
 settle AS (SELECT coalesce(bool_or(final IS NOT NULL OR status = 'running'), false) AS settle FROM cand),
 span AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM cand WHERE NOT (SELECT settle FROM settle)),
 upd_near AS (
