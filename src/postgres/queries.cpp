@@ -57,21 +57,34 @@ std::vector<Query> parse(std::string_view file) {
 
 // `@name@` in a statement stands for the text of the statement `name`: a part
 // that several statements share (claim_lease, stage_rows), written once. A
-// part may name parts of its own (claim_set); a statement that still names
-// one after 32 expansions has a part naming itself, and fails here.
+// part may name parts of its own (claim_fate in claim_cand); `within` holds
+// the parts being expanded, so that one naming itself is an error, not a loop.
+std::string expanded(const std::string& sql, const std::vector<Query>& all, std::vector<std::string>& within) {
+  std::string out;
+  std::size_t from = 0;
+  for (std::size_t at; (at = sql.find('@', from)) != std::string::npos;) {
+    const auto end = sql.find('@', at + 1);
+    const auto name = sql.substr(at + 1, end == std::string::npos ? std::string::npos : end - at - 1);
+    auto part = std::find_if(all.begin(), all.end(), [&](const Query& p) { return p.name == name; });
+    if (end == std::string::npos || part == all.end())
+      throw Error(fmt::format("eoq internal: query '{}' names no part '@{}@'", within.back(), name));
+    if (std::find(within.begin(), within.end(), name) != within.end())
+      throw Error(fmt::format("eoq internal: part '{}' names itself, through '{}'", name, within.back()));
+    out.append(sql, from, at - from);
+    within.push_back(name);
+    out += expanded(part->sql, all, within);
+    within.pop_back();
+    from = end + 1;
+  }
+  out.append(sql, from);
+  return out;
+}
+
 std::vector<Query> expand(std::vector<Query> all) {
   const auto parts = all;
   for (auto& q : all) {
-    int expanded = 0;
-    for (std::size_t at; (at = q.sql.find('@')) != std::string::npos;) {
-      const auto end = q.sql.find('@', at + 1);
-      const auto name = q.sql.substr(at + 1, end == std::string::npos ? std::string::npos : end - at - 1);
-      auto part = std::find_if(parts.begin(), parts.end(), [&](const Query& p) { return p.name == name; });
-      if (end == std::string::npos || part == parts.end())
-        throw Error(fmt::format("eoq internal: query '{}' names no part '@{}@'", q.name, name));
-      if (++expanded > 32) throw Error(fmt::format("eoq internal: query '{}' nests its parts too deep", q.name));
-      q.sql.replace(at, end - at + 1, part->sql);
-    }
+    std::vector<std::string> within{q.name};
+    q.sql = expanded(q.sql, parts, within);
   }
   return all;
 }
