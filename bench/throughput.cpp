@@ -238,7 +238,7 @@ struct Profile {
   // it, and so does autovacuum), and the share of the drain during which a
   // checkpoint was writing out or an autovacuum worker was busy, sampled
   // every 50 ms, with the tables autovacuum worked on (their names need
-  // pg_read_all_stats or a superuser, as the CHECKPOINT of --settle does).
+  // pg_read_all_stats or a superuser; without, they read "<insufficient privilege>").
   bool background = false;
   double wal_bytes = 0, checkpointing = 0, vacuuming = 0;
   std::string vacuumed;
