@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <fmt/format.h>
 #include <random>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -185,31 +187,39 @@ bool check_batch_keys(std::span<const NewTask> tasks) {
   // The keyed tasks sorted by (key, queue, tenant, position): equal keys end up
   // side by side, the first of each run being the key's first task. Sorted,
   // not hashed: keys come from clients, and a batch of colliding keys must
-  // not cost quadratic time; and one array, not a node per key.
-  auto id = [&](std::size_t i) {
-    const NewTask& t = tasks[i];
-    return std::tuple{std::string_view(t.queue), t.tenant ? std::string_view(*t.tenant) : std::string_view(),
-                      std::string_view(*t.key)};
+  // not cost quadratic time. Each entry carries its key's first eight bytes as
+  // a number, so most comparisons read no string: sorting through the tasks
+  // themselves cost 4 ms of a 10,000-task batch, a cache miss per comparison.
+  struct Entry {
+    std::uint64_t prefix;
+    std::string_view key, queue, tenant;
+    std::size_t index;
+    auto id() const { return std::tie(key, queue, tenant); }
   };
-  std::vector<std::size_t> keyed;
+  std::vector<Entry> keyed;
   keyed.reserve(tasks.size());
-  for (std::size_t i = 0; i < tasks.size(); ++i)
-    if (tasks[i].key) keyed.push_back(i);
-  std::sort(keyed.begin(), keyed.end(), [&](std::size_t a, std::size_t b) {
-    const auto [qa, ta, ka] = id(a);
-    const auto [qb, tb, kb] = id(b);
-    // The key first: it is the part that differs, where queue and tenant mostly repeat.
-    if (int c = ka.compare(kb)) return c < 0;
-    if (int c = qa.compare(qb)) return c < 0;
-    if (int c = ta.compare(tb)) return c < 0;
-    return a < b;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const NewTask& t = tasks[i];
+    if (!t.key) continue;
+    std::uint64_t prefix = 0;
+    for (std::size_t j = 0; j < 8; ++j)
+      prefix = prefix << 8 | (j < t.key->size() ? static_cast<unsigned char>((*t.key)[j]) : 0u);
+    keyed.push_back({prefix, *t.key, t.queue, t.tenant ? std::string_view(*t.tenant) : std::string_view(), i});
+  }
+  // The key first: it is the part that differs, where queue and tenant mostly repeat.
+  std::sort(keyed.begin(), keyed.end(), [](const Entry& a, const Entry& b) {
+    if (a.prefix != b.prefix) return a.prefix < b.prefix;
+    if (int c = a.key.compare(b.key)) return c < 0;
+    if (int c = a.queue.compare(b.queue)) return c < 0;
+    if (int c = a.tenant.compare(b.tenant)) return c < 0;
+    return a.index < b.index;
   });
   // (task, the first task with its key), checked in input order so the error
   // names the same task whichever order the sort left.
   std::vector<std::pair<std::size_t, std::size_t>> repeats;
   for (std::size_t j = 1, first = 0; j < keyed.size(); ++j) {
-    if (id(keyed[j]) != id(keyed[first])) first = j;
-    else repeats.emplace_back(keyed[j], keyed[first]);
+    if (keyed[j].id() != keyed[first].id()) first = j;
+    else repeats.emplace_back(keyed[j].index, keyed[first].index);
   }
   std::sort(repeats.begin(), repeats.end());
   for (const auto& [i, holder] : repeats)

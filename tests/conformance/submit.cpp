@@ -579,6 +579,26 @@ STORE_CASE("a batch with a conflicting key writes nothing, within itself or agai
   CHECK(r[3].duplicate);
   CHECK(r[3].task.id == held.id);
   CHECK(list_all(store).size() == 2);
+
+  // Long keys that share their first bytes, in other queues and tenants: only
+  // the same (queue, tenant, key) repeats.
+  const std::string k = "order-2026-11-30-000001";
+  NewTask tenant_k = keyed(k, "default", R"({"v":1})");
+  tenant_k.tenant = "acme";
+  std::vector<NewTask> alike{keyed(k, "default", R"({"v":1})"), keyed(k + "0", "default", R"({"v":1})"),
+                             keyed(k, "other", R"({"v":1})"), tenant_k, keyed(k, "default", R"({"v":1})"),
+                             keyed(k, "default", R"({"v":2})")};
+  auto g = conflict_of([&] { store.submit_batch(alike); }, other);
+  REQUIRE(g);
+  CHECK(g->field() == "tasks[5].key");
+  CHECK(std::string(g->what()).find("tasks[0] of this batch") != std::string::npos);
+  alike.pop_back();
+  auto a = store.submit_batch(alike);
+  REQUIRE(a.size() == 5);
+  for (int i : {0, 1, 2, 3}) CHECK_FALSE(a[static_cast<std::size_t>(i)].duplicate);
+  CHECK(a[4].duplicate);
+  CHECK(a[4].task.id == a[0].task.id);
+  CHECK(list_all(store).size() == 6);
 }
 
 TEST_CASE("PostgresStore: submit_on refuses a key reused with another payload and writes nothing",
