@@ -445,6 +445,65 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   CHECK(show() == "force_generic_plan");
 }
 
+TEST_CASE("key lookups and key pruning walk the keys' primary key, whose byte order does not leak into equality",
+          "[postgres][sql]") {
+  TestStore store(StoreKind::postgres);
+  Admin admin(store.conninfo());
+  const std::string quoted = "\"" + store.schema() + "\"";
+  // Keys that differ only where a locale's comparison could call them equal
+  // or reorder them stay distinct keys.
+  std::vector<NewTask> batch;
+  for (std::string k : {"a", "A", "\xC3\xA9", "e\xCC\x81", "a ", "b", "B"}) {
+    NewTask t;
+    t.queue = "q";
+    t.type = "noop";
+    t.key = k;
+    batch.push_back(t);
+  }
+  for (int i = 0; i < 20000; ++i) {
+    NewTask t;
+    t.queue = i % 2 ? "q" : "r";
+    t.type = "noop";
+    t.key = fmt::format("k{}", i);
+    if (i % 3 == 0) t.tenant = "acme";
+    batch.push_back(t);
+  }
+  for (const auto& r : store->submit_batch(batch)) CHECK_FALSE(r.duplicate);
+  for (std::string k : {"a", "A", "\xC3\xA9", "e\xCC\x81", "a ", "b", "B"}) {
+    auto found = store->find("q", k);
+    REQUIRE(found);
+    CHECK(found->key == k);
+  }
+  CHECK_FALSE(store->find("q", "k0"));  // k0 is queue r's, under tenant acme
+  CHECK_FALSE(store->find("r", "k0"));
+  REQUIRE(store->find("r", "k0", eoq::Scope::only("acme")));
+  admin.exec(fmt::format("ANALYZE {}.keys", quoted));
+  eoq::pg::Connection c(store.conninfo(), "eoq-test", true, true);
+  auto plan_of = [&](const std::string& sql) {
+    auto r = c.exec_params("EXPLAIN " + sql, {}, false, "explain");
+    std::string plan;
+    for (int i = 0; i < r.rows(); ++i) plan += std::string(PQgetvalue(r.get(), i, 0)) + "\n";
+    return plan;
+  };
+  auto by_keys = eoq::pg::query("by_keys", quoted);
+  REQUIRE(by_keys.generic);
+  CHECK(c.exec(by_keys, {"{q}", "{NULL}", "{a}"}).rows() == 1);
+  auto lookup = plan_of("EXECUTE eoq_by_keys('{q}', '{NULL}', '{a}')");
+  INFO(lookup);
+  // The key leads the index condition: compared under another collation it
+  // would fall to a filter over every key of the queue.
+  CHECK(lookup.find("Index Scan using keys_pkey") != std::string::npos);
+  CHECK(lookup.find("Index Cond: ((key = ") != std::string::npos);
+  CHECK(lookup.find("Seq Scan on keys") == std::string::npos);
+  auto prune_stmt = eoq::pg::query("prune", quoted);
+  CHECK(c.exec(prune_stmt, {"3600000", "100"}).rows() == 1);  // prepares it
+  auto prune = plan_of("EXECUTE eoq_prune(0, 100)");
+  INFO(prune);
+  CHECK(prune.find("keys_pkey") != std::string::npos);
+  CHECK(prune.find("Index Cond: ((key = ") != std::string::npos);
+  CHECK(prune.find("Seq Scan on keys") == std::string::npos);
+}
+
 TEST_CASE("a schema from before keys were per tenant is upgraded with its keys intact", "[postgres][migrate]") {
   auto url = eoq::test::test_database_url();
   auto schema = eoq::test::fresh_schema("upgrade");
