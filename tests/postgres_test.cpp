@@ -333,6 +333,34 @@ TEST_CASE("a bulk submit answers each task's own id and times, whether its ids r
   }
 }
 
+TEST_CASE("a large batch into a table never analyzed analyzes it; a small one, or one soon after, does not",
+          "[postgres][sql]") {
+  // The refresh is an optimisation whose failures are swallowed, so only its
+  // effect shows it works: the planner's row count for the live table.
+  TestStore s(StoreKind::postgres);
+  Admin admin(s.conninfo());
+  const std::string quoted = "\"" + s.schema() + "\"";
+  auto reltuples = [&] {
+    auto sql = fmt::format("SELECT reltuples FROM pg_class WHERE oid = '{}.tasks'::regclass", quoted);
+    return std::stod(admin.scalar(sql).value_or("nan"));
+  };
+  auto batch = [](int n, int round) {
+    std::vector<eoq::NewTask> tasks(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      tasks[static_cast<std::size_t>(i)].type = "t";
+      tasks[static_cast<std::size_t>(i)].key = fmt::format("{}-{}", round, i);
+    }
+    return tasks;
+  };
+  CHECK(reltuples() < 0);  // never analyzed
+  s->submit_batch(batch(10, 0));
+  CHECK(reltuples() < 0);  // not a large batch: nothing analyzed
+  s->submit_batch(batch(1500, 1));
+  CHECK(reltuples() == 1510);
+  s->submit_batch(batch(1500, 2));
+  CHECK(reltuples() == 1510);  // within seconds of the last refresh
+}
+
 TEST_CASE("a claim rewrites each small task on its own page, so the claim leaves the indexes alone",
           "[postgres][sql]") {
   // A claim that finds no room on the row's page writes the new version

@@ -910,7 +910,10 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   }
   const bool strict = std::any_of(tasks.begin(), tasks.end(),
                                   [](const NewTask& t) { return t.key && t.key_reuse == KeyReuse::strict; });
-  std::vector<SubmitResult> out;  // built in place: a second vector of 10,000 tasks cost page faults
+  // Built in place (a second vector of 10,000 tasks cost page faults), and
+  // while the server works where it can: filling 10,000 empty results before
+  // the first statement was a millisecond of every large batch.
+  std::vector<SubmitResult> out;
   std::vector<char> have;          // out[i] is set
   std::vector<std::size_t> missing;          // tasks whose key was taken
   std::vector<std::optional<Task>> holders;  // the tasks holding those keys (empty: pruned meanwhile)
@@ -919,7 +922,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   // needs one for its stage. Otherwise the insert commits on its own.
   const bool in_tx = strict || staged;
   auto attempt = [&](Connection& c) {
-    out.assign(tasks.size(), SubmitResult{});
+    out.clear();
     have.assign(tasks.size(), 0);
     missing.clear();
     holders.clear();
@@ -943,7 +946,9 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
         // While the server inserts, the answer's tasks are made from their
         // input; the fresh statement's answer then fills in ids and times.
         auto make_tasks = [&] {
-          for (std::size_t i = 0; i < tasks.size(); ++i) out[i].task = task_from_new(tasks[i], 0, {}, {}, 1);
+          out.clear();
+          out.reserve(tasks.size());
+          for (std::size_t i = 0; i < tasks.size(); ++i) out.push_back({task_from_new(tasks[i], 0, {}, {}, 1), false});
         };
         bool fresh = false;
         if (!any_keyed) {
@@ -987,6 +992,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
       } else {
         r = c.exec(impl.sql.submit_batch, params);
       }
+      if (out.size() != tasks.size()) out.resize(tasks.size());
       for (int i = 0; i < r.rows(); ++i) {
         auto ord = static_cast<std::size_t>(r.i64(i, 0) - 1);
         out[ord].task = task_from_new(tasks[ord], r, i, 1);

@@ -1058,9 +1058,13 @@ SELECT count(*) FROM eoq.finished WHERE finished_at < now() - ($1::bigint * inte
 
 -- name: table_stats
 -- How many rows the planner believes the live table holds, and whether it was
--- never analyzed (see refresh_stats in postgres_store.cpp).
-SELECT c.reltuples::float8 AS reltuples, s.last_analyze IS NULL AND s.last_autoanalyze IS NULL AS never_analyzed
-FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+-- never analyzed (see refresh_stats in postgres_store.cpp). The statistics
+-- functions, not the pg_stat_user_tables view: preparing and running this on
+-- a new connection took 0.4 ms, the view 3.5 ms (psql, one server).
+SELECT c.reltuples::float8 AS reltuples,
+       pg_stat_get_last_analyze_time(c.oid) IS NULL AND pg_stat_get_last_autoanalyze_time(c.oid) IS NULL
+         AS never_analyzed
+FROM pg_class c
 WHERE c.oid = 'eoq.tasks'::regclass;
 
 

@@ -2,8 +2,9 @@
 -- A bulk submit inserts ten thousand keys of one queue and no tenant; with
 -- (queue, tenant, key) every comparison in the index walked two columns that
 -- were equal before it reached the one that differed, and each text column
--- after the first is found by walking the ones before it. That was a sixth of
--- a keyed batch's server time (perf, against the bulk floor's (queue, key)).
+-- after the first is found by walking the ones before it. Measured with 30
+-- interleaved runs of five batches of 10,000 keyed tasks: 75.6k tasks/s
+-- before, 83.3k after, where the bulk floor's (queue, key) ran 90.9k.
 -- Every statement looks a key up by all three columns, so the order serves
 -- them as well. COLLATE "C": equality is the same bytes under any
 -- deterministic collation (a database's default always is), and ordering by
