@@ -50,6 +50,7 @@ struct Args {
   int growth = 1000000;
   int sharing = 400;
   std::optional<bool> settle{};  // unset: with the growth drains only
+  bool bulk_only = false;
 };
 
 const char* kHelp = R"(throughput: eoq's end-to-end figures on one server, each with a ratio to a baseline of the same run.
@@ -65,6 +66,8 @@ const char* kHelp = R"(throughput: eoq's end-to-end figures on one server, each 
   --ceiling-clients K  clients of the ceiling runs (default 8, as pgbench -c 8)
   --growth G           finished tasks kept for the growth and retention drains (default 1000000; 0: skip)
   --sharing T          slow tasks (50 ms) shared by two worker processes (default 400; 0: skip)
+  --bulk-only          only the keyed submit_batch figure (--tasks tasks, --bulk-batch a call) into a new
+                       schema; the side-by-side run alternates it with the bulk floor
   --settle 0|1         start each profiled drain after a CHECKPOINT, so that drains compared with one
                        another (growth, retention, the first and the next) start alike (default: 1 with
                        the growth drains, 0 without, as in a side-by-side run, whose peers get no such start)
@@ -95,6 +98,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--growth") a.growth = std::stoi(next());
     else if (k == "--sharing") a.sharing = std::stoi(next());
     else if (k == "--settle") a.settle = std::stoi(next()) != 0;
+    else if (k == "--bulk-only") a.bulk_only = true;
     else throw std::runtime_error("unknown argument " + k);
   }
   return a;
@@ -556,7 +560,10 @@ int main(int argc, char** argv) try {
   if (argc == 5 && std::string(argv[1]) == "--sharing-child") return fair_child(argv[2], argv[3], argv[4]);
   Args a = parse(argc, argv);
   std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
-  if (a.defaults)
+  if (a.bulk_only)
+    fmt::print("eoq throughput harness: keyed submit_batch only, {} tasks in calls of {}, {} cores\n", a.tasks,
+               a.bulk_batch, std::thread::hardware_concurrency());
+  else if (a.defaults)
     fmt::print("eoq throughput harness: {} tasks, WorkerOptions defaults, {} cores\n", a.tasks,
                std::thread::hardware_concurrency());
   else
@@ -564,13 +571,14 @@ int main(int argc, char** argv) try {
                a.concurrency, a.claim_batch, a.prefetch ? std::to_string(*a.prefetch) : "adaptive",
                std::thread::hardware_concurrency());
   const bool settle = a.settle.value_or(a.growth > 0);
-  if (settle) fmt::print("each profiled drain starts after a CHECKPOINT (--settle)\n");
+  if (settle && !a.bulk_only) fmt::print("each profiled drain starts after a CHECKPOINT (--settle)\n");
 
   // --ceiling-seconds 0 skips the ceilings (their ratios then read "inf"), e.g.
   // when pgbench measures them in the same run, or to keep the server's WAL cold.
   const int ceiling_rows = 1000000 > a.tasks * 10 ? a.tasks * 10 : 1000000;
-  double c1 = a.ceiling_seconds > 0 ? ceiling(url, ceiling_rows, 1, a.ceiling_clients, a.ceiling_seconds) : 0;
-  double c100 = a.ceiling_seconds > 0 ? ceiling(url, ceiling_rows, 100, a.ceiling_clients, a.ceiling_seconds) : 0;
+  const bool ceilings = a.ceiling_seconds > 0 && !a.bulk_only;
+  double c1 = ceilings ? ceiling(url, ceiling_rows, 1, a.ceiling_clients, a.ceiling_seconds) : 0;
+  double c100 = ceilings ? ceiling(url, ceiling_rows, 100, a.ceiling_clients, a.ceiling_seconds) : 0;
 
   eoq::PostgresOptions po;
   po.conninfo = url;
@@ -579,6 +587,10 @@ int main(int argc, char** argv) try {
   store.migrate();
 
   double bulk = submit_bulk(store, a.tasks, "drain", a.bulk_batch, true);
+  if (a.bulk_only) {
+    fmt::print("| eoq submit_batch ({} per call, each task keyed) | {:.0f} tasks/s |\n", a.bulk_batch, bulk);
+    return 0;
+  }
   auto t0 = SteadyClock::now();
   const int singles = std::min(1000, a.tasks);
   for (auto& t : noop_tasks(singles, "single")) store.submit(t);

@@ -2,14 +2,16 @@
 # eoq and its peers side by side, in one run, on one throwaway PostgreSQL 15 that this script starts and
 # stops itself (initdb defaults except max_connections=200; fsync and synchronous_commit on):
 #   pgbench row-work ceilings (before and after everything else), graphile-worker 0.18 (defaults and tuned),
-#   pg-boss 12 (tuned), eoq (WorkerOptions defaults and tuned), and the libpq bulk-submit floor.
+#   pg-boss 12 (tuned), eoq (WorkerOptions defaults and tuned), and the libpq bulk-submit floor, alternated
+#   with eoq's keyed bulk submit.
 # Prints a markdown table of every figure and a table of the ratios the project tracks. See README.md here.
 #
 # Usage: bench/peers/side-by-side.sh [BUILD_DIR=build/release]
 #   BUILD_DIR holds the eoq build (its bench/throughput); relative paths are tried from the current
 #   directory, then from the repository root.
 # Env: N (50000) tasks per system; SECS (10) per timed pgbench run; LAT (1000) eoq idle-latency samples;
-#      SAMPLES (50) idle-latency samples of the node peers; STEP_TIMEOUT (1200 s) per step;
+#      SAMPLES (50) idle-latency samples of the node peers; BULK_ROUNDS (5) alternated pairs of eoq's
+#      keyed bulk submit and the bulk floor; STEP_TIMEOUT (1200 s) per step;
 #      PG_BIN (/usr/lib/postgresql/15/bin); PGPORT (55432, first port tried);
 #      EOQ_PEERS_NODE_DIR (${TMPDIR:-/tmp}/eoq-bench-peers-node) where the npm packages are installed.
 set -euo pipefail
@@ -99,6 +101,44 @@ step_eoq() {
   printf 'eoq\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$config" "$drain" "$single" "$bulk" "${lat[0]}" "${lat[1]}" "${lat[3]}"
 }
 
+# Keyed bulk submit and the bulk floor, alternated ROUNDS times (floor first in odd rounds, eoq first in
+# even ones), each on fresh tables and after a CHECKPOINT (the floor checkpoints before each of its ways).
+# One pass of either takes about half a second, and this machine's speed drifts by a third within
+# minutes: a ratio of two figures taken a minute apart measured the drift as much as eoq.
+step_bulk_pairs() {
+  local url=$1 bin=$2 floor=$3 n=$4 rounds=$5 r out eoq copy nokeys
+  drop_schemas() {
+    psql -qX -v ON_ERROR_STOP=1 "$url" >/dev/null <<'SQL'
+SET client_min_messages = warning;
+DO $$ DECLARE s text; BEGIN
+  FOR s IN SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench\_tp\_%' LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', s);
+  END LOOP;
+END $$;
+CHECKPOINT;
+SQL
+  }
+  run_floor() {
+    out=$("$floor" "$url" "$n" 10000) || return 1
+    copy=$(awk -F'\t' 'index($2, "COPY") && index($2, "with keys") { print $5 }' <<<"$out")
+    nokeys=$(awk -F'\t' 'index($2, "COPY") && index($2, "no keys") { print $5 }' <<<"$out")
+  }
+  run_eoq() {
+    drop_schemas
+    out=$(EOQ_BENCH_DATABASE_URL=$url "$bin" --bulk-only --tasks "$n" --bulk-batch 10000 2>&1) ||
+      { echo "$out" >&2; return 1; }
+    eoq=$(awk -F'|' 'index($2, " eoq submit_batch") == 1 { print $3 }' <<<"$out" | grep -oE '^ *[0-9]+' | xargs)
+  }
+  for ((r = 1; r <= rounds; r++)); do
+    if ((r % 2)); then run_floor && run_eoq; else run_eoq && run_floor; fi || return 1
+    [[ -n $eoq && -n $copy && -n $nokeys ]] || { echo "bulk pair $r: a figure is missing" >&2; echo "$out" >&2; return 1; }
+    printf 'bulk pair %d\teoq submit_batch, keyed, batch of 10000\t-\t-\t%s\n' "$r" "$eoq"
+    printf 'bulk pair %d\tfloor: COPY to stage + INSERT...SELECT, with keys table\t-\t-\t%s\n' "$r" "$copy"
+    printf 'bulk pair %d\tfloor: COPY to stage + INSERT...SELECT, no keys\t-\t-\t%s\n' "$r" "$nokeys"
+  done
+  drop_schemas
+}
+
 # A node peer: its driver, copied next to the installed packages so that its imports resolve.
 step_node() {
   local dir=$1 script=$2; shift 2
@@ -108,15 +148,17 @@ step_node() {
 case ${1:-} in
   --step-pgbench) shift; step_pgbench "$@"; exit ;;
   --step-eoq) shift; step_eoq "$@"; exit ;;
+  --step-bulk-pairs) shift; step_bulk_pairs "$@"; exit ;;
   --step-node) shift; step_node "$@"; exit ;;
-  -h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
   --*) die "unknown option $1 (see --help)" ;;
 esac
 
 # --- what this needs ---------------------------------------------------------------------------------------
 
 N=${N:-50000} SECS=${SECS:-10} LAT=${LAT:-1000} SAMPLES=${SAMPLES:-50} STEP_TIMEOUT=${STEP_TIMEOUT:-1200}
-for v in N SECS LAT SAMPLES STEP_TIMEOUT; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
+BULK_ROUNDS=${BULK_ROUNDS:-5}
+for v in N SECS LAT SAMPLES STEP_TIMEOUT BULK_ROUNDS; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
 
 missing=()
 need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian: apt-get install $2)"); }
@@ -278,12 +320,10 @@ step pgb_before "pgbench ceilings (before)" "${self[@]}" --step-pgbench "$work" 
 step gw_defaults "graphile-worker, defaults" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 -1 "$SAMPLES"
 step gw_tuned "graphile-worker, tuned" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 500 "$SAMPLES"
 step boss_tuned "pg-boss, tuned" "${self[@]}" --step-node "$node_dir" pgboss.mjs "$url" "$N" 500 8 1 "$SAMPLES"
-# The floor, like the ceiling, before and after eoq's runs: one pass takes half a second and read
-# anywhere from 84k to 131k on one machine within half an hour (2026-11-30).
-step floor_before "bulk floor (before)" "$work/bulk_floor" "$url" "$N" 10000
 step eoq_defaults "eoq, WorkerOptions defaults" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" defaults
 step eoq_tuned "eoq, tuned" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" tuned
-step floor_after "bulk floor (after)" "$work/bulk_floor" "$url" "$N" 10000
+step bulk_pairs "keyed bulk submit and the bulk floor, alternated" \
+  "${self[@]}" --step-bulk-pairs "$url" "$throughput" "$work/bulk_floor" "$N" "$BULK_ROUNDS"
 step pgb_after "pgbench ceilings (after)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
 
 # --- the tables ------------------------------------------------------------------------------------------
@@ -294,20 +334,28 @@ awk -F'\t' '{ sys = $2; if ($1 ~ /_before:/) sys = sys " (before)"; if ($1 ~ /_a
   printf "| %s | %s |", sys, $3
   for (i = 4; i <= 9; i++) printf " %s |", (i > NF || $i == "" ? "-" : $i); print "" }' "$rows"
 echo
-awk -F'\t' '
+awk -F'\t' -v rounds="$BULK_ROUNDS" '
   { v[$1 "/drain"] = $4; v[$1 "/bulk"] = $6 }
   function need(k) { if (!(k in v) || v[k] == "" || v[k] == "-" || v[k] + 0 <= 0) {
       print "side-by-side: no figure " k " for the ratios" > "/dev/stderr"; bad = 1; return 1 } return v[k] }
+  function median(a,   i, j, t, b) {
+    for (i = 1; i <= rounds; i++) b[i] = a[i]
+    for (i = 2; i <= rounds; i++) for (j = i; j > 1 && b[j - 1] > b[j]; j--) { t = b[j]; b[j] = b[j - 1]; b[j - 1] = t }
+    return rounds % 2 ? b[(rounds + 1) / 2] : (b[rounds / 2] + b[rounds / 2 + 1]) / 2 }
+  function list(a,   i, s) { for (i = 1; i <= rounds; i++) s = s (i > 1 ? ", " : "") sprintf("%.2f", a[i]); return s }
   function row(name, r, target, how) {
     printf "| %s | %.2f | %s %.1f | %s |\n", name, r, how, target, (r >= target ? "met" : "not met") }
   END {
     gw = need("gw_tuned:1/drain"); ed = need("eoq_defaults:1/drain"); et = need("eoq_tuned:1/drain")
     cb = need("pgb_before:2/drain"); ca = need("pgb_after:2/drain")
-    bd = need("eoq_defaults:1/bulk"); bt = need("eoq_tuned:1/bulk")
-    kb = need("floor_before:2/bulk"); ka = need("floor_after:2/bulk")
-    nb = need("floor_before:3/bulk"); na = need("floor_after:3/bulk")
+    # Each pair of bulk runs gives a ratio; the median of them is the figure (see step_bulk_pairs).
+    for (r = 1; r <= rounds; r++) {
+      e = need("bulk_pairs:" (3 * r - 2) "/bulk"); k = need("bulk_pairs:" (3 * r - 1) "/bulk")
+      nk = need("bulk_pairs:" (3 * r) "/bulk")
+      rk[r] = e / k; rn[r] = e / nk
+    }
     if (bad) exit 1
-    ceil = (cb + ca) / 2; sb = (bd + bt) / 2; ck = (kb + ka) / 2; cn = (nb + na) / 2
+    ceil = (cb + ca) / 2
     print "| ratio, same run | value | target (issue 13) | |"
     print "|---|--:|--:|---|"
     row("eoq defaults drain / graphile-worker tuned drain", ed / gw, 1.0, ">=")
@@ -317,6 +365,6 @@ awk -F'\t' '
     best = (ed > et ? ed : et); which = (ed > et ? "defaults" : "tuned")
     row(sprintf("eoq best drain (%s) / graphile-worker tuned drain", which), best / gw, 2.0, ">=")
     row(sprintf("eoq best drain (%s) / pgbench id-range batch-100 ceiling", which), best / ceil, 0.5, ">=")
-    row(sprintf("eoq submit_batch, keyed tasks (mean of its two runs, %.0f) / COPY floor with keys (mean of %.0f and %.0f)", sb, kb, ka), sb / ck, 0.9, ">=")
-    printf "| eoq submit_batch, keyed tasks / COPY floor without keys (no keys table: an upper bound) | %.2f | | |\n", sb / cn
+    row(sprintf("eoq submit_batch, keyed tasks / COPY floor with keys (median of %d alternated pairs: %s)", rounds, list(rk)), median(rk), 0.9, ">=")
+    printf "| eoq submit_batch, keyed tasks / COPY floor without keys (no keys table: an upper bound; median of the pairs) | %.2f | | |\n", median(rn)
   }' "$rows"
