@@ -2,16 +2,16 @@
 # eoq and its peers side by side, in one run, on one throwaway PostgreSQL 15 that this script starts and
 # stops itself (initdb defaults except max_connections=200; fsync and synchronous_commit on):
 #   pgbench row-work ceilings (before and after everything else), graphile-worker 0.18 (defaults and tuned),
-#   pg-boss 12 (tuned), eoq (WorkerOptions defaults and tuned), and the libpq bulk-submit floor, alternated
-#   with eoq's keyed bulk submit.
+#   pg-boss 12 (tuned), eoq (WorkerOptions defaults and tuned), the libpq idle-latency floor, and the libpq
+#   bulk-submit floor, alternated with eoq's keyed bulk submit.
 # Prints a markdown table of every figure and a table of the ratios the project tracks. See README.md here.
 #
 # Usage: bench/peers/side-by-side.sh [BUILD_DIR=build/release]
 #   BUILD_DIR holds the eoq build (its bench/throughput); relative paths are tried from the current
 #   directory, then from the repository root.
-# Env: N (50000) tasks per system; SECS (10) per timed pgbench run; LAT (1000) eoq idle-latency samples;
-#      SAMPLES (50) idle-latency samples of the node peers; BULK_ROUNDS (5) alternated pairs of eoq's
-#      keyed bulk submit and the bulk floor; STEP_TIMEOUT (1200 s) per step;
+# Env: N (50000) tasks per system; SECS (10) per timed pgbench run; LAT (1000) idle-latency samples of
+#      eoq and of the latency floor; SAMPLES (50) idle-latency samples of the node peers; BULK_ROUNDS (5)
+#      alternated pairs of eoq's keyed bulk submit and the bulk floor; STEP_TIMEOUT (1200 s) per step;
 #      PG_BIN (/usr/lib/postgresql/15/bin); PGPORT (55432, first port tried);
 #      EOQ_PEERS_NODE_DIR (${TMPDIR:-/tmp}/eoq-bench-peers-node) where the npm packages are installed.
 set -euo pipefail
@@ -274,10 +274,12 @@ pinned_installed() {
   cp "$here/graphile.mjs" "$here/pgboss.mjs" "$node_dir/"
 ) 9>"$node_dir.lock"
 
-# --- the bulk floor program ------------------------------------------------------------------------------
+# --- the floor programs ------------------------------------------------------------------------------
 
 gcc -O2 -Wall -o "$work/bulk_floor" "$here/bulk_floor.c" -I"$pq_include" -lpq >"$work/gcc.log" 2>&1 ||
   { cat "$work/gcc.log" >&2; die "building bench/peers/bulk_floor.c failed"; }
+gcc -O2 -Wall -pthread -o "$work/latency_floor" "$here/latency_floor.c" -I"$pq_include" -lpq >"$work/gcc.log" 2>&1 ||
+  { cat "$work/gcc.log" >&2; die "building bench/peers/latency_floor.c failed"; }
 
 # --- the run ---------------------------------------------------------------------------------------------
 
@@ -322,6 +324,9 @@ step gw_tuned "graphile-worker, tuned" "${self[@]}" --step-node "$node_dir" grap
 step boss_tuned "pg-boss, tuned" "${self[@]}" --step-node "$node_dir" pgboss.mjs "$url" "$N" 500 8 1 "$SAMPLES"
 step eoq_defaults "eoq, WorkerOptions defaults" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" defaults
 step eoq_tuned "eoq, tuned" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" tuned
+# The idle latency a libpq submitter and listener reach with no queue logic: the machine's own pace for
+# the latency targets, which are in milliseconds, not ratios.
+step latency_floor "latency floor" "$work/latency_floor" "$url" "$LAT"
 step bulk_pairs "keyed bulk submit and the bulk floor, alternated" \
   "${self[@]}" --step-bulk-pairs "$url" "$throughput" "$work/bulk_floor" "$N" "$BULK_ROUNDS"
 step pgb_after "pgbench ceilings (after)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
@@ -335,7 +340,7 @@ awk -F'\t' '{ sys = $2; if ($1 ~ /_before:/) sys = sys " (before)"; if ($1 ~ /_a
   for (i = 4; i <= 9; i++) printf " %s |", (i > NF || $i == "" ? "-" : $i); print "" }' "$rows"
 echo
 awk -F'\t' -v rounds="$BULK_ROUNDS" '
-  { v[$1 "/drain"] = $4; v[$1 "/bulk"] = $6 }
+  { v[$1 "/drain"] = $4; v[$1 "/bulk"] = $6; v[$1 "/p50"] = $7; v[$1 "/p99"] = $8 }
   function need(k) { if (!(k in v) || v[k] == "" || v[k] == "-" || v[k] + 0 <= 0) {
       print "side-by-side: no figure " k " for the ratios" > "/dev/stderr"; bad = 1; return 1 } return v[k] }
   function median(a,   i, j, t, b) {
@@ -344,7 +349,7 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" '
     return rounds % 2 ? b[(rounds + 1) / 2] : (b[rounds / 2] + b[rounds / 2 + 1]) / 2 }
   function list(a,   i, s) { for (i = 1; i <= rounds; i++) s = s (i > 1 ? ", " : "") sprintf("%.2f", a[i]); return s }
   function row(name, r, target, how) {
-    printf "| %s | %.2f | %s %.1f | %s |\n", name, r, how, target, (r >= target ? "met" : "not met") }
+    printf "| %s | %.2f | %s %.1f | %s |\n", name, r, how, target, ((how == "<=" ? r <= target : r >= target) ? "met" : "not met") }
   END {
     gw = need("gw_tuned:1/drain"); ed = need("eoq_defaults:1/drain"); et = need("eoq_tuned:1/drain")
     cb = need("pgb_before:2/drain"); ca = need("pgb_after:2/drain")
@@ -367,4 +372,9 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" '
     row(sprintf("eoq best drain (%s) / pgbench id-range batch-100 ceiling", which), best / ceil, 0.5, ">=")
     row(sprintf("eoq submit_batch, keyed tasks / COPY floor with keys (median of %d alternated pairs: %s)", rounds, list(rk)), median(rk), 0.9, ">=")
     printf "| eoq submit_batch, keyed tasks / COPY floor without keys (no keys table: an upper bound; median of the pairs) | %.2f | | |\n", median(rn)
+    lp50 = need("eoq_defaults:1/p50"); lp99 = need("eoq_defaults:1/p99")
+    fp50 = need("latency_floor:1/p50"); fp99 = need("latency_floor:1/p99")
+    row(sprintf("eoq defaults, idle submit-to-start p50, ms (the latency floor: %.2f)", fp50), lp50, 1.5, "<=")
+    row(sprintf("eoq defaults, idle submit-to-start p99, ms (the latency floor: %.2f)", fp99), lp99, 5.0, "<=")
+    printf "| eoq defaults, idle submit-to-start p50 / the latency floor'"'"'s p50 | %.2f | | |\n", lp50 / fp50
   }' "$rows"
