@@ -50,8 +50,8 @@ static PGresult *must(PGconn *c, PGresult *r, const char *what) {
 static void *listener(void *arg) {
   PGconn *c = arg;
   while (claimed < samples) {
-    struct pollfd p = {PQsocket(c), POLLIN, 0};
-    if (poll(&p, 1, 1000) < 0) continue;
+    /* A notification that arrived during the last claim is already in libpq's queue, not on the
+       socket: look there before blocking. */
     if (!PQconsumeInput(c)) {
       fprintf(stderr, "latency_floor: listener: %s", PQerrorMessage(c));
       exit(1);
@@ -62,7 +62,11 @@ static void *listener(void *arg) {
       woken = 1;
       PQfreemem(n);
     }
-    if (!woken) continue;
+    if (!woken) {
+      struct pollfd p = {PQsocket(c), POLLIN, 0};
+      poll(&p, 1, 1000);
+      continue;
+    }
     for (;;) {  /* every row there is: a notification may stand for more than one */
       PGresult *r = must(c, PQexec(c, "UPDATE lat_floor SET status = 1 WHERE id = (SELECT id FROM lat_floor "
                                       "WHERE status = 0 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"),

@@ -124,14 +124,15 @@ SQL
     nokeys=$(awk -F'\t' 'index($2, "COPY") && index($2, "no keys") { print $5 }' <<<"$out")
   }
   run_eoq() {
-    drop_schemas
+    drop_schemas || return 1
     out=$(EOQ_BENCH_DATABASE_URL=$url "$bin" --bulk-only --tasks "$n" --bulk-batch 10000 2>&1) ||
       { echo "$out" >&2; return 1; }
     eoq=$(awk -F'|' 'index($2, " eoq submit_batch") == 1 { print $3 }' <<<"$out" | grep -oE '^ *[0-9]+' | xargs)
   }
   for ((r = 1; r <= rounds; r++)); do
     if ((r % 2)); then run_floor && run_eoq; else run_eoq && run_floor; fi || return 1
-    [[ -n $eoq && -n $copy && -n $nokeys ]] || { echo "bulk pair $r: a figure is missing" >&2; echo "$out" >&2; return 1; }
+    [[ -n $eoq && -n $copy && -n $nokeys ]] ||
+      { echo "bulk pair $r: a figure is missing; the last output read:" >&2; echo "$out" >&2; return 1; }
     printf 'bulk pair %d\teoq submit_batch, keyed, batch of 10000\t-\t-\t%s\n' "$r" "$eoq"
     printf 'bulk pair %d\tfloor: COPY to stage + INSERT...SELECT, with keys table\t-\t-\t%s\n' "$r" "$copy"
     printf 'bulk pair %d\tfloor: COPY to stage + INSERT...SELECT, no keys\t-\t-\t%s\n' "$r" "$nokeys"
@@ -359,6 +360,8 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" '
       nk = need("bulk_pairs:" (3 * r) "/bulk")
       rk[r] = e / k; rn[r] = e / nk
     }
+    lp50 = need("eoq_defaults:1/p50"); lp99 = need("eoq_defaults:1/p99")
+    fp50 = need("latency_floor:1/p50"); fp99 = need("latency_floor:1/p99")
     if (bad) exit 1
     ceil = (cb + ca) / 2
     print "| ratio, same run | value | target (issue 13) | |"
@@ -372,8 +375,6 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" '
     row(sprintf("eoq best drain (%s) / pgbench id-range batch-100 ceiling", which), best / ceil, 0.5, ">=")
     row(sprintf("eoq submit_batch, keyed tasks / COPY floor with keys (median of %d alternated pairs: %s)", rounds, list(rk)), median(rk), 0.9, ">=")
     printf "| eoq submit_batch, keyed tasks / COPY floor without keys (no keys table: an upper bound; median of the pairs) | %.2f | | |\n", median(rn)
-    lp50 = need("eoq_defaults:1/p50"); lp99 = need("eoq_defaults:1/p99")
-    fp50 = need("latency_floor:1/p50"); fp99 = need("latency_floor:1/p99")
     row(sprintf("eoq defaults, idle submit-to-start p50, ms (the latency floor: %.2f)", fp50), lp50, 1.5, "<=")
     row(sprintf("eoq defaults, idle submit-to-start p99, ms (the latency floor: %.2f)", fp99), lp99, 5.0, "<=")
     printf "| eoq defaults, idle submit-to-start p50 / the latency floor'"'"'s p50 | %.2f | | |\n", lp50 / fp50

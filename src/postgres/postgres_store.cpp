@@ -585,6 +585,7 @@ struct PostgresStore::Impl {
   // The statistics refresh under way, if any. Last, so that it is joined
   // before the pools it borrows from go.
   std::atomic<bool> refreshing{false};
+  std::mutex refresher_m;
   std::jthread refresher;
 
   explicit Impl(PostgresOptions o)
@@ -667,16 +668,23 @@ struct PostgresStore::Impl {
   // a table never analyzed) analyzes it, at most every few seconds per store.
   // On a thread of its own, after the batch has committed: the caller's
   // submit_batch does not wait for it (an ANALYZE of 10,000 rows took 8 ms, a
-  // tenth of the batch before it, and more on a larger table).
+  // tenth of the batch before it, and more on a larger table). Claims made
+  // meanwhile plan on the old statistics; the ANALYZE invalidates their plans.
+  // The store's destructor waits for a refresh under way.
   void refresh_stats(std::size_t batch_rows) noexcept {
+    if (refreshing) return;  // one at a time; the next large batch asks again
     const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
     auto last = stats_refreshed.load();
     const auto gap = std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::seconds(5)).count();
     if (last != 0 && now - last < gap) return;
     if (!stats_refreshed.compare_exchange_strong(last, now)) return;
-    if (refreshing.exchange(true)) return;  // the last one still runs
+    if (refreshing.exchange(true)) return;
+    // The thread clears `refreshing` before it ends, which can be before its
+    // std::jthread is even assigned: the mutex keeps the next caller's join
+    // off the assignment.
+    std::lock_guard lock(refresher_m);
     try {
-      if (refresher.joinable()) refresher.join();  // done: it cleared `refreshing`
+      if (refresher.joinable()) refresher.join();
       refresher = std::jthread([this, batch_rows] {
         try {
           auto c = pool.acquire();
@@ -689,7 +697,7 @@ struct PostgresStore::Impl {
         }
         refreshing = false;
       });
-    } catch (const std::system_error&) {
+    } catch (...) {
       refreshing = false;  // no thread to be had: autovacuum gets there too
     }
   }

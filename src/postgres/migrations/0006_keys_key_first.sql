@@ -9,7 +9,10 @@
 -- them as well. COLLATE "C": equality is the same bytes under any
 -- deterministic collation (a database's default always is), and ordering by
 -- bytes skips the locale's comparison; nothing reads the keys in order.
--- Rebuilds the index: on a large keys table this holds its lock for as long.
+-- Rebuilds the index under the table's ACCESS EXCLUSIVE lock: the migration
+-- first waits for every open transaction that has touched `keys` (a handler
+-- that submitted, say), and submits and key lookups wait behind it until the
+-- index is built. Migrate a large deployment while its workers are stopped.
 ALTER TABLE @schema@.keys
   DROP CONSTRAINT keys_pkey,
   ALTER COLUMN queue TYPE text COLLATE "C",
