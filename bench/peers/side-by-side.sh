@@ -10,7 +10,7 @@
 #   BUILD_DIR holds the eoq build (its bench/throughput); relative paths are tried from the current
 #   directory, then from the repository root.
 # Env: N (50000) tasks per system; SECS (10) per timed pgbench run; LAT (1000) idle-latency samples of
-#      eoq and of the latency floor; SAMPLES (50) idle-latency samples of the node peers; BULK_ROUNDS (5)
+#      eoq and of the latency floor; SAMPLES (50) idle-latency samples of the node peers; BULK_ROUNDS (6)
 #      alternated pairs of eoq's keyed bulk submit and the bulk floor; STEP_TIMEOUT (1200 s) per step;
 #      PG_BIN (/usr/lib/postgresql/15/bin); PGPORT (55432, first port tried);
 #      EOQ_PEERS_NODE_DIR (${TMPDIR:-/tmp}/eoq-bench-peers-node) where the npm packages are installed.
@@ -104,7 +104,9 @@ step_eoq() {
 # Keyed bulk submit and the bulk floor, alternated ROUNDS times (floor first in odd rounds, eoq first in
 # even ones), each on fresh tables and after a CHECKPOINT (the floor checkpoints before each of its ways).
 # One pass of either takes about half a second, and this machine's speed drifts by a third within
-# minutes: a ratio of two figures taken a minute apart measured the drift as much as eoq.
+# minutes: a ratio of two figures taken a minute apart measured the drift as much as eoq. What ran just
+# before matters too (eight pairs on one server, 2026-11-30: the floor read 114k on average after an eoq
+# pass and 98k after one of its own), so an even number of rounds lets each follow each equally often.
 step_bulk_pairs() {
   local url=$1 bin=$2 floor=$3 n=$4 rounds=$5 r out eoq copy nokeys
   drop_schemas() {
@@ -158,7 +160,7 @@ esac
 # --- what this needs ---------------------------------------------------------------------------------------
 
 N=${N:-50000} SECS=${SECS:-10} LAT=${LAT:-1000} SAMPLES=${SAMPLES:-50} STEP_TIMEOUT=${STEP_TIMEOUT:-1200}
-BULK_ROUNDS=${BULK_ROUNDS:-5}
+BULK_ROUNDS=${BULK_ROUNDS:-6}
 for v in N SECS LAT SAMPLES STEP_TIMEOUT BULK_ROUNDS; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
 
 missing=()
