@@ -702,9 +702,11 @@ struct PostgresStore::Impl {
     }
   }
 
-  void check_payload(const NewTask& t, std::size_t i, bool batch) const {
+  // `now`: one reading of the clock for a whole batch (`perf` of a loop of
+  // large batches put 3% of its client samples in reading it per task).
+  void check_payload(const NewTask& t, std::size_t i, bool batch, TimePoint now = detail::now()) const {
     try {
-      detail::validate_new_task(t, options.max_payload_bytes, detail::now());
+      detail::validate_new_task(t, options.max_payload_bytes, now);
     } catch (const InvalidArgument& e) {
       if (!batch) throw;
       throw InvalidArgument(fmt::format("tasks[{}].{}", i, e.field()), e.rule());
@@ -895,8 +897,9 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   detail::validate_batch_size(tasks.size());
   if (tasks.empty()) return {};
   bool all_keyed = true, any_keyed = false;
+  const TimePoint checked_at = detail::now();
   for (std::size_t i = 0; i < tasks.size(); ++i) {
-    impl.check_payload(tasks[i], i, true);
+    impl.check_payload(tasks[i], i, true, checked_at);
     all_keyed = all_keyed && tasks[i].key.has_value();
     any_keyed = any_keyed || tasks[i].key.has_value();
   }
