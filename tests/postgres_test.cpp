@@ -44,7 +44,13 @@ namespace h = eoq::test::history;
 
 namespace {
 
-
+// What EXPLAIN says of `sql` on `c`, its lines joined.
+std::string plan_of(eoq::pg::Connection& c, const std::string& sql) {
+  auto r = c.exec_params("EXPLAIN " + sql, {}, false, "explain");
+  std::string plan;
+  for (int i = 0; i < r.rows(); ++i) plan += std::string(PQgetvalue(r.get(), i, 0)) + "\n";
+  return plan;
+}
 
 constexpr auto kChildTimeout = 120s;
 
@@ -425,10 +431,7 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
       "SELECT nextval('{0}.task_ids'), 'q', 'noop', '{{}}', 'pending', 0, now(), 3, 'exponential', 1000, 60000, 0.1 "
       "FROM generate_series(1, 20000)",
       quoted));
-  auto explain =
-      c.exec_params("EXPLAIN EXECUTE eoq_claim_one('q', 10, 'test', 30000, NULL, NULL, NULL)", {}, false, "explain");
-  std::string plan;
-  for (int i = 0; i < explain.rows(); ++i) plan += std::string(PQgetvalue(explain.get(), i, 0)) + "\n";
+  auto plan = plan_of(c, "EXECUTE eoq_claim_one('q', 10, 'test', 30000, NULL, NULL, NULL)");
   INFO(plan);
   CHECK(plan.find("$1") != std::string::npos);  // the generic plan, not one made for these values
   CHECK(plan.find("Index Scan using tasks_claim") != std::string::npos);
@@ -442,10 +445,7 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   auto pending = eoq::pg::query("claim_pending_one", quoted);
   REQUIRE(pending.generic);
   CHECK(c.exec(pending, {"q", "10", "test", "30000", none, none, none}).rows() == 10);
-  auto explain_pending = c.exec_params("EXPLAIN EXECUTE eoq_claim_pending_one('q', 10, 'test', 30000, NULL, NULL, NULL)",
-                                       {}, false, "explain");
-  std::string pending_plan;
-  for (int i = 0; i < explain_pending.rows(); ++i) pending_plan += std::string(PQgetvalue(explain_pending.get(), i, 0)) + "\n";
+  auto pending_plan = plan_of(c, "EXECUTE eoq_claim_pending_one('q', 10, 'test', 30000, NULL, NULL, NULL)");
   INFO(pending_plan);
   CHECK(pending_plan.find("$1") != std::string::npos);
   CHECK(pending_plan.find("Index Scan using tasks_claim") != std::string::npos);
@@ -457,11 +457,7 @@ TEST_CASE("a generic claim plan built on a table analyzed while empty still walk
   auto complete = eoq::pg::query("complete", quoted);
   REQUIRE(complete.generic);
   CHECK(c.exec(complete, {"{}", "{}", "{}"}).rows() == 0);
-  auto explain_complete =
-      c.exec_params("EXPLAIN EXECUTE eoq_complete('{1}', '{1}', '{null}')", {}, false, "explain");
-  std::string complete_plan;
-  for (int i = 0; i < explain_complete.rows(); ++i)
-    complete_plan += std::string(PQgetvalue(explain_complete.get(), i, 0)) + "\n";
+  auto complete_plan = plan_of(c, "EXECUTE eoq_complete('{1}', '{1}', '{null}')");
   INFO(complete_plan);
   CHECK(complete_plan.find("Nested Loop") == std::string::npos);
   CHECK(complete_plan.find("Seq Scan") == std::string::npos);
@@ -520,16 +516,10 @@ TEST_CASE("key lookups and key pruning enter the keys' primary key by the key", 
   REQUIRE(store->find("r", "k0", eoq::Scope::only("acme")));
   admin.exec(fmt::format("ANALYZE {}.keys", quoted));
   eoq::pg::Connection c(store.conninfo(), "eoq-test", true, true);
-  auto plan_of = [&](const std::string& sql) {
-    auto r = c.exec_params("EXPLAIN " + sql, {}, false, "explain");
-    std::string plan;
-    for (int i = 0; i < r.rows(); ++i) plan += std::string(PQgetvalue(r.get(), i, 0)) + "\n";
-    return plan;
-  };
   auto by_keys = eoq::pg::query("by_keys", quoted);
   REQUIRE(by_keys.generic);
   CHECK(c.exec(by_keys, {"{q}", "{NULL}", "{a}"}).rows() == 1);
-  auto lookup = plan_of("EXECUTE eoq_by_keys('{q}', '{NULL}', '{a}')");
+  auto lookup = plan_of(c, "EXECUTE eoq_by_keys('{q}', '{NULL}', '{a}')");
   INFO(lookup);
   // The key leads the index condition: compared under another collation it
   // would fall to a filter over every key of the queue.
@@ -538,7 +528,7 @@ TEST_CASE("key lookups and key pruning enter the keys' primary key by the key", 
   CHECK(lookup.find("Seq Scan on keys") == std::string::npos);
   auto prune_stmt = eoq::pg::query("prune", quoted);
   CHECK(c.exec(prune_stmt, {"3600000", "100"}).rows() == 1);  // prepares it
-  auto prune = plan_of("EXECUTE eoq_prune(0, 100)");
+  auto prune = plan_of(c, "EXECUTE eoq_prune(0, 100)");
   INFO(prune);
   CHECK(prune.find("keys_pkey") != std::string::npos);
   CHECK(prune.find("Index Cond: ((key = ") != std::string::npos);
