@@ -344,7 +344,9 @@ TEST_CASE("a large batch into a table never analyzed analyzes it, and another wi
   // The refresh is an optimisation whose failures are swallowed, and it runs
   // after submit_batch returns, so only its effect shows it works: the
   // planner's row count for the live table, once it arrives.
-  TestStore s(StoreKind::postgres);
+  eoq::test::StoreOptions options;
+  options.application_name = "refresh-" + eoq::test::fresh_schema();
+  TestStore s(StoreKind::postgres, options);
   Admin admin(s.conninfo());
   const std::string quoted = "\"" + s.schema() + "\"";
   // Autovacuum would analyze 1,510 rows too, at a moment of its choosing.
@@ -371,6 +373,15 @@ TEST_CASE("a large batch into a table never analyzed analyzes it, and another wi
   CHECK(reltuples() < 0);  // not a large batch: nothing analyzed
   s->submit_batch(batch(1500, 1));
   CHECK(settles_at(1510) == 1510);
+  // The refresh ran on a connection of its own: the one that submitted, whose
+  // stage and statements the next batch wants, was left for it.
+  const auto sessions = [&](const std::string& like) {
+    return std::stoi(*admin.scalar(fmt::format(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND query LIKE '{}'",
+        options.application_name, like)));
+  };
+  CHECK(sessions("ANALYZE%") == 1);
+  CHECK(sessions("COMMIT") == 1);
   s->submit_batch(batch(1500, 2));
   std::this_thread::sleep_for(300ms);
   CHECK(reltuples() == 1510);  // within seconds of the last refresh

@@ -303,10 +303,27 @@ Pool::Borrowed Pool::acquire() {
     idle_.pop_back();
     return Borrowed(this, std::move(c));
   }
+  return open(lk, false);
+}
+
+Pool::Borrowed Pool::acquire_spare() {
+  std::unique_lock lk(m_);
+  if (idle_.size() >= 2) {
+    auto c = std::move(idle_.front());
+    idle_.erase(idle_.begin());
+    return Borrowed(this, std::move(c), true);
+  }
+  if (open_ < size_) return open(lk, true);
+  lk.unlock();
+  return acquire();
+}
+
+// Called with lk held and open_ < size_; connects without it.
+Pool::Borrowed Pool::open(std::unique_lock<std::mutex>& lk, bool spare) {
   ++open_;
   lk.unlock();
   try {
-    return Borrowed(this, std::make_unique<Connection>(conninfo_, application_name_, prepare_, generic_plans_));
+    return Borrowed(this, std::make_unique<Connection>(conninfo_, application_name_, prepare_, generic_plans_), spare);
   } catch (...) {
     lk.lock();
     --open_;
@@ -315,10 +332,11 @@ Pool::Borrowed Pool::acquire() {
   }
 }
 
-void Pool::put(std::unique_ptr<Connection> c) {
+void Pool::put(std::unique_ptr<Connection> c, bool spare) {
   std::lock_guard lk(m_);
   if (c && c->ok() && PQtransactionStatus(c->get()) == PQTRANS_IDLE) {
-    idle_.push_back(std::move(c));
+    if (spare) idle_.insert(idle_.begin(), std::move(c));
+    else idle_.push_back(std::move(c));
   } else {
     c.reset();
     --open_;
