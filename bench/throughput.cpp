@@ -374,17 +374,23 @@ class StatementClock {
 
 // `maintain`: run the store's maintenance (and so retention) every second
 // rather than the default half minute.
-Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n, bool maintain = false) {
-  std::atomic<int> ran{0};
+// The Worker of the run: WorkerOptions{} with --defaults, else the flags'.
+eoq::WorkerOptions worker_options(const Args& a, const std::string& queue) {
   eoq::WorkerOptions o;
   o.queues = {queue};
-  if (maintain) o.maintenance_interval = eoq::Millis(1000);
   if (!a.defaults) {
     o.concurrency = a.concurrency;
     o.claim_batch = a.claim_batch;
     o.prefetch = a.prefetch;
     o.complete_batch = a.claim_batch;
   }
+  return o;
+}
+
+Drain drain(eoq::TaskStore& s, const Args& a, const std::string& queue, int n, bool maintain = false) {
+  std::atomic<int> ran{0};
+  eoq::WorkerOptions o = worker_options(a, queue);
+  if (maintain) o.maintenance_interval = eoq::Millis(1000);
   eoq::Worker w(s, o);
   w.on("noop", [&](eoq::TaskContext&) { ran.fetch_add(1, std::memory_order_relaxed); });
   long rss = 0;
@@ -515,17 +521,14 @@ double sharing(eoq::PostgresStore& s, const std::string& url, const std::string&
   return secs / (tasks * 0.050 / 8);
 }
 
-// Submit-to-start on an idle worker: tasks one at a time with random gaps; the
-// handler stamps its start. Both clocks are this process's steady clock.
-Latency latency(eoq::TaskStore& s, int n, const std::string& queue) {
+// Submit-to-start on an idle worker (the run's, as the drain's): tasks one at
+// a time with random gaps; the handler stamps its start. Both clocks are this
+// process's steady clock.
+Latency latency(eoq::TaskStore& s, const Args& a, int n, const std::string& queue) {
   std::mutex m;
   std::vector<double> lat;
   std::atomic<int> seen{0};
-  eoq::WorkerOptions o;
-  o.queues = {queue};
-  o.concurrency = 2;
-  o.claim_batch = 10;
-  eoq::Worker w(s, o);
+  eoq::Worker w(s, worker_options(a, queue));
   w.on("ping", [&](eoq::TaskContext& ctx) {
     auto now = SteadyClock::now().time_since_epoch().count();
     auto sent = std::stoll(ctx.payload().substr(5));
@@ -629,7 +632,7 @@ int main(int argc, char** argv) try {
   submit_bulk(store, a.tasks, "bare", a.bulk_batch);
   double bare = bare_loop(store, "bare", a.tasks);
   drain(store, a, "single", singles);  // the single submits, out of the way
-  auto lat = latency(store, a.latency_tasks, "latency");
+  auto lat = latency(store, a, a.latency_tasks, "latency");
   double shared = a.sharing > 0 ? sharing(store, url, po.schema, a.sharing) : 0;
 
   fmt::print("\n| figure | value | ratio |\n|---|--:|--:|\n");
