@@ -391,6 +391,49 @@ TEST_CASE("a large batch into a table never analyzed analyzes it, and another wi
   other.reset();
 }
 
+TEST_CASE("a statistics refresh whose spare connection the server has closed runs on another", "[postgres][sql]") {
+  // The refresh borrows the connection idle the longest, the one a server's
+  // idle_session_timeout or a NAT closes first.
+  eoq::test::StoreOptions options;
+  options.application_name = "respare-" + eoq::test::fresh_schema();
+  TestStore s(StoreKind::postgres, options);
+  Admin admin(s.conninfo());
+  const std::string quoted = "\"" + s.schema() + "\"";
+  admin.exec(fmt::format("ALTER TABLE {}.tasks SET (autovacuum_enabled = false)", quoted));
+  auto reltuples = [&] {
+    auto sql = fmt::format("SELECT reltuples FROM pg_class WHERE oid = '{}.tasks'::regclass", quoted);
+    return std::stod(admin.scalar(sql).value_or("nan"));
+  };
+  auto settles_at = [&](double want) {
+    for (int i = 0; i < 200 && reltuples() != want; ++i) std::this_thread::sleep_for(50ms);
+    return reltuples();
+  };
+  auto batch = [](int round) {
+    std::vector<eoq::NewTask> tasks(1500);
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      tasks[i].type = "t";
+      tasks[i].key = fmt::format("{}-{}", round, i);
+    }
+    return tasks;
+  };
+  s->submit_batch(batch(0));
+  REQUIRE(settles_at(1500) == 1500);
+  // The server ends the session the refresh ran on; it stays in the pool,
+  // idle, until the next refresh borrows it.
+  const auto analyzer = fmt::format(
+      "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND query LIKE 'ANALYZE%'",
+      options.application_name);
+  REQUIRE(admin.scalar(analyzer) == "1");
+  admin.exec(fmt::format("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}' "
+                         "AND query LIKE 'ANALYZE%'",
+                         options.application_name));
+  for (int i = 0; i < 100 && admin.scalar(analyzer) != "0"; ++i) std::this_thread::sleep_for(20ms);
+  REQUIRE(admin.scalar(analyzer) == "0");
+  std::this_thread::sleep_for(5100ms);  // refreshes are at least 5 s apart
+  s->submit_batch(batch(1));
+  CHECK(settles_at(3000) == 3000);
+}
+
 TEST_CASE("a claim rewrites each small task on its own page, so the claim leaves the indexes alone",
           "[postgres][sql]") {
   // A claim that finds no room on the row's page writes the new version

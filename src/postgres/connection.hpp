@@ -161,8 +161,8 @@ class Pool {
   Borrowed acquire();
   // For work in the background: a connection the foreground's next acquire()
   // will not want. The longest idle when another is idle too, else a new one
-  // while the pool has room, else whatever acquire() would give; returned at
-  // the cold end. Taking the warm one made the next submit_batch open a
+  // while the pool has room, and either goes back at the cold end; else what
+  // acquire() would give, which goes back where acquire()'s do. Taking the warm one made the next submit_batch open a
   // connection and make its stage again, 9 ms on this machine.
   Borrowed acquire_spare();
   const std::string& conninfo() const noexcept { return conninfo_; }

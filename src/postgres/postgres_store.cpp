@@ -691,7 +691,8 @@ struct PostgresStore::Impl {
   // submit_batch does not wait for it (an ANALYZE of 10,000 rows took 8 ms, a
   // tenth of the batch before it, and more on a larger table). Claims made
   // meanwhile plan on the old statistics; the ANALYZE invalidates their plans.
-  // On a spare connection: the one that just submitted is the next batch's.
+  // On a spare connection: the one that just submitted is the next batch's (so
+  // a store that submits from one thread holds two connections, not one).
   // The store's destructor waits for a refresh under way.
   void refresh_stats(std::size_t batch_rows) noexcept {
     if (refreshing) return;  // one at a time; the next large batch asks again
@@ -708,14 +709,20 @@ struct PostgresStore::Impl {
     try {
       if (refresher.joinable()) refresher.join();
       refresher = std::jthread([this, batch_rows] {
-        try {
-          auto c = pool.acquire_spare();
-          auto r = c->exec(sql.table_stats, {});
-          const double tuples = r.rows() == 1 ? std::max(0.0, r.f64(0, 0)) : 0.0;
-          if (r.rows() == 1 && (r.boolean(0, 1) || static_cast<double>(batch_rows) * 10 >= tuples))
-            c->command(sql.analyze.sql.c_str());
-        } catch (...) {
-          // Only an optimisation: autovacuum gets there too.
+        // Twice at most: the spare is the connection idle the longest, the
+        // one a server's idle_session_timeout or a NAT has most likely
+        // closed (a broken connection is dropped when it goes back).
+        for (int attempt = 0; attempt < 2; ++attempt) {
+          try {
+            auto c = pool.acquire_spare();
+            auto r = c->exec(sql.table_stats, {});
+            const double tuples = r.rows() == 1 ? std::max(0.0, r.f64(0, 0)) : 0.0;
+            if (r.rows() == 1 && (r.boolean(0, 1) || static_cast<double>(batch_rows) * 10 >= tuples))
+              c->command(sql.analyze.sql.c_str());
+            break;
+          } catch (...) {
+            // Only an optimisation: autovacuum gets there too.
+          }
         }
         refreshing = false;
       });
