@@ -17,8 +17,8 @@
 //    LISTEN connection is down (the example kills it mid-run). Measured and
 //    checked: a purchase is visible to a read within 100 ms of its buyer seeing it
 //    succeed, p99 read latency under 5 ms under the mixed load, more than 90% of
-//    reads answered without a database query, one query for 32 readers of a cold
-//    entry. --timing-margin N multiplies the two time limits (ctest passes a large
+//    the reads made while it listens answered without a database query, one
+//    query for 32 readers of a cold entry. --timing-margin N multiplies the two time limits (ctest passes a large
 //    one: a loaded CI box under a sanitizer must not make the run flaky).
 //  - p50/p99 purchase latency, from submit to settled (the tasks' own timestamps).
 //
@@ -233,6 +233,9 @@ class StockCache {
         }
       }
       set_available(false);  // fail open until the listener is back
+      // Not straight back at a server that just went away: a pause, as a
+      // service's listener would make (and an outage the readers see).
+      std::this_thread::sleep_for(100ms);
     }
   }
 
@@ -390,10 +393,20 @@ int main(int argc, char** argv) try {
     }
   });
   side.emplace_back([&] {
+    // Once the listener is up (on a loaded machine it can take longer than the
+    // 300 ms this waits at least), and until the server says it ended it.
     std::this_thread::sleep_for(300ms);
     Db mine(url);
-    mine.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-               " WHERE application_name = 'inventory-cache-listener'");
+    for (int i = 0; i < 200 && !load_done; ++i) {
+      if (!cache.available()) {
+        std::this_thread::sleep_for(50ms);
+        continue;
+      }
+      auto ended = mine.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                              " WHERE application_name = 'inventory-cache-listener'");
+      if (ended.size() == 1 && ended[0][0] == "t") break;
+      std::this_thread::sleep_for(50ms);
+    }
   });
 
   // Purchases go out in chunks of 100 from several threads at once; restock j sits
@@ -534,7 +547,11 @@ int main(int argc, char** argv) try {
       percentile(latency_all, 0.5), percentile(latency_all, 0.99), percentile(latency_bought, 0.5),
       percentile(latency_bought, 0.99));
   const auto reads = during.hits + during.coalesced + during.misses + during.fail_open;
-  const double cached_share = reads ? static_cast<double>(during.hits + during.coalesced) / static_cast<double>(reads) : 0;
+  // Of the reads made while the cache listened: the ones made during the outage
+  // go to the database by design, however long the outage lasts.
+  const auto listened = reads - during.fail_open;
+  const double cached_share =
+      listened ? static_cast<double>(during.hits + during.coalesced) / static_cast<double>(listened) : 0;
   std::printf(
       "reads: %lld by %d readers and the probe over %zu catalog skus: %lld hits, %lld waited for a refill, %lld"
       " misses, %lld failed open to the database while the cache listened to nothing (%lld outage);"
@@ -576,7 +593,7 @@ int main(int argc, char** argv) try {
   check(!read_ms.empty() && percentile(read_ms, 0.99) < 5 * m,
         "p99 read latency under the mixed load below " + std::to_string(5 * opt.timing_margin) + " ms");
   check(cached_share > 0.9, "the cache answered " + std::to_string(static_cast<int>(cached_share * 1000) / 10.0).substr(0, 4) +
-                                "% of reads without querying the database (above 90%)");
+                                "% of reads while it listened without querying the database (above 90%)");
   check(burst_loads == 1 && burst_values.size() == 1,
         "32 readers of a just-invalidated entry made " + std::to_string(burst_loads) +
             " query: one refilled it while the others waited");
