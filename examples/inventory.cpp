@@ -18,8 +18,9 @@
 //    checked: a purchase is visible to a read within 100 ms of its buyer seeing it
 //    succeed, p99 read latency under 5 ms under the mixed load, more than 90% of
 //    the reads made while it listens answered without a database query, one
-//    query for 32 readers of a cold entry. --timing-margin N multiplies the two time limits (ctest passes a large
-//    one: a loaded CI box under a sanitizer must not make the run flaky).
+//    query for 32 readers of a cold entry. --timing-margin N multiplies the two
+//    time limits (ctest passes a large one: a loaded CI box under a sanitizer
+//    must not make the run flaky).
 //  - p50/p99 purchase latency, from submit to settled (the tasks' own timestamps).
 //
 //   inventory [--stock 100] [--purchases 10000] [--restocks 0] [--restock-size 25]
