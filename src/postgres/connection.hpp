@@ -162,8 +162,9 @@ class Pool {
   // For work in the background: a connection the foreground's next acquire()
   // will not want. The longest idle when another is idle too, else a new one
   // while the pool has room, and either goes back at the cold end; else what
-  // acquire() would give, which goes back where acquire()'s do. Taking the warm one made the next submit_batch open a
-  // connection and make its stage again, 9 ms on this machine.
+  // acquire() would give, which goes back where acquire()'s do. (Taking the
+  // warm one made the next submit_batch open a connection, make its stage and
+  // plan its insert again.)
   Borrowed acquire_spare();
   const std::string& conninfo() const noexcept { return conninfo_; }
 
