@@ -22,8 +22,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -526,15 +526,17 @@ double sharing(eoq::PostgresStore& s, const std::string& url, const std::string&
 // process's steady clock.
 Latency latency(eoq::TaskStore& s, const Args& a, int n, const std::string& queue) {
   std::mutex m;
-  std::vector<double> lat;
-  std::atomic<int> seen{0};
+  std::condition_variable started;
+  std::vector<double> lat;  // and its size: the samples started so far
   eoq::Worker w(s, worker_options(a, queue));
   w.on("ping", [&](eoq::TaskContext& ctx) {
     auto now = SteadyClock::now().time_since_epoch().count();
     auto sent = std::stoll(ctx.payload().substr(5));
-    std::lock_guard lk(m);
-    lat.push_back(static_cast<double>(now - sent) / 1e6);
-    ++seen;
+    {
+      std::lock_guard lk(m);
+      lat.push_back(static_cast<double>(now - sent) / 1e6);
+    }
+    started.notify_one();
   });
   w.start();
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // let it go idle
@@ -547,8 +549,12 @@ Latency latency(eoq::TaskStore& s, const Args& a, int n, const std::string& queu
     t.type = "ping";
     t.payload = fmt::format("{{\"t\":{}}}", SteadyClock::now().time_since_epoch().count());
     s.submit(t);
-    // One at a time: wait for this one to start before the next is sent.
-    while (seen.load() <= i) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    // One at a time: wait for this one to start before the next is sent. On a
+    // condition variable, as the latency floor's submitter waits: polling every
+    // 0.1 ms woke this thread a dozen times per sample, on the two cores the
+    // worker and the server share.
+    std::unique_lock lk(m);
+    started.wait(lk, [&] { return static_cast<int>(lat.size()) > i; });
   }
   w.stop();
   if (lat.empty()) return {};  // --latency-tasks 0
