@@ -339,99 +339,93 @@ TEST_CASE("a bulk submit answers each task's own id and times, whether its ids r
   }
 }
 
-TEST_CASE("a large batch into a table never analyzed analyzes it, and another within seconds does not",
-          "[postgres][sql]") {
-  // The refresh is an optimisation whose failures are swallowed, and it runs
-  // after submit_batch returns, so only its effect shows it works: the
-  // planner's row count for the live table, once it arrives.
-  eoq::test::StoreOptions options;
-  options.application_name = "refresh-" + eoq::test::fresh_schema();
-  TestStore s(StoreKind::postgres, options);
-  Admin admin(s.conninfo());
-  const std::string quoted = "\"" + s.schema() + "\"";
-  // Autovacuum would analyze 1,510 rows too, at a moment of its choosing.
-  admin.exec(fmt::format("ALTER TABLE {}.tasks SET (autovacuum_enabled = false)", quoted));
-  auto reltuples = [&] {
+namespace {
+// A store whose sessions carry a name of their own, to be found in
+// pg_stat_activity, with autovacuum off for its live table (it would analyze
+// these rows too, at a moment of its choosing): only the store's statistics
+// refresh moves the planner's row count.
+struct RefreshedStore {
+  explicit RefreshedStore(const std::string& name) : options(named(name)), s(StoreKind::postgres, options),
+                                                     admin(s.conninfo()), quoted("\"" + s.schema() + "\"") {
+    admin.exec(fmt::format("ALTER TABLE {}.tasks SET (autovacuum_enabled = false)", quoted));
+  }
+  static eoq::test::StoreOptions named(const std::string& name) {
+    eoq::test::StoreOptions o;
+    o.application_name = name + "-" + eoq::test::fresh_schema();
+    return o;
+  }
+  double reltuples() {
     auto sql = fmt::format("SELECT reltuples FROM pg_class WHERE oid = '{}.tasks'::regclass", quoted);
     return std::stod(admin.scalar(sql).value_or("nan"));
-  };
-  auto settles_at = [&](double want) {
+  }
+  double settles_at(double want) {
     for (int i = 0; i < 200 && reltuples() != want; ++i) std::this_thread::sleep_for(50ms);
     return reltuples();
-  };
-  auto batch = [](int n, int round) {
+  }
+  // The store's sessions whose last statement is LIKE `like`.
+  int sessions(const std::string& like) {
+    return std::stoi(*admin.scalar(fmt::format(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND query LIKE '{}'",
+        options.application_name, like)));
+  }
+  static std::vector<eoq::NewTask> batch(int n, int round) {
     std::vector<eoq::NewTask> tasks(static_cast<std::size_t>(n));
     for (int i = 0; i < n; ++i) {
       tasks[static_cast<std::size_t>(i)].type = "t";
       tasks[static_cast<std::size_t>(i)].key = fmt::format("{}-{}", round, i);
     }
     return tasks;
-  };
-  CHECK(reltuples() < 0);  // never analyzed
-  s->submit_batch(batch(10, 0));
+  }
+  eoq::test::StoreOptions options;
+  TestStore s;
+  Admin admin;
+  std::string quoted;
+};
+}  // namespace
+
+TEST_CASE("a large batch into a table never analyzed analyzes it, and another within seconds does not",
+          "[postgres][sql]") {
+  // The refresh is an optimisation whose failures are swallowed, and it runs
+  // after submit_batch returns, so only its effect shows it works: the
+  // planner's row count for the live table, once it arrives.
+  RefreshedStore r("refresh");
+  auto& s = r.s;
+  CHECK(r.reltuples() < 0);  // never analyzed
+  s->submit_batch(r.batch(10, 0));
   std::this_thread::sleep_for(300ms);
-  CHECK(reltuples() < 0);  // not a large batch: nothing analyzed
-  s->submit_batch(batch(1500, 1));
-  CHECK(settles_at(1510) == 1510);
+  CHECK(r.reltuples() < 0);  // not a large batch: nothing analyzed
+  s->submit_batch(r.batch(1500, 1));
+  CHECK(r.settles_at(1510) == 1510);
   // The refresh ran on a connection of its own: the one that submitted, whose
   // stage and statements the next batch wants, was left for it.
-  const auto sessions = [&](const std::string& like) {
-    return std::stoi(*admin.scalar(fmt::format(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND query LIKE '{}'",
-        options.application_name, like)));
-  };
-  CHECK(sessions("ANALYZE%") == 1);
-  CHECK(sessions("COMMIT") == 1);
-  s->submit_batch(batch(1500, 2));
+  CHECK(r.sessions("ANALYZE%") == 1);
+  CHECK(r.sessions("COMMIT") == 1);
+  s->submit_batch(r.batch(1500, 2));
   std::this_thread::sleep_for(300ms);
-  CHECK(reltuples() == 1510);  // within seconds of the last refresh
+  CHECK(r.reltuples() == 1510);  // within seconds of the last refresh
   // The store goes while a refresh may still run: it waits for it.
   auto other = s.another();
-  other->submit_batch(batch(5000, 3));
+  other->submit_batch(r.batch(5000, 3));
   other.reset();
 }
 
 TEST_CASE("a statistics refresh whose spare connection the server has closed runs on another", "[postgres][sql]") {
   // The refresh borrows the connection idle the longest, the one a server's
   // idle_session_timeout or a NAT closes first.
-  eoq::test::StoreOptions options;
-  options.application_name = "respare-" + eoq::test::fresh_schema();
-  TestStore s(StoreKind::postgres, options);
-  Admin admin(s.conninfo());
-  const std::string quoted = "\"" + s.schema() + "\"";
-  admin.exec(fmt::format("ALTER TABLE {}.tasks SET (autovacuum_enabled = false)", quoted));
-  auto reltuples = [&] {
-    auto sql = fmt::format("SELECT reltuples FROM pg_class WHERE oid = '{}.tasks'::regclass", quoted);
-    return std::stod(admin.scalar(sql).value_or("nan"));
-  };
-  auto settles_at = [&](double want) {
-    for (int i = 0; i < 200 && reltuples() != want; ++i) std::this_thread::sleep_for(50ms);
-    return reltuples();
-  };
-  auto batch = [](int round) {
-    std::vector<eoq::NewTask> tasks(1500);
-    for (std::size_t i = 0; i < tasks.size(); ++i) {
-      tasks[i].type = "t";
-      tasks[i].key = fmt::format("{}-{}", round, i);
-    }
-    return tasks;
-  };
-  s->submit_batch(batch(0));
-  REQUIRE(settles_at(1500) == 1500);
+  RefreshedStore r("respare");
+  r.s->submit_batch(r.batch(1500, 0));
+  REQUIRE(r.settles_at(1500) == 1500);
   // The server ends the session the refresh ran on; it stays in the pool,
   // idle, until the next refresh borrows it.
-  const auto analyzer = fmt::format(
-      "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND query LIKE 'ANALYZE%'",
-      options.application_name);
-  REQUIRE(admin.scalar(analyzer) == "1");
-  admin.exec(fmt::format("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}' "
-                         "AND query LIKE 'ANALYZE%'",
-                         options.application_name));
-  for (int i = 0; i < 100 && admin.scalar(analyzer) != "0"; ++i) std::this_thread::sleep_for(20ms);
-  REQUIRE(admin.scalar(analyzer) == "0");
+  REQUIRE(r.sessions("ANALYZE%") == 1);
+  r.admin.exec(fmt::format("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}' "
+                           "AND query LIKE 'ANALYZE%'",
+                           r.options.application_name));
+  for (int i = 0; i < 100 && r.sessions("ANALYZE%") != 0; ++i) std::this_thread::sleep_for(20ms);
+  REQUIRE(r.sessions("ANALYZE%") == 0);
   std::this_thread::sleep_for(5100ms);  // refreshes are at least 5 s apart
-  s->submit_batch(batch(1));
-  CHECK(settles_at(3000) == 3000);
+  r.s->submit_batch(r.batch(1500, 1));
+  CHECK(r.settles_at(3000) == 3000);
 }
 
 TEST_CASE("a claim rewrites each small task on its own page, so the claim leaves the indexes alone",
