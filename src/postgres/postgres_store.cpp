@@ -20,7 +20,6 @@
 #include <map>
 #include <random>
 #include <set>
-#include <system_error>
 #include <thread>
 #include <tuple>
 #include <unordered_map>
