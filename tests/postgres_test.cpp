@@ -253,6 +253,7 @@ TEST_CASE("a bulk submit still works after its schema was dropped and migrated a
       tasks[i].type = "t";
       tasks[i].key = fmt::format("{}-{}", round, i);
     }
+    tasks.back().key = tasks.front().key;  // a repeated key: the batch goes through the stage
     return tasks;
   };
   REQUIRE(s->submit_batch(batch(0)).size() == 1000);
@@ -285,7 +286,8 @@ TEST_CASE("a bulk submit still works after its schema was dropped and migrated a
     CHECK(r[i].task.id <= last);
     CHECK(s->get(r[i].task.id).value().key == in[i].key);
   }
-  CHECK(admin.count(fmt::format("SELECT count(*) FROM \"{}\".tasks", s.schema())) == 1000);
+  CHECK(r.back().duplicate);
+  CHECK(admin.count(fmt::format("SELECT count(*) FROM \"{}\".tasks", s.schema())) == 999);
   admin.exec(fmt::format("DROP SCHEMA \"{}\" CASCADE", old_schema));
 }
 

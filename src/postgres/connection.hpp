@@ -110,8 +110,8 @@ class Connection {
   // switch inside a transaction, and a transaction may run statements of
   // either kind.
   void begin();
-  // COPY ... FROM STDIN; `next` appends the next slice of the data, in COPY's
-  // text format, to the (empty) string it is given and answers whether more
+  // COPY ... FROM STDIN; `next` appends the next slice of the data, in the
+  // COPY's format, to the (empty) string it is given and answers whether more
   // follows. Each slice is sent as it is made, so the server parses one while
   // the caller makes the next.
   void copy_in(const char* sql, const std::function<bool(std::string&)>& next);
@@ -185,6 +185,26 @@ class Pool {
 // happened, so a caller can tell "my first try may have applied" apart.
 template <class F>
 auto with_retry(Pool& pool, int retries, F&& f, bool* retried = nullptr) -> decltype(f(std::declval<Connection&>()));
+
+// Rows in COPY's binary format (COPY ... FROM STDIN (FORMAT binary)), appended
+// to a slice for Connection::copy_in. Each field's bytes must be what the
+// column's type receives in binary: the server rejects the COPY otherwise.
+class BinaryCopy {
+ public:
+  // The file header, before the first row.
+  static void header(std::string& out);
+  // The trailer, after the last row.
+  static void trailer(std::string& out);
+  // A row of `fields` fields, appended one by one below.
+  static void row(std::string& out, std::int16_t fields);
+  static void null(std::string& out);
+  static void text(std::string& out, std::string_view v);  // text and json alike
+  static void opt_text(std::string& out, const std::optional<std::string>& v);
+  static void i32(std::string& out, std::int32_t v);
+  static void i64(std::string& out, std::int64_t v);
+  static void f64(std::string& out, double v);
+  static void time(std::string& out, const std::optional<TimePoint>& t);  // timestamptz
+};
 
 // Bracketed text array literal for text parameters ({"a","b",NULL}).
 std::string text_array(const std::vector<Param>& items);

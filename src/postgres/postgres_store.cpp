@@ -120,7 +120,8 @@ struct Statements {
   Statement submit = q("submit"), submit_batch = q("submit_batch"), create_stage = q("create_stage"),
             drop_stage = q("drop_stage"), copy_stage = q("copy_stage"), copy_stage_narrow = q("copy_stage_narrow"),
             submit_staged = q("submit_staged"),
-            submit_staged_fresh = q("submit_staged_fresh"), by_keys = q("by_keys");
+            reserve_ids = q("reserve_ids"), copy_keys = q("copy_keys"), copy_tasks = q("copy_tasks"),
+            by_keys = q("by_keys");
   Statement claim_pending_one = q("claim_pending_one"), claim_pending = q("claim_pending"),
             claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
@@ -170,8 +171,10 @@ const std::vector<ResultShape>& result_shapes() {
       {"copy_stage_narrow", std::nullopt},
       {"stage_rows", std::nullopt},  // a part of the two below
       {"submit_staged", after_ord({{"count", 0}})},
-      {"submit_staged_fresh", std::vector<Column>{{"first_id", kInt8}, {"ids", kInt8Array},
-                                                  {"created_at", kTimestamptz}, {"count", 0}}},
+      {"reserve_ids", std::vector<Column>{{"first_id", kInt8}, {"ids", kInt8Array},
+                                          {"created_at", kTimestamptz}, {"count", 0}}},
+      {"copy_keys", std::nullopt},
+      {"copy_tasks", std::nullopt},
       {"by_keys", ordinal_then_task()},
       {"claim_fate", std::nullopt},  // parts of the four claims below
       {"claim_ready", std::nullopt},
@@ -975,8 +978,8 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   std::vector<std::size_t> missing;          // tasks whose key was taken
   std::vector<std::optional<Task>> holders;  // the tasks holding those keys (empty: pruned meanwhile)
   // With a strict key the batch runs in a transaction that ends in ROLLBACK when
-  // a taken key's holder differs, so a conflict writes nothing; a staged batch
-  // needs one for its stage. Otherwise the insert commits on its own.
+  // a taken key's holder differs, so a conflict writes nothing; a large batch
+  // needs one for its COPYs (and its stage). Otherwise the insert commits on its own.
   const bool in_tx = strict || staged;
   auto attempt = [&](Connection& c) {
     out.clear();
@@ -987,64 +990,99 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     try {
       Result r;
       if (staged) {
-        auto made = c.command(impl.sql.create_stage.sql.c_str());
-        if (made.rows() != 1 || made.text(0, 0) != "t") {
-          c.command(impl.sql.drop_stage.sql.c_str());
-          c.command(impl.sql.create_stage.sql.c_str());
-        }
-        std::size_t next = 0;
-        c.copy_in((narrow ? impl.sql.copy_stage_narrow : impl.sql.copy_stage).sql.c_str(), [&](std::string& slice) {
-          constexpr std::size_t kRows = 512;
-          slice.reserve(kRows * 160);
-          for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next)
-            copy_row(slice, tasks[next], next + 1, narrow);
-          return next < tasks.size();
-        });
-        // While the server inserts, the answer's tasks are made from their
-        // input; the fresh statement's answer then fills in ids and times.
-        auto make_tasks = [&] {
-          out.clear();
-          out.reserve(tasks.size());
-          for (std::size_t i = 0; i < tasks.size(); ++i) out.push_back({task_from_new(tasks[i], 0, {}, {}, 1), false});
-        };
-        bool fresh = false;
-        if (!any_keyed) {
-          r = c.exec(impl.sql.submit_staged_fresh, params, make_tasks);
-          fresh = true;
-        } else if (repeats_a_key) {
-          r = c.exec(impl.sql.submit_staged, params);
-        } else {
-          // New keys, most likely: the plain insert, and ON CONFLICT only when
-          // one turns out to be taken (its unique violation undone by the savepoint).
-          c.command("SAVEPOINT eoq_fresh_keys");
-          try {
-            r = c.exec(impl.sql.submit_staged_fresh, params, make_tasks);
-            fresh = true;
-          } catch (const DatabaseError& e) {
-            if (e.sqlstate() != "23505" || !c.ok()) throw;
-            c.command("ROLLBACK TO SAVEPOINT eoq_fresh_keys");
-            r = c.exec(impl.sql.submit_staged, params);
-          }
-        }
-        if (fresh) {
-          // Every task went in: one row, its ids (the first of a gapless run, or
-          // all of them in input order) and the creation time.
+        constexpr std::size_t kRows = 512;  // rows per slice: the server reads one while the next is made
+        // New keys, most likely: the keys and tasks go straight in by COPY
+        // (reserve_ids says why), and through the stage with ON CONFLICT only
+        // when a key turns out to be taken (its unique violation undone by the
+        // savepoint) or the batch repeats one.
+        bool direct = !repeats_a_key;
+        if (direct) {
+          auto ids_r = c.exec(impl.sql.reserve_ids, {num(static_cast<std::int64_t>(tasks.size())), impl.channel,
+                                                     params.back()});
           std::optional<std::int64_t> first_id;
           std::vector<std::int64_t> ids;
-          if (r.rows() == 1 && !r.null(0, 0)) first_id = r.i64(0, 0);
-          else if (r.rows() == 1 && !r.null(0, 1)) ids = r.i64_array(0, 1);
+          if (!ids_r.null(0, 0)) first_id = ids_r.i64(0, 0);
+          else if (!ids_r.null(0, 1)) ids = ids_r.i64_array(0, 1);
           if (!first_id && ids.size() != tasks.size())
-            throw Error(fmt::format("eoq internal: submit_staged_fresh answered {} ids for {} tasks", ids.size(),
-                                    tasks.size()));
-          const TimePoint created = r.time(0, 2);
-          for (std::size_t i = 0; i < tasks.size(); ++i) {
-            Task& t = out[i].task;
-            t.id = first_id ? *first_id + static_cast<std::int64_t>(i) : ids[i];
-            t.run_at = tasks[i].run_at.value_or(created);
-            t.created_at = t.updated_at = created;
+            throw Error(fmt::format("eoq internal: reserve_ids answered {} ids for {} tasks", ids.size(), tasks.size()));
+          const TimePoint created = ids_r.time(0, 2);
+          auto id_of = [&](std::size_t i) { return first_id ? *first_id + static_cast<std::int64_t>(i) : ids[i]; };
+          if (any_keyed) {
+            c.command("SAVEPOINT eoq_fresh_keys");
+            try {
+              std::size_t next = 0;
+              c.copy_in(impl.sql.copy_keys.sql.c_str(), [&](std::string& slice) {
+                if (next == 0) pg::BinaryCopy::header(slice);
+                for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next) {
+                  const NewTask& t = tasks[next];
+                  if (!t.key) continue;
+                  pg::BinaryCopy::row(slice, 4);
+                  pg::BinaryCopy::text(slice, *t.key);
+                  pg::BinaryCopy::text(slice, t.queue);
+                  pg::BinaryCopy::text(slice, t.tenant ? std::string_view(*t.tenant) : std::string_view());
+                  pg::BinaryCopy::i64(slice, id_of(next));
+                }
+                if (next < tasks.size()) return true;
+                pg::BinaryCopy::trailer(slice);
+                return false;
+              });
+            } catch (const DatabaseError& e) {
+              if (e.sqlstate() != "23505" || !c.ok()) throw;
+              c.command("ROLLBACK TO SAVEPOINT eoq_fresh_keys");
+              direct = false;
+            }
           }
-          have.assign(tasks.size(), 1);
-          r = Result();
+          if (direct) {
+            // The answer's tasks are made as their rows go out, while the
+            // server writes the rows before them.
+            out.clear();
+            out.reserve(tasks.size());
+            std::size_t next = 0;
+            c.copy_in(impl.sql.copy_tasks.sql.c_str(), [&](std::string& slice) {
+              if (next == 0) pg::BinaryCopy::header(slice);
+              for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next) {
+                const NewTask& t = tasks[next];
+                const std::int64_t id = id_of(next);
+                const TimePoint run_at = t.run_at.value_or(created);
+                pg::BinaryCopy::row(slice, 15);
+                pg::BinaryCopy::i64(slice, id);
+                pg::BinaryCopy::text(slice, t.queue);
+                pg::BinaryCopy::text(slice, t.type);
+                pg::BinaryCopy::opt_text(slice, t.key);
+                pg::BinaryCopy::opt_text(slice, t.tenant);
+                pg::BinaryCopy::text(slice, t.payload);
+                pg::BinaryCopy::text(slice, "pending");
+                pg::BinaryCopy::i32(slice, t.priority);
+                pg::BinaryCopy::time(slice, run_at);
+                pg::BinaryCopy::time(slice, t.deadline);
+                pg::BinaryCopy::i32(slice, t.retry.max_attempts);
+                pg::BinaryCopy::text(slice, t.retry.backoff == Backoff::fixed ? "fixed" : "exponential");
+                pg::BinaryCopy::i64(slice, t.retry.initial_delay.count());
+                pg::BinaryCopy::i64(slice, t.retry.max_delay.count());
+                pg::BinaryCopy::f64(slice, t.retry.jitter);
+                out.push_back({task_from_new(t, id, run_at, created, 1), false});
+              }
+              if (next < tasks.size()) return true;
+              pg::BinaryCopy::trailer(slice);
+              return false;
+            });
+            have.assign(tasks.size(), 1);
+          }
+        }
+        if (!direct) {
+          auto made = c.command(impl.sql.create_stage.sql.c_str());
+          if (made.rows() != 1 || made.text(0, 0) != "t") {
+            c.command(impl.sql.drop_stage.sql.c_str());
+            c.command(impl.sql.create_stage.sql.c_str());
+          }
+          std::size_t next = 0;
+          c.copy_in((narrow ? impl.sql.copy_stage_narrow : impl.sql.copy_stage).sql.c_str(), [&](std::string& slice) {
+            slice.reserve(kRows * 160);
+            for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next)
+              copy_row(slice, tasks[next], next + 1, narrow);
+            return next < tasks.size();
+          });
+          r = c.exec(impl.sql.submit_staged, params);
         }
       } else {
         r = c.exec(impl.sql.submit_batch, params);

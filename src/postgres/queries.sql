@@ -180,7 +180,8 @@ FROM won;
 
 
 -- name: create_stage
--- A large batch is COPYed into this stage in its transaction: parsing thirteen
+-- A large batch that repeats a key, or meets a taken one (see reserve_ids), is
+-- COPYed into this stage in its transaction: parsing thirteen
 -- arrays of ten thousand elements cost the server more than COPY's text
 -- format does. Each row draws its task id as it arrives; then the columns of
 -- submit_batch's arrays, then the position.
@@ -226,7 +227,7 @@ COPY pg_temp.eoq_stage (key, payload, ord) FROM STDIN;
 
 
 -- name: stage_rows
--- The stage's rows, for the two statements below (as `@stage_rows@`). $2-$12
+-- The stage's rows, for submit_staged (as `@stage_rows@`). $2-$12
 -- are the columns copy_stage_narrow leaves out (queue, type, tenant,
 -- priority, run_at, deadline, max_attempts, backoff, initial_ms, max_ms,
 -- jitter), all NULL after copy_stage. A stage column is NULL either way when
@@ -266,39 +267,39 @@ SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
 FROM won;
 
 
--- name: submit_staged_fresh
--- submit_staged for a batch whose keys are all new (as most are): the keys go
--- in by a plain INSERT, half the cost of ON CONFLICT's speculative one. A key
+-- name: reserve_ids
+-- A large batch whose keys are all new (as most are) goes into the tables by
+-- two binary COPYs, copy_keys and copy_tasks, with no stage between: COPY
+-- writes rows a page at a time where INSERT ... SELECT writes them one by one,
+-- and reads binary fields without parsing text. This draws the batch's $1 ids
+-- first, since the keys name their tasks: `first_id` when they run on with no
+-- gap (checked here, not assumed), else `ids` in input order; and the time
+-- the tasks are created (version 1, run_at as given or that time). It also
+-- queues the batch's notifications ($2 the channel, $3 its queues, each once),
+-- which go out at COMMIT.
+WITH s AS MATERIALIZED (SELECT g, nextval('eoq.task_ids') AS id FROM generate_series(1, $1::int) AS g),
+d AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM s)
+SELECT (SELECT lo FROM d WHERE hi - lo = n - 1) AS first_id,
+       (SELECT array_agg(id ORDER BY g) FROM s WHERE (SELECT hi - lo <> n - 1 FROM d)) AS ids,
+       now() AS created_at, (SELECT count(pg_notify($2, q)) FROM unnest($3::text[]) AS q);
+
+
+-- name: copy_keys
+-- The keys of a batch whose ids reserve_ids drew, tenant '' for none. A key
 -- already taken, or taken by a concurrent submit meanwhile, fails it with a
--- unique violation; the store then rolls back to a savepoint and runs
--- submit_staged. Also the statement for a batch without keys, which cannot
--- conflict. Each part reads the stage itself, where the ids already are:
--- materializing it as a CTE first cost a sixth of the statement.
--- Every row goes in, so the answer is one row: the ids, and the time they
--- were created (version 1, run_at as given or that time). A row per task cost
--- the server a tenth of the statement, and the client as much. The stage drew
--- its ids row by row as COPY wrote them, so they mostly run on from the first
--- with no gap: `first_id` when every id is its row's position plus one same
--- number (checked here, not assumed), else `ids` in input order. Sorting ten
--- thousand ids for the array cost the server four percent of the statement.
--- $1-$13 as submit_staged's; `src` is inlined where it is read.
-WITH src AS NOT MATERIALIZED (@stage_rows@),
-k AS (
-  INSERT INTO eoq.keys (queue, tenant, key, task_id)
-  SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL),
-ins AS (
-  INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-                         version, created_at, updated_at)
-  SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
-         coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()),
-         ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond'),
-         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
-  FROM src),
-d AS (SELECT min(id - ord) AS lo, max(id - ord) AS hi FROM pg_temp.eoq_stage)
-SELECT (SELECT lo + 1 FROM d WHERE lo = hi) AS first_id,
-       (SELECT array_agg(id ORDER BY ord) FROM pg_temp.eoq_stage WHERE (SELECT lo <> hi FROM d)) AS ids,
-       now() AS created_at, (SELECT count(pg_notify($1, q)) FROM unnest($13::text[]) AS q);
+-- unique violation (it waits for the other transaction first): the store then
+-- rolls back to a savepoint and runs submit_staged, whose ON CONFLICT sorts
+-- the new keys from the taken ones. A plain insert is half the cost of that
+-- speculative one.
+COPY eoq.keys (key, queue, tenant, task_id) FROM STDIN (FORMAT binary);
+
+
+-- name: copy_tasks
+-- The tasks of that batch (after copy_keys, when any has a key); the other
+-- columns take their defaults: version 1, created and updated now(). Binary
+-- fields must match the column types exactly (the store writes them).
+COPY eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline, max_attempts, backoff,
+                backoff_initial_ms, backoff_max_ms, backoff_jitter) FROM STDIN (FORMAT binary);
 
 
 -- name: by_keys

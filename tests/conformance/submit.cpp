@@ -377,8 +377,9 @@ STORE_CASE("a large batch whose tasks share all but key and payload stores the s
 
 STORE_CASE("a large batch repeating taken keys returns their tasks, and racing large batches create each key once",
            "[submit][batch][key]") {
-  // Postgres inserts a large batch's keys by a plain INSERT and falls back to
-  // ON CONFLICT when one is taken: both ways must answer alike.
+  // Postgres COPYs a large batch's keys straight into its keys table and falls
+  // back to its stage and ON CONFLICT when one is taken: both ways must answer
+  // alike.
   std::vector<NewTask> first, second;
   for (int i = 0; i < 2000; ++i) (i < 1500 ? first : second).push_back(keyed(fmt::format("r{}", i)));
   auto a = store.submit_batch(first);
