@@ -367,50 +367,6 @@ void append_array_element(std::string& out, const std::string* v) {
 }
 }  // namespace
 
-namespace {
-template <class U>
-void put_be(std::string& out, U v) {
-  char b[sizeof(U)];
-  for (std::size_t i = 0; i < sizeof(U); ++i) b[i] = static_cast<char>((v >> (8 * (sizeof(U) - 1 - i))) & 0xff);
-  out.append(b, sizeof(U));
-}
-}  // namespace
-
-void BinaryCopy::header(std::string& out) {
-  out.append("PGCOPY\n\377\r\n\0", 11);
-  put_be<std::uint32_t>(out, 0);  // flags: no OIDs
-  put_be<std::uint32_t>(out, 0);  // no header extension
-}
-void BinaryCopy::trailer(std::string& out) { put_be<std::uint16_t>(out, 0xffff); }
-void BinaryCopy::row(std::string& out, std::int16_t fields) { put_be(out, static_cast<std::uint16_t>(fields)); }
-void BinaryCopy::null(std::string& out) { put_be<std::uint32_t>(out, 0xffffffff); }
-void BinaryCopy::text(std::string& out, std::string_view v) {
-  put_be(out, static_cast<std::uint32_t>(v.size()));
-  out.append(v);
-}
-void BinaryCopy::opt_text(std::string& out, const std::optional<std::string>& v) {
-  if (v) text(out, *v);
-  else null(out);
-}
-void BinaryCopy::i32(std::string& out, std::int32_t v) {
-  put_be<std::uint32_t>(out, 4);
-  put_be(out, static_cast<std::uint32_t>(v));
-}
-void BinaryCopy::i64(std::string& out, std::int64_t v) {
-  put_be<std::uint32_t>(out, 8);
-  put_be(out, static_cast<std::uint64_t>(v));
-}
-void BinaryCopy::f64(std::string& out, double v) {
-  std::uint64_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  put_be<std::uint32_t>(out, 8);
-  put_be(out, bits);
-}
-void BinaryCopy::time(std::string& out, const std::optional<TimePoint>& t) {
-  if (t) i64(out, t->time_since_epoch().count() - kPgEpochOffsetUs);
-  else null(out);
-}
-
 std::string text_array(const std::vector<Param>& items) {
   std::string out = "{";
   for (std::size_t i = 0; i < items.size(); ++i) {

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -189,21 +190,63 @@ auto with_retry(Pool& pool, int retries, F&& f, bool* retried = nullptr) -> decl
 // Rows in COPY's binary format (COPY ... FROM STDIN (FORMAT binary)), appended
 // to a slice for Connection::copy_in. Each field's bytes must be what the
 // column's type receives in binary: the server rejects the COPY otherwise.
+// Inline: a batch of 10,000 tasks writes 150,000 fields.
 class BinaryCopy {
  public:
   // The file header, before the first row.
-  static void header(std::string& out);
+  static void header(std::string& out) {
+    out.append("PGCOPY\n\377\r\n\0", 11);
+    be32(out, 0);  // flags: no OIDs
+    be32(out, 0);  // no header extension
+  }
   // The trailer, after the last row.
-  static void trailer(std::string& out);
+  static void trailer(std::string& out) { be16(out, 0xffff); }
   // A row of `fields` fields, appended one by one below.
-  static void row(std::string& out, std::int16_t fields);
-  static void null(std::string& out);
-  static void text(std::string& out, std::string_view v);  // text and json alike
-  static void opt_text(std::string& out, const std::optional<std::string>& v);
-  static void i32(std::string& out, std::int32_t v);
-  static void i64(std::string& out, std::int64_t v);
-  static void f64(std::string& out, double v);
-  static void time(std::string& out, const std::optional<TimePoint>& t);  // timestamptz
+  static void row(std::string& out, std::uint16_t fields) { be16(out, fields); }
+  static void null(std::string& out) { be32(out, 0xffffffff); }
+  static void text(std::string& out, std::string_view v) {  // text and json alike
+    be32(out, static_cast<std::uint32_t>(v.size()));
+    out.append(v);
+  }
+  static void opt_text(std::string& out, const std::optional<std::string>& v) {
+    if (v) text(out, *v);
+    else null(out);
+  }
+  static void i32(std::string& out, std::int32_t v) {
+    be32(out, 4);
+    be32(out, static_cast<std::uint32_t>(v));
+  }
+  static void i64(std::string& out, std::int64_t v) {
+    be32(out, 8);
+    be64(out, static_cast<std::uint64_t>(v));
+  }
+  static void f64(std::string& out, double v) {
+    std::uint64_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    be32(out, 8);
+    be64(out, bits);
+  }
+  // timestamptz: microseconds since 2000-01-01.
+  static void time(std::string& out, const std::optional<TimePoint>& t) {
+    if (t) i64(out, t->time_since_epoch().count() - kPgEpochOffsetUs);
+    else null(out);
+  }
+
+ private:
+  static constexpr std::int64_t kPgEpochOffsetUs = 946684800LL * 1000000LL;
+  static void be16(std::string& out, std::uint16_t v) {
+    const char b[2] = {static_cast<char>(v >> 8), static_cast<char>(v)};
+    out.append(b, 2);
+  }
+  static void be32(std::string& out, std::uint32_t v) {
+    const char b[4] = {static_cast<char>(v >> 24), static_cast<char>(v >> 16), static_cast<char>(v >> 8),
+                       static_cast<char>(v)};
+    out.append(b, 4);
+  }
+  static void be64(std::string& out, std::uint64_t v) {
+    be32(out, static_cast<std::uint32_t>(v >> 32));
+    be32(out, static_cast<std::uint32_t>(v));
+  }
 };
 
 // Bracketed text array literal for text parameters ({"a","b",NULL}).

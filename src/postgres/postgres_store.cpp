@@ -1012,7 +1012,10 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
             try {
               std::size_t next = 0;
               c.copy_in(impl.sql.copy_keys.sql.c_str(), [&](std::string& slice) {
-                if (next == 0) pg::BinaryCopy::header(slice);
+                if (next == 0) {
+                  slice.reserve(kRows * 64);
+                  pg::BinaryCopy::header(slice);
+                }
                 for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next) {
                   const NewTask& t = tasks[next];
                   if (!t.key) continue;
@@ -1039,7 +1042,10 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
             out.reserve(tasks.size());
             std::size_t next = 0;
             c.copy_in(impl.sql.copy_tasks.sql.c_str(), [&](std::string& slice) {
-              if (next == 0) pg::BinaryCopy::header(slice);
+              if (next == 0) {
+                slice.reserve(kRows * 256);
+                pg::BinaryCopy::header(slice);
+              }
               for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next) {
                 const NewTask& t = tasks[next];
                 const std::int64_t id = id_of(next);
