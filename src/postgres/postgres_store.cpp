@@ -1002,7 +1002,10 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           std::optional<std::int64_t> first_id;
           std::vector<std::int64_t> ids;
           if (!ids_r.null(0, 0)) first_id = ids_r.i64(0, 0);
-          else if (!ids_r.null(0, 1)) ids = ids_r.i64_array(0, 1);
+          else if (!ids_r.null(0, 1)) {
+            ids = ids_r.i64_array(0, 1);
+            std::sort(ids.begin(), ids.end());
+          }
           if (!first_id && ids.size() != tasks.size())
             throw Error(fmt::format("eoq internal: reserve_ids answered {} ids for {} tasks", ids.size(), tasks.size()));
           const TimePoint created = ids_r.time(0, 2);

@@ -273,15 +273,16 @@ FROM won;
 -- writes rows a page at a time where INSERT ... SELECT writes them one by one,
 -- and reads binary fields without parsing text. This draws the batch's $1 ids
 -- first, since the keys name their tasks: `first_id` when they run on with no
--- gap (checked here, not assumed), else `ids` in input order; and the time
--- the tasks are created (version 1, run_at as given or that time). It also
--- queues the batch's notifications ($2 the channel, $3 its queues, each once),
--- which go out at COMMIT.
-WITH s AS MATERIALIZED (SELECT g, nextval('eoq.task_ids') AS id FROM generate_series(1, $1::int) AS g),
-d AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM s)
-SELECT (SELECT lo FROM d WHERE hi - lo = n - 1) AS first_id,
-       (SELECT array_agg(id ORDER BY g) FROM s WHERE (SELECT hi - lo <> n - 1 FROM d)) AS ids,
-       now() AS created_at, (SELECT count(pg_notify($2, q)) FROM unnest($3::text[]) AS q);
+-- gap (checked here, not assumed), else all of them in `ids` (the store sorts
+-- them, so ids still increase in input order); and the time the tasks are
+-- created (version 1, run_at as given or that time). It also queues the
+-- batch's notifications ($2 the channel, $3 its queues, each once), which go
+-- out at COMMIT. One pass, no CTE: materializing the ids to answer them in
+-- order cost a third of the statement.
+SELECT CASE WHEN max(id) - min(id) = count(*) - 1 THEN min(id) END AS first_id,
+       CASE WHEN max(id) - min(id) <> count(*) - 1 THEN array_agg(id) END AS ids,
+       now() AS created_at, (SELECT count(pg_notify($2, q)) FROM unnest($3::text[]) AS q)
+FROM (SELECT nextval('eoq.task_ids') AS id FROM generate_series(1, $1::int)) AS s;
 
 
 -- name: copy_keys
