@@ -434,6 +434,11 @@ void validate_new_task(const NewTask& t, std::size_t max_payload_bytes, TimePoin
   validate_json("payload", t.payload, max_payload_bytes);
   if (t.priority < -32768 || t.priority > 32767)
     throw InvalidArgument("priority", "must be between -32768 and 32767");
+  // PostgreSQL's earliest timestamp, 4714-11-24 00:00 UTC BC, in microseconds
+  // since the Unix epoch: Postgres refuses anything earlier, so both stores do.
+  constexpr std::int64_t kEarliestUs = -210866803200000000;
+  if (t.run_at && t.run_at->time_since_epoch().count() < kEarliestUs)
+    throw InvalidArgument("run_at", "is before 4714-11-24 BC, the earliest time PostgreSQL stores");
   if (t.deadline && *t.deadline <= now) throw InvalidArgument("deadline", "is in the past");
   if (t.deadline && t.run_at && *t.run_at > *t.deadline) throw InvalidArgument("run_at", "is after the deadline");
   const auto& r = t.retry;

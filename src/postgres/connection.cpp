@@ -281,9 +281,11 @@ void Connection::copy_in(const char* sql, const std::function<bool(std::string&)
     throw;
   }
   if (PQputCopyEnd(c_.get(), nullptr) != 1) throw_error(c_.get(), nullptr, sql);
+  // The answer is read to its end before a failure is thrown, so the
+  // connection is ready for the caller's ROLLBACK (TO SAVEPOINT).
   Result end(PQgetResult(c_.get()));
-  if (PQresultStatus(end.get()) != PGRES_COMMAND_OK) throw_error(c_.get(), end.get(), sql);
   while (PGresult* rest = PQgetResult(c_.get())) PQclear(rest);
+  if (PQresultStatus(end.get()) != PGRES_COMMAND_OK) throw_error(c_.get(), end.get(), sql);
 }
 
 Pool::Pool(std::string conninfo, std::string application_name, int size, bool prepare, bool generic_plans)

@@ -997,6 +997,10 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
         // savepoint) or the batch repeats one.
         bool direct = !repeats_a_key;
         if (direct) {
+          // Before reserve_ids when a key may turn out taken: the notifications
+          // it queues go with the rollback, and the fallback notifies only the
+          // queues it creates tasks in.
+          if (any_keyed) c.command("SAVEPOINT eoq_fresh_keys");
           auto ids_r = c.exec(impl.sql.reserve_ids, {num(static_cast<std::int64_t>(tasks.size())), impl.channel,
                                                      params.back()});
           std::optional<std::int64_t> first_id;
@@ -1011,7 +1015,6 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           const TimePoint created = ids_r.time(0, 2);
           auto id_of = [&](std::size_t i) { return first_id ? *first_id + static_cast<std::int64_t>(i) : ids[i]; };
           if (any_keyed) {
-            c.command("SAVEPOINT eoq_fresh_keys");
             try {
               std::size_t next = 0;
               c.copy_in(impl.sql.copy_keys.sql.c_str(), [&](std::string& slice) {

@@ -351,6 +351,25 @@ STORE_CASE("wait_for_tasks returns on a submit to its queue, on wake and at the 
       CHECK(waited < 30s);  // the timeout would take 60 s
     }
   }
+  SECTION("a batch that creates no task wakes no waiter") {
+    // Every key taken: nothing is created, so nothing is announced. A large
+    // batch too, whose first try (Postgres: COPY) meets the taken keys only
+    // after it has drawn its ids and queued its notifications.
+    for (int size : {3, 1200}) {
+      INFO("batch of " << size);
+      std::vector<NewTask> batch;
+      for (int i = 0; i < size; ++i) batch.push_back(keyed(fmt::format("dup-{}-{}", size, i), "dup"));
+      store.submit_batch(batch);
+      store.wait_for_tasks({"dup"}, 0ms);
+      // The batch that created the tasks did announce them, to a store already
+      // listening since the first round: take that announcement first.
+      store.wait_for_tasks({"dup"}, 300ms);
+      for (const auto& r : store.submit_batch(batch)) REQUIRE(r.duplicate);
+      auto t0 = Steady::now();
+      store.wait_for_tasks({"dup"}, 400ms);
+      CHECK(Steady::now() - t0 >= 395ms);
+    }
+  }
   SECTION("wake ends a wait, not before it is called") {
     store.wait_for_tasks({"quiet"}, 0ms);
     std::atomic<bool> waking{false};

@@ -268,50 +268,60 @@ STORE_CASE("a large batch keeps every byte of its payloads and the key rules of 
 }
 
 STORE_CASE("a large batch stores every field of its tasks as given", "[submit][batch]") {
-  // Postgres writes a batch of this size as COPY text, field by field: each
-  // field must come back as it went in, NULLs and all.
+  // Postgres writes a batch of this size field by field: in COPY's binary
+  // format straight into its tables, or, when the batch repeats a key, in COPY
+  // text into its stage. Each field must come back as it went in, NULLs and all.
   const auto base = std::chrono::time_point_cast<std::chrono::microseconds>(now()) + std::chrono::hours(1);
-  std::vector<NewTask> batch;
-  for (int i = 0; i < 1200; ++i) {
-    NewTask t = task(fmt::format("type{}", i % 3));
-    t.payload = fmt::format(R"({{"i": {}}})", i);
-    if (i % 2 == 0) t.key = fmt::format("field{}", i);
-    if (i % 3 == 0) t.tenant = fmt::format("tenant\\{}", i % 4);  // a backslash: escaped in COPY text
-    t.priority = i % 5 - 2;
-    if (i % 4 != 0) t.run_at = base + std::chrono::microseconds(i * 1001);
-    if (i % 6 == 0) t.deadline = base + std::chrono::hours(2) + std::chrono::microseconds(i);
-    t.retry.max_attempts = 1 + i % 9;
-    t.retry.backoff = i % 2 ? eoq::Backoff::fixed : eoq::Backoff::exponential;
-    t.retry.initial_delay = eoq::Millis(10 + i);
-    t.retry.max_delay = eoq::Millis(100000 + i);
-    t.retry.jitter = (i % 10) / 8.0 > 1 ? 1 : (i % 10) / 8.0;
-    batch.push_back(std::move(t));
+  for (bool repeats : {false, true}) {
+    INFO("the batch repeats a key: " << repeats);
+    std::vector<NewTask> batch;
+    for (int i = 0; i < 1200; ++i) {
+      NewTask t = task(fmt::format("type{}", i % 3));
+      t.payload = fmt::format(R"({{"i": {}}})", i);
+      if (i % 2 == 0) t.key = fmt::format("field{}-{}", repeats, i);
+      if (i % 3 == 0) t.tenant = fmt::format("tenant\\{}", i % 4);  // a backslash: escaped in COPY text
+      t.priority = i % 5 - 2;
+      if (i % 4 != 0) t.run_at = base + std::chrono::microseconds(i * 1001);
+      if (i % 6 == 0) t.deadline = base + std::chrono::hours(2) + std::chrono::microseconds(i);
+      t.retry.max_attempts = 1 + i % 9;
+      t.retry.backoff = i % 2 ? eoq::Backoff::fixed : eoq::Backoff::exponential;
+      t.retry.initial_delay = eoq::Millis(10 + i);
+      t.retry.max_delay = eoq::Millis(100000 + i);
+      t.retry.jitter = (i % 10) / 8.0 > 1 ? 1 : (i % 10) / 8.0;
+      batch.push_back(std::move(t));
+    }
+    if (repeats) batch.push_back(batch[6]);  // keyed, with a tenant and a deadline
+    auto r = store.submit_batch(batch);
+    REQUIRE(r.size() == batch.size());
+    if (repeats) {
+      CHECK(r.back().duplicate);
+      CHECK(r.back().task.id == r[6].task.id);
+    }
+    int same = 0;
+    for (std::size_t i = 0; i < 1200; ++i) {
+      const auto& in = batch[i];
+      auto got = store.get(r[i].task.id);
+      REQUIRE(got);
+      INFO("tasks[" << i << "]");
+      CHECK_FALSE(r[i].duplicate);
+      CHECK(got->type == in.type);
+      CHECK(got->payload == in.payload);
+      CHECK(got->key == in.key);
+      CHECK(got->tenant == in.tenant);
+      CHECK(got->priority == in.priority);
+      if (in.run_at) CHECK(got->run_at == *in.run_at);
+      CHECK(got->run_at == r[i].task.run_at);
+      // What submit_batch answered is what the store holds: the answer is not read back row by row.
+      CHECK(got->created_at == r[i].task.created_at);
+      CHECK(got->version == r[i].task.version);
+      CHECK(got->status == r[i].task.status);
+      CHECK(got->deadline == in.deadline);
+      CHECK(got->retry == in.retry);
+      same += got->type == in.type && got->payload == in.payload && got->key == in.key && got->tenant == in.tenant &&
+              got->priority == in.priority && got->deadline == in.deadline && got->retry == in.retry;
+    }
+    CHECK(same == 1200);
   }
-  auto r = store.submit_batch(batch);
-  REQUIRE(r.size() == batch.size());
-  int same = 0;
-  for (std::size_t i = 0; i < batch.size(); ++i) {
-    const auto& in = batch[i];
-    auto got = store.get(r[i].task.id);
-    REQUIRE(got);
-    INFO("tasks[" << i << "]");
-    CHECK(got->type == in.type);
-    CHECK(got->payload == in.payload);
-    CHECK(got->key == in.key);
-    CHECK(got->tenant == in.tenant);
-    CHECK(got->priority == in.priority);
-    if (in.run_at) CHECK(got->run_at == *in.run_at);
-    CHECK(got->run_at == r[i].task.run_at);
-    // What submit_batch answered is what the store holds: the answer is not read back row by row.
-    CHECK(got->created_at == r[i].task.created_at);
-    CHECK(got->version == r[i].task.version);
-    CHECK(got->status == r[i].task.status);
-    CHECK(got->deadline == in.deadline);
-    CHECK(got->retry == in.retry);
-    same += got->type == in.type && got->payload == in.payload && got->key == in.key && got->tenant == in.tenant &&
-            got->priority == in.priority && got->deadline == in.deadline && got->retry == in.retry;
-  }
-  CHECK(same == 1200);
 }
 
 // Postgres COPYs only key and payload when a large batch's tasks share every

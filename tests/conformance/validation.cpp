@@ -29,6 +29,9 @@ STORE_CASE("invalid tasks are rejected naming the field and nothing is written",
          t.deadline = later;
          t.run_at = later + 1s;
        })},
+      // Before PostgreSQL's earliest timestamp (4714-11-24 BC), and the earliest time a TimePoint holds.
+      {"run_at", with([](NewTask& t) { t.run_at = TimePoint(std::chrono::microseconds(-210866803200000001)); })},
+      {"run_at", with([](NewTask& t) { t.run_at = TimePoint::min(); })},
       {"queue", with([](NewTask& t) { t.queue = "a'b"; })},
       {"queue", with([](NewTask& t) { t.queue = "a;b"; })},
       {"queue", with([](NewTask& t) { t.queue = "a\"; DROP TABLE tasks; --"; })},
