@@ -169,7 +169,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"drop_stage", std::nullopt},
       {"copy_stage", std::nullopt},
       {"copy_stage_narrow", std::nullopt},
-      {"stage_rows", std::nullopt},  // a part of the two below
+      {"stage_rows", std::nullopt},  // a part of submit_staged
       {"submit_staged", after_ord({{"count", 0}})},
       {"reserve_ids", std::vector<Column>{{"first_id", kInt8}, {"ids", kInt8Array},
                                           {"created_at", kTimestamptz}, {"count", 0}}},
@@ -327,6 +327,37 @@ void copy_row(std::string& out, const NewTask& t, std::size_t ord, bool narrow) 
   fmt::format_to(std::back_inserter(out), "\t{}\t", t.retry.jitter);
   copy_int(out, static_cast<long long>(ord));
   out += '\n';
+}
+
+// A key as a row of copy_keys, in COPY's binary format: the tenant '' for none.
+void key_row(std::string& out, const NewTask& t, std::int64_t id) {
+  using pg::BinaryCopy;
+  BinaryCopy::row(out, 4);
+  BinaryCopy::text(out, *t.key);
+  BinaryCopy::text(out, t.queue);
+  BinaryCopy::text(out, t.tenant ? std::string_view(*t.tenant) : std::string_view());
+  BinaryCopy::i64(out, id);
+}
+
+// A task as a row of copy_tasks, in COPY's binary format, in its columns' order.
+void task_row(std::string& out, const NewTask& t, std::int64_t id, TimePoint run_at) {
+  using pg::BinaryCopy;
+  BinaryCopy::row(out, 15);
+  BinaryCopy::i64(out, id);
+  BinaryCopy::text(out, t.queue);
+  BinaryCopy::text(out, t.type);
+  BinaryCopy::opt_text(out, t.key);
+  BinaryCopy::opt_text(out, t.tenant);
+  BinaryCopy::text(out, t.payload);
+  BinaryCopy::text(out, "pending");
+  BinaryCopy::i32(out, t.priority);
+  BinaryCopy::time(out, run_at);
+  BinaryCopy::time(out, t.deadline);
+  BinaryCopy::i32(out, t.retry.max_attempts);
+  BinaryCopy::text(out, t.retry.backoff == Backoff::fixed ? "fixed" : "exponential");
+  BinaryCopy::i64(out, t.retry.initial_delay.count());
+  BinaryCopy::i64(out, t.retry.max_delay.count());
+  BinaryCopy::f64(out, t.retry.jitter);
 }
 
 Task task_from_new(const NewTask& n, std::int64_t id, TimePoint run_at, TimePoint created_at, std::int64_t version) {
@@ -1023,13 +1054,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
                   pg::BinaryCopy::header(slice);
                 }
                 for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next) {
-                  const NewTask& t = tasks[next];
-                  if (!t.key) continue;
-                  pg::BinaryCopy::row(slice, 4);
-                  pg::BinaryCopy::text(slice, *t.key);
-                  pg::BinaryCopy::text(slice, t.queue);
-                  pg::BinaryCopy::text(slice, t.tenant ? std::string_view(*t.tenant) : std::string_view());
-                  pg::BinaryCopy::i64(slice, id_of(next));
+                  if (tasks[next].key) key_row(slice, tasks[next], id_of(next));
                 }
                 if (next < tasks.size()) return true;
                 pg::BinaryCopy::trailer(slice);
@@ -1056,22 +1081,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
                 const NewTask& t = tasks[next];
                 const std::int64_t id = id_of(next);
                 const TimePoint run_at = t.run_at.value_or(created);
-                pg::BinaryCopy::row(slice, 15);
-                pg::BinaryCopy::i64(slice, id);
-                pg::BinaryCopy::text(slice, t.queue);
-                pg::BinaryCopy::text(slice, t.type);
-                pg::BinaryCopy::opt_text(slice, t.key);
-                pg::BinaryCopy::opt_text(slice, t.tenant);
-                pg::BinaryCopy::text(slice, t.payload);
-                pg::BinaryCopy::text(slice, "pending");
-                pg::BinaryCopy::i32(slice, t.priority);
-                pg::BinaryCopy::time(slice, run_at);
-                pg::BinaryCopy::time(slice, t.deadline);
-                pg::BinaryCopy::i32(slice, t.retry.max_attempts);
-                pg::BinaryCopy::text(slice, t.retry.backoff == Backoff::fixed ? "fixed" : "exponential");
-                pg::BinaryCopy::i64(slice, t.retry.initial_delay.count());
-                pg::BinaryCopy::i64(slice, t.retry.max_delay.count());
-                pg::BinaryCopy::f64(slice, t.retry.jitter);
+                task_row(slice, t, id, run_at);
                 out.push_back({task_from_new(t, id, run_at, created, 1), false});
               }
               if (next < tasks.size()) return true;
