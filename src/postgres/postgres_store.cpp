@@ -360,6 +360,26 @@ void task_row(std::string& out, const NewTask& t, std::int64_t id, TimePoint run
   BinaryCopy::f64(out, t.retry.jitter);
 }
 
+// Rows per COPY slice: the server reads one while the next is made.
+constexpr std::size_t kCopyRows = 512;
+
+// A binary COPY of n inputs: row(i, slice) appends input i's row (or none),
+// about `row_bytes` long.
+void copy_binary(Connection& c, const Statement& copy, std::size_t n, std::size_t row_bytes,
+                 const std::function<void(std::size_t, std::string&)>& row) {
+  std::size_t next = 0;
+  c.copy_in(copy.sql.c_str(), [&](std::string& slice) {
+    if (next == 0) {
+      slice.reserve(kCopyRows * row_bytes);
+      pg::BinaryCopy::header(slice);
+    }
+    for (auto end = std::min(n, next + kCopyRows); next < end; ++next) row(next, slice);
+    if (next < n) return true;
+    pg::BinaryCopy::trailer(slice);
+    return false;
+  });
+}
+
 Task task_from_new(const NewTask& n, std::int64_t id, TimePoint run_at, TimePoint created_at, std::int64_t version) {
   Task t;
   t.id = id;
@@ -1021,7 +1041,6 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
     try {
       Result r;
       if (staged) {
-        constexpr std::size_t kRows = 512;  // rows per slice: the server reads one while the next is made
         // New keys, most likely: the keys and tasks go straight in by COPY
         // (reserve_ids says why), and through the stage with ON CONFLICT only
         // when a key turns out to be taken (its unique violation undone by the
@@ -1047,18 +1066,8 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           auto id_of = [&](std::size_t i) { return first_id ? *first_id + static_cast<std::int64_t>(i) : ids[i]; };
           if (any_keyed) {
             try {
-              std::size_t next = 0;
-              c.copy_in(impl.sql.copy_keys.sql.c_str(), [&](std::string& slice) {
-                if (next == 0) {
-                  slice.reserve(kRows * 64);
-                  pg::BinaryCopy::header(slice);
-                }
-                for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next) {
-                  if (tasks[next].key) key_row(slice, tasks[next], id_of(next));
-                }
-                if (next < tasks.size()) return true;
-                pg::BinaryCopy::trailer(slice);
-                return false;
+              copy_binary(c, impl.sql.copy_keys, tasks.size(), 64, [&](std::size_t i, std::string& slice) {
+                if (tasks[i].key) key_row(slice, tasks[i], id_of(i));
               });
             } catch (const DatabaseError& e) {
               if (e.sqlstate() != "23505" || !c.ok()) throw;
@@ -1071,22 +1080,12 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
             // server writes the rows before them.
             out.clear();
             out.reserve(tasks.size());
-            std::size_t next = 0;
-            c.copy_in(impl.sql.copy_tasks.sql.c_str(), [&](std::string& slice) {
-              if (next == 0) {
-                slice.reserve(kRows * 256);
-                pg::BinaryCopy::header(slice);
-              }
-              for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next) {
-                const NewTask& t = tasks[next];
-                const std::int64_t id = id_of(next);
-                const TimePoint run_at = t.run_at.value_or(created);
-                task_row(slice, t, id, run_at);
-                out.push_back({task_from_new(t, id, run_at, created, 1), false});
-              }
-              if (next < tasks.size()) return true;
-              pg::BinaryCopy::trailer(slice);
-              return false;
+            copy_binary(c, impl.sql.copy_tasks, tasks.size(), 256, [&](std::size_t i, std::string& slice) {
+              const NewTask& t = tasks[i];
+              const std::int64_t id = id_of(i);
+              const TimePoint run_at = t.run_at.value_or(created);
+              task_row(slice, t, id, run_at);
+              out.push_back({task_from_new(t, id, run_at, created, 1), false});
             });
             have.assign(tasks.size(), 1);
           }
@@ -1099,8 +1098,8 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           }
           std::size_t next = 0;
           c.copy_in((narrow ? impl.sql.copy_stage_narrow : impl.sql.copy_stage).sql.c_str(), [&](std::string& slice) {
-            slice.reserve(kRows * 160);
-            for (auto end = std::min(tasks.size(), next + kRows); next < end; ++next)
+            slice.reserve(kCopyRows * 160);
+            for (auto end = std::min(tasks.size(), next + kCopyRows); next < end; ++next)
               copy_row(slice, tasks[next], next + 1, narrow);
             return next < tasks.size();
           });
