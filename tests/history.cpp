@@ -418,6 +418,22 @@ class RecordingTransaction final : public LeaseTransaction {
     recorded(rec_, client_event(Kind::complete, lease_), [&](Event&) { inner_->complete(result_json); });
     record_submitted();
   }
+  // One complete event per lease, all with the outcome of the one commit.
+  void complete_all(std::span<const Completion> completions) override {
+    std::exception_ptr failed;
+    try {
+      inner_->complete_all(completions);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    for (const auto& c : completions) {
+      auto e = client_event(Kind::complete, *c.lease);
+      e.ok = !failed;
+      rec_.add(std::move(e));
+    }
+    if (failed) std::rethrow_exception(failed);
+    record_submitted();
+  }
   FailOutcome fail(const Failure& failure) override {
     auto outcome = recorded(rec_, client_event(Kind::fail, lease_), [&](Event& e) {
       auto out = inner_->fail(failure);
@@ -570,6 +586,10 @@ std::vector<bool> RecordingStore::complete_batch(std::span<const Completion> com
 
 std::unique_ptr<LeaseTransaction> RecordingStore::begin(const eoq::Lease& lease) {
   return std::make_unique<RecordingTransaction>(inner_.begin(lease), lease, rec_);
+}
+
+std::unique_ptr<LeaseTransaction> RecordingStore::begin(const eoq::Lease& lease, const TransactionOptions& options) {
+  return std::make_unique<RecordingTransaction>(inner_.begin(lease, options), lease, rec_);
 }
 
 CancelOutcome RecordingStore::cancel(TaskId id, const Scope& scope) {

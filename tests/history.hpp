@@ -161,6 +161,7 @@ class RecordingStore final : public TaskStore {
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;
   std::unique_ptr<LeaseTransaction> begin(const Lease& lease) override;
+  std::unique_ptr<LeaseTransaction> begin(const Lease& lease, const TransactionOptions& options) override;
   CancelOutcome cancel(TaskId id, const Scope& scope = {}) override;
   // Not recorded: no chaos test retries, and the checker treats terminal states as final.
   RetryOutcome retry(TaskId id, const Scope& scope = {}) override { return inner_.retry(id, scope); }

@@ -32,6 +32,7 @@ class MemoryStore final : public TaskStore {
   void progress(const Lease& lease, int percent, std::string_view stage) override;
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;
+  using TaskStore::begin;  // with TransactionOptions: nothing to trade, they are ignored
   std::unique_ptr<LeaseTransaction> begin(const Lease& lease) override;
   CancelOutcome cancel(TaskId id, const Scope& scope = {}) override;
   RetryOutcome retry(TaskId id, const Scope& scope = {}) override;

@@ -96,6 +96,7 @@ class PostgresStore final : public TaskStore {
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;
   std::unique_ptr<LeaseTransaction> begin(const Lease& lease) override;
+  std::unique_ptr<LeaseTransaction> begin(const Lease& lease, const TransactionOptions& options) override;
   CancelOutcome cancel(TaskId id, const Scope& scope = {}) override;
   RetryOutcome retry(TaskId id, const Scope& scope = {}) override;
   std::optional<Task> get(TaskId id, const Scope& scope = {}) override;

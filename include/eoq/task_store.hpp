@@ -199,6 +199,20 @@ struct Rows {
 // Either complete()/fail() commits the handler's writes together with the task's
 // new state, or nothing commits: LeaseLost, an exception, a crash, a destructor
 // without settlement all roll back.
+// How a lease transaction commits.
+struct TransactionOptions {
+  // false: its COMMIT returns before the commit's WAL is on disk
+  // (synchronous_commit = off for this transaction alone), so it waits for no
+  // disk flush. A crash of the database server within about three times
+  // wal_writer_delay (0.6 s by default) after it can undo it: the handler's
+  // writes and the task's settlement vanish together, the task is `running`
+  // again under the lost lease, and it runs once more when that lease expires.
+  // Writes in the same database stay exactly-once; what a reader saw in that
+  // window (the success, the handler's rows) can be undone. Submits outside
+  // handler transactions stay durable whatever this says.
+  bool synchronous_commit = true;
+};
+
 class LeaseTransaction {
  public:
   virtual ~LeaseTransaction() = default;
@@ -213,6 +227,12 @@ class LeaseTransaction {
   virtual std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) = 0;
   // Fenced completion, then COMMIT. Throws LeaseLost (and rolls back) when stale.
   virtual void complete(std::string_view result_json = "null") = 0;
+  // Fenced completion of many leases held by the same worker (this
+  // transaction's own among them, or not), then COMMIT: all of them settle
+  // with everything written in this transaction, or none does. When any lease
+  // is stale, throws LeaseLost naming that task, rolls back and changes
+  // nothing. At most 10,000 completions.
+  virtual void complete_all(std::span<const Completion> completions) = 0;
   // Fenced failure, then COMMIT, keeping the handler's writes made so far.
   virtual FailOutcome fail(const Failure& failure) = 0;
   // Fenced checkpoint, then COMMIT: the writes made so far and the saved stage
@@ -276,6 +296,12 @@ class TaskStore {
 
   // Opens the transaction a handler's writes share with its task's settlement.
   virtual std::unique_ptr<LeaseTransaction> begin(const Lease& lease) = 0;
+  // The same, committing as `options` say. A store with no durability to trade
+  // (MemoryStore) ignores them.
+  virtual std::unique_ptr<LeaseTransaction> begin(const Lease& lease, const TransactionOptions& options) {
+    (void)options;
+    return begin(lease);
+  }
 
   // Reads, cancel and retry take a Scope: the default sees every tenant.
   virtual CancelOutcome cancel(TaskId id, const Scope& scope = {}) = 0;

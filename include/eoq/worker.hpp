@@ -116,6 +116,12 @@ struct WorkerOptions {
   // doubling from the first to the cap.
   Millis error_backoff_initial{100};
   Millis error_backoff_max{10000};
+  // false: handler transactions commit without waiting for their WAL to reach
+  // disk (TransactionOptions::synchronous_commit; HandlerOptions can say so
+  // per task type instead). Exactly-once for writes in the same database
+  // holds; a database crash can undo a success that was already visible for
+  // up to ~0.6 s, and the task then runs again. See docs/contract.md.
+  bool synchronous_commit = true;
   // Empty: warnings and errors go to stderr. To silence, pass a callback that drops them.
   Logger logger;
   LogLevel log_level = LogLevel::info;
@@ -219,6 +225,24 @@ class TaskContext {
 
 using Handler = std::function<void(TaskContext&)>;
 
+// How the worker runs the tasks of one type (Worker::on).
+struct HandlerOptions {
+  // Up to this many claimed tasks of the type run one after another on one
+  // handler thread, in one transaction: every task's SQL (ctx.exec, ctx.submit)
+  // and every task's completion commit together, so the commit's disk flush is
+  // paid once per batch, not once per task. Each task keeps its own effects:
+  // a handler that throws (or breaks the transaction with a failed statement)
+  // rolls the transaction back, its task is settled alone by its verdict, and
+  // the others run again in a new transaction, so nothing of the failed task
+  // commits and nothing of the others is lost or doubled. A handler in a
+  // batch therefore may run more than once for one attempt (its database
+  // writes commit once); ctx.checkpoint throws UsageError there. 1..1000;
+  // 1 (the default): each task in a transaction of its own.
+  int batch = 1;
+  // Overrides WorkerOptions::synchronous_commit for this type.
+  std::optional<bool> synchronous_commit{};
+};
+
 // "Every `period`, submit `task`": the scheduler submits it with the key
 // "periodic:<name>:<bucket start, epoch seconds>", so any number of workers with
 // the same registration, restarted any number of times, create one task per
@@ -243,6 +267,7 @@ class Worker {
   // Registers the handler for a task type (replacing any earlier one). Before
   // start()/run() only. Tasks of a type nobody registered fail permanently.
   Worker& on(std::string type, Handler handler);
+  Worker& on(std::string type, Handler handler, HandlerOptions options);
   // Registers a periodic submission (see Scheduler::every). Before start()/run() only.
   Worker& every(PeriodicTask periodic);
   Worker& every(std::string name, std::chrono::seconds period, NewTask task);

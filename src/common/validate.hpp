@@ -38,6 +38,11 @@ void validate_list(const ListQuery& query);
 // At most kMaxBatch tasks in one submit_batch.
 inline constexpr std::size_t kMaxBatch = 100000;
 void validate_batch_size(std::size_t tasks);
+// Each completion names a lease, and its result is JSON within the size limit
+// (a batch of one names the field "result", as complete() does).
+void validate_completions(std::span<const Completion> completions, std::size_t max_payload_bytes);
+// LeaseTransaction::complete_all: the same, and 1..10,000 of them.
+void validate_complete_all(std::span<const Completion> completions, std::size_t max_payload_bytes);
 
 struct Batches {
   std::int64_t total = 0;  // rows handled

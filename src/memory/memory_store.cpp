@@ -544,6 +544,28 @@ class MemoryStore::Transaction final : public LeaseTransaction {
     open_ = false;
   }
 
+  void complete_all(std::span<const Completion> completions) override {
+    require_open();
+    detail::validate_complete_all(completions, state_.options.max_payload_bytes);
+    std::lock_guard lk(state_.mu);
+    std::vector<Entry*> live;
+    live.reserve(completions.size());
+    for (const auto& c : completions) {
+      Entry* e = state_.live(*c.lease);
+      if (!e || std::find(live.begin(), live.end(), e) != live.end()) {
+        open_ = false;
+        staged_ = {};
+        if (e) throw LeaseLost(c.lease->id(), c.lease->token, "the task is named twice in one complete_all");
+        state_.fenced(*c.lease);  // throws LeaseLost with the reason
+      }
+      live.push_back(e);
+    }
+    const TimePoint now = detail::now();
+    state_.store_staged(staged_, now);
+    for (std::size_t i = 0; i < live.size(); ++i) state_.complete(*live[i], completions[i].result, now);
+    open_ = false;
+  }
+
   FailOutcome fail(const Failure& failure) override {
     FailOutcome outcome;
     settle([&](Entry& e, TimePoint now) { outcome = state_.fail(e, failure, now); });
@@ -685,12 +707,7 @@ void MemoryStore::complete(const Lease& lease, std::string_view result_json) {
 
 std::vector<bool> MemoryStore::complete_batch(std::span<const Completion> completions) {
   auto& state = *state_;
-  // Field names as the Postgres store gives them: a batch of one reads like complete().
-  for (std::size_t i = 0; i < completions.size(); ++i) {
-    if (!completions[i].lease) throw InvalidArgument(fmt::format("completions[{}].lease", i), "must not be null");
-    detail::validate_json(completions.size() == 1 ? "result" : fmt::format("completions[{}].result", i),
-                          completions[i].result, state.options.max_payload_bytes);
-  }
+  detail::validate_completions(completions, state.options.max_payload_bytes);
   std::vector<bool> applied(completions.size(), false);
   std::lock_guard lk(state.mu);
   const TimePoint now = detail::now();

@@ -251,6 +251,112 @@ Result Connection::exec_params(std::string_view sql, const std::vector<Param>& p
   return r;
 }
 
+// Pipeline mode: every step is sent, then one sync, then the answers are read
+// in order. After a failed step the server answers the rest "aborted" until
+// the sync, so the first error is the one thrown. Every answer is read before
+// leaving pipeline mode, so the connection is usable afterwards (for the
+// caller's ROLLBACK) unless it broke.
+std::vector<Result> Connection::pipeline(std::span<const Step> steps) {
+  PGconn* c = c_.get();
+  struct Sent {
+    std::size_t step;
+    bool parse;  // the cache's Parse of the step's text, before its execution
+    std::string name;
+  };
+  std::vector<Sent> sent;
+  sent.reserve(2 * steps.size());
+  std::vector<const char*> values;
+  std::string text;
+  if (prepare_)  // once per connection, before the pipeline: PQprepare waits for its answer
+    for (const Step& st : steps)
+      if (st.st) prepare(*st.st);
+  if (PQenterPipelineMode(c) != 1) throw_error(c, nullptr, "pipeline");
+  auto leave = [&] {
+    if (PQpipelineStatus(c) != PQ_PIPELINE_OFF && PQexitPipelineMode(c) != 1) {
+      // Answers still unread: only a broken connection leaves them, and the caller discards it.
+    }
+  };
+  for (std::size_t i = 0; i < steps.size(); ++i) {
+    const Step& st = steps[i];
+    values.clear();
+    if (st.params)
+      for (const auto& p : *st.params) values.push_back(p ? p->c_str() : nullptr);
+    const int n = static_cast<int>(values.size());
+    const char* name = nullptr;
+    std::string_view sql = st.st ? std::string_view(st.st->sql) : st.sql;
+    if (prepare_ && st.st) {
+      name = st.st->name;
+    } else if (prepare_ && st.cache) {
+      auto it = cached_.find(std::string(sql));
+      if (it != cached_.end()) {
+        name = it->second.c_str();
+      } else if (cached_made_ < kCachedMax) {
+        std::string fresh = "eoq_h" + std::to_string(cached_made_++);
+        text.assign(sql);
+        if (PQsendPrepare(c, fresh.c_str(), text.c_str(), 0, nullptr) != 1) {
+          leave();
+          throw_error(c, nullptr, st.label);
+        }
+        sent.push_back({i, true, fresh});
+        name = sent.back().name.c_str();
+      }
+    }
+    int ok;
+    if (name) {
+      ok = PQsendQueryPrepared(c, name, n, values.data(), nullptr, nullptr, st.binary ? 1 : 0);
+    } else {
+      text.assign(sql);
+      ok = PQsendQueryParams(c, text.c_str(), n, nullptr, values.data(), nullptr, nullptr, st.binary ? 1 : 0);
+    }
+    if (ok != 1) {
+      leave();
+      throw_error(c, nullptr, st.label);
+    }
+    sent.push_back({i, false, {}});
+  }
+  if (PQpipelineSync(c) != 1) {
+    leave();
+    throw_error(c, nullptr, "pipeline sync");
+  }
+  std::vector<Result> out(steps.size());
+  std::optional<std::size_t> failed;  // index into sent
+  Result error;
+  for (std::size_t k = 0; k < sent.size(); ++k) {
+    Result r(PQgetResult(c));
+    if (!r.get()) {  // the connection broke: nothing more will come
+      failed = failed.value_or(k);
+      break;
+    }
+    while (PGresult* rest = PQgetResult(c)) PQclear(rest);  // each answer ends with a null
+    auto s = PQresultStatus(r.get());
+    if (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK) {
+      if (sent[k].parse) cached_.emplace(std::string(steps[sent[k].step].sql), sent[k].name);
+      else out[sent[k].step] = std::move(r);
+    } else if (!failed) {
+      failed = k;
+      if (s == PGRES_FATAL_ERROR) error = std::move(r);
+    }
+  }
+  if (PQstatus(c) == CONNECTION_OK) {
+    for (;;) {  // the sync's answer
+      Result r(PQgetResult(c));
+      if (!r.get() || PQresultStatus(r.get()) == PGRES_PIPELINE_SYNC) break;
+    }
+  }
+  leave();
+  if (failed) {
+    // A table under a cached statement changed its columns ("cached plan must
+    // not change result type"): this transaction is lost, but the next one
+    // prepares the text afresh rather than failing the same way until the
+    // worker restarts.
+    const Step& bad = steps[sent[*failed].step];
+    const char* state = error.get() ? PQresultErrorField(error.get(), PG_DIAG_SQLSTATE) : nullptr;
+    if (bad.cache && state && std::string_view(state) == "0A000") cached_.erase(std::string(bad.sql));
+    throw_error(c, error.get(), bad.label);
+  }
+  return out;
+}
+
 Result Connection::command(const char* sql) {
   Result r(PQexec(c_.get(), sql));
   auto s = PQresultStatus(r.get());

@@ -14,8 +14,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -41,6 +43,19 @@ struct Statement {
 
 // Text-format parameters; an empty optional is SQL NULL.
 using Param = std::optional<std::string>;
+
+// One statement of Connection::pipeline: a Statement of queries.sql (prepared
+// where the connection prepares), or text (handler SQL, BEGIN, SET LOCAL ...)
+// sent unnamed, or under a name of the connection's statement cache when
+// `cache` is set and the connection prepares.
+struct Step {
+  const Statement* st = nullptr;
+  std::string_view sql{};
+  const std::vector<Param>* params = nullptr;
+  bool binary = true;
+  bool cache = false;
+  std::string_view label{};
+};
 
 // A query result in binary format (see decode helpers), or text for handler SQL.
 class Result {
@@ -104,6 +119,11 @@ class Connection {
   // Unnamed statement; `binary` selects the result format.
   Result exec_params(std::string_view sql, const std::vector<Param>& params, bool binary,
                      std::string_view label);
+  // The steps in libpq's pipeline mode, behind one sync: one round trip for
+  // all. Answers each step's result; throws the first step's error that
+  // failed (the server skips the steps after it, and an open transaction is
+  // left aborted for the caller's ROLLBACK).
+  std::vector<Result> pipeline(std::span<const Step> steps);
   // Simple query, no parameters (COMMIT, SET ...; several statements allowed):
   // the last statement's answer, in text format.
   Result command(const char* sql);
@@ -125,6 +145,13 @@ class Connection {
   bool generic_plans_ = false;
   bool generic_now_ = false;  // the session runs under plan_for's generic settings
   std::unordered_set<std::string> prepared_;
+  // Handler SQL prepared on this connection, by text: parsed once per
+  // connection, and planned once the server's plan cache settles on a generic
+  // plan, instead of on every call. Bounded: past kCachedMax names made (a
+  // handler that formats values into its SQL), the rest go unnamed.
+  static constexpr std::size_t kCachedMax = 256;
+  std::unordered_map<std::string, std::string> cached_;
+  std::size_t cached_made_ = 0;  // names are never reused: a dropped entry's statement stays on the server
 };
 
 // Connections kept open for reuse; callers beyond `size` wait. A connection
@@ -147,6 +174,7 @@ class Pool {
     }
     Connection& operator*() const noexcept { return *c_; }
     Connection* operator->() const noexcept { return c_.get(); }
+    Connection* get() const noexcept { return c_.get(); }  // null after discard()
     // Closes the connection instead of returning it (after an error that may
     // have left it in an unknown state).
     void discard() noexcept { c_.reset(); }

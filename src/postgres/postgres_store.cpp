@@ -123,7 +123,8 @@ struct Statements {
             reserve_ids = q("reserve_ids"), copy_keys = q("copy_keys"), copy_tasks = q("copy_tasks"),
             by_keys = q("by_keys");
   Statement claim_pending_one = q("claim_pending_one"), claim_pending = q("claim_pending"),
-            claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), fail = q("fail"),
+            claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), complete_one = q("complete_one"),
+            fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
             cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
@@ -188,6 +189,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"claim_one", kTaskColumns},
       {"claim", kTaskColumns},
       {"complete", std::vector<Column>{{"id", kInt8}, {"version", kInt8}}},
+      {"complete_one", std::vector<Column>{{"id", kInt8}}},
       {"fail", std::vector<Column>{{"outcome", kText}, {"run_at", kTimestamptz}}},
       {"release", std::vector<Column>{{"id", 0}, {"pg_notify", 0}}},
       {"release_batch", std::vector<Column>{{"id", kInt8}, {"version", kInt8}, {"count", 0}}},
@@ -1199,10 +1201,8 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
   auto& impl = *impl_;
   std::vector<Param> ids, versions, results;
   bool all_null = true;  // then results go as NULL, and the statement skips them
+  detail::validate_completions(completions, impl.options.max_payload_bytes);
   for (std::size_t i = 0; i < completions.size(); ++i) {
-    if (!completions[i].lease) throw InvalidArgument(fmt::format("completions[{}].lease", i), "must not be null");
-    detail::validate_json(completions.size() == 1 ? "result" : fmt::format("completions[{}].result", i),
-                          completions[i].result, impl.options.max_payload_bytes);
     ids.push_back(num(completions[i].lease->id()));
     versions.push_back(num(completions[i].lease->token));
     results.push_back(completions[i].result);
@@ -1336,18 +1336,25 @@ namespace {
 // A handler's transaction: its own SQL and the task's settlement commit
 // together. The server ends it if it sits idle longer than the configured
 // timeout, so a frozen worker cannot keep its row locks.
+//
+// Round trips: BEGIN and its SET LOCALs wait to go out in one pipeline with
+// the handler's first statement, and a completion goes out in one pipeline
+// with its COMMIT, so a handler that runs one statement costs two round trips,
+// not five (docs/performance.md, "Tasks whose handler writes"). The
+// handler's statements are prepared once per connection (Connection::pipeline).
 class PgLeaseTransaction final : public LeaseTransaction {
  public:
-  PgLeaseTransaction(PostgresStore::Impl& store, const Lease& lease, pg::Pool::Borrowed conn)
-      : store_(store), lease_(lease), conn_(std::move(conn)) {
+  PgLeaseTransaction(PostgresStore::Impl& store, const Lease& lease, pg::Pool::Borrowed conn,
+                     const TransactionOptions& options)
+      : store_(store),
+        lease_(lease),
+        conn_(std::move(conn)),
+        idle_timeout_(fmt::format("SET LOCAL idle_in_transaction_session_timeout = {}",
+                                  store.options.handler_idle_timeout.count())),
+        synchronous_(options.synchronous_commit) {
     start();
   }
-  ~PgLeaseTransaction() override {
-    if (open_) {
-      Result r(PQexec(conn_->get(), "ROLLBACK"));
-      if (PQresultStatus(r.get()) != PGRES_COMMAND_OK) conn_.discard();
-    }
-  }
+  ~PgLeaseTransaction() override { abandon(); }
 
   Rows exec(std::string_view sql, const Params& params) override {
     require_open();
@@ -1356,7 +1363,11 @@ class PgLeaseTransaction final : public LeaseTransaction {
       std::vector<Param> texts;
       texts.reserve(params.size());
       for (const auto& p : params) texts.push_back(p.text());
-      r = conn_->exec_params(sql, texts, false, "handler SQL");
+      std::vector<pg::Step> steps = prefix();
+      steps.push_back({nullptr, sql, &texts, false, true, "handler SQL"});
+      auto rs = conn_->pipeline(steps);
+      begun_ = true;
+      r = std::move(rs.back());
     } catch (...) {
       abandon();
       throw;
@@ -1376,17 +1387,76 @@ class PgLeaseTransaction final : public LeaseTransaction {
   SubmitResult submit(const NewTask& task) override { return submit_batch(std::span<const NewTask>(&task, 1), false)[0]; }
   std::vector<SubmitResult> submit_batch(std::span<const NewTask> tasks) override { return submit_batch(tasks, true); }
 
+  // The completion and the COMMIT in one pipeline: complete_one raises
+  // (SQLSTATE EQ001) when the lease is stale, which aborts the transaction,
+  // so the COMMIT behind it cannot keep the handler's writes.
   void complete(std::string_view result_json) override {
     require_open();
     detail::validate_json("result", result_json, store_.options.max_payload_bytes);
-    Result r = run(store_.sql.complete, {pg::text_array({num(lease_.id())}), pg::text_array({num(lease_.token)}),
-                                        result_json == "null" ? Param{} : pg::text_array({std::string(result_json)})});
-    if (r.rows() != 1) lost("complete");
-    commit("succeeded");
+    std::vector<Param> params{num(lease_.id()), num(lease_.token), std::string(result_json)};
+    std::vector<pg::Step> steps = prefix();
+    steps.push_back({&store_.sql.complete_one, {}, &params, true, false, "complete"});
+    steps.push_back({nullptr, "COMMIT", nullptr, true, false, "COMMIT"});
+    open_ = false;
+    try {
+      conn_->pipeline(steps);
+    } catch (const TransientError& e) {
+      // The pipeline may have reached the server whole: the commit is in doubt.
+      in_doubt(e, lease_, "succeeded");
+    } catch (const DatabaseError& e) {
+      open_ = true;
+      abandon();
+      if (e.sqlstate() == kLeaseLostState) lease_lost(lease_, "complete");
+      throw;
+    } catch (...) {
+      open_ = true;
+      abandon();
+      throw;
+    }
+  }
+
+  // The batched `complete` in this transaction, checked before the COMMIT:
+  // every lease must have settled, or nothing does.
+  void complete_all(std::span<const Completion> completions) override {
+    require_open();
+    detail::validate_complete_all(completions, store_.options.max_payload_bytes);
+    std::vector<Param> ids, versions, results;
+    bool all_null = true;
+    for (const auto& c : completions) {
+      ids.push_back(num(c.lease->id()));
+      versions.push_back(num(c.lease->token));
+      results.push_back(c.result);
+      all_null = all_null && c.result == "null";
+    }
+    std::vector<Param> params{pg::text_array(ids), pg::text_array(versions),
+                              all_null ? Param{} : pg::text_array(results)};
+    std::vector<pg::Step> steps = prefix();
+    steps.push_back({&store_.sql.complete, {}, &params, true, false, "complete"});
+    Result r;
+    try {
+      r = std::move(conn_->pipeline(steps).back());
+      begun_ = true;
+    } catch (...) {
+      abandon();
+      throw;
+    }
+    Answered done(r);
+    for (const auto& c : completions)
+      if (done.ask(c.lease->id(), c.lease->token) != Answered::Ask::first) {
+        abandon();
+        lease_lost(*c.lease, "complete_all");
+      }
+    open_ = false;
+    try {
+      conn_->command("COMMIT");
+    } catch (const TransientError& e) {
+      in_doubt(e, *completions[0].lease, "succeeded");
+    }
   }
 
   FailOutcome fail(const Failure& failure) override {
     require_open();
+    ensure_begun();
     Result r = run(store_.sql.fail, fail_params(lease_, failure));
     if (r.rows() != 1) lost("fail");
     auto outcome = decode_fail(r);
@@ -1398,6 +1468,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     require_open();
     detail::validate_progress(0, stage);
     detail::validate_json("checkpoint", state_json, store_.options.max_payload_bytes);
+    ensure_begun();
     Result r = run(store_.sql.checkpoint,
                    {num(lease_.id()), num(lease_.token), std::string(stage), std::string(state_json)});
     if (r.rows() != 1) lost("checkpoint");
@@ -1408,6 +1479,8 @@ class PgLeaseTransaction final : public LeaseTransaction {
   bool open() const noexcept override { return open_; }
 
  private:
+  static constexpr std::string_view kLeaseLostState = "EQ001";  // migration 0007
+
   // Under a savepoint, so that a batch refused part way (a key conflict, a
   // parent that does not exist) writes nothing and the handler's transaction
   // goes on; any other error ends the transaction.
@@ -1417,6 +1490,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     detail::validate_new_tasks(tasks, is_batch, store_.options.max_payload_bytes);
     if (is_batch) detail::check_batch_keys(tasks);
     try {
+      ensure_begun();
       conn_->command("SAVEPOINT eoq_submit");
       std::vector<SubmitResult> out;
       try {
@@ -1435,11 +1509,30 @@ class PgLeaseTransaction final : public LeaseTransaction {
     }
   }
 
+  // A transaction opens on the server with the first statement sent in it.
   void start() {
-    conn_->command("BEGIN");
-    auto ms = store_.options.handler_idle_timeout.count();
-    conn_->command(fmt::format("SET LOCAL idle_in_transaction_session_timeout = {}", ms).c_str());
     open_ = true;
+    begun_ = false;
+  }
+  // BEGIN and the transaction's settings, for the front of the next pipeline.
+  std::vector<pg::Step> prefix() const {
+    std::vector<pg::Step> steps;
+    if (begun_) return steps;
+    steps.push_back({nullptr, "BEGIN", nullptr, true, false, "BEGIN"});
+    steps.push_back({nullptr, idle_timeout_, nullptr, true, false, "SET LOCAL"});
+    if (!synchronous_) steps.push_back({nullptr, "SET LOCAL synchronous_commit = off", nullptr, true, false, "SET LOCAL"});
+    return steps;
+  }
+  // For the statements that need their answer alone: the prefix on its own, one round trip.
+  void ensure_begun() {
+    if (begun_) return;
+    try {
+      conn_->pipeline(prefix());
+    } catch (...) {
+      abandon();
+      throw;
+    }
+    begun_ = true;
   }
   void require_open() const {
     if (!open_) throw UsageError("this lease transaction is already settled or broken");
@@ -1456,7 +1549,9 @@ class PgLeaseTransaction final : public LeaseTransaction {
   void abandon() noexcept {
     if (!open_) return;
     open_ = false;
+    if (!conn_.get()) return;
     if (conn_->ok()) {
+      if (PQtransactionStatus(conn_->get()) == PQTRANS_IDLE) return;  // nothing was begun
       Result r(PQexec(conn_->get(), "ROLLBACK"));
       if (PQresultStatus(r.get()) == PGRES_COMMAND_OK) return;
     }
@@ -1473,32 +1568,40 @@ class PgLeaseTransaction final : public LeaseTransaction {
     try {
       conn_->command("COMMIT");
     } catch (const TransientError& e) {
-      conn_.discard();
-      std::optional<std::string> s;
-      try {
-        s = store_.settled(lease_.id(), lease_.token);
-      } catch (const Error&) {
-        throw CommitInDoubt(std::string(e.what()) + "; the outcome of the commit is unknown", e.sqlstate(),
-                            "COMMIT");
-      }
-      if (s && (!expect || *s == expect)) return;
-      throw;
+      in_doubt(e, lease_, expect);
     }
+  }
+  // All of a commit's settlements stand or fall together: one lease's tells.
+  void in_doubt(const TransientError& e, const Lease& lease, const char* expect) {
+    conn_.discard();
+    std::optional<std::string> s;
+    try {
+      s = store_.settled(lease.id(), lease.token);
+    } catch (const Error&) {
+      throw CommitInDoubt(std::string(e.what()) + "; the outcome of the commit is unknown", e.sqlstate(), "COMMIT");
+    }
+    if (s && (!expect || *s == expect)) return;
+    throw;  // called from a handler: the TransientError in hand
   }
 
   PostgresStore::Impl& store_;
   Lease lease_;
   pg::Pool::Borrowed conn_;
+  const std::string idle_timeout_;
+  const bool synchronous_;
   bool open_ = false;
+  bool begun_ = false;  // BEGIN has reached the server
 };
 
 }  // namespace
 
-std::unique_ptr<LeaseTransaction> PostgresStore::begin(const Lease& lease) {
+std::unique_ptr<LeaseTransaction> PostgresStore::begin(const Lease& lease) { return begin(lease, {}); }
+
+std::unique_ptr<LeaseTransaction> PostgresStore::begin(const Lease& lease, const TransactionOptions& options) {
   auto& impl = *impl_;
   for (int attempt = 0;; ++attempt) {
     try {
-      return std::make_unique<PgLeaseTransaction>(impl, lease, impl.tx_pool.acquire());
+      return std::make_unique<PgLeaseTransaction>(impl, lease, impl.tx_pool.acquire(), options);
     } catch (const TransientError&) {
       if (attempt >= impl.options.transient_retries) throw;
       pg::sleep_backoff(attempt);

@@ -552,6 +552,37 @@ fin AS (
 SELECT id, version - 1 AS version FROM fin;
 
 
+-- name: complete_one
+-- plan: generic
+-- One lease's completion inside its handler's transaction, sent in one
+-- pipeline with the COMMIT after it, so the client never sees the answer
+-- before the COMMIT runs: a lease no longer held must abort the transaction
+-- itself, or the COMMIT would keep the handler's writes without the
+-- completion. No row settled calls lease_lost (migration 0007), which raises
+-- SQLSTATE EQ001. The batched `complete` cost a one-task transaction 0.12 ms
+-- of the server's time on its arrays, spans and unions; this costs a tenth
+-- of that. $1 id, $2 lease version, $3 the result (JSON text).
+WITH gone AS (
+  DELETE FROM eoq.tasks t WHERE t.id = $1 AND t.version = $2 AND t.status = 'running'
+  RETURNING t.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'succeeded' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested,
+    100 AS progress, stage,
+    checkpoint_stage, checkpoint, $3::json AS result, last_error, created_at, now() AS updated_at,
+    now() AS finished_at
+  FROM gone
+  RETURNING id)
+SELECT CASE WHEN count(*) = 1 THEN $1::bigint ELSE eoq.lease_lost($1, $2) END AS id FROM fin;
+
+
 -- name: fail
 -- plan: generic
 -- $1 id, $2 lease version, $3 error, $4 permanent, $5 retry delay in ms.

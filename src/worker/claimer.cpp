@@ -16,9 +16,10 @@ namespace eoq::detail {
 
 Claimer::Claimer(Engine& e) : e_(e), ahead_(e.opt.prefetch.value_or(0)) {}
 
+// A handler thread that runs batches holds up to a batch of leases at once.
 int Claimer::room() const {
-  int capacity = e_.opt.concurrency + ahead_;
-  return capacity - static_cast<int>(e_.buffer.size()) - e_.busy_handlers - claiming_;
+  int capacity = e_.opt.concurrency * e_.max_batch + ahead_;
+  return capacity - static_cast<int>(e_.buffer.size()) - e_.busy_handlers - e_.batched - claiming_;
 }
 
 // Claim when a handler would otherwise idle, or when half the capacity is free:
@@ -29,7 +30,7 @@ bool Claimer::should_claim() const {
   int r = room();
   if (r <= 0) return false;
   if (e_.busy_handlers + static_cast<int>(e_.buffer.size()) < e_.opt.concurrency) return true;
-  return r >= std::max(1, (e_.opt.concurrency + ahead_) / 2);
+  return r >= std::max(1, (e_.opt.concurrency * e_.max_batch + ahead_) / 2);
 }
 
 // After each claim: how long handlers take (their mean run time since the last

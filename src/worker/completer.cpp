@@ -116,6 +116,40 @@ void Completer::settle_failure(TaskRun& run, const Failure& failure, bool expect
   }
 }
 
+TaskRun* Completer::settle_batch(LeaseTransaction& tx, std::span<TaskRun* const> runs) {
+  std::vector<Completion> completions;
+  completions.reserve(runs.size());
+  for (TaskRun* r : runs) completions.push_back(Completion{&r->lease, r->result});
+  try {
+    tx.complete_all(completions);
+    e_.finish(runs, Outcome::succeeded);
+    return nullptr;
+  } catch (const LeaseLost& e) {
+    for (TaskRun* r : runs)
+      if (r->lease.task.id == e.task_id()) {
+        e_.log(LogLevel::warning, "{}: completion rejected, the batch's writes rolled back: {}", r->describe(),
+               e.what());
+        r->lost = true;
+        e_.finish(*r, Outcome::lease_lost);
+        return r;
+      }
+    e_.store_error("completing a batch", e);  // a stale lease the batch did not hold: cannot happen
+  } catch (const CommitInDoubt& e) {
+    e_.store_error(fmt::format("completing a batch of {} (from {})", runs.size(), runs.front()->describe()), e);
+    // One commit: every task's outcome is the first one's.
+    if (auto o = settled_by_us(*runs.front()); o == Outcome::succeeded) {
+      e_.finish(runs, Outcome::succeeded);
+      return nullptr;
+    }
+  } catch (const std::exception& e) {
+    e_.store_error(fmt::format("completing a batch of {} (from {})", runs.size(), runs.front()->describe()), e);
+  }
+  // The writes did not commit and cannot be replayed from here: the tasks go
+  // back to run again.
+  for (TaskRun* r : runs) give_back(*r, "its batch's completion could not be committed");
+  return nullptr;
+}
+
 void Completer::settle_transaction(TaskRun& run) {
   try {
     run.tx->complete(run.result);

@@ -64,6 +64,13 @@ struct Verdict {
 
 class Engine;
 
+// A handler as Worker::on registered it.
+struct Registered {
+  Handler handler;
+  int batch = 1;
+  TransactionOptions tx{};
+};
+
 struct TaskRun {
   TaskRun(Engine& e, Lease l, Steady::time_point claim_started, Millis lease_length)
       : engine(&e),
@@ -106,6 +113,9 @@ struct TaskRun {
   std::optional<std::string> checkpoint_stage;
   std::optional<std::string> checkpoint_state;
   std::unique_ptr<LeaseTransaction> tx;
+  // A batch's transaction, shared by its tasks (owned by the executor), or null.
+  LeaseTransaction* batch_tx = nullptr;
+  TransactionOptions tx_options{};
   std::optional<TaskTransaction> tx_view;
   int last_percent = -1;
   std::string last_stage;
@@ -120,6 +130,8 @@ struct TaskRun {
     tx_view.reset();
     tx.reset();  // rolls back whatever the handler wrote and did not commit
   }
+  // The handler's transaction, opened on first use: the batch's, or its own.
+  LeaseTransaction& transaction();
 };
 
 // Claims as many leases as the handlers will start before the next claim could
@@ -175,6 +187,9 @@ class Executor {
 
  private:
   Verdict execute(TaskRun& run);
+  // HandlerOptions::batch: the runs (of one type) in shared transactions until
+  // each is settled. Call without Engine::mu.
+  void execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const Registered& reg);
   Engine& e_;
 };
 
@@ -200,6 +215,14 @@ class Completer {
   void settle_cancelled(TaskRun& run, const std::string& reason);
   void settle_transaction(TaskRun& run);
   bool flush(std::vector<std::shared_ptr<TaskRun>>& batch);
+ public:
+  // A batch's completions and COMMIT (HandlerOptions::batch). Settles every
+  // run and returns nothing, or returns the run whose lease was found stale,
+  // which it has settled (lease_lost) while the others' writes rolled back:
+  // the caller runs those again.
+  TaskRun* settle_batch(LeaseTransaction& tx, std::span<TaskRun* const> runs);
+
+ private:
   void complete_one(TaskRun& run);
   std::optional<Outcome> settled_by_us(TaskRun& run);
   Engine& e_;
@@ -234,7 +257,7 @@ class Engine {
   const WorkerOptions opt;
   std::string id;
   Millis heartbeat_interval{};
-  std::map<std::string, Handler, std::less<>> handlers;
+  std::map<std::string, Registered, std::less<>> handlers;
   std::unique_ptr<Scheduler> periodic;  // every(): runs beside the claimer, on the worker's logger
 
   // Claim and completion statements in flight at once. One of each keeps both
@@ -293,6 +316,8 @@ class Engine {
   std::deque<std::shared_ptr<TaskRun>> completions;
   std::list<std::shared_ptr<TaskRun>> held;
   int busy_handlers = 0;
+  int batched = 0;    // leases that running batches hold beyond one each
+  int max_batch = 1;  // the largest HandlerOptions::batch registered (set by start())
   int claimers_running = 0;
   int completers_running = 0;
 

@@ -8,14 +8,36 @@
 
 namespace eoq::detail {
 
+LeaseTransaction& TaskRun::transaction() {
+  if (batch_tx) return *batch_tx;
+  if (!tx) tx = engine->store.begin(lease, tx_options);
+  return *tx;
+}
+
 void Executor::run(const std::stop_token& st) {
   current_handler_engine = &e_;
   std::shared_ptr<TaskRun> run, queued;  // queued: a plain success for the completers
+  std::vector<std::shared_ptr<TaskRun>> batch;  // HandlerOptions::batch: run's companions
+  const Registered* batch_reg = nullptr;
   bool ran = false;
   auto take = [&] {
     run = std::move(e_.buffer.front());
     e_.buffer.pop_front();
     ++e_.busy_handlers;
+    auto reg = e_.handlers.find(run->lease.task.type);
+    if (reg == e_.handlers.end() || reg->second.batch <= 1) return;
+    // The rest of the batch: the buffer's next leases of the same type.
+    batch_reg = &reg->second;
+    batch.push_back(std::move(run));
+    for (auto it = e_.buffer.begin(); it != e_.buffer.end() && static_cast<int>(batch.size()) < batch_reg->batch;) {
+      if ((*it)->lease.task.type == batch.front()->lease.task.type) {
+        batch.push_back(std::move(*it));
+        it = e_.buffer.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    e_.batched += static_cast<int>(batch.size()) - 1;
   };
   for (;;) {
     bool wake_completer = false, wake_claimer = false, wake_stop = false;
@@ -38,15 +60,80 @@ void Executor::run(const std::stop_token& st) {
     if (wake_completer) e_.cv_complete.notify_one();
     if (wake_claimer) e_.cv_capacity.notify_one();
     if (wake_stop) e_.cv_state.notify_all();
-    if (!run) {
+    if (!run && batch.empty()) {
       std::unique_lock lk(e_.mu);
       if (!e_.cv_work.wait(lk, st, [&] { return !e_.buffer.empty() && !e_.stopping; })) return;
       take();
     }
-    auto verdict = execute(*run);
     ran = true;
+    if (!batch.empty()) {
+      const int extra = static_cast<int>(batch.size()) - 1;
+      execute_batch(batch, *batch_reg);
+      batch.clear();
+      std::lock_guard lk(e_.mu);
+      e_.batched -= extra;
+      continue;
+    }
+    auto verdict = execute(*run);
     if (!e_.completer.settle(*run, verdict)) queued = run;
     run.reset();
+  }
+}
+
+// Runs a batch in one transaction: each handler in turn, then every
+// completion and the COMMIT together. A handler that does not succeed (or that
+// leaves the transaction broken) ends the attempt: the transaction rolls back,
+// that task is settled alone by its verdict, and the rest run again in a new
+// one. A lease found stale at completion does the same without its task. Each
+// round settles at least one run, so the loop ends.
+void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const Registered& reg) {
+  std::vector<TaskRun*> todo;
+  todo.reserve(runs.size());
+  for (auto& r : runs) todo.push_back(r.get());
+  for (;;) {
+    // A lease settled meanwhile (given back by stop(), say) is not run again.
+    std::erase_if(todo, [](TaskRun* r) { return r->settled.load(); });
+    if (todo.empty()) return;
+    std::unique_ptr<LeaseTransaction> tx;
+    try {
+      tx = e_.store.begin(todo.front()->lease, reg.tx);
+    } catch (const std::exception& e) {
+      // As a handler whose ctx.exec could not reach the store: each fails and retries.
+      for (TaskRun* r : todo) e_.completer.settle(*r, {Verdict::Kind::failed, Failure{e.what(), false}});
+      return;
+    }
+    std::vector<TaskRun*> ran;
+    std::size_t i = 0;
+    std::optional<std::pair<TaskRun*, Verdict>> culprit;
+    for (; i < todo.size(); ++i) {
+      TaskRun& r = *todo[i];
+      r.batch_tx = tx.get();
+      Verdict v = execute(r);
+      r.batch_tx = nullptr;
+      r.tx_view.reset();
+      if (v.kind == Verdict::Kind::settled) continue;  // ended at hand-off, never started
+      if (v.kind == Verdict::Kind::succeeded && !tx->open())
+        v = {Verdict::Kind::failed,
+             Failure{"a statement failed in the batch's transaction and the handler went on", false}};
+      if (v.kind != Verdict::Kind::succeeded) {
+        culprit.emplace(&r, std::move(v));
+        ++i;
+        break;
+      }
+      ran.push_back(&r);
+    }
+    if (culprit) {
+      tx.reset();  // rolls back every task's writes of this round
+      e_.completer.settle(*culprit->first, culprit->second);
+      ran.insert(ran.end(), todo.begin() + static_cast<std::ptrdiff_t>(i), todo.end());
+      todo = std::move(ran);
+      continue;
+    }
+    if (ran.empty()) return;
+    TaskRun* stale = e_.completer.settle_batch(*tx, ran);
+    if (!stale) return;
+    std::erase(ran, stale);
+    todo = std::move(ran);
   }
 }
 
@@ -66,10 +153,11 @@ Verdict Executor::execute(TaskRun& run) {
   std::optional<std::string> stopped;  // the handler threw Cancelled
   bool expected = false;                // a PermanentError: the handler's own verdict, not a fault
   auto started = Steady::now();
+  run.tx_options = handler->second.tx;
   run.in_handler = true;
   try {
     TaskContext ctx(run);
-    handler->second(ctx);
+    handler->second.handler(ctx);
   } catch (const Cancelled& e) {
     stopped = e.what();
   } catch (const PermanentError& e) {
@@ -138,6 +226,8 @@ const std::optional<std::string>& TaskContext::checkpoint_stage() const noexcept
 const std::optional<std::string>& TaskContext::checkpoint_state() const noexcept { return run_->checkpoint_state; }
 
 void TaskContext::checkpoint(std::string_view stage, std::string_view state_json) {
+  if (run_->batch_tx)
+    throw UsageError("ctx.checkpoint: not in a batch (HandlerOptions::batch), whose commit is the batch's");
   try {
     if (run_->tx) run_->tx->checkpoint(stage, state_json);
     else run_->engine->store.checkpoint(run_->lease, stage, state_json);
@@ -150,24 +240,21 @@ void TaskContext::checkpoint(std::string_view stage, std::string_view state_json
 }
 
 TaskTransaction& TaskContext::transaction() {
-  if (!run_->tx) {
-    run_->tx = run_->engine->store.begin(run_->lease);
-    run_->tx_view.emplace(*run_->tx);
-  }
+  if (!run_->tx_view) run_->tx_view.emplace(run_->transaction());
   return *run_->tx_view;
 }
 
 Rows TaskContext::exec(std::string_view sql, const Params& params) { return transaction().exec(sql, params); }
-bool TaskContext::in_transaction() const noexcept { return run_->tx != nullptr; }
+bool TaskContext::in_transaction() const noexcept { return run_->tx_view.has_value(); }
 
 SubmitResult TaskContext::submit(const NewTask& task) {
   transaction();
-  return run_->tx->submit(task);
+  return run_->transaction().submit(task);
 }
 
 std::vector<SubmitResult> TaskContext::submit_batch(std::span<const NewTask> tasks) {
   transaction();
-  return run_->tx->submit_batch(tasks);
+  return run_->transaction().submit_batch(tasks);
 }
 
 std::vector<Relative> TaskContext::parent_results() const {

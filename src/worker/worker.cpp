@@ -179,6 +179,7 @@ void Engine::start() {
       fmt::join(opt.queues, ", "), opt.concurrency, opt.lease.count());
   // Running before the first thread starts: a task can be claimed and settled
   // before start() returns, and running() must not read false meanwhile.
+  for (const auto& [type, reg] : handlers) max_batch = std::max(max_batch, reg.batch);
   state = State::running;
   heartbeat_thread = std::jthread([this](std::stop_token st) { heartbeater.run(st); });
   completers_running = kCompleters;
@@ -352,12 +353,16 @@ Worker::Worker(TaskStore& store, WorkerOptions options) : impl_(std::make_unique
 
 Worker::~Worker() = default;
 
-Worker& Worker::on(std::string type, Handler handler) {
+Worker& Worker::on(std::string type, Handler handler) { return on(std::move(type), std::move(handler), {}); }
+
+Worker& Worker::on(std::string type, Handler handler, HandlerOptions options) {
   std::lock_guard life(impl_->life_mu);
   if (impl_->state.load() != Impl::State::idle) throw UsageError("Worker::on: register handlers before start()");
   if (type.empty()) throw InvalidArgument("type", "must not be empty");
   if (!handler) throw InvalidArgument("handler", "must not be empty");
-  impl_->handlers[std::move(type)] = std::move(handler);
+  if (options.batch < 1 || options.batch > 1000) throw InvalidArgument("batch", "must be between 1 and 1000");
+  TransactionOptions tx{options.synchronous_commit.value_or(impl_->opt.synchronous_commit)};
+  impl_->handlers[std::move(type)] = detail::Registered{std::move(handler), options.batch, tx};
   return *this;
 }
 
