@@ -3,7 +3,7 @@
 -- must abort the transaction itself, or the COMMIT would keep the handler's
 -- writes without the task's completion. This raises the error that does it,
 -- under its own SQLSTATE, which the store turns into eoq::LeaseLost.
-CREATE FUNCTION @schema@.lease_lost(task_id bigint, lease_version bigint) RETURNS bigint
+CREATE OR REPLACE FUNCTION @schema@.lease_lost(task_id bigint, lease_version bigint) RETURNS bigint
 LANGUAGE plpgsql AS $$
 BEGIN
   RAISE EXCEPTION 'task % is no longer running under lease version %', task_id, lease_version
