@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # eoq and its peers side by side, in one run, on one throwaway PostgreSQL 15 that this script starts and
-# stops itself (initdb defaults except max_connections=200; fsync and synchronous_commit on):
-#   pgbench row-work ceilings (before and after everything else), graphile-worker 0.18 (defaults and tuned),
-#   pg-boss 12 (tuned), eoq (WorkerOptions defaults and tuned), the libpq idle-latency floor, and the libpq
-#   bulk-submit floor, alternated with eoq's keyed bulk submit.
+# stops itself (initdb defaults except max_connections=200; fsync and synchronous_commit on).
+# Two groups of steps:
+#   main:    pgbench row-work ceilings (before and after everything else), graphile-worker 0.18 (defaults
+#            and tuned), pg-boss 12 (tuned), eoq (WorkerOptions defaults and tuned), the libpq idle-latency
+#            floor, and the libpq bulk-submit floor, alternated with eoq's keyed bulk submit.
+#   effects: "handlers that write", each task's handler inserting one row: the pgbench ceiling of that
+#            transaction (BEGIN; INSERT; UPDATE; COMMIT) with 8 and with 4 clients (before and after the
+#            drains), graphile-worker and pg-boss draining jobs whose handler inserts, and eoq's no-op,
+#            per-task and batch drains (bench/bench_effects).
 # Prints a markdown table of every figure and a table of the ratios the project tracks. See README.md here.
 #
 # Usage: bench/peers/side-by-side.sh [BUILD_DIR=build/release]
-#   BUILD_DIR holds the eoq build (its bench/throughput); relative paths are tried from the current
-#   directory, then from the repository root.
-# Env: N (50000) tasks per system; SECS (10) per timed pgbench run; LAT (1000) idle-latency samples of
-#      eoq and of the latency floor; SAMPLES (50) idle-latency samples of the node peers; BULK_ROUNDS (6)
-#      alternated pairs of eoq's keyed bulk submit and the bulk floor; STEP_TIMEOUT (1200 s) per step;
-#      PG_BIN (/usr/lib/postgresql/15/bin); PGPORT (55432, first port tried);
-#      EOQ_PEERS_NODE_DIR (${TMPDIR:-/tmp}/eoq-bench-peers-node) where the npm packages are installed.
+#   BUILD_DIR holds the eoq build (its bench/throughput for main, bench/bench_effects for effects);
+#   relative paths are tried from the current directory, then from the repository root.
+# Env: STEPS (all) which groups run: all, main or effects (STEPS=effects takes about a minute);
+#      N (50000) tasks per system in main; FX_N (20000) tasks per effect drain; SECS (10) per timed pgbench
+#      run; LAT (1000) idle-latency samples of eoq and of the latency floor; SAMPLES (50) idle-latency
+#      samples of the node peers; BULK_ROUNDS (6) alternated pairs of eoq's keyed bulk submit and the bulk
+#      floor; STEP_TIMEOUT (1200 s) per step; PG_BIN (/usr/lib/postgresql/15/bin); PGPORT (55432, first
+#      port tried); EOQ_PEERS_NODE_DIR (${TMPDIR:-/tmp}/eoq-bench-peers-node) where the npm packages go.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -148,20 +154,78 @@ step_node() {
   cd "$dir" && exec node "$script" "$@"
 }
 
+# The physical ceiling of "a handler writes one row": pgbench -M prepared -j 2 running only the least
+# transaction such a task needs, with no queue logic: BEGIN; INSERT the effect; UPDATE the task row;
+# COMMIT (/work/shared/peers/effect-ceiling.sh), SECS seconds, once per client count given, each on fresh
+# tables (200,000 task rows) after VACUUM ANALYZE and a CHECKPOINT. A transaction is a task, so tps is
+# tasks/s.
+step_effect_ceiling() {
+  local d=$1 url=$2 secs=$3 rows=200000 c tps; shift 3
+  cat >"$d/effect.sql" <<SQL
+\set id random(1, $rows)
+BEGIN;
+INSERT INTO fx_effects (task_id, who) VALUES (:id, 'x');
+UPDATE fx_tasks SET status = 'succeeded', version = version + 1 WHERE id = :id;
+COMMIT;
+SQL
+  for c in "$@"; do
+    psql -qX -v ON_ERROR_STOP=1 "$url" >/dev/null <<SQL
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS fx_tasks, fx_effects;
+CREATE TABLE fx_tasks (id bigint PRIMARY KEY, status text NOT NULL, version int NOT NULL, payload jsonb);
+INSERT INTO fx_tasks SELECT g, 'running', 0, '{}' FROM generate_series(1, $rows) g;
+CREATE TABLE fx_effects (task_id bigint NOT NULL, who text NOT NULL);
+VACUUM ANALYZE fx_tasks, fx_effects;
+CHECKPOINT;
+SQL
+    pgbench -n -M prepared -c "$c" -j 2 -T "$secs" -f "$d/effect.sql" "$url" >"$d/pgbench.out" 2>&1 ||
+      { cat "$d/pgbench.out" >&2; return 1; }
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$d/pgbench.out" | grep .) || { cat "$d/pgbench.out" >&2; return 1; }
+    printf 'pgbench effect ceiling\tBEGIN; INSERT effect; UPDATE task; COMMIT, %d clients\t%.0f\n' "$c" "$tps"
+  done
+  psql -qX -c "DROP TABLE fx_tasks, fx_effects" "$url" >/dev/null
+}
+
+# eoq's drains of tasks whose handler writes, one mode per call of bench/bench_effects (so each drains on a
+# freshly migrated schema): noop, per-task (WorkerOptions{}; the handler's ctx.exec(INSERT) commits with
+# the task's completion) or batch (the same with HandlerOptions{.batch = 100}: one commit per batch).
+# bench_effects checks each drain itself (every task succeeded once, one effect row each).
+step_eoq_effects() {
+  local url=$1 bin=$2 n=$3 mode=$4 label config out v
+  case $mode in
+    noop) label='eoq no-op handler' config='no-op handler, WorkerOptions{}' ;;
+    per-task) label='eoq per-task' config='effects: ctx.exec(INSERT), committed with the completion, WorkerOptions{}' ;;
+    batch) label='eoq HandlerOptions' config='effects: ctx.exec(INSERT), HandlerOptions{.batch = 100}: one commit per batch, WorkerOptions{}' ;;
+    *) echo "step_eoq_effects: unknown mode $mode" >&2; return 1 ;;
+  esac
+  out=$(EOQ_BENCH_DATABASE_URL=$url "$bin" --tasks "$n" --modes "$mode" --batch 100 2>&1) || { echo "$out" >&2; return 1; }
+  v=$(awk -F'|' -v l="$label" 'index($2, " " l) == 1 { print $3; exit }' <<<"$out" | grep -oE '[0-9]+([.][0-9]+)?' | head -1) ||
+    { echo "no figure in a row \"$label\" of bench_effects' output:" >&2; echo "$out" >&2; return 1; }
+  printf 'eoq\t%s\t%s\n' "$config" "$v"
+}
+
 case ${1:-} in
   --step-pgbench) shift; step_pgbench "$@"; exit ;;
+  --step-effect-ceiling) shift; step_effect_ceiling "$@"; exit ;;
+  --step-eoq-effects) shift; step_eoq_effects "$@"; exit ;;
   --step-eoq) shift; step_eoq "$@"; exit ;;
   --step-bulk-pairs) shift; step_bulk_pairs "$@"; exit ;;
   --step-node) shift; step_node "$@"; exit ;;
-  -h | --help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
   --*) die "unknown option $1 (see --help)" ;;
 esac
 
 # --- what this needs ---------------------------------------------------------------------------------------
 
 N=${N:-50000} SECS=${SECS:-10} LAT=${LAT:-1000} SAMPLES=${SAMPLES:-50} STEP_TIMEOUT=${STEP_TIMEOUT:-1200}
-BULK_ROUNDS=${BULK_ROUNDS:-6}
-for v in N SECS LAT SAMPLES STEP_TIMEOUT BULK_ROUNDS; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
+BULK_ROUNDS=${BULK_ROUNDS:-6} FX_N=${FX_N:-20000} STEPS=${STEPS:-all}
+for v in N SECS LAT SAMPLES STEP_TIMEOUT BULK_ROUNDS FX_N; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
+case $STEPS in
+  all) run_main=1 run_fx=1 ;;
+  main) run_main=1 run_fx=0 ;;
+  effects) run_main=0 run_fx=1 ;;
+  *) die "STEPS must be all, main or effects, not $STEPS" ;;
+esac
 
 missing=()
 need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian: apt-get install $2)"); }
@@ -169,14 +233,14 @@ need node nodejs
 need npm npm
 need psql postgresql-client-15
 need pgbench postgresql-15
-need gcc gcc
+((run_main)) && need gcc gcc  # the floor programs
 need timeout coreutils
 need flock util-linux
 for b in initdb pg_ctl postgres; do
   [[ -x $PG_BIN/$b ]] || missing+=("$PG_BIN/$b (Debian: apt-get install postgresql-15, or set PG_BIN)")
 done
 pq_include=$(pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
-[[ -f $pq_include/libpq-fe.h ]] || missing+=("libpq-fe.h (Debian: apt-get install libpq-dev)")
+((run_main)) && [[ ! -f $pq_include/libpq-fe.h ]] && missing+=("libpq-fe.h (Debian: apt-get install libpq-dev)")
 if ((${#missing[@]})); then
   printf 'side-by-side: missing:\n' >&2; printf '  %s\n' "${missing[@]}" >&2; exit 2
 fi
@@ -185,10 +249,18 @@ build_arg=${1:-build/release}
 if [[ -d $build_arg ]]; then build=$(cd "$build_arg" && pwd)
 elif [[ -d $repo/$build_arg ]]; then build=$(cd "$repo/$build_arg" && pwd)
 else die "no build directory $build_arg; build eoq first, e.g. scripts/test (it builds build/release)"; fi
-throughput=$build/bench/throughput
-[[ -x $throughput ]] || die "no $throughput: build eoq first, e.g. scripts/test (it builds build/release)"
-"$throughput" --help 2>/dev/null | grep -q -- --defaults ||
-  die "$throughput has no --defaults option; rebuild it from this checkout"
+throughput=$build/bench/throughput effects=$build/bench/bench_effects
+if ((run_main)); then
+  [[ -x $throughput ]] || die "no $throughput: build eoq first, e.g. scripts/test (it builds build/release)"
+  "$throughput" --help 2>/dev/null | grep -q -- --defaults ||
+    die "$throughput has no --defaults option; rebuild it from this checkout"
+fi
+if ((run_fx)); then
+  [[ -x $effects ]] ||
+    die "no $effects: build it first, e.g. cmake --build $build --target bench_effects (or STEPS=main)"
+  "$effects" --help 2>/dev/null | grep -q -- --modes ||
+    die "$effects has no --modes option; rebuild it from this checkout"
+fi
 
 # --- scratch space and the throwaway server ----------------------------------------------------------------
 
@@ -274,15 +346,17 @@ pinned_installed() {
       { cat "$node_dir/npm.log" >&2; die "npm install failed in $node_dir"; }
     pinned_installed || die "npm install in $node_dir did not install the pinned versions"
   fi
-  cp "$here/graphile.mjs" "$here/pgboss.mjs" "$node_dir/"
+  cp "$here/graphile.mjs" "$here/pgboss.mjs" "$here/graphile_effects.mjs" "$here/pgboss_effects.mjs" "$node_dir/"
 ) 9>"$node_dir.lock"
 
 # --- the floor programs ------------------------------------------------------------------------------
 
-gcc -O2 -Wall -o "$work/bulk_floor" "$here/bulk_floor.c" -I"$pq_include" -lpq >"$work/gcc.log" 2>&1 ||
-  { cat "$work/gcc.log" >&2; die "building bench/peers/bulk_floor.c failed"; }
-gcc -O2 -Wall -pthread -o "$work/latency_floor" "$here/latency_floor.c" -I"$pq_include" -lpq >"$work/gcc.log" 2>&1 ||
-  { cat "$work/gcc.log" >&2; die "building bench/peers/latency_floor.c failed"; }
+if ((run_main)); then
+  gcc -O2 -Wall -o "$work/bulk_floor" "$here/bulk_floor.c" -I"$pq_include" -lpq >"$work/gcc.log" 2>&1 ||
+    { cat "$work/gcc.log" >&2; die "building bench/peers/bulk_floor.c failed"; }
+  gcc -O2 -Wall -pthread -o "$work/latency_floor" "$here/latency_floor.c" -I"$pq_include" -lpq >"$work/gcc.log" 2>&1 ||
+    { cat "$work/gcc.log" >&2; die "building bench/peers/latency_floor.c failed"; }
+fi
 
 # --- the run ---------------------------------------------------------------------------------------------
 
@@ -311,38 +385,65 @@ step() {
 
 ver() { node -p "require('$node_dir/node_modules/$1/package.json').version"; }
 commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)
-echo "eoq side-by-side, $(date -u '+%F %H:%M UTC'): eoq $commit ($throughput)"
+bins=()
+((run_main)) && bins+=("$throughput")
+((run_fx)) && bins+=("$effects")
+echo "eoq side-by-side (STEPS=$STEPS), $(date -u '+%F %H:%M UTC'): eoq $commit (${bins[*]})"
 echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem/ {print $2}') GiB," \
   "$(. /etc/os-release && echo "$PRETTY_NAME")"
 echo "versions: $(postgres --version), node $(node --version), graphile-worker $(ver graphile-worker)," \
   "pg-boss $(ver pg-boss), pg $(ver pg)"
 echo "server: initdb defaults except max_connections=200 (fsync on, synchronous_commit on), 127.0.0.1:$port;" \
-  "N=$N no-op tasks per system; pgbench -M prepared -c 8 -j 2 -T $SECS"
+  "$( ((run_main)) && echo "N=$N no-op tasks per system; ")$( ((run_fx)) && echo "FX_N=$FX_N tasks per effect drain; ")pgbench -M prepared -j 2 -T $SECS"
 echo
 
 reset_db
-step pgb_before "pgbench ceilings (before)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
-step gw_defaults "graphile-worker, defaults" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 -1 "$SAMPLES"
-step gw_tuned "graphile-worker, tuned" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 500 "$SAMPLES"
-step boss_tuned "pg-boss, tuned" "${self[@]}" --step-node "$node_dir" pgboss.mjs "$url" "$N" 500 8 1 "$SAMPLES"
-step eoq_defaults "eoq, WorkerOptions defaults" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" defaults
-step eoq_tuned "eoq, tuned" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" tuned
-# The idle latency a libpq submitter and listener reach with no queue logic: the machine's own pace for
-# the latency targets, which are in milliseconds, not ratios.
-step latency_floor "latency floor" "$work/latency_floor" "$url" "$LAT"
-step bulk_pairs "keyed bulk submit and the bulk floor, alternated" \
-  "${self[@]}" --step-bulk-pairs "$url" "$throughput" "$work/bulk_floor" "$N" "$BULK_ROUNDS"
-step pgb_after "pgbench ceilings (after)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
+if ((run_main)); then
+  step pgb_before "pgbench ceilings (before)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
+  step gw_defaults "graphile-worker, defaults" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 -1 "$SAMPLES"
+  step gw_tuned "graphile-worker, tuned" "${self[@]}" --step-node "$node_dir" graphile.mjs "$url" "$N" 8 500 "$SAMPLES"
+  step boss_tuned "pg-boss, tuned" "${self[@]}" --step-node "$node_dir" pgboss.mjs "$url" "$N" 500 8 1 "$SAMPLES"
+  step eoq_defaults "eoq, WorkerOptions defaults" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" defaults
+  step eoq_tuned "eoq, tuned" "${self[@]}" --step-eoq "$url" "$throughput" "$N" "$LAT" tuned
+  # The idle latency a libpq submitter and listener reach with no queue logic: the machine's own pace for
+  # the latency targets, which are in milliseconds, not ratios.
+  step latency_floor "latency floor" "$work/latency_floor" "$url" "$LAT"
+  step bulk_pairs "keyed bulk submit and the bulk floor, alternated" \
+    "${self[@]}" --step-bulk-pairs "$url" "$throughput" "$work/bulk_floor" "$N" "$BULK_ROUNDS"
+  step pgb_after "pgbench ceilings (after)" "${self[@]}" --step-pgbench "$work" "$url" "$SECS"
+fi
+
+# "Handlers that write": every task's handler inserts one row keyed by its task. The ceiling runs with 8
+# clients (the peers' concurrency) and 4 (WorkerOptions{}.concurrency), before and after the drains.
+if ((run_fx)); then
+  step fx_ceiling_before "effect ceilings (before)" "${self[@]}" --step-effect-ceiling "$work" "$url" "$SECS" 8 4
+  step fx_gw "graphile-worker, handlers that write" \
+    "${self[@]}" --step-node "$node_dir" graphile_effects.mjs "$url" "$FX_N" 8 500
+  step fx_boss "pg-boss, handlers that write" "${self[@]}" --step-node "$node_dir" pgboss_effects.mjs "$url" "$FX_N" 500 8 1
+  step fx_eoq_noop "eoq, no-op drain (bench_effects)" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" noop
+  step fx_eoq_one "eoq, handlers that write, per task" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" per-task
+  step fx_eoq_batch "eoq, handlers that write, batch of 100" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" batch
+  step fx_ceiling_after "effect ceilings (after)" "${self[@]}" --step-effect-ceiling "$work" "$url" "$SECS" 8 4
+fi
 
 # --- the tables ------------------------------------------------------------------------------------------
 
-echo "| system | config | drain tasks/s | single submit/s | bulk submit/s | idle start p50 ms | p99 (eoq) / p90 (peers) ms | max ms |"
-echo "|---|---|--:|--:|--:|--:|--:|--:|"
-awk -F'\t' '{ sys = $2; if ($1 ~ /_before:/) sys = sys " (before)"; if ($1 ~ /_after:/) sys = sys " (after)"
-  printf "| %s | %s |", sys, $3
-  for (i = 4; i <= 9; i++) printf " %s |", (i > NF || $i == "" ? "-" : $i); print "" }' "$rows"
-echo
-awk -F'\t' -v rounds="$BULK_ROUNDS" '
+if ((run_main)); then
+  echo "| system | config | drain tasks/s | single submit/s | bulk submit/s | idle start p50 ms | p99 (eoq) / p90 (peers) ms | max ms |"
+  echo "|---|---|--:|--:|--:|--:|--:|--:|"
+  awk -F'\t' '$1 !~ /^fx_/ { sys = $2; if ($1 ~ /_before:/) sys = sys " (before)"; if ($1 ~ /_after:/) sys = sys " (after)"
+    printf "| %s | %s |", sys, $3
+    for (i = 4; i <= 9; i++) printf " %s |", (i > NF || $i == "" ? "-" : $i); print "" }' "$rows"
+  echo
+fi
+if ((run_fx)); then
+  echo "| system (handlers that write one row, $FX_N tasks) | config | drain tasks/s (ceiling: tps) |"
+  echo "|---|---|--:|"
+  awk -F'\t' '$1 ~ /^fx_/ { sys = $2; if ($1 ~ /_before:/) sys = sys " (before)"; if ($1 ~ /_after:/) sys = sys " (after)"
+    printf "| %s | %s | %s |\n", sys, $3, ($4 == "" ? "-" : $4) }' "$rows"
+  echo
+fi
+awk -F'\t' -v rounds="$BULK_ROUNDS" -v main="$run_main" -v fx="$run_fx" '
   { v[$1 "/drain"] = $4; v[$1 "/bulk"] = $6; v[$1 "/p50"] = $7; v[$1 "/p99"] = $8 }
   function need(k) { if (!(k in v) || v[k] == "" || v[k] == "-" || v[k] + 0 <= 0) {
       print "side-by-side: no figure " k " for the ratios" > "/dev/stderr"; bad = 1; return 1 } return v[k] }
@@ -353,31 +454,50 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" '
   function list(a,   i, s) { for (i = 1; i <= rounds; i++) s = s (i > 1 ? ", " : "") sprintf("%.2f", a[i]); return s }
   function row(name, r, target, how) {
     printf "| %s | %.2f | %s %.1f | %s |\n", name, r, how, target, ((how == "<=" ? r <= target : r >= target) ? "met" : "not met") }
+  function ref(name, r) { printf "| %s | %.2f | | |\n", name, r }
   END {
-    gw = need("gw_tuned:1/drain"); ed = need("eoq_defaults:1/drain"); et = need("eoq_tuned:1/drain")
-    cb = need("pgb_before:2/drain"); ca = need("pgb_after:2/drain")
-    # Each pair of bulk runs gives a ratio; the median of them is the figure (see step_bulk_pairs).
-    for (r = 1; r <= rounds; r++) {
-      e = need("bulk_pairs:" (3 * r - 2) "/bulk"); k = need("bulk_pairs:" (3 * r - 1) "/bulk")
-      nk = need("bulk_pairs:" (3 * r) "/bulk")
-      rk[r] = e / k; rn[r] = e / nk
+    if (main) {
+      gw = need("gw_tuned:1/drain"); ed = need("eoq_defaults:1/drain"); et = need("eoq_tuned:1/drain")
+      cb = need("pgb_before:2/drain"); ca = need("pgb_after:2/drain")
+      # Each pair of bulk runs gives a ratio; the median of them is the figure (see step_bulk_pairs).
+      for (r = 1; r <= rounds; r++) {
+        e = need("bulk_pairs:" (3 * r - 2) "/bulk"); k = need("bulk_pairs:" (3 * r - 1) "/bulk")
+        nk = need("bulk_pairs:" (3 * r) "/bulk")
+        rk[r] = e / k; rn[r] = e / nk
+      }
+      lp50 = need("eoq_defaults:1/p50"); lp99 = need("eoq_defaults:1/p99")
+      fp50 = need("latency_floor:1/p50"); fp99 = need("latency_floor:1/p99")
     }
-    lp50 = need("eoq_defaults:1/p50"); lp99 = need("eoq_defaults:1/p99")
-    fp50 = need("latency_floor:1/p50"); fp99 = need("latency_floor:1/p99")
+    if (fx) {
+      # fx_ceiling_*:1 ran 8 clients, :2 ran 4 (WorkerOptions{}.concurrency).
+      f4b = need("fx_ceiling_before:2/drain"); f4a = need("fx_ceiling_after:2/drain")
+      fgw = need("fx_gw:1/drain"); fboss = need("fx_boss:1/drain")
+      fnoop = need("fx_eoq_noop:1/drain"); fone = need("fx_eoq_one:1/drain"); fbatch = need("fx_eoq_batch:1/drain")
+    }
     if (bad) exit 1
-    ceil = (cb + ca) / 2
     print "| ratio, same run | value | target (issue 13) | |"
     print "|---|--:|--:|---|"
-    row("eoq defaults drain / graphile-worker tuned drain", ed / gw, 1.0, ">=")
-    row("eoq tuned drain / graphile-worker tuned drain", et / gw, 2.0, ">=")
-    row(sprintf("eoq tuned drain / pgbench id-range batch-100 ceiling (mean of %.0f and %.0f)", cb, ca), et / ceil, 0.5, ">=")
-    # On two cores the defaults (4 handler threads) often outrun 8: the best configuration is whichever drained faster.
-    best = (ed > et ? ed : et); which = (ed > et ? "defaults" : "tuned")
-    row(sprintf("eoq best drain (%s) / graphile-worker tuned drain", which), best / gw, 2.0, ">=")
-    row(sprintf("eoq best drain (%s) / pgbench id-range batch-100 ceiling", which), best / ceil, 0.5, ">=")
-    row(sprintf("eoq submit_batch, keyed tasks / COPY floor with keys (median of %d alternated pairs: %s)", rounds, list(rk)), median(rk), 0.9, ">=")
-    printf "| eoq submit_batch, keyed tasks / COPY floor without keys (no keys table: an upper bound; median of the pairs) | %.2f | | |\n", median(rn)
-    row(sprintf("eoq defaults, idle submit-to-start p50, ms (the latency floor: %.2f)", fp50), lp50, 1.5, "<=")
-    row(sprintf("eoq defaults, idle submit-to-start p99, ms (the latency floor: %.2f)", fp99), lp99, 5.0, "<=")
-    printf "| eoq defaults, idle submit-to-start p50 / the latency floor'"'"'s p50 | %.2f | | |\n", lp50 / fp50
+    if (main) {
+      ceil = (cb + ca) / 2
+      row("eoq defaults drain / graphile-worker tuned drain", ed / gw, 1.0, ">=")
+      row("eoq tuned drain / graphile-worker tuned drain", et / gw, 2.0, ">=")
+      row(sprintf("eoq tuned drain / pgbench id-range batch-100 ceiling (mean of %.0f and %.0f)", cb, ca), et / ceil, 0.5, ">=")
+      # On two cores the defaults (4 handler threads) often outrun 8: the best configuration is whichever drained faster.
+      best = (ed > et ? ed : et); which = (ed > et ? "defaults" : "tuned")
+      row(sprintf("eoq best drain (%s) / graphile-worker tuned drain", which), best / gw, 2.0, ">=")
+      row(sprintf("eoq best drain (%s) / pgbench id-range batch-100 ceiling", which), best / ceil, 0.5, ">=")
+      row(sprintf("eoq submit_batch, keyed tasks / COPY floor with keys (median of %d alternated pairs: %s)", rounds, list(rk)), median(rk), 0.9, ">=")
+      ref("eoq submit_batch, keyed tasks / COPY floor without keys (no keys table: an upper bound; median of the pairs)", median(rn))
+      row(sprintf("eoq defaults, idle submit-to-start p50, ms (the latency floor: %.2f)", fp50), lp50, 1.5, "<=")
+      row(sprintf("eoq defaults, idle submit-to-start p99, ms (the latency floor: %.2f)", fp99), lp99, 5.0, "<=")
+      ref("eoq defaults, idle submit-to-start p50 / the latency floor'"'"'s p50", lp50 / fp50)
+    }
+    if (fx) {
+      f4 = (f4b + f4a) / 2
+      ref("handlers that write: eoq per-task drain / graphile-worker effect drain", fone / fgw)
+      ref("handlers that write: eoq per-task drain / pg-boss effect drain", fone / fboss)
+      ref(sprintf("handlers that write: eoq per-task drain / pgbench effect ceiling, 4 clients (mean of %.0f and %.0f)", f4b, f4a), fone / f4)
+      ref("handlers that write: eoq batch-100 drain / pgbench effect ceiling, 4 clients", fbatch / f4)
+      ref("eoq batch-100 drain, handler writes / eoq no-op drain", fbatch / fnoop)
+    }
   }' "$rows"
