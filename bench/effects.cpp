@@ -39,6 +39,7 @@ struct Args {
   double ceiling_seconds = 10;
   std::vector<std::string> modes{"ceiling", "noop", "per-task", "batch"};
   int batch = 100;
+  int concurrency = 0;  // 0: WorkerOptions{}'s
   bool async_commit = false;
 };
 
@@ -48,6 +49,7 @@ const char* kUsage = R"(effects: drain tasks whose handler inserts one row, besi
   --ceiling-seconds S  length of the ceiling run (default 10)
   --modes LIST         comma-separated, in order: ceiling, noop, per-task, batch (default: all four)
   --batch B            HandlerOptions::batch of the batch drain (default 100)
+  --concurrency C      handler threads (default: WorkerOptions{}'s)
   --async-commit       the worker's lease transactions commit with synchronous_commit off
 Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself.
 )";
@@ -68,6 +70,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--ceiling-seconds") a.ceiling_seconds = std::stod(next());
     else if (k == "--batch") a.batch = std::stoi(next());
     else if (k == "--async-commit") a.async_commit = true;
+    else if (k == "--concurrency") a.concurrency = std::stoi(next());
     else if (k == "--modes") {
       a.modes.clear();
       std::stringstream ss(next());
@@ -188,6 +191,7 @@ double drain(eoq::PostgresStore& s, const std::string& url, const std::string& s
   wo.logger = [](eoq::LogLevel, std::string_view m) { fmt::print(stderr, "worker: {}\n", m); };
   wo.log_level = eoq::LogLevel::warning;
   if (a.async_commit) wo.synchronous_commit = false;
+  if (a.concurrency > 0) wo.concurrency = a.concurrency;
   eoq::Worker w(s, wo);
   const std::string insert = fmt::format("INSERT INTO {} (task_id, who) VALUES ($1, $2)", effects);
   if (mode == "noop") {
@@ -224,7 +228,8 @@ double drain(eoq::PostgresStore& s, const std::string& url, const std::string& s
 int main(int argc, char** argv) try {
   Args a = parse(argc, argv);
   std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
-  fmt::print("eoq effects harness: {} tasks per drain, WorkerOptions{{}}{}, {} cores\n", a.tasks,
+  fmt::print("eoq effects harness: {} tasks per drain, WorkerOptions{{}}{}{}, {} cores\n", a.tasks,
+             a.concurrency > 0 ? fmt::format(" with {} handler threads", a.concurrency) : "",
              a.async_commit ? " with synchronous_commit off" : "", std::thread::hardware_concurrency());
   eoq::PostgresOptions po;
   po.conninfo = url;

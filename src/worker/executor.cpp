@@ -107,6 +107,7 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
     std::optional<std::pair<TaskRun*, Verdict>> culprit;
     for (; i < todo.size(); ++i) {
       TaskRun& r = *todo[i];
+      r.result = "null";  // a run again starts afresh
       r.batch_tx = tx.get();
       Verdict v = execute(r);
       r.batch_tx = nullptr;
