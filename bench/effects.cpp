@@ -40,6 +40,7 @@ struct Args {
   std::vector<std::string> modes{"ceiling", "noop", "per-task", "batch"};
   int batch = 100;
   int concurrency = 0;  // 0: WorkerOptions{}'s
+  bool send = false;    // the handler's INSERT through ctx.send, not ctx.exec
   bool async_commit = false;
 };
 
@@ -50,6 +51,7 @@ const char* kUsage = R"(effects: drain tasks whose handler inserts one row, besi
   --modes LIST         comma-separated, in order: ceiling, noop, per-task, batch (default: all four)
   --batch B            HandlerOptions::batch of the batch drain (default 100)
   --concurrency C      handler threads (default: WorkerOptions{}'s)
+  --send               the handlers write through ctx.send (not waited for) instead of ctx.exec
   --async-commit       the worker's lease transactions commit with synchronous_commit off
 Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself.
 )";
@@ -71,6 +73,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--batch") a.batch = std::stoi(next());
     else if (k == "--async-commit") a.async_commit = true;
     else if (k == "--concurrency") a.concurrency = std::stoi(next());
+    else if (k == "--send") a.send = true;
     else if (k == "--modes") {
       a.modes.clear();
       std::stringstream ss(next());
@@ -199,7 +202,8 @@ double drain(eoq::PostgresStore& s, const std::string& url, const std::string& s
   } else {
     eoq::HandlerOptions ho;
     if (mode == "batch") ho.batch = a.batch;
-    w.on("fx", [&](eoq::TaskContext& ctx) { ctx.exec(insert, {ctx.id(), "w"}); }, ho);
+    if (a.send) w.on("fx", [&](eoq::TaskContext& ctx) { ctx.send(insert, {ctx.id(), "w"}); }, ho);
+    else w.on("fx", [&](eoq::TaskContext& ctx) { ctx.exec(insert, {ctx.id(), "w"}); }, ho);
   }
   auto t0 = SteadyClock::now();
   w.start();
@@ -247,9 +251,11 @@ int main(int argc, char** argv) try {
     }
     double r = drain(store, url, po.schema, m, a);
     if (m == "noop") noop = r;
+    const char* call = a.send ? "ctx.send" : "ctx.exec";
     std::string label = m == "noop"       ? "eoq no-op handler"
-                        : m == "per-task" ? "eoq per-task: ctx.exec(INSERT), atomic with completion"
-                                          : fmt::format("eoq HandlerOptions{{.batch = {}}}: ctx.exec(INSERT), one commit per batch", a.batch);
+                        : m == "per-task" ? fmt::format("eoq per-task: {}(INSERT), atomic with completion", call)
+                                          : fmt::format("eoq HandlerOptions{{.batch = {}}}: {}(INSERT), one commit per batch",
+                                                        a.batch, call);
     std::string ratio;
     if (ceil > 0) ratio += fmt::format("{:.2f} of ceiling", r / ceil);
     if (noop > 0 && m != "noop") ratio += fmt::format("{}{:.2f} of no-op", ratio.empty() ? "" : "; ", r / noop);

@@ -403,6 +403,7 @@ class RecordingTransaction final : public LeaseTransaction {
   RecordingTransaction(std::unique_ptr<LeaseTransaction> inner, const eoq::Lease& lease, Recorder& rec)
       : inner_(std::move(inner)), lease_(lease), rec_(rec) {}
   Rows exec(std::string_view sql, const Params& params) override { return inner_->exec(sql, params); }
+  void send(std::string_view sql, const Params& params) override { inner_->send(sql, params); }
   // What a handler submits exists only once its transaction commits: recorded then.
   SubmitResult submit(const NewTask& task) override {
     auto r = inner_->submit(task);

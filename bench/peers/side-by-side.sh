@@ -8,7 +8,7 @@
 #   effects: "handlers that write", each task's handler inserting one row: the pgbench ceiling of that
 #            transaction (BEGIN; INSERT; UPDATE; COMMIT) with 8 and with 4 clients (before and after the
 #            drains), graphile-worker and pg-boss draining jobs whose handler inserts, and eoq's no-op,
-#            per-task and batch drains (bench/bench_effects).
+#            per-task and batch drains (bench/bench_effects), each with ctx.exec and with ctx.send.
 # Prints a markdown table of every figure and a table of the ratios the project tracks. See README.md here.
 #
 # Usage: bench/peers/side-by-side.sh [BUILD_DIR=build/release]
@@ -191,14 +191,18 @@ SQL
 # the task's completion) or batch (the same with HandlerOptions{.batch = 100}: one commit per batch).
 # bench_effects checks each drain itself (every task succeeded once, one effect row each).
 step_eoq_effects() {
-  local url=$1 bin=$2 n=$3 mode=$4 label config out v
+  local url=$1 bin=$2 n=$3 mode=$4 label config out v send=()
   case $mode in
     noop) label='eoq no-op handler' config='no-op handler, WorkerOptions{}' ;;
     per-task) label='eoq per-task' config='effects: ctx.exec(INSERT), committed with the completion, WorkerOptions{}' ;;
     batch) label='eoq HandlerOptions' config='effects: ctx.exec(INSERT), HandlerOptions{.batch = 100}: one commit per batch, WorkerOptions{}' ;;
+    per-task-send) label='eoq per-task' mode=per-task send=(--send)
+      config='effects: ctx.send(INSERT) (not waited for: one round trip with the COMMIT), WorkerOptions{}' ;;
+    batch-send) label='eoq HandlerOptions' mode=batch send=(--send)
+      config='effects: ctx.send(INSERT), HandlerOptions{.batch = 100}: a batch in one round trip, WorkerOptions{}' ;;
     *) echo "step_eoq_effects: unknown mode $mode" >&2; return 1 ;;
   esac
-  out=$(EOQ_BENCH_DATABASE_URL=$url "$bin" --tasks "$n" --modes "$mode" --batch 100 2>&1) || { echo "$out" >&2; return 1; }
+  out=$(EOQ_BENCH_DATABASE_URL=$url "$bin" --tasks "$n" --modes "$mode" --batch 100 "${send[@]}" 2>&1) || { echo "$out" >&2; return 1; }
   v=$(awk -F'|' -v l="$label" 'index($2, " " l) == 1 { print $3; exit }' <<<"$out" | grep -oE '[0-9]+([.][0-9]+)?' | head -1) ||
     { echo "no figure in a row \"$label\" of bench_effects' output:" >&2; echo "$out" >&2; return 1; }
   printf 'eoq\t%s\t%s\n' "$config" "$v"
@@ -423,6 +427,8 @@ if ((run_fx)); then
   step fx_eoq_noop "eoq, no-op drain (bench_effects)" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" noop
   step fx_eoq_one "eoq, handlers that write, per task" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" per-task
   step fx_eoq_batch "eoq, handlers that write, batch of 100" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" batch
+  step fx_eoq_one_send "eoq, handlers that write through ctx.send, per task" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" per-task-send
+  step fx_eoq_batch_send "eoq, handlers that write through ctx.send, batch of 100" "${self[@]}" --step-eoq-effects "$url" "$effects" "$FX_N" batch-send
   step fx_ceiling_after "effect ceilings (after)" "${self[@]}" --step-effect-ceiling "$work" "$url" "$SECS" 8 4
 fi
 
@@ -473,6 +479,7 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" -v main="$run_main" -v fx="$run_fx" '
       f4b = need("fx_ceiling_before:2/drain"); f4a = need("fx_ceiling_after:2/drain")
       fgw = need("fx_gw:1/drain"); fboss = need("fx_boss:1/drain")
       fnoop = need("fx_eoq_noop:1/drain"); fone = need("fx_eoq_one:1/drain"); fbatch = need("fx_eoq_batch:1/drain")
+      fones = need("fx_eoq_one_send:1/drain"); fbatchs = need("fx_eoq_batch_send:1/drain")
     }
     if (bad) exit 1
     print "| ratio, same run | value | target (issue 13) | |"
@@ -494,10 +501,14 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" -v main="$run_main" -v fx="$run_fx" '
     }
     if (fx) {
       f4 = (f4b + f4a) / 2
-      ref("handlers that write: eoq per-task drain / graphile-worker effect drain", fone / fgw)
-      ref("handlers that write: eoq per-task drain / pg-boss effect drain", fone / fboss)
-      ref(sprintf("handlers that write: eoq per-task drain / pgbench effect ceiling, 4 clients (mean of %.0f and %.0f)", f4b, f4a), fone / f4)
-      ref("handlers that write: eoq batch-100 drain / pgbench effect ceiling, 4 clients", fbatch / f4)
-      ref("eoq batch-100 drain, handler writes / eoq no-op drain", fbatch / fnoop)
+      # Targets of issue 30 (the issue column says 13 for the table's older rows).
+      row("handlers that write (issue 30): eoq per-task drain, ctx.exec / graphile-worker effect drain", fone / fgw, 1.0, ">=")
+      row(sprintf("handlers that write (issue 30): eoq per-task drain, ctx.exec / pgbench effect ceiling, 4 clients (mean of %.0f and %.0f)", f4b, f4a), fone / f4, 0.8, ">=")
+      row("handlers that write (issue 30): eoq batch-100 drain, ctx.exec / eoq no-op drain", fbatch / fnoop, 0.5, ">=")
+      ref("handlers that write: eoq per-task drain, ctx.exec / pg-boss effect drain", fone / fboss)
+      ref("handlers that write: eoq per-task drain, ctx.send / graphile-worker effect drain", fones / fgw)
+      ref("handlers that write: eoq per-task drain, ctx.send / pgbench effect ceiling, 4 clients", fones / f4)
+      ref("handlers that write: eoq batch-100 drain, ctx.exec / pgbench effect ceiling, 4 clients", fbatch / f4)
+      ref("handlers that write: eoq batch-100 drain, ctx.send / eoq no-op drain", fbatchs / fnoop)
     }
   }' "$rows"

@@ -219,6 +219,13 @@ class LeaseTransaction {
   // Runs one parameterised statement ($1, $2, ...) inside the transaction.
   // Throws UsageError on a store that has no SQL (MemoryStore).
   virtual Rows exec(std::string_view sql, const Params& params = {}) = 0;
+  // One parameterised statement whose answer the caller does not need (an
+  // INSERT, UPDATE or DELETE): queued, and sent in order, in this transaction,
+  // in the same round trip as whatever goes to the server next (the next
+  // exec, or the settlement and its COMMIT). An error in it surfaces there,
+  // as that call's exception, and nothing of the transaction commits. The
+  // default runs exec() at once.
+  virtual void send(std::string_view sql, const Params& params = {}) { exec(sql, params); }
   // Submits in this transaction: the tasks exist if and only if it commits (with
   // the task's settlement or a checkpoint). Validation, keys and duplicates as
   // TaskStore::submit / submit_batch; a KeyConflict writes nothing and leaves

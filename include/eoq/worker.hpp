@@ -139,6 +139,8 @@ class TaskTransaction {
   // One parameterised statement ($1, $2, ...). Throws UsageError on a store
   // without SQL (MemoryStore).
   Rows exec(std::string_view sql, const Params& params = {}) { return tx_->exec(sql, params); }
+  // See TaskContext::send.
+  void send(std::string_view sql, const Params& params = {}) { tx_->send(sql, params); }
 
  private:
   LeaseTransaction* tx_;
@@ -189,6 +191,15 @@ class TaskContext {
   TaskTransaction& transaction();
   // Shorthand for transaction().exec(sql, params).
   Rows exec(std::string_view sql, const Params& params = {});
+  // A statement whose answer the handler does not need (an INSERT, UPDATE or
+  // DELETE), in the task's transaction like exec, but not waited for: it goes
+  // to the server with whatever goes next, at the latest with the task's
+  // completion and COMMIT, in one round trip (with HandlerOptions::batch, a
+  // whole batch's statements and completions in one). Statements run in the
+  // order the handler called exec and send. An error in it fails the task as
+  // if the handler had thrown it (retried per its RetryPolicy), and nothing
+  // of the task's transaction commits.
+  void send(std::string_view sql, const Params& params = {});
   bool in_transaction() const noexcept;
 
   // Submits in the task's transaction (opening it): the tasks exist if and only

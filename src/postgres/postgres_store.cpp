@@ -1366,7 +1366,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
       std::vector<pg::Step> steps = prefix();
       steps.push_back({nullptr, sql, &texts, false, true, "handler SQL"});
       auto rs = conn_->pipeline(steps);
-      begun_ = true;
+      pipelined();
       r = std::move(rs.back());
     } catch (...) {
       abandon();
@@ -1382,6 +1382,16 @@ class PgLeaseTransaction final : public LeaseTransaction {
       for (int c = 0; c < r.columns(); ++c) row.push_back(r.opt_text(i, c));
     }
     return out;
+  }
+
+  void send(std::string_view sql, const Params& params) override {
+    require_open();
+    Sent q{std::string(sql), {}};
+    q.params.reserve(params.size());
+    for (const auto& p : params) q.params.push_back(p.text());
+    queued_.push_back(std::move(q));
+    // A handler that sends without end is not held in memory: a full queue goes out on its own.
+    if (queued_.size() >= kQueuedMax) ensure_begun();
   }
 
   SubmitResult submit(const NewTask& task) override { return submit_batch(std::span<const NewTask>(&task, 1), false)[0]; }
@@ -1400,6 +1410,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     open_ = false;
     try {
       conn_->pipeline(steps);
+      pipelined();
     } catch (const TransientError& e) {
       // The pipeline may have reached the server whole: the commit is in doubt.
       in_doubt(e, lease_, "succeeded");
@@ -1435,7 +1446,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     Result r;
     try {
       r = std::move(conn_->pipeline(steps).back());
-      begun_ = true;
+      pipelined();
     } catch (...) {
       abandon();
       throw;
@@ -1514,25 +1525,34 @@ class PgLeaseTransaction final : public LeaseTransaction {
     open_ = true;
     begun_ = false;
   }
-  // BEGIN and the transaction's settings, for the front of the next pipeline.
+  // What must reach the server before the next statement, for the front of
+  // its pipeline: BEGIN and the transaction's settings, and the statements
+  // sent since. pipelined() says they went.
   std::vector<pg::Step> prefix() const {
     std::vector<pg::Step> steps;
-    if (begun_) return steps;
-    steps.push_back({nullptr, "BEGIN", nullptr, true, false, "BEGIN"});
-    steps.push_back({nullptr, idle_timeout_, nullptr, true, false, "SET LOCAL"});
-    if (!synchronous_) steps.push_back({nullptr, "SET LOCAL synchronous_commit = off", nullptr, true, false, "SET LOCAL"});
+    if (!begun_) {
+      steps.push_back({nullptr, "BEGIN", nullptr, true, false, "BEGIN"});
+      steps.push_back({nullptr, idle_timeout_, nullptr, true, false, "SET LOCAL"});
+      if (!synchronous_)
+        steps.push_back({nullptr, "SET LOCAL synchronous_commit = off", nullptr, true, false, "SET LOCAL"});
+    }
+    for (const auto& q : queued_) steps.push_back({nullptr, q.sql, &q.params, false, true, "handler SQL (sent)"});
     return steps;
+  }
+  void pipelined() {
+    begun_ = true;
+    queued_.clear();
   }
   // For the statements that need their answer alone: the prefix on its own, one round trip.
   void ensure_begun() {
-    if (begun_) return;
+    if (begun_ && queued_.empty()) return;
     try {
       conn_->pipeline(prefix());
     } catch (...) {
       abandon();
       throw;
     }
-    begun_ = true;
+    pipelined();
   }
   void require_open() const {
     if (!open_) throw UsageError("this lease transaction is already settled or broken");
@@ -1547,6 +1567,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
   }
   // Rolls back (or drops the connection) so nothing of this transaction commits.
   void abandon() noexcept {
+    queued_.clear();
     if (!open_) return;
     open_ = false;
     if (!conn_.get()) return;
@@ -1591,6 +1612,12 @@ class PgLeaseTransaction final : public LeaseTransaction {
   const bool synchronous_;
   bool open_ = false;
   bool begun_ = false;  // BEGIN has reached the server
+  struct Sent {
+    std::string sql;
+    std::vector<Param> params;
+  };
+  static constexpr std::size_t kQueuedMax = 1000;
+  std::vector<Sent> queued_;  // send(): not yet on the server
 };
 
 }  // namespace

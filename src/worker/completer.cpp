@@ -116,14 +116,14 @@ void Completer::settle_failure(TaskRun& run, const Failure& failure, bool expect
   }
 }
 
-TaskRun* Completer::settle_batch(LeaseTransaction& tx, std::span<TaskRun* const> runs) {
+BatchSettled Completer::settle_batch(LeaseTransaction& tx, std::span<TaskRun* const> runs) {
   std::vector<Completion> completions;
   completions.reserve(runs.size());
   for (TaskRun* r : runs) completions.push_back(Completion{&r->lease, r->result});
   try {
     tx.complete_all(completions);
     e_.finish(runs, Outcome::succeeded);
-    return nullptr;
+    return {};
   } catch (const LeaseLost& e) {
     for (TaskRun* r : runs)
       if (r->lease.task.id == e.task_id()) {
@@ -131,7 +131,7 @@ TaskRun* Completer::settle_batch(LeaseTransaction& tx, std::span<TaskRun* const>
                e.what());
         r->lost = true;
         e_.finish(*r, Outcome::lease_lost);
-        return r;
+        return {r, false};
       }
     e_.store_error("completing a batch", e);  // a stale lease the batch did not hold: cannot happen
   } catch (const CommitInDoubt& e) {
@@ -139,15 +139,23 @@ TaskRun* Completer::settle_batch(LeaseTransaction& tx, std::span<TaskRun* const>
     // One commit: every task's outcome is the first one's.
     if (auto o = settled_by_us(*runs.front()); o == Outcome::succeeded) {
       e_.finish(runs, Outcome::succeeded);
-      return nullptr;
+      return {};
     }
+  } catch (const TransientError& e) {
+    e_.store_error(fmt::format("completing a batch of {} (from {})", runs.size(), runs.front()->describe()), e);
+  } catch (const DatabaseError& e) {
+    // Some task's own work was refused at the end (a statement it sent, a
+    // deferred constraint), and which one is not known: each runs alone.
+    e_.log(LogLevel::info, "a batch of {} (from {}) failed at its commit, each task runs alone: {}", runs.size(),
+           runs.front()->describe(), e.what());
+    return {nullptr, true};
   } catch (const std::exception& e) {
     e_.store_error(fmt::format("completing a batch of {} (from {})", runs.size(), runs.front()->describe()), e);
   }
   // The writes did not commit and cannot be replayed from here: the tasks go
   // back to run again.
   for (TaskRun* r : runs) give_back(*r, "its batch's completion could not be committed");
-  return nullptr;
+  return {};
 }
 
 void Completer::settle_transaction(TaskRun& run) {
@@ -168,6 +176,17 @@ void Completer::settle_transaction(TaskRun& run) {
       e_.finish(run, *o);
       return;
     }
+  } catch (const TransientError& e) {
+    run.drop_transaction();
+    e_.store_error(fmt::format("{}: completing", run.describe()), e);
+  } catch (const DatabaseError& e) {
+    // The server refused the handler's own work at the end (a statement it
+    // sent, a deferred constraint at COMMIT): the handler's failure, settled
+    // by its retry policy like a throw. Giving the task back would repeat it
+    // for ever without counting an attempt.
+    run.drop_transaction();
+    settle_failure(run, Failure{e.what(), false}, false);
+    return;
   } catch (const std::exception& e) {
     run.drop_transaction();
     e_.store_error(fmt::format("{}: completing", run.describe()), e);

@@ -60,9 +60,19 @@ struct Verdict {
   Failure failure{};    // failed
   bool expected = false;  // failed by a PermanentError: the handler's own verdict, logged at info
   std::string reason{};   // cancelled: why the handler stopped
+  bool database = false;  // failed by a DatabaseError: in a batch, perhaps another task's statement
 };
 
 class Engine;
+
+// What settling a batch left to do: nothing (every run settled); the others
+// again without `stale`, whose lease was found stale (settled lease_lost); or,
+// `alone`, each run again in a transaction of its own (the commit failed on
+// some run's own work, and which is not known).
+struct BatchSettled {
+  TaskRun* stale = nullptr;
+  bool alone = false;
+};
 
 // A handler as Worker::on registered it.
 struct Registered {
@@ -190,6 +200,7 @@ class Executor {
   // HandlerOptions::batch: the runs (of one type) in shared transactions until
   // each is settled. Call without Engine::mu.
   void execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const Registered& reg);
+  void alone(const std::shared_ptr<TaskRun>& run);
   Engine& e_;
 };
 
@@ -216,11 +227,9 @@ class Completer {
   void settle_transaction(TaskRun& run);
   bool flush(std::vector<std::shared_ptr<TaskRun>>& batch);
  public:
-  // A batch's completions and COMMIT (HandlerOptions::batch). Settles every
-  // run and returns nothing, or returns the run whose lease was found stale,
-  // which it has settled (lease_lost) while the others' writes rolled back:
-  // the caller runs those again.
-  TaskRun* settle_batch(LeaseTransaction& tx, std::span<TaskRun* const> runs);
+  // A batch's completions and COMMIT (HandlerOptions::batch): settles every
+  // run, or rolls everything back and says what the caller must run again.
+  BatchSettled settle_batch(LeaseTransaction& tx, std::span<TaskRun* const> runs);
 
  private:
   void complete_one(TaskRun& run);

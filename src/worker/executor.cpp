@@ -115,13 +115,25 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
       if (v.kind == Verdict::Kind::settled) continue;  // ended at hand-off, never started
       if (v.kind == Verdict::Kind::succeeded && !tx->open())
         v = {Verdict::Kind::failed,
-             Failure{"a statement failed in the batch's transaction and the handler went on", false}};
+             Failure{"a statement failed in the batch's transaction and the handler went on", false}, false, {},
+             true};
       if (v.kind != Verdict::Kind::succeeded) {
         culprit.emplace(&r, std::move(v));
         ++i;
         break;
       }
       ran.push_back(&r);
+    }
+    if (culprit && culprit->second.database) {
+      // A failed statement may have been sent by an earlier task of the
+      // round (TaskContext::send goes out with the next statement): which
+      // task it belongs to is not known, so each runs in a transaction of
+      // its own, where its errors are its own.
+      tx.reset();
+      for (TaskRun* r : todo)
+        for (auto& held : runs)
+          if (held.get() == r) alone(held);
+      return;
     }
     if (culprit) {
       tx.reset();  // rolls back every task's writes of this round
@@ -131,11 +143,34 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
       continue;
     }
     if (ran.empty()) return;
-    TaskRun* stale = e_.completer.settle_batch(*tx, ran);
-    if (!stale) return;
-    std::erase(ran, stale);
+    auto left = e_.completer.settle_batch(*tx, ran);
+    if (left.alone) {
+      tx.reset();
+      for (TaskRun* r : ran)
+        for (auto& held : runs)
+          if (held.get() == r) alone(held);
+      return;
+    }
+    if (!left.stale) return;
+    std::erase(ran, left.stale);
     todo = std::move(ran);
   }
+}
+
+// One task of a batch in a transaction of its own, settled at once: as run()
+// does it, a plain success queued for the completers.
+void Executor::alone(const std::shared_ptr<TaskRun>& run) {
+  if (run->settled) return;
+  run->result = "null";
+  auto verdict = execute(*run);
+  if (e_.completer.settle(*run, verdict)) return;
+  bool wake;
+  {
+    std::lock_guard lk(e_.mu);
+    wake = e_.completions.empty();
+    e_.completions.push_back(run);
+  }
+  if (wake) e_.cv_complete.notify_one();
 }
 
 Verdict Executor::execute(TaskRun& run) {
@@ -153,6 +188,7 @@ Verdict Executor::execute(TaskRun& run) {
   std::optional<Failure> failure;
   std::optional<std::string> stopped;  // the handler threw Cancelled
   bool expected = false;                // a PermanentError: the handler's own verdict, not a fault
+  bool database = false;                // a DatabaseError reached the handler's caller
   auto started = Steady::now();
   run.tx_options = handler->second.tx;
   run.in_handler = true;
@@ -167,6 +203,9 @@ Verdict Executor::execute(TaskRun& run) {
   } catch (const LeaseLost& e) {
     run.lost = true;
     e_.log(LogLevel::warning, "{}: {}", run.describe(), e.what());
+  } catch (const DatabaseError& e) {
+    failure = Failure{e.what(), false};
+    database = true;
   } catch (const std::exception& e) {
     failure = Failure{e.what(), false};
   } catch (...) {
@@ -180,7 +219,7 @@ Verdict Executor::execute(TaskRun& run) {
       e_.log(LogLevel::warning, "{}: lease lost while the handler ran; its outcome is discarded", run.describe());
     return {Verdict::Kind::lease_lost};
   }
-  if (failure) return {Verdict::Kind::failed, std::move(*failure), expected};
+  if (failure) return {Verdict::Kind::failed, std::move(*failure), expected, {}, database};
   if (stopped) return {Verdict::Kind::cancelled, {}, false, std::move(*stopped)};
   return {Verdict::Kind::succeeded};
 }
@@ -246,6 +285,7 @@ TaskTransaction& TaskContext::transaction() {
 }
 
 Rows TaskContext::exec(std::string_view sql, const Params& params) { return transaction().exec(sql, params); }
+void TaskContext::send(std::string_view sql, const Params& params) { transaction().send(sql, params); }
 bool TaskContext::in_transaction() const noexcept { return run_->tx_view.has_value(); }
 
 SubmitResult TaskContext::submit(const NewTask& task) {
