@@ -2196,3 +2196,641 @@ TEST_CASE("a Scheduler refuses bad registrations naming the field", "[worker][sc
   CHECK(field({"ok", std::chrono::seconds(60), task("t")}) == "name");
   CHECK_FALSE(s.empty());
 }
+
+// ------------------------------------------------------------ batches (HandlerOptions::batch)
+//
+// A batch runs its tasks' handlers one after another in one transaction and
+// commits their completions together. The handlers below record the id of the
+// transaction each run wrote in (txid_current()), so a test can tell which runs
+// shared a transaction and check that a transaction rolled back left nothing.
+
+namespace {
+
+// An effects table for batch handlers: one row per handler run that commits,
+// with the attempt and the transaction it was written in. No unique
+// constraint unless asked: a repeated effect shows up as a second row.
+struct BatchEffects {
+  explicit BatchEffects(const eoq::test::TestStore& ts) : admin(ts.conninfo()), table("\"" + ts.schema() + "\".effects") {
+    admin.exec("CREATE TABLE " + table + " (task_id bigint NOT NULL, attempt int NOT NULL, txid bigint NOT NULL)");
+  }
+  // Writes the task's row in the handler's transaction; returns that transaction's id.
+  std::int64_t write(eoq::TaskContext& ctx) const {
+    return ctx
+        .exec("INSERT INTO " + table + " (task_id, attempt, txid) VALUES ($1, $2, txid_current()) RETURNING txid",
+              {ctx.id(), ctx.attempt()})
+        .scalar<std::int64_t>();
+  }
+  long long count() { return admin.count("SELECT count(*) FROM " + table); }
+  long long count_for(eoq::TaskId id) {
+    return admin.count("SELECT count(*) FROM " + table + " WHERE task_id = $1", {std::to_string(id)});
+  }
+  long long count_in(std::int64_t txid) {
+    return admin.count("SELECT count(*) FROM " + table + " WHERE txid = $1", {std::to_string(txid)});
+  }
+  std::optional<std::string> attempt_of(eoq::TaskId id) {
+    return admin.scalar("SELECT attempt FROM " + table + " WHERE task_id = $1", {std::to_string(id)});
+  }
+  eoq::test::Admin admin;
+  std::string table;
+};
+
+// Every handler run: its task, attempt and transaction (0: none).
+struct BatchRun {
+  eoq::TaskId id = 0;
+  int attempt = 0;
+  std::int64_t txid = 0;
+};
+struct RunLog {
+  std::mutex mu;
+  std::vector<BatchRun> runs;
+  void add(const eoq::TaskContext& ctx, std::int64_t txid) {
+    std::lock_guard lk(mu);
+    runs.push_back({ctx.id(), ctx.attempt(), txid});
+  }
+  std::vector<BatchRun> all() {
+    std::lock_guard lk(mu);
+    return runs;
+  }
+  // Runs of other tasks than `id` in transaction `txid`.
+  std::size_t others_in(std::int64_t txid, eoq::TaskId id) {
+    std::lock_guard lk(mu);
+    return static_cast<std::size_t>(
+        std::count_if(runs.begin(), runs.end(), [&](const BatchRun& r) { return r.txid == txid && r.id != id; }));
+  }
+  std::size_t runs_of(eoq::TaskId id) {
+    std::lock_guard lk(mu);
+    return static_cast<std::size_t>(std::count_if(runs.begin(), runs.end(), [&](const BatchRun& r) { return r.id == id; }));
+  }
+};
+
+bool all_done(eoq::TaskStore& store, const std::vector<eoq::SubmitResult>& submitted) {
+  for (const auto& s : submitted)
+    if (!is_done(store, s.task.id)) return false;
+  return true;
+}
+
+eoq::QueueStats queue_stats(eoq::TaskStore& store, const std::string& queue = "default") {
+  for (auto& s : store.stats())
+    if (s.queue == queue) return s;
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("batch: a throwing handler rolls its batch back, is settled alone by its verdict, and the others commit once",
+          "[worker][postgres][batch]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  RunLog log;
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    auto txid = fx.write(ctx);
+    // Only a task's first run sets a result: a run again starts afresh, so a
+    // result must never outlive the rolled-back run that set it.
+    if (log.runs_of(ctx.id()) == 0) ctx.set_result(fmt::format(R"({{"txid": {}}})", txid));
+    log.add(ctx, txid);
+    const auto& p = ctx.payload();
+    if (p == R"("fails")") throw std::runtime_error("refused after writing");
+    if (p == R"("retries")" && ctx.attempt() == 1) throw std::runtime_error("crashed after writing");
+    if (p == R"("permanent")") throw eoq::PermanentError("bad input, after writing");
+    if (p == R"("cancels")") throw eoq::Cancelled("not wanted, after writing");
+  }, {.batch = 50});
+  constexpr int n = 100;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  for (auto& t : tasks) {
+    t.retry.max_attempts = 3;
+    t.retry.initial_delay = 10ms;
+    t.retry.max_delay = 20ms;
+  }
+  const std::map<int, std::string> culprits{{7, "fails"}, {30, "retries"}, {61, "permanent"}, {88, "cancels"}};
+  for (const auto& [i, p] : culprits) tasks[i].payload = "\"" + p + "\"";
+  tasks[7].retry.max_attempts = 1;  // its one failure is final
+  auto submitted = ts->submit_batch(tasks);
+  auto id_of = [&](int i) { return submitted[static_cast<std::size_t>(i)].task.id; };
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 30s));
+  worker.stop();
+
+  for (int i = 0; i < n; ++i) {
+    if (culprits.count(i)) continue;
+    auto t = ts->get(id_of(i)).value();
+    INFO("task " << t.id);
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK(t.attempts == 1);
+    CHECK(fx.count_for(t.id) == 1);
+  }
+  auto fails = ts->get(id_of(7)).value();
+  CHECK(fails.status == eoq::TaskStatus::failed);
+  CHECK(fails.attempts == 1);
+  CHECK(fails.last_error.value_or("").find("refused after writing") != std::string::npos);
+  CHECK(fx.count_for(fails.id) == 0);
+  auto retries = ts->get(id_of(30)).value();
+  CHECK(retries.status == eoq::TaskStatus::succeeded);
+  CHECK(retries.attempts == 2);
+  CHECK(fx.count_for(retries.id) == 1);
+  CHECK(fx.attempt_of(retries.id) == std::optional<std::string>("2"));  // the first attempt's row rolled back
+  auto permanent = ts->get(id_of(61)).value();
+  CHECK(permanent.status == eoq::TaskStatus::failed);
+  CHECK(permanent.attempts == 1);  // max_attempts 3, but a PermanentError does not retry
+  CHECK(fx.count_for(permanent.id) == 0);
+  auto cancels = ts->get(id_of(88)).value();
+  CHECK(cancels.status == eoq::TaskStatus::cancelled);
+  CHECK(fx.count_for(cancels.id) == 0);
+  CHECK(fx.count() == n - 3);
+  CHECK(fx.admin.count("SELECT count(DISTINCT task_id) FROM " + fx.table) == n - 3);
+
+  // A task's result is its committed run's, or null (a run again that set none).
+  std::map<eoq::TaskId, std::string> committed_txid;
+  for (const auto& row : fx.admin.exec("SELECT task_id, txid FROM " + fx.table).rows)
+    committed_txid[std::stoll(row[0].value())] = row[1].value();
+  for (const auto& s : submitted) {
+    auto t = ts->get(s.task.id).value();
+    if (t.status != eoq::TaskStatus::succeeded) continue;
+    INFO("task " << t.id << " result " << t.result.value_or("(none)") << ", committed in transaction "
+                 << committed_txid[t.id] << ", runs " << log.runs_of(t.id));
+    CHECK((t.result.value_or("null") == "null" || t.result == fmt::format(R"({{"txid": {}}})", committed_txid[t.id])));
+  }
+
+  // Each failing run's transaction left nothing behind, though other tasks'
+  // runs had written in it before the handler threw.
+  std::size_t shared = 0;
+  for (const auto& r : log.all()) {
+    auto it = std::find_if(culprits.begin(), culprits.end(), [&](const auto& c) { return id_of(c.first) == r.id; });
+    if (it == culprits.end() || (it->second == "retries" && r.attempt == 2)) continue;
+    INFO("failing run of task " << r.id << " (" << it->second << ") in transaction " << r.txid);
+    CHECK(fx.count_in(r.txid) == 0);
+    shared += log.others_in(r.txid, r.id);
+  }
+  CHECK(shared > 0);
+  // Batches: the committed rows came from a few transactions, not one per task.
+  CHECK(fx.admin.count("SELECT count(DISTINCT txid) FROM " + fx.table) <= 10);
+
+  auto c = worker.counters();
+  CHECK(c.claimed == n + 1);  // the retry's second claim
+  CHECK(c.succeeded == n - 3);
+  CHECK(c.failed == 2);
+  CHECK(c.retried == 1);
+  CHECK(c.cancelled == 1);
+  CHECK(c.lease_lost == 0);
+  CHECK(c.in_flight == 0);
+  CHECK(c.handler_runs > c.claimed);  // the culprits' companions ran again
+  check_counters_add_up(c);
+}
+
+TEST_CASE("batch: a handler that swallows a failed statement fails its task, and the others commit once",
+          "[worker][postgres][batch]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  RunLog log;
+  std::atomic<int> swallowed{0}, not_database_errors{0};
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    log.add(ctx, fx.write(ctx));
+    if (ctx.payload() != R"("breaks")") return;
+    try {
+      ctx.exec("SELECT * FROM no_such_table_anywhere");
+    } catch (const eoq::DatabaseError&) {
+      ++swallowed;  // and returns as if all went well
+    } catch (...) {
+      ++not_database_errors;
+    }
+  }, {.batch = 50});
+  constexpr int n = 60, breaker = 20;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  tasks[breaker].payload = R"("breaks")";
+  tasks[breaker].retry.max_attempts = 2;
+  tasks[breaker].retry.initial_delay = 10ms;
+  auto submitted = ts->submit_batch(tasks);
+  const auto broken = submitted[breaker].task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 30s));
+  worker.stop();
+
+  CHECK(swallowed == 2);
+  CHECK(not_database_errors == 0);
+  auto b = ts->get(broken).value();
+  CHECK(b.status == eoq::TaskStatus::failed);
+  CHECK(b.attempts == 2);
+  CHECK(fx.count_for(broken) == 0);
+  for (int i = 0; i < n; ++i) {
+    if (i == breaker) continue;
+    auto t = ts->get(submitted[i].task.id).value();
+    INFO("task " << t.id);
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK(t.attempts == 1);
+    CHECK(fx.count_for(t.id) == 1);
+  }
+  CHECK(fx.count() == n - 1);
+  for (const auto& r : log.all())
+    if (r.id == broken) CHECK(fx.count_in(r.txid) == 0);
+  auto c = worker.counters();
+  CHECK(c.claimed == n + 1);
+  CHECK(c.succeeded == n - 1);
+  CHECK(c.retried == 1);
+  CHECK(c.failed == 1);
+  CHECK(c.in_flight == 0);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("batch: a lease stolen mid-batch is counted lost, its writes never commit, and the others commit once",
+          "[worker][postgres][batch]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  FaultyStore store(*ts);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.queues = {"default", "steal"};  // the victim alone in "steal", where the thief claims
+  options.lease = 300ms;
+  options.concurrency = 1;
+  options.prefetch = 0;
+  eoq::Worker worker(store, options);
+  RunLog log;
+  Gate gate;
+  std::atomic<bool> victim_started{false};
+  std::atomic<eoq::TaskId> victim{0};
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    log.add(ctx, fx.write(ctx));
+    if (ctx.id() == victim.load() && !victim_started.exchange(true)) gate.wait();
+  }, {.batch = 50});
+  constexpr int before = 10, after = 10;
+  std::vector<eoq::TaskId> others;
+  for (int i = 0; i < before; ++i) others.push_back(store.submit(task("write")).task.id);
+  auto v = task("write");
+  v.queue = "steal";
+  victim = store.submit(v).task.id;
+  for (int i = 0; i < after; ++i) others.push_back(store.submit(task("write")).task.id);
+  // No heartbeats: every lease of the batch runs out, and the thief takes the
+  // victim's. Nor claims after the first, or this worker would take its own
+  // expired leases back (its batch holds fewer than it has room for).
+  store.heartbeats_down = true;
+  worker.start();
+  REQUIRE(eventually([&] { return worker.counters().claimed == before + after + 1; }));
+  store.claim_failures = 1000000;
+  REQUIRE(eventually([&] { return victim_started.load(); }));
+  std::this_thread::sleep_for(450ms);
+  auto thief = ts->claim(eoq::ClaimRequest{{"steal"}, "thief", 1, 10s});
+  REQUIRE(thief.size() == 1);
+  REQUIRE(thief[0].id() == victim.load());
+  gate.release();
+  REQUIRE(eventually([&] {
+    auto c = worker.counters();
+    return c.lease_lost == 1 && c.succeeded == before + after;
+  }, 10s));
+  store.heartbeats_down = false;
+  store.claim_failures = 0;
+  worker.stop();
+
+  // The victim ran in the middle of the batch, its companions before and after it.
+  auto runs = log.all();
+  auto first = std::find_if(runs.begin(), runs.end(), [&](const BatchRun& r) { return r.id == victim.load(); });
+  REQUIRE(first != runs.end());
+  CHECK(log.others_in(first->txid, victim) == before + after);
+  CHECK(fx.count_in(first->txid) == 0);
+  CHECK(log.runs_of(victim) == 1);
+  CHECK(fx.count_for(victim) == 0);
+  auto stolen = ts->get(victim).value();
+  CHECK(stolen.status == eoq::TaskStatus::running);
+  CHECK(stolen.lease_owner == std::optional<std::string>("thief"));
+  for (auto id : others) {
+    INFO("task " << id);
+    CHECK(ts->get(id)->status == eoq::TaskStatus::succeeded);
+    CHECK(fx.count_for(id) == 1);
+  }
+  CHECK(fx.count() == before + after);
+  auto c = worker.counters();
+  CHECK(c.claimed == before + after + 1);
+  CHECK(c.lease_lost == 1);
+  CHECK(c.in_flight == 0);
+  check_counters_add_up(c);
+  // The new owner's effect is the one that counts.
+  auto tx = ts->begin(thief[0]);
+  tx->exec("INSERT INTO " + fx.table + " (task_id, attempt, txid) VALUES ($1, 2, txid_current())", {victim.load()});
+  tx->complete(R"("thief")");
+  CHECK(fx.count_for(victim) == 1);
+  CHECK(ts->get(victim)->status == eoq::TaskStatus::succeeded);
+}
+
+TEST_CASE("batch: ctx.checkpoint throws UsageError inside a batch, and works outside one", "[worker][batch]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<int> usage_errors{0}, other_errors{0}, checkpoints{0};
+  worker.on("batched", [&](eoq::TaskContext& ctx) {
+    try {
+      ctx.checkpoint("half", R"({"n":1})");
+      ++checkpoints;
+    } catch (const eoq::UsageError&) {
+      ++usage_errors;
+    } catch (...) {
+      ++other_errors;
+    }
+  }, {.batch = 10});
+  worker.on("single", [&](eoq::TaskContext& ctx) {
+    ctx.checkpoint("half", R"({"n":1})");
+    ++checkpoints;
+  });
+  std::vector<eoq::NewTask> tasks(5, task("batched"));
+  tasks.push_back(task("single"));
+  auto submitted = store.submit_batch(tasks);
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(store, submitted); }));
+  worker.stop();
+  CHECK(usage_errors == 5);
+  CHECK(other_errors == 0);
+  CHECK(checkpoints == 1);
+  for (std::size_t i = 0; i < 5; ++i) {
+    auto t = store.get(submitted[i].task.id).value();
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK_FALSE(t.checkpoint_stage);
+  }
+  auto single = store.get(submitted[5].task.id).value();
+  CHECK(single.status == eoq::TaskStatus::succeeded);
+  CHECK(single.checkpoint_stage == std::optional<std::string>("half"));
+}
+
+TEST_CASE("batch: submits made by a handler commit with its batch and roll back with its failure", "[worker][batch]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  worker.on("parent", [&](eoq::TaskContext& ctx) {
+    auto child = task("child");
+    child.queue = "children";  // no worker serves it
+    child.key = "child-of-" + std::to_string(ctx.id());
+    ctx.submit(child);
+    if (ctx.payload() == R"("throws")") throw std::runtime_error("after submitting");
+  }, {.batch = 20});
+  constexpr int n = 30, thrower = 5;
+  std::vector<eoq::NewTask> tasks(n, task("parent"));
+  tasks[thrower].payload = R"("throws")";
+  tasks[thrower].retry.max_attempts = 1;
+  auto submitted = store.submit_batch(tasks);
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(store, submitted); }));
+  worker.stop();
+  for (int i = 0; i < n; ++i) {
+    auto id = submitted[i].task.id;
+    INFO("task " << id);
+    auto child = store.find("children", "child-of-" + std::to_string(id));
+    if (i == thrower) {
+      CHECK(status_of(store, id) == eoq::TaskStatus::failed);
+      CHECK_FALSE(child);
+    } else {
+      CHECK(status_of(store, id) == eoq::TaskStatus::succeeded);
+      CHECK(child);
+    }
+  }
+  CHECK(queue_stats(store, "children").pending == n - 1);
+  auto c = worker.counters();
+  CHECK(c.succeeded == n - 1);
+  CHECK(c.failed == 1);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("batch: synchronous_commit off, from WorkerOptions or HandlerOptions, reaches the handler's transaction",
+          "[worker][postgres][batch]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  // The test servers run with synchronous_commit = off (they have no fsync),
+  // so this store's sessions start with it on: "on" then means nobody turned it off.
+  // Straight to the server: a pooler would refuse the startup option.
+  eoq::PostgresOptions o;
+  o.conninfo = eoq::test::conninfo_with(eoq::test::direct_database_url(), "options", "-c synchronous_commit=on");
+  o.schema = ts.schema();
+  eoq::PostgresStore store(o);
+  std::mutex mu;
+  std::map<std::string, std::set<std::string>> seen;  // task type -> what SHOW said
+  std::atomic<int> errors{0};
+  auto handler = [&](eoq::TaskContext& ctx) {
+    try {
+      auto value = ctx.exec("SHOW synchronous_commit").scalar<std::string>();
+      std::lock_guard lk(mu);
+      seen[ctx.type()].insert(value);
+    } catch (...) {
+      ++errors;
+      throw;
+    }
+  };
+  LogSink sink;
+  auto defaults = fast_options(sink);
+  defaults.queues = {"defaults"};
+  eoq::Worker by_default(store, defaults);
+  by_default.on("plain", handler);
+  by_default.on("batch", handler, {.batch = 10});
+  by_default.on("off", handler, {.synchronous_commit = false});
+  by_default.on("batch-off", handler, {.batch = 10, .synchronous_commit = false});
+  auto async = fast_options(sink);
+  async.queues = {"async"};
+  async.synchronous_commit = false;
+  eoq::Worker async_worker(store, async);
+  async_worker.on("async-plain", handler);
+  async_worker.on("async-batch", handler, {.batch = 10});
+  async_worker.on("async-on", handler, {.synchronous_commit = true});
+  async_worker.on("async-batch-on", handler, {.batch = 10, .synchronous_commit = true});
+  const std::map<std::string, std::string> expected{
+      {"plain", "on"},       {"batch", "on"},       {"off", "off"},         {"batch-off", "off"},
+      {"async-plain", "off"}, {"async-batch", "off"}, {"async-on", "on"}, {"async-batch-on", "on"}};
+  std::vector<eoq::SubmitResult> submitted;
+  for (const auto& [type, _] : expected)
+    for (int i = 0; i < 3; ++i) {
+      auto t = task(type);
+      t.queue = type.rfind("async", 0) == 0 ? "async" : "defaults";
+      submitted.push_back(store.submit(t));
+    }
+  by_default.start();
+  async_worker.start();
+  REQUIRE(eventually([&] { return all_done(store, submitted); }));
+  by_default.stop();
+  async_worker.stop();
+  CHECK(errors == 0);
+  for (const auto& s : submitted) CHECK(status_of(store, s.task.id) == eoq::TaskStatus::succeeded);
+  std::lock_guard lk(mu);
+  for (const auto& [type, value] : expected) {
+    INFO("task type " << type);
+    CHECK(seen[type] == std::set<std::string>{value});
+  }
+}
+
+TEST_CASE("batch: four handler threads with batches of 100 drain 5,000 tasks, some throwing once, each effect once",
+          "[worker][postgres][batch][load]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 4;
+  options.log_level = eoq::LogLevel::warning;
+  eoq::Worker worker(*ts, options);
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    fx.write(ctx);
+    if (ctx.payload() == R"("throws")" && ctx.attempt() == 1) throw std::runtime_error("first attempt fails");
+  }, {.batch = 100});
+  constexpr int n = 5000;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  std::set<std::size_t> throwers;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    tasks[i].retry.initial_delay = 10ms;
+    tasks[i].retry.max_delay = 50ms;
+    if (i % 97 == 0) {
+      tasks[i].payload = R"("throws")";
+      throwers.insert(i);
+    }
+  }
+  std::vector<eoq::SubmitResult> submitted;
+  for (std::size_t at = 0; at < tasks.size(); at += 1000) {
+    auto part = ts->submit_batch(std::span<const eoq::NewTask>(tasks).subspan(at, 1000));
+    submitted.insert(submitted.end(), part.begin(), part.end());
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  worker.start();
+  REQUIRE(eventually([&] { return queue_stats(*ts).succeeded == n; }, 120s));
+  worker.stop();
+  INFO("drained in " << std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - t0).count() << " ms");
+
+  auto s = queue_stats(*ts);
+  CHECK(s.succeeded == n);
+  CHECK(s.failed == 0);
+  CHECK(s.pending + s.running == 0);
+  CHECK(fx.count() == n);
+  CHECK(fx.admin.count("SELECT count(DISTINCT task_id) FROM " + fx.table) == n);
+  const auto k = static_cast<long long>(throwers.size());
+  CHECK(fx.admin.count("SELECT count(*) FROM " + fx.table + " WHERE attempt = 2") == k);
+  CHECK(fx.admin.count("SELECT count(*) FROM " + fx.table + " WHERE attempt <> 1 AND attempt <> 2") == 0);
+  for (auto i : throwers) {
+    auto t = ts->get(submitted[i].task.id).value();
+    INFO("thrower " << t.id);
+    CHECK(t.attempts == 2);
+    CHECK(fx.attempt_of(t.id) == std::optional<std::string>("2"));
+  }
+  // Batches: a few rows per commit at the least.
+  CHECK(fx.admin.count("SELECT count(DISTINCT txid) FROM " + fx.table) < n / 10);
+  auto c = worker.counters();
+  CHECK(c.claimed == static_cast<std::uint64_t>(n + k));
+  CHECK(c.succeeded == static_cast<std::uint64_t>(n));
+  CHECK(c.retried == static_cast<std::uint64_t>(k));
+  CHECK(c.failed == 0);
+  CHECK(c.lease_lost == 0);
+  CHECK(c.released + c.abandoned == 0);
+  CHECK(c.in_flight == 0);
+  CHECK(c.handler_runs >= c.claimed);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("batch: Postgres killed twice mid-drain under batches that commit asynchronously: every effect lands once",
+          "[worker][postgres][outage][batch]") {
+  eoq::testing::TempPostgresOptions po;
+  po.fsync = false;
+  // Without fsync TempPostgres turns synchronous_commit off for everything;
+  // here only the handlers' transactions commit asynchronously (claims,
+  // heartbeats, failures and releases wait for their WAL), as in production.
+  // A crash still loses what sat in the WAL buffers: commits without fsync
+  // survive a killed postmaster only once written.
+  po.extra_config = "synchronous_commit = on\nwal_writer_delay = 10s\n";
+  eoq::testing::TempPostgres server(po);
+  eoq::PostgresOptions o;
+  o.conninfo = server.conninfo();
+  o.schema = "eoq";
+  eoq::PostgresStore pg(o);
+  pg.migrate();
+  h::Recorder recorder;
+  h::RecordingStore store(pg, recorder);
+  {
+    eoq::test::Admin admin(server.conninfo());
+    // The primary key refuses a second effect; the count below would see one anyway.
+    admin.exec("CREATE TABLE eoq.effects (task_id bigint PRIMARY KEY, version bigint NOT NULL)");
+  }
+  LogSink sink;
+  // Two workers, asynchronous commit said two ways: by the worker, by the handler.
+  auto async_worker = fast_options(sink);
+  async_worker.concurrency = 3;
+  async_worker.lease = 2s;
+  async_worker.log_level = eoq::LogLevel::warning;
+  async_worker.synchronous_commit = false;
+  auto async_handler = async_worker;
+  async_handler.synchronous_commit = true;
+  eoq::Worker a(store, async_worker), b(store, async_handler);
+  std::atomic<long long> runs{0};
+  auto handler = [&](eoq::TaskContext& ctx) {
+    ctx.exec("INSERT INTO eoq.effects VALUES ($1, $2)", {ctx.id(), ctx.lease().token});
+    recorder.add(h::effect_of(ctx.lease()));
+    ++runs;
+    std::this_thread::sleep_for(1ms);  // a drain long enough to be killed twice
+    if (ctx.payload() == R"("throws")" && ctx.attempt() == 1) throw std::runtime_error("first attempt fails");
+  };
+  a.on("write", handler, {.batch = 25});
+  b.on("write", handler, {.batch = 25, .synchronous_commit = false});
+
+  constexpr int n = 3000;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    tasks[i].retry.max_attempts = 20;  // each kill may cost the tasks in flight an attempt
+    tasks[i].retry.initial_delay = 20ms;
+    tasks[i].retry.max_delay = 200ms;
+    if (i % 41 == 0) tasks[i].payload = R"("throws")";  // culprits in the batches too
+  }
+  for (std::size_t at = 0; at < tasks.size(); at += 1000)
+    store.submit_batch(std::span<const eoq::NewTask>(tasks).subspan(at, 1000));
+  auto committed_effects = [&] { return eoq::test::Admin(server.conninfo()).count("SELECT count(*) FROM eoq.effects"); };
+  const auto t0 = std::chrono::steady_clock::now();
+  a.start();
+  b.start();
+  for (int kill = 1; kill <= 2; ++kill) {
+    REQUIRE(eventually([&] { return runs.load() >= n * kill / 4; }, 60s));
+    auto before = committed_effects();
+    INFO("kill " << kill << ": " << before << " effects committed before it");
+    REQUIRE(before < n);  // mid-drain
+    server.stop_immediate();
+    std::this_thread::sleep_for(300ms);
+    server.restart();
+  }
+  auto finished = [&] {
+    try {
+      auto s = queue_stats(store);
+      return s.succeeded + s.failed + s.cancelled + s.expired == n;
+    } catch (const eoq::Error&) {
+      return false;
+    }
+  };
+  REQUIRE(eventually(finished, 60s));
+  a.stop();
+  b.stop();
+  INFO("drained in " << std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - t0).count() << " ms");
+
+  eoq::test::Admin after(server.conninfo());
+  auto s = queue_stats(store);
+  CHECK(s.succeeded == n);
+  CHECK(after.count("SELECT count(*) FROM eoq.effects") == n);
+  CHECK(after.count("SELECT count(DISTINCT task_id) FROM eoq.effects") == n);
+  // Each effect row was written under the lease that completed its task.
+  CHECK(after.count("SELECT count(*) FROM eoq.effects e JOIN eoq.finished f ON f.id = e.task_id "
+                    "WHERE f.status = 'succeeded' AND f.version = e.version + 1") == n);
+  check_counters_add_up(a.counters());
+  check_counters_add_up(b.counters());
+
+  // The history, without the clients' completions: an asynchronous commit
+  // reported to the client can be undone by the crash (and its task run
+  // again), which is the contract of synchronous_commit = false. What the
+  // database kept must hold every promise.
+  auto events = recorder.events();
+  std::multimap<eoq::TaskId, std::int64_t> told;  // completions reported to a worker: task -> lease
+  std::erase_if(events, [&](const h::Event& e) {
+    if (e.kind != h::Kind::complete || e.origin != h::Origin::client) return false;
+    if (e.ok) told.emplace(e.task, e.version);
+    return true;
+  });
+  auto db = h::load_postgres(after.get(), "eoq", "effects");
+  long long undone = 0;
+  for (const auto& e : db) {
+    if (e.kind != h::Kind::complete) continue;
+    auto [from, to] = told.equal_range(e.task);
+    undone += std::count_if(from, to, [&](const auto& t) { return t.second != e.version; });
+  }
+  std::printf("batches killed twice: %lld successes reported to a worker were undone by a crash and ran again\n", undone);
+  h::append(events, db);
+  auto v = h::verify_and_print("batches, Postgres killed twice", events);
+  INFO(v.format());
+  REQUIRE(v.ok());
+  CHECK(v.succeeded == n);
+  CHECK(v.effects == n);
+  CHECK(v.claims > n);  // the killed attempts (and the culprits) were claimed again
+  CHECK(v.handovers_checked > 0);
+}

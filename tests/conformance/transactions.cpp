@@ -269,3 +269,186 @@ TEST_CASE("PostgresStore: a handler's SQL takes typed parameters and gives typed
   CHECK(tx->exec("SELECT count(*) FROM generate_series(1, $1)", {5}).scalar<std::int64_t>() == 5);
   tx->complete();
 }
+
+// ---------------------------------------------------------------------------
+// complete_all: many leases of one worker settle in one transaction, or none does
+
+namespace {
+
+// Three tasks claimed by "w1", in id order, and (Postgres) an effects table the
+// transaction writes one row per task into.
+struct ThreeLeases {
+  std::vector<eoq::TaskId> ids;
+  std::vector<Lease> leases;
+  std::optional<eoq::test::Admin> admin;
+  std::string table;
+
+  // `short_at`: the lease of that task is claimed for 200 ms, the others for 30 s.
+  ThreeLeases(TestStore& S, eoq::TaskStore& store, std::optional<int> short_at = std::nullopt) {
+    for (int i = 0; i < 3; ++i) {
+      NewTask t = task();
+      t.retry.max_attempts = 5;
+      ids.push_back(store.submit(t).task.id);
+    }
+    for (int i = 0; i < 3; ++i) leases.push_back(claim_one(store, "w1", short_at == i ? Millis(200) : Millis(30s)));
+    for (int i = 0; i < 3; ++i) REQUIRE(leases[i].id() == ids[i]);
+    if (S.has_sql()) {
+      admin.emplace(S.conninfo());
+      table = fmt::format("\"{}\".effects", S.schema());
+      admin->exec(fmt::format("CREATE TABLE {} (task_id bigint PRIMARY KEY)", table));
+    }
+  }
+  // The handler's writes: an effect row per task (Postgres) and a keyed submit (both stores).
+  void write(eoq::LeaseTransaction& tx) {
+    if (admin)
+      for (auto id : ids) CHECK(tx.exec(fmt::format("INSERT INTO {} (task_id) VALUES ($1)", table), {id}).affected == 1);
+    auto child = tx.submit(keyed("child-of-the-batch"));
+    CHECK_FALSE(child.duplicate);
+  }
+  long long effect_rows() { return admin ? admin->count(fmt::format("SELECT count(*) FROM {}", table)) : 0; }
+  std::vector<std::string> snapshot(eoq::TaskStore& store) {
+    std::vector<std::string> out;
+    for (auto id : ids) out.push_back(describe(must_get(store, id)));
+    return out;
+  }
+};
+
+std::vector<eoq::Completion> completions_of(const std::vector<Lease>& leases) {
+  std::vector<eoq::Completion> out;
+  for (const auto& l : leases) out.push_back({&l, fmt::format(R"({{"task": {}}})", l.id())});
+  return out;
+}
+
+}  // namespace
+
+STORE_CASE("complete_all settles every lease with the transaction's writes in one commit", "[transaction][complete_all]") {
+  ThreeLeases fx(S, store);
+  auto tx = store.begin(fx.leases[0]);
+  fx.write(*tx);
+  CHECK_FALSE(store.find("default", "child-of-the-batch"));  // not before the commit
+  auto completions = completions_of(fx.leases);
+  tx->complete_all(completions);
+  CHECK_FALSE(tx->open());
+  for (std::size_t i = 0; i < fx.ids.size(); ++i) {
+    auto t = must_get(store, fx.ids[i]);
+    INFO(describe(t));
+    CHECK(t.status == TaskStatus::succeeded);
+    CHECK(t.result == std::optional<std::string>(fmt::format(R"({{"task": {}}})", fx.ids[i])));
+    CHECK(t.attempts == 1);
+    check_terminal_lease_fields(t, std::string("w1"));
+  }
+  auto child = store.find("default", "child-of-the-batch");
+  REQUIRE(child);
+  CHECK(child->status == TaskStatus::pending);
+  if (S.has_sql()) CHECK(fx.effect_rows() == 3);
+  // Settled: the leases are spent.
+  for (const auto& l : fx.leases) CHECK(outcome_of([&] { store.complete(l); }) == "LeaseLost");
+}
+
+STORE_CASE("complete_all may settle leases other than the transaction's own", "[transaction][complete_all]") {
+  ThreeLeases fx(S, store);
+  auto tx = store.begin(fx.leases[0]);
+  fx.write(*tx);
+  std::vector<Lease> others{fx.leases[1], fx.leases[2]};
+  auto completions = completions_of(others);
+  tx->complete_all(completions);
+  CHECK_FALSE(tx->open());
+  CHECK(must_get(store, fx.ids[1]).status == TaskStatus::succeeded);
+  CHECK(must_get(store, fx.ids[2]).status == TaskStatus::succeeded);
+  auto own = must_get(store, fx.ids[0]);
+  CHECK(own.status == TaskStatus::running);
+  CHECK(own.version == fx.leases[0].token);
+  CHECK(store.find("default", "child-of-the-batch"));
+  if (S.has_sql()) CHECK(fx.effect_rows() == 3);
+  store.complete(fx.leases[0]);  // its lease is still good
+  CHECK(must_get(store, fx.ids[0]).status == TaskStatus::succeeded);
+}
+
+STORE_CASE("complete_all with one stale lease throws LeaseLost naming its task and changes nothing",
+           "[transaction][complete_all]") {
+  const int stale_at = GENERATE(0, 1, 2);  // 0: the transaction's own lease
+  const bool reclaimed = GENERATE(true, false);  // taken over after expiry, or released
+  INFO("stale lease: task " << stale_at << (reclaimed ? ", claimed again after expiry" : ", released"));
+  ThreeLeases fx(S, store, reclaimed ? std::optional<int>(stale_at) : std::nullopt);
+  std::optional<Lease> thief;
+  if (reclaimed) {
+    std::this_thread::sleep_for(300ms);
+    thief = claim_one(store, "w2", 30s);
+    REQUIRE(thief->id() == fx.ids[stale_at]);
+  } else {
+    store.release(fx.leases[stale_at]);
+  }
+  auto tx = store.begin(fx.leases[0]);
+  fx.write(*tx);
+  const auto before = fx.snapshot(store);
+  auto completions = completions_of(fx.leases);
+  std::string outcome = "ok";
+  try {
+    tx->complete_all(completions);
+  } catch (const eoq::LeaseLost& e) {
+    outcome = "LeaseLost on task " + std::to_string(e.task_id());
+  } catch (const std::exception& e) {
+    outcome = std::string("other: ") + e.what();
+  }
+  CHECK(outcome == "LeaseLost on task " + std::to_string(fx.ids[stale_at]));
+  CHECK_FALSE(tx->open());
+  tx.reset();
+  // Nothing settled, nothing the transaction wrote or submitted is there.
+  CHECK(fx.snapshot(store) == before);
+  CHECK_FALSE(store.find("default", "child-of-the-batch"));
+  if (S.has_sql()) CHECK(fx.effect_rows() == 0);
+  // The others are still running under their leases, which still settle.
+  std::vector<eoq::Completion> rest;
+  for (int i = 0; i < 3; ++i) {
+    if (i == stale_at) continue;
+    auto t = must_get(store, fx.ids[i]);
+    CHECK(t.status == TaskStatus::running);
+    CHECK(t.version == fx.leases[i].token);
+    CHECK(t.lease_owner == std::optional<std::string>("w1"));
+    rest.push_back({&fx.leases[i], "null"});
+  }
+  CHECK(store.complete_batch(rest) == std::vector<bool>{true, true});
+  auto stale = must_get(store, fx.ids[stale_at]);
+  if (reclaimed) {
+    CHECK(stale.status == TaskStatus::running);
+    CHECK(stale.lease_owner == std::optional<std::string>("w2"));
+    store.complete(*thief, R"("w2")");
+    CHECK(must_get(store, fx.ids[stale_at]).result == std::optional<std::string>(R"("w2")"));
+  } else {
+    CHECK(stale.status == TaskStatus::pending);
+  }
+}
+
+STORE_CASE("complete_all refuses bad input naming the field and changes nothing", "[transaction][complete_all]") {
+  ThreeLeases fx(S, store);
+  auto tx = store.begin(fx.leases[0]);
+  fx.write(*tx);
+  const auto before = fx.snapshot(store);
+  auto check_unchanged = [&] {
+    CHECK(fx.snapshot(store) == before);
+    CHECK_FALSE(store.find("default", "child-of-the-batch"));
+    if (S.has_sql()) CHECK(fx.effect_rows() == 0);
+  };
+
+  CHECK(field_of([&] { tx->complete_all({}); }) == "completions");
+  check_unchanged();
+  std::vector<eoq::Completion> too_many(10001, eoq::Completion{&fx.leases[0], "null"});
+  CHECK(field_of([&] { tx->complete_all(too_many); }) == "completions");
+  check_unchanged();
+  auto null_lease = completions_of(fx.leases);
+  null_lease[1].lease = nullptr;
+  CHECK(field_of([&] { tx->complete_all(null_lease); }) == "completions[1].lease");
+  check_unchanged();
+  auto bad_json = completions_of(fx.leases);
+  bad_json[2].result = "{not json";
+  CHECK(field_of([&] { tx->complete_all(bad_json); }) == "completions[2].result");
+  check_unchanged();
+  auto empty_result = completions_of(fx.leases);
+  empty_result[0].result = "";
+  CHECK(field_of([&] { tx->complete_all(empty_result); }) == "completions[0].result");
+  check_unchanged();
+
+  tx.reset();
+  check_unchanged();
+  for (std::size_t i = 0; i < fx.ids.size(); ++i) CHECK(must_get(store, fx.ids[i]).version == fx.leases[i].token);
+}
