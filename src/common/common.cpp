@@ -505,10 +505,11 @@ void validate_list(const ListQuery& q) {
   if (q.queue) validate_queue("queue", *q.queue);
 }
 
-void validate_completions(std::span<const Completion> completions, std::size_t max_payload_bytes) {
+void validate_completions(std::span<const Completion> completions, std::size_t max_payload_bytes,
+                          bool one_reads_as_result) {
   for (std::size_t i = 0; i < completions.size(); ++i) {
     if (!completions[i].lease) throw InvalidArgument(fmt::format("completions[{}].lease", i), "must not be null");
-    validate_json(completions.size() == 1 ? "result" : fmt::format("completions[{}].result", i),
+    validate_json(completions.size() == 1 && one_reads_as_result ? "result" : fmt::format("completions[{}].result", i),
                   completions[i].result, max_payload_bytes);
   }
 }
@@ -516,7 +517,7 @@ void validate_completions(std::span<const Completion> completions, std::size_t m
 void validate_complete_all(std::span<const Completion> completions, std::size_t max_payload_bytes) {
   if (completions.empty() || completions.size() > 10000)
     throw InvalidArgument("completions", fmt::format("must hold 1 to 10000 completions, not {}", completions.size()));
-  validate_completions(completions, max_payload_bytes);
+  validate_completions(completions, max_payload_bytes, false);
 }
 
 void validate_batch_size(std::size_t tasks) {

@@ -39,8 +39,10 @@ void validate_list(const ListQuery& query);
 inline constexpr std::size_t kMaxBatch = 100000;
 void validate_batch_size(std::size_t tasks);
 // Each completion names a lease, and its result is JSON within the size limit
-// (a batch of one names the field "result", as complete() does).
-void validate_completions(std::span<const Completion> completions, std::size_t max_payload_bytes);
+// (with one_reads_as_result, a batch of one names the field "result", as
+// complete() does: complete_batch).
+void validate_completions(std::span<const Completion> completions, std::size_t max_payload_bytes,
+                          bool one_reads_as_result = true);
 // LeaseTransaction::complete_all: the same, and 1..10,000 of them.
 void validate_complete_all(std::span<const Completion> completions, std::size_t max_payload_bytes);
 

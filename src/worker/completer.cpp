@@ -159,6 +159,14 @@ BatchSettled Completer::settle_batch(LeaseTransaction& tx, std::span<TaskRun* co
 }
 
 void Completer::settle_transaction(TaskRun& run) {
+  if (!run.tx->open()) {
+    // A statement failed, the handler caught its error and returned: the
+    // transaction is gone with the handler's writes, so the task failed.
+    run.drop_transaction();
+    settle_failure(run, Failure{"a statement in the task's transaction failed and the handler returned anyway", false},
+                   false);
+    return;
+  }
   try {
     run.tx->complete(run.result);
     run.drop_transaction();

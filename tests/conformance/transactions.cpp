@@ -447,6 +447,10 @@ STORE_CASE("complete_all refuses bad input naming the field and changes nothing"
   empty_result[0].result = "";
   CHECK(field_of([&] { tx->complete_all(empty_result); }) == "completions[0].result");
   check_unchanged();
+  // One completion names its field as the span's, not as complete()'s "result".
+  std::vector<eoq::Completion> one{eoq::Completion{&fx.leases[0], "{not json"}};
+  CHECK(field_of([&] { tx->complete_all(one); }) == "completions[0].result");
+  check_unchanged();
 
   tx.reset();
   check_unchanged();
