@@ -501,7 +501,7 @@ awk -F'\t' -v rounds="$BULK_ROUNDS" -v main="$run_main" -v fx="$run_fx" '
     }
     if (fx) {
       f4 = (f4b + f4a) / 2
-      # Targets of issue 30 (the issue column says 13 for the table's older rows).
+      # Targets of issue 30 (the target column names issue 13, for the rows above).
       row("handlers that write (issue 30): eoq per-task drain, ctx.exec / graphile-worker effect drain", fone / fgw, 1.0, ">=")
       row(sprintf("handlers that write (issue 30): eoq per-task drain, ctx.exec / pgbench effect ceiling, 4 clients (mean of %.0f and %.0f)", f4b, f4a), fone / f4, 0.8, ">=")
       row("handlers that write (issue 30): eoq batch-100 drain, ctx.exec / eoq no-op drain", fbatch / fnoop, 0.5, ">=")

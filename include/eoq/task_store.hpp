@@ -201,7 +201,8 @@ struct Rows {
 // without settlement all roll back.
 // How a lease transaction commits.
 struct TransactionOptions {
-  // false: its COMMIT returns before the commit's WAL is on disk
+  // true: the server's own setting (on, unless its configuration says
+  // otherwise). false: its COMMIT returns before the commit's WAL is on disk
   // (synchronous_commit = off for this transaction alone), so it waits for no
   // disk flush. A crash of the database server within about three times
   // wal_writer_delay (0.6 s by default) after it can undo it: the handler's
