@@ -11,7 +11,9 @@
 //           <dir>/started-<attempt>, then sleeps `sleep_ms` before returning (the
 //           test freezes it there)
 // keys: id, concurrency, lease_ms, sleep_ms, prefetch (absent: measured), idle_timeout_ms, history
-// (a file the client side of the history goes to as it happens; see history.hpp)
+// (a file the client side of the history goes to as it happens; see history.hpp); crash mode also
+// batch (HandlerOptions::batch, default 1) and fail_every (a task whose id it divides throws after
+// writing its effect, on its first attempt: in a batch, its writes and the others' roll back)
 #include "history.hpp"
 #include "support.hpp"
 
@@ -96,7 +98,8 @@ int main(int argc, char** argv) try {
   const std::string counter = "\"" + schema + "\".counter";
   if (mode == "crash") {
     const long sleep_ms = get(kv, "sleep_ms", 0);
-    worker.on("effect", [&, sleep_ms](eoq::TaskContext& ctx) {
+    const long fail_every = get(kv, "fail_every", 0);
+    worker.on("effect", [&, sleep_ms, fail_every](eoq::TaskContext& ctx) {
       // The workflow chaos test's parents that fail for good.
       if (ctx.payload().find("\"fail\"") != std::string::npos) throw eoq::PermanentError("injected failure");
       auto& tx = ctx.transaction();
@@ -104,9 +107,11 @@ int main(int argc, char** argv) try {
       tx.exec("INSERT INTO " + effects + " (task_id, version) VALUES ($1, $2)",
               {std::to_string(ctx.id()), std::to_string(ctx.lease().token)});
       store.recorder().add(h::effect_of(ctx.lease()));
+      if (fail_every > 0 && ctx.id() % fail_every == 0 && ctx.attempt() == 1)
+        throw std::runtime_error("injected failure after the effect");
       // Held open, so that kills and restarts land inside handler transactions.
       if (sleep_ms > 0) ctx.sleep_for(eoq::Millis(sleep_ms));
-    });
+    }, {.batch = static_cast<int>(get(kv, "batch", 1))});
   } else if (mode == "zombie") {
     long sleep_ms = get(kv, "sleep_ms", 0);
     worker.on("effect", [&, sleep_ms](eoq::TaskContext& ctx) {
