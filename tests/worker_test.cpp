@@ -2988,3 +2988,115 @@ TEST_CASE("send: a statement sent that fails fails its task by its retry policy,
   CHECK(c.released + c.abandoned + c.lease_lost == 0);
   check_counters_add_up(c);
 }
+
+TEST_CASE("batch: a statement sent by one task that fails on another's exec blames neither wrongly",
+          "[worker][postgres][batch][send]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  std::atomic<int> rethrown{0};
+  eoq::Worker worker(*ts, fast_options(sink));
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    if (ctx.payload() == R"("bad")") {
+      // Fails on the server only when it goes out: with the next task's exec.
+      ctx.send("INSERT INTO " + fx.table + " (task_id, attempt, txid) VALUES ($1, NULL, 0)", {ctx.id()});
+      return;
+    }
+    try {
+      fx.write(ctx);
+    } catch (const std::exception& e) {
+      ++rethrown;  // a handler that turns any error into its own verdict
+      throw eoq::PermanentError(std::string("rethrown: ") + e.what());
+    }
+  }, {.batch = 50});
+  constexpr int n = 40, bad = 10;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  tasks[bad].payload = R"("bad")";
+  tasks[bad].retry.max_attempts = 2;
+  tasks[bad].retry.initial_delay = 10ms;
+  auto submitted = ts->submit_batch(tasks);
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 20s));
+  worker.stop();
+  CHECK(rethrown >= 1);  // the case this is about happened
+  auto b = ts->get(submitted[bad].task.id).value();
+  CHECK(b.status == eoq::TaskStatus::failed);
+  CHECK(b.attempts == 2);
+  for (int i = 0; i < n; ++i) {
+    if (i == bad) continue;
+    auto t = ts->get(submitted[i].task.id).value();
+    INFO("task " << t.id << ": " << t.last_error.value_or(""));
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK(t.attempts == 1);
+    CHECK(fx.count_for(t.id) == 1);
+  }
+  CHECK(fx.count() == n - 1);
+}
+
+TEST_CASE("a result the store refuses fails its task by its retry policy, alone and in a batch",
+          "[worker][postgres][batch]") {
+  const int batch = GENERATE(1, 50);
+  INFO("HandlerOptions::batch = " << batch);
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    fx.write(ctx);
+    if (ctx.payload() == R"("huge")") ctx.set_result("\"" + std::string(2 << 20, 'x') + "\"");  // over 1 MiB
+  }, {.batch = batch});
+  constexpr int n = 30, huge = 7;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  tasks[huge].payload = R"("huge")";
+  tasks[huge].retry.max_attempts = 2;
+  tasks[huge].retry.initial_delay = 10ms;
+  auto submitted = ts->submit_batch(tasks);
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 20s));
+  worker.stop();
+  auto h = ts->get(submitted[huge].task.id).value();
+  CHECK(h.status == eoq::TaskStatus::failed);
+  CHECK(h.attempts == 2);
+  CHECK(h.last_error.value_or("").find("result") != std::string::npos);
+  CHECK(fx.count_for(h.id) == 0);
+  for (int i = 0; i < n; ++i) {
+    if (i == huge) continue;
+    CHECK(ts->get(submitted[i].task.id)->status == eoq::TaskStatus::succeeded);
+    CHECK(fx.count_for(submitted[i].task.id) == 1);
+  }
+  auto c = worker.counters();
+  CHECK(c.released + c.abandoned == 0);
+  check_counters_add_up(c);
+}
+
+// Not [postgres]: the runs through PgBouncer would end PgBouncer's server
+// connections, not the store's.
+TEST_CASE("a handler connection the server closed while pooled is replaced, no attempt lost",
+          "[worker][connections]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  worker.on("write", [&](eoq::TaskContext& ctx) { fx.write(ctx); });
+  worker.start();
+  auto first = ts->submit(task("write"));
+  REQUIRE(eventually([&] { return all_done(*ts, std::vector<eoq::SubmitResult>{first}); }, 10s));
+  // Every idle handler connection of the store dies (a restart, a pooler's idle timeout).
+  fx.admin.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'eoq-handler' "
+                "AND pid <> pg_backend_pid()");
+  REQUIRE(eventually([&] {
+    return fx.admin.count("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'eoq-handler'") == 0;
+  }, 5s));
+  std::vector<eoq::SubmitResult> more;
+  for (int i = 0; i < 8; ++i) more.push_back(ts->submit(task("write")));
+  REQUIRE(eventually([&] { return all_done(*ts, more); }, 10s));
+  worker.stop();
+  for (const auto& m : more) {
+    auto t = ts->get(m.task.id).value();
+    INFO("task " << t.id << ": " << t.last_error.value_or(""));
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK(t.attempts == 1);
+    CHECK(fx.count_for(t.id) == 1);
+  }
+  CHECK(worker.counters().retried == 0);
+}

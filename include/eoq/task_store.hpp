@@ -207,7 +207,8 @@ struct TransactionOptions {
   // disk flush. A crash of the database server within about three times
   // wal_writer_delay (0.6 s by default) after it can undo it: the handler's
   // writes and the task's settlement vanish together, the task is `running`
-  // again under the lost lease, and it runs once more when that lease expires.
+  // again under the lost lease, and it runs again when that lease expires, as
+  // after any lost lease (the attempt counts: with none left it ends failed).
   // Writes in the same database stay exactly-once; what a reader saw in that
   // window (the success, the handler's rows) can be undone. Submits outside
   // handler transactions stay durable whatever this says.

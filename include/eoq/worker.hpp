@@ -248,7 +248,11 @@ struct HandlerOptions {
   // commits and nothing of the others is lost or doubled. A handler in a
   // batch therefore may run more than once for one attempt (its database
   // writes commit once); ctx.checkpoint throws UsageError there. 1..1000;
-  // 1 (the default): each task in a transaction of its own.
+  // 1 (the default): each task in a transaction of its own. A handler thread
+  // that runs batches holds up to a batch of leases, so a worker with a batch
+  // type registered holds up to concurrency x the largest batch (plus its
+  // look-ahead) of whatever its queues hold: give slow types that do not batch
+  // a worker (or queue) of their own.
   int batch = 1;
   // Overrides WorkerOptions::synchronous_commit for this type.
   std::optional<bool> synchronous_commit{};

@@ -167,7 +167,16 @@ class Pool {
         : pool_(pool), c_(std::move(c)), spare_(spare) {}
     Borrowed(Borrowed&& o) noexcept
         : pool_(std::exchange(o.pool_, nullptr)), c_(std::move(o.c_)), spare_(o.spare_) {}
-    Borrowed& operator=(Borrowed&&) = delete;
+    // Returns (or frees the slot of) the connection held, then holds o's.
+    Borrowed& operator=(Borrowed&& o) noexcept {
+      if (this != &o) {
+        if (pool_) pool_->put(std::move(c_), spare_);
+        pool_ = std::exchange(o.pool_, nullptr);
+        c_ = std::move(o.c_);
+        spare_ = o.spare_;
+      }
+      return *this;
+    }
     // Returns the connection, or after discard() frees its slot.
     ~Borrowed() {
       if (pool_) pool_->put(std::move(c_), spare_);

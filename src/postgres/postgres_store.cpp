@@ -1365,9 +1365,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
       for (const auto& p : params) texts.push_back(p.text());
       std::vector<pg::Step> steps = prefix();
       steps.push_back({nullptr, sql, &texts, false, true, "handler SQL"});
-      auto rs = conn_->pipeline(steps);
-      pipelined();
-      r = std::move(rs.back());
+      r = std::move(first_or_next(steps).back());
     } catch (...) {
       abandon();
       throw;
@@ -1417,7 +1415,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     } catch (const DatabaseError& e) {
       open_ = true;
       abandon();
-      if (e.sqlstate() == kLeaseLostState) lease_lost(lease_, "complete");
+      if (e.sqlstate() == kLeaseLostState && e.statement() == "complete") lease_lost(lease_, "complete");
       throw;
     } catch (...) {
       open_ = true;
@@ -1445,8 +1443,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     steps.push_back({&store_.sql.complete, {}, &params, true, false, "complete"});
     Result r;
     try {
-      r = std::move(conn_->pipeline(steps).back());
-      pipelined();
+      r = std::move(first_or_next(steps).back());
     } catch (...) {
       abandon();
       throw;
@@ -1547,12 +1544,34 @@ class PgLeaseTransaction final : public LeaseTransaction {
   void ensure_begun() {
     if (begun_ && queued_.empty()) return;
     try {
-      conn_->pipeline(prefix());
+      auto steps = prefix();
+      first_or_next(steps);
     } catch (...) {
       abandon();
       throw;
     }
-    pipelined();
+  }
+  // Sends steps that hold no COMMIT. The transaction's first pipeline cannot
+  // have committed anything, so after a transient error (a pooled connection
+  // the server closed meanwhile: a restart, a pooler's idle timeout, a killed
+  // backend) it goes again on a fresh connection, as BEGIN did when begin()
+  // still sent it.
+  std::vector<Result> first_or_next(const std::vector<pg::Step>& steps) {
+    const bool first = !begun_;
+    for (int attempt = 0;; ++attempt) {
+      try {
+        auto rs = conn_->pipeline(steps);
+        pipelined();
+        return rs;
+      } catch (const CommitInDoubt&) {
+        throw;
+      } catch (const TransientError&) {
+        if (!first || attempt >= store_.options.transient_retries) throw;
+      }
+      conn_.discard();
+      pg::sleep_backoff(attempt);
+      conn_ = store_.tx_pool.acquire();
+    }
   }
   void require_open() const {
     if (!open_) throw UsageError("this lease transaction is already settled or broken");

@@ -143,6 +143,11 @@ BatchSettled Completer::settle_batch(LeaseTransaction& tx, std::span<TaskRun* co
     }
   } catch (const TransientError& e) {
     e_.store_error(fmt::format("completing a batch of {} (from {})", runs.size(), runs.front()->describe()), e);
+  } catch (const InvalidArgument& refused) {
+    // A result the store refuses (too large): each runs alone, where it fails only its own task.
+    e_.log(LogLevel::info, "a batch of {} (from {}) was refused at its completion, each task runs alone: {}",
+           runs.size(), runs.front()->describe(), refused.what());
+    return {nullptr, true};
   } catch (const DatabaseError& e) {
     // Some task's own work was refused at the end (a statement it sent, a
     // deferred constraint), and which one is not known: each runs alone.
@@ -187,6 +192,12 @@ void Completer::settle_transaction(TaskRun& run) {
   } catch (const TransientError& e) {
     run.drop_transaction();
     e_.store_error(fmt::format("{}: completing", run.describe()), e);
+  } catch (const InvalidArgument& e) {
+    // The handler's result broke a rule of the store (its size): the handler's
+    // failure, or giving the task back would repeat it for ever.
+    run.drop_transaction();
+    settle_failure(run, Failure{e.what(), false}, false);
+    return;
   } catch (const DatabaseError& e) {
     // The server refused the handler's own work at the end (a statement it
     // sent, a deferred constraint at COMMIT): the handler's failure, settled

@@ -94,6 +94,11 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
     // A lease settled meanwhile (given back by stop(), say) is not run again.
     std::erase_if(todo, [](TaskRun* r) { return r->settled.load(); });
     if (todo.empty()) return;
+    if (e_.give_up) {
+      // Past the shutdown deadline: what the batch still holds goes back now, not after another round.
+      for (TaskRun* r : todo) e_.completer.give_back(*r, "its batch was still running at the shutdown deadline");
+      return;
+    }
     std::unique_ptr<LeaseTransaction> tx;
     try {
       tx = e_.store.begin(todo.front()->lease, reg.tx);
@@ -113,10 +118,14 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
       r.batch_tx = nullptr;
       r.tx_view.reset();
       if (v.kind == Verdict::Kind::settled) continue;  // ended at hand-off, never started
+      // A broken transaction may be another task's doing (a statement it sent
+      // fails on this one's exec), whatever this handler made of the error.
       if (v.kind == Verdict::Kind::succeeded && !tx->open())
         v = {Verdict::Kind::failed,
              Failure{"a statement failed in the batch's transaction and the handler went on", false}, false, {},
              true};
+      else if (v.kind != Verdict::Kind::succeeded && !tx->open())
+        v.database = true;
       if (v.kind != Verdict::Kind::succeeded) {
         culprit.emplace(&r, std::move(v));
         ++i;

@@ -360,7 +360,8 @@ Worker& Worker::on(std::string type, Handler handler, HandlerOptions options) {
   if (impl_->state.load() != Impl::State::idle) throw UsageError("Worker::on: register handlers before start()");
   if (type.empty()) throw InvalidArgument("type", "must not be empty");
   if (!handler) throw InvalidArgument("handler", "must not be empty");
-  if (options.batch < 1 || options.batch > 1000) throw InvalidArgument("batch", "must be between 1 and 1000");
+  if (options.batch < 1 || options.batch > 1000)
+    throw InvalidArgument("batch", fmt::format("must be between 1 and 1000, not {}", options.batch));
   TransactionOptions tx{options.synchronous_commit.value_or(impl_->opt.synchronous_commit)};
   impl_->handlers[std::move(type)] = detail::Registered{std::move(handler), options.batch, tx};
   return *this;
