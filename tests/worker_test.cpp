@@ -1494,36 +1494,34 @@ long long succeeded_in(eoq::TaskStore& store) {
   return n;
 }
 
-}  // namespace
-
-TEST_CASE("worker processes killed at random lose no task and repeat no effect", "[worker][postgres][process]") {
-  eoq::test::TestStore ts(StoreKind::postgres);
-  eoq::test::Admin admin(ts.conninfo());
+// The effects table (no unique constraint: a repeated effect must show up as
+// a duplicate row) and the counter that crash-mode children write, and n
+// tasks of type "effect" submitted through `client` (recorded), with attempts
+// enough for every kill to cost the tasks it held one.
+void crash_setup(const eoq::test::TestStore& ts, eoq::test::Admin& admin, h::RecordingStore& client, int n) {
   const std::string effects = "\"" + ts.schema() + "\".effects", counter = "\"" + ts.schema() + "\".counter";
-  // No unique constraint: a repeated effect must show up as a duplicate row.
   admin.exec("CREATE TABLE " + effects + " (task_id bigint NOT NULL, version bigint NOT NULL)");
   admin.exec("CREATE TABLE " + counter + " (n bigint NOT NULL)");
   admin.exec("INSERT INTO " + counter + " VALUES (0)");
-
-  constexpr int n = 5000, workers = 4;
   auto t = task("effect");
-  t.retry.max_attempts = 1000;  // every kill costs the tasks it held an attempt
+  t.retry.max_attempts = 1000;
   t.retry.initial_delay = 10ms;
   t.retry.max_delay = 100ms;
-  std::vector<eoq::NewTask> batch(n, t);
-  h::Recorder parent;
-  h::RecordingStore client(*ts, parent);
+  std::vector<eoq::NewTask> batch(static_cast<std::size_t>(n), t);
   for (std::size_t at = 0; at < batch.size(); at += 1000)
     client.submit_batch(std::span<const eoq::NewTask>(batch).subspan(at, std::min<std::size_t>(1000, batch.size() - at)));
+}
 
-  auto dir = eoq::test::scratch_dir("worker-crash");
-  // No prefetch: the look-ahead is measured, as with WorkerOptions defaults.
-  const std::vector<std::string> opts{"lease_ms=1000", "concurrency=4"};
+// Runs `workers` crash-mode children with `opts`, SIGKILLs one at random every
+// 100-400 ms (and starts it again) until the store has n successes or 240 s
+// have passed, then stops them all with SIGTERM, checking each exits cleanly.
+// Returns the number of kills.
+int kill_at_random(const eoq::test::TestStore& ts, const std::string& dir, const std::string& prefix, int workers,
+                   long long n, const std::vector<std::string>& opts) {
   std::vector<ChildWorker> children;
-  std::vector<int> generation(workers, 0);
+  std::vector<int> generation(static_cast<std::size_t>(workers), 0);
   for (int i = 0; i < workers; ++i)
-    children.push_back(start_child("crash", ts, dir, "w" + std::to_string(i) + "-0", opts));
-
+    children.push_back(start_child("crash", ts, dir, prefix + std::to_string(i) + "-0", opts));
   std::mt19937 rng(std::random_device{}());
   int kills = 0;
   auto deadline = std::chrono::steady_clock::now() + 240s;
@@ -1533,7 +1531,7 @@ TEST_CASE("worker processes killed at random lose no task and repeat no effect",
     ::kill(children[i].child.pid, SIGKILL);
     CHECK(eoq::test::wait_child(children[i].child, 10s) == 128 + SIGKILL);
     ++kills;
-    children[i] = start_child("crash", ts, dir, "w" + std::to_string(i) + "-" + std::to_string(++generation[i]), opts);
+    children[i] = start_child("crash", ts, dir, prefix + std::to_string(i) + "-" + std::to_string(++generation[i]), opts);
   }
   // A child blocks SIGTERM only once it is up; one restarted a moment ago may not be yet.
   for (auto& c : children) {
@@ -1544,6 +1542,22 @@ TEST_CASE("worker processes killed at random lose no task and repeat no effect",
     INFO(c.name << " log:\n" << eoq::test::read_file(c.child.log));
     CHECK(eoq::test::wait_child(c.child, 30s) == 0);
   }
+  return kills;
+}
+
+}  // namespace
+
+TEST_CASE("worker processes killed at random lose no task and repeat no effect", "[worker][postgres][process]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  eoq::test::Admin admin(ts.conninfo());
+  const std::string effects = "\"" + ts.schema() + "\".effects", counter = "\"" + ts.schema() + "\".counter";
+  constexpr int n = 5000, workers = 4;
+  h::Recorder parent;
+  h::RecordingStore client(*ts, parent);
+  crash_setup(ts, admin, client, n);
+  auto dir = eoq::test::scratch_dir("worker-crash");
+  // No prefetch: the look-ahead is measured, as with WorkerOptions defaults.
+  int kills = kill_at_random(ts, dir, "w", workers, n, {"lease_ms=1000", "concurrency=4"});
 
   INFO("kills: " << kills);
   CHECK(kills >= 10);
@@ -1597,48 +1611,12 @@ TEST_CASE("batch worker processes killed at random, one task in 37 failing once,
   eoq::test::TestStore ts(StoreKind::postgres);
   eoq::test::Admin admin(ts.conninfo());
   const std::string effects = "\"" + ts.schema() + "\".effects", counter = "\"" + ts.schema() + "\".counter";
-  // No unique constraint: a repeated effect must show up as a duplicate row.
-  admin.exec("CREATE TABLE " + effects + " (task_id bigint NOT NULL, version bigint NOT NULL)");
-  admin.exec("CREATE TABLE " + counter + " (n bigint NOT NULL)");
-  admin.exec("INSERT INTO " + counter + " VALUES (0)");
-
   constexpr int n = 3000, workers = 3;
-  auto t = task("effect");
-  t.retry.max_attempts = 1000;  // every kill costs the tasks it held an attempt
-  t.retry.initial_delay = 10ms;
-  t.retry.max_delay = 100ms;
-  std::vector<eoq::NewTask> batch(n, t);
   h::Recorder parent;
   h::RecordingStore client(*ts, parent);
-  for (std::size_t at = 0; at < batch.size(); at += 1000)
-    client.submit_batch(std::span<const eoq::NewTask>(batch).subspan(at, std::min<std::size_t>(1000, batch.size() - at)));
-
+  crash_setup(ts, admin, client, n);
   auto dir = eoq::test::scratch_dir("worker-crash-batch");
-  const std::vector<std::string> opts{"lease_ms=1000", "concurrency=2", "batch=40", "fail_every=37"};
-  std::vector<ChildWorker> children;
-  std::vector<int> generation(workers, 0);
-  for (int i = 0; i < workers; ++i)
-    children.push_back(start_child("crash", ts, dir, "b" + std::to_string(i) + "-0", opts));
-
-  std::mt19937 rng(std::random_device{}());
-  int kills = 0;
-  auto deadline = std::chrono::steady_clock::now() + 240s;
-  while (succeeded_in(*ts) < n && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(Millis(std::uniform_int_distribution<int>(100, 400)(rng)));
-    auto i = static_cast<std::size_t>(std::uniform_int_distribution<int>(0, workers - 1)(rng));
-    ::kill(children[i].child.pid, SIGKILL);
-    CHECK(eoq::test::wait_child(children[i].child, 10s) == 128 + SIGKILL);
-    ++kills;
-    children[i] = start_child("crash", ts, dir, "b" + std::to_string(i) + "-" + std::to_string(++generation[i]), opts);
-  }
-  for (auto& c : children) {
-    CHECK(eventually([&] { return eoq::test::read_file(c.child.log).find("ready ") != std::string::npos; }, 20s));
-    ::kill(c.child.pid, SIGTERM);
-  }
-  for (auto& c : children) {
-    INFO(c.name << " log:\n" << eoq::test::read_file(c.child.log));
-    CHECK(eoq::test::wait_child(c.child, 30s) == 0);
-  }
+  int kills = kill_at_random(ts, dir, "b", workers, n, {"lease_ms=1000", "concurrency=2", "batch=40", "fail_every=37"});
 
   INFO("kills: " << kills);
   CHECK(kills >= 5);
