@@ -3078,3 +3078,49 @@ TEST_CASE("a handler connection the server closed while pooled is replaced, no a
   }
   CHECK(worker.counters().retried == 0);
 }
+
+TEST_CASE("batch: at the shutdown deadline a running batch gives every lease back and commits nothing",
+          "[worker][postgres][batch]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  options.lease = 60s;
+  options.shutdown_timeout = 100ms;
+  eoq::Worker worker(*ts, options);
+  Gate gate;
+  std::atomic<bool> started{false};
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    fx.write(ctx);
+    if (ctx.payload() == R"("stubborn")" && !started.exchange(true)) gate.wait();  // past the deadline
+  }, {.batch = 10});
+  constexpr int n = 10, stubborn = 2;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  tasks[stubborn].payload = R"("stubborn")";
+  auto submitted = ts->submit_batch(tasks);
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  REQUIRE(worker.counters().claimed == n);  // all ten in the one batch
+  std::thread stopper([&] { worker.stop(); });
+  // The stubborn one's lease goes back at the deadline; then the handler returns.
+  REQUIRE(eventually([&] { return worker.counters().released >= 1; }, 10s));
+  gate.release();
+  stopper.join();
+  auto c = worker.counters();
+  INFO("released " << c.released << ", lease_lost " << c.lease_lost << ", succeeded " << c.succeeded);
+  // After the deadline the batch runs nothing again: every lease went back, none of its writes committed.
+  CHECK(c.succeeded == 0);
+  CHECK(c.released + c.lease_lost == n);
+  CHECK(c.in_flight == 0);
+  check_counters_add_up(c);
+  CHECK(fx.count() == 0);
+  // Another worker runs them all, each once.
+  LogSink sink2;
+  eoq::Worker next(*ts, fast_options(sink2));
+  next.on("write", [&](eoq::TaskContext& ctx) { fx.write(ctx); }, {.batch = 10});
+  next.start();
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 20s));
+  next.stop();
+  for (const auto& s : submitted) CHECK(fx.count_for(s.task.id) == 1);
+}
