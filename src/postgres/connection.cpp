@@ -287,7 +287,7 @@ std::vector<Result> Connection::pipeline(std::span<const Step> steps) {
     if (prepare_ && st.st) {
       name = st.st->name;
     } else if (prepare_ && st.cache) {
-      auto it = cached_.find(std::string(sql));
+      auto it = cached_.find(sql);
       if (it != cached_.end()) {
         name = it->second.c_str();
       } else if (cached_made_ < kCachedMax) {
@@ -351,7 +351,8 @@ std::vector<Result> Connection::pipeline(std::span<const Step> steps) {
     // worker restarts.
     const Step& bad = steps[sent[*failed].step];
     const char* state = error.get() ? PQresultErrorField(error.get(), PG_DIAG_SQLSTATE) : nullptr;
-    if (bad.cache && state && std::string_view(state) == "0A000") cached_.erase(std::string(bad.sql));
+    if (bad.cache && state && std::string_view(state) == "0A000")
+      if (auto it = cached_.find(bad.sql); it != cached_.end()) cached_.erase(it);
     throw_error(c, error.get(), bad.label);
   }
   return out;

@@ -150,7 +150,11 @@ class Connection {
   // plan, instead of on every call. Bounded: past kCachedMax names made (a
   // handler that formats values into its SQL), the rest go unnamed.
   static constexpr std::size_t kCachedMax = 256;
-  std::unordered_map<std::string, std::string> cached_;
+  struct TextHash {  // finds a text without copying it into a std::string
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+  };
+  std::unordered_map<std::string, std::string, TextHash, std::equal_to<>> cached_;
   std::size_t cached_made_ = 0;  // names are never reused: a dropped entry's statement stays on the server
 };
 

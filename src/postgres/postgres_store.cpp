@@ -1454,12 +1454,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
         abandon();
         lease_lost(*c.lease, "complete_all");
       }
-    open_ = false;
-    try {
-      conn_->command("COMMIT");
-    } catch (const TransientError& e) {
-      in_doubt(e, *completions[0].lease, "succeeded");
-    }
+    commit("succeeded", *completions[0].lease);  // one commit: the first lease's outcome is every one's
   }
 
   FailOutcome fail(const Failure& failure) override {
@@ -1603,12 +1598,13 @@ class PgLeaseTransaction final : public LeaseTransaction {
   }
   // COMMIT; when the connection drops during it, ask the server (on another
   // connection) whether the settlement is on record before answering.
-  void commit(const char* expect) {
+  void commit(const char* expect) { commit(expect, lease_); }
+  void commit(const char* expect, const Lease& asked) {
     open_ = false;
     try {
       conn_->command("COMMIT");
     } catch (const TransientError& e) {
-      in_doubt(e, lease_, expect);
+      in_doubt(e, asked, expect);
     }
   }
   // All of a commit's settlements stand or fall together: one lease's tells.

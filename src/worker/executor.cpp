@@ -24,6 +24,7 @@ void Executor::run(const std::stop_token& st) {
     run = std::move(e_.buffer.front());
     e_.buffer.pop_front();
     ++e_.busy_handlers;
+    if (e_.max_batch <= 1) return;  // no type batches: no lookup under the lock
     auto reg = e_.handlers.find(run->lease.task.type);
     if (reg == e_.handlers.end() || reg->second.batch <= 1) return;
     // The rest of the batch: the buffer's next leases of the same type.
@@ -90,6 +91,12 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
   std::vector<TaskRun*> todo;
   todo.reserve(runs.size());
   for (auto& r : runs) todo.push_back(r.get());
+  // Each of `some` again in a transaction of its own (alone() wants its shared_ptr).
+  auto each_alone = [&](const std::vector<TaskRun*>& some) {
+    for (TaskRun* r : some)
+      for (auto& held : runs)
+        if (held.get() == r) alone(held);
+  };
   for (;;) {
     // A lease settled meanwhile (given back by stop(), say) is not run again.
     std::erase_if(todo, [](TaskRun* r) { return r->settled.load(); });
@@ -139,9 +146,7 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
       // task it belongs to is not known, so each runs in a transaction of
       // its own, where its errors are its own.
       tx.reset();
-      for (TaskRun* r : todo)
-        for (auto& held : runs)
-          if (held.get() == r) alone(held);
+      each_alone(todo);
       return;
     }
     if (culprit) {
@@ -155,9 +160,7 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
     auto left = e_.completer.settle_batch(*tx, ran);
     if (left.alone) {
       tx.reset();
-      for (TaskRun* r : ran)
-        for (auto& held : runs)
-          if (held.get() == r) alone(held);
+      each_alone(ran);
       return;
     }
     if (!left.stale) return;
