@@ -378,7 +378,28 @@ TEST_CASE("cli: submit creates the task the store then holds, every field as giv
     CHECK(other.code == 4);
     CHECK(contains(other.err, "key conflict: '2026-11' is already used by task " + std::to_string(id) +
                                   " with a different type and payload"));
+    // The remedy is the CLI's own flag, not a C++ enum; and the flag does what it says.
+    CHECK(contains(other.err, "--key-reuse lenient"));
+    CHECK_FALSE(contains(other.err, "KeyReuse"));
+    auto lenient = eoq_cli.json({"submit", "--queue", "reports", "--type", "other", "--key", "2026-11",
+                                 "--key-reuse", "lenient"});
+    CHECK(lenient.at("duplicate") == true);
+    CHECK(lenient.at("task").at("id") == id);
+    CHECK(eoq_cli({"submit", "--type", "x", "--key", "k", "--key-reuse", "sloppy"}).code == 2);
     CHECK(S->list(eoq::test::Q().queue("reports")).tasks.size() == 1);
+
+    // The same JSON as the HTTP API stores it (compact, members in another
+    // order) is the same payload: a duplicate, not a conflict.
+    eoq::NewTask api;
+    api.queue = "reports";
+    api.type = "monthly";
+    api.key = "2026-12";
+    api.payload = R"({"tags":["a","b"],"month":12})";
+    auto held = S->submit(api).task;
+    auto typed = eoq_cli({"submit", "--queue", "reports", "--type", "monthly", "--key", "2026-12", "--payload",
+                          R"({"month": 12, "tags": ["a", "b"]})"});
+    CHECK(typed.code == 0);
+    CHECK(contains(typed.out, fmt::format("already belongs to task {}", held.id)));
 
     // A finished task keeps its key: the message says how it ended.
     auto first = eoq_cli.json({"submit", "--queue", "daily", "--type", "d", "--key", "2026-11-23"});

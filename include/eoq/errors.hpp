@@ -33,21 +33,29 @@ class KeyConflict : public InvalidArgument {
  public:
   // `differs`: "type", "payload" or "type and payload"; `holder`: who has the key
   // ("task 42", or "tasks[1] of this batch"); `existing_id`: that task's id, 0
-  // when it is an earlier task of the same batch.
+  // when it is an earlier task of the same batch. Payloads compare as JSON
+  // values (jsonb equality), not as text.
   KeyConflict(std::string field, std::string key, std::string differs, std::string holder, long long existing_id)
-      : InvalidArgument(std::move(field),
-                        "'" + key + "' is already used by " + holder + " with a different " + differs +
-                            "; a key may be reused only with the same type and payload (KeyReuse::lenient "
-                            "returns the existing task instead)"),
+      : InvalidArgument(field, conflict(key, differs, holder) + " (KeyReuse::lenient returns the existing task "
+                                                                 "instead)"),
         key_(std::move(key)),
         differs_(std::move(differs)),
+        holder_(std::move(holder)),
         existing_id_(existing_id) {}
   const std::string& key() const noexcept { return key_; }
   const std::string& differs() const noexcept { return differs_; }
+  const std::string& holder() const noexcept { return holder_; }
   long long existing_task_id() const noexcept { return existing_id_; }
+  // The conflict without the C++ remedy, for front ends that name their own
+  // (a command-line flag, a JSON field).
+  std::string conflict() const { return conflict(key_, differs_, holder_); }
 
  private:
-  std::string key_, differs_;
+  static std::string conflict(const std::string& key, const std::string& differs, const std::string& holder) {
+    return "'" + key + "' is already used by " + holder + " with a different " + differs +
+           "; a key may be reused only with the same type and payload";
+  }
+  std::string key_, differs_, holder_;
   long long existing_id_;
 };
 

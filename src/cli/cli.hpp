@@ -110,7 +110,7 @@ int cmd_show(Context& ctx, TaskId id);
 
 // ---- manage.cpp
 struct SubmitArgs {
-  std::string queue = "default", type, key, payload = "{}", run_at, deadline;
+  std::string queue = "default", type, key, key_reuse = "strict", payload = "{}", run_at, deadline;
   int priority = 0, max_attempts = RetryPolicy{}.max_attempts;
   CLI::Option *key_opt = nullptr, *run_at_opt = nullptr, *deadline_opt = nullptr;
 };

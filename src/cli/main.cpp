@@ -134,7 +134,9 @@ int run_command(Context& ctx, const std::function<int(Context&)>& command) {
   } catch (const Failure& e) {
     return report(e.code(), e.what());
   } catch (const KeyConflict& e) {
-    return report(kKeyConflict, fmt::format("key conflict: {}", e.rule()));
+    return report(kKeyConflict, fmt::format("key conflict: {} (payloads are compared as JSON values); to get the "
+                                            "task that holds the key instead, submit with --key-reuse lenient",
+                                            e.conflict()));
   } catch (const InvalidArgument& e) {
     auto flag = flag_of(e.field());
     return report(kBadInput, fmt::format("invalid {}{}: {}{}", e.field(), flag.empty() ? "" : " (" + flag + ")",
@@ -316,7 +318,8 @@ int run(int argc, char** argv) {
       "Times: RFC 3339 (2026-11-23T10:00:00Z, 2026-11-23T11:00:00+01:00) or relative to now\n"
       "(+30s, +10m, +2h, +1d12h). A --key that is already taken in the queue submits nothing:\n"
       "the existing task is shown, marked duplicate, and the exit status is 0; if that task has\n"
-      "another type or payload, nothing is submitted and the exit status is 4.\n\n"
+      "another type or payload (compared as JSON values), nothing is submitted and the exit\n"
+      "status is 4, unless --key-reuse lenient.\n\n"
       "Examples:\n  eoq submit --type send_email --payload '{\"to\": \"ann@example.com\"}'\n"
       "  eoq submit --queue reports --type monthly --key 2026-11 --run-at +2h --deadline +1d\n"
       "  eoq --tenant acme submit --type import --payload @import.json --max-attempts 5");
@@ -326,6 +329,12 @@ int run(int argc, char** argv) {
       ->required();
   submit_args.key_opt =
       submit->add_option("--key", submit_args.key, "Idempotency key, unique per queue (and tenant)")->type_name("KEY");
+  submit->add_option("--key-reuse", submit_args.key_reuse,
+                     "strict: a --key taken by a task of another type\nor payload (compared as JSON values) exits 4;\n"
+                     "lenient: shows that task, exit status 0")
+      ->type_name("MODE")
+      ->check(quiet(CLI::IsMember({"strict", "lenient"})))
+      ->capture_default_str();
   submit->add_option("--payload", submit_args.payload, "The task's input as JSON; @FILE reads a\nfile, - reads stdin")
       ->type_name("JSON")
       ->capture_default_str();

@@ -51,6 +51,7 @@ int cmd_submit(Context& ctx, const SubmitArgs& a) {
     throw InvalidArgument("payload", "must be valid JSON text: " + why);
   }
   if (a.key_opt->count()) t.key = a.key;
+  t.key_reuse = a.key_reuse == "lenient" ? KeyReuse::lenient : KeyReuse::strict;
   t.priority = a.priority;
   t.retry.max_attempts = a.max_attempts;
   auto at = now();

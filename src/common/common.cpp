@@ -165,7 +165,7 @@ bool is_utf8(std::string_view s) noexcept {
 TimePoint now() noexcept { return std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()); }
 
 std::string key_difference(const NewTask& submitted, std::string_view type, std::string_view payload) {
-  const bool t = submitted.type != type, p = submitted.payload != payload;
+  const bool t = submitted.type != type, p = !json_equal(submitted.payload, payload);
   return t && p ? "type and payload" : t ? "type" : p ? "payload" : "";
 }
 
@@ -389,6 +389,202 @@ bool is_json(std::string_view text) noexcept {
   if (!p.value()) return false;
   p.ws();
   return p.i == text.size();
+}
+
+namespace {
+
+// Writes a JSON text (already valid: is_json) in one form per value, the way
+// jsonb equality sees it: no whitespace, object members sorted by name with the
+// last of a repeated name kept, strings with escapes decoded, numbers as
+// digits and exponent without redundant zeros (1.50, 15e-1 and 1.5 are one
+// value, as -0 and 0 are).
+struct Canonical {
+  std::string_view s;
+  std::size_t i = 0;
+
+  void ws() {
+    while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i;
+  }
+  static void put_utf8(std::string& out, unsigned cp) {
+    if (cp < 0x80) {
+      out += static_cast<char>(cp);
+    } else if (cp < 0x800) {
+      out += static_cast<char>(0xC0 | (cp >> 6));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+      out += static_cast<char>(0xE0 | (cp >> 12));
+      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else {
+      out += static_cast<char>(0xF0 | (cp >> 18));
+      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+  }
+  unsigned hex4() {
+    unsigned v = 0;
+    for (int k = 0; k < 4; ++k, ++i) {
+      char c = s[i];
+      v = v * 16 + static_cast<unsigned>(c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10);
+    }
+    return v;
+  }
+  // The decoded text of a string, quoted, with only '"', '\\' and control
+  // characters escaped.
+  void string(std::string& out) {
+    std::string raw;
+    ++i;  // "
+    while (s[i] != '"') {
+      if (s[i] != '\\') {
+        raw += s[i++];
+        continue;
+      }
+      char e = s[++i];
+      ++i;
+      switch (e) {
+        case 'b': raw += '\b'; break;
+        case 'f': raw += '\f'; break;
+        case 'n': raw += '\n'; break;
+        case 'r': raw += '\r'; break;
+        case 't': raw += '\t'; break;
+        case 'u': {
+          unsigned cp = hex4();
+          if (cp >= 0xD800 && cp <= 0xDBFF) {
+            i += 2;  // \u of the low half, which is_json has checked
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (hex4() - 0xDC00);
+          }
+          put_utf8(raw, cp);
+          break;
+        }
+        default: raw += e;  // " \ /
+      }
+    }
+    ++i;
+    out += '"';
+    for (char c : raw) {
+      if (c == '"' || c == '\\') {
+        out += '\\';
+        out += c;
+      } else if (static_cast<unsigned char>(c) < 0x20) {
+        out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
+      } else {
+        out += c;
+      }
+    }
+    out += '"';
+  }
+  void number(std::string& out) {
+    bool negative = false;
+    if (s[i] == '-') {
+      negative = true;
+      ++i;
+    }
+    std::string digits;
+    long long exponent = 0;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9') digits += s[i++];
+    if (i < s.size() && s[i] == '.') {
+      ++i;
+      while (i < s.size() && s[i] >= '0' && s[i] <= '9') {
+        digits += s[i++];
+        --exponent;
+      }
+    }
+    if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+      ++i;
+      bool minus = false;
+      if (s[i] == '+' || s[i] == '-') minus = s[i++] == '-';
+      // Saturates: exponents beyond 10^15 are not numbers anyone compares.
+      long long e = 0;
+      while (i < s.size() && s[i] >= '0' && s[i] <= '9') {
+        if (e < 1'000'000'000'000'000) e = e * 10 + (s[i] - '0');
+        ++i;
+      }
+      exponent += minus ? -e : e;
+    }
+    const auto first = digits.find_first_not_of('0');
+    if (first == std::string::npos) {
+      out += '0';
+      return;
+    }
+    auto last = digits.find_last_not_of('0');
+    exponent += static_cast<long long>(digits.size() - 1 - last);
+    if (negative) out += '-';
+    out.append(digits, first, last - first + 1);
+    if (exponent != 0) out += fmt::format("e{}", exponent);
+  }
+  void value(std::string& out) {
+    ws();
+    char c = s[i];
+    if (c == '{') {
+      ++i;
+      std::vector<std::pair<std::string, std::string>> members;
+      ws();
+      while (s[i] != '}') {
+        std::pair<std::string, std::string> m;
+        ws();
+        string(m.first);
+        ws();
+        ++i;  // :
+        value(m.second);
+        members.push_back(std::move(m));
+        ws();
+        if (s[i] == ',') ++i;
+      }
+      ++i;
+      // Stable: of a repeated name the last member is the one kept.
+      std::stable_sort(members.begin(), members.end(),
+                       [](const auto& a, const auto& b) { return a.first < b.first; });
+      out += '{';
+      bool comma = false;
+      for (std::size_t k = 0; k < members.size(); ++k) {
+        if (k + 1 < members.size() && members[k + 1].first == members[k].first) continue;
+        if (comma) out += ',';
+        comma = true;
+        out += members[k].first;
+        out += ':';
+        out += members[k].second;
+      }
+      out += '}';
+    } else if (c == '[') {
+      ++i;
+      out += '[';
+      ws();
+      bool comma = false;
+      while (s[i] != ']') {
+        if (comma) out += ',';
+        comma = true;
+        value(out);
+        ws();
+        if (s[i] == ',') ++i;
+        ws();
+      }
+      ++i;
+      out += ']';
+    } else if (c == '"') {
+      string(out);
+    } else if (c == 't' || c == 'n') {
+      out.append(s.substr(i, 4));
+      i += 4;
+    } else if (c == 'f') {
+      out += "false";
+      i += 5;
+    } else {
+      number(out);
+    }
+  }
+};
+
+}  // namespace
+
+bool json_equal(std::string_view a, std::string_view b) {
+  if (a == b) return true;
+  // Text that is not JSON (a store fed around validation) compares as text.
+  if (!is_json(a) || !is_json(b)) return false;
+  std::string ca, cb;
+  Canonical{a}.value(ca);
+  Canonical{b}.value(cb);
+  return ca == cb;
 }
 
 void validate_queue(std::string_view field, std::string_view queue) {

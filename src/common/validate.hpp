@@ -15,6 +15,10 @@ namespace eoq::detail {
 
 // Strict RFC 8259 JSON; nesting deeper than 512 is refused.
 bool is_json(std::string_view text) noexcept;
+// Whether two JSON texts are the same value as jsonb equality sees it: object
+// member order, whitespace, escapes and the spelling of a number do not count;
+// of a repeated member name the last counts. Not JSON: compared as text.
+bool json_equal(std::string_view a, std::string_view b);
 // Well-formed UTF-8 as PostgreSQL accepts it (no overlong forms, surrogates or
 // code points past U+10FFFF). utf8_sequence: the length of the character at
 // byte i, 0 when it is not well formed.

@@ -593,7 +593,10 @@ HttpResponse Dashboard::handle(const HttpRequest& request) const {
     return I.route(request, rest);
   } catch (const KeyConflict& e) {
     // The request is well formed; it conflicts with the task that holds the key.
-    return error_response(409, e.what(), e.field(), e.rule());
+    // The remedy in the API's own words; KeyConflict's names a C++ enum.
+    auto rule = e.conflict() + " (payloads are compared as JSON values); to get the task that holds the key "
+                               "instead, send \"key_reuse\":\"lenient\"";
+    return error_response(409, e.field() + ": " + rule, e.field(), rule);
   } catch (const InvalidArgument& e) {
     return error_response(400, e.what(), e.field(), e.rule());
   } catch (const TransientError& e) {

@@ -522,10 +522,10 @@ STORE_CASE("a key reused with another type or payload is a KeyConflict that writ
   REQUIRE(both);
   CHECK(both->differs() == "type and payload");
 
-  // Payloads compare as stored text: equal JSON spelled differently is another payload.
-  auto spaced = conflict_of([&] { store.submit(keyed("k1", "default", R"({"a": 1})")); }, other);
-  REQUIRE(spaced);
-  CHECK(spaced->differs() == "payload");
+  // Payloads compare as JSON values: equal JSON spelled differently is the same payload.
+  auto spaced = store.submit(keyed("k1", "default", R"({ "a": 1 })"));
+  CHECK(spaced.duplicate);
+  CHECK(spaced.task.id == first.id);
 
   // A KeyConflict is an InvalidArgument: code that handles bad input handles it.
   CHECK(field_of([&] { store.submit(keyed("k1", "default", "[]")); }) == "key");
@@ -552,6 +552,65 @@ STORE_CASE("a key reused with another type or payload is a KeyConflict that writ
     t.tenant = "acme";
     CHECK_FALSE(store.submit(t).duplicate);
   }
+}
+
+STORE_CASE("strict keys compare payloads as JSON values, as jsonb equality does", "[keys]") {
+  const std::string stored = R"({"user": {"id": 7, "tags": ["a", "b"]}, "amount": 1.50, "note": "caf\u00e9"})";
+  auto first = store.submit(keyed("j", "default", stored)).task;
+  CHECK(first.payload == stored);  // kept as submitted
+
+  for (const std::string& same : {
+           std::string(R"({"amount":1.5,"note":"café","user":{"tags":["a","b"],"id":7}})"),  // order, escapes
+           std::string("{\n  \"note\" : \"caf\\u00e9\",\t\"amount\": 15e-1, \"user\":{\"id\":7.0,\"tags\":[\"a\",\"b\"]}}"),
+           std::string(R"({"amount":0.150E1,"user":{"id":70e-1,"tags":["a","b"]},"note":"caf\u00E9"})"),
+           // Of a repeated name the last counts, as in jsonb.
+           std::string(R"({"amount":99,"amount":1.5,"note":"café","user":{"id":7,"tags":["a","b"]}})"),
+       }) {
+    INFO(same);
+    auto r = store.submit(keyed("j", "default", same));
+    CHECK(r.duplicate);
+    CHECK(r.task.id == first.id);
+    CHECK(r.task.payload == stored);
+  }
+
+  std::string other;
+  for (const std::string& differs : {
+           std::string(R"({"amount":1.5,"note":"café","user":{"id":7,"tags":["b","a"]}})"),  // array order counts
+           std::string(R"({"amount":"1.5","note":"café","user":{"id":7,"tags":["a","b"]}})"),  // a string is no number
+           std::string(R"({"amount":1.5,"note":"cafe","user":{"id":7,"tags":["a","b"]}})"),
+           std::string(R"({"amount":1.5,"note":"café","user":{"id":7,"tags":["a","b"]},"x":null})"),
+           std::string(R"({"amount":1.51,"note":"café","user":{"id":7,"tags":["a","b"]}})"),
+           std::string(R"({"amount":-1.5,"note":"café","user":{"id":7,"tags":["a","b"]}})"),
+           std::string(R"({"amount":1.5,"note":"café","user":{"id":70,"tags":["a","b"]}})"),
+       }) {
+    INFO(differs);
+    auto e = conflict_of([&] { store.submit(keyed("j", "default", differs)); }, other);
+    INFO(other);
+    REQUIRE(e);
+    CHECK(e->differs() == "payload");
+  }
+  CHECK(list_all(store).size() == 1);
+
+  // Scalars and zeros: -0 is 0 (numeric has no negative zero), 1E2 is 100.
+  store.submit(keyed("zero", "default", "-0.0"));
+  CHECK(store.submit(keyed("zero", "default", "0")).duplicate);
+  store.submit(keyed("hundred", "default", "1E2"));
+  CHECK(store.submit(keyed("hundred", "default", "100.00")).duplicate);
+  CHECK(conflict_of([&] { store.submit(keyed("hundred", "default", "1000")); }, other).has_value());
+
+  // Within one batch the same rule: the spelled-differently repeat is a duplicate.
+  std::vector<NewTask> batch{keyed("b1", "default", R"({"x": [1, 2]})"), keyed("b1", "default", R"({"x":[1.0,2]})"),
+                             keyed("j", "default", R"({"user":{"tags":["a","b"],"id":7},"note":"café","amount":1.5})")};
+  auto r = store.submit_batch(batch);
+  REQUIRE(r.size() == 3);
+  CHECK(r[1].duplicate);
+  CHECK(r[1].task.id == r[0].task.id);
+  CHECK(r[2].duplicate);
+  CHECK(r[2].task.id == first.id);
+  std::vector<NewTask> bad{keyed("b2", "default", R"({"x":1})"), keyed("b2", "default", R"({"x":[1]})")};
+  auto e = conflict_of([&] { store.submit_batch(bad); }, other);
+  REQUIRE(e);
+  CHECK(e->field() == "tasks[1].key");
 }
 
 STORE_CASE("a batch with a conflicting key writes nothing, within itself or against a taken key", "[keys][batch]") {
