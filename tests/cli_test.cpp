@@ -707,7 +707,7 @@ TEST_CASE("cli: --tenant sees only its own tasks and another tenant's id is like
   // After the command too, where it falls through to the global option.
   CHECK(ids_of(eoq_cli.json({"list", "--tenant", "acme"}).at("tasks")) == std::vector<eoq::TaskId>{mine});
   CHECK(ids_of(eoq_cli.json({"list"}).at("tasks")) == std::vector<eoq::TaskId>{mine, theirs, untenanted});
-  auto stats = eoq_cli.json(as_acme({"stats"}));
+  auto stats = eoq_cli.json(as_acme({"stats"})).at("queues");
   REQUIRE(stats.size() == 1);
   CHECK(stats[0].at("queue") == "default");
   CHECK(stats[0].at("pending") == 1);
@@ -757,7 +757,7 @@ TEST_CASE("cli: stats shows what the store counts, per queue", "[cli]") {
   TestStore S(StoreKind::postgres);
   Eoq eoq_cli(S);
   CHECK(eoq_cli({"stats"}).out == fmt::format("no tasks in schema \"{}\"\n", S.schema()));
-  CHECK(eoq_cli.json({"stats"}) == Json::array());
+  CHECK(eoq_cli.json({"stats"}).at("queues") == Json::array());
 
   S->submit(task("a", "q1"));
   S->submit(task("a", "q1"));
@@ -769,8 +769,14 @@ TEST_CASE("cli: stats shows what the store counts, per queue", "[cli]") {
   nt.retry.max_attempts = 1;
   S->submit(nt);
   S->fail(claim_one(*S, "q2"), {"no", false});
+  auto child = task("c", "q1");
+  child.parents = {S->list(eoq::test::Q().queue("q1").status(TaskStatus::pending)).tasks.at(0).id};
+  S->submit(child);
 
-  auto j = eoq_cli.json({"stats"});
+  // The API's JSON: {"queues": [...], "now": ...}.
+  auto whole = eoq_cli.json({"stats"});
+  CHECK(whole.at("now").is_string());
+  auto j = whole.at("queues");
   auto stats = S->stats();
   REQUIRE(j.size() == stats.size());
   REQUIRE(stats.size() == 2);
@@ -787,16 +793,22 @@ TEST_CASE("cli: stats shows what the store counts, per queue", "[cli]") {
     CHECK(q.at("succeeded_last_minute") == s.succeeded_last_minute);
     CHECK(q.at("failed_last_minute") == s.failed_last_minute);
     CHECK(q.at("oldest_pending_age_ms").is_null() == !s.oldest_pending_age);
+    CHECK(q.at("waiting") == s.waiting);
+    CHECK(q.at("succeeded_total") == s.succeeded_total);
+    CHECK(q.at("failed_total") == s.failed_total);
   }
+  CHECK(j[0].at("waiting") == 1);
+  CHECK(j[1].at("succeeded_total") == 1);
   CHECK(j[0].at("pending") == 2);
   CHECK(j[0].at("running") == 1);
   CHECK(j[1].at("succeeded_last_minute") == 1);
   CHECK(j[1].at("failed_last_minute") == 1);
 
   auto human = eoq_cli({"stats"});
-  CHECK(human.out.starts_with("QUEUE  PENDING  RUNNING  SUCCEEDED  FAILED"));
-  CHECK(contains(human.out, "\nq2           0        0          1       1"));
-  CHECK(contains(human.out, "\n(all)        2        1          1       1"));
+  CHECK(human.out.starts_with("QUEUE  PENDING  RUNNING  WAITING  SUCCEEDED  FAILED"));
+  CHECK(contains(human.out, "\nq1           2        1        1          0       0"));
+  CHECK(contains(human.out, "\nq2           0        0        0          1       1"));
+  CHECK(contains(human.out, "\n(all)        2        1        1          1       1"));
 }
 
 // ---------------------------------------------------------------- watch

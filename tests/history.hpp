@@ -171,6 +171,9 @@ class RecordingStore final : public TaskStore {
   }
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override { return inner_.list(query, scope); }
   std::vector<QueueStats> stats(const Scope& scope = {}) override { return inner_.stats(scope); }
+  std::vector<Throughput> throughput(int minutes, const Scope& scope = {}) override {
+    return inner_.throughput(minutes, scope);
+  }
   std::vector<Attempt> history(TaskId id, const Scope& scope = {}) override { return inner_.history(id, scope); }
   Relatives relatives(TaskId id, const Scope& scope = {}) override { return inner_.relatives(id, scope); }
   std::int64_t prune(Millis older_than, int batch_size = 1000) override { return inner_.prune(older_than, batch_size); }

@@ -342,4 +342,22 @@ TEST_CASE("the dashboard's /metrics gives each queue's depth by status, oldest w
   CHECK(m.value("eoq_queue_finished_last_minute", {{"queue", "mail"}, {"outcome", "succeeded"}}) == 1);
   CHECK(m.value("eoq_queue_finished_last_minute", {{"queue", "mail"}, {"outcome", "failed"}}) == 0);
   CHECK(m.value("eoq_queue_oldest_pending_age_seconds", {{"queue", "mail"}}) >= 0);
+  CHECK(tasks("mail", "waiting") == 0);
+  // Counters of finished tasks, which retention does not lower: rate() works.
+  CHECK(m.families.at("eoq_queue_finished_total").type == "counter");
+  CHECK(m.value("eoq_queue_finished_total", {{"queue", "mail"}, {"outcome", "succeeded"}}) == 1);
+  CHECK(m.value("eoq_queue_finished_total", {{"queue", "mail"}, {"outcome", "failed"}}) == 0);
+  CHECK(m.value("eoq_queue_finished_total", {{"queue", "mail"}, {"outcome", "expired"}}) == 0);
+  CHECK(m.value("eoq_build_info", {{"version", eoq::version()}}) == 1);
+  s->prune(0ms);
+  auto after = parse(dashboard.handle(req).body);
+  CHECK(after.value("eoq_queue_tasks", {{"queue", "mail"}, {"status", "succeeded"}}) == 0);
+  CHECK(after.value("eoq_queue_finished_total", {{"queue", "mail"}, {"outcome", "succeeded"}}) == 1);
+
+  // A child waiting for its parent is counted as waiting.
+  eoq::NewTask child = task("mail");
+  child.parents = {leases[1].id()};
+  s->submit(child);
+  auto waiting = parse(dashboard.handle(req).body);
+  CHECK(waiting.value("eoq_queue_tasks", {{"queue", "mail"}, {"status", "waiting"}}) == 1);
 }

@@ -131,6 +131,9 @@ class FaultyStore final : public eoq::TaskStore {
   }
   eoq::TaskPage list(const eoq::ListQuery& q, const eoq::Scope& s = {}) override { return inner_.list(q, s); }
   std::vector<eoq::QueueStats> stats(const eoq::Scope& s = {}) override { return inner_.stats(s); }
+  std::vector<eoq::Throughput> throughput(int m, const eoq::Scope& s = {}) override {
+    return inner_.throughput(m, s);
+  }
   std::vector<eoq::Attempt> history(eoq::TaskId id, const eoq::Scope& s = {}) override {
     return inner_.history(id, s);
   }
@@ -1627,6 +1630,21 @@ TEST_CASE("batch worker processes killed at random, one task in 37 failing once,
   // Every task that failed once did so after writing: none of those writes committed.
   CHECK(admin.count("SELECT count(*) FROM \"" + ts.schema() + "\".attempts WHERE error LIKE 'injected failure%'") >=
         n / 74);  // most of the n / 37; a kill can take a first attempt before its handler ran
+  // The totals stats() sums (eoq.totals, appended in the transactions that the
+  // kills cut short and summed by the children's maintenance) agree with a
+  // full count of the history.
+  auto st = ts->stats();
+  REQUIRE(st.size() == 1);
+  for (auto [status, kept, ever] : {std::tuple{"succeeded", st[0].succeeded, st[0].succeeded_total},
+                                    std::tuple{"failed", st[0].failed, st[0].failed_total},
+                                    std::tuple{"cancelled", st[0].cancelled, st[0].cancelled_total},
+                                    std::tuple{"expired", st[0].expired, st[0].expired_total}}) {
+    INFO(status);
+    const auto full = admin.count(
+        fmt::format("SELECT count(*) FROM \"{}\".finished WHERE status = '{}'", ts.schema(), status));
+    CHECK(kept == full);
+    CHECK(ever == full);  // nothing was pruned or retried by hand
+  }
 
   auto events = parent.events();
   h::append(events, h::load_logs(dir));

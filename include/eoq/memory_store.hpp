@@ -40,6 +40,7 @@ class MemoryStore final : public TaskStore {
   std::optional<Task> find(std::string_view queue, std::string_view key, const Scope& scope = {}) override;
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override;
   std::vector<QueueStats> stats(const Scope& scope = {}) override;
+  std::vector<Throughput> throughput(int minutes, const Scope& scope = {}) override;
   std::vector<Attempt> history(TaskId id, const Scope& scope = {}) override;
   std::int64_t prune(Millis older_than, int batch_size = 1000) override;
   std::int64_t prunable(Millis older_than) override;

@@ -35,12 +35,16 @@ struct WorkerMetrics {
 std::string prometheus_text(std::span<const WorkerMetrics> workers);
 std::string prometheus_text(const Worker& worker);
 
-// Per queue: eoq_queue_tasks{queue, status} (every status, zeros included),
-// eoq_queue_oldest_pending_age_seconds (0 when nothing is due), and
-// eoq_queue_finished_last_minute{queue, outcome} (throughput: succeeded and
-// failed in the last 60 s). Gauges, not counters: retention deletes finished
-// tasks, so totals taken from the store can go down.
+// Per queue: eoq_queue_tasks{queue, status} (a gauge of the tasks stored, every
+// status, waiting and zeros included: retention lowers the finished ones),
+// eoq_queue_oldest_pending_age_seconds (0 when nothing is due),
+// eoq_queue_finished_total{queue, outcome} (a counter of tasks that finished:
+// succeeded, failed, cancelled, expired; never lowered, so rate() works), and
+// eoq_queue_finished_last_minute{queue, outcome} (succeeded and failed in the
+// last minute, a gauge).
 std::string prometheus_text(std::span<const QueueStats> queues);
+// eoq_build_info{version="..."} 1.
+std::string prometheus_build_info();
 inline std::string prometheus_text(const std::vector<QueueStats>& queues) {
   return prometheus_text(std::span<const QueueStats>(queues));
 }

@@ -10,6 +10,9 @@
 
 namespace eoq {
 
+// The library's version, "MAJOR.MINOR.PATCH" (eoq_build_info, eoq --version).
+const char* version() noexcept;
+
 using Clock = std::chrono::system_clock;
 using TimePoint = std::chrono::time_point<Clock, std::chrono::microseconds>;
 using Millis = std::chrono::milliseconds;
@@ -233,8 +236,22 @@ struct QueueStats {
   std::int64_t pending = 0, running = 0, succeeded = 0, failed = 0, cancelled = 0, expired = 0;
   std::int64_t waiting = 0;  // for parents
   std::optional<Millis> oldest_pending_age{};  // of pending tasks whose run_at has come
-  // Throughput: tasks that finished in the last 60 seconds, by outcome.
+  // Throughput: tasks that finished in the last minute, by outcome (on
+  // PostgresStore, counted in 10-second steps: the last 50 to 60 seconds).
   std::int64_t succeeded_last_minute = 0, failed_last_minute = 0;
+  // Tasks that ever finished so (on PostgresStore since the schema's
+  // migration 0008): counters that only grow, whatever retention, retry or a
+  // delete later does to the rows; succeeded..expired above are the rows kept.
+  std::int64_t succeeded_total = 0, failed_total = 0, cancelled_total = 0, expired_total = 0;
+};
+
+// Tasks of one queue that finished with one outcome in one minute (stats'
+// source, kept at the same small cost; the dashboard's charts).
+struct Throughput {
+  std::string queue{};
+  TaskStatus status = TaskStatus::succeeded;
+  TimePoint minute{};  // its start
+  std::int64_t finished = 0;
 };
 
 // One attempt of a task, oldest first. The attempt in progress has no end.

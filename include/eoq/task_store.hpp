@@ -326,6 +326,10 @@ class TaskStore {
   // A tenant scope and query.tenant both filter: different tenants list nothing.
   virtual TaskPage list(const ListQuery& query, const Scope& scope = {}) = 0;
   virtual std::vector<QueueStats> stats(const Scope& scope = {}) = 0;
+  // Tasks finished per minute and queue and outcome over the last `minutes`
+  // (1..1440; PostgresStore keeps minutes for two hours, so at most 120 of
+  // them have counts), oldest first; minutes with none are left out.
+  virtual std::vector<Throughput> throughput(int minutes, const Scope& scope = {}) = 0;
   virtual std::vector<Attempt> history(TaskId id, const Scope& scope = {}) = 0;
   // The task's parents and children (empty for an unknown or invisible id).
   virtual Relatives relatives(TaskId id, const Scope& scope = {}) = 0;

@@ -12,6 +12,7 @@ Table stats_table(const std::vector<QueueStats>& stats, bool unicode) {
   Table table({{"QUEUE"},
                {"PENDING", true},
                {"RUNNING", true},
+               {"WAITING", true},
                {"SUCCEEDED", true},
                {"FAILED", true},
                {"CANCELLED", true},
@@ -24,11 +25,13 @@ Table stats_table(const std::vector<QueueStats>& stats, bool unicode) {
   total.queue = "(all)";
   for (const auto& s : stats) {
     auto age = s.oldest_pending_age ? format_duration(*s.oldest_pending_age) : "-";
-    table.add({s.queue, std::to_string(s.pending), std::to_string(s.running), std::to_string(s.succeeded),
+    table.add({s.queue, std::to_string(s.pending), std::to_string(s.running), std::to_string(s.waiting),
+               std::to_string(s.succeeded),
                std::to_string(s.failed), std::to_string(s.cancelled), std::to_string(s.expired), age,
                std::to_string(s.succeeded_last_minute), std::to_string(s.failed_last_minute)});
     total.pending += s.pending;
     total.running += s.running;
+    total.waiting += s.waiting;
     total.succeeded += s.succeeded;
     total.failed += s.failed;
     total.cancelled += s.cancelled;
@@ -41,7 +44,7 @@ Table stats_table(const std::vector<QueueStats>& stats, bool unicode) {
   if (stats.size() > 1) {
     auto age = total.oldest_pending_age ? format_duration(*total.oldest_pending_age) : "-";
     table.add({total.queue, std::to_string(total.pending), std::to_string(total.running),
-               std::to_string(total.succeeded), std::to_string(total.failed), std::to_string(total.cancelled),
+               std::to_string(total.waiting), std::to_string(total.succeeded), std::to_string(total.failed), std::to_string(total.cancelled),
                std::to_string(total.expired), age, std::to_string(total.succeeded_last_minute),
                std::to_string(total.failed_last_minute)});
   }
@@ -51,9 +54,11 @@ Table stats_table(const std::vector<QueueStats>& stats, bool unicode) {
 int cmd_stats(Context& ctx) {
   auto stats = ctx.store().stats(ctx.scope());
   if (ctx.opt.json) {
-    auto out = Json::array();
-    for (const auto& s : stats) out.push_back(json::to_json(s));
-    print_json(out);
+    // GET /api/stats's shape, so one parser reads both.
+    auto queues = Json::array();
+    for (const auto& s : stats) queues.push_back(json::to_json(s));
+    print_json({{"queues", std::move(queues)},
+                {"now", json::format_time(std::chrono::time_point_cast<std::chrono::microseconds>(Clock::now()))}});
   } else if (stats.empty()) {
     fmt::print("no tasks{} in schema \"{}\"\n", ctx.for_tenant(), ctx.opt.schema);
   } else {

@@ -252,9 +252,11 @@ int run(int argc, char** argv) {
 
   // -- stats
   auto* stats = command(app, "stats", "Tasks per queue: counts, oldest pending, throughput", kInspect,
-                        "Columns: counts by status; OLDEST PENDING, how long the longest-waiting ready task\n"
-                        "has waited; SUCCEEDED/MIN and FAILED/MIN, tasks that finished in the last 60 seconds.\n\n"
-                        "Examples:\n  eoq stats\n  eoq --tenant acme stats\n  eoq stats --json | jq '.[] | "
+                        "Columns: counts by status (WAITING: for their parents); OLDEST PENDING, how long the\n"
+                        "longest-waiting ready task has waited; SUCCEEDED/MIN and FAILED/MIN, tasks that finished\n"
+                        "in the last minute. --json prints GET /api/stats's JSON, which also has every\n"
+                        "outcome's *_total (tasks that ever finished so).\n\n"
+                        "Examples:\n  eoq stats\n  eoq --tenant acme stats\n  eoq stats --json | jq '.queues[] | "
                         "select(.failed_last_minute > 0)'");
   actions.emplace_back(stats, cmd_stats);
 

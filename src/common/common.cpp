@@ -15,6 +15,8 @@
 
 namespace eoq {
 
+const char* version() noexcept { return EOQ_VERSION; }
+
 std::string_view to_string(TaskStatus s) noexcept {
   switch (s) {
     case TaskStatus::pending: return "pending";
@@ -666,6 +668,11 @@ void validate_new_tasks(std::span<const NewTask> tasks, bool is_batch, std::size
 }
 
 void validate_owner(std::string_view owner) { validate_text("owner", owner, 256); }
+
+void validate_throughput_minutes(int minutes) {
+  if (minutes < 1 || minutes > 1440)
+    throw InvalidArgument("minutes", fmt::format("must be 1..1440 (a day), not {}", minutes));
+}
 
 void validate_scope(const Scope& scope) {
   if (scope.tenant) validate_text("scope.tenant", *scope.tenant, 256);

@@ -84,6 +84,13 @@ std::string prometheus_text(std::span<const WorkerMetrics> workers) {
   return out;
 }
 
+std::string prometheus_build_info() {
+  std::string out;
+  family(out, "eoq_build_info", "gauge", "The eoq library serving these metrics (always 1).");
+  out += fmt::format("eoq_build_info{{version=\"{}\"}} 1\n", label_value(version()));
+  return out;
+}
+
 std::string prometheus_text(const Worker& worker) {
   WorkerMetrics one{worker.id(), worker.counters()};
   return prometheus_text(std::span<const WorkerMetrics>(&one, 1));
@@ -94,8 +101,9 @@ std::string prometheus_text(std::span<const QueueStats> queues) {
   family(out, "eoq_queue_tasks", "gauge", "Tasks in the store by queue and status (finished ones until retention).");
   for (const auto& q : queues) {
     const auto name = label_value(q.queue);
-    const std::array<std::pair<TaskStatus, std::int64_t>, 6> by_status{{{TaskStatus::pending, q.pending},
+    const std::array<std::pair<TaskStatus, std::int64_t>, 7> by_status{{{TaskStatus::pending, q.pending},
                                                                         {TaskStatus::running, q.running},
+                                                                        {TaskStatus::waiting, q.waiting},
                                                                         {TaskStatus::succeeded, q.succeeded},
                                                                         {TaskStatus::failed, q.failed},
                                                                         {TaskStatus::cancelled, q.cancelled},
@@ -108,7 +116,20 @@ std::string prometheus_text(std::span<const QueueStats> queues) {
   for (const auto& q : queues)
     out += fmt::format("eoq_queue_oldest_pending_age_seconds{{queue=\"{}\"}} {}\n", label_value(q.queue),
                        q.oldest_pending_age ? static_cast<double>(q.oldest_pending_age->count()) / 1e3 : 0.0);
-  family(out, "eoq_queue_finished_last_minute", "gauge", "Tasks that finished in the last 60 seconds, by outcome.");
+  // Counters, so that rate() and increase() see every task, whatever happens
+  // between two scrapes, and retention does not lower them.
+  family(out, "eoq_queue_finished_total", "counter", "Tasks that finished, by queue and outcome.");
+  for (const auto& q : queues) {
+    const auto name = label_value(q.queue);
+    const std::array<std::pair<const char*, std::int64_t>, 4> outcomes{{{"succeeded", q.succeeded_total},
+                                                                        {"failed", q.failed_total},
+                                                                        {"cancelled", q.cancelled_total},
+                                                                        {"expired", q.expired_total}}};
+    for (const auto& [outcome, n] : outcomes)
+      out += fmt::format("eoq_queue_finished_total{{queue=\"{}\",outcome=\"{}\"}} {}\n", name, outcome, n);
+  }
+  family(out, "eoq_queue_finished_last_minute", "gauge",
+         "Tasks that finished in the last minute (50 to 60 s), by outcome; rate(eoq_queue_finished_total) is exact.");
   for (const auto& q : queues) {
     const auto name = label_value(q.queue);
     out += fmt::format("eoq_queue_finished_last_minute{{queue=\"{}\",outcome=\"succeeded\"}} {}\n", name,

@@ -33,6 +33,8 @@ void validate_new_tasks(std::span<const NewTask> tasks, bool is_batch, std::size
 void validate_claim(const ClaimRequest& request);
 void validate_owner(std::string_view owner);
 void validate_scope(const Scope& scope);
+// throughput(minutes): 1..1440.
+void validate_throughput_minutes(int minutes);
 void validate_positive(std::string_view field, Millis value);
 void validate_progress(int percent, std::string_view stage);
 void validate_prune(Millis older_than, int batch_size);

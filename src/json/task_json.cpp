@@ -180,7 +180,11 @@ json to_json(const QueueStats& s) {
               {"waiting", s.waiting},
               {"oldest_pending_age_ms", s.oldest_pending_age ? json(s.oldest_pending_age->count()) : json(nullptr)},
               {"succeeded_last_minute", s.succeeded_last_minute},
-              {"failed_last_minute", s.failed_last_minute}};
+              {"failed_last_minute", s.failed_last_minute},
+              {"succeeded_total", s.succeeded_total},
+              {"failed_total", s.failed_total},
+              {"cancelled_total", s.cancelled_total},
+              {"expired_total", s.expired_total}};
 }
 
 json to_json(const TaskPage& page) {

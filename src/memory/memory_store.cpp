@@ -87,6 +87,29 @@ std::int64_t& count_of(QueueStats& s, TaskStatus status) {
   return s.expired;  // unreachable: every status is handled above
 }
 
+// A finished outcome's ever-counter.
+std::int64_t& total_of(QueueStats& s, TaskStatus status) {
+  switch (status) {
+    case TaskStatus::succeeded: return s.succeeded_total;
+    case TaskStatus::failed: return s.failed_total;
+    case TaskStatus::cancelled: return s.cancelled_total;
+    default: return s.expired_total;
+  }
+}
+
+bool terminal(TaskStatus s) {
+  return s == TaskStatus::succeeded || s == TaskStatus::failed || s == TaskStatus::cancelled ||
+         s == TaskStatus::expired;
+}
+
+TimePoint minute_of(TimePoint t) { return std::chrono::floor<std::chrono::minutes>(t); }
+// 10-second steps, as eoq.totals keeps them: "the last minute" is the same
+// 50 to 60 seconds on both stores.
+TimePoint bucket_of(TimePoint t) { return std::chrono::floor<std::chrono::duration<std::int64_t, std::ratio<10>>>(t); }
+
+// Tasks finished in one bucket: its start, queue, tenant ("" for none), outcome.
+using BucketKey = std::tuple<TimePoint, std::string, std::string, TaskStatus>;
+
 bool has_tasks(const QueueStats& s) {
   return s.pending + s.running + s.succeeded + s.failed + s.cancelled + s.expired + s.waiting > 0;
 }
@@ -110,6 +133,11 @@ struct MemoryStore::State {
   std::set<LeaseKey> leases;                    // running tasks, by lease expiry per queue
   std::set<TimeKey> finished;                   // terminal tasks, by finished_at
   std::map<std::string, QueueStats, std::less<>> counts;  // per queue, sorted by name as stats() wants
+  // Tasks that ever finished, per (queue, tenant or ""): only the *_total
+  // fields are used. In 10-second buckets for the last day: the last
+  // minute's counts and throughput().
+  std::map<std::pair<std::string, std::string>, QueueStats> ever;
+  std::map<BucketKey, std::int64_t> by_bucket;
   std::mt19937_64 rng;                          // backoff jitter
 
   // Wake-ups for wait_for_tasks. Like a LISTEN connection that stays open
@@ -140,6 +168,16 @@ struct MemoryStore::State {
     auto& c = counts[t.queue];
     if (c.queue.empty()) c.queue = t.queue;
     ++count_of(c, t.status);
+    // No change keeps a task finished (retry makes it pending), so a finished
+    // task indexed is one that has just finished, as a row inserted into
+    // eoq.finished is on Postgres.
+    if (terminal(t.status)) {
+      const auto& tenant = t.tenant ? *t.tenant : std::string();
+      ++total_of(ever[{t.queue, tenant}], t.status);
+      ++by_bucket[BucketKey{bucket_of(*t.finished_at), t.queue, tenant, t.status}];
+      const TimePoint day_ago = *t.finished_at - std::chrono::hours(24);
+      while (!by_bucket.empty() && std::get<0>(by_bucket.begin()->first) < day_ago) by_bucket.erase(by_bucket.begin());
+    }
   }
 
   void unindex(const Entry& e) {
@@ -908,6 +946,29 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
   return page;
 }
 
+std::vector<Throughput> MemoryStore::throughput(int minutes, const Scope& scope) {
+  auto& state = *state_;
+  detail::validate_scope(scope);
+  detail::validate_throughput_minutes(minutes);
+  std::lock_guard lk(state.mu);
+  const TimePoint since = minute_of(detail::now()) - std::chrono::minutes(minutes);
+  std::map<std::tuple<TimePoint, std::string, std::string_view>, Throughput> sum;  // minute, queue, outcome name
+  for (auto it = state.by_bucket.lower_bound(BucketKey{since, {}, {}, TaskStatus::pending});
+       it != state.by_bucket.end(); ++it) {
+    const auto& [bucket, queue, tenant, status] = it->first;
+    if (scope.tenant && tenant != *scope.tenant) continue;
+    auto& t = sum[{minute_of(bucket), queue, to_string(status)}];
+    t.queue = queue;
+    t.status = status;
+    t.minute = minute_of(bucket);
+    t.finished += it->second;
+  }
+  std::vector<Throughput> out;
+  out.reserve(sum.size());
+  for (auto& [_, t] : sum) out.push_back(std::move(t));
+  return out;
+}
+
 std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
   auto& state = *state_;
   detail::validate_scope(scope);
@@ -915,19 +976,33 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
   const TimePoint now = detail::now();
   const TimePoint minute_ago = now - std::chrono::minutes(1);
   std::vector<QueueStats> out;
+  // The buckets that start in the last minute, as the stats query sums them.
   auto count_recent = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
-    for (auto it = state.finished.upper_bound(TimeKey{minute_ago, std::numeric_limits<TaskId>::max()});
-         it != state.finished.end(); ++it) {
-      const Task& t = state.tasks.at(it->second).task;
-      if (!visible(t, scope)) continue;
-      auto q = by_queue.find(t.queue);
+    for (auto it = state.by_bucket.lower_bound(BucketKey{minute_ago, {}, {}, TaskStatus::pending});
+         it != state.by_bucket.end(); ++it) {
+      const auto& [bucket, queue, tenant, status] = it->first;
+      if (bucket <= minute_ago || (scope.tenant && tenant != *scope.tenant)) continue;
+      auto q = by_queue.find(queue);
       if (q == by_queue.end()) continue;
-      if (t.status == TaskStatus::succeeded) ++q->second.succeeded_last_minute;
-      if (t.status == TaskStatus::failed) ++q->second.failed_last_minute;
+      if (status == TaskStatus::succeeded) q->second.succeeded_last_minute += it->second;
+      if (status == TaskStatus::failed) q->second.failed_last_minute += it->second;
+    }
+  };
+  // Queues whose tasks are all pruned still have totals, as on Postgres.
+  auto add_totals = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
+    for (const auto& [at, e] : state.ever) {
+      if (scope.tenant && at.second != *scope.tenant) continue;
+      auto& c = by_queue[at.first];
+      c.queue = at.first;
+      c.succeeded_total += e.succeeded_total;
+      c.failed_total += e.failed_total;
+      c.cancelled_total += e.cancelled_total;
+      c.expired_total += e.expired_total;
     }
   };
   if (!scope.tenant) {
     auto counts = state.counts;
+    add_totals(counts);
     count_recent(counts);
     out.reserve(counts.size());
     for (auto& [queue, c] : counts) {
@@ -951,6 +1026,7 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
       if (!fresh && t.run_at < o->second) o->second = t.run_at;
     }
   }
+  add_totals(counts);
   count_recent(counts);
   for (auto& [queue, c] : counts) {
     out.push_back(c);

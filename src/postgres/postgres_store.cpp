@@ -129,10 +129,11 @@ struct Statements {
             cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
             list = q("list"), list_desc = q("list_desc"), list_count = q("list_count"),
-            count_estimate = q("count_estimate"), stats = q("stats"), history = q("history"),
+            count_estimate = q("count_estimate"), stats = q("stats"), throughput = q("throughput"),
+            history = q("history"),
             settled = q("settled"), now = q("now");
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
-            table_stats = q("table_stats"), analyze = q("analyze");
+            table_stats = q("table_stats"), analyze = q("analyze"), compact_totals = q("compact_totals");
   Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
             relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
@@ -208,7 +209,9 @@ const std::vector<ResultShape>& result_shapes() {
       {"list_count", count},
       {"count_estimate", std::vector<Column>{{"estimate", kInt8}}},
       {"stats", std::vector<Column>{{"queue", kText}, {"status", kText}, {"count", kInt8},
-                                    {"oldest_pending_ms", kInt8}, {"last_minute", kInt8}}},
+                                    {"oldest_pending_ms", kInt8}, {"last_minute", kInt8}, {"total", kInt8}}},
+      {"throughput", std::vector<Column>{{"queue", kText}, {"status", kText}, {"minute", kTimestamptz},
+                                         {"finished", kInt8}}},
       {"history", std::vector<Column>{{"attempt", kInt4}, {"owner", kText}, {"started_at", kTimestamptz},
                                       {"finished_at", kTimestamptz}, {"outcome", kText}, {"error", kText}}},
       {"settled", std::vector<Column>{{"status", kText}}},
@@ -219,6 +222,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"prunable", count},
       {"table_stats", std::vector<Column>{{"reltuples", kFloat8}, {"never_analyzed", kBool}}},
       {"analyze", std::nullopt},
+      {"compact_totals", std::nullopt},
       {"migrate_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
       {"migrations_table", std::nullopt},
       {"migrations_applied", std::vector<Column>{{"name", kText}}},
@@ -657,6 +661,7 @@ struct PostgresStore::Impl {
   std::unique_ptr<Connection> listener;
   // Steady-clock ticks of the last statistics check (see refresh_stats); 0: never.
   std::atomic<std::chrono::steady_clock::rep> stats_refreshed{0};
+  std::atomic<std::chrono::steady_clock::rep> totals_compacted{0};  // see compact_totals
   int wake_fd = -1;
   // The statistics refresh under way, if any. Last, so that it is joined
   // before the pools it borrows from go.
@@ -784,6 +789,18 @@ struct PostgresStore::Impl {
     } catch (...) {
       refreshing = false;  // no thread to be had: autovacuum gets there too
     }
+  }
+
+  // Sums eoq.totals (see compact_totals in queries.sql) at most every few
+  // seconds per store: each worker's maintenance asks, and a drain appends a
+  // row per completing statement, some thousands between two compactions.
+  void compact_totals() {
+    const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+    auto last = totals_compacted.load();
+    const auto gap = std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::seconds(5)).count();
+    if (last != 0 && now - last < gap) return;
+    if (!totals_compacted.compare_exchange_strong(last, now)) return;
+    run(sql.compact_totals, {});
   }
 
   // `now`: one reading of the clock for a whole batch (`perf` of a loop of
@@ -1751,16 +1768,36 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
     switch (parse_status(r.text(i, 1))) {
       case TaskStatus::pending: s.pending += n; break;
       case TaskStatus::running: s.running += n; break;
-      case TaskStatus::succeeded: s.succeeded += n; s.succeeded_last_minute += r.i64(i, 4); break;
-      case TaskStatus::failed: s.failed += n; s.failed_last_minute += r.i64(i, 4); break;
-      case TaskStatus::cancelled: s.cancelled += n; break;
-      case TaskStatus::expired: s.expired += n; break;
+      case TaskStatus::succeeded:
+        s.succeeded += n;
+        s.succeeded_last_minute += r.i64(i, 4);
+        s.succeeded_total += r.i64(i, 5);
+        break;
+      case TaskStatus::failed:
+        s.failed += n;
+        s.failed_last_minute += r.i64(i, 4);
+        s.failed_total += r.i64(i, 5);
+        break;
+      case TaskStatus::cancelled: s.cancelled += n; s.cancelled_total += r.i64(i, 5); break;
+      case TaskStatus::expired: s.expired += n; s.expired_total += r.i64(i, 5); break;
       case TaskStatus::waiting: s.waiting += n; break;
     }
     if (!r.null(i, 3)) s.oldest_pending_age = Millis(std::max<std::int64_t>(0, r.i64(i, 3)));
   }
   std::vector<QueueStats> out;
   for (auto& [_, s] : by_queue) out.push_back(std::move(s));
+  return out;
+}
+
+std::vector<Throughput> PostgresStore::throughput(int minutes, const Scope& scope) {
+  auto& impl = *impl_;
+  detail::validate_scope(scope);
+  detail::validate_throughput_minutes(minutes);
+  auto r = impl.read(impl.sql.throughput, {scope.tenant, num(minutes)});
+  std::vector<Throughput> out;
+  out.reserve(static_cast<std::size_t>(r.rows()));
+  for (int i = 0; i < r.rows(); ++i)
+    out.push_back(Throughput{r.text(i, 0), parse_status(r.text(i, 1)), r.time(i, 2), r.i64(i, 3)});
   return out;
 }
 
@@ -1814,6 +1851,7 @@ MaintenanceReport PostgresStore::maintain() {
   const int batch = impl.options.prune_batch;
   report.expired = impl.in_batches(impl.sql.expire, batch).total;
   report.reaped = impl.in_batches(impl.sql.reap, batch).total;
+  impl.compact_totals();
   if (impl.options.retention) {
     // Pruning a backlog of a million rows deletes as much as a drain of a
     // million tasks writes: in slices of prune_budget, with the worker's pause

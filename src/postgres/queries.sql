@@ -975,19 +975,50 @@ FROM pg_class c WHERE c.oid IN ('eoq.tasks'::regclass, 'eoq.finished'::regclass)
 
 
 -- name: stats
--- $1 the scope's tenant (NULL: every tenant).
+-- $1 the scope's tenant (NULL: every tenant). Live states are counted (the
+-- live tables hold no history); finished ones are summed from eoq.totals
+-- (migration 0008), whose size does not grow with the history. Columns:
+-- count (rows now), oldest_pending_ms, last_minute (finished in the 10 s
+-- buckets of the last minute), total (ever finished; never lowered).
 SELECT queue, status, count(*)::bigint AS count,
        (extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now())) * 1000)::bigint
          AS oldest_pending_ms,
-       0::bigint AS last_minute
+       0::bigint AS last_minute, 0::bigint AS total
 FROM eoq.tasks WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
 UNION ALL
-SELECT queue, status, count(*)::bigint, NULL::bigint, 0::bigint
+SELECT queue, status, count(*)::bigint, NULL::bigint, 0::bigint, 0::bigint
 FROM eoq.waiting WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
 UNION ALL
-SELECT queue, status, count(*)::bigint, NULL::bigint,
-       count(*) FILTER (WHERE finished_at > now() - interval '1 minute')
-FROM eoq.finished WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status;
+SELECT queue, status, (sum(added) - sum(removed))::bigint, NULL::bigint,
+       coalesce(sum(added) FILTER (WHERE bucket > now() - interval '1 minute'), 0)::bigint, sum(added)::bigint
+FROM eoq.totals WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status;
+
+
+-- name: throughput
+-- Tasks finished per minute over the last $2 minutes, by queue and outcome,
+-- from the same buckets as stats: what the dashboard's charts draw when a
+-- page opens. $1 the scope's tenant (NULL: every tenant).
+SELECT queue, status, date_trunc('minute', bucket) AS minute, sum(added)::bigint AS finished
+FROM eoq.totals
+WHERE ($1::text IS NULL OR tenant = $1) AND bucket >= date_trunc('minute', now()) - ($2::int * interval '1 minute')
+  AND added > 0
+GROUP BY 1, 2, 3 ORDER BY 3, 1, 2;
+
+
+-- name: compact_totals
+-- Sums the rows that the triggers of migration 0008 appended: one row per
+-- (queue, tenant, status, bucket), 10 s buckets for five minutes, minutes for
+-- two hours, one '-infinity' bucket before. Safe beside itself: a second
+-- compaction waits on the rows the first deletes and skips them, so nothing
+-- is summed twice.
+WITH gone AS (DELETE FROM eoq.totals RETURNING *)
+INSERT INTO eoq.totals (queue, tenant, status, bucket, added, removed)
+SELECT queue, tenant, status,
+       CASE WHEN bucket < now() - interval '2 hours' THEN timestamptz '-infinity'
+            WHEN bucket < now() - interval '5 minutes' THEN date_trunc('minute', bucket)
+            ELSE bucket END,
+       sum(added), sum(removed)
+FROM gone GROUP BY 1, 2, 3, 4;
 
 
 -- name: history

@@ -165,6 +165,108 @@ STORE_CASE("stats count tasks per status per queue, sorted by queue, with the ol
   CHECK(*st[1].oldest_pending_age <= ms_between(start - 10s, end) + kSlack);
 }
 
+STORE_CASE("finished totals stay right through retry, cancel, waiting tasks and retention; *_total never falls",
+           "[reads][totals]") {
+  auto totals = [&](const std::string& queue = "default", const eoq::Scope& scope = {}) {
+    for (auto& q : store.stats(scope))
+      if (q.queue == queue) return q;
+    return eoq::QueueStats{};
+  };
+  std::vector<eoq::TaskId> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(store.submit(task()).task.id);
+  for (int i = 0; i < 3; ++i) store.complete(claim_one(store));
+  auto failing = claim_one(store);
+  store.fail(failing, {"boom", true});
+  store.cancel(ids[4]);
+
+  auto s = totals();
+  CHECK(s.succeeded == 3);
+  CHECK(s.failed == 1);
+  CHECK(s.cancelled == 1);
+  CHECK(s.succeeded_total == 3);
+  CHECK(s.failed_total == 1);
+  CHECK(s.cancelled_total == 1);
+  CHECK(s.expired_total == 0);
+  CHECK(s.succeeded_last_minute == 3);
+  CHECK(s.failed_last_minute == 1);
+
+  // A retried task leaves `failed` but not failed_total; its success counts too.
+  REQUIRE(store.retry(failing.id()) == eoq::RetryOutcome::retried);
+  s = totals();
+  CHECK(s.failed == 0);
+  CHECK(s.failed_total == 1);
+  CHECK(s.pending == 1);
+  store.complete(claim_one(store));
+  s = totals();
+  CHECK(s.succeeded == 4);
+  CHECK(s.succeeded_total == 4);
+
+  // A child waits for its parent (waiting), and is cancelled with it.
+  auto parent = store.submit(task()).task.id;
+  NewTask child = task("child");
+  child.parents = {parent};
+  store.submit(child);
+  s = totals();
+  CHECK(s.waiting == 1);
+  CHECK(s.pending == 1);
+  store.cancel(parent);
+  s = totals();
+  CHECK(s.waiting == 0);
+  CHECK(s.pending == 0);
+  CHECK(s.cancelled == 3);
+  CHECK(s.cancelled_total == 3);
+
+  // Another tenant's tasks count in its scope and in the whole, not in a third.
+  NewTask theirs = task();
+  theirs.tenant = "acme";
+  store.submit(theirs);
+  store.complete(claim_one(store));
+  CHECK(totals("default", eoq::Scope::only("acme")).succeeded_total == 1);
+  CHECK(totals("default", eoq::Scope::only("acme")).succeeded == 1);
+  CHECK(totals("default", eoq::Scope::only("nobody")).succeeded_total == 0);
+  CHECK(totals().succeeded_total == 5);
+
+  // The same counts, minute by minute, from the same source.
+  auto counted = [&](TaskStatus st, const eoq::Scope& scope = {}) {
+    std::int64_t n = 0;
+    for (auto& t : store.throughput(60, scope)) {
+      CHECK(t.queue == "default");
+      CHECK(t.minute <= now());
+      CHECK(t.minute > now() - 62min);
+      if (t.status == st) n += t.finished;
+    }
+    return n;
+  };
+  CHECK(counted(TaskStatus::succeeded) == 5);
+  CHECK(counted(TaskStatus::failed) == 1);
+  CHECK(counted(TaskStatus::cancelled) == 3);
+  CHECK(counted(TaskStatus::expired) == 0);
+  CHECK(counted(TaskStatus::succeeded, eoq::Scope::only("acme")) == 1);
+  CHECK(field_of([&] { store.throughput(0); }) == "minutes");
+  CHECK(field_of([&] { store.throughput(1441); }) == "minutes");
+
+  // Retention deletes the rows: the counts of rows fall to 0; the totals,
+  // the last minute and the minutes stay (they count finishings, not rows).
+  CHECK(store.prune(0ms) == 8);  // 5 succeeded, 3 cancelled; the failed one was retried
+  for (int round = 0; round < 2; ++round) {
+    INFO("round " << round << (round ? ": after maintenance summed the totals" : ""));
+    s = totals();
+    CHECK(s.queue == "default");
+    CHECK(s.succeeded == 0);
+    CHECK(s.failed == 0);
+    CHECK(s.cancelled == 0);
+    CHECK(s.succeeded_total == 5);
+    CHECK(s.failed_total == 1);
+    CHECK(s.cancelled_total == 3);
+    CHECK(s.succeeded_last_minute == 5);
+    CHECK(s.failed_last_minute == 1);
+    CHECK(counted(TaskStatus::succeeded) == 5);
+    CHECK(counted(TaskStatus::cancelled) == 3);
+    CHECK(totals("default", eoq::Scope::only("acme")).succeeded_total == 1);
+    store.maintain();
+  }
+}
+
 STORE_CASE("history lists every attempt with its outcome, error and owner", "[reads]") {
   NewTask t = task();
   t.retry = {.max_attempts = 4, .backoff = eoq::Backoff::fixed, .initial_delay = 0ms, .max_delay = 0ms,
