@@ -64,7 +64,9 @@ class PostgresStore final : public TaskStore {
   PostgresStore& operator=(const PostgresStore&) = delete;
 
   // Creates or upgrades the schema. Idempotent; safe from many processes at once.
-  void migrate();
+  // Returns the migrations it applied ("0008_totals"), oldest first; none when
+  // the schema was up to date.
+  std::vector<std::string> migrate();
   const PostgresOptions& options() const noexcept;
 
   // Transactional enqueue: submits on the host's own connection, inside whatever

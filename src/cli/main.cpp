@@ -417,7 +417,14 @@ int run(int argc, char** argv) {
   // Set last: subcommands inherit the footer and the subcommand limit of the app.
   app.footer(kMainFooter);
   app.require_subcommand(1);
-  app.failure_message([](const CLI::App* a, const CLI::Error& e) {
+  std::string commands;
+  for (const auto& [sub, _] : actions) commands += (commands.empty() ? "" : ", ") + sub->get_name();
+  app.failure_message([commands](const CLI::App* a, const CLI::Error& e) {
+    // A word that is no command is left over, and CLI11 only says that a
+    // command is missing.
+    if (a->get_subcommands().empty() && !a->remaining().empty() && !a->remaining().front().starts_with('-'))
+      return fmt::format("eoq: unknown command '{}' (the commands: {})\nRun 'eoq --help' for usage.\n",
+                         a->remaining().front(), commands);
     std::string where = "eoq";
     for (const auto* sub : a->get_subcommands()) where += " " + sub->get_name();
     return fmt::format("eoq: {}\nRun '{} --help' for usage.\n", e.what(), where);

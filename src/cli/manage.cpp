@@ -1,6 +1,8 @@
 // eoq migrate, submit, cancel, retry and prune: the commands that change something.
 #include "cli/cli.hpp"
 
+#include <fmt/ranges.h>
+
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -11,11 +13,14 @@ namespace eoq::cli {
 // ---------------------------------------------------------------- migrate
 
 int cmd_migrate(Context& ctx) {
-  ctx.store().migrate();
+  auto applied = ctx.store().migrate();
   if (ctx.opt.json) {
-    print_json({{"schema", ctx.opt.schema}, {"migrated", true}});
-  } else {
+    print_json({{"schema", ctx.opt.schema}, {"migrated", true}, {"applied", applied}});
+  } else if (applied.empty()) {
     fmt::print("schema \"{}\" is up to date\n", ctx.opt.schema);
+  } else {
+    fmt::print("schema \"{}\": applied {} migration{} ({}); it is up to date now\n", ctx.opt.schema,
+               applied.size(), applied.size() == 1 ? "" : "s", fmt::join(applied, ", "));
   }
   return kOk;
 }

@@ -851,15 +851,16 @@ PostgresStore::~PostgresStore() = default;
 
 const PostgresOptions& PostgresStore::options() const noexcept { return impl_->options; }
 
-void PostgresStore::migrate() {
+std::vector<std::string> PostgresStore::migrate() {
   auto& impl = *impl_;
   // Unnamed statements: the schema may not exist yet when a connection
   // would otherwise prepare them.
   auto exec = [&](Connection& c, const Statement& st, const std::vector<Param>& params) {
     return c.exec_params(st.sql, params, true, st.name);
   };
-  impl.run_on_connection([&](Connection& c) {
+  return impl.run_on_connection([&](Connection& c) {
     return in_transaction(c, [&] {
+      std::vector<std::string> now_applied;
       exec(c, impl.sql.migrate_lock, {"eoq.migrate." + impl.options.schema});
       // CREATE SCHEMA names the schema itself, not an object in it, so it is
       // the one statement not in queries.sql.
@@ -874,8 +875,9 @@ void PostgresStore::migrate() {
         if (std::find(applied.begin(), applied.end(), mig.name) != applied.end()) continue;
         c.command(replace_all(mig.sql, "@schema@", impl.quoted).c_str());
         exec(c, impl.sql.migration_applied, {std::string(mig.name)});
+        now_applied.emplace_back(mig.name);
       }
-      return 0;
+      return now_applied;
     });
   });
 }
