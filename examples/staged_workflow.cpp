@@ -306,7 +306,8 @@ int main(int argc, char** argv) try {
     for (const auto& t : tasks) done = done && eoq::is_terminal(t.status);
     if (elapsed() > 110) throw std::runtime_error("timed out");
   }
-  second.stop();
+  // With --serve worker-b keeps running: what the page submits or retries runs.
+  if (!serve) second.stop();
   listing.show(true);
 
   // The verdicts: what the store and the tables hold, not what we submitted.
@@ -360,7 +361,10 @@ int main(int argc, char** argv) try {
     }
   }
   check(resumed, "a task whose attempt died with worker-a (lease expired) ran again on worker-b and succeeded");
-  if (serve) serve->wait_for_stop_signal(stop_signals);
+  if (serve) {
+    serve->wait_for_stop_signal(stop_signals);
+    second.stop();
+  }
   return check.exit_code();
 } catch (const std::exception& e) {
   std::fprintf(stderr, "staged_workflow: %s\n", e.what());

@@ -670,4 +670,53 @@ TEST_CASE("browser: the exactly-once simulator served live: submit from the form
         std::string::npos);
   CHECK(sim.terminate() == 0);  // the example's exit code: its scripted run's verdict
 }
+
+TEST_CASE("browser: staged_workflow --serve keeps its worker: a task submitted and one retried from the page run",
+          "[browser]") {
+  require_browser();
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);  // for its database; the example makes its own schemas
+  DashboardProcess wf(store.conninfo(),
+                      {EOQ_STAGED_WORKFLOW, "--serve", "127.0.0.1:0", "--workflows", "2", "--stage-ms", "400"},
+                      std::regex(R"(serving the dashboard on (http://[^\s/]+:\d+/))"), "browser-workflow");
+  wait_until("the example's own verdict, then serving on", [&] {
+    return wf.output().find("the workers keep running") != std::string::npos;
+  }, [&] { return wf.output(); }, 120s);
+  CHECK(wf.output().find("FAIL") == std::string::npos);
+
+  eoq::PostgresOptions o;
+  o.conninfo = store.conninfo();
+  o.schema = "workflow_eoq";
+  eoq::PostgresStore wf_store(o);
+  Browser b;
+  auto table = [&] { return "table:\n" + b.text("#tasks") + "\nsubmit result:\n" + b.text("#submit-result"); };
+  b.go(wf.url());
+  wait_until("the page to go live", [&] { return b.text("#live-text").starts_with("live"); }, table);
+
+  // A new fetch, from the form: worker-b, still running, takes it.
+  b.type("#s-queue", "workflow");
+  b.type("#s-type", "fetch");
+  b.type("#s-key", "fetch-9");
+  b.type("#s-payload", R"({"wf": 9})");
+  b.click("#s-submit");
+  wait_until("the created message", [&] { return b.text("#submit-result").find("Created task #") != std::string::npos; },
+             table);
+  auto fetch = wf_store.find("workflow", "fetch-9");
+  REQUIRE(fetch);
+  wait_until("the submitted task succeeded", [&] { return row_status(b, fetch->id) == "succeeded"; }, table, 60s);
+
+  // The failed cube of the failing workflow, retried from its detail view: it
+  // runs again (and fails again: the example fails that cube on purpose).
+  auto cube = wf_store.find("workflow", "cube-2");
+  REQUIRE(cube);
+  REQUIRE(cube->status == eoq::TaskStatus::failed);
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", cube->id));
+  wait_until("the detail view", [&] { return b.text("#detail").find("cube") != std::string::npos; },
+             [&] { return b.text("#detail"); });
+  b.click("#d-retry");
+  wait_until("the retried cube ran another attempt", [&] {
+    auto now = wf_store.get(cube->id);
+    return now && now->attempts > cube->attempts && eoq::is_terminal(now->status);
+  }, [&] { return b.text("#detail"); }, 60s);
+  CHECK(wf.terminate() == 0);
+}
 #endif
