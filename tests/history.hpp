@@ -171,6 +171,7 @@ class RecordingStore final : public TaskStore {
   }
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override { return inner_.list(query, scope); }
   std::vector<QueueStats> stats(const Scope& scope = {}) override { return inner_.stats(scope); }
+  RemoveOutcome remove(TaskId id, const Scope& scope = {}) override { return inner_.remove(id, scope); }
   std::vector<Throughput> throughput(int minutes, const Scope& scope = {}) override {
     return inner_.throughput(minutes, scope);
   }

@@ -131,6 +131,7 @@ class FaultyStore final : public eoq::TaskStore {
   }
   eoq::TaskPage list(const eoq::ListQuery& q, const eoq::Scope& s = {}) override { return inner_.list(q, s); }
   std::vector<eoq::QueueStats> stats(const eoq::Scope& s = {}) override { return inner_.stats(s); }
+  eoq::RemoveOutcome remove(eoq::TaskId id, const eoq::Scope& s = {}) override { return inner_.remove(id, s); }
   std::vector<eoq::Throughput> throughput(int m, const eoq::Scope& s = {}) override {
     return inner_.throughput(m, s);
   }

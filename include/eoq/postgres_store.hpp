@@ -101,6 +101,7 @@ class PostgresStore final : public TaskStore {
   std::unique_ptr<LeaseTransaction> begin(const Lease& lease, const TransactionOptions& options) override;
   CancelOutcome cancel(TaskId id, const Scope& scope = {}) override;
   RetryOutcome retry(TaskId id, const Scope& scope = {}) override;
+  RemoveOutcome remove(TaskId id, const Scope& scope = {}) override;
   std::optional<Task> get(TaskId id, const Scope& scope = {}) override;
   std::optional<Task> find(std::string_view queue, std::string_view key, const Scope& scope = {}) override;
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override;

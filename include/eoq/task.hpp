@@ -184,6 +184,9 @@ enum class CancelOutcome { cancelled, cancel_requested, already_finished, not_fo
 // What retry() did: a failed, expired or cancelled task is pending again; a
 // pending, running or succeeded task is left alone (not_retryable).
 enum class RetryOutcome { retried, not_retryable, not_found };
+// TaskStore::remove: `running` is refused (cancel it first: its handler holds it).
+enum class RemoveOutcome { removed, running, not_found };
+std::string_view to_string(RemoveOutcome o) noexcept;
 
 std::string_view to_string(CancelOutcome o) noexcept;
 std::string_view to_string(RetryOutcome o) noexcept;
@@ -202,6 +205,11 @@ struct ListQuery {
   std::optional<TaskStatus> status{};
   std::optional<std::string> type{};
   std::optional<std::string> tenant{};
+  // Search, each unset for any: the key exactly, or its start; the type's
+  // start; a JSON value the payload contains, as jsonb's @> reads it
+  // (R"({"user":{"id":7}})" matches a payload with that member among others);
+  // text in last_error, in any case.
+  std::optional<std::string> key{}, key_prefix{}, type_prefix{}, payload_contains{}, error_contains{};
   std::optional<TaskId> after{};  // keyset cursor: ids past this one in the listing order
   int limit = 100;
   bool newest_first = false;  // ids descending (a live view); ascending otherwise

@@ -318,6 +318,12 @@ class TaskStore {
   // attempt (its history, checkpoint and last error kept). It gets at least one
   // more attempt than it has used, and a deadline that has passed is dropped.
   virtual RetryOutcome retry(TaskId id, const Scope& scope = {}) = 0;
+  // Deletes a task with its key, attempts and edges to its parents, in one
+  // transaction, as retention would. A pending or waiting task is cancelled
+  // first (its waiting children follow as on cancel(), and it counts in
+  // cancelled_total); a running one is refused (`running`: cancel it, and
+  // delete it once its handler has stopped). Its key can then be used again.
+  virtual RemoveOutcome remove(TaskId id, const Scope& scope = {}) = 0;
 
   virtual std::optional<Task> get(TaskId id, const Scope& scope = {}) = 0;
   // The task submitted with `key` to `queue` by the scope's tenant (the default

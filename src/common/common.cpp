@@ -40,6 +40,15 @@ std::string_view to_string(CancelOutcome o) noexcept {
   return "unknown";
 }
 
+std::string_view to_string(RemoveOutcome o) noexcept {
+  switch (o) {
+    case RemoveOutcome::removed: return "removed";
+    case RemoveOutcome::running: return "running";
+    case RemoveOutcome::not_found: return "not_found";
+  }
+  return "unknown";
+}
+
 std::string_view to_string(RetryOutcome o) noexcept {
   switch (o) {
     case RetryOutcome::retried: return "retried";
@@ -579,6 +588,91 @@ struct Canonical {
 
 }  // namespace
 
+namespace {
+
+// A JSON value as a tree, scalars in Canonical's form, object members sorted by
+// name with the last of a repeated name kept: what containment walks.
+struct JsonNode {
+  char kind = 's';  // 'o' object, 'a' array, 's' scalar (string, number, true, false, null)
+  std::string scalar;
+  std::vector<std::pair<std::string, JsonNode>> members;
+  std::vector<JsonNode> items;
+};
+
+JsonNode json_tree(Canonical& c) {
+  JsonNode n;
+  c.ws();
+  const char ch = c.s[c.i];
+  if (ch == '{') {
+    n.kind = 'o';
+    ++c.i;
+    c.ws();
+    while (c.s[c.i] != '}') {
+      std::pair<std::string, JsonNode> m;
+      c.ws();
+      c.string(m.first);
+      c.ws();
+      ++c.i;  // :
+      m.second = json_tree(c);
+      n.members.push_back(std::move(m));
+      c.ws();
+      if (c.s[c.i] == ',') ++c.i;
+    }
+    ++c.i;
+    std::stable_sort(n.members.begin(), n.members.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<std::pair<std::string, JsonNode>> kept;
+    for (std::size_t k = 0; k < n.members.size(); ++k)
+      if (k + 1 == n.members.size() || n.members[k + 1].first != n.members[k].first)
+        kept.push_back(std::move(n.members[k]));
+    n.members = std::move(kept);
+  } else if (ch == '[') {
+    n.kind = 'a';
+    ++c.i;
+    c.ws();
+    while (c.s[c.i] != ']') {
+      n.items.push_back(json_tree(c));
+      c.ws();
+      if (c.s[c.i] == ',') ++c.i;
+      c.ws();
+    }
+    ++c.i;
+  } else {
+    c.value(n.scalar);
+  }
+  return n;
+}
+
+// jsonb's @>, below the top level.
+bool contains(const JsonNode& a, const JsonNode& b) {
+  if (a.kind != b.kind) return false;
+  if (a.kind == 's') return a.scalar == b.scalar;
+  if (a.kind == 'o') {
+    for (const auto& [name, value] : b.members) {
+      auto it = std::lower_bound(a.members.begin(), a.members.end(), name,
+                                 [](const auto& m, const std::string& n) { return m.first < n; });
+      if (it == a.members.end() || it->first != name || !contains(it->second, value)) return false;
+    }
+    return true;
+  }
+  for (const auto& want : b.items)
+    if (std::none_of(a.items.begin(), a.items.end(), [&](const JsonNode& have) { return contains(have, want); }))
+      return false;
+  return true;
+}
+
+}  // namespace
+
+bool json_contains(std::string_view container, std::string_view contained) {
+  if (!is_json(container) || !is_json(contained)) return false;
+  Canonical ca{container}, cb{contained};
+  const JsonNode a = json_tree(ca), b = json_tree(cb);
+  // At the top level, and only there, an array contains a scalar it holds.
+  if (a.kind == 'a' && b.kind == 's')
+    return std::any_of(a.items.begin(), a.items.end(), [&](const JsonNode& x) { return contains(x, b); });
+  return contains(a, b);
+}
+
 bool json_equal(std::string_view a, std::string_view b) {
   if (a == b) return true;
   // Text that is not JSON (a store fed around validation) compares as text.
@@ -706,6 +800,11 @@ void validate_list(const ListQuery& q) {
   if (q.count_up_to < 0 || q.count_up_to > kMaxCountUpTo)
     throw InvalidArgument("count_up_to", "must be between 0 and 1000000");
   if (q.queue) validate_queue("queue", *q.queue);
+  if (q.key) validate_text("key", *q.key, 512);
+  if (q.key_prefix) validate_text("key_prefix", *q.key_prefix, 512);
+  if (q.type_prefix) validate_text("type_prefix", *q.type_prefix, 256);
+  if (q.error_contains) validate_text("error_contains", *q.error_contains, 1024);
+  if (q.payload_contains) validate_json("payload_contains", *q.payload_contains, 64 * 1024);
 }
 
 void validate_completions(std::span<const Completion> completions, std::size_t max_payload_bytes,

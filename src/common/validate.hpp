@@ -19,6 +19,11 @@ bool is_json(std::string_view text) noexcept;
 // member order, whitespace, escapes and the spelling of a number do not count;
 // of a repeated member name the last counts. Not JSON: compared as text.
 bool json_equal(std::string_view a, std::string_view b);
+// Whether `container` contains `contained` as jsonb's @> says (objects: every
+// member of the right one, recursively; arrays: every element of the right one
+// in some element of the left one, order and repeats aside; scalars: equal; a
+// top-level array contains a scalar it holds). Not JSON: false.
+bool json_contains(std::string_view container, std::string_view contained);
 // Well-formed UTF-8 as PostgreSQL accepts it (no overlong forms, surrogates or
 // code points past U+10FFFF). utf8_sequence: the length of the character at
 // byte i, 0 when it is not well formed.

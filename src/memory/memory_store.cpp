@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cctype>
 #include <condition_variable>
 #include <limits>
 #include <map>
@@ -97,11 +98,6 @@ std::int64_t& total_of(QueueStats& s, TaskStatus status) {
   }
 }
 
-bool terminal(TaskStatus s) {
-  return s == TaskStatus::succeeded || s == TaskStatus::failed || s == TaskStatus::cancelled ||
-         s == TaskStatus::expired;
-}
-
 TimePoint minute_of(TimePoint t) { return std::chrono::floor<std::chrono::minutes>(t); }
 // 10-second steps, as eoq.totals keeps them: "the last minute" is the same
 // 50 to 60 seconds on both stores.
@@ -171,7 +167,7 @@ struct MemoryStore::State {
     // No change keeps a task finished (retry makes it pending), so a finished
     // task indexed is one that has just finished, as a row inserted into
     // eoq.finished is on Postgres.
-    if (terminal(t.status)) {
+    if (is_terminal(t.status)) {
       const auto& tenant = t.tenant ? *t.tenant : std::string();
       ++total_of(ever[{t.queue, tenant}], t.status);
       ++by_bucket[BucketKey{bucket_of(*t.finished_at), t.queue, tenant, t.status}];
@@ -859,6 +855,19 @@ CancelOutcome MemoryStore::cancel(TaskId id, const Scope& scope) {
   }
 }
 
+RemoveOutcome MemoryStore::remove(TaskId id, const Scope& scope) {
+  auto& state = *state_;
+  detail::validate_scope(scope);
+  std::lock_guard lk(state.mu);
+  auto it = state.tasks.find(id);
+  if (it == state.tasks.end() || !visible(it->second.task, scope)) return RemoveOutcome::not_found;
+  Entry& e = it->second;
+  if (e.task.status == TaskStatus::running) return RemoveOutcome::running;
+  if (!is_terminal(e.task.status)) state.finish(e, TaskStatus::cancelled, detail::now());
+  state.erase_finished(id);
+  return RemoveOutcome::removed;
+}
+
 RetryOutcome MemoryStore::retry(TaskId id, const Scope& scope) {
   auto& state = *state_;
   detail::validate_scope(scope);
@@ -915,9 +924,20 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
   const auto limit = static_cast<std::size_t>(q.limit);
   TaskPage page;
   std::lock_guard lk(state.mu);
+  auto lower = [](std::string s) {
+    for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return s;
+  };
+  const auto error_text = q.error_contains ? lower(*q.error_contains) : std::string();
   auto matches = [&](const Task& t) {
-    return !((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
-             (q.tenant && t.tenant != *q.tenant) || !visible(t, scope));
+    if ((q.queue && t.queue != *q.queue) || (q.status && t.status != *q.status) || (q.type && t.type != *q.type) ||
+        (q.tenant && t.tenant != *q.tenant) || !visible(t, scope))
+      return false;
+    if ((q.key && t.key != *q.key) || (q.key_prefix && !(t.key && t.key->starts_with(*q.key_prefix))) ||
+        (q.type_prefix && !t.type.starts_with(*q.type_prefix)))
+      return false;
+    if (q.error_contains && !(t.last_error && lower(*t.last_error).find(error_text) != std::string::npos)) return false;
+    return !q.payload_contains || detail::json_contains(t.payload, *q.payload_contains);
   };
   auto take = [&](const Task& t) {
     if (matches(t)) page.tasks.push_back(t);

@@ -126,7 +126,8 @@ struct Statements {
             claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), complete_one = q("complete_one"),
             fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
-            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), progress = q("progress"), checkpoint = q("checkpoint");
+            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), remove_cancel = q("remove_cancel"),
+            remove_finished = q("remove_finished"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
             list = q("list"), list_desc = q("list_desc"), list_count = q("list_count"),
             count_estimate = q("count_estimate"), stats = q("stats"), throughput = q("throughput"),
@@ -202,6 +203,8 @@ const std::vector<ResultShape>& result_shapes() {
       {"cancel", std::vector<Column>{{"cancelled", kInt8}, {"requested", kInt8}, {"finished", kInt8},
                                      {"live", kInt8}}},
       {"lock_task", std::vector<Column>{{"id", 0}}},
+      {"remove_cancel", std::vector<Column>{{"cancelled", kInt8}}},
+      {"remove_finished", std::vector<Column>{{"removed", kInt8}, {"live", kInt8}}},
       {"retry", std::vector<Column>{{"retried", kInt8}, {"finished", kInt8}, {"live", kInt8}}},
       {"get", kTaskColumns},
       {"list", kTaskColumns},
@@ -1691,6 +1694,27 @@ CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
   }
 }
 
+RemoveOutcome PostgresStore::remove(TaskId id, const Scope& scope) {
+  auto& impl = *impl_;
+  detail::validate_scope(scope);
+  const std::vector<Param> params{num(id), scope.tenant};
+  bool retried = false;
+  auto out = impl.run_on_connection([&](Connection& c) {
+    return in_transaction(c, [&] {
+      // Locked first: a claim skips the row from here on, so the task is
+      // either pending (cancelled, then deleted) or running (left alone).
+      c.exec(impl.sql.lock_task, params);
+      c.exec(impl.sql.remove_cancel, params);
+      auto r = c.exec(impl.sql.remove_finished, params);
+      return r.i64(0, 0) > 0 ? RemoveOutcome::removed
+             : r.i64(0, 1) > 0 ? RemoveOutcome::running : RemoveOutcome::not_found;
+    });
+  }, &retried);
+  // After a lost reply the first try may have deleted it; the task was found
+  // by the one that lost its reply, or the caller would not be deleting it.
+  return out == RemoveOutcome::not_found && retried ? RemoveOutcome::removed : out;
+}
+
 RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
   auto& impl = *impl_;
   detail::validate_scope(scope);
@@ -1731,14 +1755,17 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   Param status = q.status ? Param(std::string(to_string(*q.status))) : std::nullopt;
   std::optional<ListTotal> total;
   if (q.count_up_to > 0) {
-    const auto n = impl.read(impl.sql.list_count, {q.queue, status, q.type, tenant, num(q.count_up_to + 1)}).i64(0, 0);
+    const auto n = impl.read(impl.sql.list_count, {q.queue, status, q.type, tenant, num(q.count_up_to + 1), q.key,
+                                                   q.key_prefix, q.type_prefix, q.payload_contains, q.error_contains})
+                       .i64(0, 0);
     if (n <= q.count_up_to) {
       total = ListTotal{n, TotalKind::exact};
     } else {
       total = ListTotal{q.count_up_to, TotalKind::at_least};
       // With no filter at all the planner's statistics tell how big both
       // tables are, at no cost; trusted only where they agree with the count.
-      if (!q.queue && !q.status && !q.type && !tenant) {
+      if (!q.queue && !q.status && !q.type && !tenant && !q.key && !q.key_prefix && !q.type_prefix &&
+          !q.payload_contains && !q.error_contains) {
         auto e = impl.read(impl.sql.count_estimate, {});
         if (!e.null(0, 0) && e.i64(0, 0) > q.count_up_to) total = ListTotal{e.i64(0, 0), TotalKind::estimate};
       }
@@ -1746,7 +1773,8 @@ TaskPage PostgresStore::list(const ListQuery& q, const Scope& scope) {
   }
   auto after = q.newest_first ? q.after.value_or(std::numeric_limits<TaskId>::max()) : q.after.value_or(0);
   auto r = impl.read(q.newest_first ? impl.sql.list_desc : impl.sql.list,
-                  {q.queue, status, q.type, tenant, num(after), num(q.limit + 1)});
+                  {q.queue, status, q.type, tenant, num(after), num(q.limit + 1), q.key, q.key_prefix, q.type_prefix,
+                   q.payload_contains, q.error_contains});
   TaskPage page;
   for (int i = 0; i < r.rows(); ++i) page.tasks.push_back(decode_task(r, i));
   // The statement reads one row past the page to say whether another follows.

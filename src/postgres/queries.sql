@@ -814,6 +814,56 @@ SELECT (SELECT count(*) FROM fin) AS cancelled,
 SELECT id FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR UPDATE;
 
 
+-- name: remove_cancel
+-- plan: generic
+-- $1 id, $2 the scope's tenant (NULL: every tenant). remove's first step, run
+-- with the task's live row locked (lock_task): a pending or waiting task ends
+-- cancelled, as cancel ends it (its waiting children follow it through
+-- release_children), so that remove_finished can delete it. A running task is
+-- left alone.
+WITH gp AS (
+  DELETE FROM eoq.tasks WHERE id = $1 AND status = 'pending' AND ($2::text IS NULL OR tenant = $2)
+  RETURNING *),
+gw AS (
+  DELETE FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+  RETURNING id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+            attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+            version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+            checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at),
+gone AS (SELECT * FROM gp UNION ALL SELECT * FROM gw),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, coalesce(last_error, 'deleted') AS last_error, created_at,
+    now() AS updated_at, now() AS finished_at
+  FROM gone
+  RETURNING id)
+SELECT count(*) AS cancelled FROM fin;
+
+
+-- name: remove_finished
+-- plan: generic
+-- $1 id, $2 the scope's tenant. A finished task goes with its key, attempts and
+-- the edges to its parents, as prune takes them. `live`: the task is still in
+-- the live table (running), so nothing was deleted.
+WITH v AS (
+  SELECT id, queue, tenant, key FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR UPDATE),
+dk AS (DELETE FROM eoq.keys k USING v
+       WHERE k.queue = v.queue AND k.tenant = coalesce(v.tenant, '') AND k.key = v.key AND k.task_id = v.id),
+da AS (DELETE FROM eoq.attempts a USING v WHERE a.task_id = v.id),
+de AS (DELETE FROM eoq.edges e USING v WHERE e.child_id = v.id),
+df AS (DELETE FROM eoq.finished f USING v WHERE f.id = v.id RETURNING 1)
+SELECT (SELECT count(*) FROM df) AS removed,
+       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
+
+
 -- name: retry
 -- plan: generic
 -- $1 id, $2 the scope's tenant (NULL: every tenant), $3 channel.
@@ -872,7 +922,9 @@ FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2);
 
 -- name: list
 -- $1 queue, $2 status, $3 type, $4 tenant (each NULL: any), $5 the last id of
--- the previous page, $6 the page size. A status filter names one table only;
+-- the previous page, $6 the page size; the search, each NULL for any: $7 key,
+-- $8 key prefix, $9 type prefix, $10 a JSON value the payload contains
+-- (jsonb_contains: jsonb's containment operator), $11 text in last_error (any case). A status filter names one table only;
 -- the other side is cut by a parameter-only condition the executor evaluates
 -- once. Oldest first; list_desc is the same newest first: two statements
 -- rather than a parameterised ORDER BY, so each keeps a plan that walks the
@@ -885,7 +937,11 @@ SELECT * FROM (
    FROM eoq.tasks
    WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
-     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+     AND ($7::text IS NULL OR key = $7) AND ($8::text IS NULL OR starts_with(key, $8))
+     AND ($9::text IS NULL OR starts_with(type, $9))
+     AND ($10::jsonb IS NULL OR jsonb_contains(payload::jsonb, $10::jsonb))
+     AND ($11::text IS NULL OR strpos(lower(last_error), lower($11)) > 0) AND id > $5
    ORDER BY id ASC LIMIT $6)
   UNION ALL
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
@@ -895,7 +951,11 @@ SELECT * FROM (
    FROM eoq.waiting
    WHERE ($2::text IS NULL OR $2::text = 'waiting')
      AND ($1::text IS NULL OR queue = $1)
-     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+     AND ($7::text IS NULL OR key = $7) AND ($8::text IS NULL OR starts_with(key, $8))
+     AND ($9::text IS NULL OR starts_with(type, $9))
+     AND ($10::jsonb IS NULL OR jsonb_contains(payload::jsonb, $10::jsonb))
+     AND ($11::text IS NULL OR strpos(lower(last_error), lower($11)) > 0) AND id > $5
    ORDER BY id ASC LIMIT $6)
   UNION ALL
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
@@ -905,7 +965,11 @@ SELECT * FROM (
    FROM eoq.finished
    WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running', 'waiting'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
-     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id > $5
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+     AND ($7::text IS NULL OR key = $7) AND ($8::text IS NULL OR starts_with(key, $8))
+     AND ($9::text IS NULL OR starts_with(type, $9))
+     AND ($10::jsonb IS NULL OR jsonb_contains(payload::jsonb, $10::jsonb))
+     AND ($11::text IS NULL OR strpos(lower(last_error), lower($11)) > 0) AND id > $5
    ORDER BY id ASC LIMIT $6)) x
 ORDER BY id ASC LIMIT $6;
 
@@ -919,7 +983,11 @@ SELECT * FROM (
    FROM eoq.tasks
    WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
-     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id < $5
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+     AND ($7::text IS NULL OR key = $7) AND ($8::text IS NULL OR starts_with(key, $8))
+     AND ($9::text IS NULL OR starts_with(type, $9))
+     AND ($10::jsonb IS NULL OR jsonb_contains(payload::jsonb, $10::jsonb))
+     AND ($11::text IS NULL OR strpos(lower(last_error), lower($11)) > 0) AND id < $5
    ORDER BY id DESC LIMIT $6)
   UNION ALL
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
@@ -929,7 +997,11 @@ SELECT * FROM (
    FROM eoq.waiting
    WHERE ($2::text IS NULL OR $2::text = 'waiting')
      AND ($1::text IS NULL OR queue = $1)
-     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id < $5
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+     AND ($7::text IS NULL OR key = $7) AND ($8::text IS NULL OR starts_with(key, $8))
+     AND ($9::text IS NULL OR starts_with(type, $9))
+     AND ($10::jsonb IS NULL OR jsonb_contains(payload::jsonb, $10::jsonb))
+     AND ($11::text IS NULL OR strpos(lower(last_error), lower($11)) > 0) AND id < $5
    ORDER BY id DESC LIMIT $6)
   UNION ALL
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
@@ -939,26 +1011,49 @@ SELECT * FROM (
    FROM eoq.finished
    WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running', 'waiting'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
-     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4) AND id < $5
+     AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+     AND ($7::text IS NULL OR key = $7) AND ($8::text IS NULL OR starts_with(key, $8))
+     AND ($9::text IS NULL OR starts_with(type, $9))
+     AND ($10::jsonb IS NULL OR jsonb_contains(payload::jsonb, $10::jsonb))
+     AND ($11::text IS NULL OR strpos(lower(last_error), lower($11)) > 0) AND id < $5
    ORDER BY id DESC LIMIT $6)) x
 ORDER BY id DESC LIMIT $6;
 
 
 -- name: list_count
--- list's filters ($1 queue, $2 status, $3 type, $4 tenant), counted up to $5
--- rows per table (the caller's count_up_to + 1): a large table costs a bounded
--- count, and more than count_up_to in all means "at least".
+-- list's filters ($1 queue, $2 status, $3 type, $4 tenant; $6.. the search as
+-- list's $7..), counted up to $5 rows per table (the caller's count_up_to + 1):
+-- a large table costs a bounded count, and more than count_up_to in all means
+-- "at least". The three tables, as list reads them.
 SELECT (SELECT count(*) FROM (
           SELECT 1 FROM eoq.tasks
           WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
             AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
             AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+            AND ($6::text IS NULL OR key = $6) AND ($7::text IS NULL OR starts_with(key, $7))
+            AND ($8::text IS NULL OR starts_with(type, $8))
+            AND ($9::jsonb IS NULL OR jsonb_contains(payload::jsonb, $9::jsonb))
+            AND ($10::text IS NULL OR strpos(lower(last_error), lower($10)) > 0)
           LIMIT $5) a)
      + (SELECT count(*) FROM (
+          SELECT 1 FROM eoq.waiting
+          WHERE ($2::text IS NULL OR $2::text = 'waiting')
+            AND ($1::text IS NULL OR queue = $1) 
+            AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+            AND ($6::text IS NULL OR key = $6) AND ($7::text IS NULL OR starts_with(key, $7))
+            AND ($8::text IS NULL OR starts_with(type, $8))
+            AND ($9::jsonb IS NULL OR jsonb_contains(payload::jsonb, $9::jsonb))
+            AND ($10::text IS NULL OR strpos(lower(last_error), lower($10)) > 0)
+          LIMIT $5) w)
+     + (SELECT count(*) FROM (
           SELECT 1 FROM eoq.finished
-          WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running'))
+          WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running', 'waiting'))
             AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
             AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR tenant = $4)
+            AND ($6::text IS NULL OR key = $6) AND ($7::text IS NULL OR starts_with(key, $7))
+            AND ($8::text IS NULL OR starts_with(type, $8))
+            AND ($9::jsonb IS NULL OR jsonb_contains(payload::jsonb, $9::jsonb))
+            AND ($10::text IS NULL OR strpos(lower(last_error), lower($10)) > 0)
           LIMIT $5) b) AS count;
 
 

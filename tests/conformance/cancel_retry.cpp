@@ -511,3 +511,79 @@ STORE_CASE("retry runs a failed, cancelled or expired task again as a new attemp
     CHECK(store.retry(id + 1000000) == eoq::RetryOutcome::not_found);
   }
 }
+
+// ---------------------------------------------------------------------------
+// remove
+
+STORE_CASE("remove deletes a finished or pending task with its key; a running one is refused", "[remove]") {
+  using eoq::RemoveOutcome;
+  auto done = store.submit(keyed("k-done")).task.id;
+  store.complete(claim_one(store));
+  auto pending = store.submit(keyed("k-pending")).task.id;
+  auto running = store.submit(keyed("k-running")).task.id;
+  // Claim the one meant to run (claims take the oldest first: pending is older).
+  auto l1 = claim_one(store);
+  auto l2 = claim_one(store);
+  REQUIRE(l2.id() == running);
+  store.release(l1);
+  REQUIRE(must_get(store, pending).status == TaskStatus::pending);
+
+  CHECK(store.remove(done) == RemoveOutcome::removed);
+  CHECK_FALSE(store.get(done));
+  CHECK(store.history(done).empty());
+  CHECK(store.remove(done) == RemoveOutcome::not_found);
+  // Its key is free again: a new task, not a duplicate.
+  auto again = store.submit(keyed("k-done"));
+  CHECK_FALSE(again.duplicate);
+  CHECK(again.task.id != done);
+
+  CHECK(store.remove(pending) == RemoveOutcome::removed);
+  CHECK_FALSE(store.get(pending));
+  CHECK_FALSE(store.submit(keyed("k-pending")).duplicate);
+
+  CHECK(store.remove(running) == RemoveOutcome::running);
+  CHECK(must_get(store, running).status == TaskStatus::running);
+  store.complete(l2);  // its lease still holds
+  CHECK(store.remove(running) == RemoveOutcome::removed);
+
+  CHECK(store.remove(999999) == RemoveOutcome::not_found);
+  // Another tenant's task is not found, and stays.
+  NewTask theirs = task();
+  theirs.tenant = "acme";
+  auto t = store.submit(theirs).task.id;
+  CHECK(store.remove(t, eoq::Scope::only("other")) == RemoveOutcome::not_found);
+  CHECK(store.get(t));
+  CHECK(store.remove(t, eoq::Scope::only("acme")) == RemoveOutcome::removed);
+
+  // The rows are gone from the counts; removing a pending task cancelled it first.
+  auto s = stats_of(store, "default");
+  CHECK(s.pending == 2);  // k-done's and k-pending's new tasks
+  CHECK(s.succeeded == 0);
+  CHECK(s.succeeded_total == 2);
+  CHECK(s.cancelled_total == 2);  // pending and the tenant's
+}
+
+STORE_CASE("removing a parent cancels its waiting children as cancel does; a run-anyway child is released",
+           "[remove][workflows]") {
+  auto parent = store.submit(task()).task.id;
+  NewTask child = task("child");
+  child.parents = {parent};
+  auto waits = store.submit(child).task.id;
+  NewTask anyway = task("anyway");
+  anyway.parents = {parent};
+  anyway.on_parent_failure = eoq::ParentFailure::run;
+  auto runs = store.submit(anyway).task.id;
+  REQUIRE(must_get(store, waits).status == TaskStatus::waiting);
+
+  CHECK(store.remove(parent) == eoq::RemoveOutcome::removed);
+  CHECK(must_get(store, waits).status == TaskStatus::cancelled);
+  CHECK(must_get(store, runs).status == TaskStatus::pending);
+  // A waiting task itself can be removed.
+  auto p2 = store.submit(task()).task.id;
+  NewTask c2 = task("child");
+  c2.parents = {p2};
+  auto w2 = store.submit(c2).task.id;
+  CHECK(store.remove(w2) == eoq::RemoveOutcome::removed);
+  CHECK_FALSE(store.get(w2));
+  store.complete(claim_one(store));  // the parent (or the released child) ends without trouble
+}

@@ -175,3 +175,100 @@ TEST_CASE("PostgresStore: an unfiltered total past the cap is the planner's esti
   CHECK(t.kind == TotalKind::exact);
   CHECK(t.count == 300);
 }
+
+STORE_CASE("list searches by key, key and type prefix, payload containment and error text, and counts alike",
+           "[reads][search]") {
+  auto add = [&](std::string type, std::optional<std::string> key, std::string payload) {
+    NewTask t = entry("default", std::move(type));
+    t.key = std::move(key);
+    t.payload = std::move(payload);
+    return store.submit(t).task.id;
+  };
+  const auto a = add("email.welcome", "order-1001", R"({"user": {"id": 7, "tags": ["vip", "eu"]}, "n": 1.50})");
+  const auto b = add("email.invoice", "order-1002", R"({"user": {"id": 8, "tags": ["eu"]}})");
+  const auto c = add("sms", "ORDER-1003", R"(["x", "y"])");
+  const auto d = add("email.welcome", std::nullopt, R"({"user": {"id": 7}})");
+  // An error to search: d fails for good.
+  auto l = claim_one(store);
+  while (l.id() != d) {
+    store.release(l);
+    l = claim_one(store);
+  }
+  (void)l;
+  store.fail(l, {"SMTP 550: Mailbox Unavailable", true});
+
+  auto ids = [&](eoq::ListQuery q) {
+    std::vector<eoq::TaskId> out;
+    q.count_up_to = 100;
+    auto page = store.list(q);
+    for (const auto& t : page.tasks) out.push_back(t.id);
+    // The count uses the same filters.
+    CHECK(page.total->count == static_cast<std::int64_t>(out.size()));
+    q.newest_first = true;
+    std::vector<eoq::TaskId> desc;
+    for (const auto& t : store.list(q).tasks) desc.push_back(t.id);
+    CHECK(std::vector<eoq::TaskId>(desc.rbegin(), desc.rend()) == out);
+    return out;
+  };
+  using V = std::vector<eoq::TaskId>;
+  eoq::ListQuery q;
+  q.key = "order-1002";
+  CHECK(ids(q) == V{b});
+  q = {};
+  q.key_prefix = "order-";
+  CHECK(ids(q) == V{a, b});  // case counts in keys: ORDER-1003 is another key
+  q = {};
+  q.type_prefix = "email.";
+  CHECK(ids(q) == V{a, b, d});
+  q.type_prefix = "email.w";
+  CHECK(ids(q) == V{a, d});
+  q = {};
+  q.payload_contains = R"({"user": {"id": 7}})";
+  CHECK(ids(q) == V{a, d});
+  q.payload_contains = R"({"user": {"tags": ["eu"]}})";
+  CHECK(ids(q) == V{a, b});
+  q.payload_contains = R"({"user": {"tags": ["eu", "vip"]}, "n": 1.5})";  // order aside, 1.50 is 1.5
+  CHECK(ids(q) == V{a});
+  q.payload_contains = R"({"user": {"tags": "eu"}})";  // a scalar is no array below the top
+  CHECK(ids(q).empty());
+  q.payload_contains = R"("x")";  // at the top an array contains what it holds
+  CHECK(ids(q) == V{c});
+  q.payload_contains = "{}";
+  CHECK(ids(q) == V{a, b, d});  // every object contains the empty one; the array does not
+  q = {};
+  q.error_contains = "mailbox unavailable";
+  CHECK(ids(q) == V{d});
+  q.error_contains = "no such error";
+  CHECK(ids(q).empty());
+  // Together, and with the other filters.
+  q = {};
+  q.type_prefix = "email";
+  q.payload_contains = R"({"user": {"id": 7}})";
+  q.status = TaskStatus::pending;
+  CHECK(ids(q) == V{a});
+
+  // Bad search input: named, nothing else.
+  q = {};
+  q.payload_contains = "{not json";
+  CHECK(field_of([&] { store.list(q); }) == "payload_contains");
+  q = {};
+  q.key_prefix = "";
+  CHECK(field_of([&] { store.list(q); }) == "key_prefix");
+  q = {};
+  q.error_contains = std::string(2000, 'x');
+  CHECK(field_of([&] { store.list(q); }) == "error_contains");
+}
+
+STORE_CASE("list's count includes the tasks that wait for their parents", "[reads][total]") {
+  auto parent = store.submit(entry("default", "p")).task.id;
+  NewTask child = entry("default", "c");
+  child.parents = {parent};
+  store.submit(child);
+  eoq::ListQuery q;
+  q.count_up_to = 100;
+  auto page = store.list(q);
+  CHECK(page.tasks.size() == 2);
+  CHECK(page.total->count == 2);
+  q.status = TaskStatus::waiting;
+  CHECK(total_of(store, q).count == 1);
+}
