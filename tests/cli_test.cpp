@@ -216,11 +216,11 @@ std::int64_t minutes_between(eoq::TimePoint a, eoq::TimePoint b) {
 TEST_CASE("cli: --help lists every command, the environment and the exit codes", "[cli]") {
   auto r = run_cli({"--help"}, std::nullopt);
   CHECK(r.code == 0);
-  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "retry", "prune", "watch", "dashboard"})
+  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "delete", "retry", "prune", "watch", "dashboard"})
     CHECK(contains(r.out, fmt::format("\n  {} ", cmd)));
   CHECK(contains(r.out, "EOQ_DATABASE_URL"));
   CHECK(contains(r.out, "Exit status"));
-  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "retry", "prune", "watch", "dashboard"}) {
+  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "delete", "retry", "prune", "watch", "dashboard"}) {
     auto h = run_cli({cmd, "--help"}, std::nullopt);
     INFO(cmd);
     CHECK(h.code == 0);
@@ -493,6 +493,51 @@ TEST_CASE("cli: list filters, and pages through everything with the printed curs
                                         S.schema(), in_a[1])));
   auto last = eoq_cli({"list", "--after", std::to_string(all.back())});
   CHECK(last.out == "no more tasks\n");
+
+  // The error column, and the search: error text, newest first.
+  CHECK(contains(eoq_cli({"list", "--status", "failed"}).out, "ERROR"));
+  CHECK(contains(eoq_cli({"list", "--status", "failed"}).out, "boom"));
+  CHECK(ids_of(eoq_cli.json({"list", "--error", "BOOM"}).at("tasks")) == std::vector<eoq::TaskId>{failed.id()});
+  CHECK(ids_of(eoq_cli.json({"list", "--order", "newest", "--type-prefix", "y"}).at("tasks")) ==
+        std::vector<eoq::TaskId>(type_y.rbegin(), type_y.rend()));
+  auto keyed_task = task("z", "c");
+  keyed_task.key = "order-2026-12-07";
+  keyed_task.payload = R"({"user": {"id": 7}, "n": 2})";
+  auto kid = S->submit(keyed_task).task.id;
+  CHECK(ids_of(eoq_cli.json({"list", "--key", "order-2026-12-07"}).at("tasks")) == std::vector<eoq::TaskId>{kid});
+  CHECK(ids_of(eoq_cli.json({"list", "--key-prefix", "order-2026"}).at("tasks")) == std::vector<eoq::TaskId>{kid});
+  CHECK(ids_of(eoq_cli.json({"list", "--payload-contains", R"({"user":{"id":7}})"}).at("tasks")) ==
+        std::vector<eoq::TaskId>{kid});
+  auto paged = eoq_cli({"list", "--order", "newest", "--key-prefix", "order", "--limit", "1"});
+  CHECK(paged.code == 0);
+  auto bad = eoq_cli({"list", "--payload-contains", "{nope"});
+  CHECK(bad.code == 2);
+  CHECK(contains(bad.err, "invalid payload_contains (--payload-contains)"));
+  CHECK(eoq_cli({"list", "--order", "sideways"}).code == 2);
+}
+
+TEST_CASE("cli: delete removes a task and frees its key; a running one is refused", "[cli]") {
+  TestStore S(StoreKind::postgres);
+  Eoq eoq_cli(S);
+  auto t = task("d");
+  t.key = "k1";
+  auto id = S->submit(t).task.id;
+  auto r = eoq_cli({"delete", std::to_string(id)});
+  CHECK(r.code == 0);
+  CHECK(r.out == fmt::format("deleted task {}, with its key and history\n", id));
+  CHECK_FALSE(S->get(id));
+  CHECK_FALSE(S->submit(t).duplicate);  // the key is free again
+
+  auto running = claim_one(*S);
+  auto busy = eoq_cli({"delete", std::to_string(running.id())});
+  CHECK(busy.code == 2);
+  CHECK(contains(busy.err, fmt::format("task {} is running: cancel it first ('eoq cancel {}')", running.id(),
+                                       running.id())));
+  CHECK(S->get(running.id()));
+  CHECK(eoq_cli({"delete", "999999"}).code == 1);
+  S->complete(running, "null");
+  CHECK(eoq_cli.json({"delete", std::to_string(running.id())}) ==
+        Json{{"outcome", "removed"}, {"id", running.id()}});
 }
 
 // ---------------------------------------------------------------- show

@@ -97,10 +97,12 @@ std::string shell_quote(std::string_view v);
 
 // ---- inspect.cpp
 struct ListArgs {
-  std::string queue, status, type;
+  std::string queue, status, type, key, key_prefix, type_prefix, payload, error, order = "oldest";
   TaskId after = 0;
   int limit = 100;
-  CLI::Option *queue_opt = nullptr, *status_opt = nullptr, *type_opt = nullptr, *after_opt = nullptr;
+  CLI::Option *queue_opt = nullptr, *status_opt = nullptr, *type_opt = nullptr, *after_opt = nullptr,
+              *key_opt = nullptr, *key_prefix_opt = nullptr, *type_prefix_opt = nullptr, *payload_opt = nullptr,
+              *error_opt = nullptr;
 };
 
 Table stats_table(const std::vector<QueueStats>& stats, bool unicode);
@@ -124,6 +126,7 @@ int cmd_migrate(Context& ctx);
 int cmd_submit(Context& ctx, const SubmitArgs& a);
 int cmd_cancel(Context& ctx, TaskId id);
 int cmd_retry(Context& ctx, TaskId id);
+int cmd_delete(Context& ctx, TaskId id);
 int cmd_prune(Context& ctx, const PruneArgs& a);
 
 // ---- live.cpp

@@ -79,6 +79,12 @@ std::string next_page_command(const Context& ctx, const ListArgs& a, TaskId next
   if (a.queue_opt->count()) cmd += " --queue " + shell_quote(a.queue);
   if (a.status_opt->count()) cmd += " --status " + a.status;
   if (a.type_opt->count()) cmd += " --type " + shell_quote(a.type);
+  if (a.key_opt->count()) cmd += " --key " + shell_quote(a.key);
+  if (a.key_prefix_opt->count()) cmd += " --key-prefix " + shell_quote(a.key_prefix);
+  if (a.type_prefix_opt->count()) cmd += " --type-prefix " + shell_quote(a.type_prefix);
+  if (a.payload_opt->count()) cmd += " --payload-contains " + shell_quote(a.payload);
+  if (a.error_opt->count()) cmd += " --error " + shell_quote(a.error);
+  if (a.order != "oldest") cmd += " --order " + a.order;
   if (a.limit != 100) cmd += fmt::format(" --limit {}", a.limit);
   return cmd + fmt::format(" --after {}", next);
 }
@@ -90,7 +96,13 @@ int cmd_list(Context& ctx, const ListArgs& a) {
   if (a.queue_opt->count()) q.queue = a.queue;
   if (a.status_opt->count()) q.status = parse_status(a.status);
   if (a.type_opt->count()) q.type = a.type;
+  if (a.key_opt->count()) q.key = a.key;
+  if (a.key_prefix_opt->count()) q.key_prefix = a.key_prefix;
+  if (a.type_prefix_opt->count()) q.type_prefix = a.type_prefix;
+  if (a.payload_opt->count()) q.payload_contains = a.payload;
+  if (a.error_opt->count()) q.error_contains = a.error;
   if (a.after_opt->count()) q.after = a.after;
+  q.newest_first = a.order == "newest";
   q.limit = a.limit;
   auto page = ctx.store().list(q, ctx.scope());
   if (ctx.opt.json) {
@@ -111,12 +123,13 @@ int cmd_list(Context& ctx, const ListArgs& a) {
                {"PRI", true},
                {"ATTEMPTS", true},
                {"RUN AT"},
-               {"UPDATED"}},
+               {"UPDATED"},
+               {"ERROR", false, 40}},
               ctx.unicode);
   for (const auto& t : page.tasks) {
     table.add({std::to_string(t.id), std::string(to_string(t.status)), t.queue, t.type, t.tenant.value_or(""),
                t.key.value_or(""), std::to_string(t.priority), attempts_of(t), relative(t.run_at, at),
-               relative(t.updated_at, at)});
+               relative(t.updated_at, at), t.last_error.value_or("")});
   }
   fmt::print("{}", table.render());
   if (page.next_after) fmt::print("\nnext page: {}\n", next_page_command(ctx, a, *page.next_after));

@@ -87,7 +87,8 @@ std::string flag_of(const std::string& field) {
       {"run_at", "--run-at"},         {"deadline", "--deadline"},    {"retry.max_attempts", "--max-attempts"},
       {"status", "--status"},         {"limit", "--limit"},          {"older_than", "--older-than"},
       {"interval", "--interval"},     {"listen", "--listen"},        {"prefix", "--prefix"},
-      {"tokens", "--tokens"},
+      {"tokens", "--tokens"},         {"key_prefix", "--key-prefix"}, {"type_prefix", "--type-prefix"},
+      {"payload_contains", "--payload-contains"}, {"error_contains", "--error"},
   };
   auto it = flags.find(field);
   return it == flags.end() ? "" : it->second;
@@ -262,18 +263,36 @@ int run(int argc, char** argv) {
 
   // -- list
   ListArgs list_args;
-  auto* list = command(app, "list", "List tasks, with filters and pagination", kInspect,
-                       "Tasks come in id order. When a page is full, the command for the next page is\n"
-                       "printed (--json: next_after, null at the end). --tenant lists one tenant's tasks.\n\n"
+  auto* list = command(app, "list", "List tasks, with filters, search and pagination", kInspect,
+                       "Tasks come in id order (--order newest: newest first). When a page is full, the\n"
+                       "command for the next page is printed (--json: next_after, null at the end).\n"
+                       "--tenant lists one tenant's tasks.\n\n"
                        "Examples:\n  eoq list --status failed --queue emails\n  eoq list --limit 20 --after 1200"
-                       "\n  eoq --tenant acme list --type send_invoice\n  eoq list --status running --json | jq "
-                       "'.tasks[].id'");
+                       "\n  eoq --tenant acme list --type send_invoice\n  eoq list --order newest --key-prefix "
+                       "order-2026-\n  eoq list --payload-contains '{\"user\": {\"id\": 7}}' --error timeout\n"
+                       "  eoq list --status running --json | jq '.tasks[].id'");
   list_args.queue_opt = list->add_option("--queue", list_args.queue, "Only tasks in this queue")->type_name("QUEUE");
   list_args.status_opt =
       list->add_option("--status", list_args.status, "Only tasks in this status")
           ->type_name("STATUS")
           ->check(CLI::IsMember({"pending", "running", "succeeded", "failed", "cancelled", "expired", "waiting"}));
   list_args.type_opt = list->add_option("--type", list_args.type, "Only tasks of this type")->type_name("TYPE");
+  list_args.type_prefix_opt =
+      list->add_option("--type-prefix", list_args.type_prefix, "Only types that start so")->type_name("TEXT");
+  list_args.key_opt = list->add_option("--key", list_args.key, "Only the task with this key")->type_name("KEY");
+  list_args.key_prefix_opt =
+      list->add_option("--key-prefix", list_args.key_prefix, "Only keys that start so")->type_name("TEXT");
+  list_args.payload_opt = list->add_option("--payload-contains", list_args.payload,
+                                           "Only payloads that contain this JSON (as\njsonb's @>: members and "
+                                           "elements)")
+                              ->type_name("JSON");
+  list_args.error_opt =
+      list->add_option("--error", list_args.error, "Only tasks whose last error holds this\ntext (any case)")
+          ->type_name("TEXT");
+  list->add_option("--order", list_args.order, "oldest or newest first")
+      ->type_name("ORDER")
+      ->check(CLI::IsMember({"oldest", "newest"}))
+      ->capture_default_str();
   list_args.after_opt = list->add_option("--after", list_args.after, "Only ids greater than this: the cursor\nthe previous page printed")
                             ->type_name("ID")
                             ->check(whole_number(0, "a task id (a whole number from 0)"));
@@ -362,6 +381,17 @@ int run(int argc, char** argv) {
                          "not_found (exit status 1).\n\nExample:\n  eoq cancel 42");
   cancel->add_option("id", cancel_id, "The task's id")->required()->type_name("ID")->check(whole_number(1, "a task id (a whole number from 1)"));
   actions.emplace_back(cancel, [&](Context& c) { return cmd_cancel(c, cancel_id); });
+
+  // -- delete
+  TaskId delete_id = 0;
+  auto* del = command(app, "delete", "Delete a task with its key and history", kChange,
+                      "A finished task goes at once; a pending or waiting one is cancelled first (its waiting\n"
+                      "children follow it, as on cancel). A running task is refused (exit status 2): cancel\n"
+                      "it, then delete it once its worker has stopped it. Its key can be used again.\n"
+                      "Outcomes (--json: outcome): removed; running; not_found (exit status 1).\n\n"
+                      "Example:\n  eoq delete 42");
+  del->add_option("id", delete_id, "The task's id")->required()->type_name("ID")->check(whole_number(1, "a task id (a whole number from 1)"));
+  actions.emplace_back(del, [&](Context& c) { return cmd_delete(c, delete_id); });
 
   // -- retry
   TaskId retry_id = 0;

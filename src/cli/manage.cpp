@@ -113,6 +113,22 @@ int cmd_cancel(Context& ctx, TaskId id) {
   return kOk;
 }
 
+int cmd_delete(Context& ctx, TaskId id) {
+  auto outcome = ctx.store().remove(id, ctx.scope());
+  if (ctx.opt.json) print_json({{"outcome", to_string(outcome)}, {"id", id}});
+  switch (outcome) {
+    case RemoveOutcome::not_found: not_found(ctx, id);
+    case RemoveOutcome::removed:
+      if (!ctx.opt.json) fmt::print("deleted task {}, with its key and history\n", id);
+      return kOk;
+    case RemoveOutcome::running:
+      throw Failure(kBadInput, fmt::format("task {} is running: cancel it first ('eoq cancel {}'), then delete it "
+                                           "once its worker has stopped it",
+                                           id, id));
+  }
+  return kOk;
+}
+
 int cmd_retry(Context& ctx, TaskId id) {
   auto& store = ctx.store();
   auto outcome = store.retry(id, ctx.scope());
