@@ -206,7 +206,7 @@ bool is_json_type(const std::string* content_type) {
 
 // --- routes -----------------------------------------------------------------
 
-enum class Route { page, healthz, me, tasks, task, cancel, retry, stats, metrics };
+enum class Route { page, healthz, me, tasks, task, cancel, retry, remove, bulk, stats, throughput, metrics };
 
 struct Match {
   Route route;
@@ -218,6 +218,8 @@ std::optional<Match> match(std::string_view rest) {
   if (rest == "/healthz") return Match{Route::healthz, {}};
   if (rest == "/api/me") return Match{Route::me, {}};
   if (rest == "/api/stats") return Match{Route::stats, {}};
+  if (rest == "/api/throughput") return Match{Route::throughput, {}};
+  if (rest == "/api/tasks/bulk") return Match{Route::bulk, {}};
   if (rest == "/metrics") return Match{Route::metrics, {}};
   if (rest == "/api/tasks") return Match{Route::tasks, {}};
   constexpr std::string_view tasks = "/api/tasks/";
@@ -230,14 +232,18 @@ std::optional<Match> match(std::string_view rest) {
   auto action = rest.substr(slash);
   if (action == "/cancel") return Match{Route::cancel, id};
   if (action == "/retry") return Match{Route::retry, id};
+  if (action == "/delete") return Match{Route::remove, id};
   return std::nullopt;
 }
 
 std::vector<std::string_view> methods_of(Route r) {
   switch (r) {
     case Route::tasks: return {"GET", "POST"};
+    case Route::task: return {"GET", "DELETE"};
     case Route::cancel:
-    case Route::retry: return {"POST"};
+    case Route::retry:
+    case Route::remove:
+    case Route::bulk: return {"POST"};
     default: return {"GET"};
   }
 }
@@ -353,8 +359,9 @@ struct Dashboard::Impl {
 
     auto who = authenticate(req);
     if (!who) return unauthorized(req);
-    if (method == "POST") {
-      if (!who->write) return error_response(403, "this token is read-only: submit, cancel and retry need write rights");
+    if (method == "POST" || method == "DELETE") {
+      if (!who->write)
+        return error_response(403, "this token is read-only: submit, cancel, retry and delete need write rights");
       // A browser marks requests another site makes it send; refusing them keeps
       // a page elsewhere from using a dashboard open without tokens.
       if (const auto* site = header(req, "sec-fetch-site"); site && *site != "same-origin" && *site != "none")
@@ -372,10 +379,13 @@ struct Dashboard::Impl {
                                    {"tenant", who->tenant ? Json(*who->tenant) : Json(nullptr)},
                                    {"write", who->write}});
       case Route::tasks: return method == "GET" ? list(req, *who) : submit(req, *who);
-      case Route::task: return get(*id, *who);
+      case Route::task: return method == "DELETE" ? remove(*id, *who) : get(*id, *who);
       case Route::cancel: return cancel(*id, *who);
       case Route::retry: return retry(*id, *who);
+      case Route::remove: return remove(*id, *who);
+      case Route::bulk: return bulk(req, *who);
       case Route::stats: return stats(req, *who);
+      case Route::throughput: return throughput(req, *who);
       case Route::metrics: return detail::metrics_response(store, who->scope());
       default: return not_found();
     }
@@ -410,18 +420,30 @@ struct Dashboard::Impl {
     }
   }
 
-  HttpResponse list(const HttpRequest& req, const Principal& who) const {
-    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "after", "limit", "view", "order", "count"});
-    bool summary = false;
-    if (p.count("view")) {
-      if (p["view"] != "full" && p["view"] != "summary") throw InvalidArgument("view", "must be \"full\" or \"summary\"");
-      summary = p["view"] == "summary";
-    }
+  // The filters and search of GET /api/tasks, also the "filter" of a bulk action.
+  static ListQuery list_query(std::map<std::string, std::string>& p) {
     ListQuery q;
     if (p.count("queue")) q.queue = p["queue"];
     if (p.count("status")) q.status = parse_status(p["status"]);
     if (p.count("type")) q.type = p["type"];
     if (p.count("tenant")) q.tenant = p["tenant"];
+    if (p.count("key")) q.key = p["key"];
+    if (p.count("key_prefix")) q.key_prefix = p["key_prefix"];
+    if (p.count("type_prefix")) q.type_prefix = p["type_prefix"];
+    if (p.count("payload_contains")) q.payload_contains = p["payload_contains"];
+    if (p.count("error")) q.error_contains = p["error"];
+    return q;
+  }
+
+  HttpResponse list(const HttpRequest& req, const Principal& who) const {
+    auto p = parse_query(req.query, {"queue", "status", "type", "tenant", "key", "key_prefix", "type_prefix",
+                                     "payload_contains", "error", "after", "limit", "view", "order", "count"});
+    bool summary = false;
+    if (p.count("view")) {
+      if (p["view"] != "full" && p["view"] != "summary") throw InvalidArgument("view", "must be \"full\" or \"summary\"");
+      summary = p["view"] == "summary";
+    }
+    ListQuery q = list_query(p);
     if (p.count("after")) q.after = parse_integer("after", p["after"], 0, INT64_MAX);
     if (p.count("limit")) q.limit = static_cast<int>(parse_integer("limit", p["limit"], 1, 1000));
     if (p.count("order")) {
@@ -513,6 +535,112 @@ struct Dashboard::Impl {
     body["error"] = fmt::format("task {} already finished ({}): nothing to cancel", id,
                                 task ? to_string(task->status) : "gone");
     return json_response(409, body);
+  }
+
+  HttpResponse remove(TaskId id, const Principal& who) const {
+    auto outcome = store.remove(id, who.scope());
+    if (outcome == RemoveOutcome::not_found) return task_not_found();
+    Json body{{"outcome", to_string(outcome)}, {"id", id}};
+    if (outcome == RemoveOutcome::removed) return json_response(200, body);
+    body["error"] = fmt::format("task {} is running: cancel it first, then delete it once its worker has stopped it",
+                                id);
+    return json_response(409, body);
+  }
+
+  // Tasks finished per minute over the last `minutes` (default 60): what the
+  // charts draw when a page opens.
+  HttpResponse throughput(const HttpRequest& req, const Principal& who) const {
+    auto p = parse_query(req.query, {"minutes", "tenant"});
+    const int minutes = p.count("minutes") ? static_cast<int>(parse_integer("minutes", p["minutes"], 1, 1440)) : 60;
+    Json points = Json::array();
+    bool other = who.tenant && p.count("tenant") && p["tenant"] != *who.tenant;
+    if (!other) {
+      Scope scope = who.scope();
+      if (!who.tenant && p.count("tenant")) scope = Scope::only(p["tenant"]);
+      for (const auto& t : store.throughput(minutes, scope))
+        points.push_back({{"queue", t.queue},
+                          {"outcome", to_string(t.status)},
+                          {"minute", json::format_time(t.minute)},
+                          {"finished", t.finished}});
+    }
+    return json_response(200, {{"minutes", minutes}, {"points", std::move(points)}, {"now", now_text()}});
+  }
+
+  // POST /api/tasks/bulk {"action": "cancel"|"retry"|"delete", "ids": [...]}
+  // or {"action", "filter": {the filters and search of GET /api/tasks}}: each
+  // task in its own transaction, as the single actions; a filter takes at most
+  // kBulkLimit tasks per request ("more": true says to send it again).
+  static constexpr std::size_t kBulkLimit = 10000;
+  HttpResponse bulk(const HttpRequest& req, const Principal& who) const {
+    if (!is_json_type(header(req, "content-type")))
+      return error_response(415, "the body must be JSON (Content-Type: application/json)");
+    Json body;
+    try {
+      body = Json::parse(req.body);
+    } catch (const Json::parse_error&) {
+      throw InvalidArgument("body", "must be a JSON object");
+    }
+    if (!body.is_object()) throw InvalidArgument("body", "must be a JSON object");
+    for (const auto& [name, _] : body.items())
+      if (name != "action" && name != "ids" && name != "filter")
+        throw InvalidArgument(name, "is not a known field (known: action, ids, filter)");
+    if (!body.contains("action") || !body["action"].is_string())
+      throw InvalidArgument("action", "must be \"cancel\", \"retry\" or \"delete\"");
+    const std::string action = body["action"];
+    if (action != "cancel" && action != "retry" && action != "delete")
+      throw InvalidArgument("action", "must be \"cancel\", \"retry\" or \"delete\"");
+    if (body.contains("ids") == body.contains("filter"))
+      throw InvalidArgument("ids", "give either ids (a list of task ids) or filter (an object of list filters)");
+    std::vector<TaskId> ids;
+    bool more = false;
+    if (body.contains("ids")) {
+      if (!body["ids"].is_array() || body["ids"].size() > kBulkLimit)
+        throw InvalidArgument("ids", fmt::format("must be a list of at most {} task ids", kBulkLimit));
+      for (std::size_t i = 0; i < body["ids"].size(); ++i) {
+        const auto& v = body["ids"][i];
+        if (!v.is_number_integer() || v.get<std::int64_t>() < 1)
+          throw InvalidArgument(fmt::format("ids[{}]", i), "must be a task id (a whole number from 1)");
+        ids.push_back(v.get<TaskId>());
+      }
+    } else {
+      if (!body["filter"].is_object()) throw InvalidArgument("filter", "must be an object of list filters");
+      std::map<std::string, std::string> p;
+      for (const auto& [name, v] : body["filter"].items()) {
+        static const std::set<std::string> known{"queue", "status", "type", "tenant", "key", "key_prefix",
+                                                 "type_prefix", "payload_contains", "error"};
+        if (!known.count(name))
+          throw InvalidArgument("filter." + name, "is not a known filter (known: queue, status, type, tenant, key, "
+                                                  "key_prefix, type_prefix, payload_contains, error)");
+        if (!v.is_string()) throw InvalidArgument("filter." + name, "must be a string");
+        p[name] = v.get<std::string>();
+      }
+      if (p.empty()) throw InvalidArgument("filter", "must name at least one filter (to act on every task, say so "
+                                                     "with a filter such as status)");
+      ListQuery q = list_query(p);
+      q.limit = 1000;
+      // Ids first, then the actions: the actions change what the filter matches.
+      bool next = false;
+      while (ids.size() <= kBulkLimit) {
+        auto page = store.list(q, who.scope());
+        for (const auto& t : page.tasks) ids.push_back(t.id);
+        next = page.next_after.has_value();
+        if (!next) break;
+        q.after = page.next_after;
+      }
+      more = ids.size() > kBulkLimit || next;
+      if (ids.size() > kBulkLimit) ids.resize(kBulkLimit);
+    }
+    std::map<std::string, std::int64_t> outcomes;
+    for (auto id : ids) {
+      std::string_view o = action == "cancel" ? to_string(store.cancel(id, who.scope()))
+                           : action == "retry" ? to_string(store.retry(id, who.scope()))
+                                               : to_string(store.remove(id, who.scope()));
+      ++outcomes[std::string(o)];
+    }
+    Json counts = Json::object();
+    for (const auto& [o, n] : outcomes) counts[o] = n;
+    return json_response(200, {{"action", action}, {"tasks", ids.size()}, {"outcomes", std::move(counts)},
+                               {"more", more}});
   }
 
   HttpResponse retry(TaskId id, const Principal& who) const {
