@@ -3,7 +3,11 @@
 
 #include <iostream>
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1) {  // never in the tests: here so that the link needs libpq and fmt as a real host's does
+    eoq::PostgresStore pg(argv[1]);
+    pg.migrate();
+  }
   eoq::MemoryStore store;
   eoq::NewTask t;
   t.type = "hello";
