@@ -5,6 +5,7 @@
 // runs it with pgbench) and beside a no-op drain.
 //
 //   effects [--tasks N] [--clients K] [--ceiling-seconds S] [--modes LIST] [--batch B] [--async-commit]
+//           [--without-totals]
 //
 // Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself
 // (fsync and synchronous_commit on). Every drain is checked afterwards: each task
@@ -42,6 +43,7 @@ struct Args {
   int concurrency = 0;  // 0: WorkerOptions{}'s
   bool send = false;    // the handler's INSERT through ctx.send, not ctx.exec
   bool async_commit = false;
+  bool without_totals = false;  // the totals triggers of migration 0008 disabled: their cost, by difference
 };
 
 const char* kUsage = R"(effects: drain tasks whose handler inserts one row, beside the same transaction's ceiling
@@ -53,6 +55,9 @@ const char* kUsage = R"(effects: drain tasks whose handler inserts one row, besi
   --concurrency C      handler threads (default: WorkerOptions{}'s)
   --send               the handlers write through ctx.send (not waited for) instead of ctx.exec
   --async-commit       the worker's lease transactions commit with synchronous_commit off
+  --without-totals     bench only, to measure their cost: disables the triggers that keep eoq.totals
+                       (migration 0008: totals_added, totals_removed, totals_truncated) on this run's
+                       schema, so the drains run without the totals upkeep and stats() is wrong there
 Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself.
 )";
 
@@ -72,6 +77,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--ceiling-seconds") a.ceiling_seconds = std::stod(next());
     else if (k == "--batch") a.batch = std::stoi(next());
     else if (k == "--async-commit") a.async_commit = true;
+    else if (k == "--without-totals") a.without_totals = true;
     else if (k == "--concurrency") a.concurrency = std::stoi(next());
     else if (k == "--send") a.send = true;
     else if (k == "--modes") {
@@ -232,14 +238,19 @@ double drain(eoq::PostgresStore& s, const std::string& url, const std::string& s
 int main(int argc, char** argv) try {
   Args a = parse(argc, argv);
   std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
-  fmt::print("eoq effects harness: {} tasks per drain, WorkerOptions{{}}{}{}, {} cores\n", a.tasks,
+  fmt::print("eoq effects harness: {} tasks per drain, WorkerOptions{{}}{}{}, {} cores{}\n", a.tasks,
              a.concurrency > 0 ? fmt::format(" with {} handler threads", a.concurrency) : "",
-             a.async_commit ? " with synchronous_commit off" : "", std::thread::hardware_concurrency());
+             a.async_commit ? " with synchronous_commit off" : "", std::thread::hardware_concurrency(),
+             a.without_totals ? "; totals triggers disabled (--without-totals)" : "");
   eoq::PostgresOptions po;
   po.conninfo = url;
   po.schema = fmt::format("bench_fx_{}", ::getpid());
   eoq::PostgresStore store(po);
   store.migrate();
+  if (a.without_totals)
+    command(url, fmt::format("ALTER TABLE {0}.finished DISABLE TRIGGER totals_added, DISABLE TRIGGER totals_removed, "
+                             "DISABLE TRIGGER totals_truncated",
+                             po.schema));
 
   double ceil = 0, noop = 0;
   fmt::print("| figure | tasks/s | ratio |\n|---|--:|--:|\n");
@@ -262,6 +273,9 @@ int main(int argc, char** argv) try {
     fmt::print("| {} | {:.0f} | {} |\n", label, r, ratio.empty() ? "-" : ratio);
     std::fflush(stdout);
   }
+  // What the totals upkeep left (the workers' maintenance sums it every few seconds); none when disabled.
+  fmt::print("eoq.totals after the drains: {} rows{}\n", scalar(url, "SELECT count(*) FROM " + po.schema + ".totals"),
+             a.without_totals ? " (triggers disabled)" : "");
   command(url, fmt::format("SET client_min_messages = warning; DROP SCHEMA {} CASCADE", po.schema));
   return 0;
 } catch (const std::exception& e) {

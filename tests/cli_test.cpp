@@ -216,11 +216,11 @@ std::int64_t minutes_between(eoq::TimePoint a, eoq::TimePoint b) {
 TEST_CASE("cli: --help lists every command, the environment and the exit codes", "[cli]") {
   auto r = run_cli({"--help"}, std::nullopt);
   CHECK(r.code == 0);
-  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "delete", "retry", "prune", "watch", "dashboard"})
+  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "delete", "retry", "pause", "resume", "prune", "watch", "dashboard"})
     CHECK(contains(r.out, fmt::format("\n  {} ", cmd)));
   CHECK(contains(r.out, "EOQ_DATABASE_URL"));
   CHECK(contains(r.out, "Exit status"));
-  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "delete", "retry", "prune", "watch", "dashboard"}) {
+  for (auto cmd : {"migrate", "stats", "list", "show", "submit", "cancel", "delete", "retry", "pause", "resume", "prune", "watch", "dashboard"}) {
     auto h = run_cli({cmd, "--help"}, std::nullopt);
     INFO(cmd);
     CHECK(h.code == 0);
@@ -317,8 +317,8 @@ TEST_CASE("cli: migrate creates the tables and commands before it say to run it"
   auto r = eoq_cli({"migrate"});
   CHECK(r.code == 0);
   // It says what it applied, and only then that the schema is up to date.
-  CHECK(r.out.starts_with(fmt::format("schema \"{}\": applied 8 migrations (0001_tasks, ", schema)));
-  CHECK(contains(r.out, "0008_totals); it is up to date now\n"));
+  CHECK(r.out.starts_with(fmt::format("schema \"{}\": applied 9 migrations (0001_tasks, ", schema)));
+  CHECK(contains(r.out, "0009_paused_queues); it is up to date now\n"));
   auto again = eoq_cli.json({"migrate"});
   CHECK(again == Json{{"schema", schema}, {"migrated", true}, {"applied", Json::array()}});
   CHECK(eoq_cli({"migrate"}).out == fmt::format("schema \"{}\" is up to date\n", schema));
@@ -942,4 +942,20 @@ TEST_CASE("cli: durations, times and table cells", "[cli]") {
   t.add({"7", "seven"});
   t.add({"12", ""});
   CHECK(t.render() == "ID  NAME\n 7  seven\n12  -\n");
+}
+
+TEST_CASE("cli: pause and resume a queue; stats marks it", "[cli]") {
+  TestStore S(StoreKind::postgres);
+  Eoq eoq_cli(S);
+  S->submit(task("a", "mail"));
+  auto p = eoq_cli({"pause", "mail"});
+  CHECK(p.code == 0);
+  CHECK(contains(p.out, "queue mail is paused"));
+  CHECK(S->paused_queues() == std::vector<std::string>{"mail"});
+  CHECK(contains(eoq_cli({"stats"}).out, "\nmail (paused)"));
+  CHECK(eoq_cli.json({"stats"}).at("queues")[0].at("paused") == true);
+  CHECK(eoq_cli({"--tenant", "acme", "pause", "mail"}).code == 2);
+  CHECK(eoq_cli({"pause", "bad queue"}).code == 2);
+  CHECK(eoq_cli.json({"resume", "mail"}) == Json{{"queue", "mail"}, {"paused", false}});
+  CHECK(S->paused_queues().empty());
 }

@@ -172,6 +172,9 @@ class RecordingStore final : public TaskStore {
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override { return inner_.list(query, scope); }
   std::vector<QueueStats> stats(const Scope& scope = {}) override { return inner_.stats(scope); }
   RemoveOutcome remove(TaskId id, const Scope& scope = {}) override { return inner_.remove(id, scope); }
+  void pause(std::string_view queue) override { inner_.pause(queue); }
+  void resume(std::string_view queue) override { inner_.resume(queue); }
+  std::vector<std::string> paused_queues() override { return inner_.paused_queues(); }
   std::vector<Throughput> throughput(int minutes, const Scope& scope = {}) override {
     return inner_.throughput(minutes, scope);
   }

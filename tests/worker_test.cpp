@@ -132,6 +132,9 @@ class FaultyStore final : public eoq::TaskStore {
   eoq::TaskPage list(const eoq::ListQuery& q, const eoq::Scope& s = {}) override { return inner_.list(q, s); }
   std::vector<eoq::QueueStats> stats(const eoq::Scope& s = {}) override { return inner_.stats(s); }
   eoq::RemoveOutcome remove(eoq::TaskId id, const eoq::Scope& s = {}) override { return inner_.remove(id, s); }
+  void pause(std::string_view q) override { inner_.pause(q); }
+  void resume(std::string_view q) override { inner_.resume(q); }
+  std::vector<std::string> paused_queues() override { return inner_.paused_queues(); }
   std::vector<eoq::Throughput> throughput(int m, const eoq::Scope& s = {}) override {
     return inner_.throughput(m, s);
   }

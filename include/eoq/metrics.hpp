@@ -37,7 +37,7 @@ std::string prometheus_text(const Worker& worker);
 
 // Per queue: eoq_queue_tasks{queue, status} (a gauge of the tasks stored, every
 // status, waiting and zeros included: retention lowers the finished ones),
-// eoq_queue_oldest_pending_age_seconds (0 when nothing is due),
+// eoq_queue_oldest_pending_age_seconds (0 when nothing is due), eoq_queue_paused (0 or 1),
 // eoq_queue_finished_total{queue, outcome} (a counter of tasks that finished:
 // succeeded, failed, cancelled, expired; never lowered, so rate() works), and
 // eoq_queue_finished_last_minute{queue, outcome} (succeeded and failed in the

@@ -102,6 +102,9 @@ class PostgresStore final : public TaskStore {
   CancelOutcome cancel(TaskId id, const Scope& scope = {}) override;
   RetryOutcome retry(TaskId id, const Scope& scope = {}) override;
   RemoveOutcome remove(TaskId id, const Scope& scope = {}) override;
+  void pause(std::string_view queue) override;
+  void resume(std::string_view queue) override;
+  std::vector<std::string> paused_queues() override;
   std::optional<Task> get(TaskId id, const Scope& scope = {}) override;
   std::optional<Task> find(std::string_view queue, std::string_view key, const Scope& scope = {}) override;
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override;

@@ -251,6 +251,7 @@ struct QueueStats {
   // migration 0008): counters that only grow, whatever retention, retry or a
   // delete later does to the rows; succeeded..expired above are the rows kept.
   std::int64_t succeeded_total = 0, failed_total = 0, cancelled_total = 0, expired_total = 0;
+  bool paused = false;  // TaskStore::pause: claims take none of its tasks (stats lists it even when empty)
 };
 
 // Tasks of one queue that finished with one outcome in one minute (stats'

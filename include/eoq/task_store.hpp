@@ -324,6 +324,13 @@ class TaskStore {
   // cancelled_total); a running one is refused (`running`: cancel it, and
   // delete it once its handler has stopped). Its key can then be used again.
   virtual RemoveOutcome remove(TaskId id, const Scope& scope = {}) = 0;
+  // Pausing a queue: no claim that starts after pause returns (by any worker,
+  // process or machine) takes its tasks; running tasks finish and settle as
+  // usual, submits go on. Persisted until resume. Both are idempotent and
+  // apply to the queue in every tenant.
+  virtual void pause(std::string_view queue) = 0;
+  virtual void resume(std::string_view queue) = 0;
+  virtual std::vector<std::string> paused_queues() = 0;
 
   virtual std::optional<Task> get(TaskId id, const Scope& scope = {}) = 0;
   // The task submitted with `key` to `queue` by the scope's tenant (the default

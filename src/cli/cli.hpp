@@ -127,6 +127,7 @@ int cmd_submit(Context& ctx, const SubmitArgs& a);
 int cmd_cancel(Context& ctx, TaskId id);
 int cmd_retry(Context& ctx, TaskId id);
 int cmd_delete(Context& ctx, TaskId id);
+int cmd_pause(Context& ctx, const std::string& queue, bool pause);
 int cmd_prune(Context& ctx, const PruneArgs& a);
 
 // ---- live.cpp

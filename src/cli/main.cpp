@@ -382,6 +382,20 @@ int run(int argc, char** argv) {
   cancel->add_option("id", cancel_id, "The task's id")->required()->type_name("ID")->check(whole_number(1, "a task id (a whole number from 1)"));
   actions.emplace_back(cancel, [&](Context& c) { return cmd_cancel(c, cancel_id); });
 
+  // -- pause / resume
+  std::string pause_queue, resume_queue;
+  auto* pause = command(app, "pause", "Pause a queue: no worker claims its tasks", kChange,
+                        "Every worker, process and machine at once, from the moment the command returns;\n"
+                        "tasks running then finish, submits go on. Persisted until 'eoq resume'. A paused\n"
+                        "queue shows as paused in 'eoq stats', the dashboard and /metrics.\n\n"
+                        "Example:\n  eoq pause emails");
+  pause->add_option("queue", pause_queue, "The queue")->required()->type_name("QUEUE");
+  actions.emplace_back(pause, [&](Context& c) { return cmd_pause(c, pause_queue, true); });
+  auto* resume = command(app, "resume", "Resume a paused queue", kChange,
+                         "Workers waiting for work wake up at once.\n\nExample:\n  eoq resume emails");
+  resume->add_option("queue", resume_queue, "The queue")->required()->type_name("QUEUE");
+  actions.emplace_back(resume, [&](Context& c) { return cmd_pause(c, resume_queue, false); });
+
   // -- delete
   TaskId delete_id = 0;
   auto* del = command(app, "delete", "Delete a task with its key and history", kChange,

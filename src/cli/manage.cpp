@@ -129,6 +129,22 @@ int cmd_delete(Context& ctx, TaskId id) {
   return kOk;
 }
 
+int cmd_pause(Context& ctx, const std::string& queue, bool pause) {
+  if (ctx.scoped())
+    throw Failure(kBadInput, "pause and resume act on a queue in every tenant: run them without --tenant");
+  if (pause) ctx.store().pause(queue);
+  else ctx.store().resume(queue);
+  if (ctx.opt.json) {
+    print_json({{"queue", queue}, {"paused", pause}});
+  } else if (pause) {
+    fmt::print("queue {} is paused: no worker claims its tasks until 'eoq resume {}'; running ones finish\n",
+               clean(queue), clean(queue));
+  } else {
+    fmt::print("queue {} is running: workers claim its tasks again\n", clean(queue));
+  }
+  return kOk;
+}
+
 int cmd_retry(Context& ctx, TaskId id) {
   auto& store = ctx.store();
   auto outcome = store.retry(id, ctx.scope());

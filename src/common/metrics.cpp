@@ -111,6 +111,9 @@ std::string prometheus_text(std::span<const QueueStats> queues) {
     for (const auto& [status, n] : by_status)
       out += fmt::format("eoq_queue_tasks{{queue=\"{}\",status=\"{}\"}} {}\n", name, to_string(status), n);
   }
+  family(out, "eoq_queue_paused", "gauge", "1 while the queue is paused (claims take none of its tasks).");
+  for (const auto& q : queues)
+    out += fmt::format("eoq_queue_paused{{queue=\"{}\"}} {}\n", label_value(q.queue), q.paused ? 1 : 0);
   family(out, "eoq_queue_oldest_pending_age_seconds", "gauge",
          "How long the oldest due pending task has waited (0: none waits).");
   for (const auto& q : queues)

@@ -206,7 +206,7 @@ bool is_json_type(const std::string* content_type) {
 
 // --- routes -----------------------------------------------------------------
 
-enum class Route { page, healthz, me, tasks, task, cancel, retry, remove, bulk, stats, throughput, metrics };
+enum class Route { page, healthz, me, tasks, task, cancel, retry, remove, bulk, stats, throughput, metrics, pause, resume };
 
 struct Match {
   Route route;
@@ -222,6 +222,17 @@ std::optional<Match> match(std::string_view rest) {
   if (rest == "/api/tasks/bulk") return Match{Route::bulk, {}};
   if (rest == "/metrics") return Match{Route::metrics, {}};
   if (rest == "/api/tasks") return Match{Route::tasks, {}};
+  constexpr std::string_view queues = "/api/queues/";
+  if (rest.starts_with(queues)) {
+    rest.remove_prefix(queues.size());
+    auto slash = rest.find('/');
+    if (slash == 0 || slash == std::string_view::npos) return std::nullopt;
+    auto action = rest.substr(slash);
+    std::string queue(rest.substr(0, slash));
+    if (action == "/pause") return Match{Route::pause, queue};
+    if (action == "/resume") return Match{Route::resume, queue};
+    return std::nullopt;
+  }
   constexpr std::string_view tasks = "/api/tasks/";
   if (!rest.starts_with(tasks)) return std::nullopt;
   rest.remove_prefix(tasks.size());
@@ -243,7 +254,9 @@ std::vector<std::string_view> methods_of(Route r) {
     case Route::cancel:
     case Route::retry:
     case Route::remove:
-    case Route::bulk: return {"POST"};
+    case Route::bulk:
+    case Route::pause:
+    case Route::resume: return {"POST"};
     default: return {"GET"};
   }
 }
@@ -369,6 +382,14 @@ struct Dashboard::Impl {
       // Browsers without Sec-Fetch-Site still send Origin on a cross-site POST.
       if (const auto* origin = header(req, "origin"); origin && !same_origin(*origin, header(req, "host")))
         return error_response(403, "cross-site request refused");
+    }
+    if (m->route == Route::pause || m->route == Route::resume) {
+      // A queue is every tenant's: a tenant's token may not stop the others'.
+      if (who->tenant) return error_response(403, "pausing a queue needs an admin token (tenant *)");
+      const bool pause = m->route == Route::pause;
+      if (pause) store.pause(m->id);
+      else store.resume(m->id);
+      return json_response(200, {{"queue", m->id}, {"paused", pause}});
     }
     std::optional<TaskId> id;
     if (!m->id.empty()) id = parse_integer("id", m->id, 1, INT64_MAX);

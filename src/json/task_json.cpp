@@ -184,7 +184,8 @@ json to_json(const QueueStats& s) {
               {"succeeded_total", s.succeeded_total},
               {"failed_total", s.failed_total},
               {"cancelled_total", s.cancelled_total},
-              {"expired_total", s.expired_total}};
+              {"expired_total", s.expired_total},
+              {"paused", s.paused}};
 }
 
 json to_json(const TaskPage& page) {

@@ -134,6 +134,7 @@ struct MemoryStore::State {
   // minute's counts and throughput().
   std::map<std::pair<std::string, std::string>, QueueStats> ever;
   std::map<BucketKey, std::int64_t> by_bucket;
+  std::set<std::string, std::less<>> paused;  // queues claims skip
   std::mt19937_64 rng;                          // backoff jitter
 
   // Wake-ups for wait_for_tasks. Like a LISTEN connection that stays open
@@ -681,6 +682,7 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
   // expiry, not claim order, so all are needed), then the best `limit` overall.
   std::vector<ClaimKey> candidates;
   for (const auto& q : queues) {
+    if (state.paused.count(q)) continue;
     state.ready_pending(q, now, limit, request.after, candidates);
     for (auto it = state.leases.lower_bound(LeaseKey{q, TimePoint::min(), kMinId});
          it != state.leases.end() && std::get<0>(*it) == q && std::get<1>(*it) <= now; ++it) {
@@ -966,6 +968,23 @@ TaskPage MemoryStore::list(const ListQuery& q, const Scope& scope) {
   return page;
 }
 
+void MemoryStore::pause(std::string_view queue) {
+  detail::validate_queue("queue", queue);
+  std::lock_guard lk(state_->mu);
+  state_->paused.emplace(queue);
+}
+
+void MemoryStore::resume(std::string_view queue) {
+  detail::validate_queue("queue", queue);
+  std::lock_guard lk(state_->mu);
+  if (state_->paused.erase(std::string(queue)) > 0) state_->signal(std::string(queue));
+}
+
+std::vector<std::string> MemoryStore::paused_queues() {
+  std::lock_guard lk(state_->mu);
+  return {state_->paused.begin(), state_->paused.end()};
+}
+
 std::vector<Throughput> MemoryStore::throughput(int minutes, const Scope& scope) {
   auto& state = *state_;
   detail::validate_scope(scope);
@@ -1008,8 +1027,14 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
       if (status == TaskStatus::failed) q->second.failed_last_minute += it->second;
     }
   };
-  // Queues whose tasks are all pruned still have totals, as on Postgres.
+  // Queues whose tasks are all pruned still have totals, as on Postgres; a
+  // paused queue is listed even when empty, so that it can be seen and resumed.
   auto add_totals = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
+    for (const auto& q : state.paused) {
+      auto& c = by_queue[q];
+      c.queue = q;
+      c.paused = true;
+    }
     for (const auto& [at, e] : state.ever) {
       if (scope.tenant && at.second != *scope.tenant) continue;
       auto& c = by_queue[at.first];

@@ -135,6 +135,7 @@ struct Statements {
             settled = q("settled"), now = q("now");
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze"), compact_totals = q("compact_totals");
+  Statement pause = q("pause"), resume = q("resume"), paused_queues = q("paused_queues");
   Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
             relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
@@ -226,6 +227,9 @@ const std::vector<ResultShape>& result_shapes() {
       {"table_stats", std::vector<Column>{{"reltuples", kFloat8}, {"never_analyzed", kBool}}},
       {"analyze", std::nullopt},
       {"compact_totals", std::nullopt},
+      {"pause", std::nullopt},
+      {"resume", std::vector<Column>{{"resumed", kInt8}}},
+      {"paused_queues", std::vector<Column>{{"queue", kText}}},
       {"migrate_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
       {"migrations_table", std::nullopt},
       {"migrations_applied", std::vector<Column>{{"name", kText}}},
@@ -1794,6 +1798,10 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
   for (int i = 0; i < r.rows(); ++i) {
     auto& s = by_queue[r.text(i, 0)];
     s.queue = r.text(i, 0);
+    if (r.text(i, 1) == "paused") {
+      s.paused = true;
+      continue;
+    }
     auto n = r.i64(i, 2);
     switch (parse_status(r.text(i, 1))) {
       case TaskStatus::pending: s.pending += n; break;
@@ -1816,6 +1824,23 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
   }
   std::vector<QueueStats> out;
   for (auto& [_, s] : by_queue) out.push_back(std::move(s));
+  return out;
+}
+
+void PostgresStore::pause(std::string_view queue) {
+  detail::validate_queue("queue", queue);
+  impl_->run(impl_->sql.pause, {std::string(queue)});
+}
+
+void PostgresStore::resume(std::string_view queue) {
+  detail::validate_queue("queue", queue);
+  impl_->run(impl_->sql.resume, {std::string(queue), impl_->channel});
+}
+
+std::vector<std::string> PostgresStore::paused_queues() {
+  auto r = impl_->read(impl_->sql.paused_queues, {});
+  std::vector<std::string> out;
+  for (int i = 0; i < r.rows(); ++i) out.push_back(r.text(i, 0));
   return out;
 }
 

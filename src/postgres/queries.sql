@@ -357,11 +357,12 @@ AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
 -- name: claim_cand_one
 -- The candidates of a claim on one queue (as `@claim_cand_one@`), in claim
 -- order through the claim index, so the scan stops after `limit` rows.
--- $1 queue, $2 limit.
+-- $1 queue, $2 limit. A paused queue (migration 0009) has no candidates: the
+-- probe names only parameters, so it runs once, before the scan.
 cand AS (
   SELECT @claim_fate@
   FROM eoq.tasks t
-  WHERE t.queue = $1 AND @claim_ready@
+  WHERE t.queue = $1 AND @claim_ready@ AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = $1)
   ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED)
 
 
@@ -374,6 +375,7 @@ cand AS (
     SELECT @claim_fate@
     FROM eoq.tasks t
     WHERE t.queue = q.name AND @claim_ready@
+      AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = q.name)
     ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
   ORDER BY c.priority, c.run_at, c.id LIMIT $2)
 
@@ -1086,7 +1088,24 @@ FROM eoq.waiting WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
 UNION ALL
 SELECT queue, status, (sum(added) - sum(removed))::bigint, NULL::bigint,
        coalesce(sum(added) FILTER (WHERE bucket > now() - interval '1 minute'), 0)::bigint, sum(added)::bigint
-FROM eoq.totals WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status;
+FROM eoq.totals WHERE $1::text IS NULL OR tenant = $1 GROUP BY queue, status
+UNION ALL
+SELECT queue, 'paused', 0::bigint, NULL::bigint, 0::bigint, 0::bigint FROM eoq.paused_queues;
+
+
+-- name: pause
+-- $1 queue. Claims take none of its tasks from this commit on.
+INSERT INTO eoq.paused_queues (queue) VALUES ($1) ON CONFLICT (queue) DO NOTHING;
+
+
+-- name: resume
+-- $1 queue, $2 channel: the workers waiting on it wake up at once.
+WITH gone AS (DELETE FROM eoq.paused_queues WHERE queue = $1 RETURNING queue)
+SELECT count(pg_notify($2, queue)) AS resumed FROM gone;
+
+
+-- name: paused_queues
+SELECT queue FROM eoq.paused_queues ORDER BY queue;
 
 
 -- name: throughput

@@ -441,3 +441,41 @@ STORE_CASE("now() is the store's clock", "[clock]") {
   store.submit(task());
   CHECK(claim_one(store).claimed_at >= t);
 }
+
+STORE_CASE("a paused queue is claimed by nobody until resumed; its running tasks settle; stats show it",
+           "[claim][pause]") {
+  auto running = store.submit(task("t", "q")).task.id;
+  auto held = claim(store, {"q"}, "w1", 1);
+  REQUIRE(held.size() == 1);
+  REQUIRE(held[0].id() == running);
+  store.pause("q");
+  store.pause("q");  // idempotent
+  CHECK(store.paused_queues() == std::vector<std::string>{"q"});
+  for (int i = 0; i < 3; ++i) store.submit(task("t", "q"));  // submits go on
+  auto other = store.submit(task("t", "r")).task.id;
+
+  auto got = claim(store, {"q", "r"}, "w2", 10);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].id() == other);
+  CHECK(claim(store, {"q"}, "w2", 10).empty());
+  store.complete(held[0]);  // a task running when the queue was paused settles as usual
+  CHECK(must_get(store, running).status == TaskStatus::succeeded);
+
+  auto q = stats_of(store, "q");
+  CHECK(q.paused);
+  CHECK(q.pending == 3);
+  CHECK_FALSE(stats_of(store, "r").paused);
+  // A paused queue with no tasks is still listed, so that it can be resumed.
+  store.pause("empty");
+  CHECK(stats_of(store, "empty").paused);
+  CHECK(stats_of(store, "empty").pending == 0);
+  CHECK(field_of([&] { store.pause("bad queue!"); }) == "queue");
+  CHECK(field_of([&] { store.resume(""); }) == "queue");
+
+  store.resume("q");
+  store.resume("q");  // idempotent
+  store.resume("never-paused");
+  CHECK(store.paused_queues() == std::vector<std::string>{"empty"});
+  CHECK(claim(store, {"q"}, "w2", 10).size() == 3);
+  CHECK_FALSE(stats_of(store, "q").paused);
+}
