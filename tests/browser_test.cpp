@@ -21,6 +21,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -618,6 +619,398 @@ TEST_CASE("browser: a drain drawn in the throughput and depth charts, the total,
   worker.stop();
   CHECK(b.script("return window.eoqErrors;") == Json::array());
   CHECK(dashboard.terminate() == 0);
+}
+
+namespace {
+
+// The ids of the rows the task table shows, in order.
+std::vector<eoq::TaskId> shown_ids(Browser& b) {
+  auto v = b.script("return [...document.querySelectorAll('#tasks tbody tr[data-id]')].map((r) => Number(r.dataset.id));");
+  std::vector<eoq::TaskId> ids;
+  for (const auto& i : v) ids.push_back(i.get<eoq::TaskId>());
+  return ids;
+}
+// Whether the table shows exactly `want` (in any order).
+bool shows_exactly(Browser& b, std::vector<eoq::TaskId> want) {
+  auto got = shown_ids(b);
+  std::sort(got.begin(), got.end());
+  std::sort(want.begin(), want.end());
+  return got == want;
+}
+// Empties a search field as a user does (its input event included).
+void clear_field(Browser& b, const std::string& css) {
+  b.script(fmt::format("const e = document.querySelector({}); e.value = ''; e.dispatchEvent(new Event('input')); return null;",
+                       Json(css).dump()));
+}
+bool disabled(Browser& b, const std::string& css) {
+  return b.script(fmt::format("return document.querySelector({}).disabled;", Json(css).dump())) == true;
+}
+// The whole page in one picture: the window as tall as the page, then back.
+void full_page_screenshot(Browser& b, const std::string& path) {
+  auto height = b.script("return document.documentElement.scrollHeight + (window.outerHeight - window.innerHeight);");
+  b.resize(1440, std::max(960, height.get<int>()));
+  b.screenshot(path);
+  b.resize(1440, 960);
+}
+void collect_page_errors(Browser& b) {
+  b.script("window.eoqErrors = [];"
+           "addEventListener('error', (e) => eoqErrors.push(e.message));"
+           "addEventListener('unhandledrejection', (e) => eoqErrors.push(String(e.reason))); return null;");
+}
+
+}  // namespace
+
+TEST_CASE("browser: the last hour's throughput at once, the error column, search by key, type, payload and error, "
+          "delete from the detail view",
+          "[browser]") {
+  require_browser();
+  fs::create_directories(EOQ_BROWSER_ARTIFACTS);
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);
+  auto submit = [&](const std::string& queue, const std::string& type, const std::string& key,
+                    const std::string& payload, int max_attempts = 3, std::vector<eoq::TaskId> parents = {}) {
+    eoq::NewTask t;
+    t.queue = queue;
+    t.type = type;
+    t.key = key;
+    t.payload = payload;
+    t.retry.max_attempts = max_attempts;
+    t.parents = std::move(parents);
+    return store->submit(t).task.id;
+  };
+  std::vector<eoq::TaskId> invoices, sends;
+  for (int m = 1; m <= 3; ++m)
+    invoices.push_back(submit("billing", "render-invoice", fmt::format("invoice-2026-0{}", m),
+                              fmt::format(R"({{"customer": "acme", "month": {}}})", m)));
+  const auto other_customer = submit("billing", "render-invoice", "invoice-globex-2026-01", R"({"customer": "globex"})");
+  for (int u = 4411; u <= 4414; ++u)
+    sends.push_back(submit("default", "send-email", fmt::format("welcome-{}", u), fmt::format(R"({{"user": {}}})", u)));
+  sends.push_back(submit("default", "send-sms", "sms-4411", R"({"user": 4411})"));
+  const auto declined = submit("default", "charge-card", "order-98231", R"({"cents": 4999})", 1);
+  const auto reset = submit("default", "sync-crm", "crm-sync-0900", R"({"since": "2026-01-01"})", 1);
+  // A workflow: fetch -> aggregate -> publish.
+  const auto fetch = submit("reports", "fetch-sales", "sales-q1-fetch", R"({"quarter": "2026-Q1"})");
+  const auto aggregate = submit("reports", "aggregate-sales", "sales-q1-aggregate", R"({"quarter": "2026-Q1"})", 3, {fetch});
+  const auto publish = submit("reports", "publish-report", "sales-q1-publish", R"({"quarter": "2026-Q1"})", 3, {aggregate});
+  // Never taken (no worker serves "later"), and one that stays running.
+  const auto cleanup = submit("later", "cleanup-tmp", "cleanup-1", "{}");
+  submit("later", "cleanup-tmp", "cleanup-2", "{}");
+  const auto video = submit("media", "transcode-video", "video-5521", R"({"format": "1080p"})");
+
+  // Everything but the video finishes before the page opens.
+  std::atomic<bool> release{false};
+  auto worker_store = store.another();
+  eoq::WorkerOptions wo;
+  wo.queues = {"default", "billing", "reports", "media"};
+  wo.concurrency = 4;
+  wo.poll_interval = 100ms;
+  wo.worker_id = "worker-7f3a";
+  wo.logger = [](eoq::LogLevel, std::string_view) {};
+  eoq::Worker worker(*worker_store, wo);
+  worker.on("render-invoice", [](eoq::TaskContext& ctx) {
+    auto month = Json::parse(ctx.task().payload).value("month", 1);
+    ctx.progress(100, "rendered");
+    ctx.set_result(Json{{"pdf", fmt::format("s3://invoices/2026-0{}.pdf", month)}, {"pages", 2 + month}}.dump());
+  });
+  for (const char* type : {"send-email", "send-sms"})
+    worker.on(type, [](eoq::TaskContext& ctx) {
+      ctx.progress(100, "sent");
+      ctx.set_result(R"({"accepted": true})");
+    });
+  worker.on("charge-card", [](eoq::TaskContext&) -> void {
+    throw eoq::PermanentError("card declined: insufficient funds");
+  });
+  worker.on("sync-crm", [](eoq::TaskContext& ctx) -> void {
+    ctx.progress(20, "fetching contacts");
+    throw std::runtime_error("Connection reset by peer (crm.internal:443)\n  at fetch_contacts (crm.cpp:212)\n  at sync (crm.cpp:88)");
+  });
+  worker.on("fetch-sales", [](eoq::TaskContext& ctx) { ctx.set_result(R"({"rows": 18231})"); });
+  worker.on("aggregate-sales", [](eoq::TaskContext& ctx) {
+    ctx.progress(100, "aggregated");
+    ctx.set_result(R"({"regions": 7, "total_cents": 918273645})");
+  });
+  worker.on("publish-report", [](eoq::TaskContext& ctx) { ctx.set_result(R"({"url": "https://reports.example/q1"})"); });
+  worker.on("transcode-video", [&](eoq::TaskContext& ctx) {
+    ctx.progress(65, "transcoding 1080p");
+    while (!release && ctx.sleep_for(50ms)) {
+    }
+  });
+  worker.start();
+  auto status_of = [&](eoq::TaskId id) {
+    auto t = store->get(id);
+    return t ? std::string(eoq::to_string(t->status)) : std::string("gone");
+  };
+  wait_until("the tasks done before the page opens", [&] {
+    for (auto id : invoices)
+      if (status_of(id) != "succeeded") return false;
+    for (auto id : sends)
+      if (status_of(id) != "succeeded") return false;
+    return status_of(other_customer) == "succeeded" && status_of(publish) == "succeeded" &&
+           status_of(declined) == "failed" && status_of(reset) == "failed" && status_of(video) == "running";
+  }, [&] { return std::string("not yet"); });
+  // 4 invoices, 5 sends, 3 workflow steps succeeded; 2 failed.
+
+  DashboardProcess dashboard(store.conninfo(), store.schema(), {"--no-auth"});
+  Browser b;
+  auto page = [&] {
+    return "count: " + b.text("#count") + "\nrate: " + b.text("#c-rate-legend") + "\ntable:\n" + b.text("#tasks") +
+           "\ndetail:\n" + b.text("#detail");
+  };
+  b.go(dashboard.url());
+  wait_until("the page to go live", [&] { return b.text("#live-text").starts_with("live"); }, page);
+  collect_page_errors(b);
+  // The page's first round drew the last hour from the server: nothing finished since it opened.
+  auto rate_points = [&] {
+    auto v = b.script("return Number(document.querySelector('#chart-rate').dataset.points);");
+    return v.is_number() ? v.get<int>() : -1;
+  };
+  CHECK(rate_points() > 0);
+  CHECK(b.script("return Number(document.querySelector('#chart-rate path[data-series=succeeded]').dataset.peak) > 0 &&"
+                 "       Number(document.querySelector('#chart-rate path[data-series=failed]').dataset.peak) > 0;") == true);
+  CHECK(b.text("#c-rate-legend").find("succeeded 12 in 60 min") != std::string::npos);
+  CHECK(b.text("#c-rate-legend").find("failed 2 in 60 min") != std::string::npos);
+  CHECK(b.text("#c-depth-title").find("sampled by this page") != std::string::npos);
+  // One queue's: billing's 4 invoices.
+  b.click("#c-queue option[value=billing]");
+  wait_until("billing's throughput", [&] {
+    return b.text("#c-rate-legend").find("succeeded 4 in 60 min") != std::string::npos &&
+           b.text("#c-rate-legend").find("failed 0 in 60 min") != std::string::npos;
+  }, page);
+  b.click("#c-queue option[value='']");
+  // Hovering a bar shows that minute's numbers.
+  b.script("const s = document.querySelector('#chart-rate'), r = s.getBoundingClientRect();"
+           "s.dispatchEvent(new MouseEvent('mousemove', {clientX: r.right - 10, clientY: r.top + r.height / 2}));"
+           "return null;");
+  CHECK(b.text("#c-window").starts_with("at "));
+  CHECK(b.text("#c-rate-legend").find(" at ") != std::string::npos);
+  b.script("document.querySelector('#chart-rate').dispatchEvent(new MouseEvent('mouseleave')); return null;");
+
+  // The error column: the error's first line, all of it in the title.
+  const auto err = [&](eoq::TaskId id) { return b.text(fmt::format("#tasks tr[data-id=\"{}\"] td.err", id)); };
+  wait_until("the errors in the table", [&] {
+    return err(declined) == "card declined: insufficient funds" &&
+           err(reset) == "Connection reset by peer (crm.internal:443) …";
+  }, page);
+  CHECK(b.script(fmt::format("return document.querySelector('#tasks tr[data-id=\"{}\"] td.err').title;", reset))
+            .get<std::string>()
+            .find("at fetch_contacts (crm.cpp:212)") != std::string::npos);
+  CHECK(err(sends[0]).empty());
+
+  // The whole page for the docs: charts, results, errors, a running task, a waiting one.
+  full_page_screenshot(b, std::string(EOQ_BROWSER_ARTIFACTS) + "/dashboard-overview.png");
+
+  // Search: a key prefix (a trailing *), then an exact key.
+  b.type("#f-key", "invoice-2026-*");
+  wait_until("the three 2026 invoices", [&] { return shows_exactly(b, invoices); }, page);
+  wait_until("their total", [&] { return b.text("#count").find("1–3 of 3") != std::string::npos; }, page);
+  b.type("#f-key", "invoice-2026-02");
+  wait_until("one invoice", [&] { return shows_exactly(b, {invoices[1]}); }, page);
+  clear_field(b, "#f-key");
+  // A type prefix, and an exact type.
+  b.type("#f-type", "send-*");
+  wait_until("the sends, email and sms", [&] { return shows_exactly(b, sends); }, page);
+  b.type("#f-type", "send-email");
+  wait_until("the emails", [&] { return shows_exactly(b, {sends[0], sends[1], sends[2], sends[3]}); }, page);
+  clear_field(b, "#f-type");
+  // Payload containment.
+  b.type("#f-payload", R"({"customer": "acme"})");
+  wait_until("acme's invoices", [&] { return shows_exactly(b, invoices); }, page);
+  b.type("#f-payload", R"({"customer": )");
+  wait_until("the payload refused as JSON, not the whole table", [&] {
+    return shown_ids(b).empty() && b.text("#tasks tbody").find("not valid JSON") != std::string::npos &&
+           b.script("return document.querySelector('#f-payload').classList.contains('invalid');") == true;
+  }, page);
+  CHECK(b.text("#live-text").starts_with("live"));
+  CHECK(disabled(b, "#bf-retry"));
+  clear_field(b, "#f-payload");
+  // Error text, in any case; with the status.
+  b.type("#f-error", "DECLINED");
+  wait_until("the declined charge", [&] { return shows_exactly(b, {declined}); }, page);
+  b.type("#f-error", "peer");
+  b.click("#f-status option[value=failed]");
+  wait_until("the reset sync", [&] { return shows_exactly(b, {reset}); }, page);
+  wait_until("its total", [&] { return b.text("#count").find("1–1 of 1") != std::string::npos; }, page);
+  b.screenshot(std::string(EOQ_BROWSER_ARTIFACTS) + "/dashboard-search.png");
+  clear_field(b, "#f-error");
+  b.click("#f-status option[value='']");
+  wait_until("every task again", [&] { return shown_ids(b).size() == 17; }, page);
+
+  // A task's detail with its workflow relatives: fetch before it, publish after.
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", aggregate));
+  wait_until("the workflow in the detail view", [&] {
+    auto flow = b.text("#d-flow");
+    return b.script("return !document.querySelector('#d-flow-box').hidden;") == true &&
+           flow.find("fetch-sales") != std::string::npos && flow.find("publish-report") != std::string::npos &&
+           b.text("#d-result").find("918273645") != std::string::npos;
+  }, page);
+  b.script("document.querySelector('#d-result').scrollIntoView(); return null;");
+  b.screenshot(std::string(EOQ_BROWSER_ARTIFACTS) + "/dashboard-workflow-detail.png");
+
+  // Delete from the detail view: a second click confirms.
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", cleanup));
+  wait_until("the cleanup task's detail", [&] { return b.text("#d-title") == fmt::format("Task #{}", cleanup); }, page);
+  b.click("#d-delete");
+  CHECK(b.text("#d-delete") == "Really delete?");
+  CHECK(status_of(cleanup) == "pending");
+  b.click("#d-delete");
+  wait_until("the task deleted, and gone from the table", [&] {
+    return b.text("#d-msg").starts_with("Deleted") && row_status(b, cleanup).empty();
+  }, page);
+  CHECK(status_of(cleanup) == "gone");
+  CHECK(b.script("return document.querySelector('#d-delete').hidden;") == true);
+  // A running task is refused, and the page says why.
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", video));
+  wait_until("the video's detail", [&] { return b.text("#d-title") == fmt::format("Task #{}", video); }, page);
+  CHECK(b.text("#d-msg").empty());
+  b.click("#d-delete");
+  b.click("#d-delete");
+  wait_until("the refusal", [&] {
+    return b.text("#d-msg").find("is running: cancel it first") != std::string::npos &&
+           b.script("return document.querySelector('#d-msg').className;") == "error";
+  }, page);
+  CHECK(status_of(video) == "running");
+  release = true;
+  worker.stop();
+  CHECK(b.script("return window.eoqErrors;") == Json::array());
+  CHECK(dashboard.terminate() == 0);
+}
+
+TEST_CASE("browser: bulk cancel of ticked rows, bulk retry and delete of every task matching a filter, read-only",
+          "[browser]") {
+  require_browser();
+  fs::create_directories(EOQ_BROWSER_ARTIFACTS);
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);
+  std::vector<eoq::TaskId> images, imports;
+  for (int i = 1; i <= 6; ++i) {
+    eoq::NewTask t;
+    t.queue = "images";
+    t.type = "resize-image";
+    t.key = fmt::format("img-{}", i);
+    images.push_back(store->submit(t).task.id);
+  }
+  for (int i = 1; i <= 5; ++i) {
+    eoq::NewTask t;
+    t.queue = "imports";
+    t.type = "import-csv";
+    t.key = fmt::format("import-{}", i);
+    t.payload = Json{{"file", fmt::format("batch-{}.csv", i)}, {"fail", i != 5}}.dump();
+    t.retry.max_attempts = 1;
+    imports.push_back(store->submit(t).task.id);
+  }
+  {
+    auto worker_store = store.another();
+    eoq::WorkerOptions wo;
+    wo.queues = {"imports"};
+    wo.poll_interval = 100ms;
+    wo.logger = [](eoq::LogLevel, std::string_view) {};
+    eoq::Worker worker(*worker_store, wo);
+    worker.on("import-csv", [](eoq::TaskContext& ctx) {
+      if (Json::parse(ctx.task().payload)["fail"] == true) throw eoq::PermanentError("malformed row 17: expected 5 columns");
+    });
+    worker.start();
+    wait_until("four imports failed, one succeeded", [&] {
+      int failed = 0;
+      for (auto id : imports) failed += store->get(id)->status == eoq::TaskStatus::failed;
+      return failed == 4 && store->get(imports[4])->status == eoq::TaskStatus::succeeded;
+    }, [] { return std::string("not yet"); });
+    worker.stop();
+  }
+  auto status_of = [&](eoq::TaskId id) {
+    auto t = store->get(id);
+    return t ? std::string(eoq::to_string(t->status)) : std::string("gone");
+  };
+
+  DashboardProcess dashboard(store.conninfo(), store.schema(), {"--no-auth"});
+  Browser b;
+  auto page = [&] {
+    return "count: " + b.text("#count") + "\nbulk: " + b.text("#bulk") + "\ntable:\n" + b.text("#tasks");
+  };
+  b.go(dashboard.url());
+  wait_until("every task in the table", [&] { return shown_ids(b).size() == 11; }, page);
+  collect_page_errors(b);
+  // Nothing ticked, no filter: every bulk button waits.
+  for (const char* id : {"#b-cancel", "#b-retry", "#b-delete", "#bf-cancel", "#bf-retry", "#bf-delete"})
+    CHECK(disabled(b, id));
+  auto pick = [&](eoq::TaskId id) { return fmt::format("#tasks tr[data-id=\"{}\"] td.pick input", id); };
+
+  // Tick three rows (ticking is not opening) and cancel them.
+  for (int i = 0; i < 3; ++i) b.click(pick(images[i]));
+  CHECK(b.script("return document.querySelector('#detail').hidden;") == true);
+  CHECK(b.text("#bulk-count") == "3 selected:");
+  CHECK_FALSE(disabled(b, "#b-cancel"));
+  b.click("#b-cancel");
+  wait_until("three cancelled", [&] {
+    return b.text("#bulk-msg").find("Cancel, 3 tasks: 3 cancelled") != std::string::npos &&
+           row_status(b, images[0]) == "cancelled" && row_status(b, images[2]) == "cancelled";
+  }, page);
+  for (int i = 0; i < 6; ++i) CHECK(status_of(images[i]) == (i < 3 ? "cancelled" : "pending"));
+  CHECK(b.text("#bulk-count") == "None selected");
+  CHECK(disabled(b, "#b-cancel"));
+
+  // Select all ticks every row shown; again unticks them.
+  b.click("#pick-all");
+  CHECK(b.text("#bulk-count") == "11 selected:");
+  CHECK(b.script("return [...document.querySelectorAll('#tasks td.pick input')].every((c) => c.checked);") == true);
+  b.click("#pick-all");
+  CHECK(b.text("#bulk-count") == "None selected");
+
+  // Retry every failed task: the filter the table shows, confirmed by a second click.
+  b.click("#f-status option[value=failed]");
+  wait_until("the four failed imports, counted", [&] {
+    return shows_exactly(b, {imports[0], imports[1], imports[2], imports[3]}) &&
+           b.text("#count").find("of 4") != std::string::npos;
+  }, page);
+  CHECK(b.text(fmt::format("#tasks tr[data-id=\"{}\"] td.err", imports[0])) == "malformed row 17: expected 5 columns");
+  CHECK_FALSE(disabled(b, "#bf-retry"));
+  b.click("#bf-retry");
+  CHECK(b.text("#bf-retry") == "Really retry 4 matching?");
+  CHECK(status_of(imports[0]) == "failed");
+  b.click("#bf-retry");
+  wait_until("four retried, and none failed left", [&] {
+    return b.text("#bulk-msg").find("Retry, 4 tasks: 4 retried") != std::string::npos && shown_ids(b).empty();
+  }, page);
+  for (int i = 0; i < 4; ++i) CHECK(status_of(imports[i]) == "pending");
+  CHECK(status_of(imports[4]) == "succeeded");
+  CHECK(b.text("#bf-retry") == "Retry all");
+
+  // Delete every cancelled image: the queue and the status.
+  b.click("#f-queue option[value=images]");
+  b.click("#f-status option[value=cancelled]");
+  wait_until("the three cancelled images", [&] { return shows_exactly(b, {images[0], images[1], images[2]}); }, page);
+  b.click("#bf-delete");
+  b.click("#bf-delete");
+  wait_until("three deleted", [&] {
+    return b.text("#bulk-msg").find("Delete, 3 tasks: 3 removed") != std::string::npos && shown_ids(b).empty();
+  }, page);
+  for (int i = 0; i < 6; ++i) CHECK(status_of(images[i]) == (i < 3 ? "gone" : "pending"));
+  b.click("#f-status option[value='']");
+  wait_until("the images left", [&] { return shows_exactly(b, {images[3], images[4], images[5]}); }, page);
+  b.click(pick(images[3]));
+  b.screenshot(std::string(EOQ_BROWSER_ARTIFACTS) + "/dashboard-bulk.png");
+  CHECK(b.script("return window.eoqErrors;") == Json::array());
+  CHECK(dashboard.terminate() == 0);
+
+  // A read-only token sees the bulk buttons and delete disabled or hidden, as submit.
+  auto tokens = eoq::test::scratch_dir("browser-bulk-tokens") + "/tokens";
+  std::ofstream(tokens) << "viewer-1a2b3c4d5e6f * read\n";
+  DashboardProcess readonly(store.conninfo(), store.schema(), {"--tokens", tokens});
+  b.go(readonly.url());
+  wait_until("the token question", [&] { return b.script("return !document.querySelector('#auth').hidden;") == true; },
+             page);
+  b.type("#auth-token", "viewer-1a2b3c4d5e6f");
+  b.click("#auth-form button");
+  wait_until("the table, read-only", [&] {
+    return shown_ids(b).size() == 8 && b.text("#who").find("read-only") != std::string::npos;
+  }, page);
+  b.click("#f-status option[value=pending]");
+  b.click(pick(images[3]));
+  CHECK(b.text("#bulk-count") == "1 selected:");
+  for (const char* id : {"#b-cancel", "#b-retry", "#b-delete", "#bf-cancel", "#bf-retry", "#bf-delete", "#s-submit"})
+    CHECK(disabled(b, id));
+  b.click(fmt::format("#tasks tr[data-id=\"{}\"]", images[4]));
+  wait_until("the detail view", [&] { return b.text("#d-title") == fmt::format("Task #{}", images[4]); }, page);
+  CHECK(b.script("return document.querySelector('#d-delete').hidden && document.querySelector('#d-cancel').hidden;") ==
+        true);
+  CHECK(readonly.terminate() == 0);
 }
 
 #ifdef EOQ_SIMULATOR
