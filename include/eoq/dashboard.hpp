@@ -114,7 +114,7 @@ class Dashboard {
   std::unique_ptr<Impl> impl_;
 };
 
-// A Dashboard on its own HTTP server (cpp-httplib), for `eoq dashboard`.
+// A Dashboard on its own HTTP server (GNU libmicrohttpd), for `eoq dashboard`.
 class DashboardServer {
  public:
   // `listen` is host:port ("127.0.0.1:8080", "[::1]:8080"; port 0 picks a free
