@@ -1013,6 +1013,48 @@ TEST_CASE("browser: bulk cancel of ticked rows, bulk retry and delete of every t
   CHECK(readonly.terminate() == 0);
 }
 
+TEST_CASE("browser: pause and resume a queue from its card; a worker takes nothing while it is paused", "[browser]") {
+  require_browser();
+  eoq::test::TestStore store(eoq::test::StoreKind::postgres);
+  for (int i = 0; i < 3; ++i) {
+    eoq::NewTask t;
+    t.queue = "mail";
+    t.type = "send";
+    store->submit(t);
+  }
+  DashboardProcess dashboard(store.conninfo(), store.schema(), {"--no-auth"});
+  Browser b;
+  auto cards = [&] { return b.text("#stats"); };
+  b.go(dashboard.url());
+  const std::string card = R"(#stats .card[data-queue="mail"])";
+  wait_until("the queue's card with its pause button", [&] {
+    return b.script(fmt::format("return !!document.querySelector('{} .q-pause');", card)) == true;
+  }, cards);
+  b.click(card + " .q-pause");
+  wait_until("the queue paused in the store and on its card", [&] {
+    return store->paused_queues() == std::vector<std::string>{"mail"} &&
+           b.script(fmt::format("return document.querySelector('{}').dataset.paused;", card)) == "true";
+  }, cards);
+  CHECK(b.text(card).find("paused") != std::string::npos);
+
+  // A worker started now takes nothing; after Resume it drains the queue.
+  auto worker_store = store.another();
+  eoq::WorkerOptions wo;
+  wo.queues = {"mail"};
+  wo.poll_interval = 100ms;
+  wo.logger = [](eoq::LogLevel, std::string_view) {};
+  eoq::Worker worker(*worker_store, wo);
+  std::atomic<int> ran{0};
+  worker.on("send", [&](eoq::TaskContext&) { ++ran; });
+  worker.start();
+  std::this_thread::sleep_for(500ms);
+  CHECK(ran == 0);
+  b.click(card + " .q-pause");  // now "Resume"
+  wait_until("the queue drained after Resume", [&] { return ran == 3; }, cards);
+  CHECK(store->paused_queues().empty());
+  worker.stop();
+}
+
 #ifdef EOQ_SIMULATOR
 TEST_CASE("browser: the exactly-once simulator served live: submit from the form, a failed attempt's error, success",
           "[browser]") {
