@@ -126,8 +126,7 @@ struct Statements {
             claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), complete_one = q("complete_one"),
             fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
-            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), remove_cancel = q("remove_cancel"),
-            remove_finished = q("remove_finished"), progress = q("progress"), checkpoint = q("checkpoint");
+            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), remove_finished = q("remove_finished"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
             list = q("list"), list_desc = q("list_desc"), list_count = q("list_count"),
             count_estimate = q("count_estimate"), stats = q("stats"), throughput = q("throughput"),
@@ -204,7 +203,6 @@ const std::vector<ResultShape>& result_shapes() {
       {"cancel", std::vector<Column>{{"cancelled", kInt8}, {"requested", kInt8}, {"finished", kInt8},
                                      {"live", kInt8}}},
       {"lock_task", std::vector<Column>{{"id", 0}}},
-      {"remove_cancel", std::vector<Column>{{"cancelled", kInt8}}},
       {"remove_finished", std::vector<Column>{{"removed", kInt8}, {"live", kInt8}}},
       {"retry", std::vector<Column>{{"retried", kInt8}, {"finished", kInt8}, {"live", kInt8}}},
       {"get", kTaskColumns},
@@ -991,13 +989,13 @@ CancelOutcome PostgresStore::cancel_on(pg_conn* connection, TaskId id, const Sco
   detail::validate_scope(scope);
   const auto quoted = quote_ident(s);
   const auto cancel = pg::query("cancel", quoted), lock = pg::query("lock_task", quoted);
-  const std::vector<Param> params{num(id), scope.tenant};
+  const std::vector<Param> params{num(id), scope.tenant}, request{num(id), scope.tenant, std::string("true")};
   // As cancel(): when the task changed under the statement, lock its row and
   // run it again. In the host's transaction the lock holds until that ends (in
   // autocommit it ends at once and the next round looks again); each statement
   // of a READ COMMITTED transaction sees the rows committed before it.
   for (;;) {
-    if (auto out = decode_cancel(exec_on(connection, cancel, params))) return *out;
+    if (auto out = decode_cancel(exec_on(connection, cancel, request))) return *out;
     exec_on(connection, lock, params);
   }
 }
@@ -1680,8 +1678,8 @@ std::unique_ptr<LeaseTransaction> PostgresStore::begin(const Lease& lease, const
 CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
   auto& impl = *impl_;
   detail::validate_scope(scope);
-  const std::vector<Param> params{num(id), scope.tenant};
-  if (auto out = decode_cancel(impl.run(impl.sql.cancel, params))) return *out;
+  const std::vector<Param> params{num(id), scope.tenant}, request{num(id), scope.tenant, std::string("true")};
+  if (auto out = decode_cancel(impl.run(impl.sql.cancel, request))) return *out;
   // The task changed state under the statement (claimed or settled
   // meanwhile). Run it again with the task's live row locked: then nothing
   // can move the task until the answer is in. Only a task that was not live
@@ -1691,7 +1689,7 @@ CancelOutcome PostgresStore::cancel(TaskId id, const Scope& scope) {
     auto out = impl.run_on_connection([&](Connection& c) {
       return in_transaction(c, [&] {
         c.exec(impl.sql.lock_task, params);
-        return decode_cancel(c.exec(impl.sql.cancel, params));
+        return decode_cancel(c.exec(impl.sql.cancel, request));
       });
     });
     if (out) return *out;
@@ -1708,7 +1706,9 @@ RemoveOutcome PostgresStore::remove(TaskId id, const Scope& scope) {
       // Locked first: a claim skips the row from here on, so the task is
       // either pending (cancelled, then deleted) or running (left alone).
       c.exec(impl.sql.lock_task, params);
-      c.exec(impl.sql.remove_cancel, params);
+      // A pending or waiting task ends cancelled (its children follow), as
+      // cancel() ends it, but a running one gets no cancel request.
+      c.exec(impl.sql.cancel, {num(id), scope.tenant, std::string("false")});
       auto r = c.exec(impl.sql.remove_finished, params);
       return r.i64(0, 0) > 0 ? RemoveOutcome::removed
              : r.i64(0, 1) > 0 ? RemoveOutcome::running : RemoveOutcome::not_found;

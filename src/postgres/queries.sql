@@ -767,7 +767,8 @@ RETURNING id;
 
 -- name: cancel
 -- plan: generic
--- $1 id, $2 the scope's tenant (NULL: every tenant). A pending task ends
+-- $1 id, $2 the scope's tenant (NULL: every tenant), $3 whether a running
+-- task gets a cancel request (remove runs this with false). A pending task ends
 -- cancelled; a running one gets a cancel request its worker sees at the next
 -- heartbeat. The counts say which happened, or whether the task is finished or
 -- unknown; all zero but `live`: it changed state under us (claimed or settled
@@ -799,7 +800,7 @@ fin AS (
   RETURNING id),
 req AS (
   UPDATE eoq.tasks SET cancel_requested = true, updated_at = now()
-  WHERE id = $1 AND status = 'running' AND ($2::text IS NULL OR tenant = $2)
+  WHERE id = $1 AND status = 'running' AND ($2::text IS NULL OR tenant = $2) AND $3::boolean
   RETURNING id)
 SELECT (SELECT count(*) FROM fin) AS cancelled,
        (SELECT count(*) FROM req) AS requested,
@@ -816,43 +817,10 @@ SELECT (SELECT count(*) FROM fin) AS cancelled,
 SELECT id FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR UPDATE;
 
 
--- name: remove_cancel
--- plan: generic
--- $1 id, $2 the scope's tenant (NULL: every tenant). remove's first step, run
--- with the task's live row locked (lock_task): a pending or waiting task ends
--- cancelled, as cancel ends it (its waiting children follow it through
--- release_children), so that remove_finished can delete it. A running task is
--- left alone.
-WITH gp AS (
-  DELETE FROM eoq.tasks WHERE id = $1 AND status = 'pending' AND ($2::text IS NULL OR tenant = $2)
-  RETURNING *),
-gw AS (
-  DELETE FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
-  RETURNING id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-            attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-            version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-            checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at),
-gone AS (SELECT * FROM gp UNION ALL SELECT * FROM gw),
-fin AS (
-  INSERT INTO eoq.finished (
-    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
-  SELECT
-    id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
-    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-    version + 1 AS version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, coalesce(last_error, 'deleted') AS last_error, created_at,
-    now() AS updated_at, now() AS finished_at
-  FROM gone
-  RETURNING id)
-SELECT count(*) AS cancelled FROM fin;
-
-
 -- name: remove_finished
 -- plan: generic
--- $1 id, $2 the scope's tenant. A finished task goes with its key, attempts and
+-- $1 id, $2 the scope's tenant. remove's last step, after `cancel` (without a
+-- cancel request) has ended a pending or waiting task. A finished task goes with its key, attempts and
 -- the edges to its parents, as prune takes them. `live`: the task is still in
 -- the live table (running), so nothing was deleted.
 WITH v AS (

@@ -543,6 +543,7 @@ STORE_CASE("remove deletes a finished or pending task with its key; a running on
 
   CHECK(store.remove(running) == RemoveOutcome::running);
   CHECK(must_get(store, running).status == TaskStatus::running);
+  CHECK_FALSE(must_get(store, running).cancel_requested);  // refused: nothing asked of its worker
   store.complete(l2);  // its lease still holds
   CHECK(store.remove(running) == RemoveOutcome::removed);
 
