@@ -627,8 +627,10 @@ TEST_CASE("a schema from before keys were per tenant is upgraded with its keys i
     // What 0.1's migrate() left: 0001 only, keys unique per (queue, key).
     eoq::PostgresStore store(o);
     store.migrate();
-    admin.exec(fmt::format("DROP TABLE \"{0}\".keys, \"{0}\".waiting, \"{0}\".edges; "
-                           "DROP FUNCTION \"{0}\".release_children CASCADE; "
+    admin.exec(fmt::format("DROP TABLE \"{0}\".keys, \"{0}\".waiting, \"{0}\".edges, \"{0}\".totals, "
+                           "\"{0}\".paused_queues; "
+                           "DROP FUNCTION \"{0}\".release_children, \"{0}\".totals_added, \"{0}\".totals_removed, "
+                           "\"{0}\".totals_truncated CASCADE; "
                            "DELETE FROM \"{0}\".migrations WHERE name <> '0001_tasks'", schema));
     admin.exec(fmt::format("CREATE TABLE \"{0}\".keys (queue text NOT NULL, key text NOT NULL, task_id bigint NOT NULL, "
                            "PRIMARY KEY (queue, key))", schema));
@@ -637,10 +639,23 @@ TEST_CASE("a schema from before keys were per tenant is upgraded with its keys i
                            "(1, 'q', 't', 'k', 'acme', '{{}}', 'pending', 0, now(), 3, 'fixed', 0, 0, 0), "
                            "(2, 'q', 't', 'k2', NULL, '{{}}', 'pending', 0, now(), 3, 'fixed', 0, 0, 0)", schema));
     admin.exec(fmt::format("INSERT INTO \"{0}\".keys VALUES ('q', 'k', 1), ('q', 'k2', 2)", schema));
-    admin.exec(fmt::format("SELECT setval('\"{0}\".task_ids', 2)", schema));
+    // History kept before 0008: its totals start from it.
+    admin.exec(fmt::format("INSERT INTO \"{0}\".finished (id, queue, type, tenant, payload, status, priority, run_at, "
+                           "max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter, finished_at) "
+                           "VALUES (3, 'q', 't', NULL, '{{}}', 'succeeded', 0, now(), 3, 'fixed', 0, 0, 0, now()), "
+                           "(4, 'q', 't', NULL, '{{}}', 'failed', 0, now(), 3, 'fixed', 0, 0, 0, now() - interval '3 days')",
+                           schema));
+    admin.exec(fmt::format("SELECT setval('\"{0}\".task_ids', 4)", schema));
   }
   eoq::PostgresStore store(o);
   store.migrate();
+  auto st = store.stats();
+  REQUIRE(st.size() == 1);
+  CHECK(st[0].succeeded == 1);
+  CHECK(st[0].succeeded_total == 1);
+  CHECK(st[0].failed_total == 1);
+  CHECK(st[0].succeeded_last_minute == 1);
+  CHECK(st[0].failed_last_minute == 0);  // three days old
   auto acme = store.find("q", "k", eoq::Scope::only("acme"));
   REQUIRE(acme);
   CHECK(acme->id == 1);
