@@ -203,7 +203,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"cancel", std::vector<Column>{{"cancelled", kInt8}, {"requested", kInt8}, {"finished", kInt8},
                                      {"live", kInt8}}},
       {"lock_task", std::vector<Column>{{"id", 0}}},
-      {"remove_finished", std::vector<Column>{{"removed", kInt8}, {"live", kInt8}}},
+      {"remove_finished", std::vector<Column>{{"removed", kInt8}, {"running", kInt8}, {"moved", kInt8}}},
       {"retry", std::vector<Column>{{"retried", kInt8}, {"finished", kInt8}, {"live", kInt8}}},
       {"get", kTaskColumns},
       {"list", kTaskColumns},
@@ -1701,22 +1701,29 @@ RemoveOutcome PostgresStore::remove(TaskId id, const Scope& scope) {
   detail::validate_scope(scope);
   const std::vector<Param> params{num(id), scope.tenant};
   bool retried = false;
-  auto out = impl.run_on_connection([&](Connection& c) {
-    return in_transaction(c, [&] {
-      // Locked first: a claim skips the row from here on, so the task is
-      // either pending (cancelled, then deleted) or running (left alone).
-      c.exec(impl.sql.lock_task, params);
-      // A pending or waiting task ends cancelled (its children follow), as
-      // cancel() ends it, but a running one gets no cancel request.
-      c.exec(impl.sql.cancel, {num(id), scope.tenant, std::string("false")});
-      auto r = c.exec(impl.sql.remove_finished, params);
-      return r.i64(0, 0) > 0 ? RemoveOutcome::removed
-             : r.i64(0, 1) > 0 ? RemoveOutcome::running : RemoveOutcome::not_found;
-    });
-  }, &retried);
+  std::optional<RemoveOutcome> out;
+  // Again while the task moved under the statements: a waiting task released
+  // to pending between them (it moves forward only, so this ends).
+  while (!out) {
+    out = impl.run_on_connection([&](Connection& c) {
+      return in_transaction(c, [&]() -> std::optional<RemoveOutcome> {
+        // Locked first: a claim skips the row from here on, so the task is
+        // either pending (cancelled, then deleted) or running (left alone).
+        c.exec(impl.sql.lock_task, params);
+        // A pending or waiting task ends cancelled (its children follow), as
+        // cancel() ends it, but a running one gets no cancel request.
+        c.exec(impl.sql.cancel, {num(id), scope.tenant, std::string("false")});
+        auto r = c.exec(impl.sql.remove_finished, params);
+        if (r.i64(0, 0) > 0) return RemoveOutcome::removed;
+        if (r.i64(0, 1) > 0) return RemoveOutcome::running;
+        if (r.i64(0, 2) > 0) return std::nullopt;
+        return RemoveOutcome::not_found;
+      });
+    }, &retried);
+  }
   // After a lost reply the first try may have deleted it; the task was found
   // by the one that lost its reply, or the caller would not be deleting it.
-  return out == RemoveOutcome::not_found && retried ? RemoveOutcome::removed : out;
+  return *out == RemoveOutcome::not_found && retried ? RemoveOutcome::removed : *out;
 }
 
 RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {

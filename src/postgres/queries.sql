@@ -821,8 +821,9 @@ SELECT id FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR
 -- plan: generic
 -- $1 id, $2 the scope's tenant. remove's last step, after `cancel` (without a
 -- cancel request) has ended a pending or waiting task. A finished task goes with its key, attempts and
--- the edges to its parents, as prune takes them. `live`: the task is still in
--- the live table (running), so nothing was deleted.
+-- the edges to its parents, as prune takes them. `running`: it is running, so
+-- nothing was deleted; `moved`: it is pending or waiting, having moved under
+-- the `cancel` before (a waiting task released meanwhile): run remove again.
 WITH v AS (
   SELECT id, queue, tenant, key FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR UPDATE),
 dk AS (DELETE FROM eoq.keys k USING v
@@ -831,7 +832,10 @@ da AS (DELETE FROM eoq.attempts a USING v WHERE a.task_id = v.id),
 de AS (DELETE FROM eoq.edges e USING v WHERE e.child_id = v.id),
 df AS (DELETE FROM eoq.finished f USING v WHERE f.id = v.id RETURNING 1)
 SELECT (SELECT count(*) FROM df) AS removed,
-       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS live;
+       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND status = 'running' AND ($2::text IS NULL OR tenant = $2))
+         AS running,
+       (SELECT count(*) FROM eoq.tasks WHERE id = $1 AND status = 'pending' AND ($2::text IS NULL OR tenant = $2))
+         + (SELECT count(*) FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)) AS moved;
 
 
 -- name: retry

@@ -588,3 +588,26 @@ STORE_CASE("removing a parent cancels its waiting children as cancel does; a run
   CHECK_FALSE(store.get(w2));
   store.complete(claim_one(store));  // the parent (or the released child) ends without trouble
 }
+
+STORE_CASE("remove racing the release of a waiting task removes it, never reports it running", "[remove][workflows]") {
+  for (int round = 0; round < 40; ++round) {
+    INFO("round " << round);
+    auto parent = store.submit(task()).task.id;
+    NewTask c = task("child", "children");
+    c.parents = {parent};
+    auto child = store.submit(c).task.id;
+    auto lease = claim_one(store);
+    REQUIRE(lease.id() == parent);
+    std::atomic<bool> go{false};
+    std::thread releaser([&] {
+      while (!go) std::this_thread::yield();
+      store.complete(lease);  // releases the child: waiting -> pending
+    });
+    go = true;
+    auto outcome = store.remove(child);
+    releaser.join();
+    CHECK(outcome == eoq::RemoveOutcome::removed);
+    CHECK_FALSE(store.get(child));
+  }
+  CHECK(claim(store, {"children"}, "w", 100).empty());
+}
