@@ -1198,6 +1198,8 @@ TEST_CASE("dashboard: delete, bulk actions, search and the last hour's throughpu
   CHECK(cancel.status == 200);
   CHECK(cancel.json["tasks"] == 3);
   CHECK(cancel.json["outcomes"] == Json{{"cancelled", 2}, {"not_found", 1}});
+  CHECK(cancel.json["remaining"] == Json::array());  // all three reached within the request's time
+  CHECK(cancel.json["more"] == false);
   auto retry = s.post("/api/tasks/bulk", Json{{"action", "retry"}, {"filter", {{"status", "cancelled"}}}});
   CHECK(retry.json["outcomes"] == Json{{"retried", 2}});
   CHECK(retry.json["more"] == false);

@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <charconv>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -590,8 +591,10 @@ struct Dashboard::Impl {
   // POST /api/tasks/bulk {"action": "cancel"|"retry"|"delete", "ids": [...]}
   // or {"action", "filter": {the filters and search of GET /api/tasks}}: each
   // task in its own transaction, as the single actions; a filter takes at most
-  // kBulkLimit tasks per request ("more": true says to send it again).
+  // kBulkLimit tasks per request, and a request acts for at most kBulkBudget
+  // ("more": true says to send it again; "remaining", the ids not reached).
   static constexpr std::size_t kBulkLimit = 10000;
+  static constexpr std::chrono::seconds kBulkBudget{2};
   HttpResponse bulk(const HttpRequest& req, const Principal& who) const {
     if (!is_json_type(header(req, "content-type")))
       return error_response(415, "the body must be JSON (Content-Type: application/json)");
@@ -651,17 +654,37 @@ struct Dashboard::Impl {
       more = ids.size() > kBulkLimit || next;
       if (ids.size() > kBulkLimit) ids.resize(kBulkLimit);
     }
+    // At most kBulkBudget of actions per request: the server's threads serve
+    // other connections too, and a client sees its answer (with what is left
+    // to do) instead of a timeout. An error stops the round; what was done is
+    // still reported.
     std::map<std::string, std::int64_t> outcomes;
-    for (auto id : ids) {
-      std::string_view o = action == "cancel" ? to_string(store.cancel(id, who.scope()))
-                           : action == "retry" ? to_string(store.retry(id, who.scope()))
-                                               : to_string(store.remove(id, who.scope()));
-      ++outcomes[std::string(o)];
+    const auto until = std::chrono::steady_clock::now() + kBulkBudget;
+    std::size_t done = 0;
+    Json body_error;
+    for (; done < ids.size() && std::chrono::steady_clock::now() < until; ++done) {
+      const auto id = ids[done];
+      try {
+        std::string_view o = action == "cancel" ? to_string(store.cancel(id, who.scope()))
+                             : action == "retry" ? to_string(store.retry(id, who.scope()))
+                                                 : to_string(store.remove(id, who.scope()));
+        ++outcomes[std::string(o)];
+      } catch (const std::exception& e) {
+        report(fmt::format("bulk {} of task {}: {}", action, id, e.what()));
+        body_error = fmt::format("task {}: the database is unavailable or refused the {}; "
+                                 "the tasks before it are done, send the rest again",
+                                 id, action);
+        break;
+      }
     }
     Json counts = Json::object();
     for (const auto& [o, n] : outcomes) counts[o] = n;
-    return json_response(200, {{"action", action}, {"tasks", ids.size()}, {"outcomes", std::move(counts)},
-                               {"more", more}});
+    Json rest = Json::array();
+    for (std::size_t i = done; i < ids.size(); ++i) rest.push_back(ids[i]);
+    Json out{{"action", action}, {"tasks", done}, {"outcomes", std::move(counts)},
+             {"more", more || done < ids.size()}, {"remaining", std::move(rest)}};
+    if (!body_error.is_null()) out["error"] = std::move(body_error);
+    return json_response(body_error.is_null() ? 200 : 503, out);
   }
 
   HttpResponse retry(TaskId id, const Principal& who) const {

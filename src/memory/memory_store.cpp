@@ -1028,13 +1028,17 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
     }
   };
   // Queues whose tasks are all pruned still have totals, as on Postgres; a
-  // paused queue is listed even when empty, so that it can be seen and resumed.
-  auto add_totals = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
+  // paused queue is listed even when empty, so that it can be seen and
+  // resumed (in a tenant's scope only among that tenant's queues).
+  auto mark_paused = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
     for (const auto& q : state.paused) {
+      if (scope.tenant && !by_queue.count(q)) continue;
       auto& c = by_queue[q];
       c.queue = q;
       c.paused = true;
     }
+  };
+  auto add_totals = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {
     for (const auto& [at, e] : state.ever) {
       if (scope.tenant && at.second != *scope.tenant) continue;
       auto& c = by_queue[at.first];
@@ -1048,6 +1052,7 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
   if (!scope.tenant) {
     auto counts = state.counts;
     add_totals(counts);
+    mark_paused(counts);
     count_recent(counts);
     out.reserve(counts.size());
     for (auto& [queue, c] : counts) {
@@ -1072,6 +1077,7 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
     }
   }
   add_totals(counts);
+  mark_paused(counts);
   count_recent(counts);
   for (auto& [queue, c] : counts) {
     out.push_back(c);

@@ -1721,9 +1721,10 @@ RemoveOutcome PostgresStore::remove(TaskId id, const Scope& scope) {
       });
     }, &retried);
   }
-  // After a lost reply the first try may have deleted it; the task was found
-  // by the one that lost its reply, or the caller would not be deleting it.
-  return *out == RemoveOutcome::not_found && retried ? RemoveOutcome::removed : *out;
+  // After a lost reply the first try may or may not have deleted it: either
+  // way it is not there now, which is what not_found says.
+  (void)retried;
+  return *out;
 }
 
 RetryOutcome PostgresStore::retry(TaskId id, const Scope& scope) {
@@ -1802,13 +1803,14 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
   detail::validate_scope(scope);
   auto r = impl.read(impl.sql.stats, {scope.tenant});
   std::map<std::string, QueueStats> by_queue;
+  std::vector<std::string> paused;
   for (int i = 0; i < r.rows(); ++i) {
-    auto& s = by_queue[r.text(i, 0)];
-    s.queue = r.text(i, 0);
     if (r.text(i, 1) == "paused") {
-      s.paused = true;
+      paused.push_back(r.text(i, 0));
       continue;
     }
+    auto& s = by_queue[r.text(i, 0)];
+    s.queue = r.text(i, 0);
     auto n = r.i64(i, 2);
     switch (parse_status(r.text(i, 1))) {
       case TaskStatus::pending: s.pending += n; break;
@@ -1828,6 +1830,15 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
       case TaskStatus::waiting: s.waiting += n; break;
     }
     if (!r.null(i, 3)) s.oldest_pending_age = Millis(std::max<std::int64_t>(0, r.i64(i, 3)));
+  }
+  // A paused queue is listed even when empty, so that it can be resumed; in a
+  // tenant's scope only among the queues that tenant has, so that the scope
+  // says nothing of other tenants' queues.
+  for (const auto& q : paused) {
+    if (scope.tenant && !by_queue.count(q)) continue;
+    auto& s = by_queue[q];
+    s.queue = q;
+    s.paused = true;
   }
   std::vector<QueueStats> out;
   for (auto& [_, s] : by_queue) out.push_back(std::move(s));

@@ -469,6 +469,16 @@ STORE_CASE("a paused queue is claimed by nobody until resumed; its running tasks
   store.pause("empty");
   CHECK(stats_of(store, "empty").paused);
   CHECK(stats_of(store, "empty").pending == 0);
+  // A tenant's scope shows the pause only on queues it has tasks in: it says
+  // nothing of others' queues.
+  CHECK(store.stats(eoq::Scope::only("nobody")).empty());
+  NewTask mine = task("t", "q");
+  mine.tenant = "acme";
+  store.submit(mine);
+  auto scoped = store.stats(eoq::Scope::only("acme"));
+  REQUIRE(scoped.size() == 1);
+  CHECK(scoped[0].queue == "q");
+  CHECK(scoped[0].paused);
   CHECK(field_of([&] { store.pause("bad queue!"); }) == "queue");
   CHECK(field_of([&] { store.resume(""); }) == "queue");
 
@@ -476,6 +486,6 @@ STORE_CASE("a paused queue is claimed by nobody until resumed; its running tasks
   store.resume("q");  // idempotent
   store.resume("never-paused");
   CHECK(store.paused_queues() == std::vector<std::string>{"empty"});
-  CHECK(claim(store, {"q"}, "w2", 10).size() == 3);
+  CHECK(claim(store, {"q"}, "w2", 10).size() == 4);  // acme's too
   CHECK_FALSE(stats_of(store, "q").paused);
 }
