@@ -491,16 +491,20 @@ struct Dashboard::Impl {
     return json_response(200, body);
   }
 
+  // The scope a ?tenant= asks for: an admin's narrows to that tenant; a
+  // tenant asking for another tenant's numbers gets none (empty), as list()
+  // gives none.
+  static std::optional<Scope> asked_scope(std::map<std::string, std::string>& p, const Principal& who) {
+    if (!p.count("tenant")) return who.scope();
+    if (who.tenant) return p["tenant"] == *who.tenant ? std::optional(who.scope()) : std::nullopt;
+    return Scope::only(p["tenant"]);
+  }
+
   HttpResponse stats(const HttpRequest& req, const Principal& who) const {
     auto p = parse_query(req.query, {"tenant"});
     Json queues = Json::array();
-    // A tenant asking for another tenant's numbers gets none, as list() does.
-    bool other = who.tenant && p.count("tenant") && p["tenant"] != *who.tenant;
-    if (!other) {
-      Scope scope = who.scope();
-      if (!who.tenant && p.count("tenant")) scope = Scope::only(p["tenant"]);
-      for (const auto& s : store.stats(scope)) queues.push_back(json::to_json(s));
-    }
+    if (auto scope = asked_scope(p, who))
+      for (const auto& s : store.stats(*scope)) queues.push_back(json::to_json(s));
     return json_response(200, {{"queues", std::move(queues)}, {"now", now_text()}});
   }
 
@@ -575,11 +579,8 @@ struct Dashboard::Impl {
     auto p = parse_query(req.query, {"minutes", "tenant"});
     const int minutes = p.count("minutes") ? static_cast<int>(parse_integer("minutes", p["minutes"], 1, 1440)) : 60;
     Json points = Json::array();
-    bool other = who.tenant && p.count("tenant") && p["tenant"] != *who.tenant;
-    if (!other) {
-      Scope scope = who.scope();
-      if (!who.tenant && p.count("tenant")) scope = Scope::only(p["tenant"]);
-      for (const auto& t : store.throughput(minutes, scope))
+    if (auto scope = asked_scope(p, who)) {
+      for (const auto& t : store.throughput(minutes, *scope))
         points.push_back({{"queue", t.queue},
                           {"outcome", to_string(t.status)},
                           {"minute", json::format_time(t.minute)},

@@ -761,11 +761,7 @@ struct PostgresStore::Impl {
   // The store's destructor waits for a refresh under way.
   void refresh_stats(std::size_t batch_rows) noexcept {
     if (refreshing) return;  // one at a time; the next large batch asks again
-    const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
-    auto last = stats_refreshed.load();
-    const auto gap = std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::seconds(5)).count();
-    if (last != 0 && now - last < gap) return;
-    if (!stats_refreshed.compare_exchange_strong(last, now)) return;
+    if (!due(stats_refreshed, std::chrono::seconds(5))) return;
     if (refreshing.exchange(true)) return;
     // The thread clears `refreshing` before it ends, which can be before its
     // std::jthread is even assigned: the mutex keeps the next caller's join
@@ -800,12 +796,17 @@ struct PostgresStore::Impl {
   // seconds per store: each worker's maintenance asks, and a drain appends a
   // row per completing statement, some thousands between two compactions.
   void compact_totals() {
+    if (due(totals_compacted, std::chrono::seconds(5))) run(sql.compact_totals, {});
+  }
+
+  // Whether `gap` has passed since `last` (steady-clock ticks; 0: never), and
+  // if so `last` is now: of the threads that ask at once, one is told yes.
+  static bool due(std::atomic<std::chrono::steady_clock::rep>& last, std::chrono::seconds gap) {
     const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
-    auto last = totals_compacted.load();
-    const auto gap = std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::seconds(5)).count();
-    if (last != 0 && now - last < gap) return;
-    if (!totals_compacted.compare_exchange_strong(last, now)) return;
-    run(sql.compact_totals, {});
+    auto seen = last.load();
+    if (seen != 0 && now - seen < std::chrono::duration_cast<std::chrono::steady_clock::duration>(gap).count())
+      return false;
+    return last.compare_exchange_strong(seen, now);
   }
 
   // `now`: one reading of the clock for a whole batch (`perf` of a loop of
@@ -1700,7 +1701,6 @@ RemoveOutcome PostgresStore::remove(TaskId id, const Scope& scope) {
   auto& impl = *impl_;
   detail::validate_scope(scope);
   const std::vector<Param> params{num(id), scope.tenant};
-  bool retried = false;
   std::optional<RemoveOutcome> out;
   // Again while the task moved under the statements: a waiting task released
   // to pending between them (it moves forward only, so this ends).
@@ -1719,11 +1719,10 @@ RemoveOutcome PostgresStore::remove(TaskId id, const Scope& scope) {
         if (r.i64(0, 2) > 0) return std::nullopt;
         return RemoveOutcome::not_found;
       });
-    }, &retried);
+    });
   }
   // After a lost reply the first try may or may not have deleted it: either
   // way it is not there now, which is what not_found says.
-  (void)retried;
   return *out;
 }
 
