@@ -83,6 +83,15 @@ struct NewTask {
   std::vector<TaskId> parents{};
   std::vector<std::string> parent_keys{};
   ParentFailure on_parent_failure = ParentFailure::cancel;
+  // Concurrency and rate limits (TaskStore::set_limit) count the tasks of a
+  // queue per partition: a tenant, a customer id, whatever must not run more
+  // than so many at once. Empty: the queue's unnamed partition.
+  std::optional<std::string> partition{};
+  // How long one attempt may run: at the timeout the handler sees
+  // ctx.should_stop(); if it has not returned after the worker's grace
+  // period the attempt fails with "timeout" (and is retried per `retry`).
+  // Empty: HandlerOptions::timeout of its type, if any.
+  std::optional<Millis> timeout{};
 };
 
 struct Task {
@@ -114,6 +123,8 @@ struct Task {
   TimePoint created_at{};
   TimePoint updated_at{};
   std::optional<TimePoint> finished_at{};
+  std::optional<std::string> partition{};  // NewTask::partition
+  std::optional<Millis> timeout{};         // NewTask::timeout
 };
 
 struct SubmitResult {
