@@ -747,6 +747,8 @@ void validate_new_task(const NewTask& t, std::size_t max_payload_bytes, TimePoin
     if (t.parents[i] <= 0) throw InvalidArgument(fmt::format("parents[{}]", i), "must be a positive task id");
   for (std::size_t i = 0; i < t.parent_keys.size(); ++i)
     validate_text(fmt::format("parent_keys[{}]", i), t.parent_keys[i], 512);
+  if (t.partition) validate_text("partition", *t.partition, 512);
+  if (t.timeout) validate_positive("timeout", *t.timeout);
 }
 
 void validate_new_tasks(std::span<const NewTask> tasks, bool is_batch, std::size_t max_payload_bytes) {

@@ -270,6 +270,8 @@ struct MemoryStore::State {
     t.run_at = n.run_at.value_or(now);
     t.deadline = n.deadline;
     t.retry = n.retry;
+    t.partition = n.partition;
+    t.timeout = n.timeout;
     t.version = 1;
     t.created_at = t.updated_at = now;
     return t;
