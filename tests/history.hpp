@@ -175,6 +175,10 @@ class RecordingStore final : public TaskStore {
   void pause(std::string_view queue) override { inner_.pause(queue); }
   void resume(std::string_view queue) override { inner_.resume(queue); }
   std::vector<std::string> paused_queues() override { return inner_.paused_queues(); }
+  void set_limits(std::string_view queue, const eoq::QueueLimits& limits) override {
+    inner_.set_limits(queue, limits);
+  }
+  std::vector<std::pair<std::string, eoq::QueueLimits>> limits() override { return inner_.limits(); }
   std::vector<Throughput> throughput(int minutes, const Scope& scope = {}) override {
     return inner_.throughput(minutes, scope);
   }

@@ -135,6 +135,10 @@ class FaultyStore final : public eoq::TaskStore {
   void pause(std::string_view q) override { inner_.pause(q); }
   void resume(std::string_view q) override { inner_.resume(q); }
   std::vector<std::string> paused_queues() override { return inner_.paused_queues(); }
+  void set_limits(std::string_view queue, const eoq::QueueLimits& limits) override {
+    inner_.set_limits(queue, limits);
+  }
+  std::vector<std::pair<std::string, eoq::QueueLimits>> limits() override { return inner_.limits(); }
   std::vector<eoq::Throughput> throughput(int m, const eoq::Scope& s = {}) override {
     return inner_.throughput(m, s);
   }

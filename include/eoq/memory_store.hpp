@@ -40,6 +40,8 @@ class MemoryStore final : public TaskStore {
   void pause(std::string_view queue) override;
   void resume(std::string_view queue) override;
   std::vector<std::string> paused_queues() override;
+  void set_limits(std::string_view queue, const QueueLimits& limits) override;
+  std::vector<std::pair<std::string, QueueLimits>> limits() override;
   std::optional<Task> get(TaskId id, const Scope& scope = {}) override;
   std::optional<Task> find(std::string_view queue, std::string_view key, const Scope& scope = {}) override;
   TaskPage list(const ListQuery& query, const Scope& scope = {}) override;

@@ -250,6 +250,27 @@ struct TaskPage {
   std::optional<ListTotal> total{};    // only when the query's count_up_to > 0
 };
 
+// At most `limit` task starts in any window of `period` (sliding, by the
+// store's clock).
+struct RateLimit {
+  int limit = 0;       // 0..1,000,000
+  Millis period{1000};  // 1 ms..7 days
+  bool operator==(const RateLimit&) const = default;
+};
+
+// A queue's limits, enforced by the store for every worker, process and
+// machine at once (TaskStore::set_limits). Each is off while empty. A task
+// whose start a limit forbids waits (pending): it is neither failed nor
+// counted as an attempt. A partition is NewTask::partition ('' for none).
+struct QueueLimits {
+  std::optional<int> concurrency{};            // tasks of the queue running at once, 0..1,000,000
+  std::optional<int> partition_concurrency{};  // tasks of each partition running at once
+  std::optional<RateLimit> rate{};             // starts of the queue
+  std::optional<RateLimit> partition_rate{};   // starts of each partition
+  bool empty() const noexcept { return !concurrency && !partition_concurrency && !rate && !partition_rate; }
+  bool operator==(const QueueLimits&) const = default;
+};
+
 struct QueueStats {
   std::string queue{};
   std::int64_t pending = 0, running = 0, succeeded = 0, failed = 0, cancelled = 0, expired = 0;
@@ -263,6 +284,7 @@ struct QueueStats {
   // delete later does to the rows; succeeded..expired above are the rows kept.
   std::int64_t succeeded_total = 0, failed_total = 0, cancelled_total = 0, expired_total = 0;
   bool paused = false;  // TaskStore::pause: claims take none of its tasks (stats lists it even when empty)
+  QueueLimits limits{};  // TaskStore::set_limits (stats lists a queue with limits even when empty)
 };
 
 // Tasks of one queue that finished with one outcome in one minute (stats'

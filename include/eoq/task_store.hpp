@@ -15,6 +15,7 @@
 #include <string_view>
 #include <system_error>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace eoq::detail {
@@ -331,6 +332,16 @@ class TaskStore {
   virtual void pause(std::string_view queue) = 0;
   virtual void resume(std::string_view queue) = 0;
   virtual std::vector<std::string> paused_queues() = 0;
+  // Sets a queue's limits (replacing all of them; empty limits: none), for
+  // every claim that starts after this returns, by any worker. Tasks running
+  // now count against them, and none is stopped: a limit lowered below what
+  // runs lets nothing start until enough have ended. A running task holds its
+  // place until it is settled or given back, or its lease runs out (by the
+  // store's clock). InvalidArgument (naming the field, writing nothing) for a
+  // number out of range or a period that is not positive.
+  virtual void set_limits(std::string_view queue, const QueueLimits& limits) = 0;
+  // Every queue with limits, by name.
+  virtual std::vector<std::pair<std::string, QueueLimits>> limits() = 0;
 
   virtual std::optional<Task> get(TaskId id, const Scope& scope = {}) = 0;
   // The task submitted with `key` to `queue` by the scope's tenant (the default

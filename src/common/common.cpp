@@ -787,6 +787,25 @@ void validate_claim(const ClaimRequest& r) {
   validate_positive("lease", r.lease);
 }
 
+void validate_limits(std::string_view queue, const QueueLimits& l) {
+  validate_queue("queue", queue);
+  auto count = [](const char* field, const std::optional<int>& n) {
+    if (n && (*n < 0 || *n > 1000000))
+      throw InvalidArgument(field, fmt::format("must be between 0 and 1000000, not {}", *n));
+  };
+  count("limits.concurrency", l.concurrency);
+  count("limits.partition_concurrency", l.partition_concurrency);
+  auto rate = [&](const char* field, const char* period, const std::optional<RateLimit>& r) {
+    if (!r) return;
+    count(field, r->limit);
+    if (r->period.count() <= 0)
+      throw InvalidArgument(period, fmt::format("must be positive, not {} ms", r->period.count()));
+    if (r->period > kMaxLease) throw InvalidArgument(period, "must be at most 7 days");
+  };
+  rate("limits.rate.limit", "limits.rate.period", l.rate);
+  rate("limits.partition_rate.limit", "limits.partition_rate.period", l.partition_rate);
+}
+
 void validate_progress(int percent, std::string_view stage) {
   if (percent < 0 || percent > 100) throw InvalidArgument("progress", "must be between 0 and 100");
   if (stage.size() > 256) throw InvalidArgument("stage", "must be at most 256 bytes");

@@ -36,6 +36,7 @@ void validate_new_task(const NewTask& task, std::size_t max_payload_bytes, TimeP
 // Every task of a submit; in a batch the field names its index ("tasks[3].payload").
 void validate_new_tasks(std::span<const NewTask> tasks, bool is_batch, std::size_t max_payload_bytes);
 void validate_claim(const ClaimRequest& request);
+void validate_limits(std::string_view queue, const QueueLimits& limits);
 void validate_owner(std::string_view owner);
 void validate_scope(const Scope& scope);
 // throughput(minutes): 1..1440.

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <deque>
 #include <cctype>
 #include <condition_variable>
 #include <limits>
@@ -135,6 +136,9 @@ struct MemoryStore::State {
   std::map<std::pair<std::string, std::string>, QueueStats> ever;
   std::map<BucketKey, std::int64_t> by_bucket;
   std::set<std::string, std::less<>> paused;  // queues claims skip
+  std::map<std::string, QueueLimits, std::less<>> limits;
+  // Starts in rate-limited queues, oldest first: (when, partition).
+  std::map<std::string, std::deque<std::pair<TimePoint, std::string>>, std::less<>> starts;
   std::mt19937_64 rng;                          // backoff jitter
 
   // Wake-ups for wait_for_tasks. Like a LISTEN connection that stays open
@@ -680,12 +684,43 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
   std::lock_guard lk(state.mu);
   const TimePoint now = detail::now();
 
-  // Up to `limit` ready tasks per queue, plus every lost lease (ordered by
-  // expiry, not claim order, so all are needed), then the best `limit` overall.
+  // Up to `limit` ready tasks per queue (every one of a queue with limits,
+  // which may pass over many), plus every lost lease (ordered by expiry, not
+  // claim order, so all are needed), then the best `limit` overall that the
+  // limits let start.
   std::vector<ClaimKey> candidates;
+  // Per limited queue: what runs (under a live lease) and what started within
+  // the rate periods, per partition and in all.
+  struct Busy {
+    const QueueLimits* limits = nullptr;
+    std::map<std::string, std::int64_t> running, started_p;
+    std::int64_t running_all = 0, started_all = 0;
+  };
+  std::map<std::string, Busy, std::less<>> busy;
   for (const auto& q : queues) {
     if (state.paused.count(q)) continue;
-    state.ready_pending(q, now, limit, request.after, candidates);
+    auto lim = state.limits.find(q);
+    if (lim != state.limits.end()) {
+      Busy& b = busy[q];
+      b.limits = &lim->second;
+      for (auto it = state.leases.lower_bound(LeaseKey{q, TimePoint::min(), kMinId});
+           it != state.leases.end() && std::get<0>(*it) == q; ++it) {
+        if (std::get<1>(*it) <= now) continue;
+        ++b.running[state.tasks.at(std::get<2>(*it)).task.partition.value_or("")];
+        ++b.running_all;
+      }
+      auto& log = state.starts[q];
+      Millis keep{0};
+      if (b.limits->rate) keep = std::max(keep, b.limits->rate->period);
+      if (b.limits->partition_rate) keep = std::max(keep, b.limits->partition_rate->period);
+      while (!log.empty() && log.front().first <= now - keep) log.pop_front();
+      for (const auto& [at, partition] : log) {
+        if (b.limits->rate && at > now - b.limits->rate->period) ++b.started_all;
+        if (b.limits->partition_rate && at > now - b.limits->partition_rate->period) ++b.started_p[partition];
+      }
+    }
+    state.ready_pending(q, now, lim != state.limits.end() ? std::numeric_limits<std::size_t>::max() : limit,
+                        request.after, candidates);
     for (auto it = state.leases.lower_bound(LeaseKey{q, TimePoint::min(), kMinId});
          it != state.leases.end() && std::get<0>(*it) == q && std::get<1>(*it) <= now; ++it) {
       const Task& t = state.tasks.at(std::get<2>(*it)).task;
@@ -696,14 +731,37 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
     const ClaimKey after{request.after->priority, request.after->run_at, request.after->id};
     std::erase_if(candidates, [&](const ClaimKey& k) { return k <= after; });
   }
-  const auto taken = std::min(limit, candidates.size());
-  std::partial_sort(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(taken), candidates.end());
-  candidates.resize(taken);
+  std::sort(candidates.begin(), candidates.end());
+  // Whether the limits of the task's queue let it start now; counts it if so.
+  auto admit = [&](const Task& t) {
+    auto it = busy.find(t.queue);
+    if (it == busy.end()) return true;
+    Busy& b = it->second;
+    const QueueLimits& l = *b.limits;
+    const std::string partition = t.partition.value_or("");
+    if (l.concurrency && b.running_all >= *l.concurrency) return false;
+    if (l.partition_concurrency && b.running[partition] >= *l.partition_concurrency) return false;
+    if (l.rate && b.started_all >= l.rate->limit) return false;
+    if (l.partition_rate && b.started_p[partition] >= l.partition_rate->limit) return false;
+    ++b.running_all;
+    ++b.running[partition];
+    ++b.started_all;
+    ++b.started_p[partition];
+    if (l.rate || l.partition_rate) state.starts[t.queue].emplace_back(now, partition);
+    return true;
+  };
 
   std::vector<Lease> leases;
-  leases.reserve(taken);
+  std::size_t taken = 0;
   for (const auto& [priority, run_at, id] : candidates) {
+    if (taken == limit) break;
     Entry& e = state.tasks.at(id);
+    // A task to settle rather than start (as claim settles them) needs no room.
+    const bool was_lost = e.task.status == TaskStatus::running;
+    const bool ends = (e.task.deadline && *e.task.deadline <= now) ||
+                      (was_lost && (e.task.cancel_requested || e.task.attempts >= e.task.retry.max_attempts));
+    if (!ends && busy.count(e.task.queue) && !admit(e.task)) continue;
+    ++taken;
     const bool lost = e.task.status == TaskStatus::running;
     if (lost) state.end_lost_attempt(e);
     if (e.task.deadline && *e.task.deadline <= now) {
@@ -982,6 +1040,24 @@ void MemoryStore::resume(std::string_view queue) {
   if (state_->paused.erase(std::string(queue)) > 0) state_->signal(std::string(queue));
 }
 
+void MemoryStore::set_limits(std::string_view queue, const QueueLimits& limits) {
+  detail::validate_limits(queue, limits);
+  std::lock_guard lk(state_->mu);
+  const std::string q(queue);
+  if (limits.empty()) {
+    state_->limits.erase(q);
+    state_->starts.erase(q);
+  } else {
+    state_->limits[q] = limits;
+  }
+  state_->signal(q);  // a limit raised or gone may let waiting tasks start
+}
+
+std::vector<std::pair<std::string, QueueLimits>> MemoryStore::limits() {
+  std::lock_guard lk(state_->mu);
+  return {state_->limits.begin(), state_->limits.end()};
+}
+
 std::vector<std::string> MemoryStore::paused_queues() {
   std::lock_guard lk(state_->mu);
   return {state_->paused.begin(), state_->paused.end()};
@@ -1038,6 +1114,12 @@ std::vector<QueueStats> MemoryStore::stats(const Scope& scope) {
       auto& c = by_queue[q];
       c.queue = q;
       c.paused = true;
+    }
+    for (const auto& [q, l] : state.limits) {
+      if (scope.tenant && !by_queue.count(q)) continue;
+      auto& c = by_queue[q];
+      c.queue = q;
+      c.limits = l;
     }
   };
   auto add_totals = [&](std::map<std::string, QueueStats, std::less<>>& by_queue) {

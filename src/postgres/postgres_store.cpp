@@ -50,7 +50,8 @@ const std::vector<Column> kTaskColumns = {
     {"lease_expires_at", kTimestamptz}, {"started_at", kTimestamptz}, {"cancel_requested", kBool},
     {"progress", kInt4},     {"stage", kText},           {"checkpoint_stage", kText},
     {"checkpoint", kJson},   {"result", kJson},          {"last_error", kText},
-    {"created_at", kTimestamptz}, {"updated_at", kTimestamptz}, {"finished_at", kTimestamptz}};
+    {"created_at", kTimestamptz}, {"updated_at", kTimestamptz}, {"finished_at", kTimestamptz},
+    {"partition_key", kText}, {"timeout_ms", kInt8}};
 
 Task decode_task(const Result& r, int row, int off = 0) {
   Task t;
@@ -85,6 +86,8 @@ Task decode_task(const Result& r, int row, int off = 0) {
   t.created_at = r.time(row, c(27));
   t.updated_at = r.time(row, c(28));
   t.finished_at = r.opt_time(row, c(29));
+  if (auto p = r.text(row, c(30)); !p.empty()) t.partition = std::move(p);
+  if (!r.null(row, c(31))) t.timeout = Millis(r.i64(row, c(31)));
   return t;
 }
 
@@ -135,6 +138,8 @@ struct Statements {
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze"), compact_totals = q("compact_totals");
   Statement pause = q("pause"), resume = q("resume"), paused_queues = q("paused_queues");
+  Statement claim_limited = q("claim_limited"), limits_lock = q("limits_lock"), set_limits = q("set_limits"),
+            clear_limits = q("clear_limits"), limits = q("limits");
   Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
             relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
@@ -190,6 +195,13 @@ const std::vector<ResultShape>& result_shapes() {
       {"claim_pending", task_then({{"settle", kBool}})},
       {"claim_one", kTaskColumns},
       {"claim", kTaskColumns},
+      {"claim_limited", kTaskColumns},
+      {"limits_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
+      {"set_limits", count},
+      {"clear_limits", count},
+      {"limits", std::vector<Column>{{"queue", kText}, {"concurrency", kInt4}, {"partition_concurrency", kInt4},
+                                     {"rate", kInt4}, {"rate_period_ms", kInt8}, {"partition_rate", kInt4},
+                                     {"partition_rate_period_ms", kInt8}}},
       {"complete", std::vector<Column>{{"id", kInt8}, {"version", kInt8}}},
       {"complete_one", std::vector<Column>{{"id", kInt8}}},
       {"fail", std::vector<Column>{{"outcome", kText}, {"run_at", kTimestamptz}}},
@@ -261,8 +273,15 @@ std::vector<Param> submit_params(const NewTask& t, const std::string& channel) {
           num(t.retry.initial_delay.count()),
           num(t.retry.max_delay.count()),
           fmt::format("{}", t.retry.jitter),
-          channel};
+          channel,
+          str(t.partition.value_or("")),
+          t.timeout ? num(t.timeout->count()) : Param{}};
 }
+
+// submit_params' columns that submit_batch and submit_flow send as arrays:
+// all but the channel.
+constexpr std::size_t kSubmitColumns[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15};
+constexpr std::size_t kSubmitArrays = std::size(kSubmitColumns);
 
 // Batches from this size on go through COPY (submit_batch).
 constexpr std::size_t kStageFrom = 1000;
@@ -336,6 +355,11 @@ void copy_row(std::string& out, const NewTask& t, std::size_t ord, bool narrow) 
   out += '\t';
   copy_int(out, t.retry.max_delay.count());
   fmt::format_to(std::back_inserter(out), "\t{}\t", t.retry.jitter);
+  if (t.partition) copy_text(out, *t.partition);
+  out += '\t';
+  if (t.timeout) copy_int(out, t.timeout->count());
+  else out += "\\N";
+  out += '\t';
   copy_int(out, static_cast<long long>(ord));
   out += '\n';
 }
@@ -353,7 +377,7 @@ void key_row(std::string& out, const NewTask& t, std::int64_t id) {
 // A task as a row of copy_tasks, in COPY's binary format, in its columns' order.
 void task_row(std::string& out, const NewTask& t, std::int64_t id, TimePoint run_at) {
   using pg::BinaryCopy;
-  BinaryCopy::row(out, 15);
+  BinaryCopy::row(out, 17);
   BinaryCopy::i64(out, id);
   BinaryCopy::text(out, t.queue);
   BinaryCopy::text(out, t.type);
@@ -369,6 +393,9 @@ void task_row(std::string& out, const NewTask& t, std::int64_t id, TimePoint run
   BinaryCopy::i64(out, t.retry.initial_delay.count());
   BinaryCopy::i64(out, t.retry.max_delay.count());
   BinaryCopy::f64(out, t.retry.jitter);
+  BinaryCopy::text(out, t.partition ? std::string_view(*t.partition) : std::string_view());
+  if (t.timeout) BinaryCopy::i64(out, t.timeout->count());
+  else BinaryCopy::null(out);
 }
 
 // Rows per COPY slice: the server reads one while the next is made.
@@ -405,6 +432,8 @@ Task task_from_new(const NewTask& n, std::int64_t id, TimePoint run_at, TimePoin
   t.priority = n.priority;
   t.deadline = n.deadline;
   t.retry = n.retry;
+  t.partition = n.partition;
+  t.timeout = n.timeout;
   return t;
 }
 
@@ -546,14 +575,14 @@ std::vector<SubmitResult> submit_flow(Connection& c, const Statements& sql, std:
       if (!out[i] && std::all_of(named[i].begin(), named[i].end(),
                                  [&](const Named& p) { return !p.in_batch || out[p.in_batch - 1]; }))
         wave.push_back(i);
-    std::vector<std::vector<Param>> cols(13);
+    std::vector<std::vector<Param>> cols(kSubmitArrays);
     std::vector<Param> status, left, anyway, why, e_child, e_parent, e_done;
     std::vector<std::optional<std::string>> whys;
     std::vector<TaskStatus> statuses;
     for (std::size_t k = 0; k < wave.size(); ++k) {
       const auto& t = tasks[wave[k]];
       auto sp = submit_params(t, "");
-      for (std::size_t col = 0; col < 13; ++col) cols[col].push_back(std::move(sp[col]));
+      for (std::size_t col = 0; col < kSubmitArrays; ++col) cols[col].push_back(std::move(sp[kSubmitColumns[col]]));
       int waiting_for = 0;
       std::optional<std::string> reason;
       for (const auto& p : named[wave[k]]) {
@@ -586,9 +615,10 @@ std::vector<SubmitResult> submit_flow(Connection& c, const Statements& sql, std:
       why.push_back(reason);
     }
     std::vector<Param> params;
-    for (auto& col : cols) params.push_back(pg::text_array(col));
+    for (std::size_t col = 0; col < 13; ++col) params.push_back(pg::text_array(cols[col]));
     params.push_back(channel);
     for (auto* a : {&status, &left, &anyway, &why, &e_child, &e_parent, &e_done}) params.push_back(pg::text_array(*a));
+    for (std::size_t col = 13; col < kSubmitArrays; ++col) params.push_back(pg::text_array(cols[col]));
     auto r = c.exec(sql.submit_flow, params);
     for (int row = 0; row < r.rows(); ++row) {
       auto k = static_cast<std::size_t>(r.i64(row, 0) - 1);
@@ -667,6 +697,14 @@ struct PostgresStore::Impl {
   // Steady-clock ticks of the last statistics check (see refresh_stats); 0: never.
   std::atomic<std::chrono::steady_clock::rep> stats_refreshed{0};
   std::atomic<std::chrono::steady_clock::rep> totals_compacted{0};  // see compact_totals
+  // The queues with limits, as last read (at most once a second): claims on
+  // them go through claim_limited. Stale is safe: claims on other queues find
+  // a queue with limits empty (eoq.unlimited), so a queue limited meanwhile
+  // waits for the next read, and one whose limits went is claimed by
+  // claim_limited as if unlimited until then.
+  std::mutex limited_m;
+  std::vector<std::string> limited;
+  std::chrono::steady_clock::time_point limited_read{};
   int wake_fd = -1;
   // The statistics refresh under way, if any. Last, so that it is joined
   // before the pools it borrows from go.
@@ -689,6 +727,22 @@ struct PostgresStore::Impl {
   }
   ~Impl() {
     if (wake_fd >= 0) close(wake_fd);
+  }
+
+  std::vector<std::string> limited_queues() {
+    const auto now = std::chrono::steady_clock::now();
+    {
+      std::lock_guard lock(limited_m);
+      if (limited_read != std::chrono::steady_clock::time_point{} && now - limited_read < std::chrono::seconds(1))
+        return limited;
+    }
+    auto r = run(sql.limits, {});
+    std::vector<std::string> names;
+    for (int i = 0; i < r.rows(); ++i) names.push_back(r.text(i, 0));
+    std::lock_guard lock(limited_m);
+    limited = names;
+    limited_read = now;
+    return names;
   }
 
   // One statement on a pooled connection, retried on transient errors.
@@ -1017,13 +1071,14 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
   const bool staged = tasks.size() >= kStageFrom;
   std::vector<Param> params;
   bool narrow = false;  // the tasks differ in key and payload only: copy_stage_narrow
+  std::size_t queues_param = 0;  // staged: where params holds the batch's queues
   if (staged) {
     params.push_back(impl.channel);
     const NewTask& first = tasks.front();
     narrow = std::all_of(tasks.begin() + 1, tasks.end(), [&](const NewTask& t) {
       return t.queue == first.queue && t.type == first.type && t.tenant == first.tenant &&
              t.priority == first.priority && t.run_at == first.run_at && t.deadline == first.deadline &&
-             t.retry == first.retry;
+             t.retry == first.retry && t.partition == first.partition && t.timeout == first.timeout;
     });
     // The columns copy_stage_narrow leaves out, in submit_params' order without key and payload.
     auto p = submit_params(first, "");
@@ -1036,15 +1091,18 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
       queues.erase(std::unique(queues.begin(), queues.end()), queues.end());
     }
     params.push_back(pg::text_array(std::vector<Param>(queues.begin(), queues.end())));
+    queues_param = params.size() - 1;
+    for (std::size_t k : {14, 15}) params.push_back(narrow ? std::move(p[k]) : Param{});
   } else {
-    std::vector<std::vector<Param>> cols(13);
+    std::vector<std::vector<Param>> cols(kSubmitArrays);
     for (auto& c : cols) c.reserve(tasks.size());
     for (const auto& t : tasks) {
       auto p = submit_params(t, "");
-      for (std::size_t k = 0; k < 13; ++k) cols[k].push_back(std::move(p[k]));
+      for (std::size_t k = 0; k < kSubmitArrays; ++k) cols[k].push_back(std::move(p[kSubmitColumns[k]]));
     }
-    for (auto& c : cols) params.push_back(pg::text_array(c));
+    for (std::size_t k = 0; k < 13; ++k) params.push_back(pg::text_array(cols[k]));
     params.push_back(impl.channel);
+    for (std::size_t k = 13; k < kSubmitArrays; ++k) params.push_back(pg::text_array(cols[k]));
   }
   const bool strict = std::any_of(tasks.begin(), tasks.end(),
                                   [](const NewTask& t) { return t.key && t.key_reuse == KeyReuse::strict; });
@@ -1079,7 +1137,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
           // queues it creates tasks in.
           if (any_keyed) c.command("SAVEPOINT eoq_fresh_keys");
           auto ids_r = c.exec(impl.sql.reserve_ids, {num(static_cast<std::int64_t>(tasks.size())), impl.channel,
-                                                     params.back()});
+                                                     params[queues_param]});
           std::optional<std::int64_t> first_id;
           std::vector<std::int64_t> ids;
           if (!ids_r.null(0, 0)) first_id = ids_r.i64(0, 0);
@@ -1189,32 +1247,49 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
 std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
   auto& impl = *impl_;
   detail::validate_claim(request);
-  std::vector<Param> queues(request.queues.begin(), request.queues.end());
+  // Queues with limits are claimed one by one, after the others.
+  const auto limited = impl.limited_queues();
+  std::vector<Param> queues, limited_asked;
+  for (const auto& q : request.queues)
+    (std::find(limited.begin(), limited.end(), q) != limited.end() ? limited_asked : queues).push_back(q);
+  const auto& after = request.after;
+  auto params_for = [&](Param queue, int limit) {
+    return std::vector<Param>{std::move(queue), num(limit), request.owner, num(request.lease.count()),
+                              after ? num(after->priority) : Param{},
+                              after ? pg::time_param(after->run_at) : Param{}, after ? num(after->id) : Param{}};
+  };
+  std::vector<Lease> leases;
+  auto take = [&](const Result& r) {
+    for (int i = 0; i < r.rows(); ++i) {
+      Lease l;
+      l.task = decode_task(r, i);
+      l.owner = request.owner;
+      l.token = l.task.version;
+      l.expires_at = l.task.lease_expires_at.value_or(TimePoint{});
+      l.claimed_at = l.task.started_at.value_or(TimePoint{});  // now() of the claim
+      leases.push_back(std::move(l));
+    }
+  };
   // A repeat after a lost connection is safe: leases granted by a try whose
   // answer never arrived simply expire and the tasks are claimed again.
-  const bool one = queues.size() == 1;
-  const auto& after = request.after;
-  const std::vector<Param> params{one ? queues[0] : pg::text_array(queues), num(request.limit), request.owner,
-                                  num(request.lease.count()), after ? num(after->priority) : Param{},
-                                  after ? pg::time_param(after->run_at) : Param{}, after ? num(after->id) : Param{}};
-  // Most claims find only pending tasks to lease: claim_pending does that
-  // alone. When it found one to settle among them, it leased nothing, and the
-  // statement that settles runs in its place.
-  auto r = impl.run(one ? impl.sql.claim_pending_one : impl.sql.claim_pending, params);
-  if (r.rows() == 1 && r.null(0, 0)) {
-    if (!r.boolean(0, static_cast<int>(kTaskColumns.size()))) return {};
-    r = impl.run(one ? impl.sql.claim_one : impl.sql.claim, params);
+  if (!queues.empty()) {
+    const bool one = queues.size() == 1;
+    const auto params = params_for(one ? queues[0] : pg::text_array(queues), request.limit);
+    // Most claims find only pending tasks to lease: claim_pending does that
+    // alone. When it found one to settle among them, it leased nothing, and
+    // the statement that settles runs in its place.
+    auto r = impl.run(one ? impl.sql.claim_pending_one : impl.sql.claim_pending, params);
+    if (r.rows() == 1 && r.null(0, 0)) {
+      if (r.boolean(0, static_cast<int>(kTaskColumns.size())))
+        take(impl.run(one ? impl.sql.claim_one : impl.sql.claim, params));
+    } else {
+      take(r);
+    }
   }
-  std::vector<Lease> leases;
-  leases.reserve(static_cast<std::size_t>(r.rows()));
-  for (int i = 0; i < r.rows(); ++i) {
-    Lease l;
-    l.task = decode_task(r, i);
-    l.owner = request.owner;
-    l.token = l.task.version;
-    l.expires_at = l.task.lease_expires_at.value_or(TimePoint{});
-    l.claimed_at = l.task.started_at.value_or(TimePoint{});  // now() of the claim
-    leases.push_back(std::move(l));
+  for (auto& q : limited_asked) {
+    const int left = request.limit - static_cast<int>(leases.size());
+    if (left <= 0) break;
+    take(impl.run(impl.sql.claim_limited, params_for(std::move(q), left)));
   }
   std::sort(leases.begin(), leases.end(), [](const Lease& a, const Lease& b) {
     return std::tie(a.task.priority, a.task.run_at, a.task.id) < std::tie(b.task.priority, b.task.run_at, b.task.id);
@@ -1830,17 +1905,58 @@ std::vector<QueueStats> PostgresStore::stats(const Scope& scope) {
     }
     if (!r.null(i, 3)) s.oldest_pending_age = Millis(std::max<std::int64_t>(0, r.i64(i, 3)));
   }
-  // A paused queue is listed even when empty, so that it can be resumed; in a
-  // tenant's scope only among the queues that tenant has, so that the scope
-  // says nothing of other tenants' queues.
+  // A paused queue, or one with limits, is listed even when empty, so that
+  // it can be resumed; in a tenant's scope only among the queues that tenant
+  // has, so that the scope says nothing of other tenants' queues.
   for (const auto& q : paused) {
     if (scope.tenant && !by_queue.count(q)) continue;
     auto& s = by_queue[q];
     s.queue = q;
     s.paused = true;
   }
+  for (auto& [q, l] : limits()) {
+    if (scope.tenant && !by_queue.count(q)) continue;
+    auto& s = by_queue[q];
+    s.queue = q;
+    s.limits = l;
+  }
   std::vector<QueueStats> out;
   for (auto& [_, s] : by_queue) out.push_back(std::move(s));
+  return out;
+}
+
+void PostgresStore::set_limits(std::string_view queue, const QueueLimits& limits) {
+  auto& impl = *impl_;
+  detail::validate_limits(queue, limits);
+  const std::string q(queue);
+  auto opt_num = [](const auto& v) { return v ? num(*v) : Param{}; };
+  const Param r = limits.rate ? num(limits.rate->limit) : Param{};
+  const Param rp = limits.rate ? num(limits.rate->period.count()) : Param{};
+  const Param pr = limits.partition_rate ? num(limits.partition_rate->limit) : Param{};
+  const Param prp = limits.partition_rate ? num(limits.partition_rate->period.count()) : Param{};
+  impl.run_on_connection([&](Connection& c) {
+    return in_transaction(c, [&] {
+      c.exec(impl.sql.limits_lock, {q});
+      if (limits.empty()) return c.exec(impl.sql.clear_limits, {q});
+      return c.exec(impl.sql.set_limits,
+                    {q, opt_num(limits.concurrency), opt_num(limits.partition_concurrency), r, rp, pr, prp});
+    });
+  });
+  std::lock_guard lock(impl.limited_m);
+  impl.limited_read = {};  // this store's next claim reads them again
+}
+
+std::vector<std::pair<std::string, QueueLimits>> PostgresStore::limits() {
+  auto r = impl_->run(impl_->sql.limits, {});
+  std::vector<std::pair<std::string, QueueLimits>> out;
+  for (int i = 0; i < r.rows(); ++i) {
+    QueueLimits l;
+    if (!r.null(i, 1)) l.concurrency = r.i32(i, 1);
+    if (!r.null(i, 2)) l.partition_concurrency = r.i32(i, 2);
+    if (!r.null(i, 3)) l.rate = RateLimit{r.i32(i, 3), Millis(r.i64(i, 4))};
+    if (!r.null(i, 5)) l.partition_rate = RateLimit{r.i32(i, 5), Millis(r.i64(i, 6))};
+    out.emplace_back(r.text(i, 0), l);
+  }
   return out;
 }
 

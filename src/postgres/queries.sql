@@ -40,11 +40,12 @@ WITH k AS (
 ids AS (SELECT task_id AS id FROM k UNION ALL SELECT nextval('eoq.task_ids') WHERE $3::text IS NULL),
 ins AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+                         partition_key, timeout_ms)
   SELECT id, $1, $2, $3, $4, $5::json, 'pending', $6,
          coalesce(('epoch'::timestamptz + $7::bigint * interval '1 microsecond'), now()),
          ('epoch'::timestamptz + $8::bigint * interval '1 microsecond'),
-         $9, $10, $11, $12, $13
+         $9, $10, $11, $12, $13, $15, $16
   FROM ids
   RETURNING id, run_at, created_at, version)
 SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
@@ -57,14 +58,17 @@ SELECT id, run_at, created_at, version, pg_notify($14, $1) FROM ins;
 -- waiting with $16 how many parents have not ended and $17 whether it runs
 -- whatever they did; cancelled into finished, $18 saying why) and writes its
 -- edges ($19 the child's position, $20 the parent, $21 whether that parent's
--- end is already counted). A task whose key was taken gets no edges.
+-- end is already counted). A task whose key was taken gets no edges. $22
+-- partitions, $23 timeouts in ms.
 WITH src AS MATERIALIZED (
   SELECT nextval('eoq.task_ids') AS id, s.*
   FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
                              $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[],
-                             $12::bigint[], $13::float8[], $15::text[], $16::int[], $17::boolean[], $18::text[])
+                             $12::bigint[], $13::float8[], $15::text[], $16::int[], $17::boolean[], $18::text[],
+                             $22::text[], $23::bigint[])
           WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
-                               backoff, initial_ms, max_ms, jitter, status, parents_left, run_anyway, why, ord)) s),
+                               backoff, initial_ms, max_ms, jitter, status, parents_left, run_anyway, why,
+                               partition_key, timeout_ms, ord)) s),
 k AS (
   INSERT INTO eoq.keys (queue, tenant, key, task_id)
   SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
@@ -72,31 +76,32 @@ k AS (
 new AS MATERIALIZED (SELECT * FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)),
 p AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
-                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter)
+                         max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+                         partition_key, timeout_ms)
   SELECT id, queue, type, key, tenant, payload::json, 'pending', priority,
          coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
          ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
-         max_attempts, backoff, initial_ms, max_ms, jitter
+         max_attempts, backoff, initial_ms, max_ms, jitter, partition_key, timeout_ms
   FROM new WHERE status = 'pending'
   RETURNING id, run_at, created_at, version),
 w AS (
   INSERT INTO eoq.waiting (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
                            max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-                           parents_left, run_anyway)
+                           parents_left, run_anyway, partition_key, timeout_ms)
   SELECT id, queue, type, key, tenant, payload::json, 'waiting', priority,
          coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
          ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
-         max_attempts, backoff, initial_ms, max_ms, jitter, parents_left, run_anyway
+         max_attempts, backoff, initial_ms, max_ms, jitter, parents_left, run_anyway, partition_key, timeout_ms
   FROM new WHERE status = 'waiting'
   RETURNING id, run_at, created_at, version),
 c AS (
   INSERT INTO eoq.finished (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
                             max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-                            last_error, finished_at)
+                            last_error, finished_at, partition_key, timeout_ms)
   SELECT id, queue, type, key, tenant, payload::json, 'cancelled', priority,
          coalesce(('epoch'::timestamptz + new.run_at::bigint * interval '1 microsecond'), now()),
          ('epoch'::timestamptz + new.deadline::bigint * interval '1 microsecond'),
-         max_attempts, backoff, initial_ms, max_ms, jitter, why, now()
+         max_attempts, backoff, initial_ms, max_ms, jitter, why, now(), partition_key, timeout_ms
   FROM new WHERE status = 'cancelled'
   RETURNING id, run_at, created_at, version),
 e AS (
@@ -154,9 +159,9 @@ WITH src AS MATERIALIZED (
   SELECT nextval('eoq.task_ids') AS id, u.*
   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
               $7::bigint[], $8::bigint[], $9::int[], $10::text[], $11::bigint[],
-              $12::bigint[], $13::float8[])
+              $12::bigint[], $13::float8[], $15::text[], $16::bigint[])
        WITH ORDINALITY AS u(queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts,
-                            backoff, initial_ms, max_ms, jitter, ord)),
+                            backoff, initial_ms, max_ms, jitter, partition_key, timeout_ms, ord)),
 k AS (
   INSERT INTO eoq.keys (queue, tenant, key, task_id)
   SELECT queue, coalesce(tenant, ''), key, id FROM src WHERE key IS NOT NULL ORDER BY ord
@@ -165,14 +170,14 @@ won AS MATERIALIZED (
   SELECT id, queue, type, key, tenant, payload, priority,
          coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()) AS run_at,
          ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond') AS deadline,
-         max_attempts, backoff, initial_ms, max_ms, jitter, ord
+         max_attempts, backoff, initial_ms, max_ms, jitter, partition_key, timeout_ms, ord
   FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)),
 ins AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
                          max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-                         version, created_at, updated_at)
+                         version, created_at, updated_at, partition_key, timeout_ms)
   SELECT id, queue, type, key, tenant, payload::json, 'pending', priority, run_at, deadline,
-         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
+         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now(), partition_key, timeout_ms
   FROM won)
 SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
        (SELECT count(pg_notify($14, q.queue)) FROM (SELECT DISTINCT queue FROM src) q)
@@ -202,7 +207,8 @@ SET LOCAL client_min_messages = warning;
 CREATE TEMP TABLE IF NOT EXISTS eoq_stage (id bigint DEFAULT nextval('eoq.task_ids'), queue text, type text,
                                            key text, tenant text, payload text, priority int, run_at bigint,
                                            deadline bigint, max_attempts int, backoff text, initial_ms bigint,
-                                           max_ms bigint, jitter float8, ord bigint) ON COMMIT DELETE ROWS;
+                                           max_ms bigint, jitter float8, partition_key text, timeout_ms bigint,
+                                           ord bigint) ON COMMIT DELETE ROWS;
 SELECT EXISTS (SELECT FROM pg_catalog.pg_attrdef a
                JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::regclass AND d.objid = a.oid
                WHERE a.adrelid = 'pg_temp.eoq_stage'::regclass AND d.refobjid = 'eoq.task_ids'::regclass)
@@ -215,7 +221,7 @@ DROP TABLE pg_temp.eoq_stage;
 
 -- name: copy_stage
 COPY pg_temp.eoq_stage (queue, type, key, tenant, payload, priority, run_at, deadline, max_attempts, backoff,
-                        initial_ms, max_ms, jitter, ord) FROM STDIN;
+                        initial_ms, max_ms, jitter, partition_key, timeout_ms, ord) FROM STDIN;
 
 
 -- name: copy_stage_narrow
@@ -230,13 +236,14 @@ COPY pg_temp.eoq_stage (key, payload, ord) FROM STDIN;
 -- The stage's rows, for submit_staged (as `@stage_rows@`). $2-$12
 -- are the columns copy_stage_narrow leaves out (queue, type, tenant,
 -- priority, run_at, deadline, max_attempts, backoff, initial_ms, max_ms,
--- jitter), all NULL after copy_stage. A stage column is NULL either way when
--- its value is: then so is the parameter.
+-- jitter), and $14-$15 (partition_key, timeout_ms), all NULL after copy_stage.
+-- A stage column is NULL either way when its value is: then so is the parameter.
 SELECT id, coalesce(queue, $2) AS queue, coalesce(type, $3) AS type, key, coalesce(tenant, $4) AS tenant,
        payload, coalesce(priority, $5::int) AS priority, coalesce(run_at, $6::bigint) AS run_at,
        coalesce(deadline, $7::bigint) AS deadline, coalesce(max_attempts, $8::int) AS max_attempts,
        coalesce(backoff, $9) AS backoff, coalesce(initial_ms, $10::bigint) AS initial_ms,
-       coalesce(max_ms, $11::bigint) AS max_ms, coalesce(jitter, $12::float8) AS jitter, ord
+       coalesce(max_ms, $11::bigint) AS max_ms, coalesce(jitter, $12::float8) AS jitter,
+       coalesce(partition_key, $14) AS partition_key, coalesce(timeout_ms, $15::bigint) AS timeout_ms, ord
 FROM pg_temp.eoq_stage
 
 
@@ -253,14 +260,14 @@ won AS MATERIALIZED (
   SELECT id, queue, type, key, tenant, payload, priority,
          coalesce(('epoch'::timestamptz + run_at::bigint * interval '1 microsecond'), now()) AS run_at,
          ('epoch'::timestamptz + deadline::bigint * interval '1 microsecond') AS deadline,
-         max_attempts, backoff, initial_ms, max_ms, jitter, ord
+         max_attempts, backoff, initial_ms, max_ms, jitter, partition_key, timeout_ms, ord
   FROM src WHERE key IS NULL OR id IN (SELECT task_id FROM k)),
 ins AS (
   INSERT INTO eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
                          max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
-                         version, created_at, updated_at)
+                         version, created_at, updated_at, partition_key, timeout_ms)
   SELECT id, queue, type, key, tenant, payload::json, 'pending', priority, run_at, deadline,
-         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now()
+         max_attempts, backoff, initial_ms, max_ms, jitter, 1, now(), now(), partition_key, timeout_ms
   FROM won)
 SELECT ord, id, run_at, now() AS created_at, 1::bigint AS version,
        (SELECT count(pg_notify($1, q)) FROM unnest($13::text[]) AS q)
@@ -300,7 +307,7 @@ COPY eoq.keys (key, queue, tenant, task_id) FROM STDIN (FORMAT binary);
 -- columns take their defaults: version 1, created and updated now(). Binary
 -- fields must match the column types exactly (the store writes them).
 COPY eoq.tasks (id, queue, type, key, tenant, payload, status, priority, run_at, deadline, max_attempts, backoff,
-                backoff_initial_ms, backoff_max_ms, backoff_jitter) FROM STDIN (FORMAT binary);
+                backoff_initial_ms, backoff_max_ms, backoff_jitter, partition_key, timeout_ms) FROM STDIN (FORMAT binary);
 
 
 -- name: by_keys
@@ -314,19 +321,19 @@ CROSS JOIN LATERAL (
   SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
   FROM eoq.tasks WHERE id = k.task_id
   UNION ALL
   SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
   FROM eoq.waiting WHERE id = k.task_id
   UNION ALL
   SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
          attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
          version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+         checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
   FROM eoq.finished WHERE id = k.task_id) t;
 
 
@@ -358,11 +365,13 @@ AND (t.priority, t.run_at, t.id) > (coalesce($5::int, (-2147483648)::int),
 -- The candidates of a claim on one queue (as `@claim_cand_one@`), in claim
 -- order through the claim index, so the scan stops after `limit` rows.
 -- $1 queue, $2 limit. A paused queue (migration 0009) has no candidates: the
--- probe names only parameters, so it runs once, before the scan.
+-- probe names only parameters, so it runs once, before the scan. Nor has a
+-- queue with limits (migration 0010): claim_limited claims those.
 cand AS (
   SELECT @claim_fate@
   FROM eoq.tasks t
   WHERE t.queue = $1 AND @claim_ready@ AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = $1)
+    AND (SELECT eoq.unlimited($1))
   ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED)
 
 
@@ -375,7 +384,7 @@ cand AS (
     SELECT @claim_fate@
     FROM eoq.tasks t
     WHERE t.queue = q.name AND @claim_ready@
-      AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = q.name)
+      AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = q.name) AND (SELECT eoq.unlimited(q.name))
     ORDER BY t.priority, t.run_at, t.id LIMIT $2 FOR UPDATE SKIP LOCKED) c
   ORDER BY c.priority, c.run_at, c.id LIMIT $2)
 
@@ -411,7 +420,7 @@ upd_apart AS (
 SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
        t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
        t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
-       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at,
+       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at, t.partition_key, t.timeout_ms,
        s.settle
 FROM settle s LEFT JOIN (SELECT * FROM upd_near UNION ALL SELECT * FROM upd_apart) t ON true
 
@@ -434,7 +443,7 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, final AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
@@ -442,7 +451,7 @@ fin AS (
     checkpoint_stage, checkpoint, result,
     CASE final WHEN 'expired' THEN 'deadline passed' WHEN 'failed' THEN 'lease expired'
                ELSE last_error END AS last_error,
-    created_at, now() AS updated_at, now() AS finished_at
+    created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone),
 upd_near AS (
   UPDATE eoq.tasks t @claim_set@
@@ -456,7 +465,7 @@ upd_apart AS (
 SELECT t.id, t.queue, t.type, t.key, t.tenant, t.payload, t.status, t.priority, t.run_at, t.deadline,
        t.attempts, t.max_attempts, t.backoff, t.backoff_initial_ms, t.backoff_max_ms, t.backoff_jitter,
        t.version, t.lease_owner, t.lease_expires_at, t.started_at, t.cancel_requested, t.progress, t.stage,
-       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at
+       t.checkpoint_stage, t.checkpoint, t.result, t.last_error, t.created_at, t.updated_at, t.finished_at, t.partition_key, t.timeout_ms
 FROM (SELECT * FROM upd_near UNION ALL SELECT * FROM upd_apart) t
 
 
@@ -495,6 +504,94 @@ WITH @claim_cand_one@,
 -- claim_one over several queues ($1 an array).
 WITH @claim_cand@,
 @claim_lease@;
+
+
+-- name: claim_limited
+-- plan: generic
+-- claim_one for a queue with limits (migration 0010), parameters as its. The
+-- claims of the queue run one at a time (limit_busy's lock), and each counts
+-- what runs and what started after the lock, so that no limit is exceeded:
+-- `room`, how many the queue may start now; `full`, the partitions at a
+-- limit, whose tasks the scan passes over (so they hold back no other
+-- partition); then at most the room left in each partition, by rank in claim
+-- order. The scan reads at most four times the claim's limit. Every task
+-- leased gets a hold (and, with a rate limit, a start).
+WITH lim AS MATERIALIZED (SELECT * FROM eoq.limits WHERE queue = $1),
+busy AS MATERIALIZED (SELECT * FROM eoq.limit_busy($1)),
+room AS (
+  SELECT greatest(0, least($2::bigint,
+                           (SELECT concurrency FROM lim) - (SELECT coalesce(sum(running), 0) FROM busy),
+                           (SELECT rate FROM lim) - (SELECT coalesce(sum(started_q), 0) FROM busy))) AS n),
+full_ AS (
+  SELECT b.partition_key FROM busy b, lim l
+  WHERE b.running >= l.partition_concurrency OR b.started_p >= l.partition_rate),
+scan AS (
+  SELECT @claim_fate@, t.partition_key
+  FROM eoq.tasks t
+  WHERE t.queue = $1 AND @claim_ready@ AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = $1)
+    AND t.partition_key NOT IN (SELECT partition_key FROM full_)
+  ORDER BY t.priority, t.run_at, t.id LIMIT 4 * $2 FOR UPDATE SKIP LOCKED),
+ranked AS (
+  SELECT s.*, row_number() OVER (PARTITION BY s.partition_key ORDER BY s.priority, s.run_at, s.id) AS rank,
+         coalesce(b.running, 0) AS running, coalesce(b.started_p, 0) AS started_p
+  FROM scan s LEFT JOIN busy b ON b.partition_key = s.partition_key),
+cand AS (
+  SELECT r.* FROM ranked r
+  WHERE r.rank + r.running <= coalesce((SELECT partition_concurrency FROM lim), 2147483647)
+    AND r.rank + r.started_p <= coalesce((SELECT partition_rate FROM lim), 2147483647)
+  ORDER BY r.priority, r.run_at, r.id LIMIT (SELECT n FROM room)),
+held AS (
+  INSERT INTO eoq.holds (task_id, queue, partition_key)
+  SELECT id, $1, partition_key FROM cand WHERE final IS NULL
+  ON CONFLICT (task_id) DO NOTHING),
+started AS (
+  INSERT INTO eoq.starts (queue, partition_key, at)
+  SELECT $1, partition_key, now() FROM cand
+  WHERE final IS NULL AND EXISTS (SELECT 1 FROM lim WHERE rate IS NOT NULL OR partition_rate IS NOT NULL)),
+@claim_lease@;
+
+
+-- name: limits_lock
+-- The lock of a queue's limited claims (limit_busy), for set_limits and
+-- clear_limits; it also waits for the claims that found the queue without
+-- limits (eoq.unlimited) to commit.
+SELECT pg_advisory_xact_lock(eoq.limit_lock($1));
+
+
+-- name: set_limits
+-- After limits_lock, in its transaction: the row, and a hold for each task of
+-- the queue running now (under a lease that has not run out), so that the
+-- limits count tasks that started before they existed. $1 queue, $2
+-- concurrency, $3 partition_concurrency, $4 rate, $5 its period in ms, $6
+-- partition_rate, $7 its period (NULL: that limit off).
+WITH up AS (
+  INSERT INTO eoq.limits AS l (queue, concurrency, partition_concurrency, rate, rate_period_ms, partition_rate,
+                               partition_rate_period_ms)
+  VALUES ($1, $2, $3, $4, $5, $6, $7)
+  ON CONFLICT (queue) DO UPDATE
+  SET concurrency = EXCLUDED.concurrency, partition_concurrency = EXCLUDED.partition_concurrency,
+      rate = EXCLUDED.rate, rate_period_ms = EXCLUDED.rate_period_ms, partition_rate = EXCLUDED.partition_rate,
+      partition_rate_period_ms = EXCLUDED.partition_rate_period_ms, updated_at = now()
+  RETURNING 1),
+h AS (
+  INSERT INTO eoq.holds (task_id, queue, partition_key)
+  SELECT id, queue, partition_key FROM eoq.tasks
+  WHERE queue = $1 AND status = 'running' AND lease_expires_at > now()
+  ON CONFLICT (task_id) DO NOTHING)
+SELECT count(*) FROM up;
+
+
+-- name: clear_limits
+-- After limits_lock: the queue has no limits from this commit on.
+WITH l AS (DELETE FROM eoq.limits WHERE queue = $1 RETURNING 1),
+h AS (DELETE FROM eoq.holds WHERE queue = $1),
+s AS (DELETE FROM eoq.starts WHERE queue = $1)
+SELECT count(*) FROM l;
+
+
+-- name: limits
+SELECT queue, concurrency, partition_concurrency, rate, rate_period_ms, partition_rate, partition_rate_period_ms
+FROM eoq.limits ORDER BY queue;
 
 
 -- name: complete
@@ -536,14 +633,14 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'succeeded' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested,
     100 AS progress, stage,
     checkpoint_stage, checkpoint, new_result::json AS result, last_error, created_at, now() AS updated_at,
-    now() AS finished_at
+    now() AS finished_at, partition_key, timeout_ms
   FROM (SELECT gone.*, 'null' AS new_result FROM gone WHERE $3::text[] IS NULL
         UNION ALL
         SELECT gone.*, r.result FROM gone
@@ -572,14 +669,14 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'succeeded' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested,
     100 AS progress, stage,
     checkpoint_stage, checkpoint, $3::json AS result, last_error, created_at, now() AS updated_at,
-    now() AS finished_at
+    now() AS finished_at, partition_key, timeout_ms
   FROM gone
   RETURNING id)
 SELECT CASE WHEN count(*) = 1 THEN $1::bigint ELSE eoq.lease_lost($1, $2) END AS id FROM fin;
@@ -604,12 +701,12 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, outcome AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, $3 AS last_error, created_at, now() AS updated_at, now() AS finished_at
+    checkpoint_stage, checkpoint, result, $3 AS last_error, created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone),
 up AS (
   UPDATE eoq.tasks x
@@ -636,12 +733,12 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone),
 up AS (
   UPDATE eoq.tasks x
@@ -672,12 +769,12 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone),
 up AS (
   UPDATE eoq.tasks x
@@ -705,13 +802,13 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'expired' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
     checkpoint_stage, checkpoint, result, 'deadline passed' AS last_error, created_at, now() AS updated_at,
-    now() AS finished_at
+    now() AS finished_at, partition_key, timeout_ms
   FROM gone)
 SELECT overdue FROM t;
 
@@ -732,12 +829,12 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone
   RETURNING id)
 SELECT id FROM fin;
@@ -783,19 +880,19 @@ gw AS (
   RETURNING id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
             attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
             version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-            checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at),
+            checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms),
 gone AS (SELECT * FROM gp UNION ALL SELECT * FROM gw),
 fin AS (
   INSERT INTO eoq.finished (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone
   RETURNING id),
 req AS (
@@ -854,7 +951,7 @@ back AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'pending' AS status, priority, now() AS run_at,
     CASE WHEN deadline > now() THEN deadline END AS deadline,
@@ -863,7 +960,7 @@ back AS (
     version + 1 AS version, NULL AS lease_owner, NULL AS lease_expires_at, NULL AS started_at,
     false AS cancel_requested, 0 AS progress, '' AS stage,
     checkpoint_stage, checkpoint, NULL AS result, last_error, created_at, now() AS updated_at,
-    NULL AS finished_at
+    NULL AS finished_at, partition_key, timeout_ms
   FROM gone
   RETURNING queue)
 SELECT (SELECT count(pg_notify($3, queue)) FROM back) AS retried,
@@ -878,19 +975,19 @@ SELECT (SELECT count(pg_notify($3, queue)) FROM back) AS retried,
 SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
        attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
        version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
 FROM eoq.tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
 UNION ALL
 SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
        attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
        version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
 FROM eoq.waiting WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
 UNION ALL
 SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
        attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
        version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+       checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
 FROM eoq.finished WHERE id = $1 AND ($2::text IS NULL OR tenant = $2);
 
 
@@ -907,7 +1004,7 @@ SELECT * FROM (
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
    FROM eoq.tasks
    WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
@@ -921,7 +1018,7 @@ SELECT * FROM (
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
    FROM eoq.waiting
    WHERE ($2::text IS NULL OR $2::text = 'waiting')
      AND ($1::text IS NULL OR queue = $1)
@@ -935,7 +1032,7 @@ SELECT * FROM (
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
    FROM eoq.finished
    WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running', 'waiting'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
@@ -953,7 +1050,7 @@ SELECT * FROM (
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
    FROM eoq.tasks
    WHERE ($2::text IS NULL OR $2::text IN ('pending', 'running'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
@@ -967,7 +1064,7 @@ SELECT * FROM (
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
    FROM eoq.waiting
    WHERE ($2::text IS NULL OR $2::text = 'waiting')
      AND ($1::text IS NULL OR queue = $1)
@@ -981,7 +1078,7 @@ SELECT * FROM (
   (SELECT id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
           attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
           version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at
+          checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms
    FROM eoq.finished
    WHERE ($2::text IS NULL OR $2::text NOT IN ('pending', 'running', 'waiting'))
      AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
@@ -1143,13 +1240,13 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'expired' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
     checkpoint_stage, checkpoint, result, 'deadline passed' AS last_error, created_at, now() AS updated_at,
-    now() AS finished_at
+    now() AS finished_at, partition_key, timeout_ms
   FROM gone
   RETURNING 1)
 SELECT count(*) FROM fin;
@@ -1173,7 +1270,7 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload,
     CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END AS status, priority, run_at, deadline,
@@ -1181,7 +1278,7 @@ fin AS (
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
     checkpoint_stage, checkpoint, result,
     CASE WHEN cancel_requested THEN last_error ELSE 'lease expired' END AS last_error,
-    created_at, now() AS updated_at, now() AS finished_at
+    created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone
   RETURNING 1)
 SELECT count(*) FROM fin;
