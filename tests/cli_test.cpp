@@ -959,3 +959,37 @@ TEST_CASE("cli: pause and resume a queue; stats marks it", "[cli]") {
   CHECK(eoq_cli.json({"resume", "mail"}) == Json{{"queue", "mail"}, {"paused", false}});
   CHECK(S->paused_queues().empty());
 }
+
+TEST_CASE("cli: limit sets, shows and removes a queue's limits; bad ones are refused by field", "[cli][limits]") {
+  TestStore S(StoreKind::postgres);
+  Eoq eoq_cli(S);
+  S->submit(task("a", "mail"));
+  auto set = eoq_cli({"limit", "mail", "--concurrency", "3", "--partition-concurrency", "1", "--rate", "100/1m",
+                      "--partition-rate", "5/s"});
+  CHECK(set.code == 0);
+  CHECK(contains(set.out, "queue mail: at most 3 running, at most 1 running per partition, at most 100 starts per"));
+  auto all = S->limits();
+  REQUIRE(all.size() == 1);
+  CHECK(all[0].second.concurrency == 3);
+  CHECK(all[0].second.partition_concurrency == 1);
+  CHECK(all[0].second.rate == eoq::RateLimit{100, std::chrono::minutes(1)});
+  CHECK(all[0].second.partition_rate == eoq::RateLimit{5, std::chrono::seconds(1)});
+  CHECK(contains(eoq_cli({"stats"}).out, "\nmail (limited)"));
+  CHECK(eoq_cli.json({"stats"}).at("queues")[0].at("limits").at("concurrency") == 3);
+  auto listed = eoq_cli.json({"limits"});
+  REQUIRE(listed.size() == 1);
+  CHECK(listed[0].at("limits").at("rate") == Json{{"limit", 100}, {"period_ms", 60000}});
+  auto bad = eoq_cli({"limit", "mail", "--concurrency", "-1"});
+  CHECK(bad.code == 2);
+  CHECK(contains(bad.err, "limits.concurrency"));
+  auto bad_rate = eoq_cli({"limit", "mail", "--rate", "100"});
+  CHECK(bad_rate.code == 2);
+  CHECK(contains(bad_rate.err, "rate"));
+  CHECK(eoq_cli({"limit", "mail", "--rate", "5/0s"}).code == 2);
+  CHECK(eoq_cli({"limit", "mail"}).code == 2);  // neither limits nor --none
+  CHECK(eoq_cli({"--tenant", "acme", "limit", "mail", "--none"}).code == 2);
+  CHECK(S->limits().size() == 1);  // refusals changed nothing
+  CHECK(eoq_cli({"limit", "mail", "--none"}).code == 0);
+  CHECK(S->limits().empty());
+  CHECK(contains(eoq_cli({"limits"}).out, "no queue has limits"));
+}

@@ -1266,3 +1266,37 @@ TEST_CASE("dashboard: pause and resume a queue (admin tokens only); stats and /m
   CHECK(s.store->claim(r).size() == 1);
   CHECK(s.get("/metrics").body.find("eoq_queue_paused{queue=\"mail\"} 0") != std::string::npos);
 }
+
+TEST_CASE("dashboard: a queue's limits are set by admin tokens; stats and /metrics show them", "[dashboard][limits]") {
+  DashboardOptions o;
+  o.tokens = {{"admin-token-0123456789", std::nullopt, true}, {"tenant-token-0123456789", "acme", true}};
+  Served s(o);
+  s.token = "admin-token-0123456789";
+  const Json limits{{"concurrency", 2}, {"partition_rate", {{"limit", 10}, {"period_ms", 1000}}}};
+  CHECK(s.post("/api/queues/mail/limits", limits, "tenant-token-0123456789").status == 403);
+  auto p = s.post("/api/queues/mail/limits", limits);
+  CHECK(p.status == 200);
+  CHECK(p.json["limits"]["concurrency"] == 2);
+  REQUIRE(s.store->limits().size() == 1);
+  CHECK(s.store->limits()[0].second.partition_rate == eoq::RateLimit{10, std::chrono::seconds(1)});
+  auto stats = s.get("/api/stats");
+  REQUIRE(stats.json["queues"].size() == 1);
+  CHECK(stats.json["queues"][0]["limits"]["concurrency"] == 2);
+  CHECK(stats.json["queues"][0]["limits"]["partition_concurrency"].is_null());
+  auto metrics = s.get("/metrics").body;
+  CHECK(metrics.find("eoq_queue_limit{queue=\"mail\",kind=\"concurrency\"} 2") != std::string::npos);
+  CHECK(metrics.find("eoq_queue_limit{queue=\"mail\",kind=\"partition_rate\"} 10") != std::string::npos);
+  CHECK(metrics.find("eoq_queue_limit_rate_period_seconds{queue=\"mail\",kind=\"partition_rate\"} 1") !=
+        std::string::npos);
+  // Bad input names the field and changes nothing.
+  auto bad = s.post("/api/queues/mail/limits", Json{{"concurrency", -3}});
+  CHECK(bad.status == 400);
+  CHECK(bad.json["field"] == "limits.concurrency");
+  auto unknown = s.post("/api/queues/mail/limits", Json{{"speed", 3}});
+  CHECK(unknown.status == 400);
+  CHECK(unknown.json["field"] == "limits.speed");
+  CHECK(s.post("/api/queues/mail/limits", Json{{"rate", {{"limit", 3}}}}).json["field"] == "limits.rate.period");
+  CHECK(s.store->limits()[0].second.concurrency == 2);
+  CHECK(s.post("/api/queues/mail/limits", Json::object()).status == 200);  // none
+  CHECK(s.store->limits().empty());
+}

@@ -128,6 +128,19 @@ int cmd_cancel(Context& ctx, TaskId id);
 int cmd_retry(Context& ctx, TaskId id);
 int cmd_delete(Context& ctx, TaskId id);
 int cmd_pause(Context& ctx, const std::string& queue, bool pause);
+
+struct LimitArgs {
+  std::string queue, rate, partition_rate;
+  int concurrency = 0, partition_concurrency = 0;
+  bool none = false;
+  CLI::Option *concurrency_opt = nullptr, *partition_concurrency_opt = nullptr, *rate_opt = nullptr,
+              *partition_rate_opt = nullptr;
+};
+// N/DURATION ("100/1m", "5/s", "10/500ms"); InvalidArgument(field) otherwise.
+RateLimit parse_rate(std::string_view field, std::string_view text);
+std::string format_limits(const QueueLimits& limits);
+int cmd_limit(Context& ctx, const LimitArgs& a);
+int cmd_limits(Context& ctx);
 int cmd_prune(Context& ctx, const PruneArgs& a);
 
 // ---- live.cpp

@@ -25,7 +25,10 @@ Table stats_table(const std::vector<QueueStats>& stats, bool unicode) {
   total.queue = "(all)";
   for (const auto& s : stats) {
     auto age = s.oldest_pending_age ? format_duration(*s.oldest_pending_age) : "-";
-    table.add({s.paused ? s.queue + " (paused)" : s.queue, std::to_string(s.pending), std::to_string(s.running), std::to_string(s.waiting),
+    std::string name = s.queue;
+    if (s.paused) name += " (paused)";
+    if (!s.limits.empty()) name += " (limited)";
+    table.add({name, std::to_string(s.pending), std::to_string(s.running), std::to_string(s.waiting),
                std::to_string(s.succeeded),
                std::to_string(s.failed), std::to_string(s.cancelled), std::to_string(s.expired), age,
                std::to_string(s.succeeded_last_minute), std::to_string(s.failed_last_minute)});

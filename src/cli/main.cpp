@@ -396,6 +396,34 @@ int run(int argc, char** argv) {
   resume->add_option("queue", resume_queue, "The queue")->required()->type_name("QUEUE");
   actions.emplace_back(resume, [&](Context& c) { return cmd_pause(c, resume_queue, false); });
 
+  // -- limit / limits
+  LimitArgs limit_args;
+  auto* limit = command(app, "limit", "Set a queue's concurrency and rate limits", kChange,
+                        "For every worker, process and machine at once, from the moment the command\n"
+                        "returns; running tasks count and are not stopped. The limits given replace all\n"
+                        "of the queue's limits; --none removes them. A partition is what a task names\n"
+                        "as its partition (a tenant, a customer id).\n\n"
+                        "Examples:\n  eoq limit emails --concurrency 3\n"
+                        "  eoq limit reports --partition-concurrency 1 --rate 100/1m\n  eoq limit emails --none");
+  limit->add_option("queue", limit_args.queue, "The queue")->required()->type_name("QUEUE");
+  limit_args.concurrency_opt =
+      limit->add_option("--concurrency", limit_args.concurrency, "Tasks of the queue running at once")
+          ->type_name("N");
+  limit_args.partition_concurrency_opt =
+      limit->add_option("--partition-concurrency", limit_args.partition_concurrency,
+                        "Tasks of each partition running at once")
+          ->type_name("N");
+  limit_args.rate_opt =
+      limit->add_option("--rate", limit_args.rate, "Starts of the queue per period (100/1m, 5/s)")->type_name("N/PERIOD");
+  limit_args.partition_rate_opt =
+      limit->add_option("--partition-rate", limit_args.partition_rate, "Starts of each partition per period")
+          ->type_name("N/PERIOD");
+  limit->add_flag("--none", limit_args.none, "Remove the queue's limits");
+  actions.emplace_back(limit, [&](Context& c) { return cmd_limit(c, limit_args); });
+  auto* limits = command(app, "limits", "List the queues that have limits", kInspect,
+                         "Example:\n  eoq limits --json");
+  actions.emplace_back(limits, [&](Context& c) { return cmd_limits(c); });
+
   // -- delete
   TaskId delete_id = 0;
   auto* del = command(app, "delete", "Delete a task with its key and history", kChange,

@@ -3,6 +3,7 @@
 
 #include <fmt/ranges.h>
 
+#include <charconv>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -142,6 +143,66 @@ int cmd_pause(Context& ctx, const std::string& queue, bool pause) {
   } else {
     fmt::print("queue {} is running: workers claim its tasks again\n", clean(queue));
   }
+  return kOk;
+}
+
+RateLimit parse_rate(std::string_view field, std::string_view text) {
+  const auto slash = text.find('/');
+  const std::string rule = "must be N/DURATION, such as 100/1m, 5/s or 10/500ms";
+  if (slash == std::string_view::npos || slash == 0) throw InvalidArgument(std::string(field), rule);
+  int n = 0;
+  auto digits = text.substr(0, slash);
+  auto [p, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n);
+  if (ec != std::errc() || p != digits.data() + digits.size()) throw InvalidArgument(std::string(field), rule);
+  auto period = text.substr(slash + 1);
+  // A bare unit is one of it: 5/s, 100/m.
+  const bool bare = !period.empty() && !(period[0] >= '0' && period[0] <= '9');
+  return RateLimit{n, parse_duration(field, bare ? "1" + std::string(period) : std::string(period))};
+}
+
+std::string format_limits(const QueueLimits& l) {
+  std::vector<std::string> parts;
+  if (l.concurrency) parts.push_back(fmt::format("at most {} running", *l.concurrency));
+  if (l.partition_concurrency) parts.push_back(fmt::format("at most {} running per partition", *l.partition_concurrency));
+  if (l.rate) parts.push_back(fmt::format("at most {} starts per {}", l.rate->limit, format_duration(l.rate->period)));
+  if (l.partition_rate)
+    parts.push_back(fmt::format("at most {} starts per {} per partition", l.partition_rate->limit,
+                                format_duration(l.partition_rate->period)));
+  if (parts.empty()) return "no limits";
+  return fmt::format("{}", fmt::join(parts, ", "));
+}
+
+int cmd_limit(Context& ctx, const LimitArgs& a) {
+  if (ctx.scoped())
+    throw Failure(kBadInput, "limits apply to a queue in every tenant: run 'eoq limit' without --tenant");
+  const bool any = *a.concurrency_opt || *a.partition_concurrency_opt || *a.rate_opt || *a.partition_rate_opt;
+  if (a.none == any)
+    throw Failure(kBadInput, "say the limits (--concurrency, --partition-concurrency, --rate, --partition-rate) "
+                             "or --none, not both");
+  QueueLimits l;
+  if (*a.concurrency_opt) l.concurrency = a.concurrency;
+  if (*a.partition_concurrency_opt) l.partition_concurrency = a.partition_concurrency;
+  if (*a.rate_opt) l.rate = parse_rate("rate", a.rate);
+  if (*a.partition_rate_opt) l.partition_rate = parse_rate("partition_rate", a.partition_rate);
+  ctx.store().set_limits(a.queue, l);
+  if (ctx.opt.json) {
+    print_json({{"queue", a.queue}, {"limits", json::to_json(l)}});
+  } else {
+    fmt::print("queue {}: {}\n", clean(a.queue), format_limits(l));
+  }
+  return kOk;
+}
+
+int cmd_limits(Context& ctx) {
+  auto all = ctx.store().limits();
+  if (ctx.opt.json) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& [q, l] : all) out.push_back({{"queue", q}, {"limits", json::to_json(l)}});
+    print_json(out);
+    return kOk;
+  }
+  if (all.empty()) fmt::print("no queue has limits\n");
+  for (const auto& [q, l] : all) fmt::print("{}: {}\n", clean(q), format_limits(l));
   return kOk;
 }
 

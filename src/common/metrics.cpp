@@ -114,6 +114,30 @@ std::string prometheus_text(std::span<const QueueStats> queues) {
   family(out, "eoq_queue_paused", "gauge", "1 while the queue is paused (claims take none of its tasks).");
   for (const auto& q : queues)
     out += fmt::format("eoq_queue_paused{{queue=\"{}\"}} {}\n", label_value(q.queue), q.paused ? 1 : 0);
+  family(out, "eoq_queue_limit", "gauge",
+         "A queue's limit (TaskStore::set_limits), by kind: concurrency and partition_concurrency (tasks "
+         "running at once), rate and partition_rate (starts per rate_period_seconds). No sample: no such limit.");
+  for (const auto& q : queues) {
+    const auto name = label_value(q.queue);
+    const auto& l = q.limits;
+    if (l.concurrency) out += fmt::format("eoq_queue_limit{{queue=\"{}\",kind=\"concurrency\"}} {}\n", name, *l.concurrency);
+    if (l.partition_concurrency)
+      out += fmt::format("eoq_queue_limit{{queue=\"{}\",kind=\"partition_concurrency\"}} {}\n", name,
+                         *l.partition_concurrency);
+    if (l.rate) out += fmt::format("eoq_queue_limit{{queue=\"{}\",kind=\"rate\"}} {}\n", name, l.rate->limit);
+    if (l.partition_rate)
+      out += fmt::format("eoq_queue_limit{{queue=\"{}\",kind=\"partition_rate\"}} {}\n", name, l.partition_rate->limit);
+  }
+  family(out, "eoq_queue_limit_rate_period_seconds", "gauge", "The period of a queue's rate limit, by kind.");
+  for (const auto& q : queues) {
+    const auto name = label_value(q.queue);
+    if (q.limits.rate)
+      out += fmt::format("eoq_queue_limit_rate_period_seconds{{queue=\"{}\",kind=\"rate\"}} {}\n", name,
+                         static_cast<double>(q.limits.rate->period.count()) / 1e3);
+    if (q.limits.partition_rate)
+      out += fmt::format("eoq_queue_limit_rate_period_seconds{{queue=\"{}\",kind=\"partition_rate\"}} {}\n", name,
+                         static_cast<double>(q.limits.partition_rate->period.count()) / 1e3);
+  }
   family(out, "eoq_queue_oldest_pending_age_seconds", "gauge",
          "How long the oldest due pending task has waited (0: none waits).");
   for (const auto& q : queues)

@@ -207,7 +207,9 @@ bool is_json_type(const std::string* content_type) {
 
 // --- routes -----------------------------------------------------------------
 
-enum class Route { page, healthz, me, tasks, task, cancel, retry, remove, bulk, stats, throughput, metrics, pause, resume };
+enum class Route {
+  page, healthz, me, tasks, task, cancel, retry, remove, bulk, stats, throughput, metrics, pause, resume, limits
+};
 
 struct Match {
   Route route;
@@ -232,6 +234,7 @@ std::optional<Match> match(std::string_view rest) {
     std::string queue(rest.substr(0, slash));
     if (action == "/pause") return Match{Route::pause, queue};
     if (action == "/resume") return Match{Route::resume, queue};
+    if (action == "/limits") return Match{Route::limits, queue};
     return std::nullopt;
   }
   constexpr std::string_view tasks = "/api/tasks/";
@@ -257,7 +260,8 @@ std::vector<std::string_view> methods_of(Route r) {
     case Route::remove:
     case Route::bulk:
     case Route::pause:
-    case Route::resume: return {"POST"};
+    case Route::resume:
+    case Route::limits: return {"POST"};
     default: return {"GET"};
   }
 }
@@ -392,6 +396,14 @@ struct Dashboard::Impl {
       else store.resume(m->id);
       return json_response(200, {{"queue", m->id}, {"paused", pause}});
     }
+    if (m->route == Route::limits) {
+      if (who->tenant) return error_response(403, "setting a queue's limits needs an admin token (tenant *)");
+      Json body;
+      if (auto refused = parse_body(req, body)) return *refused;
+      auto limits = json::limits_from_json(body);
+      store.set_limits(m->id, limits);
+      return json_response(200, {{"queue", m->id}, {"limits", json::to_json(limits)}});
+    }
     std::optional<TaskId> id;
     if (!m->id.empty()) id = parse_integer("id", m->id, 1, INT64_MAX);
 
@@ -520,14 +532,14 @@ struct Dashboard::Impl {
                                {"children", std::move(family["children"])}});
   }
 
-  HttpResponse submit(const HttpRequest& req, const Principal& who) const {
+  // A JSON request body into `body`, or the answer that refuses it.
+  std::optional<HttpResponse> parse_body(const HttpRequest& req, Json& body) const {
     if (req.body.size() > options.max_body_bytes)
       return bad_request("body", fmt::format("is {} bytes, more than the limit of {}", req.body.size(),
                                              options.max_body_bytes));
     if (!is_json_type(header(req, "content-type")))
       return error_response(415, "the body must be JSON: send Content-Type: application/json", "content-type");
     if (nests_too_deep(req.body)) return bad_request("body", fmt::format("nests deeper than {} levels", kMaxJsonDepth));
-    Json body;
     try {
       body = Json::parse(req.body);
     } catch (const Json::exception& e) {
@@ -537,6 +549,12 @@ struct Dashboard::Impl {
         why.erase(0, close + 2);
       return bad_request("body", "is not valid JSON: " + why);
     }
+    return std::nullopt;
+  }
+
+  HttpResponse submit(const HttpRequest& req, const Principal& who) const {
+    Json body;
+    if (auto refused = parse_body(req, body)) return *refused;
     NewTask task = json::new_task_from_json(body);
     if (who.tenant) {
       if (task.tenant && *task.tenant != *who.tenant)

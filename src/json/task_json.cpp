@@ -147,7 +147,61 @@ json to_json(const Task& t) {
       {"created_at", format_time(t.created_at)},
       {"updated_at", format_time(t.updated_at)},
       {"finished_at", opt_time(t.finished_at)},
+      {"partition", opt(t.partition)},
+      {"timeout_ms", t.timeout ? json(t.timeout->count()) : json(nullptr)},
   };
+}
+
+json to_json(const QueueLimits& l) {
+  auto rate = [](const std::optional<RateLimit>& r) {
+    return r ? json{{"limit", r->limit}, {"period_ms", r->period.count()}} : json(nullptr);
+  };
+  auto count = [](const std::optional<int>& n) { return n ? json(*n) : json(nullptr); };
+  return json{{"concurrency", count(l.concurrency)},
+              {"partition_concurrency", count(l.partition_concurrency)},
+              {"rate", rate(l.rate)},
+              {"partition_rate", rate(l.partition_rate)}};
+}
+
+QueueLimits limits_from_json(const json& body) {
+  if (!body.is_object()) bad("body", fmt::format("must be a JSON object, not {}", type_name(body)));
+  QueueLimits l;
+  auto rate = [](const std::string& field, const json& v) -> std::optional<RateLimit> {
+    if (v.is_null()) return std::nullopt;
+    if (!v.is_object()) bad(field, fmt::format("must be an object {{\"limit\": N, \"period_ms\": MS}} or null, not {}",
+                                               type_name(v)));
+    RateLimit r;
+    bool has_limit = false, has_period = false;
+    for (const auto& [n, x] : v.items()) {
+      if (n == "limit") {
+        r.limit = static_cast<int>(want_integer(field + ".limit", x, -2147483648LL, 2147483647LL));
+        has_limit = true;
+      } else if (n == "period_ms") {
+        r.period = Millis(want_integer(field + ".period", x, -(1LL << 53), 1LL << 53));
+        has_period = true;
+      } else {
+        bad(field + "." + n, "is not a known field (known: limit, period_ms)");
+      }
+    }
+    if (!has_limit) bad(field + ".limit", "is required");
+    if (!has_period) bad(field + ".period", "is required");
+    return r;
+  };
+  for (const auto& [name, v] : body.items()) {
+    const std::string field = "limits." + name;
+    if (name == "concurrency" || name == "partition_concurrency") {
+      std::optional<int> n;
+      if (!v.is_null()) n = static_cast<int>(want_integer(field, v, -2147483648LL, 2147483647LL));
+      (name == "concurrency" ? l.concurrency : l.partition_concurrency) = n;
+    } else if (name == "rate") {
+      l.rate = rate(field, v);
+    } else if (name == "partition_rate") {
+      l.partition_rate = rate(field, v);
+    } else {
+      bad(field, "is not a known field (known: concurrency, partition_concurrency, rate, partition_rate)");
+    }
+  }
+  return l;
 }
 
 json to_json(const Relatives& r) {
@@ -185,7 +239,8 @@ json to_json(const QueueStats& s) {
               {"failed_total", s.failed_total},
               {"cancelled_total", s.cancelled_total},
               {"expired_total", s.expired_total},
-              {"paused", s.paused}};
+              {"paused", s.paused},
+              {"limits", to_json(s.limits)}};
 }
 
 json to_json(const TaskPage& page) {
@@ -210,6 +265,10 @@ NewTask new_task_from_json(const json& body) {
       if (!v.is_null()) t.key = want_string(name, v);
     } else if (name == "tenant") {
       if (!v.is_null()) t.tenant = want_string(name, v);
+    } else if (name == "partition") {
+      if (!v.is_null()) t.partition = want_string(name, v);
+    } else if (name == "timeout_ms") {
+      if (!v.is_null()) t.timeout = Millis(want_integer("timeout", v, -(1LL << 53), 1LL << 53));
     } else if (name == "key_reuse") {
       auto k = want_string(name, v);
       if (k == "strict") t.key_reuse = KeyReuse::strict;
@@ -244,8 +303,8 @@ NewTask new_task_from_json(const json& body) {
         }
       }
     } else {
-      bad(name, "is not a known field (known: queue, type, payload, key, key_reuse, tenant, priority, run_at, "
-                "deadline, retry)");
+      bad(name, "is not a known field (known: queue, type, payload, key, key_reuse, tenant, partition, priority, "
+                "run_at, deadline, timeout_ms, retry)");
     }
   }
   if (!has_type) bad("type", "is required");

@@ -22,9 +22,13 @@ nlohmann::json to_json(const Attempt& attempt);
 nlohmann::json to_json(const Relatives& relatives);
 nlohmann::json to_json(const QueueStats& stats);
 nlohmann::json to_json(const TaskPage& page);
+// {"concurrency": N|null, "partition_concurrency": N|null, "rate": {"limit": N,
+// "period_ms": MS}|null, "partition_rate": ...}; a missing field is null (off).
+nlohmann::json to_json(const QueueLimits& limits);
+QueueLimits limits_from_json(const nlohmann::json& body);
 
 // A submit request body. Fields: queue, type (required), payload (any JSON
-// value), key, tenant, priority, run_at, deadline, retry {max_attempts,
+// value), key, tenant, partition, priority, run_at, deadline, timeout_ms, retry {max_attempts,
 // backoff, initial_delay_ms, max_delay_ms, jitter}. Unknown fields and wrong
 // types throw InvalidArgument naming the field; the store validates the rest.
 NewTask new_task_from_json(const nlohmann::json& body);

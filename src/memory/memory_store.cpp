@@ -139,6 +139,9 @@ struct MemoryStore::State {
   std::map<std::string, QueueLimits, std::less<>> limits;
   // Starts in rate-limited queues, oldest first: (when, partition).
   std::map<std::string, std::deque<std::pair<TimePoint, std::string>>, std::less<>> starts;
+  // When a start leaves a full rate window: waits end then, since no signal
+  // says so.
+  std::optional<TimePoint> rate_room_at;
   std::mt19937_64 rng;                          // backoff jitter
 
   // Wake-ups for wait_for_tasks. Like a LISTEN connection that stays open
@@ -741,8 +744,19 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
     const std::string partition = t.partition.value_or("");
     if (l.concurrency && b.running_all >= *l.concurrency) return false;
     if (l.partition_concurrency && b.running[partition] >= *l.partition_concurrency) return false;
-    if (l.rate && b.started_all >= l.rate->limit) return false;
-    if (l.partition_rate && b.started_p[partition] >= l.partition_rate->limit) return false;
+    auto full_until = [&](Millis period) {
+      // The oldest start still in the window leaves it then.
+      for (const auto& [at, p] : state.starts[t.queue])
+        if (at > now - period) {
+          const TimePoint free_at = at + period;
+          if (!state.rate_room_at || free_at < *state.rate_room_at) state.rate_room_at = free_at;
+          break;
+        }
+      return false;
+    };
+    if (l.rate && b.started_all >= l.rate->limit) return full_until(l.rate->period);
+    if (l.partition_rate && b.started_p[partition] >= l.partition_rate->limit)
+      return full_until(l.partition_rate->period);
     ++b.running_all;
     ++b.running[partition];
     ++b.started_all;
@@ -1256,6 +1270,11 @@ void MemoryStore::wait_for_tasks(const std::vector<std::string>& queues, Millis 
   if (!state.missed(queues)) {
     // Every waiter present when a signal comes returns, as every listener hears a NOTIFY.
     const auto start = state.generation(queues);
+    if (state.rate_room_at) {
+      auto until = std::chrono::duration_cast<Millis>(*state.rate_room_at - detail::now()) + Millis(1);
+      timeout = std::clamp(until, Millis(0), timeout);
+      state.rate_room_at.reset();
+    }
     state.cv.wait_for(lk, timeout, [&] { return state.generation(queues) != start; });
   }
   state.mark_seen(queues);

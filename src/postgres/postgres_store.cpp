@@ -139,7 +139,7 @@ struct Statements {
             table_stats = q("table_stats"), analyze = q("analyze"), compact_totals = q("compact_totals");
   Statement pause = q("pause"), resume = q("resume"), paused_queues = q("paused_queues");
   Statement claim_limited = q("claim_limited"), limits_lock = q("limits_lock"), set_limits = q("set_limits"),
-            clear_limits = q("clear_limits"), limits = q("limits");
+            clear_limits = q("clear_limits"), limits = q("limits"), rate_room = q("rate_room");
   Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
             relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
@@ -199,6 +199,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"limits_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
       {"set_limits", count},
       {"clear_limits", count},
+      {"rate_room", std::vector<Column>{{"wait_ms", kInt8}}},
       {"limits", std::vector<Column>{{"queue", kText}, {"concurrency", kInt4}, {"partition_concurrency", kInt4},
                                      {"rate", kInt4}, {"rate_period_ms", kInt8}, {"partition_rate", kInt4},
                                      {"partition_rate_period_ms", kInt8}}},
@@ -705,6 +706,9 @@ struct PostgresStore::Impl {
   std::mutex limited_m;
   std::vector<std::string> limited;
   std::chrono::steady_clock::time_point limited_read{};
+  // When a start leaves a full rate window (steady clock ticks; 0: none
+  // known): wait_for_tasks ends then, since no notification says so.
+  std::atomic<std::chrono::steady_clock::rep> rate_room_at{0};
   int wake_fd = -1;
   // The statistics refresh under way, if any. Last, so that it is joined
   // before the pools it borrows from go.
@@ -1289,7 +1293,19 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
   for (auto& q : limited_asked) {
     const int left = request.limit - static_cast<int>(leases.size());
     if (left <= 0) break;
-    take(impl.run(impl.sql.claim_limited, params_for(std::move(q), left)));
+    const auto had = leases.size();
+    take(impl.run(impl.sql.claim_limited, params_for(q, left)));
+    if (static_cast<int>(leases.size() - had) == left) continue;
+    // Held back, perhaps by a rate: the claimer waits until a start leaves its window.
+    auto room = impl.run(impl.sql.rate_room, {std::move(q)});
+    if (room.rows() == 1 && !room.null(0, 0)) {
+      const auto at = (std::chrono::steady_clock::now() + Millis(std::max<std::int64_t>(0, room.i64(0, 0))))
+                          .time_since_epoch()
+                          .count();
+      auto cur = impl.rate_room_at.load();
+      while ((cur == 0 || at < cur) && !impl.rate_room_at.compare_exchange_weak(cur, at)) {
+      }
+    }
   }
   std::sort(leases.begin(), leases.end(), [](const Lease& a, const Lease& b) {
     return std::tie(a.task.priority, a.task.run_at, a.task.id) < std::tie(b.task.priority, b.task.run_at, b.task.id);
@@ -2056,6 +2072,8 @@ void PostgresStore::wait_for_tasks(const std::vector<std::string>& queues, Milli
   auto& impl = *impl_;
   using SteadyClock = std::chrono::steady_clock;
   auto deadline = SteadyClock::now() + timeout;
+  if (auto room = impl.rate_room_at.exchange(0); room != 0)
+    deadline = std::min(deadline, SteadyClock::time_point(SteadyClock::duration(room)));
   std::unique_lock lk(impl.listen_m);
   // A wake() since the last wait returned ends this one at once, as on
   // MemoryStore: a worker wakes its store when a retry comes due sooner than

@@ -551,6 +551,20 @@ started AS (
 @claim_lease@;
 
 
+-- name: rate_room
+-- plan: generic
+-- After a claim_limited that the limits held back: how many ms until the
+-- earliest start in a rate window of queue $1 leaves it, when a claim may
+-- start another (NULL: no start is in a window, or no rate limit).
+SELECT ceil(extract(epoch FROM least(
+         (SELECT min(s.at) + l.rate_period_ms * interval '1 millisecond' FROM eoq.starts s
+          WHERE s.queue = $1 AND s.at > now() - l.rate_period_ms * interval '1 millisecond'),
+         (SELECT min(s.at) + l.partition_rate_period_ms * interval '1 millisecond' FROM eoq.starts s
+          WHERE s.queue = $1 AND s.at > now() - l.partition_rate_period_ms * interval '1 millisecond'))
+       - now()) * 1000)::bigint AS wait_ms
+FROM eoq.limits l WHERE l.queue = $1;
+
+
 -- name: limits_lock
 -- The lock of a queue's limited claims (limit_busy), for set_limits and
 -- clear_limits; it also waits for the claims that found the queue without

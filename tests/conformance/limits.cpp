@@ -116,7 +116,7 @@ STORE_CASE("a queue limit and a partition limit together: both hold", "[claim][l
   CHECK(parts["b"] == 1);
 }
 
-STORE_CASE("a place held by a lease that ran out comes back; running tasks count when a limit is first set",
+STORE_CASE("a place held by a lease that ran out comes back, and running tasks count when a limit is first set",
            "[claim][limits]") {
   for (int i = 0; i < 3; ++i) store.submit(in("p"));
   auto before = claim(store, {"q"}, "w1", 1, 300ms);  // started before any limit
@@ -133,7 +133,7 @@ STORE_CASE("a place held by a lease that ran out comes back; running tasks count
   CHECK(claim(store, {"q"}, "w3", 10).size() == 1);
 }
 
-STORE_CASE("a rate limit: at most N starts in any window of its period; the rest wait, as no attempt",
+STORE_CASE("a rate limit: at most N starts in any window of its period, the rest wait as no attempt",
            "[claim][limits]") {
   eoq::QueueLimits l;
   l.rate = eoq::RateLimit{3, 800ms};
