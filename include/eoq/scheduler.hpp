@@ -90,8 +90,10 @@ class Scheduler {
   //   never doubled or skipped.
   // A scheduler that was not running at a fire time submits that fire time's
   // task once when it comes back before the next one (the bucket rule above;
-  // cronie and Oban's Cron plugin do not run it late). With catch_up, the
-  // latest fire time missed before that is submitted too.
+  // cronie and Oban's Cron plugin do not run it late). So does a registration's
+  // first tick: "0 3 * * *" registered at 15:00 submits today's 03:00 at once,
+  // as every() submits the bucket it starts in. With catch_up, the latest fire
+  // time missed before the current one is submitted too.
   //
   // Throws InvalidArgument: "schedule" for a malformed expression (the rule
   // names the field: "minute field '61' is out of range 0-59") or one that
