@@ -147,7 +147,7 @@ TEST_CASE("cron fields: values, lists, ranges, steps", "[cron]") {
   CHECK(minutes("  5\t0  * *   * ") == std::set<int>{5});
 }
 
-TEST_CASE("cron names: months and days, any case; 0 and 7 are Sunday", "[cron]") {
+TEST_CASE("cron names: months and days in any case, and 0 and 7 both Sunday", "[cron]") {
   CHECK(months("0 0 1 jan,MAR,Dec *") == std::set<int>{1, 3, 12});
   CHECK(months("0 0 1 feb-APR *") == std::set<int>{2, 3, 4});
   CHECK(months("0 0 1 jan-dec/5 *") == std::set<int>{1, 6, 11});
