@@ -271,6 +271,18 @@ struct PeriodicTask {
   NewTask task;      // its key is set by the scheduler and must be empty here
 };
 
+// "At the times a cron expression names, in a time zone, submit `task`": the
+// scheduler submits it with the key "cron:<name>:<fire time, epoch seconds>",
+// so, as with every(), any number of workers and schedulers create one task per
+// fire time. The rules (fields, names, @-forms, daylight saving) are
+// Scheduler::cron's (scheduler.hpp). Names share one namespace with every().
+struct CronTask {
+  std::string name;               // [A-Za-z0-9_.-], 1..128 characters
+  std::string schedule;           // "*/15 * * * *", "30 2 * * mon-fri", "@daily", ...
+  std::string time_zone = "UTC";  // an IANA name: "Europe/Berlin"
+  NewTask task;                   // its key is set by the scheduler and must be empty here
+};
+
 class Worker {
  public:
   // The store must outlive the worker.
@@ -286,6 +298,9 @@ class Worker {
   // Registers a periodic submission (see Scheduler::every). Before start()/run() only.
   Worker& every(PeriodicTask periodic);
   Worker& every(std::string name, std::chrono::seconds period, NewTask task);
+  // Registers a cron submission (see Scheduler::cron). Before start()/run() only.
+  Worker& cron(CronTask cron);
+  Worker& cron(std::string name, std::string schedule, NewTask task, std::string time_zone = "UTC");
 
   // Starts the threads and returns. A Worker runs once: start after stop throws UsageError.
   void start();

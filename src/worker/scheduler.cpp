@@ -2,6 +2,7 @@
 #include <eoq/scheduler.hpp>
 
 #include "common/validate.hpp"
+#include "worker/cron.hpp"
 
 #include <fmt/format.h>
 
@@ -26,14 +27,16 @@ std::int64_t epoch_seconds(TimePoint t) {
   return std::chrono::floor<Seconds>(t.time_since_epoch()).count();
 }
 
-std::string bucket_key(const std::string& name, std::int64_t bucket) {
-  return fmt::format("periodic:{}:{}", name, bucket);
+// `kind` is "periodic" (every) or "cron": the key's first part.
+std::string bucket_key(std::string_view kind, const std::string& name, std::int64_t bucket) {
+  return fmt::format("{}:{}:{}", kind, name, bucket);
 }
 
 // The bucket in a key this scheduler wrote for `name`, if it is one.
-std::optional<std::int64_t> bucket_of(const std::optional<std::string>& key, const std::string& name) {
+std::optional<std::int64_t> bucket_of(const std::optional<std::string>& key, std::string_view kind,
+                                      const std::string& name) {
   if (!key) return std::nullopt;
-  const std::string prefix = "periodic:" + name + ":";
+  const std::string prefix = fmt::format("{}:{}:", kind, name);
   if (!key->starts_with(prefix)) return std::nullopt;
   std::int64_t b = 0;
   const char* first = key->data() + prefix.size();
@@ -56,10 +59,28 @@ struct Scheduler::Impl {
   TaskStore& store;
   const SchedulerOptions opt;
 
+  // A registration of either kind. Buckets are epoch seconds: a period's start
+  // (every) or a fire time (cron), each lasting until the next.
   struct Entry {
-    PeriodicTask p;
+    std::string name;
+    NewTask task;
+    std::string_view kind;            // "periodic" or "cron"
+    std::int64_t period = 0;          // every
+    std::optional<detail::cron::Schedule> schedule;  // cron
+    std::shared_ptr<const detail::cron::Zone> zone;
     std::optional<std::int64_t> done;  // the last bucket this scheduler submitted (or found taken)
     bool caught_up = false;
+
+    // The bucket that holds `t`; none only for a cron schedule that has not
+    // fired within the search horizon before `t`.
+    std::optional<std::int64_t> bucket_at(std::int64_t t) const {
+      if (schedule) return schedule->latest_at_or_before(t, *zone);
+      return t - (t % period + period) % period;
+    }
+    std::optional<std::int64_t> next_after(std::int64_t t) const {
+      if (schedule) return schedule->next_after(t, *zone);
+      return *bucket_at(t) + period;
+    }
   };
   std::vector<Entry> entries;
 
@@ -90,8 +111,8 @@ struct Scheduler::Impl {
   // own, and a deploy that changes the task mid-bucket must not make the next
   // submit of that bucket an error.
   SubmitResult submit(const Entry& e, std::int64_t bucket) {
-    NewTask task = e.p.task;
-    task.key = bucket_key(e.p.name, bucket);
+    NewTask task = e.task;
+    task.key = bucket_key(e.kind, e.name, bucket);
     task.key_reuse = KeyReuse::lenient;
     return store.submit(task);
   }
@@ -101,17 +122,17 @@ struct Scheduler::Impl {
   // turn into a scan of a big queue's history).
   std::optional<std::int64_t> last_submitted(const Entry& e, std::int64_t before) {
     ListQuery q;
-    q.queue = e.p.task.queue;
-    q.type = e.p.task.type;
-    q.tenant = e.p.task.tenant;
+    q.queue = e.task.queue;
+    q.type = e.task.type;
+    q.tenant = e.task.tenant;
     q.newest_first = true;
     q.limit = 1000;
     for (int page = 0; page < 10; ++page) {
       auto got = store.list(q);
       std::optional<std::int64_t> newest;
       for (const auto& t : got.tasks) {
-        if (t.tenant != e.p.task.tenant) continue;
-        auto b = bucket_of(t.key, e.p.name);
+        if (t.tenant != e.task.tenant) continue;
+        auto b = bucket_of(t.key, e.kind, e.name);
         if (b && *b < before && (!newest || *b > *newest)) newest = b;
       }
       // Ids grow with submission, so the first page that has one has the newest.
@@ -123,14 +144,13 @@ struct Scheduler::Impl {
   }
 
   void catch_up(Entry& e, std::int64_t current) {
-    const std::int64_t period = e.p.period.count();
-    const std::int64_t previous = current - period;
+    const auto previous = e.bucket_at(current - 1);
     auto last = last_submitted(e, current);
-    if (last && *last < previous) {
-      auto r = submit(e, previous);
-      log(LogLevel::info, "periodic {}: buckets {} to {} were missed; {} task {} for bucket {}", e.p.name,
-          *last + period, previous, r.duplicate ? "another scheduler already caught up with" : "caught up with",
-          r.task.id, previous);
+    if (last && previous && *last < *previous) {
+      auto r = submit(e, *previous);
+      log(LogLevel::info, "{} {}: buckets {} to {} were missed; {} task {} for bucket {}", e.kind, e.name,
+          e.next_after(*last).value_or(*previous), *previous,
+          r.duplicate ? "another scheduler already caught up with" : "caught up with", r.task.id, *previous);
     }
     e.caught_up = true;
   }
@@ -141,23 +161,50 @@ struct Scheduler::Impl {
     TimePoint next = now + std::chrono::hours(24);
     std::exception_ptr first_error;
     for (auto& e : entries) {
-      const std::int64_t period = e.p.period.count();
-      const std::int64_t bucket = now_s - (now_s % period + period) % period;
-      next = std::min(next, TimePoint(Seconds(bucket + period)));
+      if (auto n = e.next_after(now_s)) next = std::min(next, TimePoint(Seconds(*n)));
+      const auto found = e.bucket_at(now_s);
+      if (!found) continue;
+      const std::int64_t bucket = *found;
       try {
         if (opt.catch_up && !e.caught_up) catch_up(e, bucket);
         if (e.done == bucket) continue;
         auto r = submit(e, bucket);
         e.done = bucket;
-        log(LogLevel::debug, "periodic {}: bucket {} {} task {}", e.p.name, bucket,
+        log(LogLevel::debug, "{} {}: bucket {} {} task {}", e.kind, e.name, bucket,
             r.duplicate ? "already has" : "submitted", r.task.id);
       } catch (const std::exception& ex) {
-        log(LogLevel::warning, "periodic {}: submitting bucket {}: {}", e.p.name, bucket, ex.what());
+        log(LogLevel::warning, "{} {}: submitting bucket {}: {}", e.kind, e.name, bucket, ex.what());
         if (!first_error) first_error = std::current_exception();
       }
     }
     if (first_error) std::rethrow_exception(first_error);
     return std::max(Millis(1), std::chrono::ceil<Millis>(next - now));
+  }
+
+  // The rules every() and cron() share: a name unique across both, a task the
+  // stores would take once the scheduler sets its key.
+  void require_idle(const char* verb) const {
+    if (state.load() != State::idle)
+      throw UsageError(fmt::format("Scheduler::{}: register periodic tasks before start()", verb));
+  }
+
+  void add(Entry e, const char* verb) {
+    std::lock_guard life(life_mu);
+    require_idle(verb);
+    if (e.name.empty() || e.name.size() > 128) throw InvalidArgument("name", "must be 1 to 128 characters");
+    for (char c : e.name) {
+      bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+                c == '-' || c == '.';
+      if (!ok) throw InvalidArgument("name", "may contain only letters, digits, '_', '-' and '.'");
+    }
+    if (e.task.key) throw InvalidArgument("key", "is set by the scheduler for periodic tasks; leave it empty");
+    if (e.task.deadline) throw InvalidArgument("deadline", "cannot be a fixed time on a periodic task");
+    for (const auto& other : entries)
+      if (other.name == e.name) throw InvalidArgument("name", "'" + e.name + "' is already registered");
+    NewTask probe = e.task;
+    probe.key = bucket_key(e.kind, e.name, 0);
+    detail::validate_new_task(probe, static_cast<std::size_t>(-1), detail::now());
+    entries.push_back(std::move(e));
   }
 
   void loop(std::stop_token st) {
@@ -188,25 +235,31 @@ Scheduler::Scheduler(TaskStore& store, SchedulerOptions options)
 Scheduler::~Scheduler() { stop(); }
 
 Scheduler& Scheduler::every(PeriodicTask p) {
-  std::lock_guard life(impl_->life_mu);
-  if (impl_->state.load() != Impl::State::idle)
-    throw UsageError("Scheduler::every: register periodic tasks before start()");
-  if (p.name.empty() || p.name.size() > 128) throw InvalidArgument("name", "must be 1 to 128 characters");
-  for (char c : p.name) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
-              c == '.';
-    if (!ok) throw InvalidArgument("name", "may contain only letters, digits, '_', '-' and '.'");
-  }
+  impl_->require_idle("every");
   if (p.period.count() < 1) throw InvalidArgument("period", "must be at least one second");
-  if (p.task.key) throw InvalidArgument("key", "is set by the scheduler for periodic tasks; leave it empty");
-  if (p.task.deadline) throw InvalidArgument("deadline", "cannot be a fixed time on a periodic task");
-  for (const auto& other : impl_->entries)
-    if (other.p.name == p.name) throw InvalidArgument("name", "'" + p.name + "' is already registered");
-  NewTask probe = p.task;
-  probe.key = "periodic:" + p.name + ":0";
-  detail::validate_new_task(probe, static_cast<std::size_t>(-1), detail::now());
-  impl_->entries.push_back(Impl::Entry{std::move(p), std::nullopt, false});
+  Impl::Entry e;
+  e.name = std::move(p.name);
+  e.task = std::move(p.task);
+  e.kind = "periodic";
+  e.period = p.period.count();
+  impl_->add(std::move(e), "every");
   return *this;
+}
+
+Scheduler& Scheduler::cron(CronTask c) {
+  impl_->require_idle("cron");
+  Impl::Entry e;
+  e.schedule = detail::cron::Schedule::parse(c.schedule);
+  e.zone = detail::cron::Zone::load(c.time_zone);
+  e.name = std::move(c.name);
+  e.task = std::move(c.task);
+  e.kind = "cron";
+  impl_->add(std::move(e), "cron");
+  return *this;
+}
+
+Scheduler& Scheduler::cron(std::string name, std::string schedule, NewTask task, std::string time_zone) {
+  return cron(CronTask{std::move(name), std::move(schedule), std::move(time_zone), std::move(task)});
 }
 
 Scheduler& Scheduler::every(std::string name, std::chrono::seconds period, NewTask task) {

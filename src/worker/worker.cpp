@@ -379,6 +379,17 @@ Worker& Worker::every(std::string name, std::chrono::seconds period, NewTask tas
   return every(PeriodicTask{std::move(name), period, std::move(task)});
 }
 
+Worker& Worker::cron(CronTask c) {
+  std::lock_guard life(impl_->life_mu);
+  if (impl_->state.load() != Impl::State::idle) throw UsageError("Worker::cron: register cron tasks before start()");
+  impl_->periodic->cron(std::move(c));
+  return *this;
+}
+
+Worker& Worker::cron(std::string name, std::string schedule, NewTask task, std::string time_zone) {
+  return cron(CronTask{std::move(name), std::move(schedule), std::move(time_zone), std::move(task)});
+}
+
 void Worker::start() { impl_->start(); }
 void Worker::run() { impl_->run(); }
 void Worker::request_stop() noexcept { impl_->request_stop(); }
