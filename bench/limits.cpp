@@ -9,6 +9,11 @@
 // before it and one just after, so that a drift of the machine is seen by both.
 //
 //   bench_limits [--tasks N] [--partitions P] [--rate R] [--rate-seconds S] [--concurrency C]
+//                [--rate-period-ms MS] [--prefetch N] [--only-rate]
+// A worker's leases count against a concurrency limit from the claim on,
+// buffered ones too: with the default prefetch (measured, up to twice
+// claim_batch) a no-op drain holds up to 2,000 leases, so a limit of 1,000
+// binds; --prefetch 200 keeps it from binding.
 //
 // Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself
 // (fsync and synchronous_commit on).
@@ -20,6 +25,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <unistd.h>
@@ -32,6 +38,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using eoq::Millis;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
@@ -41,6 +48,9 @@ struct Args {
   int rate = 500;
   int rate_seconds = 30;
   int concurrency = 4;
+  int rate_period_ms = 1000;
+  int prefetch = -1;  // -1: the worker's default (measured)
+  bool only_rate = false;
 };
 
 int schema_no = 0;
@@ -90,6 +100,7 @@ double drain(const std::string& url, const std::string& name, const Args& a, int
   eoq::WorkerOptions wo;
   wo.queues = {"bench"};
   wo.concurrency = a.concurrency;
+  if (a.prefetch >= 0) wo.prefetch = a.prefetch;
   eoq::Worker worker(store, wo);
   worker.on("noop", [](eoq::TaskContext&) {});
   const auto t0 = Clock::now();
@@ -117,13 +128,18 @@ void rate(const std::string& url, const Args& a) {
   auto owned = fresh(url);
   auto& store = *owned;
   eoq::QueueLimits l;
-  l.rate = eoq::RateLimit{a.rate, 1000ms};
+  // N per second as N * period / 1 s per period: the limit allows a burst of
+  // the whole period's starts at once, so a shorter period spreads them.
+  const int per_period = static_cast<int>(static_cast<long long>(a.rate) * a.rate_period_ms / 1000);
+  if (per_period < 1) throw std::runtime_error("--rate x --rate-period-ms must allow one start per period");
+  l.rate = eoq::RateLimit{per_period, Millis(a.rate_period_ms)};
   store.set_limits("bench", l);
   const int n = a.rate * (a.rate_seconds + 5);
   submit(store, n, 0);
   eoq::WorkerOptions wo;
   wo.queues = {"bench"};
   wo.concurrency = a.concurrency;
+  if (a.prefetch >= 0) wo.prefetch = a.prefetch;
   eoq::Worker worker(store, wo);
   worker.on("noop", [](eoq::TaskContext&) {});
   worker.start();
@@ -154,8 +170,8 @@ void rate(const std::string& url, const Args& a) {
     most = std::max(most, in);
     least = least < 0 ? in : std::min(least, in);
   }
-  std::printf("  rate limit %d/s: %zu starts in %d s; over %lld windows of 10 s: most %lld, least %lld of %lld allowed\n",
-              a.rate, starts.size(), a.rate_seconds, static_cast<long long>(windows), static_cast<long long>(most),
+  std::printf("  rate limit %d per %d ms (%d/s): %zu starts in %d s; over %lld windows of 10 s: most %lld, least %lld of %lld allowed\n",
+              per_period, a.rate_period_ms, a.rate, starts.size(), a.rate_seconds, static_cast<long long>(windows), static_cast<long long>(most),
               static_cast<long long>(least), static_cast<long long>(allowed));
   std::printf("  => most / allowed %.4f (never above 1), least / allowed %.4f (goal >= 0.99)\n\n",
               static_cast<double>(most) / static_cast<double>(allowed),
@@ -178,6 +194,9 @@ int main(int argc, char** argv) try {
     else if (k == "--rate") a.rate = next();
     else if (k == "--rate-seconds") a.rate_seconds = next();
     else if (k == "--concurrency") a.concurrency = next();
+    else if (k == "--prefetch") a.prefetch = next();
+    else if (k == "--rate-period-ms") a.rate_period_ms = next();
+    else if (k == "--only-rate") a.only_rate = true;
     else throw std::runtime_error("unknown flag " + k +
                                   " (--tasks, --partitions, --rate, --rate-seconds, --concurrency)");
   }
@@ -185,13 +204,20 @@ int main(int argc, char** argv) try {
     throw std::runtime_error("--tasks, --partitions, --rate, --concurrency >= 1; --rate-seconds >= 11");
   const std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
   std::printf("limits: %d no-op tasks per drain, one worker of concurrency %d\n\n", a.tasks, a.concurrency);
-  eoq::QueueLimits wide;
-  wide.concurrency = 1000;
-  compare(url, a, "concurrency limit 1,000 (does not bind)", 0, wide, 0.9);
-  eoq::QueueLimits one_each;
-  one_each.partition_concurrency = 1;
-  compare(url, a, fmt::format("{} partitions, limit 1 each", a.partitions), a.partitions, one_each, 0.5);
+  if (!a.only_rate) {
+    eoq::QueueLimits wide;
+    wide.concurrency = 1000;
+    compare(url, a, "concurrency limit 1,000", 0, wide, 0.9);
+    eoq::QueueLimits one_each;
+    one_each.partition_concurrency = 1;
+    compare(url, a, fmt::format("{} partitions, limit 1 each", a.partitions), a.partitions, one_each, 0.5);
+  }
   rate(url, a);
+  if (a.rate_period_ms == 1000) {
+    Args fine = a;
+    fine.rate_period_ms = 100;
+    rate(url, fine);
+  }
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_limits: %s\n", e.what());

@@ -205,9 +205,12 @@ struct MemoryStore::State {
   // never disagree with the tasks.
   template <class F>
   void update(Entry& e, F&& change) {
+    const bool was_running = e.task.status == TaskStatus::running;
     unindex(e);
     change(e.task);
     index(e);
+    // A task of a queue with limits stopped running: a claim held back may go on.
+    if (was_running && e.task.status != TaskStatus::running && limits.count(e.task.queue)) signal(e.task.queue);
   }
 
   // ---- state changes ----
@@ -841,7 +844,11 @@ HeartbeatResult MemoryStore::heartbeat(const Lease& lease, Millis extension) {
   detail::validate_positive("extension", extension);
   std::lock_guard lk(state.mu);
   Entry& e = state.fenced(lease);
-  const TimePoint expires = plus(detail::now(), extension);
+  const TimePoint now = detail::now();
+  // A lease that ran out in a queue with limits: a claim may have given its place away.
+  if (*e.task.lease_expires_at <= now && state.limits.count(e.task.queue))
+    throw LeaseLost(lease.id(), lease.token, "heartbeat found the lease run out in a queue with limits");
+  const TimePoint expires = plus(now, extension);
   state.update(e, [&](Task& t) { t.lease_expires_at = expires; });
   return {expires, e.task.cancel_requested};
 }

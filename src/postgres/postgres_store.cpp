@@ -709,6 +709,23 @@ struct PostgresStore::Impl {
   // When a start leaves a full rate window (steady clock ticks; 0: none
   // known): wait_for_tasks ends then, since no notification says so.
   std::atomic<std::chrono::steady_clock::rep> rate_room_at{0};
+  // A claim of a queue with limits was held back: the next settlement made
+  // through this store may free a place, and wakes its waiting claimer (no
+  // notification says so; a place freed by another process is seen at the
+  // next poll).
+  std::atomic<bool> held_back{false};
+  void freed() {
+    if (held_back.load(std::memory_order_relaxed) && held_back.exchange(false)) wake();
+  }
+  void wake() {
+    {
+      std::lock_guard lk(listen_m);
+      ++wake_gen;
+    }
+    listen_cv.notify_all();
+    std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(wake_fd, &one, sizeof one);
+  }
   int wake_fd = -1;
   // The statistics refresh under way, if any. Last, so that it is joined
   // before the pools it borrows from go.
@@ -1296,6 +1313,7 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
     const auto had = leases.size();
     take(impl.run(impl.sql.claim_limited, params_for(q, left)));
     if (static_cast<int>(leases.size() - had) == left) continue;
+    impl.held_back = true;
     // Held back, perhaps by a rate: the claimer waits until a start leaves its window.
     auto room = impl.run(impl.sql.rate_room, {std::move(q)});
     if (room.rows() == 1 && !room.null(0, 0)) {
@@ -1329,6 +1347,7 @@ std::vector<bool> PostgresStore::complete_batch(std::span<const Completion> comp
   auto r = impl.run(impl.sql.complete,
                     {pg::text_array(ids), pg::text_array(versions), all_null ? Param{} : pg::text_array(results)},
                     &retried);
+  impl.freed();
   Answered done(r);  // settled now
   std::vector<bool> out(completions.size());
   for (std::size_t i = 0; i < completions.size(); ++i) {
@@ -1360,6 +1379,7 @@ FailOutcome PostgresStore::fail(const Lease& lease, const Failure& failure) {
   auto& impl = *impl_;
   bool retried = false;
   auto r = impl.run(impl.sql.fail, fail_params(lease, failure), &retried);
+  impl.freed();
   if (r.rows() == 1) return decode_fail(r);
   if (retried) {
     if (auto s = impl.settled(lease.id(), lease.token)) {
@@ -1650,6 +1670,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
   void pipelined() {
     begun_ = true;
     queued_.clear();
+    if (!open_) store_.freed();  // that pipeline committed a settlement
   }
   // For the statements that need their answer alone: the prefix on its own, one round trip.
   void ensure_begun() {
@@ -1719,6 +1740,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     open_ = false;
     try {
       conn_->command("COMMIT");
+      store_.freed();
     } catch (const TransientError& e) {
       in_doubt(e, asked, expect);
     }
@@ -2164,15 +2186,6 @@ TimePoint PostgresStore::now() {
   return r.time(0, 0);
 }
 
-void PostgresStore::wake() {
-  auto& impl = *impl_;
-  {
-    std::lock_guard lk(impl.listen_m);
-    ++impl.wake_gen;
-  }
-  impl.listen_cv.notify_all();
-  std::uint64_t one = 1;
-  [[maybe_unused]] auto n = ::write(impl.wake_fd, &one, sizeof one);
-}
+void PostgresStore::wake() { impl_->wake(); }
 
 }  // namespace eoq

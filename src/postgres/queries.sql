@@ -555,13 +555,15 @@ started AS (
 -- plan: generic
 -- After a claim_limited that the limits held back: how many ms until the
 -- earliest start in a rate window of queue $1 leaves it, when a claim may
--- start another (NULL: no start is in a window, or no rate limit).
-SELECT ceil(extract(epoch FROM least(
-         (SELECT min(s.at) + l.rate_period_ms * interval '1 millisecond' FROM eoq.starts s
-          WHERE s.queue = $1 AND s.at > now() - l.rate_period_ms * interval '1 millisecond'),
-         (SELECT min(s.at) + l.partition_rate_period_ms * interval '1 millisecond' FROM eoq.starts s
-          WHERE s.queue = $1 AND s.at > now() - l.partition_rate_period_ms * interval '1 millisecond'))
-       - now()) * 1000)::bigint AS wait_ms
+-- start another; 0 when the windows emptied since the claim looked (a claim
+-- at the edge of a window); NULL without a rate limit.
+SELECT CASE WHEN l.rate IS NOT NULL OR l.partition_rate IS NOT NULL THEN
+  coalesce(ceil(extract(epoch FROM least(
+             (SELECT min(s.at) + l.rate_period_ms * interval '1 millisecond' FROM eoq.starts s
+              WHERE s.queue = $1 AND s.at > now() - l.rate_period_ms * interval '1 millisecond'),
+             (SELECT min(s.at) + l.partition_rate_period_ms * interval '1 millisecond' FROM eoq.starts s
+              WHERE s.queue = $1 AND s.at > now() - l.partition_rate_period_ms * interval '1 millisecond'))
+           - now()) * 1000)::bigint, 0) END AS wait_ms
 FROM eoq.limits l WHERE l.queue = $1;
 
 
@@ -856,9 +858,12 @@ SELECT id FROM fin;
 
 -- name: heartbeat
 -- plan: generic
--- $1 id, $2 lease version, $3 extension in ms.
-UPDATE eoq.tasks SET lease_expires_at = now() + ($3::bigint * interval '1 millisecond')
+-- $1 id, $2 lease version, $3 extension in ms. A lease that ran out is
+-- extended too, unless its queue has limits: a claim may have counted its
+-- place free and given it to another task (migration 0010).
+UPDATE eoq.tasks t SET lease_expires_at = now() + ($3::bigint * interval '1 millisecond')
 WHERE id = $1 AND version = $2 AND status = 'running'
+  AND (lease_expires_at > now() OR NOT EXISTS (SELECT 1 FROM eoq.limits l WHERE l.queue = t.queue))
 RETURNING lease_expires_at, cancel_requested;
 
 

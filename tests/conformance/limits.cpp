@@ -271,3 +271,21 @@ STORE_CASE("many claimers in threads never run more of a partition than its limi
   CHECK(worst_all <= 6);
   CHECK(worst_all >= 2);  // it did run in parallel
 }
+
+STORE_CASE("a lease that ran out in a queue with limits cannot be revived by a late heartbeat", "[limits][heartbeat]") {
+  store.set_limits("q", per_partition(1));
+  store.submit(in("p"));
+  store.submit(in("p"));
+  auto first = claim(store, {"q"}, "w1", 1, 200ms);
+  REQUIRE(first.size() == 1);
+  std::this_thread::sleep_for(350ms);
+  auto second = claim(store, {"q"}, "w2", 1);  // the place counted free: the other task starts
+  REQUIRE(second.size() == 1);
+  CHECK_THROWS_AS(store.heartbeat(first[0], 30s), eoq::LeaseLost);
+  // Outside limits a late heartbeat still extends a lease nobody took over.
+  store.submit(in("", "free"));
+  auto other = claim(store, {"free"}, "w1", 1, 200ms);
+  REQUIRE(other.size() == 1);
+  std::this_thread::sleep_for(350ms);
+  CHECK_NOTHROW(store.heartbeat(other[0], 30s));
+}
