@@ -20,6 +20,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 #include <type_traits>
 
 namespace eoq::test::history {
@@ -30,6 +31,7 @@ constexpr std::pair<Kind, std::string_view> kKinds[] = {
     {Kind::submit, "submit"},   {Kind::claim, "claim"},   {Kind::heartbeat, "heartbeat"}, {Kind::effect, "effect"},
     {Kind::complete, "complete"}, {Kind::fail, "fail"},   {Kind::release, "release"},     {Kind::expire, "expire"},
     {Kind::cancel, "cancel"},   {Kind::final, "final"},   {Kind::start, "start"},       {Kind::parent, "parent"},
+    {Kind::end, "end"},         {Kind::limit, "limit"},
 };
 
 constexpr std::pair<ViolationKind, std::string_view> kViolations[] = {
@@ -48,6 +50,7 @@ constexpr std::pair<ViolationKind, std::string_view> kViolations[] = {
     {ViolationKind::started_after_deadline, "started_after_deadline"},
     {ViolationKind::dependent_started_early, "dependent_started_early"},
     {ViolationKind::dependent_ran_after_failed_parent, "dependent_ran_after_failed_parent"},
+    {ViolationKind::limit_exceeded, "limit_exceeded"},
 };
 
 // ------------------------------------------------------------ line format
@@ -149,11 +152,27 @@ Event parse_line(std::string_view text, std::size_t line) {
       e.deadline_us = parse_int<std::int64_t>(value, name, line);
     } else if (name == "parent") {
       e.parent = parse_int<TaskId>(value, name, line);
+    } else if (name == "queue") {
+      e.queue = value;
+    } else if (name == "partition") {
+      e.partition = value;
+    } else if (name == "per_partition") {
+      if (value == "1" || value == "true") e.per_partition = true;
+      else if (value == "0" || value == "false") e.per_partition = false;
+      else throw std::runtime_error(fmt::format("line {}: per_partition must be 1, 0, true or false, not '{}'", line, value));
+    } else if (name == "concurrency") {
+      e.concurrency = parse_int<int>(value, name, line);
     } else {
       throw std::runtime_error(fmt::format("line {}: unknown field '{}'", line, name));
     }
   }
-  if (!has_task) throw std::runtime_error(fmt::format("line {}: task= is missing", line));
+  if (e.kind == Kind::limit) {
+    if (e.queue.empty()) throw std::runtime_error(fmt::format("line {}: a limit needs queue=", line));
+    if (e.per_partition && !e.partition.empty())
+      throw std::runtime_error(fmt::format("line {}: a limit names one partition or per_partition=1, not both", line));
+  } else if (!has_task) {
+    throw std::runtime_error(fmt::format("line {}: task= is missing", line));
+  }
   return e;
 }
 
@@ -210,7 +229,28 @@ struct Lease {
   std::optional<std::int64_t> until;   // latest known lease_expires_at
   std::optional<std::int64_t> ended;   // earliest database time of what ended it
   std::string_view ended_by;           // the kind of that event
+  // For the limits: the claim's commit is bounded above by the client's clock
+  // once claim() returned, and below by its database time; the lease's first
+  // expiry is the claim's.
+  std::optional<std::int64_t> claim_returned, claim_db, first_until;
 };
+
+// A lease while it surely ran, for the limits (history.hpp).
+struct Run {
+  TaskId task = 0;
+  std::int64_t version = 0, start = 0, end = 0;
+  const std::string* queue = nullptr;
+  const std::string* partition = nullptr;
+};
+
+template <class T>
+void keep_min(std::optional<T>& at, T t) {
+  if (!at || t < *at) at = t;
+}
+template <class T>
+void keep_max(std::optional<T>& at, T t) {
+  if (!at || t > *at) at = t;
+}
 
 }  // namespace
 
@@ -233,7 +273,8 @@ std::string_view to_string(ViolationKind k) noexcept {
 }
 
 std::string to_line(const Event& e) {
-  std::string s = fmt::format("{} task={}", to_string(e.kind), e.task);
+  std::string s(to_string(e.kind));
+  if (e.kind != Kind::limit || e.task) s += fmt::format(" task={}", e.task);
   if (e.version) s += fmt::format(" version={}", e.version);
   if (!e.owner.empty()) s += " owner=" + encode(e.owner);
   if (!e.key.empty()) s += " key=" + encode(e.key);
@@ -247,6 +288,10 @@ std::string to_line(const Event& e) {
   if (e.max_attempts) s += fmt::format(" max_attempts={}", e.max_attempts);
   if (e.deadline_us) s += fmt::format(" deadline={}", *e.deadline_us);
   if (e.parent) s += fmt::format(" parent={}", e.parent);
+  if (!e.queue.empty()) s += " queue=" + encode(e.queue);
+  if (!e.partition.empty()) s += " partition=" + encode(e.partition);
+  if (e.per_partition) s += " per_partition=1";
+  if (e.concurrency) s += fmt::format(" concurrency={}", *e.concurrency);
   return s;
 }
 
@@ -371,6 +416,8 @@ void record_submit(Recorder& rec, const SubmitResult& r) {
   if (r.task.key) e.key = r.task.queue + "/" + *r.task.key;
   e.max_attempts = r.task.retry.max_attempts;
   if (r.task.deadline) e.deadline_us = micros(*r.task.deadline);
+  e.queue = r.task.queue;
+  e.partition = r.task.partition.value_or("");
   e.client_us = client_now();
   rec.add(std::move(e));
 }
@@ -421,6 +468,7 @@ class RecordingTransaction final : public LeaseTransaction {
   }
   // One complete event per lease, all with the outcome of the one commit.
   void complete_all(std::span<const Completion> completions) override {
+    const auto before = client_now();  // a lower bound of the commit, as for every settlement
     std::exception_ptr failed;
     try {
       inner_->complete_all(completions);
@@ -429,6 +477,7 @@ class RecordingTransaction final : public LeaseTransaction {
     }
     for (const auto& c : completions) {
       auto e = client_event(Kind::complete, *c.lease);
+      e.client_us = before;
       e.ok = !failed;
       rec_.add(std::move(e));
     }
@@ -465,6 +514,14 @@ class RecordingTransaction final : public LeaseTransaction {
 }  // namespace
 
 Event effect_of(const eoq::Lease& lease) { return client_event(Kind::effect, lease); }
+
+Event start_of(const eoq::Lease& lease) { return client_event(Kind::start, lease); }
+
+Event end_of(const eoq::Lease& lease, bool ok) {
+  auto e = client_event(Kind::end, lease);
+  e.ok = ok;
+  return e;
+}
 
 // The parents a new task names by id (those named by key come from the
 // database's edges), with its on_parent_failure.
@@ -525,6 +582,10 @@ HeartbeatResult RecordingStore::heartbeat(const eoq::Lease& lease, Millis extens
     auto r = inner_.heartbeat(lease, extension);
     e.until_us = micros(r.expires_at);
     e.db_us = micros(r.expires_at - extension);  // the expiry is now() + extension
+    // After the commit: only a heartbeat surely committed before the lease
+    // expired kept it running for the limits (a claim after the expiry
+    // counted it ended).
+    e.client_us = client_now();
     return r;
   });
 }
@@ -566,12 +627,14 @@ void RecordingStore::checkpoint(const eoq::Lease& lease, std::string_view stage,
 }
 
 std::vector<bool> RecordingStore::complete_batch(std::span<const Completion> completions) {
+  const auto before = client_now();  // a lower bound of the commit, as for every settlement
   std::vector<bool> applied;
   try {
     applied = inner_.complete_batch(completions);
   } catch (...) {
     for (const auto& c : completions) {
       auto e = client_event(Kind::complete, *c.lease);
+      e.client_us = before;
       e.ok = false;
       rec_.add(std::move(e));
     }
@@ -579,6 +642,7 @@ std::vector<bool> RecordingStore::complete_batch(std::span<const Completion> com
   }
   for (std::size_t i = 0; i < completions.size(); ++i) {
     auto e = client_event(Kind::complete, *completions[i].lease);
+    e.client_us = before;
     e.ok = i < applied.size() && applied[i];
     rec_.add(std::move(e));
   }
@@ -591,6 +655,21 @@ std::unique_ptr<LeaseTransaction> RecordingStore::begin(const eoq::Lease& lease)
 
 std::unique_ptr<LeaseTransaction> RecordingStore::begin(const eoq::Lease& lease, const TransactionOptions& options) {
   return std::make_unique<RecordingTransaction>(inner_.begin(lease, options), lease, rec_);
+}
+
+void RecordingStore::set_limits(std::string_view queue, const eoq::QueueLimits& limits) {
+  inner_.set_limits(queue, limits);
+  // Once it returned: every claim from then on is bound by it.
+  const auto at = client_now();
+  for (bool per_partition : {false, true}) {
+    Event e;
+    e.kind = Kind::limit;
+    e.queue = std::string(queue);
+    e.per_partition = per_partition;
+    e.concurrency = per_partition ? limits.partition_concurrency : limits.concurrency;
+    e.client_us = at;
+    rec_.add(std::move(e));
+  }
 }
 
 CancelOutcome RecordingStore::cancel(TaskId id, const Scope& scope) {
@@ -621,11 +700,15 @@ std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const 
     return e;
   };
 
-  const std::string cols = "id, queue, key, max_attempts, status, attempts, version, lease_owner, " US("started_at") ", "
-                           US("finished_at") ", " US("lease_expires_at") ", " US("created_at") ", " US("deadline");
-  // Migration 0003 added the tables of workflows.
-  auto flows = query(conn, fmt::format("SELECT to_regclass('\"{}\".edges') IS NOT NULL", schema));
+  // Migration 0003 added the tables of workflows, 0010 partitions and limits.
+  auto flows = query(conn, fmt::format("SELECT to_regclass('\"{0}\".edges') IS NOT NULL, "
+                                       "to_regclass('\"{0}\".limits') IS NOT NULL",
+                                       schema));
   const bool workflows = flows->text(0, 0) == "t";
+  const bool limits = flows->text(0, 1) == "t";
+  const std::string cols = "id, queue, key, max_attempts, status, attempts, version, lease_owner, " US("started_at") ", "
+                           US("finished_at") ", " US("lease_expires_at") ", " US("created_at") ", " US("deadline") ", " +
+                           std::string(limits ? "partition_key" : "''");
   auto tasks = query(conn, fmt::format("SELECT {0} FROM \"{1}\".tasks UNION ALL SELECT {0} FROM \"{1}\".finished{2}",
                                        cols, schema,
                                        workflows ? fmt::format(" UNION ALL SELECT {} FROM \"{}\".waiting", cols, schema)
@@ -650,6 +733,8 @@ std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const 
     s.max_attempts = static_cast<int>(tasks->i64(i, 3));
     s.db_us = tasks->opt(i, 11);
     s.deadline_us = tasks->opt(i, 12);
+    s.queue = tasks->text(i, 1);
+    s.partition = tasks->text(i, 13);
     out.push_back(s);
 
     auto f = db(Kind::final, id);
@@ -701,6 +786,26 @@ std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const 
     out.push_back(end);
   }
 
+  if (limits) {
+    auto rows = query(conn, fmt::format("SELECT queue, concurrency, partition_concurrency, " US("updated_at")
+                                        " FROM \"{}\".limits",
+                                        schema));
+    for (int i = 0; i < rows->rows(); ++i) {
+      for (bool per_partition : {false, true}) {
+        const int col = per_partition ? 2 : 1;
+        if (rows->null(i, col)) continue;
+        Event e;
+        e.kind = Kind::limit;
+        e.origin = Origin::db;
+        e.queue = rows->text(i, 0);
+        e.per_partition = per_partition;
+        e.concurrency = static_cast<int>(rows->i64(i, col));
+        e.db_us = rows->opt(i, 3);
+        out.push_back(std::move(e));
+      }
+    }
+  }
+
   if (effects_table.empty()) return out;
   std::string state;
   auto fx = query(conn, fmt::format("SELECT task_id, version FROM \"{}\".\"{}\"", eschema, effects_table), &state);
@@ -724,9 +829,16 @@ std::string Verdict::format(std::size_t max_listed) const {
   std::string s = fmt::format(
       "history: {} tasks ({} succeeded, {} failed, {} cancelled, {} expired, {} not terminal), {} events, "
       "{} claims, {} completions, {} effects, {} lease handovers checked ({} without times), "
-      "{} parent-dependent pairs checked: ",
+      "{} parent-dependent pairs checked",
       tasks, succeeded, failed, cancelled, expired, tasks - terminal, events, claims, completions, effects,
       handovers_checked, handovers_unchecked, edges_checked);
+  if (handler_starts || handler_ends)
+    s += fmt::format(", {} handler starts and {} ends", handler_starts, handler_ends);
+  if (deadline_starts_checked) s += fmt::format(", {} starts checked against deadlines", deadline_starts_checked);
+  if (limit_starts_checked || revived)
+    s += fmt::format(", {} starts checked against limits ({} filled one), {} leases revived after expiry",
+                     limit_starts_checked, limit_full, revived);
+  s += ": ";
   if (ok()) return s + "OK";
   s += fmt::format("{} VIOLATION{}", violations.size(), violations.size() == 1 ? "" : "S");
   for (std::size_t i = 0; i < violations.size() && i < max_listed; ++i)
@@ -734,6 +846,83 @@ std::string Verdict::format(std::size_t max_listed) const {
   if (violations.size() > max_listed) s += fmt::format("\n  ... and {} more", violations.size() - max_listed);
   return s;
 }
+
+namespace {
+
+// The limit in force at `t` (empty: none), from one scope's limit events in
+// time order; an event without a time holds from the start.
+std::optional<int> limit_at(const std::vector<const Event*>& timeline, std::int64_t t) {
+  std::optional<int> out;
+  for (const Event* e : timeline) {
+    auto from = e->db_us ? e->db_us : e->client_us;
+    if (from && *from > t) break;
+    out = e->concurrency;
+  }
+  return out;
+}
+
+// At each run's start, the runs of `group` under way then (itself included)
+// must not outnumber the limit in force. Only starts are checked: the count
+// rises only there, and a lowered limit stops nothing already running.
+void sweep(Verdict& v, std::vector<const Run*> group, const std::vector<const Event*>& timeline,
+           const std::string& scope, std::int64_t slack) {
+  std::sort(group.begin(), group.end(), [](const Run* a, const Run* b) { return a->start < b->start; });
+  std::multimap<std::int64_t, const Run*> under_way;  // by end
+  for (std::size_t i = 0; i < group.size();) {
+    const auto t = group[i]->start;
+    std::size_t j = i;
+    for (; j < group.size() && group[j]->start == t; ++j) under_way.emplace(group[j]->end, group[j]);
+    under_way.erase(under_way.begin(), under_way.upper_bound(t + slack));
+    const auto limit = limit_at(timeline, t);
+    for (; limit && i < j; ++i) {
+      const Run& r = *group[i];
+      const auto n = static_cast<std::int64_t>(under_way.size()) + (r.end <= t + slack ? 1 : 0);
+      ++v.limit_starts_checked;
+      if (n == *limit) ++v.limit_full;
+      if (n <= *limit) continue;
+      std::vector<std::pair<TaskId, std::int64_t>> others;
+      for (const auto& [_, o] : under_way)
+        if (o != &r) others.emplace_back(o->task, o->version);
+      std::sort(others.begin(), others.end());
+      std::string list;
+      for (std::size_t k = 0; k < others.size() && k < 8; ++k)
+        list += fmt::format("{}{} (version {})", k ? ", " : "", others[k].first, others[k].second);
+      if (others.size() > 8) list += fmt::format(" and {} more", others.size() - 8);
+      v.violations.push_back({ViolationKind::limit_exceeded, r.task,
+                              fmt::format("version {} started while {} ran ({} at once, limit {}): {}", r.version,
+                                          scope, n, *limit, list)});
+    }
+    i = j;
+  }
+}
+
+void check_limits(Verdict& v, const std::vector<Run>& runs, const std::vector<const Event*>& limit_events,
+                  std::int64_t slack) {
+  if (limit_events.empty()) return;
+  // Scopes: (queue, partition, per_partition) -> its limit events in time order.
+  std::map<std::tuple<std::string, std::string, bool>, std::vector<const Event*>> scopes;
+  for (const Event* e : limit_events) scopes[{e->queue, e->partition, e->per_partition}].push_back(e);
+  for (auto& [key, timeline] : scopes) {
+    std::stable_sort(timeline.begin(), timeline.end(), [](const Event* a, const Event* b) {
+      auto at = [](const Event* e) { return e->db_us ? e->db_us : e->client_us; };
+      return at(a) < at(b);  // an event without a time (nullopt) first
+    });
+    const auto& [queue, partition, per_partition] = key;
+    std::map<std::string, std::vector<const Run*>> groups;  // by partition when per_partition, else one
+    for (const Run& r : runs) {
+      if (*r.queue != queue || (!partition.empty() && *r.partition != partition)) continue;
+      groups[per_partition ? *r.partition : std::string()].push_back(&r);
+    }
+    for (auto& [p, group] : groups) {
+      const auto scope = per_partition || !partition.empty()
+                             ? fmt::format("queue '{}' partition '{}'", queue, per_partition ? p : partition)
+                             : fmt::format("queue '{}'", queue);
+      sweep(v, std::move(group), timeline, scope, slack);
+    }
+  }
+}
+
+}  // namespace
 
 Verdict verify(const std::vector<Event>& events, const Options& options) {
   Verdict v;
@@ -755,12 +944,20 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
     std::optional<std::int64_t> ended, first_claim;
   };
   std::map<TaskId, Outcome> outcomes;
+  std::vector<const Event*> limit_events;
+  std::vector<Run> runs;
   for (const auto& e : events) {
     if (e.kind == Kind::parent) {
       parents_of[e.task].insert(e.parent);
       if (e.status == "run") run_anyway.insert(e.task);
       continue;
     }
+    if (e.kind == Kind::limit) {
+      limit_events.push_back(&e);
+      continue;
+    }
+    if (e.kind == Kind::start) ++v.handler_starts;
+    if (e.kind == Kind::end) ++v.handler_ends;
     by_task[e.task].push_back(&e);
     if (e.kind == Kind::submit && !e.key.empty()) by_key[e.key].insert(e.task);
   }
@@ -778,12 +975,18 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
     std::optional<std::int64_t> deadline;
     std::string final_db, final_client, derived;
     std::map<std::int64_t, Lease> leases;  // committed claims by version
+    const std::string* queue = nullptr;      // and partition: where the limits count the task
+    const std::string* partition = nullptr;
     std::map<std::int64_t, std::optional<std::int64_t>> completions;  // committed, version -> db time
     std::vector<const Event*> effects;
 
     for (const Event* e : evs) {
       if (e->kind == Kind::submit) {
         submitted = true;
+        if (!queue && !e->queue.empty()) {
+          queue = &e->queue;
+          partition = &e->partition;
+        }
         max_attempts = std::max(max_attempts, e->max_attempts);
         if (e->deadline_us) deadline = deadline ? std::min(*deadline, *e->deadline_us) : *e->deadline_us;
       }
@@ -795,6 +998,9 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
           auto& l = leases[e->version];
           if (e->db_us) l.start = l.start ? std::min(*l.start, *e->db_us) : *e->db_us;
           if (e->until_us) l.until = l.until ? std::max(*l.until, *e->until_us) : *e->until_us;
+          if (e->origin == Origin::client && e->client_us) keep_min(l.claim_returned, *e->client_us);
+          if (e->db_us) keep_max(l.claim_db, *e->db_us);
+          if (e->until_us) keep_min(l.first_until, *e->until_us);
           break;
         }
         case Kind::complete: {
@@ -846,6 +1052,7 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
       for (const Event* e : evs) {
         if (!e->committed() || (e->kind != Kind::claim && e->kind != Kind::start)) continue;
         auto at = e->db_us ? e->db_us : e->kind == Kind::start ? e->client_us : std::nullopt;
+        if (at) ++v.deadline_starts_checked;
         if (at && *at >= *deadline + slack) {
           violate(ViolationKind::started_after_deadline, id,
                   fmt::format("{} of version {} {} after the deadline", e->kind == Kind::claim ? "claim" : "start",
@@ -865,6 +1072,49 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
       if (ends && e->db_us && (!l.ended || *e->db_us < *l.ended)) {
         l.ended = *e->db_us;
         l.ended_by = to_string(e->kind);
+      }
+    }
+
+    // The runs the limits count: each lease from the latest bound of its
+    // claim's commit to the earliest bound its records give of its end. A
+    // settlement's commit is bounded below by its database time (now() of its
+    // transaction) and by the client's clock before the call; expiry is exact,
+    // and a heartbeat kept the lease only if it surely committed before the
+    // lease expired (its client time once it returned, else its database time).
+    if (queue) {
+      for (const auto& [ver, l] : leases) {
+        auto start = l.claim_returned ? l.claim_returned : l.claim_db;
+        std::map<Kind, std::int64_t> settled;  // per kind of end: the latest lower bound
+        std::vector<const Event*> beats;
+        for (const Event* e : evs) {
+          if (!e->committed() || e->version != ver) continue;
+          if (e->kind == Kind::heartbeat && e->db_us && e->until_us) beats.push_back(e);
+          if (e->kind != Kind::complete && e->kind != Kind::fail && e->kind != Kind::release && e->kind != Kind::expire)
+            continue;
+          std::optional<std::int64_t> at;
+          if (e->db_us) keep_max(at, *e->db_us);
+          if (e->kind != Kind::expire && e->origin == Origin::client && e->client_us) keep_max(at, *e->client_us);
+          if (!at) continue;
+          auto [it, fresh] = settled.emplace(e->kind, *at);
+          if (!fresh) it->second = std::max(it->second, *at);
+        }
+        std::optional<std::int64_t> end;
+        for (const auto& [_, at] : settled) keep_min(end, at);
+        if (l.first_until) {
+          std::sort(beats.begin(), beats.end(), [](const Event* a, const Event* b) { return *a->db_us < *b->db_us; });
+          auto expiry = *l.first_until;
+          for (const Event* b : beats) {
+            const auto sure = b->origin == Origin::client && b->client_us ? std::max(*b->client_us, *b->db_us) : *b->db_us;
+            if (sure >= expiry) {
+              ++v.revived;
+              break;
+            }
+            expiry = std::max(expiry, *b->until_us);
+          }
+          keep_min(end, expiry);
+        }
+        // Without both bounds, or with nothing between them, it surely ran at no instant.
+        if (start && end && *end > *start) runs.push_back(Run{id, ver, *start, *end, queue, partition});
       }
     }
 
@@ -985,6 +1235,8 @@ Verdict verify(const std::vector<Event>& events, const Options& options) {
               fmt::format("a parent ended other than succeeded, yet the task {}",
                           c.first_claim ? "was claimed" : "ended " + c.status));
   }
+
+  check_limits(v, runs, limit_events, slack);
   return v;
 }
 

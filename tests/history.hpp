@@ -18,7 +18,9 @@
 //   - one key names one task;
 //   - a dependent (a task with parents) is never claimed before every parent
 //     succeeded, and one whose parent ended otherwise never runs and ends
-//     cancelled (a run-anyway dependent: never claimed before every parent ended).
+//     cancelled (a run-anyway dependent: never claimed before every parent ended);
+//   - no more tasks of a queue, or of a partition of it, run at once than its
+//     concurrency limit (`limit` events) allows: see "Limits" below.
 //
 // Histories come from the chaos tests' Recorder, from a file in the line format
 // below, or from the database itself (load_postgres), or any mix of them: an
@@ -33,8 +35,32 @@
 // except task: task, version, owner, key, origin (client|db, default client),
 // ok (1|0|true|false, default 1), client, db, until (microseconds since the
 // epoch), deadline (submit: microseconds since the epoch), status, attempt,
-// max_attempts, parent. Values are percent-encoded (%20 for a
-// space, %25 for '%').
+// max_attempts, parent, queue and partition (submit: the task's; limit: what
+// it limits), per_partition (limit: 1|0), concurrency (limit). Values are
+// percent-encoded (%20 for a space, %25 for '%'). A `limit` event names no
+// task:
+//
+//   limit queue=mail concurrency=6
+//   limit queue=mail per_partition=1 concurrency=2 db=1700000000000000
+//
+// Limits. A task runs from its claim until its lease ends: its completion,
+// failure or release commits, or its lease expires (as extended by the
+// heartbeats that committed before it expired; a heartbeat after that revives
+// a lease whose place the store has already given away, and the run counts as
+// ended at the expiry). At no instant may more tasks of a limited scope run
+// than its limit: a queue, one named partition of it, or each of its
+// partitions on its own (per_partition=1), the tasks placed by their submit
+// events' queue and partition (a task without a queue is not counted). A limit
+// holds from its time (db, else client; neither: from the start) until the
+// next limit event of the same scope; one without concurrency turns the scope's
+// limit off. Since the events' times are bounds of the moments that matter,
+// a run is counted only while it surely runs: from the latest bound of its
+// claim's commit (the client's clock once claim() returned, else the claim's
+// database time) to the earliest end its records allow (a settlement's commit
+// is bounded below by its database time and by the client's clock before the
+// call). This needs the client and the database server on one clock (one
+// host), as the chaos tests have them. A lowered limit stops nothing that
+// runs, so only the instants where a run starts are checked.
 #include <eoq/task.hpp>
 #include <eoq/task_store.hpp>
 
@@ -64,6 +90,8 @@ enum class Kind {
   start,      // a handler started on a lease: version, db = the store's time then (claim time plus
               // what the worker waited), else client = the client's clock
   parent,     // the task waits for `parent`; status = "run" when it runs whatever its parents did
+  end,        // a handler returned (ok=1) or threw (ok=0) on a lease: version, client = the client's clock
+  limit,      // a concurrency limit from its time on (no task): queue, partition or per_partition, concurrency
 };
 
 enum class Origin {
@@ -87,6 +115,10 @@ struct Event {
   int max_attempts = 0;                     // submit: the task's max_attempts (0 = unknown)
   std::optional<std::int64_t> deadline_us{};  // submit: the task's deadline, if it has one
   TaskId parent = 0;                           // parent: the task waited for
+  std::string queue{};                         // submit: the task's queue (empty: unknown); limit: the queue
+  std::string partition{};                     // submit: the task's partition ('' for none); limit: the one limited
+  bool per_partition = false;                  // limit: each partition of the queue on its own
+  std::optional<int> concurrency{};            // limit: tasks running at once (empty: the limit is off)
 
   // Committed as far as this history knows: read from the database, or a client
   // call that reported success.
@@ -137,13 +169,18 @@ std::vector<Event> load_logs(const std::string& dir);
 // A TaskStore that forwards to `inner` and records, as client events, what its
 // callers were told: submits, claims (token, claim time, expiry, attempt),
 // heartbeats, completions (also through begin()), failures, releases and
-// cancels, and expiries at hand-off (as fail with status expired); ok=0 when the call threw, whatever it did in the database. A
+// cancels, and expiries at hand-off (as fail with status expired), and the
+// queues' limits as set_limits sets them (limit events); ok=0 when the call
+// threw, whatever it did in the database. A
 // handler records its own effect writes. Times it gives as db are exact where
 // the store's answer carries now() of the transaction (claim: updated_at;
 // heartbeat: the new expiry minus the extension). A release leaves no trace in
 // the database, so its db time is the client's clock just before the call: a
 // lower bound of the release's now() when client and server share a host,
-// enough to show that the next lease started after the release.
+// enough to show that the next lease started after the release. Client times
+// are the client's clock before the call, so that a settlement's is a lower
+// bound of its commit, except where an upper bound is what the limits need:
+// claim, heartbeat and set_limits take it once the call returned.
 class RecordingStore final : public TaskStore {
  public:
   RecordingStore(TaskStore& inner, Recorder& recorder) : inner_(inner), rec_(recorder) {}
@@ -175,9 +212,7 @@ class RecordingStore final : public TaskStore {
   void pause(std::string_view queue) override { inner_.pause(queue); }
   void resume(std::string_view queue) override { inner_.resume(queue); }
   std::vector<std::string> paused_queues() override { return inner_.paused_queues(); }
-  void set_limits(std::string_view queue, const eoq::QueueLimits& limits) override {
-    inner_.set_limits(queue, limits);
-  }
+  void set_limits(std::string_view queue, const eoq::QueueLimits& limits) override;
   std::vector<std::pair<std::string, eoq::QueueLimits>> limits() override { return inner_.limits(); }
   std::vector<Throughput> throughput(int minutes, const Scope& scope = {}) override {
     return inner_.throughput(minutes, scope);
@@ -202,6 +237,10 @@ class RecordingStore final : public TaskStore {
 
 // The client event a handler records for its effect write under `lease`.
 Event effect_of(const Lease& lease);
+// The client events a handler records as it starts and as it returns (ok) or
+// throws (not ok) under `lease`, with the client's clock.
+Event start_of(const Lease& lease);
+Event end_of(const Lease& lease, bool ok);
 
 // The committed history as the database keeps it, from an eoq schema and an
 // effects table (columns task_id bigint and version bigint: the token of the
@@ -214,7 +253,10 @@ Event effect_of(const Lease& lease);
 // edge (without the run-anyway flag, which the database drops at release: a
 // client's submit records it) and counts its waiting tasks as not terminal.
 // `schema` and `effects_table` must be plain identifiers ([a-z_][a-z0-9_]*);
-// `effects_table` lives in `effects_schema` (default: `schema`). An empty
+// `effects_table` lives in `effects_schema` (default: `schema`). A schema with
+// limits (migration 0010) gives each submit its queue and partition, and a
+// limit event per limit in force (from its updated_at: the table keeps no
+// earlier ones). An empty
 // `effects_table` reads no effects (a test whose tasks write none: check it with
 // Options::require_effects off).
 std::vector<Event> load_postgres(PGconn* conn, const std::string& schema, const std::string& effects_table,
@@ -236,6 +278,7 @@ enum class ViolationKind {
   started_after_deadline,   // a claim or a handler start at or after the task's deadline
   dependent_started_early,  // a dependent claimed before a parent succeeded (run-anyway: ended)
   dependent_ran_after_failed_parent,  // a parent ended other than succeeded, the dependent did not end cancelled
+  limit_exceeded,           // a run started while its queue or partition already ran as many as its limit allows
 };
 std::string_view to_string(ViolationKind k) noexcept;
 
@@ -247,7 +290,8 @@ struct Violation {
 
 struct Options {
   // Allowed disagreement between database timestamps (now() is a
-  // transaction's start, not its commit), in microseconds.
+  // transaction's start, not its commit), in microseconds. For the limits:
+  // a run that ends within slack_us after another starts is not counted there.
   std::int64_t slack_us = 0;
   // Succeeded tasks must have exactly one effect row (off for histories
   // without an effects table).
@@ -260,6 +304,12 @@ struct Verdict {
   std::int64_t claims = 0, completions = 0, effects = 0;
   std::int64_t handovers_checked = 0, handovers_unchecked = 0;  // consecutive leases compared in time
   std::int64_t edges_checked = 0;  // (parent, dependent) pairs whose order was checked
+  std::int64_t handler_starts = 0, handler_ends = 0;
+  std::int64_t deadline_starts_checked = 0;  // committed claims and handler starts compared with a deadline
+  // Runs whose start was compared with a limit in force (once per scope), and
+  // how many of those filled it: the limit was reached, so the check had teeth.
+  std::int64_t limit_starts_checked = 0, limit_full = 0;
+  std::int64_t revived = 0;  // leases extended by a heartbeat not known to have committed before they expired
   std::vector<Violation> violations{};
 
   bool ok() const noexcept { return violations.empty(); }

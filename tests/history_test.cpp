@@ -533,3 +533,252 @@ TEST_CASE("history: dependents claimed after their parents are accepted, early o
     CHECK(again[i].status == events[i].status);
   }
 }
+
+namespace {
+
+// Queue q runs at most 3 at once, and at most 2 of each partition. Partition a
+// runs 1 and 2 together, and 3 once 1 completed; 4 (partition b) fills the
+// queue; 5 (no partition) starts when 3 ends. Times are database microseconds.
+const char* const kLimits = R"(
+limit queue=q concurrency=3
+limit queue=q per_partition=1 concurrency=2
+submit task=1 queue=q partition=a
+claim task=1 version=2 owner=w1 db=1000 until=31000 attempt=1
+complete task=1 version=2 owner=w1 db=5000
+final task=1 status=succeeded origin=db
+submit task=2 queue=q partition=a
+claim task=2 version=2 owner=w2 db=2000 until=32000 attempt=1
+complete task=2 version=2 owner=w2 db=9000
+final task=2 status=succeeded origin=db
+submit task=3 queue=q partition=a
+claim task=3 version=2 owner=w1 db=5000 until=35000 attempt=1
+complete task=3 version=2 owner=w1 db=8000
+final task=3 status=succeeded origin=db
+submit task=4 queue=q partition=b
+claim task=4 version=2 owner=w3 db=3000 until=33000 attempt=1
+complete task=4 version=2 owner=w3 db=6000
+final task=4 status=succeeded origin=db
+submit task=5 queue=q
+claim task=5 version=2 owner=w3 db=8000 until=38000 attempt=1
+complete task=5 version=2 owner=w3 db=8500
+final task=5 status=succeeded origin=db
+submit task=6 queue=r partition=a
+claim task=6 version=2 owner=w4 db=2500 until=32500 attempt=1
+complete task=6 version=2 owner=w4 db=7000
+final task=6 status=succeeded origin=db
+)";
+
+const h::Options kNoEffects{.slack_us = 0, .require_effects = false};
+
+}  // namespace
+
+TEST_CASE("history: runs within their queue's and partitions' limits are accepted, one more is rejected",
+          "[history][limits]") {
+  auto good = check(kLimits, kNoEffects);
+  INFO(good.format());
+  CHECK(good.ok());
+  // Five starts in q, each against the queue's limit and its partition's;
+  // the queue was full at 3000 and 5000, partition a at 2000 and 5000 (1
+  // ended at 5000 exactly, so 3 took its place). Queue r has no limit.
+  CHECK(good.limit_starts_checked == 10);
+  CHECK(good.limit_full == 4);
+
+  SECTION("a fourth in the queue, in a partition of its own") {
+    auto v = check(std::string(kLimits) + "submit task=7 queue=q partition=c\n"
+                                          "claim task=7 version=2 owner=w5 db=4000 until=34000 attempt=1\n"
+                                          "complete task=7 version=2 owner=w5 db=4500\n"
+                                          "final task=7 status=succeeded origin=db\n",
+                   kNoEffects);
+    INFO(v.format());
+    REQUIRE(violations_of(v) == Set{"limit_exceeded task 7"});
+    CHECK(v.violations[0].detail ==
+          "version 2 started while queue 'q' ran (4 at once, limit 3): 1 (version 2), 2 (version 2), 4 (version 2)");
+  }
+  SECTION("a third of partition a, the queue within its limit") {
+    auto v = check(std::string(kLimits) + "submit task=7 queue=q partition=a\n"
+                                          "claim task=7 version=2 owner=w5 db=2500 until=32500 attempt=1\n"
+                                          "complete task=7 version=2 owner=w5 db=2800\n"
+                                          "final task=7 status=succeeded origin=db\n",
+                   kNoEffects);
+    INFO(v.format());
+    REQUIRE(violations_of(v) == Set{"limit_exceeded task 7"});
+    CHECK(v.violations[0].detail ==
+          "version 2 started while queue 'q' partition 'a' ran (3 at once, limit 2): 1 (version 2), 2 (version 2)");
+  }
+  SECTION("3 claimed before 1 completed") {
+    auto v = check(replace(kLimits, "claim task=3 version=2 owner=w1 db=5000", "claim task=3 version=2 owner=w1 db=4999"),
+                   kNoEffects);
+    INFO(v.format());
+    // Partition a had 1 and 2, the queue 1, 2 and 4.
+    CHECK(violations_of(v) == Set{"limit_exceeded task 3", "limit_exceeded task 3"});
+  }
+  SECTION("a limit holds from its time on; one without concurrency turns it off") {
+    auto later = replace(kLimits, "limit queue=q per_partition=1 concurrency=2",
+                         "limit queue=q per_partition=1 concurrency=1 db=3000\n"
+                         "limit queue=q per_partition=1 db=6000");
+    auto v = check(later, kNoEffects);
+    INFO(v.format());
+    // At 5000 partition a had 2 running (2 and 3) with a limit of 1; 2 at
+    // 2000 came before the limit, 5 at 8000 after it went.
+    CHECK(violations_of(v) == Set{"limit_exceeded task 3"});
+  }
+}
+
+TEST_CASE("history: a lease that expired frees its place exactly at its expiry, as heartbeats extended it",
+          "[history][limits]") {
+  // Task 1's worker dies: its lease runs out at 5000 and w2 reclaims it at 6000.
+  // Task 2, of the same partition (limit 1), starts at 5000.
+  const std::string base = R"(
+limit queue=q per_partition=1 concurrency=1
+submit task=1 queue=q partition=a max_attempts=3
+claim task=1 version=2 owner=w1 db=1000 until=5000 attempt=1
+expire task=1 version=2 origin=db db=5000
+claim task=1 version=3 owner=w2 db=6000 until=10000 attempt=2
+complete task=1 version=3 owner=w2 db=7000
+final task=1 status=succeeded attempt=2 origin=db
+submit task=2 queue=q partition=a
+claim task=2 version=2 owner=w3 db=5000 until=9000 attempt=1
+complete task=2 version=2 owner=w3 db=5500
+final task=2 status=succeeded origin=db
+)";
+  auto good = check(base, kNoEffects);
+  INFO(good.format());
+  CHECK(good.ok());
+  CHECK(good.limit_starts_checked == 3);
+  CHECK(good.revived == 0);
+
+  SECTION("a microsecond before the expiry") {
+    auto v = check(replace(base, "claim task=2 version=2 owner=w3 db=5000", "claim task=2 version=2 owner=w3 db=4999"),
+                   kNoEffects);
+    INFO(v.format());
+    CHECK(violations_of(v) == Set{"limit_exceeded task 2"});
+  }
+  SECTION("a heartbeat before the expiry extended the lease past 5000") {
+    auto text = replace(base, "expire task=1 version=2 origin=db db=5000",
+                        "heartbeat task=1 version=2 owner=w1 db=4000 client=4001 until=5800\n"
+                        "expire task=1 version=2 origin=db db=5800");
+    auto v = check(text, kNoEffects);
+    INFO(v.format());
+    CHECK(violations_of(v) == Set{"limit_exceeded task 2"});
+    // ... unless it returned only after the lease had run out: then it may
+    // have committed after a claim that counted the lease expired.
+    auto late = check(replace(text, "client=4001", "client=5000"), kNoEffects);
+    INFO(late.format());
+    CHECK(late.ok());
+    CHECK(late.revived == 1);
+  }
+  SECTION("a heartbeat after the expiry revives the lease, but its place was free from the expiry on") {
+    auto text = replace(base, "expire task=1 version=2 origin=db db=5000",
+                        "heartbeat task=1 version=2 owner=w1 db=5000 until=5900\n"
+                        "expire task=1 version=2 origin=db db=5900");
+    auto v = check(text, kNoEffects);
+    INFO(v.format());
+    CHECK(v.ok());
+    CHECK(v.revived == 1);
+  }
+}
+
+TEST_CASE("history: a claim that waited for its queue's lock is judged by when it returned", "[history][limits]") {
+  // Task 2's claim began (db=3900) before 1's completion committed, waited for
+  // the claims of the queue to be its turn, and saw the completion: it returned
+  // at 4200, after the completion's call began (4100).
+  const std::string text = R"(
+limit queue=q concurrency=1
+submit task=1 queue=q
+claim task=1 version=2 owner=w1 db=1000 until=31000 attempt=1
+complete task=1 version=2 owner=w1 origin=db db=4000
+complete task=1 version=2 owner=w1 client=4100
+final task=1 status=succeeded origin=db
+submit task=2 queue=q
+claim task=2 version=2 owner=w2 db=3900 client=4200 until=33900 attempt=1
+complete task=2 version=2 owner=w2 db=5000
+final task=2 status=succeeded origin=db
+)";
+  auto v = check(text, kNoEffects);
+  INFO(v.format());
+  CHECK(v.ok());
+  CHECK(v.limit_starts_checked == 2);
+  // Known only by its database time, the claim began before the completion did.
+  CHECK(violations_of(check(replace(text, " client=4200", ""), kNoEffects)) == Set{"limit_exceeded task 2"});
+  // Returned before the completion's call began: both ran at once.
+  CHECK(violations_of(check(replace(text, "client=4200", "client=4050"), kNoEffects)) ==
+        Set{"limit_exceeded task 2"});
+}
+
+TEST_CASE("history: limit events, queues and partitions round-trip through the line format", "[history][limits]") {
+  auto events = h::parse(kLimits);
+  REQUIRE(events.size() >= 3);
+  CHECK(h::to_line(events[0]) == "limit origin=client queue=q concurrency=3");
+  CHECK(h::to_line(events[1]) == "limit origin=client queue=q per_partition=1 concurrency=2");
+  CHECK(events[2].queue == "q");
+  CHECK(events[2].partition == "a");
+  h::Event e;
+  e.kind = h::Kind::limit;
+  e.origin = h::Origin::db;
+  e.queue = "q x";
+  e.partition = "tenant=7";
+  e.concurrency = 0;
+  e.db_us = 5;
+  auto line = h::to_line(e);
+  CHECK(line == "limit origin=db db=5 queue=q%20x partition=tenant%3D7 concurrency=0");
+  auto back = h::parse(line);
+  REQUIRE(back.size() == 1);
+  CHECK(h::to_line(back[0]) == line);
+  CHECK(back[0].concurrency == std::optional<int>(0));
+  CHECK(h::parse("end task=3 version=2 ok=0 client=9\n").at(0).kind == h::Kind::end);
+
+  CHECK_THROWS_WITH(h::parse("limit concurrency=2\n"), "line 1: a limit needs queue=");
+  CHECK_THROWS_WITH(h::parse("limit queue=q partition=a per_partition=1\n"),
+                    "line 1: a limit names one partition or per_partition=1, not both");
+  CHECK_THROWS_WITH(h::parse("limit queue=q per_partition=2\n"),
+                    "line 1: per_partition must be 1, 0, true or false, not '2'");
+  // Histories from before limits parse and pass as they did.
+  CHECK(check(kGood).ok());
+}
+
+TEST_CASE("history: limits and partitions read back from a Postgres schema are checked", "[history][postgres][limits]") {
+  using eoq::test::StoreKind;
+  eoq::test::TestStore s(StoreKind::postgres);
+  eoq::test::Admin admin(s.conninfo());
+  h::Recorder client;
+  h::RecordingStore store(*s, client);
+  eoq::QueueLimits limits;
+  limits.concurrency = 2;
+  limits.partition_concurrency = 1;
+  store.set_limits("q", limits);
+  for (const char* p : {"a", "a", "b"}) {
+    eoq::NewTask t;
+    t.type = "t";
+    t.queue = "q";
+    t.partition = p;
+    store.submit(t);
+  }
+  eoq::ClaimRequest req;
+  req.queues = {"q"};
+  req.owner = "w";
+  req.limit = 10;
+  auto first = store.claim(req);
+  REQUIRE(first.size() == 2);  // one of a, one of b
+  CHECK(store.claim(req).empty());
+  for (auto& l : first) store.complete(l);
+  auto second = store.claim(req);
+  REQUIRE(second.size() == 1);
+  store.complete(second[0]);
+
+  auto db = h::load_postgres(admin.get(), s.schema(), "");
+  std::set<std::string> scopes;
+  for (const auto& e : db)
+    if (e.kind == h::Kind::limit) scopes.insert(fmt::format("{} {} {}", e.queue, e.per_partition, *e.concurrency));
+  CHECK(scopes == std::set<std::string>{"q false 2", "q true 1"});
+  auto v = h::verify(db, kNoEffects);
+  INFO(v.format());
+  CHECK(v.ok());
+  CHECK(v.limit_starts_checked == 6);  // three runs, each against both limits
+  auto both = client.events();
+  h::append(both, db);
+  auto vb = h::verify(both, kNoEffects);
+  INFO(vb.format());
+  CHECK(vb.ok());
+  // The client's limit events and the database's make one timeline per scope.
+  CHECK(vb.limit_starts_checked == 6);
+}

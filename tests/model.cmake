@@ -2,8 +2,9 @@
 # tests/CMakeLists.txt (after eoq_add_test is defined).
 #
 # model_check runs model/check.sh: spin checks model/eoq.pml (safety with 3
-# workers, 2 tasks, max_attempts 3; liveness under weak fairness) and asserts
-# that every mutant yields a counterexample. It needs `spin` (Debian package
+# workers, 2 tasks, max_attempts 3; liveness under weak fairness),
+# model/workflows.pml and model/limits.pml, and asserts that every mutant
+# yields a counterexample. It needs `spin` (Debian package
 # spin) and a C compiler for spin's verifier; without them it is reported as
 # skipped, unless EOQ_REQUIRE_ALL is set (see tests/CMakeLists.txt): then
 # configuring fails, and the skip fails when the variable is set only for ctest.

@@ -6,11 +6,12 @@
 //
 // modes (the handler for task type "effect"):
 //   crash   inside ctx.transaction(): counter row + 1, (task id, lease token) into effects, then
-//           `sleep_ms` with the transaction open; a payload with "fail" fails for good instead
+//           `sleep_ms` (plus up to `sleep_spread_ms` more, at random) with the transaction open; a
+//           payload with "fail" fails for good instead. Each run's start and end go to the history.
 //   zombie  inserts (task id, attempt, owner, lease token) into effects, touches
 //           <dir>/started-<attempt>, then sleeps `sleep_ms` before returning (the
 //           test freezes it there)
-// keys: id, concurrency, lease_ms, sleep_ms, prefetch (absent: measured), idle_timeout_ms, history
+// keys: id, concurrency, lease_ms, sleep_ms, sleep_spread_ms, prefetch (absent: measured), idle_timeout_ms, history
 // (a file the client side of the history goes to as it happens; see history.hpp); crash mode also
 // batch (HandlerOptions::batch, default 1) and fail_every (a task whose id it divides throws after
 // writing its effect, on its first attempt: in a batch, its writes and the others' roll back)
@@ -24,9 +25,11 @@
 
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 
@@ -46,6 +49,32 @@ long get(const std::map<std::string, std::string>& kv, const std::string& key, l
   auto it = kv.find(key);
   return it == kv.end() ? fallback : std::stol(it->second);
 }
+
+// A handler run in the history: its start as it begins, its end as it
+// returns or throws, so that the checker sees real starts (deadlines) and a
+// reader sees which runs a kill cut short (a start without an end).
+class RunRecord {
+ public:
+  RunRecord(eoq::test::history::Recorder& rec, const eoq::Lease& lease)
+      : rec_(rec), lease_(lease), unwinding_(std::uncaught_exceptions()) {
+    rec_.add(eoq::test::history::start_of(lease_));
+  }
+  RunRecord(const RunRecord&) = delete;
+  RunRecord& operator=(const RunRecord&) = delete;
+  ~RunRecord() {
+    try {
+      rec_.add(eoq::test::history::end_of(lease_, std::uncaught_exceptions() == unwinding_));
+    } catch (...) {
+      // A history file that cannot be written shows up as a missing end; a
+      // destructor must not throw.
+    }
+  }
+
+ private:
+  eoq::test::history::Recorder& rec_;
+  const eoq::Lease& lease_;
+  int unwinding_;
+};
 
 }  // namespace
 
@@ -98,8 +127,10 @@ int main(int argc, char** argv) try {
   const std::string counter = "\"" + schema + "\".counter";
   if (mode == "crash") {
     const long sleep_ms = get(kv, "sleep_ms", 0);
+    const long spread_ms = get(kv, "sleep_spread_ms", 0);
     const long fail_every = get(kv, "fail_every", 0);
-    worker.on("effect", [&, sleep_ms, fail_every](eoq::TaskContext& ctx) {
+    worker.on("effect", [&, sleep_ms, spread_ms, fail_every](eoq::TaskContext& ctx) {
+      RunRecord run(store.recorder(), ctx.lease());
       // The workflow chaos test's parents that fail for good.
       if (ctx.payload().find("\"fail\"") != std::string::npos) throw eoq::PermanentError("injected failure");
       auto& tx = ctx.transaction();
@@ -110,7 +141,12 @@ int main(int argc, char** argv) try {
       if (fail_every > 0 && ctx.id() % fail_every == 0 && ctx.attempt() == 1)
         throw std::runtime_error("injected failure after the effect");
       // Held open, so that kills and restarts land inside handler transactions.
-      if (sleep_ms > 0) ctx.sleep_for(eoq::Millis(sleep_ms));
+      long ms = sleep_ms;
+      if (spread_ms > 0) {
+        thread_local std::mt19937 rng(std::random_device{}());
+        ms += std::uniform_int_distribution<long>(0, spread_ms)(rng);
+      }
+      if (ms > 0) ctx.sleep_for(eoq::Millis(ms));
     }, {.batch = static_cast<int>(get(kv, "batch", 1))});
   } else if (mode == "zombie") {
     long sleep_ms = get(kv, "sleep_ms", 0);
