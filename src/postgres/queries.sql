@@ -511,17 +511,24 @@ WITH @claim_cand@,
 -- claim_one for a queue with limits (migration 0010), parameters as its. The
 -- claims of the queue run one at a time (limit_busy's lock), and each counts
 -- what runs and what started after the lock, so that no limit is exceeded:
--- `room`, how many the queue may start now; `full`, the partitions at a
+-- `room`, how many the queue may start now; `full_`, the partitions at a
 -- limit, whose tasks the scan passes over (so they hold back no other
 -- partition); then at most the room left in each partition, by rank in claim
--- order. The scan reads at most four times the claim's limit. Every task
--- leased gets a hold (and, with a rate limit, a start).
+-- order. With limits per partition the scan reads up to four times the
+-- claim's limit, else only the room. The scan locks nothing (claims of the
+-- queue wait for one another, and other claims leave it alone): only the
+-- tasks picked are locked, and checked again as they are (SKIP LOCKED, and a
+-- task that stopped being claimable meanwhile drops out); locking every row
+-- scanned cost a third of the drain. Every task leased gets a hold (and,
+-- with a rate limit, a start).
 WITH lim AS MATERIALIZED (SELECT * FROM eoq.limits WHERE queue = $1),
 busy AS MATERIALIZED (SELECT * FROM eoq.limit_busy($1)),
-room AS (
+room AS MATERIALIZED (
   SELECT greatest(0, least($2::bigint,
                            (SELECT concurrency FROM lim) - (SELECT coalesce(sum(running), 0) FROM busy),
-                           (SELECT rate FROM lim) - (SELECT coalesce(sum(started_q), 0) FROM busy))) AS n),
+                           (SELECT rate FROM lim) - (SELECT coalesce(sum(started_q), 0) FROM busy))) AS n,
+         EXISTS (SELECT 1 FROM lim WHERE partition_concurrency IS NOT NULL OR partition_rate IS NOT NULL)
+           AS per_partition),
 full_ AS (
   SELECT b.partition_key FROM busy b, lim l
   WHERE b.running >= l.partition_concurrency OR b.started_p >= l.partition_rate),
@@ -530,16 +537,23 @@ scan AS (
   FROM eoq.tasks t
   WHERE t.queue = $1 AND @claim_ready@ AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = $1)
     AND t.partition_key NOT IN (SELECT partition_key FROM full_)
-  ORDER BY t.priority, t.run_at, t.id LIMIT 4 * $2 FOR UPDATE SKIP LOCKED),
+  ORDER BY t.priority, t.run_at, t.id
+  LIMIT (SELECT CASE WHEN per_partition THEN 4 * $2::bigint ELSE n END FROM room)),
 ranked AS (
   SELECT s.*, row_number() OVER (PARTITION BY s.partition_key ORDER BY s.priority, s.run_at, s.id) AS rank,
          coalesce(b.running, 0) AS running, coalesce(b.started_p, 0) AS started_p
   FROM scan s LEFT JOIN busy b ON b.partition_key = s.partition_key),
-cand AS (
+picked AS MATERIALIZED (
   SELECT r.* FROM ranked r
   WHERE r.rank + r.running <= coalesce((SELECT partition_concurrency FROM lim), 2147483647)
     AND r.rank + r.started_p <= coalesce((SELECT partition_rate FROM lim), 2147483647)
   ORDER BY r.priority, r.run_at, r.id LIMIT (SELECT n FROM room)),
+locked AS (
+  SELECT t.id FROM eoq.tasks t
+  WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.queue = $1
+    AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
+  FOR UPDATE SKIP LOCKED),
+cand AS (SELECT p.* FROM picked p WHERE p.id IN (SELECT id FROM locked)),
 held AS (
   INSERT INTO eoq.holds (task_id, queue, partition_key)
   SELECT id, $1, partition_key FROM cand WHERE final IS NULL
