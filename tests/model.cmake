@@ -17,7 +17,7 @@ elseif(EOQ_SPIN AND EOQ_MODEL_CC)
   add_test(NAME model_check
            COMMAND ${CMAKE_COMMAND} -E env SPIN=${EOQ_SPIN} CC=${EOQ_MODEL_CC}
                    sh ${PROJECT_SOURCE_DIR}/model/check.sh ${CMAKE_CURRENT_BINARY_DIR}/model)
-  set_tests_properties(model_check PROPERTIES TIMEOUT 1200 LABELS model)
+  set_tests_properties(model_check PROPERTIES TIMEOUT 1200 LABELS "model;slow")
 elseif(EOQ_REQUIRE_ALL)
   message(FATAL_ERROR "eoq: EOQ_REQUIRE_ALL is set but spin or a C compiler is missing (apt-get install spin): "
                       "model_check would be skipped")
@@ -25,7 +25,7 @@ else()
   message(STATUS "eoq: spin or a C compiler not found; model_check will be skipped (apt-get install spin)")
   add_test(NAME model_check COMMAND sh -c "echo 'model_check skipped: spin or a C compiler not found (apt-get install spin)'; \
 if [ -n \"\$EOQ_REQUIRE_ALL\" ] && [ \"\$EOQ_REQUIRE_ALL\" != 0 ]; then echo 'EOQ_REQUIRE_ALL is set: a skip is a failure'; exit 1; fi; exit 77")
-  set_tests_properties(model_check PROPERTIES SKIP_RETURN_CODE 77 LABELS model)
+  set_tests_properties(model_check PROPERTIES SKIP_RETURN_CODE 77 LABELS "model;slow")
 endif()
 
 # The history checker (history.hpp) against hand-made good and bad histories
