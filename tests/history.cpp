@@ -557,6 +557,15 @@ void RecordingStore::cancel_running(const eoq::Lease& lease, std::string_view re
   recorded(rec_, std::move(e), [&](Event&) { inner_.cancel_running(lease, reason); });
 }
 
+FailOutcome RecordingStore::snooze(const eoq::Lease& lease, Millis delay) {
+  // Ends the lease as a failure does; "snoozed" (not terminal) when the task runs again.
+  return recorded(rec_, client_event(Kind::fail, lease), [&](Event& e) {
+    auto out = inner_.snooze(lease, delay);
+    e.status = out.status == TaskStatus::pending ? "snoozed" : to_string(out.status);
+    return out;
+  });
+}
+
 void RecordingStore::progress(const eoq::Lease& lease, int percent, std::string_view stage) {
   inner_.progress(lease, percent, stage);
 }

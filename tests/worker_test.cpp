@@ -94,6 +94,7 @@ class FaultyStore final : public eoq::TaskStore {
   void release(const eoq::Lease& l) override { check(); inner_.release(l); }
   bool expire_if_overdue(const eoq::Lease& l) override { check(); return inner_.expire_if_overdue(l); }
   void cancel_running(const eoq::Lease& l, std::string_view r) override { check(); inner_.cancel_running(l, r); }
+  eoq::FailOutcome snooze(const eoq::Lease& l, Millis d) override { check(); return inner_.snooze(l, d); }
   std::atomic<std::int64_t> clock_offset_us{0};  // now() runs this far ahead of the store's clock
   eoq::TimePoint now() override {
     check();

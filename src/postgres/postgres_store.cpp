@@ -126,7 +126,7 @@ struct Statements {
             claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), complete_one = q("complete_one"),
             fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
-            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), remove_finished = q("remove_finished"), progress = q("progress"), checkpoint = q("checkpoint");
+            cancel_lease = q("cancel_lease"), snooze = q("snooze"), heartbeat = q("heartbeat"), remove_finished = q("remove_finished"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
             list = q("list"), list_desc = q("list_desc"), list_count = q("list_count"),
             count_estimate = q("count_estimate"), stats = q("stats"), throughput = q("throughput"),
@@ -197,6 +197,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"release_batch", std::vector<Column>{{"id", kInt8}, {"version", kInt8}, {"count", 0}}},
       {"expire_lease", std::vector<Column>{{"overdue", kBool}}},
       {"cancel_lease", std::vector<Column>{{"id", 0}}},
+      {"snooze", std::vector<Column>{{"outcome", kText}, {"run_at", kTimestamptz}, {"notified", 0}}},
       {"heartbeat", std::vector<Column>{{"lease_expires_at", kTimestamptz}, {"cancel_requested", kBool}}},
       {"progress", std::vector<Column>{{"id", 0}}},
       {"checkpoint", std::vector<Column>{{"id", 0}}},
@@ -215,7 +216,8 @@ const std::vector<ResultShape>& result_shapes() {
       {"throughput", std::vector<Column>{{"queue", kText}, {"status", kText}, {"minute", kTimestamptz},
                                          {"finished", kInt8}}},
       {"history", std::vector<Column>{{"attempt", kInt4}, {"owner", kText}, {"started_at", kTimestamptz},
-                                      {"finished_at", kTimestamptz}, {"outcome", kText}, {"error", kText}}},
+                                      {"finished_at", kTimestamptz}, {"outcome", kText}, {"error", kText},
+                                      {"version", 0}}},
       {"settled", std::vector<Column>{{"status", kText}}},
       {"now", std::vector<Column>{{"now", kTimestamptz}}},
       {"expire", count},
@@ -1338,6 +1340,27 @@ void PostgresStore::cancel_running(const Lease& lease, std::string_view reason) 
   if (r.rows() == 1) return;
   if (retried && impl.settled(lease.id(), lease.token) == std::optional<std::string>("cancelled")) return;
   lease_lost(lease, "cancel_running");
+}
+
+FailOutcome PostgresStore::snooze(const Lease& lease, Millis delay) {
+  auto& impl = *impl_;
+  detail::validate_snooze_delay(delay);
+  bool retried = false;
+  auto r = impl.run(impl.sql.snooze, {num(lease.id()), num(lease.token), num(delay.count()), impl.channel}, &retried);
+  if (r.rows() == 1) {
+    if (r.text(0, 0) == "cancelled") return {TaskStatus::cancelled, std::nullopt};
+    return {TaskStatus::pending, r.opt_time(0, 1)};
+  }
+  // After a retry our first try may have applied: its history row says so.
+  if (retried) {
+    auto s = impl.settled(lease.id(), lease.token);
+    if (s == std::optional<std::string>("cancelled")) return {TaskStatus::cancelled, std::nullopt};
+    if (s == std::optional<std::string>("snoozed")) {
+      auto t = get(lease.id());
+      return {TaskStatus::pending, t ? std::optional(t->run_at) : std::nullopt};
+    }
+  }
+  lease_lost(lease, "snooze");
 }
 
 void PostgresStore::progress(const Lease& lease, int percent, std::string_view stage) {
