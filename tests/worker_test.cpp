@@ -37,6 +37,7 @@
 
 using namespace std::chrono_literals;
 using eoq::Millis;
+using Steady = std::chrono::steady_clock;
 using eoq::test::StoreKind;
 using eoq::test::eventually;
 using eoq::test::Gate;
@@ -215,7 +216,7 @@ eoq::WorkerOptions fast_options(LogSink& sink) {
 
 void check_counters_add_up(const eoq::WorkerCounters& c) {
   CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +
-                         c.abandoned + c.in_flight);
+                         c.abandoned + c.snoozed + c.in_flight);
   std::uint64_t histogram = 0;
   for (auto n : c.handler_duration_buckets) histogram += n;
   CHECK(histogram == c.handler_runs);
@@ -2042,8 +2043,7 @@ TEST_CASE("a task whose deadline passes while it waits in the prefetch buffer en
   auto c = worker.counters();
   CHECK(c.expired == 1);
   CHECK(c.succeeded == 1);
-  CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +
-                         c.abandoned + c.in_flight);
+  check_counters_add_up(c);
   CHECK(sink.contains("deadline passed while it waited for a handler"));
 }
 
@@ -3146,4 +3146,206 @@ TEST_CASE("batch: at the shutdown deadline a running batch gives every lease bac
   REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 20s));
   next.stop();
   for (const auto& s : submitted) CHECK(fx.count_for(s.task.id) == 1);
+}
+
+// ---------------------------------------------------------------------------
+// Snooze: a handler that says "run me again after d"
+
+TEST_CASE("snooze: a handler that snoozes runs again after the delay, the attempt not counted, even on its last one",
+          "[worker][snooze]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::mutex mu;
+  std::vector<std::pair<int, Steady::time_point>> runs;  // attempt, when
+  worker.on("later", [&](eoq::TaskContext& ctx) {
+    std::size_t n;
+    {
+      std::lock_guard lk(mu);
+      runs.emplace_back(ctx.attempt(), Steady::now());
+      n = runs.size();
+    }
+    if (n == 1) throw eoq::Snooze{300ms};
+    if (n == 2) {
+      try {
+        ctx.snooze(200ms);
+      } catch (const std::exception&) {
+        // ctx.snooze must not be swallowed by a handler's catch-all for errors.
+      }
+      ctx.set_result(R"("must not be stored")");
+      return;
+    }
+    ctx.set_result(R"("third run")");
+  });
+  auto t = task("later");
+  t.retry.max_attempts = 1;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }, 10s));
+  worker.stop();
+
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.attempts == 1);
+  CHECK(done.result == std::optional<std::string>(R"("third run")"));
+  std::vector<std::pair<int, std::string>> seen;
+  for (const auto& a : store.history(id)) seen.emplace_back(a.number, a.outcome);
+  CHECK(seen == std::vector<std::pair<int, std::string>>{{1, "snoozed"}, {1, "snoozed"}, {1, "succeeded"}});
+  {
+    std::lock_guard lk(mu);
+    REQUIRE(runs.size() == 3);
+    for (const auto& r : runs) CHECK(r.first == 1);
+    // The store's clock put each run off: never earlier than the delay (its clock and ours tick alike).
+    CHECK(runs[1].second - runs[0].second >= 300ms - 5ms);
+    CHECK(runs[2].second - runs[1].second >= 200ms - 5ms);
+  }
+  auto c = worker.counters();
+  CHECK(c.claimed == 3);
+  CHECK(c.snoozed == 2);
+  CHECK(c.succeeded == 1);
+  CHECK(c.failed + c.retried == 0);
+  check_counters_add_up(c);
+  CHECK(sink.contains("snoozed for 300 ms"));
+}
+
+TEST_CASE("snooze: a bad delay fails the attempt by its retry policy; ctx.snooze refuses it where it is called",
+          "[worker][snooze]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<bool> refused{false};
+  worker.on("thrown", [](eoq::TaskContext&) { throw eoq::Snooze{-1ms}; });
+  worker.on("called", [&](eoq::TaskContext& ctx) {
+    try {
+      ctx.snooze(std::chrono::hours(24 * 366));
+    } catch (const eoq::InvalidArgument& e) {
+      refused = e.field() == "delay";
+    }
+  });
+  auto t = task("thrown");
+  t.retry.max_attempts = 1;
+  auto thrown = store.submit(t).task.id;
+  auto called = store.submit(task("called")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, thrown) && is_done(store, called); }));
+  worker.stop();
+  auto f = store.get(thrown).value();
+  CHECK(f.status == eoq::TaskStatus::failed);
+  CHECK(f.last_error.value_or("").find("delay: must not be negative") != std::string::npos);
+  CHECK(refused);
+  CHECK(store.get(called)->status == eoq::TaskStatus::succeeded);
+  CHECK(worker.counters().snoozed == 0);
+}
+
+TEST_CASE("snooze: a task asked to cancel that snoozes ends cancelled", "[worker][snooze][cancel]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 600ms;  // heartbeats every 200 ms carry the cancel request
+  eoq::Worker worker(store, options);
+  std::atomic<bool> started{false};
+  worker.on("patient", [&](eoq::TaskContext& ctx) {
+    started = true;
+    while (ctx.sleep_for(10s)) {
+    }
+    ctx.snooze(1s);
+  });
+  auto id = store.submit(task("patient")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  CHECK(store.cancel(id) == eoq::CancelOutcome::cancel_requested);
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(status_of(store, id) == eoq::TaskStatus::cancelled);
+  auto h = store.history(id);
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].outcome == "cancelled");
+  auto c = worker.counters();
+  CHECK(c.cancelled == 1);
+  CHECK(c.snoozed == 0);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("snooze: a snoozing handler's SQL and submits roll back, and the run after it commits once",
+          "[worker][postgres][snooze]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  Effects effects(ts);  // task_id is its key: a first run's row that committed would refuse the second's
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  std::atomic<int> runs{0};
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    ctx.exec(effects.insert(), row_of(ctx));
+    auto child = task("child");
+    child.queue = "children";
+    child.key = "child-of-" + std::to_string(ctx.id());
+    ctx.submit(child);
+    if (++runs == 1) ctx.snooze(500ms);
+  });
+  auto id = ts->submit(task("write")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return worker.counters().snoozed == 1; }));
+  // Between the snooze and the next run: nothing of the first run is there.
+  CHECK(effects.count_for(id) == 0);
+  CHECK_FALSE(ts->find("children", "child-of-" + std::to_string(id)).has_value());
+  CHECK(status_of(*ts, id) == eoq::TaskStatus::pending);
+  REQUIRE(eventually([&] { return is_done(*ts, id); }, 10s));
+  worker.stop();
+  CHECK(runs == 2);
+  CHECK(status_of(*ts, id) == eoq::TaskStatus::succeeded);
+  CHECK(effects.count_for(id) == 1);
+  CHECK(effects.admin.scalar("SELECT attempt FROM " + effects.table + " WHERE task_id = $1",
+                             {std::to_string(id)}) == std::optional<std::string>("1"));
+  CHECK(ts->find("children", "child-of-" + std::to_string(id)).has_value());
+  auto c = worker.counters();
+  CHECK(c.snoozed == 1);
+  CHECK(c.succeeded == 1);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("snooze: in a batch a snoozing handler rolls its batch back, is settled alone, and the others commit once",
+          "[worker][postgres][batch][snooze]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  RunLog log;
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    auto txid = fx.write(ctx);
+    const bool first = log.runs_of(ctx.id()) == 0;
+    log.add(ctx, txid);
+    if (ctx.payload() == R"("snoozes")" && first) throw eoq::Snooze{200ms};
+  }, {.batch = 20});
+  constexpr int n = 20, snoozer = 6;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  for (auto& t : tasks) t.retry.max_attempts = 1;
+  tasks[snoozer].payload = R"("snoozes")";
+  auto submitted = ts->submit_batch(tasks);
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 20s));
+  worker.stop();
+  for (const auto& s : submitted) {
+    auto t = ts->get(s.task.id).value();
+    INFO("task " << t.id);
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK(t.attempts == 1);
+    CHECK(fx.count_for(t.id) == 1);
+  }
+  const auto sid = submitted[snoozer].task.id;
+  // The snoozing run wrote in a transaction shared with others, and none of it committed.
+  std::int64_t snoozed_tx = 0;
+  for (const auto& r : log.all())
+    if (r.id == sid) {
+      snoozed_tx = r.txid;
+      break;
+    }
+  CHECK(fx.count_in(snoozed_tx) == 0);
+  CHECK(log.others_in(snoozed_tx, sid) > 0);
+  std::vector<std::string> outcomes;
+  for (const auto& a : ts->history(sid)) outcomes.push_back(a.outcome);
+  CHECK(outcomes == std::vector<std::string>{"snoozed", "succeeded"});
+  auto c = worker.counters();
+  CHECK(c.claimed == n + 1);
+  CHECK(c.snoozed == 1);
+  CHECK(c.succeeded == n);
+  check_counters_add_up(c);
 }

@@ -50,17 +50,24 @@ class ErrorBackoff {
 };
 
 // How a lease ended, as counted in WorkerCounters.
-enum class Outcome { succeeded, failed, retried, cancelled, expired, lease_lost, released, abandoned };
+enum class Outcome { succeeded, failed, retried, cancelled, expired, lease_lost, released, abandoned, snoozed };
+
+// What ctx.snooze throws to unwind the handler. Not a std::exception, so that
+// a handler's `catch (const std::exception&)` lets it through; the request is
+// recorded in TaskRun::snooze before the throw, so it stands however the
+// handler then leaves.
+struct SnoozeRequest {};
 
 // What running the handler came to. Settlement turns it into a store call.
 struct Verdict {
   // settled: the lease ended before the handler could start (its deadline had
   // passed); nothing is left to settle.
-  enum class Kind { succeeded, failed, cancelled, lease_lost, settled } kind = Kind::succeeded;
+  enum class Kind { succeeded, failed, cancelled, lease_lost, settled, snoozed } kind = Kind::succeeded;
   Failure failure{};    // failed
   bool expected = false;  // failed by a PermanentError: the handler's own verdict, logged at info
   std::string reason{};   // cancelled: why the handler stopped
   bool database = false;  // failed by a DatabaseError: in a batch, perhaps another task's statement
+  Millis delay{0};        // snoozed: run again this much later
 };
 
 class Engine;
@@ -129,6 +136,7 @@ struct TaskRun {
   std::optional<TaskTransaction> tx_view;
   int last_percent = -1;
   std::string last_stage;
+  std::optional<Millis> snooze;  // ctx.snooze was called: the attempt ends snoozed
 
   bool locally_expired(Steady::time_point now) const noexcept {
     return now.time_since_epoch().count() >= expires.load();
@@ -224,6 +232,7 @@ class Completer {
  private:
   void settle_failure(TaskRun& run, const Failure& failure, bool expected);
   void settle_cancelled(TaskRun& run, const std::string& reason);
+  void settle_snoozed(TaskRun& run, Millis delay);
   void settle_transaction(TaskRun& run);
   bool flush(std::vector<std::shared_ptr<TaskRun>>& batch);
  public:
@@ -295,7 +304,7 @@ class Engine {
 
   struct Counters {
     std::atomic<std::uint64_t> claimed{0}, succeeded{0}, failed{0}, retried{0}, cancelled{0}, expired{0},
-        lease_lost{0}, released{0}, abandoned{0}, in_flight{0}, store_errors{0}, handler_runs{0};
+        lease_lost{0}, released{0}, abandoned{0}, snoozed{0}, in_flight{0}, store_errors{0}, handler_runs{0};
     std::atomic<std::int64_t> handler_us_total{0}, handler_us_max{0};
     std::array<std::atomic<std::uint64_t>, WorkerCounters::duration_bounds.size() + 1> buckets{};
   } counters;

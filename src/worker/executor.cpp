@@ -203,12 +203,22 @@ Verdict Executor::execute(TaskRun& run) {
   bool database = false;                // a DatabaseError reached the handler's caller
   auto started = Steady::now();
   run.tx_options = handler->second.tx;
+  run.snooze.reset();  // a batch's run again starts afresh
   run.in_handler = true;
   try {
     TaskContext ctx(run);
     handler->second.handler(ctx);
+  } catch (const SnoozeRequest&) {
+    // ctx.snooze recorded it in run.snooze.
   } catch (const Cancelled& e) {
     stopped = e.what();
+  } catch (const Snooze& e) {
+    try {
+      validate_snooze_delay(e.delay());
+      run.snooze = e.delay();
+    } catch (const InvalidArgument& bad) {
+      failure = Failure{fmt::format("eoq::Snooze: {}", bad.what()), false};
+    }
   } catch (const PermanentError& e) {
     failure = Failure{e.what(), true};
     expected = true;
@@ -231,6 +241,8 @@ Verdict Executor::execute(TaskRun& run) {
       e_.log(LogLevel::warning, "{}: lease lost while the handler ran; its outcome is discarded", run.describe());
     return {Verdict::Kind::lease_lost};
   }
+  // ctx.snooze is the handler's word, whatever it threw or returned after it.
+  if (run.snooze) return {Verdict::Kind::snoozed, {}, false, {}, false, *run.snooze};
   if (failure) return {Verdict::Kind::failed, std::move(*failure), expected, {}, database};
   if (stopped) return {Verdict::Kind::cancelled, {}, false, std::move(*stopped)};
   return {Verdict::Kind::succeeded};
@@ -313,6 +325,12 @@ std::vector<SubmitResult> TaskContext::submit_batch(std::span<const NewTask> tas
 std::vector<Relative> TaskContext::parent_results() const {
   return run_->engine->store.relatives(run_->lease.task.id).parents;
 }
+void TaskContext::snooze(Millis delay) {
+  detail::validate_snooze_delay(delay);
+  run_->snooze = delay;
+  throw detail::SnoozeRequest{};
+}
+
 bool TaskContext::cancelled() const noexcept { return run_->cancel.load(); }
 bool TaskContext::stopping() const noexcept { return run_->engine->stopping.load(); }
 bool TaskContext::lease_lost() const noexcept { return run_->lost.load(); }

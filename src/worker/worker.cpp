@@ -111,6 +111,7 @@ WorkerCounters Engine::snapshot() const noexcept {
   c.lease_lost = counters.lease_lost.load();
   c.released = counters.released.load();
   c.abandoned = counters.abandoned.load();
+  c.snoozed = counters.snoozed.load();
   c.in_flight = counters.in_flight.load();
   c.store_errors = counters.store_errors.load();
   c.handler_runs = counters.handler_runs.load();
@@ -160,6 +161,7 @@ void Engine::finish(std::span<TaskRun* const> runs, Outcome outcome) {
     case Outcome::lease_lost: counters.lease_lost.fetch_add(n); break;
     case Outcome::released: counters.released.fetch_add(n); break;
     case Outcome::abandoned: counters.abandoned.fetch_add(n); break;
+    case Outcome::snoozed: counters.snoozed.fetch_add(n); break;
   }
   for (auto* run : mine) run->notify();
 }
