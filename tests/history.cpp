@@ -404,6 +404,7 @@ class RecordingTransaction final : public LeaseTransaction {
       : inner_(std::move(inner)), lease_(lease), rec_(rec) {}
   Rows exec(std::string_view sql, const Params& params) override { return inner_->exec(sql, params); }
   void send(std::string_view sql, const Params& params) override { inner_->send(sql, params); }
+  void interrupt() noexcept override { inner_->interrupt(); }
   // What a handler submits exists only once its transaction commits: recorded then.
   SubmitResult submit(const NewTask& task) override {
     auto r = inner_->submit(task);

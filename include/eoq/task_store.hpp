@@ -248,6 +248,12 @@ class LeaseTransaction {
   // become durable together. A new transaction starts for what follows.
   virtual void checkpoint(std::string_view stage, std::string_view state_json) = 0;
   virtual bool open() const noexcept = 0;
+  // From another thread, when the attempt is being ended under a handler that
+  // still runs (the Worker's timeout): cancels the statement it is waiting in,
+  // if the store can, and makes every later call throw LeaseLost. Nothing of
+  // the transaction commits. The default does nothing (MemoryStore, whose
+  // calls cannot hang).
+  virtual void interrupt() noexcept {}
 };
 
 struct MaintenanceReport {

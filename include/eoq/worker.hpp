@@ -132,6 +132,10 @@ struct WorkerOptions {
   std::string worker_id;     // lease owner; empty: "<host>:<pid>:<random>"
   // stop() lets running handlers finish for this long, then gives their leases back.
   Millis shutdown_timeout{20000};
+  // How long a handler that ran past its timeout (HandlerOptions::timeout,
+  // Task::timeout) has to return, once asked to stop, before its attempt is
+  // failed with "timeout". 0 to 7 days.
+  Millis timeout_grace{5000};
   // How often store.maintain() runs (expire overdue tasks, reap dead leases,
   // retention); zero disables it.
   Millis maintenance_interval{30000};
@@ -253,7 +257,11 @@ class TaskContext {
   // The store fenced this lease off: another owner may be running the task, and
   // whatever this handler does will be discarded.
   bool lease_lost() const noexcept;
-  bool should_stop() const noexcept { return cancelled() || stopping() || lease_lost(); }
+  // The handler has run past its timeout (HandlerOptions::timeout,
+  // Task::timeout): return within WorkerOptions::timeout_grace, or the
+  // attempt fails with "timeout" and what the handler does after is discarded.
+  bool timed_out() const noexcept;
+  bool should_stop() const noexcept { return cancelled() || stopping() || lease_lost() || timed_out(); }
   // Sleeps for up to `duration`, waking early when should_stop() turns true.
   // Returns !should_stop().
   bool sleep_for(Millis duration);
@@ -287,6 +295,25 @@ struct HandlerOptions {
   int batch = 1;
   // Overrides WorkerOptions::synchronous_commit for this type.
   std::optional<bool> synchronous_commit{};
+  // How long one call of the handler may run; a task's own Task::timeout
+  // overrides it. Empty: no limit. At the timeout the handler sees
+  // ctx.timed_out() and ctx.should_stop(), and ctx.sleep_for wakes. A
+  // handler that returns within WorkerOptions::timeout_grace after that
+  // settles as it would have without a timeout: returning completes the task
+  // with its writes, throwing fails it (as River and Oban do with a job that
+  // returns in time). One still running after the grace has its attempt
+  // failed with the error "timeout" there and then, retried per the task's
+  // RetryPolicy or failed when no attempts remain (counted as retried or
+  // failed). What that handler does afterwards is discarded: the failure
+  // moved the task's version on, so its completion meets LeaseLost, its
+  // transaction rolls back (on Postgres the server refuses its COMMIT), and
+  // ctx.checkpoint throws LeaseLost. A handler cannot be interrupted: its
+  // thread keeps its slot among `concurrency` (and, on Postgres, its handler
+  // connection) until it returns. In a batch the time counts per handler
+  // call; a handler failed so rolls its batch back, and the other tasks its
+  // thread holds are given back (pending at once, attempts not counted)
+  // rather than wait for it. Positive, at most 7 days (field "timeout").
+  std::optional<Millis> timeout{};
 };
 
 // "Every `period`, submit `task`": the scheduler submits it with the key

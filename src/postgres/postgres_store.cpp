@@ -1400,9 +1400,27 @@ class PgLeaseTransaction final : public LeaseTransaction {
         idle_timeout_(fmt::format("SET LOCAL idle_in_transaction_session_timeout = {}",
                                   store.options.handler_idle_timeout.count())),
         synchronous_(options.synchronous_commit) {
+    watch_connection();
     start();
   }
-  ~PgLeaseTransaction() override { abandon(); }
+  ~PgLeaseTransaction() override {
+    abandon();
+    // A cancel request may reach the server after the transaction ended and
+    // hit whatever the connection's next borrower runs: it goes, not back to the pool.
+    if (interrupted_) conn_.discard();
+  }
+
+  // From another thread, while the handler may be waiting in a statement: a
+  // cancel request for that statement (PQcancel, the one libpq call made for
+  // use from another thread), so a handler stuck in SQL returns and its
+  // locks go with its transaction; every later call throws LeaseLost.
+  void interrupt() noexcept override {
+    interrupted_ = true;
+    std::lock_guard lk(cancel_mu_);
+    if (!cancel_) return;
+    char why[256];
+    PQcancel(cancel_.get(), why, sizeof why);  // a failure leaves the statement to run out; nothing commits either way
+  }
 
   Rows exec(std::string_view sql, const Params& params) override {
     require_open();
@@ -1614,10 +1632,21 @@ class PgLeaseTransaction final : public LeaseTransaction {
       conn_.discard();
       pg::sleep_backoff(attempt);
       conn_ = store_.tx_pool.acquire();
+      watch_connection();
     }
   }
-  void require_open() const {
+  void require_open() {
+    if (interrupted_) {
+      abandon();
+      throw LeaseLost(lease_.id(), lease_.token, "this lease transaction was interrupted: its attempt was ended");
+    }
     if (!open_) throw UsageError("this lease transaction is already settled or broken");
+  }
+  // What interrupt() cancels with: the current connection's backend.
+  void watch_connection() {
+    std::unique_ptr<PGcancel, void (*)(PGcancel*)> c(conn_.get() ? PQgetCancel(conn_->get()) : nullptr, PQfreeCancel);
+    std::lock_guard lk(cancel_mu_);
+    cancel_ = std::move(c);
   }
   Result run(const Statement& st, const std::vector<Param>& params) {
     try {
@@ -1633,7 +1662,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     if (!open_) return;
     open_ = false;
     if (!conn_.get()) return;
-    if (conn_->ok()) {
+    if (conn_->ok() && !interrupted_) {
       if (PQtransactionStatus(conn_->get()) == PQTRANS_IDLE) return;  // nothing was begun
       Result r(PQexec(conn_->get(), "ROLLBACK"));
       if (PQresultStatus(r.get()) == PGRES_COMMAND_OK) return;
@@ -1681,6 +1710,9 @@ class PgLeaseTransaction final : public LeaseTransaction {
   };
   static constexpr std::size_t kQueuedMax = 1000;
   std::vector<Sent> queued_;  // send(): not yet on the server
+  std::atomic<bool> interrupted_{false};
+  std::mutex cancel_mu_;  // cancel_ is replaced with the connection, and read by interrupt()
+  std::unique_ptr<PGcancel, void (*)(PGcancel*)> cancel_{nullptr, PQfreeCancel};
 };
 
 }  // namespace

@@ -28,6 +28,9 @@ bool Completer::settle(TaskRun& run, const Verdict& verdict) {
       return true;
     case Verdict::Kind::settled:
       return true;
+    case Verdict::Kind::overdue:
+      run.drop_transaction();  // the watchdog failed the attempt: nothing of the handler's commits
+      return true;
     case Verdict::Kind::succeeded:
       if (!run.tx) return false;
       settle_transaction(run);
