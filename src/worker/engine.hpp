@@ -328,6 +328,7 @@ class Watchdog {
 
  private:
   void fail_overdue(const std::shared_ptr<TaskRun>& run);
+  void settle(TaskRun& run);
   Engine& e_;
   std::mutex mu_;
   std::condition_variable_any cv_;

@@ -85,45 +85,50 @@ void Watchdog::fail_overdue(const std::shared_ptr<TaskRun>& run) {
   // From here the lease is being ended: no more heartbeats, and the handler's
   // ctx calls (checkpoint) see it gone before they reach the store.
   run->heartbeats_off = true;
-  if (run->lost.exchange(true)) {
-    e_.finish(*run, Outcome::lease_lost);  // the store had fenced it off already: nothing to fail
-    run->notify();
-    return;
-  }
+  const bool was_lost = run->lost.exchange(true);
   // A handler waiting in a statement is let go, and its locks with its
   // transaction, before the failure, which could otherwise wait behind a
   // lock the handler holds on the task's row.
   const auto companions = run->interrupt();
-  const Failure timeout{"timeout", false};
-  try {
-    auto out = e_.store.fail(run->lease, timeout);
-    const auto late = e_.opt.timeout_grace.count();
-    if (out.status == TaskStatus::pending) {
-      if (out.retry_at) e_.claimer.note_retry(*out.retry_at);
-      e_.log(LogLevel::warning, "{}: handler still running {} ms after its timeout; attempt failed (timeout), "
-             "will retry; the handler's outcome will be discarded", run->describe(), late);
-      e_.finish(*run, Outcome::retried);
-    } else if (out.status == TaskStatus::cancelled) {
-      e_.log(LogLevel::info, "{} cancelled (its handler ran past its timeout)", run->describe());
-      e_.finish(*run, Outcome::cancelled);
-    } else {
-      e_.log(LogLevel::warning, "{}: handler still running {} ms after its timeout; attempt failed (timeout), "
-             "no attempts left; the handler's outcome will be discarded", run->describe(), late);
-      e_.finish(*run, Outcome::failed);
-    }
-  } catch (const LeaseLost& e) {
-    e_.log(LogLevel::warning, "{}: timeout not recorded: {}", run->describe(), e.what());
-    e_.finish(*run, Outcome::lease_lost);
-  } catch (const std::exception& e) {
-    // With heartbeats off the lease runs out, and the next claim counts the attempt.
-    e_.store_error(fmt::format("{}: recording its timeout", run->describe()), e);
-    e_.finish(*run, Outcome::abandoned);
+  if (was_lost) {
+    e_.finish(*run, Outcome::lease_lost);  // the store had fenced it off already: nothing to fail
+  } else {
+    settle(*run);
   }
   run->notify();
   // The rest of its batch would wait for the stuck thread: back to the queue
   // with them, their attempts not counted (their writes were in the batch's
   // transaction, which will not commit).
   if (!companions.empty()) e_.completer.give_back(companions, "its batch's handler thread is stuck past a timeout");
+}
+
+// The attempt fails with "timeout", by the task's retry policy.
+void Watchdog::settle(TaskRun& run) {
+  const Failure timeout{"timeout", false};
+  try {
+    auto out = e_.store.fail(run.lease, timeout);
+    const auto late = e_.opt.timeout_grace.count();
+    if (out.status == TaskStatus::pending) {
+      if (out.retry_at) e_.claimer.note_retry(*out.retry_at);
+      e_.log(LogLevel::warning, "{}: handler still running {} ms after its timeout; attempt failed (timeout), "
+             "will retry; the handler's outcome will be discarded", run.describe(), late);
+      e_.finish(run, Outcome::retried);
+    } else if (out.status == TaskStatus::cancelled) {
+      e_.log(LogLevel::info, "{} cancelled (its handler ran past its timeout)", run.describe());
+      e_.finish(run, Outcome::cancelled);
+    } else {
+      e_.log(LogLevel::warning, "{}: handler still running {} ms after its timeout; attempt failed (timeout), "
+             "no attempts left; the handler's outcome will be discarded", run.describe(), late);
+      e_.finish(run, Outcome::failed);
+    }
+  } catch (const LeaseLost& e) {
+    e_.log(LogLevel::warning, "{}: timeout not recorded: {}", run.describe(), e.what());
+    e_.finish(run, Outcome::lease_lost);
+  } catch (const std::exception& e) {
+    // With heartbeats off the lease runs out, and the next claim counts the attempt.
+    e_.store_error(fmt::format("{}: recording its timeout", run.describe()), e);
+    e_.finish(run, Outcome::abandoned);
+  }
 }
 
 }  // namespace eoq::detail
