@@ -593,6 +593,19 @@ TEST_CASE("cli: show gives the task, its checkpoint, result, last error and ever
     CHECK(contains(eoq_cli({"show", std::to_string(done)}).out, "  result       {\"total\":42}\n"));
   }
 
+  SECTION("a snoozed attempt shows as snoozed, with the number of the attempt after it") {
+    auto later = S->submit(task("poll")).task.id;
+    S->snooze(claim_one(*S), Millis(0));
+    S->complete(claim_one(*S));
+    auto d = eoq_cli.json({"show", std::to_string(later)});
+    REQUIRE(d.at("attempts").size() == 2);
+    CHECK(d.at("attempts")[0].at("outcome") == "snoozed");
+    CHECK(d.at("attempts")[0].at("number") == 1);
+    CHECK(d.at("attempts")[1].at("outcome") == "succeeded");
+    CHECK(d.at("attempts")[1].at("number") == 1);
+    CHECK(contains(eoq_cli({"show", std::to_string(later)}).out, "  1  snoozed"));
+  }
+
   SECTION("an unknown id exits 1") {
     auto r = eoq_cli({"show", "999999"});
     CHECK(r.code == 1);
