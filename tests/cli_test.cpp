@@ -317,8 +317,8 @@ TEST_CASE("cli: migrate creates the tables and commands before it say to run it"
   auto r = eoq_cli({"migrate"});
   CHECK(r.code == 0);
   // It says what it applied, and only then that the schema is up to date.
-  CHECK(r.out.starts_with(fmt::format("schema \"{}\": applied 10 migrations (0001_tasks, ", schema)));
-  CHECK(contains(r.out, "0010_limits); it is up to date now\n"));
+  CHECK(r.out.starts_with(fmt::format("schema \"{}\": applied 11 migrations (0001_tasks, ", schema)));
+  CHECK(contains(r.out, "0011_snooze); it is up to date now\n"));
   auto again = eoq_cli.json({"migrate"});
   CHECK(again == Json{{"schema", schema}, {"migrated", true}, {"applied", Json::array()}});
   CHECK(eoq_cli({"migrate"}).out == fmt::format("schema \"{}\" is up to date\n", schema));
@@ -591,6 +591,19 @@ TEST_CASE("cli: show gives the task, its checkpoint, result, last error and ever
     auto d = eoq_cli.json({"show", std::to_string(done)});
     CHECK(d.at("task").at("result") == Json{{"total", 42}});
     CHECK(contains(eoq_cli({"show", std::to_string(done)}).out, "  result       {\"total\":42}\n"));
+  }
+
+  SECTION("a snoozed attempt shows as snoozed, with the number of the attempt after it") {
+    auto later = S->submit(task("poll")).task.id;
+    S->snooze(claim_one(*S), Millis(0));
+    S->complete(claim_one(*S));
+    auto d = eoq_cli.json({"show", std::to_string(later)});
+    REQUIRE(d.at("attempts").size() == 2);
+    CHECK(d.at("attempts")[0].at("outcome") == "snoozed");
+    CHECK(d.at("attempts")[0].at("number") == 1);
+    CHECK(d.at("attempts")[1].at("outcome") == "succeeded");
+    CHECK(d.at("attempts")[1].at("number") == 1);
+    CHECK(contains(eoq_cli({"show", std::to_string(later)}).out, "  1  snoozed"));
   }
 
   SECTION("an unknown id exits 1") {

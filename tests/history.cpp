@@ -451,6 +451,7 @@ class RecordingTransaction final : public LeaseTransaction {
       : inner_(std::move(inner)), lease_(lease), rec_(rec) {}
   Rows exec(std::string_view sql, const Params& params) override { return inner_->exec(sql, params); }
   void send(std::string_view sql, const Params& params) override { inner_->send(sql, params); }
+  void interrupt() noexcept override { inner_->interrupt(); }
   // What a handler submits exists only once its transaction commits: recorded then.
   SubmitResult submit(const NewTask& task) override {
     auto r = inner_->submit(task);
@@ -616,6 +617,15 @@ void RecordingStore::cancel_running(const eoq::Lease& lease, std::string_view re
   auto e = client_event(Kind::fail, lease);
   e.status = "cancelled";
   recorded(rec_, std::move(e), [&](Event&) { inner_.cancel_running(lease, reason); });
+}
+
+FailOutcome RecordingStore::snooze(const eoq::Lease& lease, Millis delay) {
+  // Ends the lease as a failure does; "snoozed" (not terminal) when the task runs again.
+  return recorded(rec_, client_event(Kind::fail, lease), [&](Event& e) {
+    auto out = inner_.snooze(lease, delay);
+    e.status = out.status == TaskStatus::pending ? "snoozed" : to_string(out.status);
+    return out;
+  });
 }
 
 void RecordingStore::progress(const eoq::Lease& lease, int percent, std::string_view stage) {

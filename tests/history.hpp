@@ -82,7 +82,7 @@ enum class Kind {
   heartbeat,  // a lease was extended: version, db = when, until = new expiry
   effect,     // the handler's effect row (origin db: a row in the effects table; version = writer's token)
   complete,   // a completion: version = the lease's token, db = commit time
-  fail,       // a failure: version, status = retry | failed | cancelled, db = commit time
+  fail,       // a failure: version, status = retry | failed | cancelled | snoozed, db = commit time
   release,    // a lease given back: version, db = commit time
   expire,     // a lease ended by expiry: version, db = lease_expires_at as last extended
   cancel,     // cancel(id) was called: status = its outcome
@@ -194,6 +194,7 @@ class RecordingStore final : public TaskStore {
   void release(const Lease& lease) override;
   bool expire_if_overdue(const Lease& lease) override;
   void cancel_running(const Lease& lease, std::string_view reason = {}) override;
+  FailOutcome snooze(const Lease& lease, Millis delay) override;
   void progress(const Lease& lease, int percent, std::string_view stage) override;
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;

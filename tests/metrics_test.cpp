@@ -246,10 +246,11 @@ TEST_CASE("the test's exposition parser refuses what a scrape would refuse", "[m
 
 TEST_CASE("a worker's counters render as Prometheus counters and a cumulative histogram", "[metrics]") {
   eoq::WorkerCounters c;
-  c.claimed = 10;
+  c.claimed = 14;
   c.succeeded = 6;
   c.failed = 1;
   c.retried = 2;
+  c.snoozed = 4;
   c.in_flight = 1;
   c.store_errors = 3;
   c.handler_duration_buckets[0] = 4;   // <= 5 ms
@@ -263,10 +264,11 @@ TEST_CASE("a worker's counters render as Prometheus counters and a cumulative hi
   const std::string id = "host:1:\"odd\\name\"\n";
   CHECK(m.families.at("eoq_worker_claimed_total").type == "counter");
   CHECK(m.families.at("eoq_worker_handler_duration_seconds").type == "histogram");
-  CHECK(m.value("eoq_worker_claimed_total", {{"worker", id}}) == 10);
+  CHECK(m.value("eoq_worker_claimed_total", {{"worker", id}}) == 14);
   CHECK(m.value("eoq_worker_outcomes_total", {{"worker", id}, {"outcome", "succeeded"}}) == 6);
   CHECK(m.value("eoq_worker_outcomes_total", {{"worker", id}, {"outcome", "retried"}}) == 2);
   CHECK(m.value("eoq_worker_outcomes_total", {{"worker", id}, {"outcome", "abandoned"}}) == 0);
+  CHECK(m.value("eoq_worker_outcomes_total", {{"worker", id}, {"outcome", "snoozed"}}) == 4);
   CHECK(m.value("eoq_worker_in_flight", {{"worker", id}}) == 1);
   CHECK(m.value("eoq_worker_store_errors_total", {{"worker", id}}) == 3);
   CHECK(m.value("eoq_worker_handler_duration_seconds_bucket", {{"worker", id}, {"le", "0.005"}}) == 4);

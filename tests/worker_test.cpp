@@ -37,6 +37,7 @@
 
 using namespace std::chrono_literals;
 using eoq::Millis;
+using Steady = std::chrono::steady_clock;
 using eoq::test::StoreKind;
 using eoq::test::eventually;
 using eoq::test::Gate;
@@ -94,6 +95,7 @@ class FaultyStore final : public eoq::TaskStore {
   void release(const eoq::Lease& l) override { check(); inner_.release(l); }
   bool expire_if_overdue(const eoq::Lease& l) override { check(); return inner_.expire_if_overdue(l); }
   void cancel_running(const eoq::Lease& l, std::string_view r) override { check(); inner_.cancel_running(l, r); }
+  eoq::FailOutcome snooze(const eoq::Lease& l, Millis d) override { check(); return inner_.snooze(l, d); }
   std::atomic<std::int64_t> clock_offset_us{0};  // now() runs this far ahead of the store's clock
   eoq::TimePoint now() override {
     check();
@@ -218,7 +220,7 @@ eoq::WorkerOptions fast_options(LogSink& sink) {
 
 void check_counters_add_up(const eoq::WorkerCounters& c) {
   CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +
-                         c.abandoned + c.in_flight);
+                         c.abandoned + c.snoozed + c.in_flight);
   std::uint64_t histogram = 0;
   for (auto n : c.handler_duration_buckets) histogram += n;
   CHECK(histogram == c.handler_runs);
@@ -2181,8 +2183,7 @@ TEST_CASE("a task whose deadline passes while it waits in the prefetch buffer en
   auto c = worker.counters();
   CHECK(c.expired == 1);
   CHECK(c.succeeded == 1);
-  CHECK(c.claimed == c.succeeded + c.failed + c.retried + c.cancelled + c.expired + c.lease_lost + c.released +
-                         c.abandoned + c.in_flight);
+  check_counters_add_up(c);
   CHECK(sink.contains("deadline passed while it waited for a handler"));
 }
 
@@ -3285,4 +3286,521 @@ TEST_CASE("batch: at the shutdown deadline a running batch gives every lease bac
   REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 20s));
   next.stop();
   for (const auto& s : submitted) CHECK(fx.count_for(s.task.id) == 1);
+}
+
+// ---------------------------------------------------------------------------
+// Snooze: a handler that says "run me again after d"
+
+TEST_CASE("snooze: a handler that snoozes runs again after the delay, the attempt not counted, even on its last one",
+          "[worker][snooze]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::mutex mu;
+  std::vector<std::pair<int, Steady::time_point>> runs;  // attempt, when
+  worker.on("later", [&](eoq::TaskContext& ctx) {
+    std::size_t n;
+    {
+      std::lock_guard lk(mu);
+      runs.emplace_back(ctx.attempt(), Steady::now());
+      n = runs.size();
+    }
+    if (n == 1) throw eoq::Snooze{300ms};
+    if (n == 2) {
+      try {
+        ctx.snooze(200ms);
+      } catch (const std::exception&) {
+        // ctx.snooze must not be swallowed by a handler's catch-all for errors.
+      }
+      ctx.set_result(R"("must not be stored")");
+      return;
+    }
+    ctx.set_result(R"("third run")");
+  });
+  auto t = task("later");
+  t.retry.max_attempts = 1;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }, 10s));
+  worker.stop();
+
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.attempts == 1);
+  CHECK(done.result == std::optional<std::string>(R"("third run")"));
+  std::vector<std::pair<int, std::string>> seen;
+  for (const auto& a : store.history(id)) seen.emplace_back(a.number, a.outcome);
+  CHECK(seen == std::vector<std::pair<int, std::string>>{{1, "snoozed"}, {1, "snoozed"}, {1, "succeeded"}});
+  {
+    std::lock_guard lk(mu);
+    REQUIRE(runs.size() == 3);
+    for (const auto& r : runs) CHECK(r.first == 1);
+    // The store's clock put each run off: never earlier than the delay (its clock and ours tick alike).
+    CHECK(runs[1].second - runs[0].second >= 300ms - 5ms);
+    CHECK(runs[2].second - runs[1].second >= 200ms - 5ms);
+  }
+  auto c = worker.counters();
+  CHECK(c.claimed == 3);
+  CHECK(c.snoozed == 2);
+  CHECK(c.succeeded == 1);
+  CHECK(c.failed + c.retried == 0);
+  check_counters_add_up(c);
+  CHECK(sink.contains("snoozed for 300 ms"));
+}
+
+TEST_CASE("snooze: a bad delay fails the attempt by its retry policy; ctx.snooze refuses it where it is called",
+          "[worker][snooze]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  eoq::Worker worker(store, fast_options(sink));
+  std::atomic<bool> refused{false};
+  worker.on("thrown", [](eoq::TaskContext&) { throw eoq::Snooze{-1ms}; });
+  worker.on("called", [&](eoq::TaskContext& ctx) {
+    try {
+      ctx.snooze(std::chrono::hours(24 * 366));
+    } catch (const eoq::InvalidArgument& e) {
+      refused = e.field() == "delay";
+    }
+  });
+  auto t = task("thrown");
+  t.retry.max_attempts = 1;
+  auto thrown = store.submit(t).task.id;
+  auto called = store.submit(task("called")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, thrown) && is_done(store, called); }));
+  worker.stop();
+  auto f = store.get(thrown).value();
+  CHECK(f.status == eoq::TaskStatus::failed);
+  CHECK(f.last_error.value_or("").find("delay: must not be negative") != std::string::npos);
+  CHECK(refused);
+  CHECK(store.get(called)->status == eoq::TaskStatus::succeeded);
+  CHECK(worker.counters().snoozed == 0);
+}
+
+TEST_CASE("snooze: a task asked to cancel that snoozes ends cancelled", "[worker][snooze][cancel]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.lease = 600ms;  // heartbeats every 200 ms carry the cancel request
+  eoq::Worker worker(store, options);
+  std::atomic<bool> started{false};
+  worker.on("patient", [&](eoq::TaskContext& ctx) {
+    started = true;
+    while (ctx.sleep_for(10s)) {
+    }
+    ctx.snooze(1s);
+  });
+  auto id = store.submit(task("patient")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return started.load(); }));
+  CHECK(store.cancel(id) == eoq::CancelOutcome::cancel_requested);
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK(status_of(store, id) == eoq::TaskStatus::cancelled);
+  auto h = store.history(id);
+  REQUIRE(h.size() == 1);
+  CHECK(h[0].outcome == "cancelled");
+  auto c = worker.counters();
+  CHECK(c.cancelled == 1);
+  CHECK(c.snoozed == 0);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("snooze: a snoozing handler's SQL and submits roll back, and the run after it commits once",
+          "[worker][postgres][snooze]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  Effects effects(ts);  // task_id is its key: a first run's row that committed would refuse the second's
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  std::atomic<int> runs{0};
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    ctx.exec(effects.insert(), row_of(ctx));
+    auto child = task("child");
+    child.queue = "children";
+    child.key = "child-of-" + std::to_string(ctx.id());
+    ctx.submit(child);
+    if (++runs == 1) ctx.snooze(500ms);
+  });
+  auto id = ts->submit(task("write")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return worker.counters().snoozed == 1; }));
+  // Between the snooze and the next run: nothing of the first run is there.
+  CHECK(effects.count_for(id) == 0);
+  CHECK_FALSE(ts->find("children", "child-of-" + std::to_string(id)).has_value());
+  CHECK(status_of(*ts, id) == eoq::TaskStatus::pending);
+  REQUIRE(eventually([&] { return is_done(*ts, id); }, 10s));
+  worker.stop();
+  CHECK(runs == 2);
+  CHECK(status_of(*ts, id) == eoq::TaskStatus::succeeded);
+  CHECK(effects.count_for(id) == 1);
+  CHECK(effects.admin.scalar("SELECT attempt FROM " + effects.table + " WHERE task_id = $1",
+                             {std::to_string(id)}) == std::optional<std::string>("1"));
+  CHECK(ts->find("children", "child-of-" + std::to_string(id)).has_value());
+  auto c = worker.counters();
+  CHECK(c.snoozed == 1);
+  CHECK(c.succeeded == 1);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("snooze: in a batch a snoozing handler rolls its batch back, is settled alone, and the others commit once",
+          "[worker][postgres][batch][snooze]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  RunLog log;
+  LogSink sink;
+  eoq::Worker worker(*ts, fast_options(sink));
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    auto txid = fx.write(ctx);
+    const bool first = log.runs_of(ctx.id()) == 0;
+    log.add(ctx, txid);
+    if (ctx.payload() == R"("snoozes")" && first) throw eoq::Snooze{200ms};
+  }, {.batch = 20});
+  constexpr int n = 20, snoozer = 6;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  for (auto& t : tasks) t.retry.max_attempts = 1;
+  tasks[snoozer].payload = R"("snoozes")";
+  auto submitted = ts->submit_batch(tasks);
+  worker.start();
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 20s));
+  worker.stop();
+  for (const auto& s : submitted) {
+    auto t = ts->get(s.task.id).value();
+    INFO("task " << t.id);
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK(t.attempts == 1);
+    CHECK(fx.count_for(t.id) == 1);
+  }
+  const auto sid = submitted[snoozer].task.id;
+  // The snoozing run wrote in a transaction shared with others, and none of it committed.
+  std::int64_t snoozed_tx = 0;
+  for (const auto& r : log.all())
+    if (r.id == sid) {
+      snoozed_tx = r.txid;
+      break;
+    }
+  CHECK(fx.count_in(snoozed_tx) == 0);
+  CHECK(log.others_in(snoozed_tx, sid) > 0);
+  std::vector<std::string> outcomes;
+  for (const auto& a : ts->history(sid)) outcomes.push_back(a.outcome);
+  CHECK(outcomes == std::vector<std::string>{"snoozed", "succeeded"});
+  auto c = worker.counters();
+  CHECK(c.claimed == n + 1);
+  CHECK(c.snoozed == 1);
+  CHECK(c.succeeded == n);
+  check_counters_add_up(c);
+}
+
+// ---------------------------------------------------------------------------
+// Timeouts: HandlerOptions::timeout, Task::timeout, WorkerOptions::timeout_grace
+
+namespace {
+// Opens the gate when the test leaves, however it leaves, so that a handler
+// waiting on it lets the worker stop. Declare it after the worker.
+struct OpenOnExit {
+  Gate& gate;
+  ~OpenOnExit() { gate.release(); }
+};
+}  // namespace
+
+TEST_CASE("timeout: a handler past its timeout sees should_stop, sleep_for wakes, and returning within the grace "
+          "completes the task",
+          "[worker][timeout]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.timeout_grace = 5s;
+  eoq::Worker worker(store, options);
+  std::atomic<bool> before{true}, after{false}, stop_seen{false}, woke{false};
+  std::atomic<long long> slept_ms{-1};
+  worker.on("slow", [&](eoq::TaskContext& ctx) {
+    before = ctx.timed_out() || ctx.should_stop();
+    auto t0 = Steady::now();
+    woke = !ctx.sleep_for(20s);
+    slept_ms = std::chrono::duration_cast<Millis>(Steady::now() - t0).count();
+    after = ctx.timed_out();
+    stop_seen = ctx.should_stop();
+    ctx.set_result(R"("stopped in time")");
+  }, {.timeout = 200ms});
+  auto id = store.submit(task("slow")).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }));
+  worker.stop();
+  CHECK_FALSE(before);
+  CHECK(woke);
+  CHECK(after);
+  CHECK(stop_seen);
+  CHECK(slept_ms >= 190);
+  CHECK(slept_ms < 3000);
+  auto t = store.get(id).value();
+  CHECK(t.status == eoq::TaskStatus::succeeded);
+  CHECK(t.result == std::optional<std::string>(R"("stopped in time")"));
+  auto c = worker.counters();
+  CHECK(c.succeeded == 1);
+  CHECK(c.retried + c.failed == 0);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("timeout: a handler still running after the grace has its attempt failed with timeout and retried at once, "
+          "and what it does later is discarded",
+          "[worker][timeout]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 2;  // the retry runs beside the stuck handler
+  options.timeout_grace = 100ms;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  OpenOnExit open{gate};
+  std::atomic<bool> stuck_returned{false}, late_checkpoint_refused{false};
+  worker.on("stuck", [&](eoq::TaskContext& ctx) {
+    if (ctx.attempt() == 1) {
+      gate.wait(20s);  // ignores should_stop
+      try {
+        ctx.checkpoint("late", "{}");
+      } catch (const eoq::LeaseLost&) {
+        late_checkpoint_refused = true;
+      }
+      ctx.set_result(R"("first, too late")");
+      stuck_returned = true;
+      return;
+    }
+    ctx.set_result(R"("second")");
+  }, {.timeout = 100ms});
+  auto t = task("stuck");
+  t.retry.max_attempts = 2;
+  t.retry.initial_delay = 10ms;
+  t.retry.max_delay = 10ms;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  // The second attempt succeeds while the first handler is still stuck.
+  REQUIRE(eventually([&] { return is_done(store, id); }, 5s));
+  CHECK_FALSE(stuck_returned);
+  gate.release();
+  REQUIRE(eventually([&] { return stuck_returned.load(); }));
+  worker.stop();
+
+  auto done = store.get(id).value();
+  CHECK(done.status == eoq::TaskStatus::succeeded);
+  CHECK(done.attempts == 2);
+  CHECK(done.result == std::optional<std::string>(R"("second")"));
+  CHECK_FALSE(done.checkpoint_stage.has_value());
+  CHECK(late_checkpoint_refused);
+  auto h = store.history(id);
+  REQUIRE(h.size() == 2);
+  CHECK(h[0].outcome == "retry");
+  CHECK(h[0].error == std::optional<std::string>("timeout"));
+  CHECK(h[1].outcome == "succeeded");
+  auto c = worker.counters();
+  CHECK(c.claimed == 2);
+  CHECK(c.retried == 1);
+  CHECK(c.succeeded == 1);
+  CHECK(c.lease_lost == 0);
+  check_counters_add_up(c);
+  CHECK(sink.contains("attempt failed (timeout), will retry"));
+  CHECK(sink.contains("its outcome is discarded"));
+}
+
+TEST_CASE("timeout: with no attempts left a handler past its grace fails its task with timeout", "[worker][timeout]") {
+  eoq::MemoryStore store;
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.timeout_grace = 0ms;
+  eoq::Worker worker(store, options);
+  Gate gate;
+  OpenOnExit open{gate};
+  worker.on("stuck", [&](eoq::TaskContext&) { gate.wait(20s); }, {.timeout = 50ms});
+  auto t = task("stuck");
+  t.retry.max_attempts = 1;
+  auto id = store.submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, id); }, 5s));
+  gate.release();
+  worker.stop();
+  auto f = store.get(id).value();
+  CHECK(f.status == eoq::TaskStatus::failed);
+  CHECK(f.last_error == std::optional<std::string>("timeout"));
+  auto c = worker.counters();
+  CHECK(c.failed == 1);
+  CHECK(c.succeeded == 0);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("timeout: a task's own timeout overrides its type's", "[worker][timeout]") {
+  EOQ_EACH_STORE(store);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 3;
+  options.timeout_grace = 5s;
+  eoq::Worker worker(store, options);
+  std::mutex mu;
+  std::map<eoq::TaskId, std::pair<bool, long long>> seen;  // timed out, after how long
+  auto handler = [&](eoq::TaskContext& ctx) {
+    auto t0 = Steady::now();
+    ctx.sleep_for(1500ms);
+    std::lock_guard lk(mu);
+    seen[ctx.id()] = {ctx.timed_out(), std::chrono::duration_cast<Millis>(Steady::now() - t0).count()};
+  };
+  worker.on("limited", handler, {.timeout = 10s});
+  worker.on("unlimited", handler);
+  auto own = task("limited");
+  own.timeout = 200ms;  // shorter than its type's
+  auto own_id = store.submit(own).task.id;
+  if (!store.get(own_id)->timeout) {
+    WARN("this store does not keep Task::timeout yet: the per-task case is skipped");
+    return;
+  }
+  auto type_id = store.submit(task("limited")).task.id;
+  auto free = task("unlimited");
+  free.timeout = 300ms;  // a type with no limit of its own
+  auto free_id = store.submit(free).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(store, own_id) && is_done(store, type_id) && is_done(store, free_id); }));
+  worker.stop();
+  std::lock_guard lk(mu);
+  CHECK(seen[own_id].first);
+  CHECK(seen[own_id].second < 1000);
+  CHECK_FALSE(seen[type_id].first);
+  CHECK(seen[type_id].second >= 1400);
+  CHECK(seen[free_id].first);
+  CHECK(seen[free_id].second < 1000);
+}
+
+TEST_CASE("timeout: bad limits are refused naming the field", "[worker][timeout]") {
+  eoq::MemoryStore store;
+  eoq::Worker worker(store);
+  auto field_of = [&](eoq::HandlerOptions o) {
+    try {
+      worker.on("t", [](eoq::TaskContext&) {}, o);
+    } catch (const eoq::InvalidArgument& e) {
+      return e.field();
+    }
+    return std::string("accepted");
+  };
+  CHECK(field_of({.timeout = 0ms}) == "timeout");
+  CHECK(field_of({.timeout = -5ms}) == "timeout");
+  CHECK(field_of({.timeout = std::chrono::hours(24 * 8)}) == "timeout");
+  CHECK(field_of({.timeout = 1ms}) == "accepted");
+  eoq::WorkerOptions o;
+  o.timeout_grace = -1ms;
+  try {
+    eoq::Worker bad(store, o);
+    FAIL("a negative timeout_grace was accepted");
+  } catch (const eoq::InvalidArgument& e) {
+    CHECK(e.field() == "timeout_grace");
+  }
+  auto t = task("t");
+  t.timeout = 0ms;
+  try {
+    store.submit(t);
+    FAIL("a task with a zero timeout was accepted");
+  } catch (const eoq::InvalidArgument& e) {
+    CHECK(e.field() == "timeout");
+  }
+}
+
+TEST_CASE("timeout: a stuck handler in a batch: the batch rolls back, the others are given back and run, once",
+          "[worker][postgres][timeout]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  BatchEffects fx(ts);
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 2;
+  options.timeout_grace = 100ms;
+  eoq::Worker worker(*ts, options);
+  Gate gate;
+  OpenOnExit open{gate};
+  std::atomic<int> stuck{0};
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    fx.write(ctx);
+    if (ctx.payload() == R"("stuck")" && ctx.attempt() == 1) {
+      ++stuck;
+      gate.wait(20s);
+    }
+  }, {.batch = 10, .timeout = 300ms});
+  constexpr int n = 10, culprit = 4;
+  std::vector<eoq::NewTask> tasks(n, task("write"));
+  for (auto& t : tasks) {
+    t.retry.max_attempts = 2;
+    t.retry.initial_delay = 10ms;
+    t.retry.max_delay = 10ms;
+  }
+  tasks[culprit].payload = R"("stuck")";
+  auto submitted = ts->submit_batch(tasks);
+  worker.start();
+  // Everything, the stuck task's retry included, is done while its first handler is still stuck.
+  REQUIRE(eventually([&] { return all_done(*ts, submitted); }, 10s));
+  CHECK(stuck == 1);
+  gate.release();
+  worker.stop();
+  for (const auto& s : submitted) {
+    auto t = ts->get(s.task.id).value();
+    INFO("task " << t.id);
+    CHECK(t.status == eoq::TaskStatus::succeeded);
+    CHECK(fx.count_for(t.id) == 1);
+  }
+  const auto sid = submitted[culprit].task.id;
+  CHECK(fx.attempt_of(sid) == std::optional<std::string>("2"));
+  auto h = ts->history(sid);
+  REQUIRE(h.size() == 2);
+  CHECK(h[0].error == std::optional<std::string>("timeout"));
+  CHECK(fx.count() == n);
+  auto c = worker.counters();
+  INFO("claimed " << c.claimed << ", succeeded " << c.succeeded << ", retried " << c.retried << ", released "
+                  << c.released << ", lease_lost " << c.lease_lost << ", abandoned " << c.abandoned);
+  CHECK(c.retried == 1);
+  CHECK(c.released == n - 1);  // its batch, given back so as not to wait for the stuck thread
+  CHECK(c.succeeded == n);
+  check_counters_add_up(c);
+}
+
+TEST_CASE("timeout: a handler stuck in SQL past its grace is cancelled, and its row locks do not hold up the retry",
+          "[worker][postgres][timeout]") {
+  eoq::test::TestStore ts(StoreKind::postgres);
+  Effects effects(ts);  // task_id is its key: the retry's insert waits for the stuck one's transaction
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 2;
+  options.timeout_grace = 100ms;
+  eoq::Worker worker(*ts, options);
+  std::atomic<bool> stuck_done{false};
+  std::atomic<long long> stuck_ms{-1};
+  std::string stuck_error;
+  std::mutex mu;
+  worker.on("write", [&](eoq::TaskContext& ctx) {
+    ctx.exec(effects.insert(), row_of(ctx));
+    if (ctx.attempt() > 1) return;
+    auto t0 = Steady::now();
+    try {
+      ctx.exec("SELECT pg_sleep(30)");
+    } catch (const std::exception& e) {
+      std::lock_guard lk(mu);
+      stuck_error = e.what();
+    }
+    stuck_ms = std::chrono::duration_cast<Millis>(Steady::now() - t0).count();
+    stuck_done = true;
+  }, {.timeout = 200ms});
+  auto t = task("write");
+  t.retry.max_attempts = 2;
+  t.retry.initial_delay = 10ms;
+  t.retry.max_delay = 10ms;
+  auto id = ts->submit(t).task.id;
+  worker.start();
+  REQUIRE(eventually([&] { return is_done(*ts, id) && stuck_done; }, 10s));
+  worker.stop();
+  CHECK(stuck_ms < 5000);
+  {
+    std::lock_guard lk(mu);
+    CHECK(stuck_error.find("57014") != std::string::npos);  // query_canceled
+  }
+  CHECK(status_of(*ts, id) == eoq::TaskStatus::succeeded);
+  CHECK(effects.count_for(id) == 1);
+  CHECK(effects.admin.scalar("SELECT attempt FROM " + effects.table + " WHERE task_id = $1",
+                             {std::to_string(id)}) == std::optional<std::string>("2"));
+  auto h = ts->history(id);
+  REQUIRE(h.size() == 2);
+  CHECK(h[0].error == std::optional<std::string>("timeout"));
+  auto c = worker.counters();
+  CHECK(c.retried == 1);
+  CHECK(c.succeeded == 1);
+  check_counters_add_up(c);
 }

@@ -29,7 +29,7 @@ struct WorkerMetrics {
 
 // Per worker: eoq_worker_claimed_total, eoq_worker_outcomes_total{outcome=...}
 // (succeeded, failed, retried, cancelled, expired, lease_lost, released,
-// abandoned), eoq_worker_in_flight, eoq_worker_store_errors_total and the
+// abandoned, snoozed), eoq_worker_in_flight, eoq_worker_store_errors_total and the
 // histogram eoq_worker_handler_duration_seconds (buckets from
 // WorkerCounters::duration_bounds).
 std::string prometheus_text(std::span<const WorkerMetrics> workers);

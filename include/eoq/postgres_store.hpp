@@ -94,6 +94,7 @@ class PostgresStore final : public TaskStore {
   std::vector<bool> release_batch(std::span<const Lease> leases) override;
   bool expire_if_overdue(const Lease& lease) override;
   void cancel_running(const Lease& lease, std::string_view reason = {}) override;
+  FailOutcome snooze(const Lease& lease, Millis delay) override;
   void progress(const Lease& lease, int percent, std::string_view stage) override;
   void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) override;
   std::vector<bool> complete_batch(std::span<const Completion> completions) override;

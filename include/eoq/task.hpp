@@ -174,10 +174,10 @@ struct Failure {
   bool permanent = false;  // no retry, whatever the policy says
 };
 
-// What fail() did with the task.
+// What fail() (or snooze()) did with the task.
 struct FailOutcome {
-  TaskStatus status = TaskStatus::pending;  // pending (will retry), failed or cancelled
-  std::optional<TimePoint> retry_at{};        // when status is pending
+  TaskStatus status = TaskStatus::pending;  // pending (will run again), failed or cancelled
+  std::optional<TimePoint> retry_at{};        // when status is pending: its new run_at
 };
 
 struct HeartbeatResult {
@@ -302,8 +302,10 @@ struct Attempt {
   std::string owner{};
   TimePoint started_at{};
   std::optional<TimePoint> finished_at{};
-  // running, succeeded, retry, failed, cancelled, lease_expired, or expired (the
-  // deadline passed while the lease waited in a worker's buffer: never started)
+  // running, succeeded, retry, failed, cancelled, lease_expired, expired (the
+  // deadline passed while the lease waited in a worker's buffer: never started),
+  // or snoozed (put off by its handler: not counted, so the next attempt has
+  // the same number)
   std::string outcome{};
   std::optional<std::string> error{};
 };

@@ -249,6 +249,12 @@ class LeaseTransaction {
   // become durable together. A new transaction starts for what follows.
   virtual void checkpoint(std::string_view stage, std::string_view state_json) = 0;
   virtual bool open() const noexcept = 0;
+  // From another thread, when the attempt is being ended under a handler that
+  // still runs (the Worker's timeout): cancels the statement it is waiting in,
+  // if the store can, and makes every later call throw LeaseLost. Nothing of
+  // the transaction commits. The default does nothing (MemoryStore, whose
+  // calls cannot hang).
+  virtual void interrupt() noexcept {}
 };
 
 struct MaintenanceReport {
@@ -297,6 +303,14 @@ class TaskStore {
   // cancel was requested, the attempt recorded as `cancelled` with `reason` as
   // its error (none when empty); last_error unchanged. Fenced: LeaseLost when stale.
   virtual void cancel_running(const Lease& lease, std::string_view reason = {}) = 0;
+  // The holder puts its task off (a handler's eoq::Snooze): pending again with
+  // run_at = the store's now + delay, the attempt recorded in history as
+  // `snoozed` but not counted (attempts - 1, as release() does, so a snooze on
+  // the last attempt still runs again); progress, checkpoint and last_error
+  // kept. A task with a cancel request ends cancelled instead, as release()
+  // ends it. Returns {pending, the new run_at} or {cancelled}. delay 0..365
+  // days (InvalidArgument "delay"). Fenced: LeaseLost when stale.
+  virtual FailOutcome snooze(const Lease& lease, Millis delay) = 0;
   virtual void progress(const Lease& lease, int percent, std::string_view stage) = 0;
   virtual void checkpoint(const Lease& lease, std::string_view stage, std::string_view state_json) = 0;
 

@@ -9,7 +9,8 @@
 //   worker.run();  // until another thread calls worker.stop()
 //
 // A handler returns to succeed and throws to fail: PermanentError fails the task
-// for good, Cancelled ends it cancelled, anything else retries it per the task's
+// for good, Cancelled ends it cancelled, Snooze (or ctx.snooze) puts it off
+// without counting the attempt, anything else retries it per the task's
 // RetryPolicy. Its SQL (through
 // ctx.exec / ctx.transaction()) commits in the same transaction that completes
 // the task, or not at all.
@@ -52,6 +53,27 @@ class Cancelled : public Error {
   explicit Cancelled(const std::string& reason) : Error(reason) {}
 };
 
+// Thrown by a handler whose task cannot run yet ("run me again after
+// `delay`": an upstream rate limit, a resource not ready): the attempt ends
+// `snoozed` in history and does not count against max_attempts (a snooze on
+// the last attempt still runs again), any SQL and submits the handler made in
+// the task's transaction roll back, and the task is pending again with run_at
+// = the store's now() + delay (TaskStore::snooze). A task with a cancel
+// request ends cancelled instead. delay: 0 to 365 days; outside that the
+// attempt fails (retried per its RetryPolicy) with the InvalidArgument's text.
+// ctx.snooze(delay) does the same and cannot be swallowed by a handler's
+// `catch (const std::exception&)`.
+//
+//   if (quota_left == 0) throw eoq::Snooze{std::chrono::seconds(30)};
+class Snooze : public Error {
+ public:
+  explicit Snooze(Millis delay) : Error("snoozed by its handler"), delay_(delay) {}
+  Millis delay() const noexcept { return delay_; }
+
+ private:
+  Millis delay_;
+};
+
 enum class LogLevel { debug, info, warning, error };
 std::string_view to_string(LogLevel level) noexcept;
 
@@ -61,10 +83,10 @@ using Logger = std::function<void(LogLevel level, std::string_view message)>;
 
 // A snapshot of what a worker has done since it started, for the host to export
 // (Prometheus, StatsD, logs). Every claimed lease ends in exactly one of
-// succeeded, failed, retried, cancelled, expired, lease_lost, released or
-// abandoned; until then it is counted in in_flight:
+// succeeded, failed, retried, cancelled, expired, lease_lost, released,
+// abandoned or snoozed; until then it is counted in in_flight:
 //   claimed == succeeded + failed + retried + cancelled + expired + lease_lost
-//              + released + abandoned + in_flight
+//              + released + abandoned + snoozed + in_flight
 struct WorkerCounters {
   std::uint64_t claimed = 0;     // leases taken
   std::uint64_t succeeded = 0;   // completed
@@ -75,6 +97,7 @@ struct WorkerCounters {
   std::uint64_t lease_lost = 0;  // outcome discarded: the store fenced the lease off
   std::uint64_t released = 0;    // given back unfinished (shutdown, or a commit that failed): runs again
   std::uint64_t abandoned = 0;   // outcome unknown to the store (it was unreachable); the lease expires
+  std::uint64_t snoozed = 0;     // put off by its handler (Snooze): runs again later, the attempt not counted
   std::uint64_t in_flight = 0;   // leases held right now (buffered, running or being settled)
   std::uint64_t store_errors = 0;  // failed store calls (each retried or given up on, and logged)
 
@@ -109,6 +132,10 @@ struct WorkerOptions {
   std::string worker_id;     // lease owner; empty: "<host>:<pid>:<random>"
   // stop() lets running handlers finish for this long, then gives their leases back.
   Millis shutdown_timeout{20000};
+  // How long a handler that ran past its timeout (HandlerOptions::timeout,
+  // Task::timeout) has to return, once asked to stop, before its attempt is
+  // failed with "timeout". 0 to 7 days.
+  Millis timeout_grace{5000};
   // How often store.maintain() runs (expire overdue tasks, reap dead leases,
   // retention); zero disables it.
   Millis maintenance_interval{30000};
@@ -213,6 +240,14 @@ class TaskContext {
   // empty for a parent that did not succeed, or one retention has deleted).
   std::vector<Relative> parent_results() const;
 
+  // Ends the attempt snoozed: the task runs again `delay` from now (the
+  // store's clock), the attempt not counted; see eoq::Snooze. Throws a value
+  // that is no std::exception to unwind the handler, and the snooze stands
+  // however the handler then leaves (returning, or throwing something else).
+  // A delay outside 0..365 days throws InvalidArgument("delay", ...) instead
+  // and snoozes nothing.
+  [[noreturn]] void snooze(Millis delay);
+
   // cancel() was called on this task. Seen at the next heartbeat. Returning
   // completes the task as usual; `throw eoq::Cancelled{}` ends it cancelled.
   bool cancelled() const noexcept;
@@ -222,7 +257,11 @@ class TaskContext {
   // The store fenced this lease off: another owner may be running the task, and
   // whatever this handler does will be discarded.
   bool lease_lost() const noexcept;
-  bool should_stop() const noexcept { return cancelled() || stopping() || lease_lost(); }
+  // The handler has run past its timeout (HandlerOptions::timeout,
+  // Task::timeout): return within WorkerOptions::timeout_grace, or the
+  // attempt fails with "timeout" and what the handler does after is discarded.
+  bool timed_out() const noexcept;
+  bool should_stop() const noexcept { return cancelled() || stopping() || lease_lost() || timed_out(); }
   // Sleeps for up to `duration`, waking early when should_stop() turns true.
   // Returns !should_stop().
   bool sleep_for(Millis duration);
@@ -256,6 +295,25 @@ struct HandlerOptions {
   int batch = 1;
   // Overrides WorkerOptions::synchronous_commit for this type.
   std::optional<bool> synchronous_commit{};
+  // How long one call of the handler may run; a task's own Task::timeout
+  // overrides it. Empty: no limit. At the timeout the handler sees
+  // ctx.timed_out() and ctx.should_stop(), and ctx.sleep_for wakes. A
+  // handler that returns within WorkerOptions::timeout_grace after that
+  // settles as it would have without a timeout: returning completes the task
+  // with its writes, throwing fails it (as River and Oban do with a job that
+  // returns in time). One still running after the grace has its attempt
+  // failed with the error "timeout" there and then, retried per the task's
+  // RetryPolicy or failed when no attempts remain (counted as retried or
+  // failed). What that handler does afterwards is discarded: the failure
+  // moved the task's version on, so its completion meets LeaseLost, its
+  // transaction rolls back (on Postgres the server refuses its COMMIT), and
+  // ctx.checkpoint throws LeaseLost. A handler cannot be interrupted: its
+  // thread keeps its slot among `concurrency` (and, on Postgres, its handler
+  // connection) until it returns. In a batch the time counts per handler
+  // call; a handler failed so rolls its batch back, and the other tasks its
+  // thread holds are given back (pending at once, attempts not counted)
+  // rather than wait for it. Positive, at most 7 days (field "timeout").
+  std::optional<Millis> timeout{};
 };
 
 // "Every `period`, submit `task`": the scheduler submits it with the key

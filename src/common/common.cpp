@@ -779,6 +779,11 @@ void validate_positive(std::string_view field, Millis value) {
   if (value > kMaxLease) throw InvalidArgument(std::string(field), "must be at most 7 days");
 }
 
+void validate_snooze_delay(Millis delay) {
+  if (delay.count() < 0) throw InvalidArgument("delay", "must not be negative");
+  if (delay > kMaxDelay) throw InvalidArgument("delay", "must be at most 365 days");
+}
+
 void validate_claim(const ClaimRequest& r) {
   if (r.queues.empty()) throw InvalidArgument("queues", "must name at least one queue");
   for (const auto& q : r.queues) validate_queue("queues", q);

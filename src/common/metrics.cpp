@@ -45,14 +45,15 @@ std::string prometheus_text(std::span<const WorkerMetrics> workers) {
   family(out, "eoq_worker_outcomes_total", "counter",
          "Leases the worker ended, by outcome (claimed = sum of outcomes + in_flight).");
   each([&](const std::string& id, const WorkerCounters& c) {
-    const std::array<std::pair<const char*, std::uint64_t>, 8> outcomes{{{"succeeded", c.succeeded},
+    const std::array<std::pair<const char*, std::uint64_t>, 9> outcomes{{{"succeeded", c.succeeded},
                                                                          {"failed", c.failed},
                                                                          {"retried", c.retried},
                                                                          {"cancelled", c.cancelled},
                                                                          {"expired", c.expired},
                                                                          {"lease_lost", c.lease_lost},
                                                                          {"released", c.released},
-                                                                         {"abandoned", c.abandoned}}};
+                                                                         {"abandoned", c.abandoned},
+                                                                         {"snoozed", c.snoozed}}};
     for (const auto& [name, n] : outcomes)
       out += fmt::format("eoq_worker_outcomes_total{{worker=\"{}\",outcome=\"{}\"}} {}\n", id, name, n);
   });

@@ -42,6 +42,8 @@ void validate_scope(const Scope& scope);
 // throughput(minutes): 1..1440.
 void validate_throughput_minutes(int minutes);
 void validate_positive(std::string_view field, Millis value);
+// TaskStore::snooze and eoq::Snooze: 0 to 365 days (field "delay").
+void validate_snooze_delay(Millis delay);
 void validate_progress(int percent, std::string_view stage);
 void validate_prune(Millis older_than, int batch_size);
 // limit 1..1000, count_up_to 0..kMaxCountUpTo, a valid queue name.

@@ -897,6 +897,34 @@ void MemoryStore::cancel_running(const Lease& lease, std::string_view reason) {
   state.finish(e, TaskStatus::cancelled, now);
 }
 
+FailOutcome MemoryStore::snooze(const Lease& lease, Millis delay) {
+  auto& state = *state_;
+  detail::validate_snooze_delay(delay);
+  std::lock_guard lk(state.mu);
+  Entry& e = state.fenced(lease);
+  const TimePoint now = detail::now();
+  if (e.task.cancel_requested) {
+    state.end_attempt(e, now, "cancelled", std::nullopt);
+    state.finish(e, TaskStatus::cancelled, now);
+    return {TaskStatus::cancelled, std::nullopt};
+  }
+  // Recorded, but not counted: the next claim starts the same attempt number again.
+  state.end_attempt(e, now, "snoozed", std::nullopt);
+  const TimePoint run_at = plus(now, delay);
+  state.update(e, [&](Task& t) {
+    t.status = TaskStatus::pending;
+    t.run_at = run_at;
+    --t.attempts;
+    ++t.version;
+    t.lease_owner.reset();
+    t.lease_expires_at.reset();
+    t.updated_at = now;
+  });
+  // A task put off is not ready: only one due now is worth waking a claimer for.
+  if (delay.count() == 0) state.signal(e.task.queue);
+  return {TaskStatus::pending, run_at};
+}
+
 void MemoryStore::progress(const Lease& lease, int percent, std::string_view stage) {
   auto& state = *state_;
   detail::validate_progress(percent, stage);

@@ -129,7 +129,7 @@ struct Statements {
             claim_one = q("claim_one"), claim = q("claim"), complete = q("complete"), complete_one = q("complete_one"),
             fail = q("fail"),
             release = q("release"), release_batch = q("release_batch"), expire_lease = q("expire_lease"),
-            cancel_lease = q("cancel_lease"), heartbeat = q("heartbeat"), remove_finished = q("remove_finished"), progress = q("progress"), checkpoint = q("checkpoint");
+            cancel_lease = q("cancel_lease"), snooze = q("snooze"), heartbeat = q("heartbeat"), remove_finished = q("remove_finished"), progress = q("progress"), checkpoint = q("checkpoint");
   Statement cancel = q("cancel"), lock_task = q("lock_task"), retry = q("retry"), get = q("get"),
             list = q("list"), list_desc = q("list_desc"), list_count = q("list_count"),
             count_estimate = q("count_estimate"), stats = q("stats"), throughput = q("throughput"),
@@ -210,6 +210,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"release_batch", std::vector<Column>{{"id", kInt8}, {"version", kInt8}, {"count", 0}}},
       {"expire_lease", std::vector<Column>{{"overdue", kBool}}},
       {"cancel_lease", std::vector<Column>{{"id", 0}}},
+      {"snooze", std::vector<Column>{{"outcome", kText}, {"run_at", kTimestamptz}, {"notified", 0}}},
       {"heartbeat", std::vector<Column>{{"lease_expires_at", kTimestamptz}, {"cancel_requested", kBool}}},
       {"progress", std::vector<Column>{{"id", 0}}},
       {"checkpoint", std::vector<Column>{{"id", 0}}},
@@ -228,7 +229,8 @@ const std::vector<ResultShape>& result_shapes() {
       {"throughput", std::vector<Column>{{"queue", kText}, {"status", kText}, {"minute", kTimestamptz},
                                          {"finished", kInt8}}},
       {"history", std::vector<Column>{{"attempt", kInt4}, {"owner", kText}, {"started_at", kTimestamptz},
-                                      {"finished_at", kTimestamptz}, {"outcome", kText}, {"error", kText}}},
+                                      {"finished_at", kTimestamptz}, {"outcome", kText}, {"error", kText},
+                                      {"version", 0}}},
       {"settled", std::vector<Column>{{"status", kText}}},
       {"now", std::vector<Column>{{"now", kTimestamptz}}},
       {"expire", count},
@@ -1451,6 +1453,27 @@ void PostgresStore::cancel_running(const Lease& lease, std::string_view reason) 
   lease_lost(lease, "cancel_running");
 }
 
+FailOutcome PostgresStore::snooze(const Lease& lease, Millis delay) {
+  auto& impl = *impl_;
+  detail::validate_snooze_delay(delay);
+  bool retried = false;
+  auto r = impl.run(impl.sql.snooze, {num(lease.id()), num(lease.token), num(delay.count()), impl.channel}, &retried);
+  if (r.rows() == 1) {
+    if (r.text(0, 0) == "cancelled") return {TaskStatus::cancelled, std::nullopt};
+    return {TaskStatus::pending, r.opt_time(0, 1)};
+  }
+  // After a retry our first try may have applied: its history row says so.
+  if (retried) {
+    auto s = impl.settled(lease.id(), lease.token);
+    if (s == std::optional<std::string>("cancelled")) return {TaskStatus::cancelled, std::nullopt};
+    if (s == std::optional<std::string>("snoozed")) {
+      auto t = get(lease.id());
+      return {TaskStatus::pending, t ? std::optional(t->run_at) : std::nullopt};
+    }
+  }
+  lease_lost(lease, "snooze");
+}
+
 void PostgresStore::progress(const Lease& lease, int percent, std::string_view stage) {
   auto& impl = *impl_;
   detail::validate_progress(percent, stage);
@@ -1488,9 +1511,27 @@ class PgLeaseTransaction final : public LeaseTransaction {
         idle_timeout_(fmt::format("SET LOCAL idle_in_transaction_session_timeout = {}",
                                   store.options.handler_idle_timeout.count())),
         synchronous_(options.synchronous_commit) {
+    watch_connection();
     start();
   }
-  ~PgLeaseTransaction() override { abandon(); }
+  ~PgLeaseTransaction() override {
+    abandon();
+    // A cancel request may reach the server after the transaction ended and
+    // hit whatever the connection's next borrower runs: it goes, not back to the pool.
+    if (interrupted_) conn_.discard();
+  }
+
+  // From another thread, while the handler may be waiting in a statement: a
+  // cancel request for that statement (PQcancel, the one libpq call made for
+  // use from another thread), so a handler stuck in SQL returns and its
+  // locks go with its transaction; every later call throws LeaseLost.
+  void interrupt() noexcept override {
+    interrupted_ = true;
+    std::lock_guard lk(cancel_mu_);
+    if (!cancel_) return;
+    char why[256];
+    PQcancel(cancel_.get(), why, sizeof why);  // a failure leaves the statement to run out; nothing commits either way
+  }
 
   Rows exec(std::string_view sql, const Params& params) override {
     require_open();
@@ -1703,10 +1744,21 @@ class PgLeaseTransaction final : public LeaseTransaction {
       conn_.discard();
       pg::sleep_backoff(attempt);
       conn_ = store_.tx_pool.acquire();
+      watch_connection();
     }
   }
-  void require_open() const {
+  void require_open() {
+    if (interrupted_) {
+      abandon();
+      throw LeaseLost(lease_.id(), lease_.token, "this lease transaction was interrupted: its attempt was ended");
+    }
     if (!open_) throw UsageError("this lease transaction is already settled or broken");
+  }
+  // What interrupt() cancels with: the current connection's backend.
+  void watch_connection() {
+    std::unique_ptr<PGcancel, void (*)(PGcancel*)> c(conn_.get() ? PQgetCancel(conn_->get()) : nullptr, PQfreeCancel);
+    std::lock_guard lk(cancel_mu_);
+    cancel_ = std::move(c);
   }
   Result run(const Statement& st, const std::vector<Param>& params) {
     try {
@@ -1722,7 +1774,7 @@ class PgLeaseTransaction final : public LeaseTransaction {
     if (!open_) return;
     open_ = false;
     if (!conn_.get()) return;
-    if (conn_->ok()) {
+    if (conn_->ok() && !interrupted_) {
       if (PQtransactionStatus(conn_->get()) == PQTRANS_IDLE) return;  // nothing was begun
       Result r(PQexec(conn_->get(), "ROLLBACK"));
       if (PQresultStatus(r.get()) == PGRES_COMMAND_OK) return;
@@ -1771,6 +1823,9 @@ class PgLeaseTransaction final : public LeaseTransaction {
   };
   static constexpr std::size_t kQueuedMax = 1000;
   std::vector<Sent> queued_;  // send(): not yet on the server
+  std::atomic<bool> interrupted_{false};
+  std::mutex cancel_mu_;  // cancel_ is replaced with the connection, and read by interrupt()
+  std::unique_ptr<PGcancel, void (*)(PGcancel*)> cancel_{nullptr, PQfreeCancel};
 };
 
 }  // namespace

@@ -870,6 +870,48 @@ fin AS (
 SELECT id FROM fin;
 
 
+-- name: snooze
+-- plan: generic
+-- A running task put off by its holder ($1 id, $2 lease version, $3 delay in
+-- ms, $4 channel): pending again at now() + $3, the attempt recorded as
+-- 'snoozed' but taken back (attempts - 1, as in release), so the next claim
+-- starts the same attempt number again. A task with a cancel request ends
+-- cancelled instead, as release ends it. Answers the outcome ('snoozed' or
+-- 'cancelled') and the new run_at; no row: the lease is gone. Only a task due
+-- at once is worth a notification.
+WITH t AS (
+  SELECT id, cancel_requested, attempts, version, lease_owner, started_at FROM eoq.tasks
+  WHERE id = $1 AND version = $2 AND status = 'running' FOR UPDATE),
+h AS (
+  INSERT INTO eoq.attempts (task_id, attempt, version, owner, started_at, finished_at, outcome, error)
+  SELECT id, attempts, version, lease_owner, started_at, now(),
+         CASE WHEN cancel_requested THEN 'cancelled' ELSE 'snoozed' END, NULL FROM t),
+gone AS (DELETE FROM eoq.tasks x USING t WHERE x.id = t.id AND t.cancel_requested RETURNING x.*),
+fin AS (
+  INSERT INTO eoq.finished (
+    id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+  SELECT
+    id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
+    attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
+    version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+  FROM gone),
+up AS (
+  UPDATE eoq.tasks x
+  SET status = 'pending', version = x.version + 1, attempts = x.attempts - 1,
+      run_at = now() + ($3::bigint * interval '1 millisecond'),
+      lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM t WHERE x.id = t.id AND NOT t.cancel_requested
+  RETURNING x.run_at, x.queue)
+SELECT CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'snoozed' END AS outcome,
+       (SELECT run_at FROM up) AS run_at,
+       (SELECT pg_notify($4, queue) FROM up WHERE $3::bigint = 0) AS notified
+FROM t;
+
+
 -- name: heartbeat
 -- plan: generic
 -- $1 id, $2 lease version, $3 extension in ms. A lease that ran out is
@@ -1239,15 +1281,17 @@ FROM gone GROUP BY 1, 2, 3, 4;
 
 -- name: history
 -- A task's attempts: those that ended other than in success from the attempts
--- table, the running or succeeded one from the task's own row.
-SELECT attempt, owner, started_at, finished_at, outcome, error FROM eoq.attempts WHERE task_id = $1
+-- table, the running or succeeded one from the task's own row. A snoozed
+-- attempt shares its number with the attempt after it: the lease's version
+-- orders them.
+SELECT attempt, owner, started_at, finished_at, outcome, error, version FROM eoq.attempts WHERE task_id = $1
 UNION ALL
-SELECT attempts, lease_owner, started_at, NULL::timestamptz, 'running', NULL FROM eoq.tasks
+SELECT attempts, lease_owner, started_at, NULL::timestamptz, 'running', NULL, version FROM eoq.tasks
 WHERE id = $1 AND status = 'running'
 UNION ALL
-SELECT attempts, lease_owner, started_at, finished_at, 'succeeded', NULL FROM eoq.finished
+SELECT attempts, lease_owner, started_at, finished_at, 'succeeded', NULL, version FROM eoq.finished
 WHERE id = $1 AND status = 'succeeded'
-ORDER BY 1;
+ORDER BY 1, 7;
 
 
 -- name: settled

@@ -22,7 +22,14 @@ bool Completer::settle(TaskRun& run, const Verdict& verdict) {
       run.drop_transaction();  // a stopped handler's writes do not commit
       settle_cancelled(run, verdict.reason);
       return true;
+    case Verdict::Kind::snoozed:
+      run.drop_transaction();  // the attempt did not happen: neither do its writes
+      settle_snoozed(run, verdict.delay);
+      return true;
     case Verdict::Kind::settled:
+      return true;
+    case Verdict::Kind::overdue:
+      run.drop_transaction();  // the watchdog failed the attempt: nothing of the handler's commits
       return true;
     case Verdict::Kind::succeeded:
       if (!run.tx) return false;
@@ -71,6 +78,38 @@ void Completer::settle_cancelled(TaskRun& run, const std::string& reason) {
   } catch (const std::exception& e) {
     e_.store_error(fmt::format("{}: recording the cancellation", run.describe()), e);
     e_.finish(run, Outcome::abandoned);
+  }
+}
+
+// The handler put its task off (Snooze). Transient store errors are retried
+// while the lease lasts: given up, the lease runs out and the task runs again
+// with the attempt counted, which is what a snooze was meant to avoid.
+void Completer::settle_snoozed(TaskRun& run, Millis delay) {
+  ErrorBackoff backoff(e_.opt.error_backoff_initial, e_.opt.error_backoff_max);
+  for (;;) {
+    try {
+      auto out = e_.store.snooze(run.lease, delay);
+      if (out.status == TaskStatus::cancelled) {
+        e_.log(LogLevel::info, "{} cancelled (it was snoozing)", run.describe());
+        e_.finish(run, Outcome::cancelled);
+        return;
+      }
+      if (out.retry_at) e_.claimer.note_retry(*out.retry_at);
+      e_.log(LogLevel::info, "{} snoozed for {} ms", run.describe(), delay.count());
+      e_.finish(run, Outcome::snoozed);
+      return;
+    } catch (const LeaseLost& e) {
+      e_.log(LogLevel::warning, "{}: snooze not recorded: {}", run.describe(), e.what());
+      e_.finish(run, Outcome::lease_lost);
+      return;
+    } catch (const std::exception& e) {
+      e_.store_error(fmt::format("{}: recording the snooze", run.describe()), e);
+      if (!is_transient(e) || e_.give_up || run.locally_expired(Steady::now())) {
+        e_.finish(run, Outcome::abandoned);
+        return;
+      }
+      e_.nap(backoff.next(), {});
+    }
   }
 }
 

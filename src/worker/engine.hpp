@@ -7,6 +7,8 @@
 //   completer.cpp    settlement, the one path from Verdict to store call to counter;
 //                    plain successes are settled in batches by the completer threads
 //   heartbeat.cpp    keeps every held lease alive and hears cancel requests
+//   watchdog.cpp     handler time limits: asks a handler to stop at its timeout, and
+//                    fails its attempt when it is still running after the grace period
 //   maintenance.cpp  store.maintain() now and then
 //   worker.cpp       the Worker facade, start, and the ordered shutdown
 // (every() runs an eoq::Scheduler, scheduler.cpp, beside them.)
@@ -25,7 +27,9 @@
 #include <fmt/format.h>
 #include <list>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <queue>
 #include <span>
 #include <stop_token>
@@ -50,17 +54,26 @@ class ErrorBackoff {
 };
 
 // How a lease ended, as counted in WorkerCounters.
-enum class Outcome { succeeded, failed, retried, cancelled, expired, lease_lost, released, abandoned };
+enum class Outcome { succeeded, failed, retried, cancelled, expired, lease_lost, released, abandoned, snoozed };
+
+// What ctx.snooze throws to unwind the handler. Not a std::exception, so that
+// a handler's `catch (const std::exception&)` lets it through; the request is
+// recorded in TaskRun::snooze before the throw, so it stands however the
+// handler then leaves.
+struct SnoozeRequest {};
 
 // What running the handler came to. Settlement turns it into a store call.
 struct Verdict {
   // settled: the lease ended before the handler could start (its deadline had
-  // passed); nothing is left to settle.
-  enum class Kind { succeeded, failed, cancelled, lease_lost, settled } kind = Kind::succeeded;
+  // passed); nothing is left to settle. overdue: the watchdog failed the
+  // attempt while the handler still ran; its writes roll back, and nothing
+  // else is left to settle.
+  enum class Kind { succeeded, failed, cancelled, lease_lost, settled, snoozed, overdue } kind = Kind::succeeded;
   Failure failure{};    // failed
   bool expected = false;  // failed by a PermanentError: the handler's own verdict, logged at info
   std::string reason{};   // cancelled: why the handler stopped
   bool database = false;  // failed by a DatabaseError: in a batch, perhaps another task's statement
+  Millis delay{0};        // snoozed: run again this much later
 };
 
 class Engine;
@@ -79,9 +92,14 @@ struct Registered {
   Handler handler;
   int batch = 1;
   TransactionOptions tx{};
+  std::optional<Millis> timeout{};
 };
 
-struct TaskRun {
+struct TaskRun;
+// Handlers being timed, by when the watchdog must look at them next.
+using WatchList = std::multimap<Steady::time_point, std::weak_ptr<TaskRun>>;
+
+struct TaskRun : std::enable_shared_from_this<TaskRun> {
   TaskRun(Engine& e, Lease l, Steady::time_point claim_started, Millis lease_length)
       : engine(&e),
         lease(std::move(l)),
@@ -108,6 +126,18 @@ struct TaskRun {
   std::atomic<bool> heartbeats_off{false};  // released, or left to expire at shutdown
   std::atomic<bool> settled{false};         // finish() ran
   std::atomic<bool> in_handler{false};      // the handler is running now
+  std::atomic<bool> timed_out{false};       // the handler ran past its timeout: ctx.should_stop()
+
+  // Who settles an attempt whose handler has a time limit: the handler's
+  // thread once the handler returned, or the watchdog once the grace period
+  // passed first. Both compare-and-swap from kInHandler, so exactly one does.
+  static constexpr int kInHandler = 0, kReturned = 1, kOverdue = 2;
+  std::atomic<int> race{kReturned};
+  // The run needs no handler call and no settlement any more: settled, or
+  // taken over by the watchdog (whose settlement may still be under way).
+  bool taken() const noexcept { return settled.load() || race.load() == kOverdue; }
+  // Its entry in Watchdog's list while armed (guarded by the watchdog's mutex).
+  std::optional<WatchList::iterator> watched;
   bool in_doubt = false;                    // a settlement's COMMIT outcome is unknown (settling thread only)
 
   // Wakes TaskContext::sleep_for when a flag above changes.
@@ -125,10 +155,16 @@ struct TaskRun {
   std::unique_ptr<LeaseTransaction> tx;
   // A batch's transaction, shared by its tasks (owned by the executor), or null.
   LeaseTransaction* batch_tx = nullptr;
+  // While batch_tx is set: every run of the batch (owned by the executor).
+  const std::vector<std::shared_ptr<TaskRun>>* batch_runs = nullptr;
+  // Held while tx or batch_tx changes, and by the watchdog while it
+  // interrupts them from its thread, so it never reaches one that is gone.
+  std::mutex tx_mu;
   TransactionOptions tx_options{};
   std::optional<TaskTransaction> tx_view;
   int last_percent = -1;
   std::string last_stage;
+  std::optional<Millis> snooze;  // ctx.snooze was called: the attempt ends snoozed
 
   bool locally_expired(Steady::time_point now) const noexcept {
     return now.time_since_epoch().count() >= expires.load();
@@ -138,10 +174,33 @@ struct TaskRun {
   }
   void drop_transaction() {
     tx_view.reset();
-    tx.reset();  // rolls back whatever the handler wrote and did not commit
+    std::unique_ptr<LeaseTransaction> gone;
+    {
+      std::lock_guard lk(tx_mu);
+      gone = std::move(tx);
+    }
+    gone.reset();  // rolls back whatever the handler wrote and did not commit
   }
   // The handler's transaction, opened on first use: the batch's, or its own.
   LeaseTransaction& transaction();
+  void share(LeaseTransaction* batch, const std::vector<std::shared_ptr<TaskRun>>* runs) {
+    std::lock_guard lk(tx_mu);
+    batch_tx = batch;
+    batch_runs = runs;
+  }
+  // The watchdog ends the attempt under a handler that still runs: a
+  // statement it waits in is cancelled, and its transaction refuses more.
+  // Returns the other runs of its batch that are still to settle: they wait
+  // for this handler's thread, and would for as long as it is stuck.
+  std::vector<std::shared_ptr<TaskRun>> interrupt() {
+    std::vector<std::shared_ptr<TaskRun>> companions;
+    std::lock_guard lk(tx_mu);
+    if (LeaseTransaction* t = batch_tx ? batch_tx : tx.get()) t->interrupt();
+    if (batch_runs)
+      for (const auto& r : *batch_runs)
+        if (r.get() != this && !r->taken()) companions.push_back(r);
+    return companions;
+  }
 };
 
 // Claims as many leases as the handlers will start before the next claim could
@@ -224,6 +283,7 @@ class Completer {
  private:
   void settle_failure(TaskRun& run, const Failure& failure, bool expected);
   void settle_cancelled(TaskRun& run, const std::string& reason);
+  void settle_snoozed(TaskRun& run, Millis delay);
   void settle_transaction(TaskRun& run);
   bool flush(std::vector<std::shared_ptr<TaskRun>>& batch);
  public:
@@ -246,6 +306,33 @@ class Heartbeater {
   bool beat(TaskRun& run);
   void drop_if_buffered(TaskRun& run);
   Engine& e_;
+};
+
+// Handler time limits (HandlerOptions::timeout, Task::timeout). At the
+// timeout the handler is asked to stop (ctx.timed_out(), sleep_for wakes);
+// if it has not returned WorkerOptions::timeout_grace later, its attempt is
+// failed with "timeout" while it runs, so the task is retried (or fails) now
+// rather than whenever the handler returns. A handler cannot be interrupted:
+// its thread, and its slot, stay busy until it returns, and its outcome is
+// then discarded (its writes roll back; the failure moved the task's version
+// on, so its completion could only meet LeaseLost anyway).
+class Watchdog {
+ public:
+  explicit Watchdog(Engine& e) : e_(e) {}
+  void run(const std::stop_token& st);  // the watchdog thread
+  // Just before the handler is called: watch it for `limit`.
+  void arm(TaskRun& run, Millis limit);
+  // Just after it returned: true when its verdict stands, false when the
+  // watchdog took the attempt over.
+  bool disarm(TaskRun& run);
+
+ private:
+  void fail_overdue(const std::shared_ptr<TaskRun>& run);
+  void settle(TaskRun& run);
+  Engine& e_;
+  std::mutex mu_;
+  std::condition_variable_any cv_;
+  WatchList due_;  // guarded by mu_
 };
 
 class Maintainer {
@@ -295,7 +382,7 @@ class Engine {
 
   struct Counters {
     std::atomic<std::uint64_t> claimed{0}, succeeded{0}, failed{0}, retried{0}, cancelled{0}, expired{0},
-        lease_lost{0}, released{0}, abandoned{0}, in_flight{0}, store_errors{0}, handler_runs{0};
+        lease_lost{0}, released{0}, abandoned{0}, snoozed{0}, in_flight{0}, store_errors{0}, handler_runs{0};
     std::atomic<std::int64_t> handler_us_total{0}, handler_us_max{0};
     std::array<std::atomic<std::uint64_t>, WorkerCounters::duration_bounds.size() + 1> buckets{};
   } counters;
@@ -344,12 +431,13 @@ class Engine {
   Completer completer{*this};
   Heartbeater heartbeater{*this};
   Maintainer maintainer{*this};
+  Watchdog watchdog{*this};
 
  private:
   void validate_options() const;
   SchedulerOptions scheduler_options();
   mutable std::mutex log_mu;
-  std::jthread heartbeat_thread, maintenance_thread;
+  std::jthread heartbeat_thread, maintenance_thread, watchdog_thread;
   std::vector<std::jthread> claimer_threads, handler_threads, completer_threads;
 };
 

@@ -10,7 +10,11 @@ namespace eoq::detail {
 
 LeaseTransaction& TaskRun::transaction() {
   if (batch_tx) return *batch_tx;
-  if (!tx) tx = engine->store.begin(lease, tx_options);
+  if (!tx) {
+    auto opened = engine->store.begin(lease, tx_options);
+    std::lock_guard lk(tx_mu);
+    tx = std::move(opened);
+  }
   return *tx;
 }
 
@@ -98,8 +102,8 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
         if (held.get() == r) alone(held);
   };
   for (;;) {
-    // A lease settled meanwhile (given back by stop(), say) is not run again.
-    std::erase_if(todo, [](TaskRun* r) { return r->settled.load(); });
+    // A lease settled meanwhile (given back by stop(), failed by the watchdog) is not run again.
+    std::erase_if(todo, [](TaskRun* r) { return r->taken(); });
     if (todo.empty()) return;
     if (e_.give_up) {
       // Past the shutdown deadline: what the batch still holds goes back now, not after another round.
@@ -120,9 +124,9 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
     for (; i < todo.size(); ++i) {
       TaskRun& r = *todo[i];
       r.result = "null";  // a run again starts afresh
-      r.batch_tx = tx.get();
+      r.share(tx.get(), &runs);
       Verdict v = execute(r);
-      r.batch_tx = nullptr;
+      r.share(nullptr, nullptr);
       r.tx_view.reset();
       if (v.kind == Verdict::Kind::settled) continue;  // ended at hand-off, never started
       // A broken transaction may be another task's doing (a statement it sent
@@ -172,7 +176,7 @@ void Executor::execute_batch(std::vector<std::shared_ptr<TaskRun>>& runs, const 
 // One task of a batch in a transaction of its own, settled at once: as run()
 // does it, a plain success queued for the completers.
 void Executor::alone(const std::shared_ptr<TaskRun>& run) {
-  if (run->settled) return;
+  if (run->taken()) return;
   run->result = "null";
   auto verdict = execute(*run);
   if (e_.completer.settle(*run, verdict)) return;
@@ -203,12 +207,24 @@ Verdict Executor::execute(TaskRun& run) {
   bool database = false;                // a DatabaseError reached the handler's caller
   auto started = Steady::now();
   run.tx_options = handler->second.tx;
+  run.snooze.reset();  // a batch's run again starts afresh
+  const auto limit = run.lease.task.timeout ? run.lease.task.timeout : handler->second.timeout;
+  if (limit) e_.watchdog.arm(run, *limit);
   run.in_handler = true;
   try {
     TaskContext ctx(run);
     handler->second.handler(ctx);
+  } catch (const SnoozeRequest&) {
+    // ctx.snooze recorded it in run.snooze.
   } catch (const Cancelled& e) {
     stopped = e.what();
+  } catch (const Snooze& e) {
+    try {
+      validate_snooze_delay(e.delay());
+      run.snooze = e.delay();
+    } catch (const InvalidArgument& bad) {
+      failure = Failure{fmt::format("eoq::Snooze: {}", bad.what()), false};
+    }
   } catch (const PermanentError& e) {
     failure = Failure{e.what(), true};
     expected = true;
@@ -224,13 +240,22 @@ Verdict Executor::execute(TaskRun& run) {
     failure = Failure{"handler threw a non-standard exception", false};
   }
   run.in_handler = false;
+  const bool overdue = limit && !e_.watchdog.disarm(run);
   e_.record_duration(Steady::now() - started);
+
+  if (overdue) {
+    e_.log(LogLevel::warning, "{}: handler returned after its attempt was failed for its timeout; its outcome is "
+           "discarded", run.describe());
+    return {Verdict::Kind::overdue};
+  }
 
   if (run.lost) {
     if (!run.settled)
       e_.log(LogLevel::warning, "{}: lease lost while the handler ran; its outcome is discarded", run.describe());
     return {Verdict::Kind::lease_lost};
   }
+  // ctx.snooze is the handler's word, whatever it threw or returned after it.
+  if (run.snooze) return {Verdict::Kind::snoozed, {}, false, {}, false, *run.snooze};
   if (failure) return {Verdict::Kind::failed, std::move(*failure), expected, {}, database};
   if (stopped) return {Verdict::Kind::cancelled, {}, false, std::move(*stopped)};
   return {Verdict::Kind::succeeded};
@@ -280,6 +305,8 @@ const std::optional<std::string>& TaskContext::checkpoint_state() const noexcept
 void TaskContext::checkpoint(std::string_view stage, std::string_view state_json) {
   if (run_->batch_tx)
     throw UsageError("ctx.checkpoint: not in a batch (HandlerOptions::batch), whose commit is the batch's");
+  // A checkpoint commits the handler's writes: not once the lease is known to be going.
+  if (run_->lost) throw LeaseLost(run_->lease.id(), run_->lease.token, "ctx.checkpoint: the lease is lost or ended");
   try {
     if (run_->tx) run_->tx->checkpoint(stage, state_json);
     else run_->engine->store.checkpoint(run_->lease, stage, state_json);
@@ -313,9 +340,16 @@ std::vector<SubmitResult> TaskContext::submit_batch(std::span<const NewTask> tas
 std::vector<Relative> TaskContext::parent_results() const {
   return run_->engine->store.relatives(run_->lease.task.id).parents;
 }
+void TaskContext::snooze(Millis delay) {
+  detail::validate_snooze_delay(delay);
+  run_->snooze = delay;
+  throw detail::SnoozeRequest{};
+}
+
 bool TaskContext::cancelled() const noexcept { return run_->cancel.load(); }
 bool TaskContext::stopping() const noexcept { return run_->engine->stopping.load(); }
 bool TaskContext::lease_lost() const noexcept { return run_->lost.load(); }
+bool TaskContext::timed_out() const noexcept { return run_->timed_out.load(); }
 
 bool TaskContext::sleep_for(Millis duration) {
   std::unique_lock lk(run_->wake_mu);

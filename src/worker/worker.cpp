@@ -111,6 +111,7 @@ WorkerCounters Engine::snapshot() const noexcept {
   c.lease_lost = counters.lease_lost.load();
   c.released = counters.released.load();
   c.abandoned = counters.abandoned.load();
+  c.snoozed = counters.snoozed.load();
   c.in_flight = counters.in_flight.load();
   c.store_errors = counters.store_errors.load();
   c.handler_runs = counters.handler_runs.load();
@@ -160,6 +161,7 @@ void Engine::finish(std::span<TaskRun* const> runs, Outcome outcome) {
     case Outcome::lease_lost: counters.lease_lost.fetch_add(n); break;
     case Outcome::released: counters.released.fetch_add(n); break;
     case Outcome::abandoned: counters.abandoned.fetch_add(n); break;
+    case Outcome::snoozed: counters.snoozed.fetch_add(n); break;
   }
   for (auto* run : mine) run->notify();
 }
@@ -182,6 +184,7 @@ void Engine::start() {
   for (const auto& [type, reg] : handlers) max_batch = std::max(max_batch, reg.batch);
   state = State::running;
   heartbeat_thread = std::jthread([this](std::stop_token st) { heartbeater.run(st); });
+  watchdog_thread = std::jthread([this](std::stop_token st) { watchdog.run(st); });
   completers_running = kCompleters;
   for (int i = 0; i < kCompleters; ++i)
     completer_threads.emplace_back([this](std::stop_token st) { completer.run(st); });
@@ -264,7 +267,7 @@ void Engine::stop() {
     if (!cv_state.wait_until(lk, deadline, [&] { return busy_handlers == 0; })) {
       std::vector<std::shared_ptr<TaskRun>> late;
       for (auto& run : held)
-        if (run->in_handler) late.push_back(run);
+        if (run->in_handler && !run->taken()) late.push_back(run);
       lk.unlock();
       give_up = true;
       cv_sleep.notify_all();
@@ -282,6 +285,9 @@ void Engine::stop() {
   for (auto& t : handler_threads) t.request_stop();
   cv_work.notify_all();
   for (auto& t : handler_threads) t.join();
+  // No handler runs any more, so none is left to time.
+  watchdog_thread.request_stop();
+  watchdog_thread.join();
 
   // 4. Flush completions; give the completers at least a moment even when the
   // handlers used up the deadline.
@@ -334,6 +340,8 @@ void Engine::validate_options() const {
     throw InvalidArgument("complete_batch", "must be between 1 and 10000");
   if (opt.poll_interval.count() <= 0) throw InvalidArgument("poll_interval", "must be positive");
   if (opt.shutdown_timeout.count() < 0) throw InvalidArgument("shutdown_timeout", "must not be negative");
+  if (opt.timeout_grace.count() < 0) throw InvalidArgument("timeout_grace", "must not be negative");
+  if (opt.timeout_grace > std::chrono::hours(24 * 7)) throw InvalidArgument("timeout_grace", "must be at most 7 days");
   if (opt.maintenance_interval.count() < 0) throw InvalidArgument("maintenance_interval", "must not be negative");
   if (opt.error_backoff_initial.count() <= 0) throw InvalidArgument("error_backoff_initial", "must be positive");
   if (opt.error_backoff_max < opt.error_backoff_initial)
@@ -362,8 +370,9 @@ Worker& Worker::on(std::string type, Handler handler, HandlerOptions options) {
   if (!handler) throw InvalidArgument("handler", "must not be empty");
   if (options.batch < 1 || options.batch > 1000)
     throw InvalidArgument("batch", fmt::format("must be between 1 and 1000, not {}", options.batch));
+  if (options.timeout) detail::validate_positive("timeout", *options.timeout);
   TransactionOptions tx{options.synchronous_commit.value_or(impl_->opt.synchronous_commit)};
-  impl_->handlers[std::move(type)] = detail::Registered{std::move(handler), options.batch, tx};
+  impl_->handlers[std::move(type)] = detail::Registered{std::move(handler), options.batch, tx, options.timeout};
   return *this;
 }
 
