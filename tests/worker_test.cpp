@@ -1475,6 +1475,44 @@ struct ChildWorker {
   std::string name;
 };
 
+// The chaos both multi-process runs below share: until `ended()` reaches `n`
+// (or `within` passes), every `gap` (a random pause in that range) SIGKILLs a
+// random child and starts it again, and once a third of the tasks ended
+// restarts the server instead (in-flight transactions die with it); then
+// stops every child with SIGTERM and expects each to exit cleanly. Returns
+// how many children it killed; `restarted` says whether the restart happened.
+template <class Start, class Ended>
+int kill_children_and_restart(std::vector<ChildWorker>& children, std::vector<int>& generation, Start start,
+                              Ended ended, long long n, eoq::testing::TempPostgres& server,
+                              std::pair<int, int> gap_ms, std::chrono::seconds within, bool& restarted) {
+  std::mt19937 rng(std::random_device{}());
+  int kills = 0;
+  restarted = false;
+  const auto deadline = std::chrono::steady_clock::now() + within;
+  for (long long done = 0; done < n && std::chrono::steady_clock::now() < deadline; done = ended()) {
+    std::this_thread::sleep_for(Millis(std::uniform_int_distribution<int>(gap_ms.first, gap_ms.second)(rng)));
+    if (!restarted && done >= n / 3) {
+      server.restart();
+      restarted = true;
+      continue;
+    }
+    auto i = static_cast<std::size_t>(std::uniform_int_distribution<int>(0, static_cast<int>(children.size()) - 1)(rng));
+    ::kill(children[i].child.pid, SIGKILL);
+    CHECK(eoq::test::wait_child(children[i].child, 10s) == 128 + SIGKILL);
+    ++kills;
+    children[i] = start(static_cast<int>(i), ++generation[i]);
+  }
+  for (auto& c : children) {
+    CHECK(eventually([&] { return eoq::test::read_file(c.child.log).find("ready ") != std::string::npos; }, 20s));
+    ::kill(c.child.pid, SIGTERM);
+  }
+  for (auto& c : children) {
+    INFO(c.name << " log:\n" << eoq::test::read_file(c.child.log));
+    CHECK(eoq::test::wait_child(c.child, 30s) == 0);
+  }
+  return kills;
+}
+
 ChildWorker start_child(const std::string& mode, const eoq::test::TestStore& ts, const std::string& dir,
                         const std::string& name, std::vector<std::string> extra = {}) {
   std::vector<std::string> argv{EOQ_WORKER_CHILD, mode, ts.conninfo(), ts.schema(), dir, "id=" + name,
@@ -1871,31 +1909,10 @@ TEST_CASE("workflows: worker processes killed and a Postgres restart mid-pipelin
       return -1;  // the server is restarting
     }
   };
-  std::mt19937 rng(std::random_device{}());
-  int kills = 0;
+  // Mid-pipeline: handler transactions and settlements in flight die with the restart.
   bool restarted = false;
-  auto deadline = std::chrono::steady_clock::now() + 240s;
-  for (long long done = 0; done < n && std::chrono::steady_clock::now() < deadline; done = ended()) {
-    std::this_thread::sleep_for(Millis(std::uniform_int_distribution<int>(150, 400)(rng)));
-    if (!restarted && done >= n / 3) {
-      server.restart();  // mid-pipeline: handler transactions and settlements in flight die with it
-      restarted = true;
-      continue;
-    }
-    auto i = static_cast<std::size_t>(std::uniform_int_distribution<int>(0, workers - 1)(rng));
-    ::kill(children[i].child.pid, SIGKILL);
-    CHECK(eoq::test::wait_child(children[i].child, 10s) == 128 + SIGKILL);
-    ++kills;
-    children[i] = start(static_cast<int>(i), ++generation[i]);
-  }
-  for (auto& c : children) {
-    CHECK(eventually([&] { return eoq::test::read_file(c.child.log).find("ready ") != std::string::npos; }, 20s));
-    ::kill(c.child.pid, SIGTERM);
-  }
-  for (auto& c : children) {
-    INFO(c.name << " log:\n" << eoq::test::read_file(c.child.log));
-    CHECK(eoq::test::wait_child(c.child, 30s) == 0);
-  }
+  const int kills = kill_children_and_restart(children, generation, start, ended, n, server, {150, 400}, 240s,
+                                              restarted);
 
   INFO("kills: " << kills);
   CHECK(restarted);
@@ -2013,30 +2030,10 @@ TEST_CASE("limits: worker processes killed and a Postgres restart never run more
       return -1;  // the server is restarting
     }
   };
-  int kills = 0;
+  // Leases run out during the restart; heartbeats and settlements in flight die with it.
   bool restarted = false;
-  auto deadline = std::chrono::steady_clock::now() + 180s;
-  for (long long done = 0; done < n && std::chrono::steady_clock::now() < deadline; done = ended()) {
-    std::this_thread::sleep_for(Millis(std::uniform_int_distribution<int>(300, 900)(rng)));
-    if (!restarted && done >= n / 3) {
-      server.restart();  // leases run out meanwhile; heartbeats and settlements in flight die with it
-      restarted = true;
-      continue;
-    }
-    auto i = static_cast<std::size_t>(std::uniform_int_distribution<int>(0, workers - 1)(rng));
-    ::kill(children[i].child.pid, SIGKILL);
-    CHECK(eoq::test::wait_child(children[i].child, 10s) == 128 + SIGKILL);
-    ++kills;
-    children[i] = start(static_cast<int>(i), ++generation[i]);
-  }
-  for (auto& c : children) {
-    CHECK(eventually([&] { return eoq::test::read_file(c.child.log).find("ready ") != std::string::npos; }, 20s));
-    ::kill(c.child.pid, SIGTERM);
-  }
-  for (auto& c : children) {
-    INFO(c.name << " log:\n" << eoq::test::read_file(c.child.log));
-    CHECK(eoq::test::wait_child(c.child, 30s) == 0);
-  }
+  const int kills = kill_children_and_restart(children, generation, start, ended, n, server, {300, 900}, 180s,
+                                              restarted);
 
   INFO("kills: " << kills);
   CHECK(restarted);

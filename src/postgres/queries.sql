@@ -892,12 +892,12 @@ fin AS (
     id, queue, type, key, tenant, payload, status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version, lease_owner, lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at)
+    checkpoint_stage, checkpoint, result, last_error, created_at, updated_at, finished_at, partition_key, timeout_ms)
   SELECT
     id, queue, type, key, tenant, payload, 'cancelled' AS status, priority, run_at, deadline,
     attempts, max_attempts, backoff, backoff_initial_ms, backoff_max_ms, backoff_jitter,
     version + 1 AS version, lease_owner, NULL AS lease_expires_at, started_at, cancel_requested, progress, stage,
-    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at
+    checkpoint_stage, checkpoint, result, last_error, created_at, now() AS updated_at, now() AS finished_at, partition_key, timeout_ms
   FROM gone),
 up AS (
   UPDATE eoq.tasks x

@@ -289,3 +289,82 @@ STORE_CASE("a lease that ran out in a queue with limits cannot be revived by a l
   std::this_thread::sleep_for(350ms);
   CHECK_NOTHROW(store.heartbeat(other[0], 30s));
 }
+
+STORE_CASE("a task's partition and timeout survive every way it can end", "[limits][settle]") {
+  auto make = [&](std::optional<TimePoint> deadline = std::nullopt) {
+    NewTask t = in("part-9");
+    t.timeout = 2500ms;
+    t.deadline = deadline;
+    t.retry.max_attempts = 1;
+    return store.submit(t).task.id;
+  };
+  auto lease_of = [&](eoq::TaskId id, Millis lease = 30s) {
+    auto got = claim(store, {"q"}, "w", 1, lease);
+    REQUIRE(got.size() == 1);
+    REQUIRE(got[0].id() == id);
+    return got[0];
+  };
+  std::vector<std::pair<std::string, eoq::TaskId>> ended;
+  {
+    auto id = make();
+    store.complete(lease_of(id));
+    ended.emplace_back("complete", id);
+  }
+  {
+    auto id = make();
+    auto l = lease_of(id);
+    eoq::Completion c{&l, "null"};
+    store.complete_batch(std::span<const eoq::Completion>(&c, 1));
+    ended.emplace_back("complete_batch", id);
+  }
+  {
+    auto id = make();
+    store.fail(lease_of(id), eoq::Failure{"no", true});
+    ended.emplace_back("fail", id);
+  }
+  {
+    auto id = make();
+    store.cancel(id);
+    ended.emplace_back("cancel pending", id);
+  }
+  {
+    auto id = make();
+    store.cancel_running(lease_of(id), "stop");
+    ended.emplace_back("cancel_running", id);
+  }
+  {
+    auto id = make();
+    auto l = lease_of(id);
+    store.cancel(id);
+    store.release(l);
+    ended.emplace_back("release with a cancel request", id);
+  }
+  {
+    auto id = make();
+    auto l = lease_of(id);
+    store.cancel(id);
+    store.snooze(l, 1s);
+    ended.emplace_back("snooze with a cancel request", id);
+  }
+  {
+    auto id = make(now() + 300ms);
+    auto l = lease_of(id);
+    std::this_thread::sleep_for(400ms);
+    CHECK(store.expire_if_overdue(l));
+    ended.emplace_back("expire_if_overdue", id);
+  }
+  {
+    auto id = make();
+    lease_of(id, 100ms);
+    std::this_thread::sleep_for(250ms);
+    store.maintain();  // no attempts left: the reaper ends it failed
+    ended.emplace_back("reaped", id);
+  }
+  for (const auto& [how, id] : ended) {
+    INFO(how);
+    auto t = must_get(store, id);
+    CHECK(eoq::is_terminal(t.status));
+    CHECK(t.partition == std::optional<std::string>("part-9"));
+    CHECK(t.timeout == std::optional<Millis>(2500ms));
+  }
+}
