@@ -1475,6 +1475,46 @@ struct ChildWorker {
   std::string name;
 };
 
+// What the two multi-process chaos runs below share: a throwaway server of
+// their own (their restart must not touch the shared test cluster), a
+// migrated schema with the effects and counter tables the crash-mode
+// children write (no unique constraint on effects: a repeated effect shows up
+// as a duplicate row), and the children, each recording its history beside
+// its log in `dir`.
+struct ChaosRig {
+  static eoq::testing::TempPostgresOptions server_options() {
+    eoq::testing::TempPostgresOptions po;
+    po.fsync = false;
+    return po;
+  }
+  static eoq::PostgresOptions store_options(const std::string& conninfo, const std::string& schema) {
+    eoq::PostgresOptions o;
+    o.conninfo = conninfo;
+    o.schema = schema;
+    return o;
+  }
+  explicit ChaosRig(std::string name)
+      : schema(std::move(name)), server(server_options()), pg(store_options(server.conninfo(), schema)) {
+    pg.migrate();
+    eoq::test::Admin setup(server.conninfo());
+    setup.exec(fmt::format("CREATE TABLE {}.effects (task_id bigint NOT NULL, version bigint NOT NULL)", schema));
+    setup.exec(fmt::format("CREATE TABLE {}.counter (n bigint NOT NULL)", schema));
+    setup.exec(fmt::format("INSERT INTO {}.counter VALUES (0)", schema));
+  }
+  ChildWorker start(const std::string& dir, int i, int generation, const std::vector<std::string>& extra = {}) {
+    auto name = fmt::format("w{}-{}", i, generation);
+    std::vector<std::string> args{EOQ_WORKER_CHILD, "crash", server.conninfo(), schema, dir, "id=" + name,
+                                  "history=" + dir + "/" + name + ".history", "lease_ms=1000", "concurrency=4",
+                                  "sleep_ms=20"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return ChildWorker{eoq::test::spawn_child(args, dir + "/" + name + ".log"), name};
+  }
+
+  std::string schema;
+  eoq::testing::TempPostgres server;
+  eoq::PostgresStore pg;
+};
+
 // The chaos both multi-process runs below share: until `ended()` reaches `n`
 // (or `within` passes), every `gap` (a random pause in that range) SIGKILLs a
 // random child and starts it again, and once a third of the tasks ended
@@ -1840,22 +1880,10 @@ TEST_CASE("a frozen worker holding row locks is cut off by the server so the nex
 
 TEST_CASE("workflows: worker processes killed and a Postgres restart mid-pipeline never run a dependent early",
           "[worker][postgres][process][workflows]") {
-  eoq::testing::TempPostgresOptions po;
-  po.fsync = false;
-  eoq::testing::TempPostgres server(po);
-  const std::string schema = "flows";
-  eoq::PostgresOptions o;
-  o.conninfo = server.conninfo();
-  o.schema = schema;
-  eoq::PostgresStore pg(o);
-  pg.migrate();
-  {
-    eoq::test::Admin setup(server.conninfo());
-    // No unique constraint: a repeated effect must show up as a duplicate row.
-    setup.exec("CREATE TABLE flows.effects (task_id bigint NOT NULL, version bigint NOT NULL)");
-    setup.exec("CREATE TABLE flows.counter (n bigint NOT NULL)");
-    setup.exec("INSERT INTO flows.counter VALUES (0)");
-  }
+  ChaosRig rig("flows");
+  auto& server = rig.server;
+  auto& pg = rig.pg;
+  const std::string& schema = rig.schema;
   h::Recorder parent;
   h::RecordingStore client(pg, parent);
 
@@ -1887,14 +1915,7 @@ TEST_CASE("workflows: worker processes killed and a Postgres restart mid-pipelin
   const int n = 4 * chains + 1;
 
   auto dir = eoq::test::scratch_dir("workflow-chaos");
-  auto start = [&](int i, int generation) {
-    auto name = fmt::format("w{}-{}", i, generation);
-    return ChildWorker{eoq::test::spawn_child({EOQ_WORKER_CHILD, "crash", server.conninfo(), schema, dir, "id=" + name,
-                                               "history=" + dir + "/" + name + ".history", "lease_ms=1000",
-                                               "concurrency=4", "sleep_ms=20"},
-                                              dir + "/" + name + ".log"),
-                       name};
-  };
+  auto start = [&](int i, int generation) { return rig.start(dir, i, generation); };
   constexpr int workers = 3;
   std::vector<ChildWorker> children;
   std::vector<int> generation(workers, 0);
@@ -1962,22 +1983,10 @@ TEST_CASE("workflows: worker processes killed and a Postgres restart mid-pipelin
 TEST_CASE("limits: worker processes killed and a Postgres restart never run more of a queue or a partition than "
           "its limits",
           "[worker][postgres][process][limits]") {
-  eoq::testing::TempPostgresOptions po;
-  po.fsync = false;
-  eoq::testing::TempPostgres server(po);
-  const std::string schema = "lim";
-  eoq::PostgresOptions o;
-  o.conninfo = server.conninfo();
-  o.schema = schema;
-  eoq::PostgresStore pg(o);
-  pg.migrate();
-  {
-    eoq::test::Admin setup(server.conninfo());
-    // No unique constraint: a repeated effect must show up as a duplicate row.
-    setup.exec("CREATE TABLE lim.effects (task_id bigint NOT NULL, version bigint NOT NULL)");
-    setup.exec("CREATE TABLE lim.counter (n bigint NOT NULL)");
-    setup.exec("INSERT INTO lim.counter VALUES (0)");
-  }
+  ChaosRig rig("lim");
+  auto& server = rig.server;
+  auto& pg = rig.pg;
+  const std::string& schema = rig.schema;
   h::Recorder parent;
   h::RecordingStore client(pg, parent);
 
@@ -2008,14 +2017,7 @@ TEST_CASE("limits: worker processes killed and a Postgres restart never run more
   client.submit_batch(batch);
 
   auto dir = eoq::test::scratch_dir("limits-chaos");
-  auto start = [&](int i, int generation) {
-    auto name = fmt::format("w{}-{}", i, generation);
-    return ChildWorker{eoq::test::spawn_child({EOQ_WORKER_CHILD, "crash", server.conninfo(), schema, dir, "id=" + name,
-                                               "history=" + dir + "/" + name + ".history", "lease_ms=1000",
-                                               "concurrency=4", "sleep_ms=20", "sleep_spread_ms=80"},
-                                              dir + "/" + name + ".log"),
-                       name};
-  };
+  auto start = [&](int i, int generation) { return rig.start(dir, i, generation, {"sleep_spread_ms=80"}); };
   constexpr int workers = 3;
   std::vector<ChildWorker> children;
   std::vector<int> generation(workers, 0);
