@@ -738,6 +738,11 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
     std::erase_if(candidates, [&](const ClaimKey& k) { return k <= after; });
   }
   std::sort(candidates.begin(), candidates.end());
+  // Queues with limits first (their limits bound what they take), as on
+  // Postgres: a deep queue without limits would otherwise leave them nothing.
+  std::stable_partition(candidates.begin(), candidates.end(), [&](const ClaimKey& k) {
+    return busy.count(state.tasks.at(std::get<2>(k)).task.queue) > 0;
+  });
   // Whether the limits of the task's queue let it start now; counts it if so.
   auto admit = [&](const Task& t) {
     auto it = busy.find(t.queue);
@@ -808,6 +813,9 @@ std::vector<Lease> MemoryStore::claim(const ClaimRequest& request) {
     e.started_at = now;
     leases.push_back(Lease{e.task, request.owner, e.task.version, *e.task.lease_expires_at, now});
   }
+  std::sort(leases.begin(), leases.end(), [](const Lease& a, const Lease& b) {
+    return std::tie(a.task.priority, a.task.run_at, a.task.id) < std::tie(b.task.priority, b.task.run_at, b.task.id);
+  });
   return leases;
 }
 

@@ -1295,20 +1295,9 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
   };
   // A repeat after a lost connection is safe: leases granted by a try whose
   // answer never arrived simply expire and the tasks are claimed again.
-  if (!queues.empty()) {
-    const bool one = queues.size() == 1;
-    const auto params = params_for(one ? queues[0] : pg::text_array(queues), request.limit);
-    // Most claims find only pending tasks to lease: claim_pending does that
-    // alone. When it found one to settle among them, it leased nothing, and
-    // the statement that settles runs in its place.
-    auto r = impl.run(one ? impl.sql.claim_pending_one : impl.sql.claim_pending, params);
-    if (r.rows() == 1 && r.null(0, 0)) {
-      if (r.boolean(0, static_cast<int>(kTaskColumns.size())))
-        take(impl.run(one ? impl.sql.claim_one : impl.sql.claim, params));
-    } else {
-      take(r);
-    }
-  }
+  // Queues with limits first, one by one (their limits bound what they
+  // take), then the others with what is left: the other way round, a deep
+  // queue without limits would leave them nothing.
   for (auto& q : limited_asked) {
     const int left = request.limit - static_cast<int>(leases.size());
     if (left <= 0) break;
@@ -1325,6 +1314,21 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
       auto cur = impl.rate_room_at.load();
       while ((cur == 0 || at < cur) && !impl.rate_room_at.compare_exchange_weak(cur, at)) {
       }
+    }
+  }
+  const int rest = request.limit - static_cast<int>(leases.size());
+  if (!queues.empty() && rest > 0) {
+    const bool one = queues.size() == 1;
+    const auto params = params_for(one ? queues[0] : pg::text_array(queues), rest);
+    // Most claims find only pending tasks to lease: claim_pending does that
+    // alone. When it found one to settle among them, it leased nothing, and
+    // the statement that settles runs in its place.
+    auto r = impl.run(one ? impl.sql.claim_pending_one : impl.sql.claim_pending, params);
+    if (r.rows() == 1 && r.null(0, 0)) {
+      if (r.boolean(0, static_cast<int>(kTaskColumns.size())))
+        take(impl.run(one ? impl.sql.claim_one : impl.sql.claim, params));
+    } else {
+      take(r);
     }
   }
   std::sort(leases.begin(), leases.end(), [](const Lease& a, const Lease& b) {

@@ -368,3 +368,19 @@ STORE_CASE("a task's partition and timeout survive every way it can end", "[limi
     CHECK(t.timeout == std::optional<Millis>(2500ms));
   }
 }
+
+STORE_CASE("a claim over several queues takes a limited queue's room before a deep queue without limits",
+           "[claim][limits]") {
+  store.set_limits("small", concurrency(2));
+  for (int i = 0; i < 20; ++i) store.submit(in("", "deep"));
+  for (int i = 0; i < 3; ++i) store.submit(in("", "small"));
+  auto got = claim(store, {"deep", "small"}, "w", 5);
+  REQUIRE(got.size() == 5);
+  int small = 0;
+  for (const auto& l : got) small += l.task.queue == "small" ? 1 : 0;
+  CHECK(small == 2);
+  // Still claim order among the leases answered.
+  CHECK(std::is_sorted(got.begin(), got.end(), [](const Lease& a, const Lease& b) {
+    return std::tie(a.task.priority, a.task.run_at, a.task.id) < std::tie(b.task.priority, b.task.run_at, b.task.id);
+  }));
+}
