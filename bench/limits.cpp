@@ -9,11 +9,13 @@
 // before it and one just after, so that a drift of the machine is seen by both.
 //
 //   bench_limits [--tasks N] [--partitions P] [--rate R] [--rate-seconds S] [--concurrency C]
-//                [--rate-period-ms MS] [--prefetch N] [--only-rate]
+//                [--rate-period-ms MS] [--prefetch N] [--only wide|partitions|rate]
 // A worker's leases count against a concurrency limit from the claim on,
-// buffered ones too: with the default prefetch (measured, up to twice
-// claim_batch) a no-op drain holds up to 2,000 leases, so a limit of 1,000
-// binds; --prefetch 200 keeps it from binding.
+// buffered ones too: with the default prefetch, which a no-op handler drives
+// to its top (twice claim_batch), one worker holds up to 2,000 leases, so a
+// limit of 1,000 binds. The limit-1,000 comparison therefore runs both drains
+// with a prefetch of 400 unless --prefetch says otherwise (a handler that
+// takes a millisecond keeps the default prefetch near 8, far below it).
 //
 // Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself
 // (fsync and synchronous_commit on).
@@ -50,7 +52,7 @@ struct Args {
   int concurrency = 4;
   int rate_period_ms = 1000;
   int prefetch = -1;  // -1: the worker's default (measured)
-  bool only_rate = false;
+  std::string only;  // "", "wide", "partitions" or "rate"
 };
 
 int schema_no = 0;
@@ -202,27 +204,36 @@ int main(int argc, char** argv) try {
     else if (k == "--concurrency") a.concurrency = next();
     else if (k == "--prefetch") a.prefetch = next();
     else if (k == "--rate-period-ms") a.rate_period_ms = next();
-    else if (k == "--only-rate") a.only_rate = true;
+    else if (k == "--only" && i + 1 < argc) a.only = argv[++i];
     else throw std::runtime_error("unknown flag " + k +
-                                  " (--tasks, --partitions, --rate, --rate-seconds, --concurrency)");
+                                  " (--tasks, --partitions, --rate, --rate-seconds, --concurrency, --prefetch,"
+                                  " --rate-period-ms, --only)");
   }
   if (a.tasks < 1 || a.partitions < 1 || a.rate < 1 || a.rate_seconds < 11 || a.concurrency < 1)
     throw std::runtime_error("--tasks, --partitions, --rate, --concurrency >= 1; --rate-seconds >= 11");
   const std::string url = eoq::testing::database_url_or_temp("EOQ_BENCH_DATABASE_URL");
   std::printf("limits: %d no-op tasks per drain, one worker of concurrency %d\n\n", a.tasks, a.concurrency);
-  if (!a.only_rate) {
+  if (a.only != "" && a.only != "wide" && a.only != "partitions" && a.only != "rate")
+    throw std::runtime_error("--only: one of wide, partitions, rate");
+  if (a.only == "" || a.only == "wide") {
     eoq::QueueLimits wide;
     wide.concurrency = 1000;
-    compare(url, a, "concurrency limit 1,000", 0, wide, 0.9);
+    Args unbound = a;
+    if (unbound.prefetch < 0) unbound.prefetch = 400;
+    compare(url, unbound, fmt::format("concurrency limit 1,000 (prefetch {})", unbound.prefetch), 0, wide, 0.9);
+  }
+  if (a.only == "" || a.only == "partitions") {
     eoq::QueueLimits one_each;
     one_each.partition_concurrency = 1;
     compare(url, a, fmt::format("{} partitions, limit 1 each", a.partitions), a.partitions, one_each, 0.5);
   }
-  rate(url, a);
-  if (a.rate_period_ms == 1000) {
-    Args fine = a;
-    fine.rate_period_ms = 100;
-    rate(url, fine);
+  if (a.only == "" || a.only == "rate") {
+    rate(url, a);
+    if (a.rate_period_ms == 1000) {
+      Args fine = a;
+      fine.rate_period_ms = 100;
+      rate(url, fine);
+    }
   }
   return 0;
 } catch (const std::exception& e) {

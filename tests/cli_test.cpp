@@ -317,8 +317,8 @@ TEST_CASE("cli: migrate creates the tables and commands before it say to run it"
   auto r = eoq_cli({"migrate"});
   CHECK(r.code == 0);
   // It says what it applied, and only then that the schema is up to date.
-  CHECK(r.out.starts_with(fmt::format("schema \"{}\": applied 11 migrations (0001_tasks, ", schema)));
-  CHECK(contains(r.out, "0011_snooze); it is up to date now\n"));
+  CHECK(r.out.starts_with(fmt::format("schema \"{}\": applied 12 migrations (0001_tasks, ", schema)));
+  CHECK(contains(r.out, "0012_limit_grants); it is up to date now\n"));
   auto again = eoq_cli.json({"migrate"});
   CHECK(again == Json{{"schema", schema}, {"migrated", true}, {"applied", Json::array()}});
   CHECK(eoq_cli({"migrate"}).out == fmt::format("schema \"{}\" is up to date\n", schema));

@@ -511,34 +511,42 @@ WITH @claim_cand@,
 -- claim_one for a queue with limits (migration 0010), parameters as its. The
 -- claims of the queue run one at a time (limit_busy's lock), and each counts
 -- what runs and what started after the lock, so that no limit is exceeded:
--- `room`, how many the queue may start now; `full_`, the partitions at a
--- limit, whose tasks the scan passes over (so they hold back no other
--- partition); then at most the room left in each partition, by rank in claim
--- order. With limits per partition the scan reads up to four times the
--- claim's limit, else only the room. The scan locks nothing (claims of the
--- queue wait for one another, and other claims leave it alone): only the
--- tasks picked are locked, and checked again as they are (SKIP LOCKED, and a
--- task that stopped being claimable meanwhile drops out); locking every row
--- scanned cost a third of the drain. Every task leased gets a hold (and,
--- with a rate limit, a start).
+-- `room`, how many the queue may start now. Without limits per partition the
+-- claim is claim_one's, at most `room` tasks (`direct`). With them, `full_`
+-- holds the partitions at a limit, whose tasks the scan passes over (so they
+-- hold back no other partition), and each partition gets at most its room
+-- left, by rank in claim order; the scan reads up to four times the claim's
+-- limit and locks nothing (claims of the queue wait for one another, and other
+-- claims leave it alone): only the tasks picked are locked, and checked again
+-- as they are (SKIP LOCKED, and a task that stopped being claimable meanwhile
+-- drops out); locking every row scanned cost a third of the drain. The tasks
+-- leased are recorded as one grant (migration 0012) and, with a rate limit, a
+-- start each.
 WITH lim AS MATERIALIZED (SELECT * FROM eoq.limits WHERE queue = $1),
-busy AS MATERIALIZED (SELECT * FROM eoq.limit_busy($1)),
+busy AS MATERIALIZED (SELECT * FROM eoq.limit_busy($1, $2::bigint)),
 room AS MATERIALIZED (
   SELECT greatest(0, least($2::bigint,
                            (SELECT concurrency FROM lim) - (SELECT coalesce(sum(running), 0) FROM busy),
                            (SELECT rate FROM lim) - (SELECT coalesce(sum(started_q), 0) FROM busy))) AS n,
          EXISTS (SELECT 1 FROM lim WHERE partition_concurrency IS NOT NULL OR partition_rate IS NOT NULL)
            AS per_partition),
+direct AS (
+  SELECT @claim_fate@, t.partition_key
+  FROM eoq.tasks t
+  WHERE NOT (SELECT per_partition FROM room)
+    AND t.queue = $1 AND @claim_ready@ AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = $1)
+  ORDER BY t.priority, t.run_at, t.id LIMIT (SELECT n FROM room) FOR UPDATE SKIP LOCKED),
 full_ AS (
   SELECT b.partition_key FROM busy b, lim l
   WHERE b.running >= l.partition_concurrency OR b.started_p >= l.partition_rate),
 scan AS (
   SELECT @claim_fate@, t.partition_key
   FROM eoq.tasks t
-  WHERE t.queue = $1 AND @claim_ready@ AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = $1)
+  WHERE (SELECT per_partition FROM room)
+    AND t.queue = $1 AND @claim_ready@ AND NOT EXISTS (SELECT 1 FROM eoq.paused_queues p WHERE p.queue = $1)
     AND t.partition_key NOT IN (SELECT partition_key FROM full_)
   ORDER BY t.priority, t.run_at, t.id
-  LIMIT (SELECT CASE WHEN per_partition THEN 4 * $2::bigint ELSE n END FROM room)),
+  LIMIT 4 * $2::bigint),
 ranked AS (
   SELECT s.*, row_number() OVER (PARTITION BY s.partition_key ORDER BY s.priority, s.run_at, s.id) AS rank,
          coalesce(b.running, 0) AS running, coalesce(b.started_p, 0) AS started_p
@@ -553,11 +561,16 @@ locked AS (
   WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.queue = $1
     AND t.run_at <= now() AND (t.status = 'pending' OR t.lease_expires_at <= now())
   FOR UPDATE SKIP LOCKED),
-cand AS (SELECT p.* FROM picked p WHERE p.id IN (SELECT id FROM locked)),
+cand AS (
+  SELECT * FROM direct
+  UNION ALL
+  SELECT p.id, p.status, p.attempts, p.version, p.lease_owner, p.started_at, p.lease_expires_at, p.priority,
+         p.run_at, p.final, p.partition_key
+  FROM picked p WHERE p.id IN (SELECT id FROM locked)),
 held AS (
-  INSERT INTO eoq.holds (task_id, queue, partition_key)
-  SELECT id, $1, partition_key FROM cand WHERE final IS NULL
-  ON CONFLICT (task_id) DO NOTHING),
+  INSERT INTO eoq.grants (queue, at, lo, hi, ids, n)
+  SELECT $1, now(), min(id), max(id), CASE WHEN max(id) - min(id) >= 4 * count(*) THEN array_agg(id) END, count(*)
+  FROM cand WHERE final IS NULL HAVING count(*) > 0),
 started AS (
   INSERT INTO eoq.starts (queue, partition_key, at)
   SELECT $1, partition_key, now() FROM cand
@@ -589,9 +602,10 @@ SELECT pg_advisory_xact_lock(eoq.limit_lock($1));
 
 
 -- name: set_limits
--- After limits_lock, in its transaction: the row, and a hold for each task of
--- the queue running now (under a lease that has not run out), so that the
--- limits count tasks that started before they existed. $1 queue, $2
+-- After limits_lock, in its transaction: the row, and grants for the tasks of
+-- the queue running now (under a lease that has not run out; one grant per
+-- start time, as a claim's) in place of the queue's grants, so that the
+-- limits count tasks that started before they existed, and each task once. $1 queue, $2
 -- concurrency, $3 partition_concurrency, $4 rate, $5 its period in ms, $6
 -- partition_rate, $7 its period (NULL: that limit off).
 WITH up AS (
@@ -603,18 +617,19 @@ WITH up AS (
       rate = EXCLUDED.rate, rate_period_ms = EXCLUDED.rate_period_ms, partition_rate = EXCLUDED.partition_rate,
       partition_rate_period_ms = EXCLUDED.partition_rate_period_ms, updated_at = now()
   RETURNING 1),
-h AS (
-  INSERT INTO eoq.holds (task_id, queue, partition_key)
-  SELECT id, queue, partition_key FROM eoq.tasks
+old AS (DELETE FROM eoq.grants WHERE queue = $1),
+g AS (
+  INSERT INTO eoq.grants (queue, at, lo, hi, ids, n)
+  SELECT $1, started_at, min(id), max(id), array_agg(id), count(*) FROM eoq.tasks
   WHERE queue = $1 AND status = 'running' AND lease_expires_at > now()
-  ON CONFLICT (task_id) DO NOTHING)
+  GROUP BY started_at)
 SELECT count(*) FROM up;
 
 
 -- name: clear_limits
 -- After limits_lock: the queue has no limits from this commit on.
 WITH l AS (DELETE FROM eoq.limits WHERE queue = $1 RETURNING 1),
-h AS (DELETE FROM eoq.holds WHERE queue = $1),
+g AS (DELETE FROM eoq.grants WHERE queue = $1),
 s AS (DELETE FROM eoq.starts WHERE queue = $1)
 SELECT count(*) FROM l;
 
