@@ -628,7 +628,7 @@ TEST_CASE("a schema from before keys were per tenant is upgraded with its keys i
     eoq::PostgresStore store(o);
     store.migrate();
     admin.exec(fmt::format("DROP TABLE \"{0}\".keys, \"{0}\".waiting, \"{0}\".edges, \"{0}\".totals, "
-                           "\"{0}\".paused_queues, \"{0}\".limits, \"{0}\".holds, \"{0}\".starts; "
+                           "\"{0}\".paused_queues, \"{0}\".limits, \"{0}\".grants, \"{0}\".starts; "
                            "DROP FUNCTION \"{0}\".release_children, \"{0}\".totals_added, \"{0}\".totals_removed, "
                            "\"{0}\".totals_truncated, \"{0}\".limit_busy, \"{0}\".unlimited, "
                            "\"{0}\".limit_lock CASCADE; "
