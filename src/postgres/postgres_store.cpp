@@ -138,7 +138,8 @@ struct Statements {
   Statement expire = q("expire"), reap = q("reap"), prune = q("prune"), prunable = q("prunable"),
             table_stats = q("table_stats"), analyze = q("analyze"), compact_totals = q("compact_totals");
   Statement pause = q("pause"), resume = q("resume"), paused_queues = q("paused_queues");
-  Statement claim_limited = q("claim_limited"), limits_lock = q("limits_lock"), set_limits = q("set_limits"),
+  Statement claim_limited = q("claim_limited"), claim_limited_pending = q("claim_limited_pending"),
+            limits_lock = q("limits_lock"), set_limits = q("set_limits"),
             clear_limits = q("clear_limits"), limits = q("limits"), rate_room = q("rate_room");
   Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
             relatives = q("relatives");
@@ -195,6 +196,9 @@ const std::vector<ResultShape>& result_shapes() {
       {"claim_pending", task_then({{"settle", kBool}})},
       {"claim_one", kTaskColumns},
       {"claim", kTaskColumns},
+      {"claim_limited_cand", std::nullopt},  // parts of the two limited claims
+      {"claim_limited_record", std::nullopt},
+      {"claim_limited_pending", task_then({{"settle", kBool}})},
       {"claim_limited", kTaskColumns},
       {"limits_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
       {"set_limits", count},
@@ -1302,7 +1306,14 @@ std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
     const int left = request.limit - static_cast<int>(leases.size());
     if (left <= 0) break;
     const auto had = leases.size();
-    take(impl.run(impl.sql.claim_limited, params_for(q, left)));
+    // As for the others below: the statement that settles only when one is due.
+    auto params = params_for(q, left);
+    auto r = impl.run(impl.sql.claim_limited_pending, params);
+    if (r.rows() == 1 && r.null(0, 0)) {
+      if (r.boolean(0, static_cast<int>(kTaskColumns.size()))) take(impl.run(impl.sql.claim_limited, params));
+    } else {
+      take(r);
+    }
     if (static_cast<int>(leases.size() - had) == left) continue;
     impl.held_back = true;
     // Held back, perhaps by a rate: the claimer waits until a start leaves its window.
