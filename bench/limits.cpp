@@ -9,13 +9,14 @@
 // before it and one just after, so that a drift of the machine is seen by both.
 //
 //   bench_limits [--tasks N] [--partitions P] [--rate R] [--rate-seconds S] [--concurrency C]
-//                [--rate-period-ms MS] [--prefetch N] [--only wide|partitions|rate]
+//                [--rate-period-ms MS] [--prefetch N] [--wide-prefetch N] [--only wide|partitions|rate]
 // A worker's leases count against a concurrency limit from the claim on,
 // buffered ones too: with the default prefetch, which a no-op handler drives
 // to its top (twice claim_batch), one worker holds up to 2,000 leases, so a
 // limit of 1,000 binds. The limit-1,000 comparison therefore runs both drains
-// with a prefetch of 400 unless --prefetch says otherwise (a handler that
-// takes a millisecond keeps the default prefetch near 8, far below it).
+// with a prefetch of 400 unless --prefetch or --wide-prefetch says otherwise
+// (--wide-prefetch -1: the worker's default; a handler that takes a
+// millisecond keeps the default prefetch near 8, far below the limit).
 //
 // Runs on EOQ_BENCH_DATABASE_URL, or on a throwaway server it starts itself
 // (fsync and synchronous_commit on).
@@ -51,7 +52,8 @@ struct Args {
   int rate_seconds = 30;
   int concurrency = 4;
   int rate_period_ms = 1000;
-  int prefetch = -1;  // -1: the worker's default (measured)
+  int prefetch = -1;       // -1: the worker's default (measured)
+  int wide_prefetch = 400;  // the limit-1,000 drains' (-1: the worker's default)
   std::string only;  // "", "wide", "partitions" or "rate"
 };
 
@@ -203,11 +205,12 @@ int main(int argc, char** argv) try {
     else if (k == "--rate-seconds") a.rate_seconds = next();
     else if (k == "--concurrency") a.concurrency = next();
     else if (k == "--prefetch") a.prefetch = next();
+    else if (k == "--wide-prefetch") a.wide_prefetch = next();
     else if (k == "--rate-period-ms") a.rate_period_ms = next();
     else if (k == "--only" && i + 1 < argc) a.only = argv[++i];
     else throw std::runtime_error("unknown flag " + k +
                                   " (--tasks, --partitions, --rate, --rate-seconds, --concurrency, --prefetch,"
-                                  " --rate-period-ms, --only)");
+                                  " --wide-prefetch, --rate-period-ms, --only)");
   }
   if (a.tasks < 1 || a.partitions < 1 || a.rate < 1 || a.rate_seconds < 11 || a.concurrency < 1)
     throw std::runtime_error("--tasks, --partitions, --rate, --concurrency >= 1; --rate-seconds >= 11");
@@ -219,8 +222,11 @@ int main(int argc, char** argv) try {
     eoq::QueueLimits wide;
     wide.concurrency = 1000;
     Args unbound = a;
-    if (unbound.prefetch < 0) unbound.prefetch = 400;
-    compare(url, unbound, fmt::format("concurrency limit 1,000 (prefetch {})", unbound.prefetch), 0, wide, 0.9);
+    if (unbound.prefetch < 0) unbound.prefetch = a.wide_prefetch;
+    compare(url, unbound,
+            unbound.prefetch < 0 ? std::string("concurrency limit 1,000 (default prefetch)")
+                                 : fmt::format("concurrency limit 1,000 (prefetch {})", unbound.prefetch),
+            0, wide, 0.9);
   }
   if (a.only == "" || a.only == "partitions") {
     eoq::QueueLimits one_each;
