@@ -82,11 +82,13 @@ TEST_CASE("migrations applied one by one while a worker drains and a submitter s
     eoq::PostgresStore(options_for(url, schema)).migrate();
   }
   // Migrations of the kinds docs/upgrading.md calls safe online, each taking
-  // a lock that conflicts with the drain, several rounds of them: columns
-  // added to the tables a claim, a settlement and a submit write (ACCESS
-  // EXCLUSIVE, held for 50 ms as a slower migration would), and again the
-  // real statements of 0005 (tasks' fillfactor), 0007 (a function the
-  // settlements call) and 0011 (the attempts primary key rebuilt).
+  // a lock that conflicts with the drain, several rounds of them: nullable
+  // columns added to the tables a claim, a settlement and a submit write
+  // (tasks and finished too, whose rows the claims return as t.*), two of
+  // them holding ACCESS EXCLUSIVE for 50 ms as a slower migration would, a
+  // plain 50 ms ACCESS EXCLUSIVE on tasks and finished, and again the real
+  // statements of 0005 (tasks' fillfactor), 0007 (a function the settlements
+  // call) and 0011 (the attempts primary key rebuilt).
   std::vector<std::pair<std::string, std::string>> list;
   constexpr int kRounds = 4;
   for (int r = 0; r < kRounds; ++r) {
@@ -98,6 +100,9 @@ TEST_CASE("migrations applied one by one while a worker drains and a submitter s
                                   "SELECT pg_sleep(0.05);",
                                   r));
     list.emplace_back(name(3, "again_0005"), embedded_sql("0005_tasks_fillfactor"));
+    list.emplace_back(name(7, "tasks_column"), fmt::format("ALTER TABLE @schema@.tasks ADD COLUMN online_{0} text; "
+                                                           "ALTER TABLE @schema@.finished ADD COLUMN online_{0} text;",
+                                                           r));
     list.emplace_back(name(4, "again_0007"), embedded_sql("0007_lease_lost"));
     list.emplace_back(name(5, "again_0011"), embedded_sql("0011_snooze"));
     list.emplace_back(name(6, "tasks_lock"),
