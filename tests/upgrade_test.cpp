@@ -100,13 +100,13 @@ TEST_CASE("migrations applied one by one while a worker drains and a submitter s
                                   "SELECT pg_sleep(0.05);",
                                   r));
     list.emplace_back(name(3, "again_0005"), embedded_sql("0005_tasks_fillfactor"));
-    list.emplace_back(name(7, "tasks_column"), fmt::format("ALTER TABLE @schema@.tasks ADD COLUMN online_{0} text; "
-                                                           "ALTER TABLE @schema@.finished ADD COLUMN online_{0} text;",
-                                                           r));
     list.emplace_back(name(4, "again_0007"), embedded_sql("0007_lease_lost"));
     list.emplace_back(name(5, "again_0011"), embedded_sql("0011_snooze"));
     list.emplace_back(name(6, "tasks_lock"),
                       "LOCK TABLE @schema@.tasks, @schema@.finished IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(0.05);");
+    list.emplace_back(name(7, "tasks_column"), fmt::format("ALTER TABLE @schema@.tasks ADD COLUMN online_{0} text; "
+                                                           "ALTER TABLE @schema@.finished ADD COLUMN online_{0} text;",
+                                                           r));
   }
   TestMigrations extra(list);
 
