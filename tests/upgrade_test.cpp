@@ -419,6 +419,34 @@ TEST_CASE("a program meeting a schema ahead of it keeps working unless a migrati
   eoq::test::drop_schema(url, schema);
 }
 
+TEST_CASE("a migrations table left by an eoq before breaks_older is read as it is and gets the column from migrate()",
+          "[postgres][migrate]") {
+  const auto url = eoq::test::test_database_url();
+  const auto schema = eoq::test::fresh_schema("oldtable");
+  Admin admin(url);
+  auto o = options_for(url, schema);
+  eoq::PostgresStore(o).migrate();
+  admin.exec(fmt::format("ALTER TABLE \"{}\".migrations DROP COLUMN breaks_older", schema));
+  // The schema check of a claim reads the table without the column.
+  {
+    eoq::PostgresStore store(o);
+    eoq::NewTask t;
+    t.type = "t";
+    auto id = store.submit(t).task.id;
+    eoq::ClaimRequest r;
+    r.owner = "w";
+    auto leases = store.claim(r);
+    REQUIRE(leases.size() == 1);
+    CHECK(leases[0].id() == id);
+    store.complete(leases[0]);
+  }
+  CHECK_FALSE(has_column(admin, schema, "migrations", "breaks_older"));
+  CHECK(eoq::PostgresStore(o).migrate().empty());
+  CHECK(has_column(admin, schema, "migrations", "breaks_older"));
+  CHECK(admin.count(fmt::format("SELECT count(*) FROM \"{}\".migrations WHERE breaks_older", schema)) == 0);
+  eoq::test::drop_schema(url, schema);
+}
+
 TEST_CASE("migrate() rejects a lock timeout that is not positive and negative retries", "[postgres][migrate]") {
   auto o = options_for("postgresql://localhost/none", "eoq");
   o.migration_lock_timeout = 0ms;

@@ -146,7 +146,8 @@ struct Statements {
             relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
             migrations_applied = q("migrations_applied"), migration_applied = q("migration_applied"),
-            migrations_breaks_column = q("migrations_breaks_column");
+            migrations_breaks_column = q("migrations_breaks_column"),
+            migrations_has_breaks = q("migrations_has_breaks");
 };
 
 }  // namespace
@@ -249,6 +250,7 @@ const std::vector<ResultShape>& result_shapes() {
       {"migrate_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
       {"migrations_table", std::nullopt},
       {"migrations_breaks_column", std::nullopt},
+      {"migrations_has_breaks", std::vector<Column>{{"count", kInt8}}},
       {"migrations_applied", std::vector<Column>{{"name", kText}, {"breaks_older", kBool}}},
       {"migration_applied", std::vector<Column>{}},
   };
@@ -1026,7 +1028,8 @@ std::vector<std::string> PostgresStore::migrate() {
       c.command(fmt::format("SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {}", impl.quoted)
                     .c_str());
       c.command(impl.sql.migrations_table.sql.c_str());
-      c.command(impl.sql.migrations_breaks_column.sql.c_str());
+      if (exec(c, impl.sql.migrations_has_breaks, {}).i64(0, 0) == 0)
+        c.command(impl.sql.migrations_breaks_column.sql.c_str());
       return decode_applied(exec(c, impl.sql.migrations_applied, {}));
     });
   });

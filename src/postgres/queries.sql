@@ -1428,7 +1428,14 @@ CREATE TABLE IF NOT EXISTS eoq.migrations (name text PRIMARY KEY, applied_at tim
 
 
 -- name: migrations_breaks_column
+-- Run only when migrations_has_breaks finds the column missing: ALTER TABLE
+-- takes ACCESS EXCLUSIVE on the table even when the column is there.
 ALTER TABLE eoq.migrations ADD COLUMN IF NOT EXISTS breaks_older boolean NOT NULL DEFAULT false;
+
+
+-- name: migrations_has_breaks
+SELECT count(*) AS count FROM pg_attribute
+WHERE attrelid = 'eoq.migrations'::regclass AND attname = 'breaks_older' AND NOT attisdropped;
 
 
 -- name: migrations_applied
