@@ -83,6 +83,15 @@ class UsageError : public Error {
   using Error::Error;
 };
 
+// The database's schema is ahead of this build: it holds a migration this eoq
+// does not know and which declared that programs built before it must not run
+// against it (docs/upgrading.md). Raised by migrate() and, before anything is
+// claimed, by claim(); the message names the migration. Upgrade the program.
+class SchemaTooNew : public UsageError {
+ public:
+  using UsageError::UsageError;
+};
+
 // An error reported by PostgreSQL. Keeps the SQLSTATE and the statement name.
 class DatabaseError : public Error {
  public:

@@ -52,6 +52,17 @@ struct PostgresOptions {
   // Give it to the store of a dashboard or a report, not to a worker's store:
   // a worker reads its own writes back (after a commit in doubt). Empty: conninfo.
   std::string read_conninfo{};
+
+  // migrate() applies each migration in a transaction of its own whose lock
+  // waits end after this long (SET LOCAL lock_timeout), so a migration never
+  // queues behind a running claim or settlement, and never holds up the ones
+  // that arrive after it, for longer than this. A migration that times out is
+  // rolled back and tried again after a backoff (50 ms doubling, at most 1 s),
+  // up to migration_lock_retries times; then migrate() fails naming it
+  // (DatabaseError, SQLSTATE 55P03), with the migrations before it applied and
+  // nothing of it. See docs/upgrading.md.
+  Millis migration_lock_timeout{100};
+  int migration_lock_retries = 10;
 };
 
 class PostgresStore final : public TaskStore {
@@ -65,7 +76,11 @@ class PostgresStore final : public TaskStore {
 
   // Creates or upgrades the schema. Idempotent; safe from many processes at once.
   // Returns the migrations it applied ("0008_totals"), oldest first; none when
-  // the schema was up to date.
+  // the schema was up to date. Each migration commits on its own, with its row
+  // in the migrations table (see migration_lock_timeout). A schema ahead of
+  // this build (a migration it does not know) is left alone: nothing is
+  // applied, and when that migration breaks older programs this throws
+  // SchemaTooNew naming it (docs/upgrading.md).
   std::vector<std::string> migrate();
   const PostgresOptions& options() const noexcept;
 

@@ -163,6 +163,9 @@ int run_command(Context& ctx, const std::function<int(Context&)>& command) {
     return report(kUnavailable, fmt::format("the database refused the request: {}", db_message(e.what())));
   } catch (const NotFound& e) {
     return report(kNotFound, e.what());
+  } catch (const SchemaTooNew& e) {
+    // A newer eoq migrated the schema past what this one may run against.
+    return report(kUnavailable, e.what());
   } catch (const std::exception& e) {
     return report(kUnavailable, fmt::format("unexpected error: {}", e.what()));
   }

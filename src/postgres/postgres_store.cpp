@@ -10,6 +10,7 @@
 #include "postgres/queries.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <random>
 #include <set>
@@ -144,7 +146,9 @@ struct Statements {
   Statement submit_flow = q("submit_flow"), lock_parents = q("lock_parents"), parent_states = q("parent_states"),
             relatives = q("relatives");
   Statement migrate_lock = q("migrate_lock"), migrations_table = q("migrations_table"),
-            migrations_applied = q("migrations_applied"), migration_applied = q("migration_applied");
+            migrations_applied = q("migrations_applied"), migration_applied = q("migration_applied"),
+            migrations_breaks_column = q("migrations_breaks_column"),
+            migrations_has_breaks = q("migrations_has_breaks");
 };
 
 }  // namespace
@@ -249,7 +253,9 @@ const std::vector<ResultShape>& result_shapes() {
       {"paused_queues", std::vector<Column>{{"queue", kText}}},
       {"migrate_lock", std::vector<Column>{{"pg_advisory_xact_lock", 0}}},
       {"migrations_table", std::nullopt},
-      {"migrations_applied", std::vector<Column>{{"name", kText}}},
+      {"migrations_breaks_column", std::nullopt},
+      {"migrations_has_breaks", std::vector<Column>{{"count", kInt8}}},
+      {"migrations_applied", std::vector<Column>{{"name", kText}, {"breaks_older", kBool}}},
       {"migration_applied", std::vector<Column>{}},
   };
   return shapes;
@@ -685,6 +691,52 @@ auto in_transaction(Connection& c, F&& f) {
 
 }  // namespace
 
+namespace detail {
+std::vector<Migration> test_migrations;
+}  // namespace detail
+
+namespace {
+// The migrations this build knows, in order: the embedded ones, then a test's.
+std::vector<const detail::Migration*> known_migrations() {
+  std::vector<const detail::Migration*> out;
+  for (std::size_t m = 0; m < detail::kMigrationCount; ++m) out.push_back(&detail::kMigrations[m]);
+  for (const auto& m : detail::test_migrations) out.push_back(&m);
+  return out;
+}
+
+bool breaks_older(const detail::Migration& m) { return std::strstr(m.sql, detail::kBreaksOlderMarker) != nullptr; }
+
+struct AppliedMigration {
+  std::string name;
+  bool breaks_older;
+};
+
+std::vector<AppliedMigration> decode_applied(const Result& r) {
+  std::vector<AppliedMigration> out;
+  for (int i = 0; i < r.rows(); ++i) out.push_back({r.text(i, 0), r.boolean(i, 1)});
+  return out;
+}
+
+// The applied migrations this build does not know and which break older
+// programs, by name; empty when this build may work on the schema.
+std::vector<std::string> breaking_unknown(const std::vector<AppliedMigration>& applied,
+                                          const std::vector<const detail::Migration*>& known) {
+  std::vector<std::string> out;
+  for (const auto& a : applied)
+    if (a.breaks_older && std::none_of(known.begin(), known.end(), [&](auto* m) { return a.name == m->name; }))
+      out.push_back(a.name);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::string too_new_message(const std::string& schema, const std::vector<std::string>& names,
+                            const std::vector<const detail::Migration*>& known, std::string_view what) {
+  return fmt::format("schema \"{}\" has migration {}, which this eoq (built up to {}) does not know and which "
+                     "programs built before it must not run against: {}; upgrade this program (docs/upgrading.md)",
+                     schema, fmt::join(names, ", "), known.empty() ? "none" : known.back()->name, what);
+}
+}  // namespace
+
 struct PostgresStore::Impl {
   PostgresOptions options;
   std::string quoted;
@@ -704,6 +756,7 @@ struct PostgresStore::Impl {
   // Steady-clock ticks of the last statistics check (see refresh_stats); 0: never.
   std::atomic<std::chrono::steady_clock::rep> stats_refreshed{0};
   std::atomic<std::chrono::steady_clock::rep> totals_compacted{0};  // see compact_totals
+  std::atomic<std::chrono::steady_clock::rep> schema_checked{0};    // see check_schema
   // The queues with limits, as last read (at most once a second): claims on
   // them go through claim_limited. Stale is safe: claims on other queues find
   // a queue with limits empty (eoq.unlimited), so a queue limited meanwhile
@@ -890,6 +943,25 @@ struct PostgresStore::Impl {
     return last.compare_exchange_strong(seen, now);
   }
 
+  // Before the first claim and then at most every 30 s: the schema holds no
+  // migration this build does not know and which breaks older programs
+  // (docs/upgrading.md). Otherwise SchemaTooNew naming it, before anything is
+  // claimed. A failure to read is left to the claim itself to report.
+  void check_schema() {
+    if (!due(schema_checked, std::chrono::seconds(30))) return;
+    std::vector<std::string> breaking;
+    const auto known = known_migrations();
+    try {
+      breaking = breaking_unknown(decode_applied(run(sql.migrations_applied, {})), known);
+    } catch (const DatabaseError&) {
+      schema_checked = 0;
+      return;
+    }
+    if (breaking.empty()) return;
+    schema_checked = 0;
+    throw SchemaTooNew(too_new_message(options.schema, breaking, known, "claim() claimed nothing"));
+  }
+
   // `now`: one reading of the clock for a whole batch (`perf` of a loop of
   // large batches put 3% of its client samples in reading it per task).
   void check_payload(const NewTask& t, std::size_t i, bool batch, TimePoint now = detail::now()) const {
@@ -923,6 +995,8 @@ PostgresStore::PostgresStore(PostgresOptions options) {
   if (options.pool_size < 1) throw InvalidArgument("pool_size", "must be at least 1");
   if (options.transient_retries < 0) throw InvalidArgument("transient_retries", "must not be negative");
   if (options.prune_batch < 1) throw InvalidArgument("prune_batch", "must be at least 1");
+  detail::validate_positive("migration_lock_timeout", options.migration_lock_timeout);
+  if (options.migration_lock_retries < 0) throw InvalidArgument("migration_lock_retries", "must not be negative");
   detail::validate_positive("prune_budget", options.prune_budget);
   detail::validate_positive("handler_idle_timeout", options.handler_idle_timeout);
   if (options.retention && options.retention->count() < 0) throw InvalidArgument("retention", "must not be negative");
@@ -945,28 +1019,86 @@ std::vector<std::string> PostgresStore::migrate() {
   auto exec = [&](Connection& c, const Statement& st, const std::vector<Param>& params) {
     return c.exec_params(st.sql, params, true, st.name);
   };
-  return impl.run_on_connection([&](Connection& c) {
+  const auto known = known_migrations();
+  const std::string lock_key = "eoq.migrate." + impl.options.schema;
+  // The schema and the migrations table, then what is applied. Every step
+  // takes the advisory lock that serialises migrate() calls for the schema
+  // (transaction-scoped, which a transaction-pooling proxy keeps).
+  auto applied = impl.run_on_connection([&](Connection& c) {
     return in_transaction(c, [&] {
-      std::vector<std::string> now_applied;
-      exec(c, impl.sql.migrate_lock, {"eoq.migrate." + impl.options.schema});
+      exec(c, impl.sql.migrate_lock, {lock_key});
       // CREATE SCHEMA names the schema itself, not an object in it, so it is
       // the one statement not in queries.sql.
       c.command(fmt::format("SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {}", impl.quoted)
                     .c_str());
       c.command(impl.sql.migrations_table.sql.c_str());
-      auto done = exec(c, impl.sql.migrations_applied, {});
-      std::vector<std::string> applied;
-      for (int i = 0; i < done.rows(); ++i) applied.push_back(done.text(i, 0));
-      for (std::size_t m = 0; m < detail::kMigrationCount; ++m) {
-        const auto& mig = detail::kMigrations[m];
-        if (std::find(applied.begin(), applied.end(), mig.name) != applied.end()) continue;
-        c.command(replace_all(mig.sql, "@schema@", impl.quoted).c_str());
-        exec(c, impl.sql.migration_applied, {std::string(mig.name)});
-        now_applied.emplace_back(mig.name);
-      }
-      return now_applied;
+      if (exec(c, impl.sql.migrations_has_breaks, {}).i64(0, 0) == 0)
+        c.command(impl.sql.migrations_breaks_column.sql.c_str());
+      return decode_applied(exec(c, impl.sql.migrations_applied, {}));
     });
   });
+  auto is_applied = [](const std::vector<AppliedMigration>& in, std::string_view name) {
+    return std::any_of(in.begin(), in.end(), [&](const auto& a) { return a.name == name; });
+  };
+  // A schema ahead of this build: nothing to apply, and nothing is downgraded.
+  std::vector<std::string> unknown;
+  for (const auto& a : applied)
+    if (std::none_of(known.begin(), known.end(), [&](auto* m) { return a.name == m->name; })) unknown.push_back(a.name);
+  if (!unknown.empty()) {
+    auto breaking = breaking_unknown(applied, known);
+    if (!breaking.empty())
+      throw SchemaTooNew(too_new_message(impl.options.schema, breaking, known, "migrate() applied nothing"));
+    for (auto* m : known)
+      if (!is_applied(applied, m->name))
+        throw Error(fmt::format("migrate: schema \"{}\" has migrations this eoq does not know ({}) but not {}, "
+                                "which it does: applied nothing",
+                                impl.options.schema, fmt::join(unknown, ", "), m->name));
+    return {};
+  }
+
+  std::vector<std::string> now_applied;
+  const auto timeout_ms = impl.options.migration_lock_timeout.count();
+  std::minstd_rand jitter(std::random_device{}());
+  for (auto* mig : known) {
+    if (is_applied(applied, mig->name)) continue;
+    for (int attempt = 0;; ++attempt) {
+      try {
+        // The migration and its row commit together, or neither does.
+        const bool ran = impl.run_on_connection([&](Connection& c) {
+          return in_transaction(c, [&] {
+            // Waiting for another migrate() is not bounded: it may be running
+            // a long migration. Only the migration's own lock waits are.
+            exec(c, impl.sql.migrate_lock, {lock_key});
+            if (is_applied(decode_applied(exec(c, impl.sql.migrations_applied, {})), mig->name)) return false;
+            c.command(fmt::format("SET LOCAL lock_timeout = {}", timeout_ms).c_str());
+            c.command(replace_all(mig->sql, "@schema@", impl.quoted).c_str());
+            exec(c, impl.sql.migration_applied, {std::string(mig->name), breaks_older(*mig) ? "true" : "false"});
+            return true;
+          });
+        });
+        if (ran) now_applied.emplace_back(mig->name);
+        break;
+      } catch (const DatabaseError& e) {
+        if (e.transient()) throw;
+        if (e.sqlstate() != "55P03")
+          throw DatabaseError(fmt::format("migrate: migration {} failed and was rolled back ({} applied before it "
+                                          "in this call): {}",
+                                          mig->name, now_applied.size(), e.what()),
+                              e.sqlstate(), mig->name);
+        if (attempt >= impl.options.migration_lock_retries)
+          throw DatabaseError(
+              fmt::format("migrate: migration {} could not take its locks within lock_timeout {} ms in {} tries "
+                          "(something holds a lock it needs, e.g. a long transaction on its tables); nothing of it "
+                          "was applied ({} applied before it in this call); run migrate() again later: {}",
+                          mig->name, timeout_ms, attempt + 1, now_applied.size(), e.what()),
+              e.sqlstate(), mig->name);
+        const auto cap = std::min<std::int64_t>(1000, std::int64_t{50} << std::min(attempt, 5));
+        std::uniform_int_distribution<std::int64_t> pick(cap / 2, cap);
+        std::this_thread::sleep_for(std::chrono::milliseconds(pick(jitter)));
+      }
+    }
+  }
+  return now_applied;
 }
 
 namespace {
@@ -1274,6 +1406,7 @@ std::vector<SubmitResult> PostgresStore::submit_batch(std::span<const NewTask> t
 std::vector<Lease> PostgresStore::claim(const ClaimRequest& request) {
   auto& impl = *impl_;
   detail::validate_claim(request);
+  impl.check_schema();
   // Queues with limits are claimed one by one, after the others.
   const auto limited = impl.limited_queues();
   std::vector<Param> queues, limited_asked;

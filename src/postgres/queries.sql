@@ -1446,12 +1446,29 @@ SELECT pg_advisory_xact_lock(hashtextextended($1, 0));
 
 
 -- name: migrations_table
-CREATE TABLE IF NOT EXISTS eoq.migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+-- breaks_older: the migration breaks programs built before it (its SQL holds
+-- the line `-- eoq:breaks-older-workers`, docs/upgrading.md); added to a table
+-- of an older eoq by migrations_breaks_column.
+CREATE TABLE IF NOT EXISTS eoq.migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now(),
+                                           breaks_older boolean NOT NULL DEFAULT false);
+
+
+-- name: migrations_breaks_column
+-- Run only when migrations_has_breaks finds the column missing: ALTER TABLE
+-- takes ACCESS EXCLUSIVE on the table even when the column is there.
+ALTER TABLE eoq.migrations ADD COLUMN IF NOT EXISTS breaks_older boolean NOT NULL DEFAULT false;
+
+
+-- name: migrations_has_breaks
+SELECT count(*) AS count FROM pg_attribute
+WHERE attrelid = 'eoq.migrations'::regclass AND attname = 'breaks_older' AND NOT attisdropped;
 
 
 -- name: migrations_applied
-SELECT name FROM eoq.migrations;
+-- Through to_jsonb so that it reads a table without breaks_older too (one
+-- left by an eoq before it, read by claim()'s schema check).
+SELECT m.name, coalesce((to_jsonb(m) ->> 'breaks_older')::boolean, false) AS breaks_older FROM eoq.migrations m;
 
 
 -- name: migration_applied
-INSERT INTO eoq.migrations (name) VALUES ($1);
+INSERT INTO eoq.migrations (name, breaks_older) VALUES ($1, $2);
