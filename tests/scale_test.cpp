@@ -13,6 +13,9 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
 #include <map>
 #include <mutex>
 #include <set>
@@ -296,4 +299,46 @@ TEST_CASE("with read_conninfo get, list, stats and history read the standby whil
   CHECK(reader.get(second)->status == eoq::TaskStatus::succeeded);
   CHECK(reader.stats().at(0).succeeded == 2);
   CHECK(reader.history(second).size() == 1);
+}
+
+// ------------------------------------------------------------------ reconnects
+
+TEST_CASE("a handler transaction whose pooled connection died reconnects even when the pool has no other place",
+          "[postgres][failover]") {
+  // One place in the store's pool: a handler transaction that finds its
+  // connection dead must give that place back before it waits for a new one.
+  // Found under Patroni (ha_test): four handlers on a pool of four, cut off
+  // together by a switchover, waited for each other's places for ever while
+  // their heartbeats kept the tasks' leases alive.
+  eoq::test::StoreOptions so;
+  so.pool_size = 1;
+  eoq::test::TestStore ts(eoq::test::StoreKind::postgres, so);
+  auto& store = ts.get();
+  store.submit(task("t"));
+  store.submit(task("t"));
+  eoq::ClaimRequest claim;
+  claim.owner = "w";
+  claim.limit = 2;
+  auto leases = store.claim(claim);
+  REQUIRE(leases.size() == 2);
+  std::string first_pid;
+  {
+    auto tx = store.begin(leases[0]);
+    first_pid = tx->exec("SELECT pg_backend_pid()").scalar().value();
+    tx->complete();
+  }
+  // The connection is back in the pool, idle, and the server ends its session.
+  eoq::test::Admin admin(ts.conninfo());
+  admin.exec("SELECT pg_terminate_backend($1::int)", {first_pid});
+  REQUIRE(eventually([&] { return admin.count("SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int", {first_pid}) == 0; }));
+  auto tx = store.begin(leases[1]);  // the dead connection
+  auto ran = std::async(std::launch::async, [&] { return tx->exec("SELECT pg_backend_pid()").scalar().value(); });
+  if (ran.wait_for(60s) != std::future_status::ready) {
+    // Waiting in the pool for good: nothing can join that thread, so end here.
+    std::fprintf(stderr, "FAILED: a handler transaction waited 60 s for a place in the pool that it held itself\n");
+    std::_Exit(1);
+  }
+  CHECK(ran.get() != first_pid);
+  tx->complete();
+  CHECK(store.get(leases[1].id())->status == eoq::TaskStatus::succeeded);
 }
