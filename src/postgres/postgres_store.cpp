@@ -1737,6 +1737,10 @@ class PgLeaseTransaction final : public LeaseTransaction {
     const bool first = !begun_;
     for (int attempt = 0;; ++attempt) {
       try {
+        if (!conn_.get()) {  // the retry's fresh connection: connecting is retried too (a failover takes seconds)
+          conn_ = store_.tx_pool.acquire();
+          watch_connection();
+        }
         auto rs = conn_->pipeline(steps);
         pipelined();
         return rs;
@@ -1753,8 +1757,6 @@ class PgLeaseTransaction final : public LeaseTransaction {
         dead.discard();
       }
       pg::sleep_backoff(attempt);
-      conn_ = store_.tx_pool.acquire();
-      watch_connection();
     }
   }
   void require_open() {
