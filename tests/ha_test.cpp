@@ -94,7 +94,8 @@ std::map<std::string, long long> result_of(const std::string& log) {
 struct Fault {
   std::string what;
   std::int64_t at_us = 0;
-  std::int64_t leader_us = 0;  // 0 when not awaited
+  std::int64_t leader_us = 0;   // 0 when not awaited
+  std::int64_t healthy_us = 0;  // when a sync standby streamed from the new leader again (0: not awaited)
 };
 
 struct Figures {
@@ -103,7 +104,9 @@ struct Figures {
   double gap_to_s = 0;
   double leader_s = 0;      // from the fault until a new leader took writes (as the test saw it)
   double before = 0;        // completions per second, the 5 s before the fault
-  double after = 0;         // and the 5 s after completions resumed
+  double after = 0;         // and the 5 s after completions resumed (+1 s)
+  double healthy_s = 0;     // from the fault until a sync standby streamed again
+  double after_healthy = 0; // completions per second in the 5 s after that (+1 s)
 };
 
 // The load: worker processes, keyed submitters, and a feeder keeping a backlog.
@@ -293,14 +296,20 @@ Figures measure(eoq::test::Admin& admin, const Fault& f, std::int64_t until_us) 
   out.leader_s = f.leader_us ? static_cast<double>(f.leader_us - f.at_us) / s : 0;
   out.before = static_cast<double>(count(f.at_us - 6 * s, f.at_us - s)) / 5;
   out.after = static_cast<double>(count(to + s, to + 6 * s)) / 5;
+  if (f.healthy_us) {
+    out.healthy_s = static_cast<double>(f.healthy_us - f.at_us) / s;
+    out.after_healthy = static_cast<double>(count(f.healthy_us + s, f.healthy_us + 6 * s)) / 5;
+  }
   return out;
 }
 
 std::string describe(const Fault& f, const Figures& g) {
   return fmt::format("{}: no completion for {:.2f} s (from {:+.2f} s to {:+.2f} s of the fault; a new leader took writes "
-                     "at {:+.2f} s); drain {:.0f}/s in the 5 s before, {:.0f}/s in the 5 s after +1 s (ratio {:.2f})",
+                     "at {:+.2f} s); drain {:.0f}/s in the 5 s before, {:.0f}/s in the 5 s after +1 s (ratio {:.2f}), "
+                     "{:.0f}/s once a sync standby streamed again at {:+.1f} s (ratio {:.2f})",
                      f.what, g.gap_s, g.gap_from_s, g.gap_to_s, g.leader_s, g.before, g.after,
-                     g.before > 0 ? g.after / g.before : 0.0);
+                     g.before > 0 ? g.after / g.before : 0.0, g.after_healthy, g.healthy_s,
+                     g.before > 0 ? g.after_healthy / g.before : 0.0);
 }
 
 // The whole run through the history checker and SQL counts. Returns the verdict.
@@ -404,13 +413,15 @@ TEST_CASE("Patroni: a primary's postmaster SIGKILLed, then its successor's Patro
   ::kill(receiver, SIGCONT);
   REQUIRE(cluster.wait_new_leader(a) == b);
   f1.leader_us = wall_us();
-  faults.push_back(f1);
   // The old primary rejoins as a replica by itself, through pg_rewind, and
   // becomes the sync standby again.
   REQUIRE(cluster.wait_healthy(120s) == b);
+  f1.healthy_us = wall_us();
+  faults.push_back(f1);
   CHECK(cluster.sync_standby() == a);
   CHECK(rewound(cluster.log(a)));
-  fmt::print("{} rejoined as the sync standby{}\n", cluster.name(a), rewound(cluster.log(a)) ? " after pg_rewind" : "");
+  fmt::print("figures: {} rejoined as the sync standby{} {:.1f} s after the fault\n", cluster.name(a),
+             rewound(cluster.log(a)) ? " through pg_rewind" : "", static_cast<double>(wall_us() - f1.at_us) / 1e6);
   std::this_thread::sleep_for(settle());
 
   // 2. Stop the new primary's Patroni (SIGTERM: it stops its PostgreSQL and
@@ -419,12 +430,15 @@ TEST_CASE("Patroni: a primary's postmaster SIGKILLed, then its successor's Patro
   cluster.signal_patroni(b, SIGTERM);
   REQUIRE(cluster.wait_new_leader(b) == a);
   f2.leader_us = wall_us();
-  faults.push_back(f2);
   cluster.wait_patroni_exit(b);
   std::this_thread::sleep_for(2s);
   cluster.start_patroni(b);
   REQUIRE(cluster.wait_healthy(120s) == a);
+  f2.healthy_us = wall_us();
+  faults.push_back(f2);
   CHECK(cluster.sync_standby() == b);
+  fmt::print("figures: {} rejoined as the sync standby {:.1f} s after the fault (its Patroni started again after 2 s)\n",
+             cluster.name(b), static_cast<double>(wall_us() - f2.at_us) / 1e6);
   std::this_thread::sleep_for(settle());
 
   auto results = load.finish();
@@ -464,9 +478,10 @@ TEST_CASE("Patroni: two planned switchovers under load lose nothing, run nothing
     auto done = std::async(std::launch::async, [&] { return cluster.switchover(to); });
     REQUIRE(cluster.wait_new_leader(from) == to);
     f.leader_us = wall_us();
-    faults.push_back(f);
     INFO(done.get());
     REQUIRE(cluster.wait_healthy(120s) == to);
+    f.healthy_us = wall_us();
+    faults.push_back(f);
     std::this_thread::sleep_for(settle());
   }
   auto results = load.finish();
