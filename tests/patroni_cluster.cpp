@@ -690,16 +690,17 @@ int PatroniCluster::wait_new_leader(int old_leader, std::chrono::milliseconds ti
 
 int PatroniCluster::postmaster_pid(int node) const { return impl_->postmaster(node); }
 
-int PatroniCluster::walreceiver_pid(int node) const {
+std::vector<int> PatroniCluster::walsender_pids(int node) const {
   PGconn* c = PQconnectdb((node_conninfo(node) + " connect_timeout=2").c_str());
-  int pid = -1;
+  std::vector<int> pids;
   if (PQstatus(c) == CONNECTION_OK) {
-    PGresult* r = PQexec(c, "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'");
-    if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) pid = std::atoi(PQgetvalue(r, 0, 0));
+    PGresult* r = PQexec(c, "SELECT pid FROM pg_stat_replication");
+    if (PQresultStatus(r) == PGRES_TUPLES_OK)
+      for (int i = 0; i < PQntuples(r); ++i) pids.push_back(std::atoi(PQgetvalue(r, i, 0)));
     PQclear(r);
   }
   PQfinish(c);
-  return pid;
+  return pids;
 }
 
 int PatroniCluster::patroni_pid(int node) const {

@@ -79,7 +79,7 @@ class PatroniCluster {
 
   // The faults. Each acts on one process, by pid.
   int postmaster_pid(int node) const;  // from postmaster.pid; -1 when not running
-  int walreceiver_pid(int node) const;  // a standby's WAL receiver (pg_stat_wal_receiver); -1 when none
+  std::vector<int> walsender_pids(int node) const;  // a primary's WAL senders (pg_stat_replication)
   int patroni_pid(int node) const;     // -1 when stopped
   void kill_postmaster(int node);      // SIGKILL to the postmaster (Patroni keeps running)
   void stop_patroni(int node);         // SIGTERM to Patroni: it stops its PostgreSQL and exits; waits for that
