@@ -362,6 +362,7 @@ class Reaper {
     stop_ = true;
     thread_.join();
     reap_once();
+    ::prctl(PR_SET_CHILD_SUBREAPER, 0);
   }
   Reaper(const Reaper&) = delete;
   Reaper& operator=(const Reaper&) = delete;
