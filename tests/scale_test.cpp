@@ -13,10 +13,15 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
+
+#include <unistd.h>
 
 using namespace std::chrono_literals;
 using eoq::Millis;
@@ -296,4 +301,91 @@ TEST_CASE("with read_conninfo get, list, stats and history read the standby whil
   CHECK(reader.get(second)->status == eoq::TaskStatus::succeeded);
   CHECK(reader.stats().at(0).succeeded == 2);
   CHECK(reader.history(second).size() == 1);
+}
+
+// ------------------------------------------------------------------ reconnects
+
+TEST_CASE("a handler transaction whose pooled connection died reconnects even when the pool has no other place",
+          "[postgres][failover]") {
+  // One place in the store's pool: a handler transaction that finds its
+  // connection dead must give that place back before it waits for a new one.
+  // Found under Patroni (ha_test): four handlers on a pool of four, cut off
+  // together by a switchover, waited for each other's places for ever while
+  // their heartbeats kept the tasks' leases alive.
+  eoq::test::StoreOptions so;
+  so.pool_size = 1;
+  eoq::test::TestStore ts(eoq::test::StoreKind::postgres, so);
+  auto& store = ts.get();
+  store.submit(task("t"));
+  store.submit(task("t"));
+  eoq::ClaimRequest claim;
+  claim.owner = "w";
+  claim.limit = 2;
+  auto leases = store.claim(claim);
+  REQUIRE(leases.size() == 2);
+  std::string first_pid;
+  {
+    auto tx = store.begin(leases[0]);
+    first_pid = tx->exec("SELECT pg_backend_pid()").scalar().value();
+    tx->complete();
+  }
+  // The connection is back in the pool, idle, and the server ends its session.
+  eoq::test::Admin admin(ts.conninfo());
+  admin.exec("SELECT pg_terminate_backend($1::int)", {first_pid});
+  REQUIRE(eventually([&] { return admin.count("SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int", {first_pid}) == 0; }));
+  auto tx = store.begin(leases[1]);  // the dead connection
+  auto ran = std::async(std::launch::async, [&] { return tx->exec("SELECT pg_backend_pid()").scalar().value(); });
+  if (ran.wait_for(60s) != std::future_status::ready) {
+    // Waiting in the pool for good: nothing can join that thread, so end here.
+    std::fprintf(stderr, "FAILED: a handler transaction waited 60 s for a place in the pool that it held itself\n");
+    std::_Exit(1);
+  }
+  CHECK(ran.get() != first_pid);
+  tx->complete();
+  CHECK(store.get(leases[1].id())->status == eoq::TaskStatus::succeeded);
+}
+
+TEST_CASE("a handler transaction's first statement retries reconnecting while the server refuses connections",
+          "[postgres][failover]") {
+  // A failover refuses connections for seconds: the first statement's retries
+  // (transient_retries) cover connecting again, not only the dead connection.
+  // Its own database, so that refusing connections disturbs no other test.
+  const auto db = fmt::format("eoq_reconnect_{}", ::getpid());
+  eoq::test::Admin admin(eoq::test::direct_database_url());
+  if (admin.count("SELECT count(*) FROM pg_database WHERE datname = $1", {db}) > 0)
+    admin.exec("DROP DATABASE " + db + " WITH (FORCE)");  // a leftover of an interrupted run
+  admin.exec("CREATE DATABASE " + db);
+  {
+    eoq::PostgresOptions o;
+    o.conninfo = eoq::test::conninfo_with(eoq::test::direct_database_url(), "dbname", db);
+    o.pool_size = 1;
+    o.transient_retries = 8;  // 50 ms doubling: 6 s in all
+    eoq::PostgresStore store(o);
+    store.migrate();
+    store.submit(task("t"));
+    store.submit(task("t"));
+    eoq::ClaimRequest claim;
+    claim.owner = "w";
+    claim.limit = 2;
+    auto leases = store.claim(claim);
+    REQUIRE(leases.size() == 2);
+    std::string first_pid;
+    {
+      auto tx = store.begin(leases[0]);
+      first_pid = tx->exec("SELECT pg_backend_pid()").scalar().value();
+      tx->complete();
+    }
+    admin.exec("ALTER DATABASE " + db + " ALLOW_CONNECTIONS false");
+    admin.exec("SELECT pg_terminate_backend($1::int)", {first_pid});
+    REQUIRE(eventually([&] { return admin.count("SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int", {first_pid}) == 0; }));
+    auto tx = store.begin(leases[1]);  // the dead connection, and no new one for now
+    auto ran = std::async(std::launch::async, [&] { return tx->exec("SELECT 1").scalar().value(); });
+    std::this_thread::sleep_for(400ms);
+    admin.exec("ALTER DATABASE " + db + " ALLOW_CONNECTIONS true");
+    REQUIRE(ran.wait_for(60s) == std::future_status::ready);
+    CHECK(ran.get() == "1");  // it did not throw
+    tx->complete();
+    CHECK(store.get(leases[1].id())->status == eoq::TaskStatus::succeeded);
+  }
+  admin.exec("DROP DATABASE " + db + " WITH (FORCE)");
 }

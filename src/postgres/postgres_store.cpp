@@ -1881,6 +1881,10 @@ class PgLeaseTransaction final : public LeaseTransaction {
     const bool first = !begun_;
     for (int attempt = 0;; ++attempt) {
       try {
+        if (!conn_.get()) {  // the retry's fresh connection: connecting is retried too (a failover takes seconds)
+          conn_ = store_.tx_pool.acquire();
+          watch_connection();
+        }
         auto rs = conn_->pipeline(steps);
         pipelined();
         return rs;
@@ -1889,10 +1893,14 @@ class PgLeaseTransaction final : public LeaseTransaction {
       } catch (const TransientError&) {
         if (!first || attempt >= store_.options.transient_retries) throw;
       }
-      conn_.discard();
+      {
+        // Its place in the pool goes back before we wait for another: with as
+        // many handlers as the pool has connections, all cut off at once (a
+        // failover, a restart), each would wait for the others' places forever.
+        auto dead = std::move(conn_);
+        dead.discard();
+      }
       pg::sleep_backoff(attempt);
-      conn_ = store_.tx_pool.acquire();
-      watch_connection();
     }
   }
   void require_open() {
