@@ -519,7 +519,10 @@ WITH @claim_cand@,
 -- limit and locks nothing (claims of the queue wait for one another, and other
 -- claims leave it alone): only the tasks picked are locked, and checked again
 -- as they are (SKIP LOCKED, and a task that stopped being claimable meanwhile
--- drops out); locking every row scanned cost a third of the drain.
+-- drops out); locking every row scanned cost a third of the drain. Partitions
+-- are grouped and matched under COLLATE "C" (bytes; equality is the same under
+-- any deterministic collation): sorting them by the database's collation cost
+-- a fifth of the claim (29-31 against 23 us per task, 10,000 partitions).
 lim AS MATERIALIZED (SELECT * FROM eoq.limits WHERE queue = $1),
 busy AS MATERIALIZED (SELECT * FROM eoq.limit_busy($1, $2::bigint)),
 room AS MATERIALIZED (
@@ -546,9 +549,9 @@ scan AS (
   ORDER BY t.priority, t.run_at, t.id
   LIMIT 4 * $2::bigint),
 ranked AS (
-  SELECT s.*, row_number() OVER (PARTITION BY s.partition_key ORDER BY s.priority, s.run_at, s.id) AS rank,
+  SELECT s.*, row_number() OVER (PARTITION BY s.partition_key COLLATE "C" ORDER BY s.priority, s.run_at, s.id) AS rank,
          coalesce(b.running, 0) AS running, coalesce(b.started_p, 0) AS started_p
-  FROM scan s LEFT JOIN busy b ON b.partition_key = s.partition_key),
+  FROM scan s LEFT JOIN busy b ON b.partition_key COLLATE "C" = s.partition_key COLLATE "C"),
 picked AS MATERIALIZED (
   SELECT r.* FROM ranked r
   WHERE r.rank + r.running <= coalesce((SELECT partition_concurrency FROM lim), 2147483647)
