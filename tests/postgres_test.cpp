@@ -1090,6 +1090,58 @@ TEST_CASE("cancel of a task claimed while the cancel statement waited for its ro
   CHECK(t->cancel_requested);
 }
 
+TEST_CASE("cancel_on of a task claimed while its cancel statement waited for the row asks the task to stop, "
+          "in the host's transaction or in autocommit",
+          "[postgres][cancel][submit_on]") {
+  const bool in_host_tx = GENERATE(false, true);
+  INFO((in_host_tx ? "in the host's transaction" : "autocommit"));
+  TestStore store(StoreKind::postgres);
+  const auto id = store->submit(task()).task.id;
+  // A claim in flight, as in the cancel() case above: the cancel statement
+  // waits on the row, then finds it neither pending nor (in its snapshot)
+  // running, and must lock the row and look again.
+  Admin claimer(store.conninfo());
+  claimer.exec("BEGIN");
+  claimer.exec(fmt::format("UPDATE \"{}\".tasks SET status = 'running', version = version + 1, attempts = 1, "
+                           "lease_owner = 'other', lease_expires_at = now() + interval '1 hour', started_at = now() "
+                           "WHERE id = $1",
+                           store.schema()),
+               {std::to_string(id)});
+  Admin host(store.conninfo());
+  if (in_host_tx) host.exec("BEGIN");
+  std::optional<eoq::CancelOutcome> outcome;
+  std::string error;
+  std::thread canceller([&] {
+    try {
+      outcome = eoq::PostgresStore::cancel_on(host.get(), id, {}, store.schema());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  });
+  Admin watcher(store.conninfo());
+  // Not a timing assertion: waits (up to a minute) until the cancel is blocked on the row.
+  bool blocked = false;
+  for (int i = 0; i < 6000 && !blocked; ++i) {
+    blocked = watcher.count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                            {"%\"" + store.schema() + "\".tasks%"}) > 0;
+    if (!blocked) std::this_thread::sleep_for(10ms);
+  }
+  claimer.exec("COMMIT");
+  canceller.join();
+  REQUIRE(blocked);
+  INFO(error);
+  CHECK(outcome == eoq::CancelOutcome::cancel_requested);
+  if (in_host_tx) {
+    // The request is the host's until it commits.
+    CHECK_FALSE(store->get(id)->cancel_requested);
+    host.exec("COMMIT");
+  }
+  auto t = store->get(id);
+  REQUIRE(t);
+  CHECK(t->status == TaskStatus::running);
+  CHECK(t->cancel_requested);
+}
+
 TEST_CASE("a task submitted on the host's own connection exists only if the host's transaction commits",
           "[postgres][submit_on]") {
   TestStore s(StoreKind::postgres);
