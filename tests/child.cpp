@@ -6,6 +6,14 @@
 //   eoq_test_child migrate    <conninfo> <schema> <go file>
 //   eoq_test_child submit-key <conninfo> <schema> <go file> <threads> <queue> <key> <out file>
 //       each thread submits the key once; writes "<id> <duplicate 0|1>" per submit
+//   eoq_test_child submit-strict <conninfo> <schema> <go file> <threads> <queue> <key> <out file>
+//       each thread submits the key once with a strict key and a payload of its
+//       own ({"pid": P, "thread": T}): even threads with submit, odd ones with
+//       submit_batch of two tasks, the key's and a fresh key of their own
+//       ("fresh-P-T"); writes per submit
+//       "<created|duplicate|conflict|error> <submit|batch> <id> <pid> <thread> <field> <differs> <key> <fresh key>",
+//       where for a conflict <id> is the holder's id and field, differs and key
+//       are the KeyConflict's (spaces in differs as '_'; '-' where none)
 //   eoq_test_child claim-all  <conninfo> <schema> <go file> <threads> <batch> <queue> <out file>
 //       threads claim batches and complete them until the queue is drained;
 //       writes "<id> <token> <applied 0|1>" per lease, and the claims and
@@ -19,6 +27,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -108,6 +117,54 @@ int submit_key(char** argv) {
   return 0;
 }
 
+int submit_strict(char** argv) {
+  int threads = std::stoi(argv[5]);
+  std::string queue = argv[6], key = argv[7], out = argv[8];
+  eoq::PostgresStore store(options(argv[2], argv[3], threads));
+  on_threads(threads, [&](int) { store.get(0); });
+  wait_for_go(argv[4]);
+  std::mutex m;
+  std::vector<std::string> lines;
+  on_threads(threads, [&](int i) {
+    eoq::NewTask t;
+    t.queue = queue;
+    t.type = "race";
+    t.key = key;
+    t.payload = fmt::format(R"({{"pid": {}, "thread": {}}})", ::getpid(), i);
+    t.key_reuse = eoq::KeyReuse::strict;
+    const bool batch = i % 2 == 1;
+    const std::string fresh = batch ? fmt::format("fresh-{}-{}", ::getpid(), i) : "-";
+    std::string line;
+    auto row = [&](std::string_view outcome, long long id, std::string_view field, std::string differs,
+                   std::string_view k) {
+      std::replace(differs.begin(), differs.end(), ' ', '_');
+      return fmt::format("{} {} {} {} {} {} {} {} {}", outcome, batch ? "batch" : "submit", id, ::getpid(), i, field,
+                         differs, k, fresh);
+    };
+    try {
+      eoq::SubmitResult r;
+      if (batch) {
+        eoq::NewTask other = t;
+        other.key = fresh;
+        other.payload = "{}";
+        r = store.submit_batch(std::vector<eoq::NewTask>{t, other})[0];
+      } else {
+        r = store.submit(t);
+      }
+      line = row(r.duplicate ? "duplicate" : "created", r.task.id, "-", "-", "-");
+    } catch (const eoq::KeyConflict& e) {
+      line = row("conflict", e.existing_task_id(), e.field(), e.differs(), e.key());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "thread %d: %s\n", i, e.what());
+      line = row("error", 0, "-", "-", "-");
+    }
+    std::lock_guard lock(m);
+    lines.push_back(std::move(line));
+  });
+  write_lines(out, lines);
+  return 0;
+}
+
 int claim_all(char** argv) {
   int threads = std::stoi(argv[5]);
   int batch = std::stoi(argv[6]);
@@ -158,6 +215,7 @@ int main(int argc, char** argv) {
     std::string cmd = argc > 1 ? argv[1] : "";
     if (cmd == "migrate" && argc == 5) return migrate(argv);
     if (cmd == "submit-key" && argc == 9) return submit_key(argv);
+    if (cmd == "submit-strict" && argc == 9) return submit_strict(argv);
     if (cmd == "claim-all" && argc == 9) return claim_all(argv);
     std::fprintf(stderr, "eoq_test_child: bad arguments (see tests/child.cpp)\n");
     return 2;

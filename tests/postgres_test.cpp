@@ -773,6 +773,67 @@ TEST_CASE("eight processes of eight threads submitting one key at once create ex
   CHECK(stats_of(*s, "race").pending == 1);
 }
 
+TEST_CASE("eight processes of eight threads submitting one strict key with different payloads at once: one task, "
+          "every other submit a KeyConflict naming it, nothing else written",
+          "[postgres][processes][keys]") {
+  TestStore s(StoreKind::postgres);
+  constexpr int kProcesses = 8, kThreads = 8;
+  Race race;
+  race.start(kProcesses, s.conninfo(), s.schema(), "submit-strict", [&](int i) {
+    return std::vector<std::string>{std::to_string(kThreads), "race", "the-key", race.out(i)};
+  });
+  race.finish();
+
+  // outcome path id pid thread field differs key fresh
+  std::vector<std::vector<std::string>> rows;
+  for (int i = 0; i < kProcesses; ++i)
+    for (auto& row : read_rows(race.out(i))) {
+      REQUIRE(row.size() == 9);
+      rows.push_back(row);
+    }
+  REQUIRE(rows.size() == static_cast<std::size_t>(kProcesses * kThreads));
+  std::vector<std::vector<std::string>> created;
+  for (auto& r : rows)
+    if (r[0] == "created") created.push_back(r);
+  REQUIRE(created.size() == 1);
+  const auto& winner = created[0];
+  const std::string id = winner[2];
+  int conflicts = 0;
+  for (auto& r : rows) {
+    if (r == winner) continue;
+    INFO(fmt::format("{} {} (pid {} thread {}) answered {} {}", r[1], r[8], r[3], r[4], r[0], r[2]));
+    CHECK(r[0] == "conflict");  // never a duplicate: the payloads differ; never another error
+    if (r[0] != "conflict") continue;
+    ++conflicts;
+    CHECK(r[2] == id);  // names the one task that holds the key
+    CHECK(r[5] == (r[1] == "batch" ? "tasks[0].key" : "key"));
+    CHECK(r[6] == "payload");
+    CHECK(r[7] == "the-key");
+  }
+  CHECK(conflicts == kProcesses * kThreads - 1);
+
+  // The one task, with the winner's payload; of the batches' fresh keys only
+  // the winner's (if it submitted a batch) was written: a conflict writes nothing.
+  auto all = list_all(*s, Q().queue("race"));
+  std::vector<eoq::Task> keyed;
+  for (auto& t : all)
+    if (t.key == std::optional<std::string>("the-key")) keyed.push_back(t);
+  REQUIRE(keyed.size() == 1);
+  CHECK(std::to_string(keyed[0].id) == id);
+  CHECK(keyed[0].payload == fmt::format(R"({{"pid": {}, "thread": {}}})", winner[3], winner[4]));
+  const std::size_t fresh_written = winner[1] == "batch" ? 1 : 0;
+  CHECK(all.size() == 1 + fresh_written);
+  for (auto& r : rows)
+    if (r[1] == "batch" && r != winner) {
+      INFO("fresh key " << r[8]);
+      CHECK_FALSE(s->find("race", r[8]));
+    }
+  Admin admin(s.conninfo());
+  CHECK(admin.count(fmt::format("SELECT count(*) FROM \"{}\".keys WHERE queue = 'race'", s.schema())) ==
+        static_cast<long long>(1 + fresh_written));
+  CHECK(stats_of(*s, "race").pending == static_cast<std::int64_t>(1 + fresh_written));
+}
+
 TEST_CASE("eight processes of four threads claiming 20000 tasks claim each exactly once", "[postgres][processes]") {
   TestStore s(StoreKind::postgres);
   constexpr int kTasks = 20000, kProcesses = 8, kThreads = 4;
@@ -1084,6 +1145,58 @@ TEST_CASE("cancel of a task claimed while the cancel statement waited for its ro
   canceller.join();
   REQUIRE(blocked);
   CHECK(outcome == eoq::CancelOutcome::cancel_requested);
+  auto t = store->get(id);
+  REQUIRE(t);
+  CHECK(t->status == TaskStatus::running);
+  CHECK(t->cancel_requested);
+}
+
+TEST_CASE("cancel_on of a task claimed while its cancel statement waited for the row asks the task to stop, "
+          "in the host's transaction or in autocommit",
+          "[postgres][cancel][submit_on]") {
+  const bool in_host_tx = GENERATE(false, true);
+  INFO((in_host_tx ? "in the host's transaction" : "autocommit"));
+  TestStore store(StoreKind::postgres);
+  const auto id = store->submit(task()).task.id;
+  // A claim in flight, as in the cancel() case above: the cancel statement
+  // waits on the row, then finds it neither pending nor (in its snapshot)
+  // running, and must lock the row and look again.
+  Admin claimer(store.conninfo());
+  claimer.exec("BEGIN");
+  claimer.exec(fmt::format("UPDATE \"{}\".tasks SET status = 'running', version = version + 1, attempts = 1, "
+                           "lease_owner = 'other', lease_expires_at = now() + interval '1 hour', started_at = now() "
+                           "WHERE id = $1",
+                           store.schema()),
+               {std::to_string(id)});
+  Admin host(store.conninfo());
+  if (in_host_tx) host.exec("BEGIN");
+  std::optional<eoq::CancelOutcome> outcome;
+  std::string error;
+  std::thread canceller([&] {
+    try {
+      outcome = eoq::PostgresStore::cancel_on(host.get(), id, {}, store.schema());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  });
+  Admin watcher(store.conninfo());
+  // Not a timing assertion: waits (up to a minute) until the cancel is blocked on the row.
+  bool blocked = false;
+  for (int i = 0; i < 6000 && !blocked; ++i) {
+    blocked = watcher.count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                            {"%\"" + store.schema() + "\".tasks%"}) > 0;
+    if (!blocked) std::this_thread::sleep_for(10ms);
+  }
+  claimer.exec("COMMIT");
+  canceller.join();
+  REQUIRE(blocked);
+  INFO(error);
+  CHECK(outcome == eoq::CancelOutcome::cancel_requested);
+  if (in_host_tx) {
+    // The request is the host's until it commits.
+    CHECK_FALSE(store->get(id)->cancel_requested);
+    host.exec("COMMIT");
+  }
   auto t = store->get(id);
   REQUIRE(t);
   CHECK(t->status == TaskStatus::running);

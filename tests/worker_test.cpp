@@ -71,6 +71,18 @@ class FaultyStore final : public eoq::TaskStore {
   std::atomic<int> claim_calls{0};
   std::atomic<int> waits{0};                  // wait_for_tasks calls begun
   std::atomic<bool> waiting_last{false};      // the last claim or wait_for_tasks call was the wait
+  std::atomic<bool> expire_down{false};       // expire_if_overdue throws TransientError
+  // Leases of tasks with a deadline say the claim read the store's clock 1 us
+  // before it (the latest a claim may hand the task out): at hand-off the
+  // deadline has passed by the claim's clock plus any wait, without waiting
+  // for it. The task's row keeps its own deadline.
+  std::atomic<bool> claims_at_deadline{false};
+  std::atomic<int> expire_calls{0};
+  // Whether expire_if_overdue was called for `id` (before its handler started, if it did).
+  bool expire_asked(eoq::TaskId id) {
+    std::lock_guard lk(asked_mu_);
+    return asked_.count(id) > 0;
+  }
   // True once a worker's claimer (the only caller of claim and wait_for_tasks)
   // found nothing to claim and is waiting: idle, by an event rather than a sleep.
   bool idle() const { return waiting_last.load(); }
@@ -88,12 +100,25 @@ class FaultyStore final : public eoq::TaskStore {
       --claim_failures;
       down("claim");
     }
-    return inner_.claim(r);
+    auto leases = inner_.claim(r);
+    if (claims_at_deadline)
+      for (auto& l : leases)
+        if (l.task.deadline) l.claimed_at = *l.task.deadline - std::chrono::microseconds(1);
+    return leases;
   }
   void complete(const eoq::Lease& l, std::string_view r) override { check(); inner_.complete(l, r); }
   eoq::FailOutcome fail(const eoq::Lease& l, const eoq::Failure& f) override { check(); return inner_.fail(l, f); }
   void release(const eoq::Lease& l) override { check(); inner_.release(l); }
-  bool expire_if_overdue(const eoq::Lease& l) override { check(); return inner_.expire_if_overdue(l); }
+  bool expire_if_overdue(const eoq::Lease& l) override {
+    {
+      std::lock_guard lk(asked_mu_);
+      asked_.insert(l.id());
+    }
+    ++expire_calls;
+    check();
+    if (expire_down) down("expire_if_overdue");
+    return inner_.expire_if_overdue(l);
+  }
   void cancel_running(const eoq::Lease& l, std::string_view r) override { check(); inner_.cancel_running(l, r); }
   eoq::FailOutcome snooze(const eoq::Lease& l, Millis d) override { check(); return inner_.snooze(l, d); }
   std::atomic<std::int64_t> clock_offset_us{0};  // now() runs this far ahead of the store's clock
@@ -170,6 +195,8 @@ class FaultyStore final : public eoq::TaskStore {
     throw eoq::TransientError(std::string(what) + ": connection refused (injected)", "08006", what);
   }
   eoq::TaskStore& inner_;
+  std::mutex asked_mu_;
+  std::set<eoq::TaskId> asked_;
 };
 
 // Collects log lines so tests stay quiet and can look for messages.
@@ -2216,6 +2243,74 @@ TEST_CASE("a buffered task whose deadline has not passed runs when a handler fre
   CHECK(worker.counters().expired == 0);
 }
 
+// The hand-off rule at its edge, with no wait for a deadline: each lease says
+// its claim read the store's clock 1 us before the task's deadline, so by the
+// time a handler is free the deadline has passed by the claim's clock plus the
+// wait. The worker must then ask the store (expire_if_overdue) before starting
+// the handler, and start nothing when the store cannot be asked. (The rows keep
+// a deadline an hour away, so a store that is asked says "not overdue".)
+TEST_CASE("hand-off: a task past its deadline by the claim's clock starts only once the store said it is not "
+          "overdue, and never while the store cannot be asked",
+          "[worker][deadline][outage]") {
+  EOQ_EACH_STORE(inner);
+  FaultyStore store(inner);
+  store.claims_at_deadline = true;
+  LogSink sink;
+  auto options = fast_options(sink);
+  options.concurrency = 1;
+  eoq::Worker worker(store, options);
+  std::mutex mu;
+  std::vector<std::pair<eoq::TaskId, bool>> starts;  // the task, and whether the store was asked first
+  worker.on("due", [&](eoq::TaskContext& ctx) {
+    std::lock_guard lk(mu);
+    starts.emplace_back(ctx.id(), store.expire_asked(ctx.id()));
+  });
+  constexpr int kTasks = 5;
+  std::vector<eoq::TaskId> ids;
+  for (int i = 0; i < kTasks; ++i) {
+    auto t = task("due");
+    t.deadline = eoq::test::now() + std::chrono::hours(1);
+    ids.push_back(inner.submit(t).task.id);
+  }
+
+  SECTION("the store cannot be asked: no handler starts, each lease is left to run out") {
+    store.expire_down = true;
+    worker.start();
+    // Each task ends its hand-off one way or the other: abandoned, or run.
+    REQUIRE(eventually([&] {
+      auto c = worker.counters();
+      return c.abandoned + c.handler_runs >= static_cast<std::uint64_t>(kTasks);
+    }));
+    worker.stop();
+    auto c = worker.counters();
+    CHECK(c.handler_runs == 0);
+    CHECK(c.abandoned >= static_cast<std::uint64_t>(kTasks));
+    CHECK(c.succeeded == 0);
+    check_counters_add_up(c);
+    CHECK(store.expire_calls.load() >= kTasks);
+    {
+      std::lock_guard lk(mu);
+      CHECK(starts.empty());
+    }
+    CHECK(sink.contains("expiring at its deadline"));
+    // Not started and not settled: each still holds the lease the store never heard back on.
+    for (auto id : ids) CHECK(status_of(inner, id) == eoq::TaskStatus::running);
+  }
+  SECTION("the store answers: every handler starts after the store was asked") {
+    worker.start();
+    REQUIRE(eventually([&] { return worker.counters().succeeded == static_cast<std::uint64_t>(kTasks); }));
+    worker.stop();
+    std::lock_guard lk(mu);
+    REQUIRE(starts.size() == static_cast<std::size_t>(kTasks));
+    for (auto& [id, asked] : starts) {
+      INFO("task " << id);
+      CHECK(asked);
+    }
+    CHECK(worker.counters().expired == 0);
+    for (auto id : ids) CHECK(status_of(inner, id) == eoq::TaskStatus::succeeded);
+  }
+}
+
 TEST_CASE("a handler that throws Cancelled after a cancel request ends its task cancelled, logged at info only",
           "[worker][cancel]") {
   EOQ_EACH_STORE(store);
@@ -2381,6 +2476,43 @@ TEST_CASE("with catch_up a Scheduler submits one task for the buckets missed whi
     CHECK(periodic_tasks(store, "digest").size() == 2);
     CHECK(periodic_tasks(store, "fresh").size() == 1);
   }
+}
+
+TEST_CASE("with catch_up a Scheduler catches up exactly one missed bucket, the commonest outage",
+          "[worker][scheduler]") {
+  EOQ_EACH_STORE(inner);
+  FaultyStore store(inner);
+  constexpr std::int64_t period = 600;
+  // The store's clock set to the middle of a bucket, so no bucket boundary
+  // falls between reading it here and the scheduler's tick.
+  const auto real = seconds_of(inner.now());
+  const auto current = real - real % period;
+  store.clock_offset_us = (current + period / 2 - real) * 1000000;
+  const auto mid = seconds_of(store.now()) - current;
+  REQUIRE(mid >= period / 2);
+  REQUIRE(mid < period / 2 + 60);
+  auto earlier = [&](const std::string& name, std::int64_t bucket) {
+    auto t = task("digest");
+    t.key = "periodic:" + name + ":" + std::to_string(bucket);
+    store.submit(t);
+  };
+  LogSink sink;
+  // One bucket missed (the scheduler was down across one boundary), and for
+  // contrast one where nothing was missed.
+  earlier("digest", current - 2 * period);
+  earlier("steady", current - period);
+  eoq::Scheduler s(store, {.catch_up = true, .logger = sink.logger()});
+  s.every("digest", std::chrono::seconds(period), task("digest"));
+  s.every("steady", std::chrono::seconds(period), task("digest"));
+  s.tick();
+  auto buckets = [&](const std::string& name) {
+    std::set<std::int64_t> out;
+    for (auto& t : periodic_tasks(inner, name)) out.insert(bucket_of(t));
+    return out;
+  };
+  CHECK(buckets("digest") == std::set<std::int64_t>{current - 2 * period, current - period, current});
+  CHECK(buckets("steady") == std::set<std::int64_t>{current - period, current});
+  CHECK(sink.contains(fmt::format("buckets {} to {} were missed", current - period, current - period)));
 }
 
 TEST_CASE("a Scheduler refuses bad registrations naming the field", "[worker][scheduler]") {

@@ -165,6 +165,47 @@ STORE_CASE("a parent that fails cancels its waiting dependents and theirs, but a
   CHECK(must_get(store, c).status == TaskStatus::cancelled);
 }
 
+STORE_CASE("a run-anyway dependent of several parents waits until the last of them ended, however each ended",
+           "[workflows]") {
+  // Three parents ending one by one, in each order of outcomes that matters:
+  // a failure first, a success first; the child must wait for all three.
+  const bool first_fails = GENERATE(true, false);
+  INFO((first_fails ? "the first parent fails" : "the first parent succeeds"));
+  std::vector<TaskId> parents;
+  for (int i = 0; i < 3; ++i) parents.push_back(store.submit(task("p")).task.id);
+  NewTask anyway = with_parents("r", parents);
+  anyway.on_parent_failure = eoq::ParentFailure::run;
+  auto r = store.submit(anyway).task.id;
+  CHECK(must_get(store, r).status == TaskStatus::waiting);
+
+  auto first = claim_id(store, parents[0]);
+  if (first_fails) store.fail(first, {"bad input", true});
+  else store.complete(first);
+  CHECK(must_get(store, r).status == TaskStatus::waiting);
+  auto st = stats_of(store, "default");
+  CHECK(st.waiting == 1);
+
+  auto second = claim_id(store, parents[1]);
+  if (first_fails) store.complete(second);
+  else store.fail(second, {"bad input", true});
+  CHECK(must_get(store, r).status == TaskStatus::waiting);
+  // Nothing but the last parent is claimable: the child is not.
+  auto leases = claim(store, {"default"}, "w1", 100);
+  REQUIRE(leases.size() == 1);
+  CHECK(leases[0].id() == parents[2]);
+
+  store.complete(leases[0]);
+  CHECK(must_get(store, r).status == TaskStatus::pending);
+  auto next = claim(store, {"default"}, "w1", 100);
+  REQUIRE(next.size() == 1);
+  CHECK(next[0].id() == r);
+  auto rel = store.relatives(r);
+  REQUIRE(rel.parents.size() == 3);
+  CHECK(rel.parents[0].status == (first_fails ? TaskStatus::failed : TaskStatus::succeeded));
+  CHECK(rel.parents[1].status == (first_fails ? TaskStatus::succeeded : TaskStatus::failed));
+  CHECK(rel.parents[2].status == TaskStatus::succeeded);
+}
+
 STORE_CASE("parents that already ended, parents by key, cancel of a waiting task", "[workflows]") {
   auto done = store.submit(keyed("done")).task.id;
   store.complete(claim_id(store, done));
