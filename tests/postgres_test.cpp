@@ -1348,3 +1348,42 @@ TEST_CASE("TempPostgres serves a database over TCP, restarts keeping its data an
   CHECK(::kill(last_pid, 0) != 0);
   CHECK_FALSE(fs::exists(data));
 }
+
+TEST_CASE("a queue with only a rate limit keeps no grants, and one with a concurrency limit keeps only live ones",
+          "[postgres][limits]") {
+  // Grants (migration 0012) count what runs; a claim of a queue without a
+  // concurrency limit deletes them, else they would pile up for ever.
+  TestStore s(StoreKind::postgres);
+  Admin admin(s.conninfo());
+  const std::string grants = "SELECT count(*) FROM \"" + s.schema() + "\".grants WHERE queue = 'q'";
+  eoq::QueueLimits rate;
+  rate.rate = eoq::RateLimit{1000, std::chrono::seconds(1)};
+  s->set_limits("q", rate);
+  for (int i = 0; i < 20; ++i) {
+    eoq::NewTask t;
+    t.queue = "q";
+    t.type = "t";
+    s->submit(t);
+  }
+  for (int i = 0; i < 10; ++i) {
+    auto got = s->claim(eoq::ClaimRequest{{"q"}, "w", 2, eoq::Millis(30000), {}});
+    REQUIRE(got.size() == 2);
+    for (auto& l : got) s->complete(l);
+  }
+  CHECK(admin.count(grants) <= 1);  // the last claim's, deleted by the next
+  eoq::QueueLimits both = rate;
+  both.concurrency = 5;
+  s->set_limits("q", both);
+  for (int i = 0; i < 20; ++i) {
+    eoq::NewTask t;
+    t.queue = "q";
+    t.type = "t";
+    s->submit(t);
+  }
+  for (int i = 0; i < 10; ++i) {
+    auto got = s->claim(eoq::ClaimRequest{{"q"}, "w", 2, eoq::Millis(30000), {}});
+    REQUIRE(got.size() == 2);
+    for (auto& l : got) s->complete(l);
+  }
+  CHECK(admin.count(grants) <= 3);  // ended grants go once the bound asks for a count
+}

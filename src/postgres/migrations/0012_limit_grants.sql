@@ -62,10 +62,21 @@ BEGIN
   WHERE s.queue = q
     AND s.at <= now() - greatest(coalesce(l.rate_period_ms, 0), coalesce(l.partition_rate_period_ms, 0))
                         * interval '1 millisecond';
+  IF l.concurrency IS NULL AND l.partition_concurrency IS NULL THEN
+    -- Rates alone: nothing counts what runs, so no grant is kept (set_limits
+    -- makes them afresh when a concurrency limit comes).
+    DELETE FROM @schema@.grants x WHERE x.queue = q;
+    RETURN QUERY
+    SELECT s.partition_key, 0::bigint,
+           count(*) FILTER (WHERE s.at > now() - l.rate_period_ms * interval '1 millisecond'),
+           count(*) FILTER (WHERE s.at > now() - l.partition_rate_period_ms * interval '1 millisecond')
+    FROM @schema@.starts s WHERE s.queue = q GROUP BY s.partition_key;
+    RETURN;
+  END IF;
   IF l.partition_concurrency IS NULL AND l.partition_rate IS NULL THEN
     SELECT coalesce(sum(x.n), 0) INTO bound FROM @schema@.grants x WHERE x.queue = q;
     FOR gr IN SELECT x.ctid AS grant_row, x.* FROM @schema@.grants x WHERE x.queue = q ORDER BY x.at LOOP
-      EXIT WHEN l.concurrency IS NULL OR bound + want <= l.concurrency OR counted = 8;
+      EXIT WHEN bound + want <= l.concurrency OR counted = 8;
       SELECT count(*) INTO live FROM (
         SELECT 1 FROM @schema@.tasks t
         WHERE gr.ids IS NULL AND t.id BETWEEN gr.lo AND gr.hi AND t.started_at = gr.at
